@@ -1,0 +1,27 @@
+"""One error contract: every mistake a user can make raises a subclass of ``AutopartError`` (itself a
+``ValueError``) whose message names the cause and the fix."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AutopartError",
+    "ModelSpecError",
+    "TraceError",
+    "UnknownDeviceError",
+]
+
+
+class AutopartError(ValueError):
+    """Base class of autopart's user-facing errors."""
+
+
+class TraceError(AutopartError):
+    """The model could not be captured as a graph."""
+
+
+class ModelSpecError(AutopartError):
+    """A MODEL string (zoo name, ``hf:...``, ``file.py:factory``) could not be resolved."""
+
+
+class UnknownDeviceError(AutopartError):
+    """A device name is not in the device table."""
