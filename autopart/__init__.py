@@ -1,0 +1,24 @@
+"""autopart: trace a PyTorch model, cost it, and partition it across devices.
+
+Public surface (see the README): ``trace`` captures a model as an FX graph, ``annotate`` writes each
+node's cost, ``load_model`` resolves MODEL strings (zoo names, ``hf:...``, ``file.py:factory``).
+"""
+
+from autopart.errors import AutopartError, ModelSpecError, TraceError, UnknownDeviceError
+from autopart.model_spec import LoadedModel, load_model
+from autopart.passes.annotate import annotate, graph_totals, node_cost
+from autopart.tracing import trace
+
+__all__ = [
+    "AutopartError",
+    "LoadedModel",
+    "ModelSpecError",
+    "TraceError",
+    "UnknownDeviceError",
+    "annotate",
+    "graph_totals",
+    "load_model",
+    "node_cost",
+    "trace",
+]
+__version__ = "0.1.0"

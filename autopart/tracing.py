@@ -314,7 +314,17 @@ def _trace_error(
 
 def _signature(model: torch.nn.Module) -> str:
     try:
-        return str(inspect.signature(model.forward))
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return "(...)"
+    empty = inspect.Parameter.empty
+    try:
+        return str(
+            sig.replace(
+                parameters=[p.replace(annotation=empty) for p in sig.parameters.values()],
+                return_annotation=empty,
+            )
+        )
     except (TypeError, ValueError):
         return "(...)"
 

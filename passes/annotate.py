@@ -28,15 +28,22 @@ from typing import Any
 
 import torch
 import torch.fx
-from autopart.cost_models.node_cost import NodeCost
 from torch.fx import GraphModule, Node
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from autopart.cost_models.node_cost import NodeCost
 from autopart.errors import AutopartError
 
-__all__ = ["AnnotationError", "GraphTotals", "annotate", "graph_totals", "node_cost"]
+__all__ = [
+    "AnnotationError",
+    "GraphTotals",
+    "annotate",
+    "graph_totals",
+    "node_cost",
+    "op_signature",
+]
 
 _SDPA = (torch.ops.aten.scaled_dot_product_attention.default,)
 
@@ -98,6 +105,9 @@ def annotate(
     nodes are processed. Returns ``gm`` (annotated in place).
     """
     params = dict(gm.named_parameters())
+    canonical = {id(p): name for name, p in params.items()}
+    # Tied parameters are reachable under several names; each is reported under its first name.
+    aliases = {name: canonical[id(p)] for name, p in gm.named_parameters(remove_duplicate=False)}
     buffers = dict(gm.named_buffers())
     modules = dict(gm.named_modules())
     cache: dict[Any, _Replay] = {}
@@ -107,7 +117,7 @@ def annotate(
     for i, node in enumerate(nodes):
         try:
             cost = _annotate_node(
-                node, gm, params, buffers, modules, cache, requires_grad, alias_root
+                node, gm, params, aliases, buffers, modules, cache, requires_grad, alias_root
             )
         except AutopartError:
             raise
@@ -156,6 +166,7 @@ def _annotate_node(
     node: Node,
     gm: GraphModule,
     params: Mapping[str, torch.nn.Parameter],
+    aliases: Mapping[str, str],
     buffers: Mapping[str, torch.Tensor],
     modules: Mapping[str, torch.nn.Module],
     cache: dict[Any, _Replay],
@@ -170,14 +181,14 @@ def _annotate_node(
     alias_root[node] = node
 
     if node.op in ("placeholder", "output") or (
-        node.op == "get_attr" and node.target not in params
+        node.op == "get_attr" and node.target not in aliases
     ):
         requires_grad[node] = False
         if node.op == "get_attr" and node.target not in buffers:
             out_bytes = 0  # a submodule (e.g. the body of a higher-order op), not data
         return _zero_cost(out_bytes, dtype, module, module_type, is_view=False)
     if node.op == "get_attr":
-        requires_grad[node] = params[node.target].requires_grad
+        requires_grad[node] = params[aliases[str(node.target)]].requires_grad
         return _zero_cost(out_bytes, dtype, module, module_type, is_view=False)
 
     inputs = _unique_input_nodes(node)
@@ -198,14 +209,16 @@ def _annotate_node(
     param_names: list[str] = []
     buffer_bytes = 0
     for n in inputs:
-        if n.op == "get_attr" and n.target in params:
-            param_names.append(str(n.target))
+        if n.op == "get_attr" and n.target in aliases:
+            param_names.append(aliases[str(n.target)])
         elif n.op == "get_attr" and n.target in buffers:
             buffer_bytes += _tensor_bytes(n.meta.get("val"))
     if node.op == "call_module":
         prefix = f"{node.target}."
         sub = modules[str(node.target)]
-        param_names += [prefix + name for name, _ in sub.named_parameters()]
+        param_names += [
+            aliases[prefix + name] for name, _ in sub.named_parameters(remove_duplicate=False)
+        ]
         buffer_bytes += sum(b.numel() * b.element_size() for b in sub.buffers())
         if any(p.requires_grad for p in sub.parameters()):
             requires_grad[node] = _is_float(val)

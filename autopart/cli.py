@@ -1,0 +1,251 @@
+"""The ``autopart`` command line: ``autopart inspect MODEL`` (and, as they land, plan / run / bench).
+
+Readable tables go to stdout by default; ``--format json`` prints one JSON document to stdout
+instead. Progress and errors go to stderr, so JSON output can be piped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from autopart.errors import AutopartError
+
+__all__ = ["main"]
+
+_out = Console(highlight=False, soft_wrap=False)
+_err = Console(stderr=True, highlight=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except AutopartError as exc:
+        _err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        _err.print("interrupted")
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autopart",
+        description="Automatic pipeline and tensor parallelism for PyTorch models.",
+    )
+    parser.add_argument("--version", action="version", version=f"autopart {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="trace a model and show what each node costs",
+        description="Trace MODEL and print its graph: op, shape, FLOPs, bytes and parameters per node.",
+    )
+    _add_model_args(inspect)
+    inspect.add_argument(
+        "--by",
+        choices=["node", "module"],
+        default="node",
+        help="one row per node (default) or per module",
+    )
+    inspect.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="with --by module: group by the first DEPTH parts of the module path",
+    )
+    inspect.add_argument(
+        "--device",
+        default=None,
+        help="also predict each row's forward time on this device (h100, h200, a100, cpu)",
+    )
+    inspect.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="show at most this many rows (totals still cover everything)",
+    )
+    inspect.add_argument("--format", choices=["table", "json"], default="table")
+    inspect.set_defaults(run=_cmd_inspect)
+    return parser
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a zoo name (gpt2, llama-7b, mlp, ...; `autopart inspect --list`), hf:<model_type>, path/to/file.py:factory or package.module:factory",
+    )
+    p.add_argument("--batch", type=int, default=None, help="batch size of the example inputs")
+    p.add_argument(
+        "--seq", type=int, default=None, help="sequence length of token models' example inputs"
+    )
+    p.add_argument(
+        "--config", default=None, help="config overrides for hf: models, e.g. n_layer=2,n_embd=128"
+    )
+    p.add_argument(
+        "--trace-method",
+        choices=["auto", "export", "fx"],
+        default="auto",
+        help="tracer to use (default: export, then fx)",
+    )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("autopart")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# shared: load + trace + annotate with progress
+
+
+def _load_and_trace(args: argparse.Namespace, *, device: str = "meta") -> tuple[Any, Any, float]:
+    from autopart.model_spec import load_model, parse_config_overrides
+    from autopart.passes.annotate import annotate
+    from autopart.tracing import trace
+
+    overrides = parse_config_overrides(args.config) if args.config else None
+    start = time.perf_counter()
+    quiet = args.format == "json" and not _err.is_terminal
+    with _err.status(f"building {args.model}", spinner="dots") if not quiet else _nullcontext():
+        loaded = load_model(
+            args.model, batch=args.batch, seq=args.seq, config=overrides, device=device
+        )
+    with (
+        _err.status(f"tracing {loaded.name} ({args.trace_method})", spinner="dots")
+        if not quiet
+        else _nullcontext()
+    ):
+        gm = trace(
+            loaded.model, loaded.example_inputs, loaded.example_kwargs, method=args.trace_method
+        )
+    nodes = len(gm.graph.nodes)
+    with Progress(
+        TextColumn("annotating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=_err,
+        transient=True,
+        disable=quiet,
+    ) as bar:
+        task = bar.add_task("annotate", total=nodes)
+        annotate(gm, progress=lambda done, _total: bar.update(task, completed=done))
+    return loaded, gm, time.perf_counter() - start
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from autopart.inspection import inspect_rows, inspect_summary
+
+    device = None
+    if args.device is not None:
+        from autopart.cost_models import get_device
+
+        device = get_device(args.device)  # fail on a bad name before tracing
+    loaded, gm, elapsed_s = _load_and_trace(args)
+    summary = inspect_summary(loaded, gm, device=device, elapsed_s=elapsed_s)
+    if args.format == "json":
+        json.dump(summary, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    rows = inspect_rows(gm, by=args.by, depth=args.depth, device=device)
+    _print_inspect_table(summary, rows, limit=args.limit, device=device)
+    return 0
+
+
+def _print_inspect_table(
+    summary: dict[str, Any], rows: list[dict[str, Any]], *, limit: int | None, device: Any
+) -> None:
+    from autopart.units import format_bytes, format_flops, format_seconds
+
+    by_module = rows and "nodes" in rows[0]
+    table = Table(
+        title=f"{summary['model']}  ({summary['trace_method']}, inputs {summary['inputs']})",
+        title_justify="left",
+    )
+    if by_module:
+        table.add_column("module")
+        table.add_column("type")
+        table.add_column("nodes", justify="right")
+    else:
+        table.add_column("node")
+        table.add_column("op")
+        table.add_column("module")
+    table.add_column("shape")
+    table.add_column("dtype")
+    table.add_column("FLOPs", justify="right")
+    table.add_column("bytes", justify="right")
+    table.add_column("params", justify="right")
+    if device is not None:
+        table.add_column(f"time on {device.name}", justify="right")
+    shown = rows if limit is None else rows[:limit]
+    for r in shown:
+        cells = (
+            [r["module"] or "<root>", r["module_type"], str(r["nodes"])]
+            if by_module
+            else [r["name"], r["target"], r["module"] or "<root>"]
+        )
+        cells += [
+            r["shape"],
+            r["dtype"],
+            format_flops(r["flops"]) if r["flops"] else "",
+            format_bytes(r["bytes"]) if r["bytes"] else "",
+            format_bytes(r["param_bytes"]) if r["param_bytes"] else "",
+        ]
+        if device is not None:
+            cells.append(format_seconds(r["time_s"]) if r["time_s"] else "")
+        table.add_row(*cells)
+    t = summary["totals"]
+    if limit is not None and len(rows) > limit:
+        table.add_row(f"... {len(rows) - limit} more rows", *[""] * (len(table.columns) - 1))
+    table.add_section()
+    total_cells = ["total", "", str(t["nodes"]) if by_module else "", "", ""]
+    total_cells += [
+        format_flops(t["flops"]),
+        format_bytes(t["bytes"]),
+        format_bytes(t["param_bytes"]),
+    ]
+    if device is not None:
+        total_cells.append(format_seconds(t["forward_time_s"]))
+    table.add_row(*total_cells, style="bold")
+    _out.print(table)
+    _out.print(
+        f"parameters {t['params']:,} ({format_bytes(t['param_bytes'])})   "
+        f"forward {format_flops(t['flops'])}   backward {format_flops(t['backward_flops'])}   "
+        f"activations saved for backward {format_bytes(t['activation_bytes'])}   "
+        f"{t['nodes']} nodes   traced and annotated in {summary['elapsed_s']:.2f} s"
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

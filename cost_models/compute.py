@@ -1,0 +1,126 @@
+"""Compute time of one node: the roofline model, replaced by measurements where profiling has them.
+
+Roofline (Williams, Waterman & Patterson, "Roofline: an insightful visual performance model for
+multicore architectures", CACM 52(4), 2009): a kernel is limited either by arithmetic or by memory
+traffic, so its time is the larger of the two, each at an achievable fraction of the peak::
+
+    t = max(flops / (peak_flops_per_s[dtype] * compute_efficiency),
+            bytes / (memory_bandwidth_bytes_per_s * memory_efficiency)) + kernel_launch_s
+
+Views and nodes that do no work (placeholders, ``get_attr``, ``output``) take no time.
+
+Backward: ``NodeCost.backward_flops`` for the arithmetic, and twice the forward bytes for the
+traffic, for nodes whose output requires grad (else the node has no backward: 0). Why twice: the
+backward of an elementwise op reads the output gradient and the saved input(s) and writes the input
+gradient (about the forward traffic); an op with parameters also computes the weight gradient, which
+reads the saved input and the output gradient again and writes a tensor the size of the weight. For
+``y = x @ W`` that is ``dx = dy @ W.T`` plus ``dW = x.T @ dy``: two GEMMs with the forward's operand
+sizes, matching the usual 2x backward FLOPs (Kaplan et al. 2020, "Scaling laws for neural language
+models", section 2.1: ~6N FLOPs per token for training vs 2N forward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from autopart.cost_models.devices import DeviceSpec
+from autopart.cost_models.node_cost import NodeCost
+from autopart.errors import AutopartError
+
+__all__ = ["ComputeModel", "node_time_s"]
+
+_BACKWARD_BYTES_FACTOR = 2
+"""Backward memory traffic per forward byte (see the module docstring)."""
+
+
+def node_time_s(
+    cost: NodeCost,
+    device: DeviceSpec,
+    *,
+    backward: bool = False,
+    allow_tf32: bool = False,
+    compute_efficiency: float | None = None,
+    memory_efficiency: float | None = None,
+) -> float:
+    """Predicted seconds of one node's forward (or, with ``backward=True``, backward) on ``device``.
+
+    ``compute_efficiency`` and ``memory_efficiency`` override the device's factors when given.
+    """
+    if cost.is_view:
+        return 0.0
+    if backward:
+        if not cost.requires_grad:
+            return 0.0
+        flops, nbytes = cost.backward_flops, _BACKWARD_BYTES_FACTOR * cost.bytes
+    else:
+        flops, nbytes = cost.flops, cost.bytes
+    if flops == 0 and nbytes == 0:
+        return 0.0
+    compute_eff = device.compute_efficiency if compute_efficiency is None else compute_efficiency
+    memory_eff = device.memory_efficiency if memory_efficiency is None else memory_efficiency
+    peak = device.peak_flops_per_s(cost.dtype, allow_tf32=allow_tf32)
+    compute_s = flops / (peak * compute_eff)
+    memory_s = nbytes / (device.memory_bandwidth_bytes_per_s * memory_eff)
+    return max(compute_s, memory_s) + device.kernel_launch_s
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeModel:
+    """Node times on one device: measured where profiling measured them, predicted elsewhere.
+
+    ``measured_forward_s`` / ``measured_backward_s`` map node names to seconds (from
+    ``autopart.cost_models.profiling``); a measurement always wins over the roofline prediction.
+    """
+
+    device: DeviceSpec
+    measured_forward_s: Mapping[str, float] = field(default_factory=dict)
+    measured_backward_s: Mapping[str, float] = field(default_factory=dict)
+    compute_efficiency: float | None = None
+    """Overrides ``device.compute_efficiency`` when set."""
+    memory_efficiency: float | None = None
+    """Overrides ``device.memory_efficiency`` when set."""
+    allow_tf32: bool = False
+    """Whether float32 matmuls run on TF32 tensor cores (``torch.backends.cuda.matmul.allow_tf32``)."""
+
+    def __post_init__(self) -> None:
+        for name in ("compute_efficiency", "memory_efficiency"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise AutopartError(
+                    f"ComputeModel.{name} must be a fraction in (0, 1], got {value!r}; "
+                    "leave it None to use the device's own factor"
+                )
+        for name in ("measured_forward_s", "measured_backward_s"):
+            times = dict(getattr(self, name))
+            bad = {n: t for n, t in times.items() if not t >= 0}
+            if bad:
+                raise AutopartError(
+                    f"ComputeModel.{name} has negative or NaN times {bad}; drop these "
+                    "measurements (they will be predicted) or measure again"
+                )
+            # a private read-only copy: the caller's dict may change, this model must not
+            object.__setattr__(self, name, MappingProxyType(times))
+
+    def forward_s(self, node_name: str, cost: NodeCost) -> float:
+        """Seconds of ``node_name``'s forward: the measurement if any, else the roofline."""
+        if node_name in self.measured_forward_s:
+            return self.measured_forward_s[node_name]
+        return self._predict(cost, backward=False)
+
+    def backward_s(self, node_name: str, cost: NodeCost) -> float:
+        """Seconds of ``node_name``'s backward: the measurement if any, else the roofline."""
+        if node_name in self.measured_backward_s:
+            return self.measured_backward_s[node_name]
+        return self._predict(cost, backward=True)
+
+    def _predict(self, cost: NodeCost, *, backward: bool) -> float:
+        return node_time_s(
+            cost,
+            self.device,
+            backward=backward,
+            allow_tf32=self.allow_tf32,
+            compute_efficiency=self.compute_efficiency,
+            memory_efficiency=self.memory_efficiency,
+        )

@@ -1,0 +1,261 @@
+"""Profiling mode: measure node times on the device this process runs on, cache them, calibrate.
+
+The roofline model predicts; this module measures. Each computing node of an annotated graph is run
+on real tensors of its shapes (random floats, zero indices, so embedding and gather stay in range)
+on the local device (CUDA when present, else CPU), forward and, when it takes part in autograd,
+backward; the median of ``repeats`` timed runs after ``warmup`` runs is kept. Results are cached on
+disk keyed by the device, the torch version and the node's op signature
+(``autopart.passes.annotate.op_signature``), so a second run, or the 79 repeated layers of a
+Llama-70B, cost nothing. Nodes whose tensors would take more than ``max_bytes`` are skipped and
+keep their prediction.
+
+:func:`calibrate` fits the roofline's ``compute_efficiency``, ``memory_efficiency`` and
+``kernel_launch_s`` to the measurements, so nodes that were not measured get calibrated predictions
+too. :class:`autopart.cost_models.compute.ComputeModel` takes the measured times as overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.utils._pytree import tree_flatten
+
+from autopart.cost_models.devices import DeviceSpec
+from autopart.cost_models.node_cost import NodeCost
+
+__all__ = ["Measurement", "ProfileCache", "calibrate", "local_device_key", "profile_graph"]
+
+_COMPUTE_OPS = ("call_function", "call_method", "call_module")
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    forward_s: float
+    backward_s: float
+    """0.0 when the node does not take part in autograd."""
+
+
+class ProfileCache:
+    """Measured times on disk: ``{device_key: {signature_hash: [forward_s, backward_s]}}``."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        default = Path(os.environ.get("AUTOPART_CACHE_DIR", Path.home() / ".cache" / "autopart"))
+        self.path = Path(path) if path is not None else default / "profile.json"
+        self._data: dict[str, dict[str, list[float]]] = {}
+        if self.path.exists():
+            try:
+                self._data = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self._data = {}  # a corrupt cache is re-measured, never trusted
+
+    def get(self, device_key: str, signature: str) -> Measurement | None:
+        hit = self._data.get(device_key, {}).get(_hash(signature))
+        return Measurement(hit[0], hit[1]) if hit else None
+
+    def put(self, device_key: str, signature: str, m: Measurement) -> None:
+        self._data.setdefault(device_key, {})[_hash(signature)] = [m.forward_s, m.backward_s]
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._data, sort_keys=True))
+        tmp.replace(self.path)  # atomic: a killed run never leaves half a file
+
+
+def local_device_key(device: torch.device) -> str:
+    """Identifies the hardware and software a measurement is valid for."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()}x{torch.get_num_threads()}threads"
+    return f"{device.type}:{name}:torch{torch.__version__}"
+
+
+def profile_graph(
+    gm: GraphModule,
+    *,
+    device: torch.device | str | None = None,
+    repeats: int = 5,
+    warmup: int = 2,
+    max_bytes: int = 1 << 30,
+    cache: ProfileCache | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Measurement]:
+    """Measure every computing node of an annotated ``gm`` on ``device`` (default: CUDA if
+    available, else CPU). Returns ``{node_name: Measurement}`` for the nodes measured."""
+    from autopart.passes.annotate import node_cost, op_signature
+
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    cache = cache if cache is not None else ProfileCache()
+    key = local_device_key(dev)
+    modules = dict(gm.named_modules())
+    nodes = [n for n in gm.graph.nodes if n.op in _COMPUTE_OPS]
+    result: dict[str, Measurement] = {}
+    for i, node in enumerate(nodes):
+        cost = node_cost(node)
+        if cost.is_view or _footprint(node, cost) > max_bytes:
+            continue
+        signature = op_signature(node)
+        m = cache.get(key, signature)
+        if m is None:
+            m = _measure(node, gm, modules, dev, repeats=repeats, warmup=warmup)
+            if m is None:
+                continue
+            cache.put(key, signature, m)
+        result[node.name] = m
+        if progress is not None:
+            progress(i + 1, len(nodes))
+    cache.save()
+    return result
+
+
+def calibrate(
+    spec: DeviceSpec,
+    costs: Mapping[str, NodeCost],
+    measured: Mapping[str, Measurement],
+) -> DeviceSpec:
+    """``spec`` with efficiencies and launch overhead fitted to measured forward times.
+
+    Compute-bound nodes (FLOPs > 0) give the compute efficiency, FLOP-free nodes that move bytes give
+    the memory efficiency, and the fastest tenth of all measurements the fixed per-kernel overhead;
+    each is a median, so a few noisy measurements do not move it.
+    """
+    times = {n: m.forward_s for n, m in measured.items() if n in costs and m.forward_s > 0}
+    if not times:
+        return spec
+    launch_s = statistics.median(sorted(times.values())[: max(1, len(times) // 10)])
+    compute, memory = [], []
+    for name, t in times.items():
+        c = costs[name]
+        work_s = max(t - launch_s, t * 0.1)
+        if c.flops > 0:
+            compute.append(c.flops / (spec.peak_flops_per_s(c.dtype) * work_s))
+        elif c.bytes > 0:
+            memory.append(c.bytes / (spec.memory_bandwidth_bytes_per_s * work_s))
+    changes: dict[str, Any] = {"kernel_launch_s": launch_s}
+    if compute:
+        changes["compute_efficiency"] = min(1.0, statistics.median(compute))
+    if memory:
+        changes["memory_efficiency"] = min(1.0, statistics.median(memory))
+    return dataclasses.replace(spec, **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _hash(signature: str) -> str:
+    return hashlib.sha1(signature.encode()).hexdigest()
+
+
+def _footprint(node: Node, cost: NodeCost) -> int:
+    return cost.bytes_read + cost.bytes_written + cost.param_bytes
+
+
+def _real(val: Any, dev: torch.device, requires_grad: bool, gen: torch.Generator) -> Any:
+    if isinstance(val, torch.Tensor):
+        if val.is_floating_point():
+            t = torch.randn(tuple(val.shape), dtype=val.dtype, generator=gen).to(dev)
+            return t.requires_grad_(requires_grad)
+        return torch.zeros(tuple(val.shape), dtype=val.dtype, device=dev)
+    if isinstance(val, (list, tuple)):
+        return type(val)(_real(v, dev, requires_grad, gen) for v in val)
+    if isinstance(val, torch.device):
+        return dev
+    return val
+
+
+def _measure(
+    node: Node,
+    gm: GraphModule,
+    modules: Mapping[str, torch.nn.Module],
+    dev: torch.device,
+    *,
+    repeats: int,
+    warmup: int,
+) -> Measurement | None:
+    from autopart.passes.annotate import node_cost
+
+    gen = torch.Generator().manual_seed(0)
+    values: dict[Node, Any] = {}
+    for n in dict.fromkeys(node.all_input_nodes):
+        val = n.meta.get("val")
+        if n.op == "get_attr" and not isinstance(val, torch.Tensor):
+            obj: Any = gm
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part)
+            values[n] = obj
+        else:
+            values[n] = _real(val, dev, node_cost(n).requires_grad or n.op == "get_attr", gen)
+    args = _real(torch.fx.node.map_arg(node.args, lambda n: values[n]), dev, False, gen)
+    kwargs = _real(torch.fx.node.map_arg(node.kwargs, lambda n: values[n]), dev, False, gen)
+    if node.op == "call_function":
+        fn: Callable[..., Any] = node.target  # type: ignore[assignment]
+    elif node.op == "call_method":
+        fn = lambda self, *a, **k: getattr(self, str(node.target))(*a, **k)  # noqa: E731
+    else:
+        fn = (
+            modules[str(node.target)].to(dev)
+            if _is_materialized(modules[str(node.target)])
+            else None
+        )  # type: ignore[assignment]
+        if fn is None:
+            return None  # a meta-device submodule: nothing real to run
+    grad_inputs = [v for v in values.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def forward() -> Any:
+        return fn(*args, **kwargs)
+
+    try:
+        fwd = _time(forward, dev, repeats, warmup)
+        out = forward()
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+        bwd = 0.0
+        if outs and grad_inputs:
+            grads = [torch.ones_like(t) for t in outs]
+
+            def backward() -> None:
+                o = [
+                    t
+                    for t in tree_flatten(forward())[0]
+                    if isinstance(t, torch.Tensor) and t.requires_grad
+                ]
+                torch.autograd.grad(o, grad_inputs, grads, allow_unused=True)
+
+            bwd = max(0.0, _time(backward, dev, repeats, warmup) - fwd)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None  # ops that need real data (e.g. data-dependent shapes) keep their prediction
+    return Measurement(fwd, bwd)
+
+
+def _is_materialized(module: torch.nn.Module) -> bool:
+    return all(not p.is_meta for p in module.parameters())
+
+
+def _time(fn: Callable[[], Any], dev: torch.device, repeats: int, warmup: int) -> float:
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
