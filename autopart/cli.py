@@ -21,7 +21,8 @@ from autopart.errors import AutopartError
 
 __all__ = ["main"]
 
-_out = Console(highlight=False, soft_wrap=False)
+# Piped output keeps full-width tables instead of wrapping every cell at 80 columns.
+_out = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
 _err = Console(stderr=True, highlight=False)
 
 
@@ -71,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         "--device",
         default=None,
         help="also predict each row's forward time on this device (h100, h200, a100, cpu)",
+    )
+    inspect.add_argument(
+        "--profile",
+        action="store_true",
+        help="also measure every node on this machine (CUDA if present, else CPU), cache the times "
+        "and calibrate the --device roofline (default: cpu) to them",
     )
     inspect.add_argument(
         "--limit",
@@ -165,22 +172,56 @@ class _nullcontext:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from autopart.cost_models import get_device
     from autopart.inspection import inspect_rows, inspect_summary
 
-    device = None
-    if args.device is not None:
-        from autopart.cost_models import get_device
-
-        device = get_device(args.device)  # fail on a bad name before tracing
+    device = get_device(args.device) if args.device is not None else None  # fail before tracing
     loaded, gm, elapsed_s = _load_and_trace(args)
-    summary = inspect_summary(loaded, gm, device=device, elapsed_s=elapsed_s)
+    measured = None
+    if args.profile:
+        measured, device = _profile(args, gm, device)
+    summary = inspect_summary(loaded, gm, device=device, measured=measured, elapsed_s=elapsed_s)
     if args.format == "json":
         json.dump(summary, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
-    rows = inspect_rows(gm, by=args.by, depth=args.depth, device=device)
+    rows = inspect_rows(gm, by=args.by, depth=args.depth, device=device, measured=measured)
     _print_inspect_table(summary, rows, limit=args.limit, device=device)
     return 0
+
+
+def _profile(args: argparse.Namespace, gm: Any, device: Any) -> tuple[Any, Any]:
+    """Measure node times locally and calibrate the device model to them."""
+    import torch
+
+    from autopart.cost_models import get_device
+    from autopart.cost_models.profiling import calibrate, profile_graph
+    from autopart.passes.annotate import node_cost
+
+    quiet = args.format == "json" and not _err.is_terminal
+    with Progress(
+        TextColumn("profiling"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=_err,
+        transient=True,
+        disable=quiet,
+    ) as bar:
+        task = bar.add_task("profile", total=len(gm.graph.nodes))
+        measured = profile_graph(
+            gm, progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
+    if device is None:
+        device = get_device("cpu") if not torch.cuda.is_available() else None
+    if device is not None:
+        costs = {n.name: node_cost(n) for n in gm.graph.nodes}
+        device = calibrate(device, costs, measured)
+        if not quiet:
+            _err.print(
+                f"calibrated {device.name}: compute efficiency {device.compute_efficiency:.3f}, "
+                f"memory efficiency {device.memory_efficiency:.3f}, per-kernel overhead {device.kernel_launch_s * 1e6:.1f} µs"
+            )
+    return measured, device
 
 
 def _print_inspect_table(
@@ -208,6 +249,9 @@ def _print_inspect_table(
     table.add_column("params", justify="right")
     if device is not None:
         table.add_column(f"time on {device.name}", justify="right")
+    profiled = "measured_forward_s" in summary["totals"]
+    if profiled:
+        table.add_column("measured", justify="right")
     shown = rows if limit is None else rows[:limit]
     for r in shown:
         cells = (
@@ -224,6 +268,8 @@ def _print_inspect_table(
         ]
         if device is not None:
             cells.append(format_seconds(r["time_s"]) if r["time_s"] else "")
+        if profiled:
+            cells.append(format_seconds(r["measured_s"]) if r.get("measured_s") else "")
         table.add_row(*cells)
     t = summary["totals"]
     if limit is not None and len(rows) > limit:
@@ -237,6 +283,8 @@ def _print_inspect_table(
     ]
     if device is not None:
         total_cells.append(format_seconds(t["forward_time_s"]))
+    if profiled:
+        total_cells.append(format_seconds(t["measured_forward_s"]))
     table.add_row(*total_cells, style="bold")
     _out.print(table)
     _out.print(

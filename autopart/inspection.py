@@ -3,6 +3,7 @@ annotated graph. Pure functions of the graph, so they are tested without the CLI
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -16,7 +17,9 @@ __all__ = ["inspect_rows", "inspect_summary", "node_row"]
 _HIDDEN_OPS = ("get_attr", "output")
 
 
-def node_row(node: Node, device: DeviceSpec | None = None) -> dict[str, Any]:
+def node_row(
+    node: Node, device: DeviceSpec | None = None, measured: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     cost = node_cost(node)
     row: dict[str, Any] = {
         "name": node.name,
@@ -35,6 +38,9 @@ def node_row(node: Node, device: DeviceSpec | None = None) -> dict[str, Any]:
     }
     if device is not None:
         row["time_s"] = _time_s(cost, device)
+    if measured is not None:
+        m = measured.get(node.name)
+        row["measured_s"] = m.forward_s if m is not None else None
     return row
 
 
@@ -44,12 +50,13 @@ def inspect_rows(
     by: str = "node",
     depth: int | None = None,
     device: DeviceSpec | None = None,
+    measured: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Table rows: one per computing node (``by="node"``) or per module (``by="module"``), in graph
     order. Module rows sum their nodes; ``depth`` truncates module paths (``model.layers.0``)."""
     nodes = [n for n in gm.graph.nodes if n.op not in _HIDDEN_OPS]
     if by == "node":
-        return [node_row(n, device) for n in nodes]
+        return [node_row(n, device, measured) for n in nodes]
     if by != "module":
         raise ValueError(f"by must be 'node' or 'module', got {by!r}")
     groups: dict[str, dict[str, Any]] = {}
@@ -70,6 +77,7 @@ def inspect_rows(
                 "bytes": 0,
                 "param_bytes": 0,
                 "time_s": 0.0,
+                "measured_s": 0.0 if measured is not None else None,
             }
             seen_params[path] = set()
         g["nodes"] += 1
@@ -82,6 +90,8 @@ def inspect_rows(
         g["param_bytes"] += _param_bytes(gm, new)
         if device is not None:
             g["time_s"] += _time_s(cost, device)
+        if measured is not None and n.name in measured:
+            g["measured_s"] += measured[n.name].forward_s
     return list(groups.values())
 
 
@@ -90,12 +100,13 @@ def inspect_summary(
     gm: GraphModule,
     *,
     device: DeviceSpec | None = None,
+    measured: Mapping[str, Any] | None = None,
     elapsed_s: float | None = None,
 ) -> dict[str, Any]:
     """The ``--format json`` document: model, totals and every node."""
     totals = gm.meta["autopart_totals"]
     info = gm.meta["autopart_trace"]
-    nodes = [node_row(n, device) for n in gm.graph.nodes]
+    nodes = [node_row(n, device, measured) for n in gm.graph.nodes]
     summary: dict[str, Any] = {
         "model": loaded.name,
         "trace_method": info.method,
@@ -115,6 +126,9 @@ def inspect_summary(
     if device is not None:
         summary["device"] = device.name
         summary["totals"]["forward_time_s"] = sum(r["time_s"] for r in nodes)
+    if measured is not None:
+        summary["totals"]["measured_forward_s"] = sum(m.forward_s for m in measured.values())
+        summary["totals"]["measured_backward_s"] = sum(m.backward_s for m in measured.values())
     if elapsed_s is not None:
         summary["elapsed_s"] = round(elapsed_s, 3)
     return summary

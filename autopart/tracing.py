@@ -178,18 +178,14 @@ def _finish(
 def _param_aliases(model: torch.nn.Module, gm: torch.fx.GraphModule) -> dict[str, str]:
     """Map every parameter name of the model, tied duplicates included, to its name in the graph."""
     in_graph = {id(p): name for name, p in gm.named_parameters()}
-    by_id: dict[int, str] = {}
-    for name, p in model.named_parameters():  # canonical (first) name of each tensor
-        by_id.setdefault(id(p), name)
+    graph_names = set(in_graph.values())
+    canonical: dict[int, str] = {}
+    for name, p in model.named_parameters():  # the first name of each tensor
+        canonical.setdefault(id(p), name)
     aliases: dict[str, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        canonical = by_id[id(p)]
-        graph_name = (
-            canonical
-            if canonical in dict(gm.named_parameters())
-            else in_graph.get(id(p), canonical)
-        )
-        aliases[name] = graph_name
+        first = canonical[id(p)]
+        aliases[name] = first if first in graph_names else in_graph.get(id(p), first)
     return aliases
 
 
@@ -356,12 +352,12 @@ def _failing_op(frames: list[Any]) -> str:
             return str(func)
     for frame in reversed(frames):
         func = frame.f_locals.get("func")
-        if callable(func) and getattr(func, "__name__", "") and not isinstance(func, type):
-            qual = getattr(func, "__qualname__", func.__name__)
-            if qual.startswith(("Tensor.", "_TensorBase.", "TensorBase.")) or getattr(
-                func, "__module__", ""
-            ) in ("torch", "torch._C"):
-                return f"torch.{qual}"
+        qual = str(getattr(func, "__qualname__", "")) if callable(func) else ""
+        module = str(getattr(func, "__module__", ""))
+        if qual.startswith(("Tensor.", "_TensorBase.", "TensorBase.")) or (
+            qual and module in ("torch", "torch._C")
+        ):
+            return f"torch.{qual}"
     return ""
 
 

@@ -16,6 +16,7 @@ too. :class:`autopart.cost_models.compute.ComputeModel` takes the measured times
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -175,9 +176,18 @@ def _real(val: Any, dev: torch.device, requires_grad: bool, gen: torch.Generator
         return torch.zeros(tuple(val.shape), dtype=val.dtype, device=dev)
     if isinstance(val, (list, tuple)):
         return type(val)(_real(v, dev, requires_grad, gen) for v in val)
-    if isinstance(val, torch.device):
-        return dev
     return val
+
+
+def _to_device(value: Any, dev: torch.device) -> Any:
+    """Device arguments (``.to("cuda")``, ``arange(device=...)``) point at the profiled device."""
+    if isinstance(value, torch.device):
+        return dev
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, dev) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, dev) for k, v in value.items()}
+    return value
 
 
 def _measure(
@@ -202,20 +212,18 @@ def _measure(
             values[n] = obj
         else:
             values[n] = _real(val, dev, node_cost(n).requires_grad or n.op == "get_attr", gen)
-    args = _real(torch.fx.node.map_arg(node.args, lambda n: values[n]), dev, False, gen)
-    kwargs = _real(torch.fx.node.map_arg(node.kwargs, lambda n: values[n]), dev, False, gen)
+    args = _to_device(torch.fx.node.map_arg(node.args, lambda n: values[n]), dev)
+    kwargs = _to_device(torch.fx.node.map_arg(node.kwargs, lambda n: values[n]), dev)
     if node.op == "call_function":
         fn: Callable[..., Any] = node.target  # type: ignore[assignment]
     elif node.op == "call_method":
         fn = lambda self, *a, **k: getattr(self, str(node.target))(*a, **k)  # noqa: E731
     else:
-        fn = (
-            modules[str(node.target)].to(dev)
-            if _is_materialized(modules[str(node.target)])
-            else None
-        )  # type: ignore[assignment]
-        if fn is None:
+        module = modules[str(node.target)]
+        if not _is_materialized(module):
             return None  # a meta-device submodule: nothing real to run
+        on_dev = all(p.device == dev for p in module.parameters())
+        fn = module if on_dev else copy.deepcopy(module).to(dev)  # never move the user's module
     grad_inputs = [v for v in values.values() if isinstance(v, torch.Tensor) and v.requires_grad]
 
     def forward() -> Any:

@@ -430,6 +430,19 @@ def _unique_input_nodes(node: Node) -> list[Node]:
     return list(dict.fromkeys(node.all_input_nodes))
 
 
+def op_signature(node: Node) -> str:
+    """A stable text key for what ``node`` computes: its op and the shapes, strides and dtypes of
+    its arguments. Two nodes with the same key run the same kernel on the same sizes (used to cache
+    replays and profiled times across runs)."""
+    inputs = _unique_input_nodes(node)
+    owner = node.graph.owning_module
+    modules = dict(owner.named_modules()) if owner is not None else {}
+    op, target, args, kwargs = _signature(node, inputs, [False] * len(inputs), modules)
+    if callable(target) and not isinstance(target, torch._ops.OpOverload):
+        target = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', target)}"
+    return repr((op, str(target), args, kwargs))
+
+
 def _signature(
     node: Node, inputs: list[Node], needs_grad: list[bool], modules: Mapping[str, torch.nn.Module]
 ) -> Any:

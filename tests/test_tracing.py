@@ -101,7 +101,7 @@ def test_wrong_number_of_inputs_shows_signature() -> None:
 
 
 def test_trace_rejects_non_modules_and_unknown_methods() -> None:
-    with pytest.raises(TraceError, match="nn.Module"):
+    with pytest.raises(TraceError, match=r"nn\.Module"):
         trace(lambda x: x, (torch.randn(2),))  # type: ignore[arg-type]
     with pytest.raises(TraceError, match="unknown trace method"):
         trace(TwoLayer(), (torch.randn(3, 16),), method="jit")
