@@ -1,0 +1,262 @@
+"""Plan values: what the solver decided, frozen, self-validating, and JSON in and out (no pickle).
+
+A plan file is data a user may edit or a program may tamper with, so :meth:`Plan.from_json` checks
+every field and raises :class:`PlanError` naming the bad one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from autopart.errors import AutopartError
+
+__all__ = [
+    "PLAN_FORMAT_VERSION",
+    "BaselineResult",
+    "MeshAxis",
+    "Plan",
+    "PlanError",
+    "SolverInfo",
+    "StagePlan",
+    "format_mesh",
+    "parse_mesh",
+]
+
+PLAN_FORMAT_VERSION = 1
+
+
+class PlanError(AutopartError):
+    """A plan (or plan file) is malformed."""
+
+
+class MeshAxis(str, Enum):
+    DP = "dp"
+    PP = "pp"
+    TP = "tp"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def parse_mesh(spec: str | Mapping[str, int]) -> dict[str, int]:
+    """``"pp=4,tp=2"`` -> ``{"pp": 4, "tp": 2}`` (axes in dp, pp, tp order)."""
+    if isinstance(spec, Mapping):
+        items = [(str(k), v) for k, v in spec.items()]
+    else:
+        items = []
+        for part in (p.strip() for p in spec.split(",") if p.strip()):
+            key, sep, value = part.partition("=")
+            if not sep or not value.strip().isdigit():
+                raise PlanError(
+                    f"bad mesh spec {spec!r}: write axis=size pairs such as 'pp=4' or 'dp=2,pp=2,tp=2'."
+                )
+            items.append((key.strip(), int(value)))
+    known = [a.value for a in MeshAxis]
+    mesh: dict[str, int] = {}
+    for key, size in items:
+        if key not in known:
+            raise PlanError(
+                f"unknown mesh axis {key!r} in {spec!r}; the axes are {', '.join(known)}."
+            )
+        if key in mesh:
+            raise PlanError(f"mesh axis {key!r} appears twice in {spec!r}.")
+        if not isinstance(size, int) or size < 1:
+            raise PlanError(f"mesh axis {key!r} must have a size >= 1, got {size!r}.")
+        mesh[key] = size
+    if not mesh:
+        raise PlanError("empty mesh spec; write e.g. 'pp=4'.")
+    return {a: mesh[a] for a in known if a in mesh}
+
+
+def format_mesh(mesh: Mapping[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in mesh.items())
+
+
+@dataclass(frozen=True, slots=True)
+class StagePlan:
+    index: int
+    device: int
+    """Pipeline rank that runs this stage (differs from index only for interleaved schedules)."""
+    modules: tuple[str, ...]
+    node_count: int
+    forward_s: float
+    backward_s: float
+    predicted_s: float
+    """Forward + backward time of one micro-batch, with receiving activations and gradients."""
+    param_bytes: int
+    peak_memory_bytes: int
+    """Peak memory of the device that runs this stage under the plan's schedule."""
+    activation_bytes: int = 0
+    """Bytes saved for backward per micro-batch."""
+
+    def __post_init__(self) -> None:
+        _check(self.index >= 0 and self.device >= 0, "stage index and device must be >= 0")
+        _check(self.node_count >= 0, f"stage {self.index}: node_count must be >= 0")
+        for name in ("forward_s", "backward_s", "predicted_s"):
+            _check_nonneg(getattr(self, name), f"stages[{self.index}].{name}")
+        _check(
+            self.param_bytes >= 0 and self.peak_memory_bytes >= 0,
+            f"stage {self.index}: byte counts must be >= 0",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SolverInfo:
+    status: str
+    time_s: float
+    blocks: int
+    objective_bound_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class BaselineResult:
+    bottleneck_s: float
+    step_time_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    model: str
+    mesh: Mapping[str, int]
+    device: str
+    memory_limit_bytes: int | None
+    schedule: str
+    micro_batches: int
+    stages_per_device: int
+    stages: tuple[StagePlan, ...]
+    stage_of: Mapping[str, int]
+    """Pipeline stage of every graph node, by its node name."""
+    bottleneck_s: float
+    lower_bound_s: float
+    gap: float
+    step_time_s: float
+    bubble_fraction: float
+    solver: SolverInfo
+    baselines: Mapping[str, BaselineResult] = field(default_factory=dict)
+    optimizer: str = "adamw"
+    boundary_bytes: tuple[int, ...] = ()
+    """Bytes sent forward across each stage boundary per micro-batch (the same come back as gradients)."""
+
+    def __post_init__(self) -> None:
+        mesh = parse_mesh(dict(self.mesh))
+        object.__setattr__(self, "mesh", mesh)
+        num_stages = mesh.get("pp", 1) * self.stages_per_device
+        _check(
+            self.schedule in ("gpipe", "1f1b", "interleaved"),
+            f"schedule must be gpipe, 1f1b or interleaved, got {self.schedule!r}",
+        )
+        _check(self.micro_batches >= 1, f"micro_batches must be >= 1, got {self.micro_batches}")
+        _check(self.stages_per_device >= 1, "stages_per_device must be >= 1")
+        _check(
+            len(self.stages) == num_stages,
+            f"stages has {len(self.stages)} entries for {num_stages} pipeline stages",
+        )
+        for i, st in enumerate(self.stages):
+            _check(st.index == i, f"stages[{i}].index is {st.index}")
+        bad = [
+            n for n, s in self.stage_of.items() if not (isinstance(s, int) and 0 <= s < num_stages)
+        ]
+        _check(not bad, f"stage_of gives an invalid stage to node(s) {bad[:3]}")
+        for name in ("bottleneck_s", "lower_bound_s", "step_time_s"):
+            _check_nonneg(getattr(self, name), name)
+        _check(
+            0.0 <= self.bubble_fraction < 1.0,
+            f"bubble_fraction must be in [0, 1), got {self.bubble_fraction}",
+        )
+        _check(
+            self.lower_bound_s <= self.bottleneck_s * (1 + 1e-9),
+            "lower_bound_s exceeds bottleneck_s: not a lower bound",
+        )
+        want_gap = self.bottleneck_s / self.lower_bound_s - 1 if self.lower_bound_s > 0 else 0.0
+        _check(
+            math.isclose(self.gap, want_gap, rel_tol=1e-6, abs_tol=1e-9),
+            f"gap {self.gap} != bottleneck_s / lower_bound_s - 1 = {want_gap}",
+        )
+        _check(
+            len(self.boundary_bytes) in (0, num_stages - 1)
+            and all(b >= 0 for b in self.boundary_bytes),
+            f"boundary_bytes needs {num_stages - 1} entries >= 0",
+        )
+        object.__setattr__(self, "boundary_bytes", tuple(int(b) for b in self.boundary_bytes))
+        object.__setattr__(self, "stage_of", dict(self.stage_of))
+        object.__setattr__(self, "baselines", dict(self.baselines))
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["format_version"] = PLAN_FORMAT_VERSION
+        d["stages"] = [asdict(s) for s in self.stages]
+        return d
+
+    def to_json(self, *, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(
+                f"plan file is not valid JSON ({exc}); write it with Plan.to_json() or `autopart plan --out`."
+            ) from exc
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Plan:
+        _check(isinstance(raw, dict), "a plan must be a JSON object")
+        version = raw.get("format_version")
+        _check(
+            version == PLAN_FORMAT_VERSION,
+            f"plan format_version {version!r} is not {PLAN_FORMAT_VERSION}; re-create the plan with this autopart.",
+        )
+        try:
+            return cls(
+                model=str(raw["model"]),
+                mesh=dict(raw["mesh"]),
+                device=str(raw["device"]),
+                memory_limit_bytes=raw["memory_limit_bytes"],
+                schedule=str(raw["schedule"]),
+                micro_batches=int(raw["micro_batches"]),
+                stages_per_device=int(raw["stages_per_device"]),
+                stages=tuple(
+                    StagePlan(**{**s, "modules": tuple(s["modules"])}) for s in raw["stages"]
+                ),
+                stage_of={str(k): v for k, v in dict(raw["stage_of"]).items()},
+                bottleneck_s=float(raw["bottleneck_s"]),
+                lower_bound_s=float(raw["lower_bound_s"]),
+                gap=float(raw["gap"]),
+                step_time_s=float(raw["step_time_s"]),
+                bubble_fraction=float(raw["bubble_fraction"]),
+                solver=SolverInfo(**raw["solver"]),
+                baselines={
+                    k: BaselineResult(**v) for k, v in dict(raw.get("baselines", {})).items()
+                },
+                optimizer=str(raw.get("optimizer", "adamw")),
+                boundary_bytes=tuple(raw.get("boundary_bytes", ())),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, PlanError):
+                raise
+            raise PlanError(
+                f"plan file is malformed: {type(exc).__name__}: {exc}; re-create it with `autopart plan --out`."
+            ) from exc
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise PlanError(f"invalid plan: {message}")
+
+
+def _check_nonneg(value: Any, name: str) -> None:
+    _check(
+        isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
+        f"{name} must be a finite number >= 0, got {value!r}",
+    )
