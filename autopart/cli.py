@@ -87,6 +87,39 @@ def _parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("--format", choices=["table", "json"], default="table")
     inspect.set_defaults(run=_cmd_inspect)
+
+    plan = sub.add_parser(
+        "plan",
+        help="split a model into pipeline stages",
+        description="Trace MODEL, solve the stage ILP and print the plan beside the baselines.",
+    )
+    _add_model_args(plan)
+    plan.add_argument("--mesh", default="pp=2", help="mesh spec, e.g. pp=4 (default pp=2)")
+    plan.add_argument(
+        "--device", default="h100", help="device to plan for: h100, h200, a100, cpu (default h100)"
+    )
+    plan.add_argument(
+        "--memory", default=None, help="memory per device, e.g. 80GiB (default: the device's)"
+    )
+    plan.add_argument(
+        "--micro-batches",
+        type=int,
+        default=None,
+        help="micro-batches per step (default: chosen by simulation)",
+    )
+    plan.add_argument("--schedule", choices=["auto", "gpipe", "1f1b"], default="auto")
+    plan.add_argument(
+        "--optimizer", choices=["sgd", "sgd_momentum", "adam", "adamw"], default="adamw"
+    )
+    plan.add_argument(
+        "--time-limit", type=float, default=10.0, help="solver time limit in seconds (default 10)"
+    )
+    plan.add_argument("--out", default=None, help="write the plan as JSON to this file")
+    plan.add_argument(
+        "--svg", default=None, help="write a Gantt chart of the schedule to this SVG file"
+    )
+    plan.add_argument("--format", choices=["table", "json"], default="table")
+    plan.set_defaults(run=_cmd_plan)
     return parser
 
 
@@ -222,6 +255,142 @@ def _profile(args: argparse.Namespace, gm: Any, device: Any) -> tuple[Any, Any]:
                 f"memory efficiency {device.memory_efficiency:.3f}, per-kernel overhead {device.kernel_launch_s * 1e6:.1f} µs"
             )
     return measured, device
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from autopart.cost_models import get_device
+    from autopart.planner import plan_graph
+    from autopart.plans import parse_mesh
+
+    parse_mesh(args.mesh)  # fail on bad input before tracing
+    get_device(args.device)
+    start = time.perf_counter()
+    loaded, gm, _ = _load_and_trace(args)
+    batch = _first_batch(loaded.example_inputs)
+    quiet = args.format == "json" and not _err.is_terminal
+    with _err.status("planning", spinner="dots") if not quiet else _nullcontext() as status:
+        result = plan_graph(
+            gm,
+            batch=batch,
+            mesh=args.mesh,
+            device=args.device,
+            memory=args.memory,
+            micro_batches=args.micro_batches,
+            schedule=args.schedule,
+            optimizer=args.optimizer,
+            time_limit_s=args.time_limit,
+            name=loaded.name,
+            progress=(lambda msg: status.update(msg)) if status is not None else None,
+        )
+    elapsed = time.perf_counter() - start
+    if args.out:
+        Path(args.out).write_text(result.to_json())
+    if args.svg:
+        from autopart.gantt import render_svg
+        from autopart.planner import simulate_plan
+
+        Path(args.svg).write_text(
+            render_svg(simulate_plan(result), title=f"{loaded.name} {args.mesh} {result.schedule}")
+        )
+    if args.format == "json":
+        doc = result.to_dict()
+        doc["elapsed_s"] = round(elapsed, 3)
+        json.dump(doc, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    _print_plan(result, elapsed)
+    return 0
+
+
+def _first_batch(inputs: Any) -> int:
+    from autopart.planner import _batch_size
+
+    return _batch_size(inputs)
+
+
+def _print_plan(plan: Any, elapsed_s: float) -> None:
+    from autopart.units import format_bytes, format_seconds
+
+    title = (
+        f"{plan.model}: {plan.num_stages} stages on {plan.device}, {plan.schedule}, "
+        f"{plan.micro_batches} micro-batches"
+    )
+    table = Table(title=title, title_justify="left")
+    for col, justify in (
+        ("stage", "right"),
+        ("modules", "left"),
+        ("nodes", "right"),
+        ("fwd+bwd / micro-batch", "right"),
+        ("params", "right"),
+        ("peak memory", "right"),
+        ("utilisation", "right"),
+    ):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    busy = [s.predicted_s * plan.micro_batches for s in plan.stages]
+    for st, b in zip(plan.stages, busy):
+        table.add_row(
+            str(st.index),
+            _compress(st.modules),
+            str(st.node_count),
+            format_seconds(st.predicted_s),
+            format_bytes(st.param_bytes),
+            format_bytes(st.peak_memory_bytes),
+            f"{min(1.0, b / plan.step_time_s):.0%}" if plan.step_time_s else "",
+        )
+    _out.print(table)
+    _out.print(
+        f"bottleneck {format_seconds(plan.bottleneck_s)} per micro-batch, lower bound "
+        f"{format_seconds(plan.lower_bound_s)}, gap {plan.gap:.2%}; step {format_seconds(plan.step_time_s)}, "
+        f"bubble {plan.bubble_fraction:.1%}; solver {plan.solver.status} on {plan.solver.blocks} blocks; "
+        f"planned in {elapsed_s:.2f} s"
+    )
+    base = Table(
+        title="against the baselines (same cost model, same schedule)", title_justify="left"
+    )
+    for col in ("split", "bottleneck", "step time", "autopart speed-up"):
+        base.add_column(col, justify="right" if col != "split" else "left")
+    base.add_row(
+        "autopart (ILP)",
+        format_seconds(plan.bottleneck_s),
+        format_seconds(plan.step_time_s),
+        "1.00x",
+    )
+    for label, b in plan.baselines.items():
+        ratio = b.step_time_s / plan.step_time_s if plan.step_time_s else 0.0
+        base.add_row(
+            label.replace("_", " "),
+            format_seconds(b.bottleneck_s),
+            format_seconds(b.step_time_s),
+            f"{ratio:.2f}x",
+        )
+    _out.print(base)
+
+
+def _compress(modules: Sequence[str]) -> str:
+    """``a.h.0, a.h.1, a.h.2`` -> ``a.h.0-2``."""
+    out: list[str] = []
+    run: list[tuple[str, int]] = []
+
+    def flush() -> None:
+        if run:
+            prefix, first = run[0]
+            last = run[-1][1]
+            out.append(f"{prefix}.{first}" if first == last else f"{prefix}.{first}-{last}")
+            run.clear()
+
+    for mod in modules:
+        prefix, _, tail = mod.rpartition(".")
+        if tail.isdigit() and prefix:
+            if run and (run[-1][0] != prefix or run[-1][1] + 1 != int(tail)):
+                flush()
+            run.append((prefix, int(tail)))
+        else:
+            flush()
+            out.append(mod)
+    flush()
+    return ", ".join(out)
 
 
 def _print_inspect_table(

@@ -1,0 +1,356 @@
+"""Stage ILP: assign the blocks of a :class:`~autopart.graph.BlockGraph` to pipeline stages.
+
+Data (per micro-batch, integers after scaling):
+  w_b                     forward + backward time of block b
+  t = (u_t, C_t, n_t)     a tensor produced by block u_t, consumed by blocks C_t, n_t bytes
+  a_b, m_b                activation bytes block b saves for backward; its unshared parameter state bytes
+  m_q                     state bytes of a parameter q shared by several blocks (tied embeddings)
+  f_s                     micro-batches in flight on stage s under the schedule (1F1B: min(p-s, m))
+  alpha, beta             point-to-point latency and bandwidth (alpha-beta model)
+
+Variables:
+  x[b,s] in {0,1}         block b runs on stage s                           (_add_assignment)
+  c[t,k] in {0,1}         tensor t crosses the boundary between k and k+1   (_add_crossing)
+  y[q,s] in {0,1}         shared parameter q lives on stage s               (_add_shared_params)
+  z >= 0                  the slowest device's time per micro-batch         (_add_bottleneck)
+
+Constraints:
+  one stage per block:    sum_s x[b,s] = 1                                  (_add_assignment)
+  no empty stage:         sum_b x[b,s] >= 1                                 (_add_assignment)
+  precedence:             stage(u_t) <= stage(v) for v in C_t, stage(b) = sum_s s x[b,s]
+                                                                            (_add_precedence)
+  crossing:               c[t,k] >= L[u_t,k] - L[v,k] for v in C_t, where L[b,k] = sum_{s<=k} x[b,s]
+                          (a skip tensor is forwarded through, and counted at, every boundary it passes)
+                                                                            (_add_crossing)
+  shared parameters:      y[q,s] >= x[b,s] for every block b that uses q    (_add_shared_params)
+  memory per device d:    sum_{s on d} [ sum_b x[b,s] (m_b + f_s a_b) + sum_q y[q,s] m_q ] <= limit
+                                                                            (_add_memory)
+  stage time:             T_s = sum_b w_b x[b,s] + [s>0](alpha + B_{s-1}/beta) + [s<p-1](alpha + B_s/beta),
+                          B_k = sum_t n_t c[t,k]
+  bottleneck:             z >= sum_{s on d} T_s for every device d          (_add_bottleneck)
+
+Objective: minimize z, then (tie-breaker, weighted so it never trades against z) the bytes sent
+between stages sum_k B_k.                                                   (_add_objective)
+
+The solve is seeded and single-threaded (deterministic), has a time limit, and starts from a hint
+(the exact chain DP over contiguous splits). Status is checked; an infeasible memory limit is
+answered by a second solve that minimizes the peak memory per device, so the error can say the
+minimum a plan needs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ortools.sat.python import cp_model
+
+from autopart.blocks import BlockGraph
+from autopart.cost_models.comm import p2p_time_s
+from autopart.cost_models.devices import DeviceSpec
+from autopart.errors import AutopartError
+
+__all__ = ["InfeasibleMemoryError", "StageSolution", "solve_stages"]
+
+_TIME_UNITS = 200_000  # the largest stage time maps to this many integer units
+_BYTE_UNIT = 1 << 20  # memory in MiB (rounded up, so feasibility is never overstated)
+
+
+class InfeasibleMemoryError(AutopartError):
+    """No assignment fits the per-device memory limit."""
+
+    def __init__(self, message: str, minimum_bytes: int) -> None:
+        super().__init__(message)
+        self.minimum_bytes = minimum_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StageSolution:
+    stage_of: tuple[int, ...]
+    """Stage of each block."""
+    status: str
+    """"OPTIMAL" or "FEASIBLE" (time limit reached with a solution)."""
+    time_s: float
+    objective_bound_s: float
+    """CP-SAT's proven lower bound on the bottleneck of the block-level problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Data:
+    bg: BlockGraph
+    num_stages: int
+    device_of_stage: tuple[int, ...]
+    work: tuple[int, ...]
+    act_mib: tuple[int, ...]
+    state_mib: tuple[int, ...]
+    shared_mib: dict[str, int]
+    in_flight: tuple[int, ...]
+    alpha: int
+    byte_time: float
+    """time units per byte on a link"""
+    unit_s: float
+
+
+def solve_stages(
+    bg: BlockGraph,
+    num_stages: int,
+    device: DeviceSpec,
+    *,
+    in_flight: Sequence[int],
+    state_bytes_per_param_byte: float,
+    memory_limit_bytes: int | None,
+    stages_per_device: int = 1,
+    hint: Sequence[int] | None = None,
+    time_limit_s: float = 10.0,
+    seed: int = 0,
+) -> StageSolution:
+    """Solve the stage ILP (see the module docstring). ``in_flight[s]`` is the number of
+    micro-batches whose activations stage ``s`` keeps; ``state_bytes_per_param_byte`` scales
+    parameter bytes to parameter + gradient + optimizer bytes (e.g. 4 for Adam)."""
+    data = _build_data(
+        bg, num_stages, device, in_flight, state_bytes_per_param_byte, stages_per_device
+    )
+    model = cp_model.CpModel()
+    x = _add_assignment(model, data)
+    _add_precedence(model, data, x)
+    crossing = _add_crossing(model, data, x)
+    shared = _add_shared_params(model, data, x)
+    if memory_limit_bytes is not None:
+        _add_memory(model, data, x, shared, memory_limit_bytes // _BYTE_UNIT)
+    z = _add_bottleneck(model, data, x, crossing)
+    _add_objective(model, data, z, crossing)
+    if hint is not None:
+        for b, s in enumerate(hint):
+            for k in range(num_stages):
+                model.AddHint(x[b, k], int(k == s))
+    status, solver, elapsed = _solve(model, time_limit_s, seed)
+    if status == cp_model.INFEASIBLE:
+        needed = _minimum_memory(data, time_limit_s, seed)
+        raise InfeasibleMemoryError(
+            f"no split into {num_stages} stages fits {_gib(memory_limit_bytes or 0)} per device: "
+            f"a plan needs at least {_gib(needed)} per device (parameters, gradients, optimizer state "
+            f"and in-flight activations). Raise --memory to {_gib(needed)} or more, use more stages, "
+            "more micro-batches (smaller activations each) or the 1f1b schedule (fewer in flight).",
+            needed,
+        )
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        raise AutopartError(
+            f"the stage solver found no plan within {time_limit_s:.0f} s (status "
+            f"{solver.StatusName(status)}); raise the time limit or use fewer blocks."
+        )
+    stage_of = tuple(
+        next(s for s in range(num_stages) if solver.Value(x[b, s])) for b in range(len(bg.blocks))
+    )
+    return StageSolution(
+        stage_of=stage_of,
+        status=solver.StatusName(status),
+        time_s=elapsed,
+        objective_bound_s=_bound_s(solver, data),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def _build_data(
+    bg: BlockGraph,
+    num_stages: int,
+    device: DeviceSpec,
+    in_flight: Sequence[int],
+    state_per_byte: float,
+    stages_per_device: int,
+) -> _Data:
+    if num_stages > len(bg.blocks):
+        raise AutopartError(
+            f"{num_stages} stages but the model has only {len(bg.blocks)} blocks; use at most {len(bg.blocks)} stages."
+        )
+    if len(in_flight) != num_stages:
+        raise ValueError(f"in_flight has {len(in_flight)} entries for {num_stages} stages")
+    total_s = sum(b.forward_s + b.backward_s for b in bg.blocks) + 2 * num_stages * p2p_time_s(
+        max((t.nbytes for t in bg.tensors), default=0), device
+    )
+    unit_s = max(total_s, 1e-12) / _TIME_UNITS
+    alpha_s = p2p_time_s(1, device)
+    per_byte_s = (p2p_time_s(1 << 20, device) - alpha_s) / ((1 << 20) - 1)
+    num_devices = num_stages // stages_per_device
+    return _Data(
+        bg=bg,
+        num_stages=num_stages,
+        device_of_stage=tuple(s % num_devices for s in range(num_stages)),
+        work=tuple(round((b.forward_s + b.backward_s) / unit_s) for b in bg.blocks),
+        act_mib=tuple(math.ceil(b.activation_bytes / _BYTE_UNIT) for b in bg.blocks),
+        state_mib=tuple(math.ceil(b.param_bytes * state_per_byte / _BYTE_UNIT) for b in bg.blocks),
+        shared_mib={
+            q: math.ceil(bg.param_bytes_by_name[q] * state_per_byte / _BYTE_UNIT)
+            for q in bg.shared_params
+        },
+        in_flight=tuple(in_flight),
+        alpha=round(alpha_s / unit_s),
+        byte_time=per_byte_s / unit_s,
+        unit_s=unit_s,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# variables and constraints, one function per family
+
+
+def _add_assignment(model: cp_model.CpModel, d: _Data) -> dict[tuple[int, int], cp_model.IntVar]:
+    n, p = len(d.bg.blocks), d.num_stages
+    x = {(b, s): model.NewBoolVar(f"x[{b},{s}]") for b in range(n) for s in range(p)}
+    for b in range(n):
+        model.AddExactlyOne(x[b, s] for s in range(p)).WithName(f"one_stage[{b}]")
+    for s in range(p):
+        model.Add(sum(x[b, s] for b in range(n)) >= 1).WithName(f"non_empty[{s}]")
+    return x
+
+
+def _stage_expr(d: _Data, x: dict[tuple[int, int], cp_model.IntVar], b: int) -> cp_model.LinearExpr:
+    return sum(s * x[b, s] for s in range(d.num_stages))
+
+
+def _add_precedence(
+    model: cp_model.CpModel, d: _Data, x: dict[tuple[int, int], cp_model.IntVar]
+) -> None:
+    edges = dict.fromkeys((t.producer, v) for t in d.bg.tensors for v in t.consumers)
+    for u, v in edges:
+        model.Add(_stage_expr(d, x, u) <= _stage_expr(d, x, v)).WithName(f"precedence[{u},{v}]")
+
+
+def _add_crossing(
+    model: cp_model.CpModel, d: _Data, x: dict[tuple[int, int], cp_model.IntVar]
+) -> dict[tuple[int, int], cp_model.IntVar]:
+    p = d.num_stages
+    crossing: dict[tuple[int, int], cp_model.IntVar] = {}
+    for i, t in enumerate(d.bg.tensors):
+        for k in range(p - 1):
+            c = crossing[i, k] = model.NewBoolVar(f"c[{i},{k}]")
+            produced_by_k = sum(x[t.producer, s] for s in range(k + 1))
+            for v in t.consumers:
+                consumed_by_k = sum(x[v, s] for s in range(k + 1))
+                model.Add(c >= produced_by_k - consumed_by_k).WithName(f"crosses[{i},{k},{v}]")
+    return crossing
+
+
+def _add_shared_params(
+    model: cp_model.CpModel, d: _Data, x: dict[tuple[int, int], cp_model.IntVar]
+) -> dict[tuple[str, int], cp_model.IntVar]:
+    y: dict[tuple[str, int], cp_model.IntVar] = {}
+    for q, users in d.bg.shared_params.items():
+        for s in range(d.num_stages):
+            y[q, s] = model.NewBoolVar(f"y[{q},{s}]")
+            for b in users:
+                model.Add(y[q, s] >= x[b, s]).WithName(f"shared[{q},{s},{b}]")
+    return y
+
+
+def _add_memory(
+    model: cp_model.CpModel,
+    d: _Data,
+    x: dict[tuple[int, int], cp_model.IntVar],
+    y: dict[tuple[str, int], cp_model.IntVar],
+    limit_mib: int,
+) -> None:
+    for dev in sorted(set(d.device_of_stage)):
+        model.Add(_device_memory(d, x, y, dev) <= limit_mib).WithName(f"memory[{dev}]")
+
+
+def _device_memory(
+    d: _Data,
+    x: dict[tuple[int, int], cp_model.IntVar],
+    y: dict[tuple[str, int], cp_model.IntVar],
+    dev: int,
+) -> cp_model.LinearExpr:
+    stages = [s for s in range(d.num_stages) if d.device_of_stage[s] == dev]
+    blocks = range(len(d.bg.blocks))
+    return sum(
+        x[b, s] * (d.state_mib[b] + d.in_flight[s] * d.act_mib[b]) for s in stages for b in blocks
+    ) + sum(y[q, s] * d.shared_mib[q] for q in d.bg.shared_params for s in stages)
+
+
+def _add_bottleneck(
+    model: cp_model.CpModel,
+    d: _Data,
+    x: dict[tuple[int, int], cp_model.IntVar],
+    crossing: dict[tuple[int, int], cp_model.IntVar],
+) -> cp_model.IntVar:
+    p, n = d.num_stages, len(d.bg.blocks)
+    boundary = [
+        sum(round(t.nbytes * d.byte_time) * crossing[i, k] for i, t in enumerate(d.bg.tensors))
+        for k in range(p - 1)
+    ]
+    upper = (
+        sum(d.work) + 2 * (d.alpha + sum(round(t.nbytes * d.byte_time) for t in d.bg.tensors)) * p
+    )
+    z = model.NewIntVar(0, upper, "z")
+    for dev in sorted(set(d.device_of_stage)):
+        stage_times = []
+        for s in (s for s in range(p) if d.device_of_stage[s] == dev):
+            comm = 0
+            if s > 0:
+                comm += d.alpha + boundary[s - 1]
+            if s < p - 1:
+                comm += d.alpha + boundary[s]
+            stage_times.append(sum(d.work[b] * x[b, s] for b in range(n)) + comm)
+        model.Add(z >= sum(stage_times)).WithName(f"bottleneck[{dev}]")
+    return z
+
+
+def _add_objective(
+    model: cp_model.CpModel,
+    d: _Data,
+    z: cp_model.IntVar,
+    crossing: dict[tuple[int, int], cp_model.IntVar],
+) -> None:
+    # Traffic in KiB as the tie-breaker; z's weight exceeds the largest possible traffic, so the
+    # solver never accepts a slower plan for fewer bytes.
+    kib = [math.ceil(t.nbytes / 1024) for t in d.bg.tensors]
+    model.Minimize(_z_weight(d) * z + sum(kib[i] * c for (i, _k), c in crossing.items()))
+
+
+def _z_weight(d: _Data) -> int:
+    return sum(math.ceil(t.nbytes / 1024) for t in d.bg.tensors) * max(0, d.num_stages - 1) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# solve
+
+
+def _solve(
+    model: cp_model.CpModel, time_limit_s: float, seed: int
+) -> tuple[int, cp_model.CpSolver, float]:
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = time_limit_s
+    solver.parameters.random_seed = seed
+    solver.parameters.num_workers = 1  # deterministic: the same inputs give the same plan
+    start = time.perf_counter()
+    status = solver.Solve(model)
+    return status, solver, time.perf_counter() - start
+
+
+def _bound_s(solver: cp_model.CpSolver, d: _Data) -> float:
+    return math.floor(solver.BestObjectiveBound() / _z_weight(d)) * d.unit_s
+
+
+def _minimum_memory(d: _Data, time_limit_s: float, seed: int) -> int:
+    """The smallest peak memory per device any valid assignment needs (bytes)."""
+    model = cp_model.CpModel()
+    x = _add_assignment(model, d)
+    _add_precedence(model, d, x)
+    y = _add_shared_params(model, d, x)
+    peak = model.NewIntVar(0, sum(d.state_mib) * 4 + sum(d.act_mib) * max(d.in_flight) + 1, "peak")
+    for dev in sorted(set(d.device_of_stage)):
+        model.Add(peak >= _device_memory(d, x, y, dev)).WithName(f"peak[{dev}]")
+    model.Minimize(peak)
+    status, solver, _ = _solve(model, time_limit_s, seed)
+    assert status in (cp_model.OPTIMAL, cp_model.FEASIBLE), (
+        "relaxed memory problem is always feasible"
+    )
+    return int(solver.Value(peak)) * _BYTE_UNIT
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 30):.2f} GiB"
