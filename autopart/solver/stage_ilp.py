@@ -44,6 +44,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ortools.sat.python import cp_model
 
@@ -124,7 +125,7 @@ def solve_stages(
     if hint is not None:
         for b, s in enumerate(hint):
             for k in range(num_stages):
-                model.AddHint(x[b, k], int(k == s))
+                model.add_hint(x[b, k], int(k == s))
     status, solver, elapsed = _solve(model, time_limit_s, seed)
     if status == cp_model.INFEASIBLE:
         needed = _minimum_memory(data, time_limit_s, seed)
@@ -138,14 +139,14 @@ def solve_stages(
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         raise AutopartError(
             f"the stage solver found no plan within {time_limit_s:.0f} s (status "
-            f"{solver.StatusName(status)}); raise the time limit or use fewer blocks."
+            f"{solver.status_name(status)}); raise the time limit or use fewer blocks."
         )
     stage_of = tuple(
-        next(s for s in range(num_stages) if solver.Value(x[b, s])) for b in range(len(bg.blocks))
+        next(s for s in range(num_stages) if solver.value(x[b, s])) for b in range(len(bg.blocks))
     )
     return StageSolution(
         stage_of=stage_of,
-        status=solver.StatusName(status),
+        status=solver.status_name(status),
         time_s=elapsed,
         objective_bound_s=_bound_s(solver, data),
     )
@@ -200,16 +201,20 @@ def _build_data(
 
 def _add_assignment(model: cp_model.CpModel, d: _Data) -> dict[tuple[int, int], cp_model.IntVar]:
     n, p = len(d.bg.blocks), d.num_stages
-    x = {(b, s): model.NewBoolVar(f"x[{b},{s}]") for b in range(n) for s in range(p)}
+    x = {(b, s): model.new_bool_var(f"x[{b},{s}]") for b in range(n) for s in range(p)}
     for b in range(n):
-        model.AddExactlyOne(x[b, s] for s in range(p)).WithName(f"one_stage[{b}]")
+        model.add_exactly_one(x[b, s] for s in range(p)).with_name(f"one_stage[{b}]")
     for s in range(p):
-        model.Add(sum(x[b, s] for b in range(n)) >= 1).WithName(f"non_empty[{s}]")
+        model.add(sum(x[b, s] for b in range(n)) >= 1).with_name(f"non_empty[{s}]")
     return x
 
 
-def _stage_expr(d: _Data, x: dict[tuple[int, int], cp_model.IntVar], b: int) -> cp_model.LinearExpr:
-    return sum(s * x[b, s] for s in range(d.num_stages))
+def _stage_expr(
+    d: _Data, x: dict[tuple[int, int], cp_model.IntVar], b: int
+) -> Any:
+    return cp_model.LinearExpr.weighted_sum(
+        [x[b, s] for s in range(d.num_stages)], list(range(d.num_stages))
+    )
 
 
 def _add_precedence(
@@ -217,7 +222,7 @@ def _add_precedence(
 ) -> None:
     edges = dict.fromkeys((t.producer, v) for t in d.bg.tensors for v in t.consumers)
     for u, v in edges:
-        model.Add(_stage_expr(d, x, u) <= _stage_expr(d, x, v)).WithName(f"precedence[{u},{v}]")
+        model.add(_stage_expr(d, x, u) <= _stage_expr(d, x, v)).with_name(f"precedence[{u},{v}]")
 
 
 def _add_crossing(
@@ -227,11 +232,11 @@ def _add_crossing(
     crossing: dict[tuple[int, int], cp_model.IntVar] = {}
     for i, t in enumerate(d.bg.tensors):
         for k in range(p - 1):
-            c = crossing[i, k] = model.NewBoolVar(f"c[{i},{k}]")
+            c = crossing[i, k] = model.new_bool_var(f"c[{i},{k}]")
             produced_by_k = sum(x[t.producer, s] for s in range(k + 1))
             for v in t.consumers:
                 consumed_by_k = sum(x[v, s] for s in range(k + 1))
-                model.Add(c >= produced_by_k - consumed_by_k).WithName(f"crosses[{i},{k},{v}]")
+                model.add(c >= produced_by_k - consumed_by_k).with_name(f"crosses[{i},{k},{v}]")
     return crossing
 
 
@@ -241,9 +246,9 @@ def _add_shared_params(
     y: dict[tuple[str, int], cp_model.IntVar] = {}
     for q, users in d.bg.shared_params.items():
         for s in range(d.num_stages):
-            y[q, s] = model.NewBoolVar(f"y[{q},{s}]")
+            y[q, s] = model.new_bool_var(f"y[{q},{s}]")
             for b in users:
-                model.Add(y[q, s] >= x[b, s]).WithName(f"shared[{q},{s},{b}]")
+                model.add(y[q, s] >= x[b, s]).with_name(f"shared[{q},{s},{b}]")
     return y
 
 
@@ -255,7 +260,7 @@ def _add_memory(
     limit_mib: int,
 ) -> None:
     for dev in sorted(set(d.device_of_stage)):
-        model.Add(_device_memory(d, x, y, dev) <= limit_mib).WithName(f"memory[{dev}]")
+        model.add(_device_memory(d, x, y, dev) <= limit_mib).with_name(f"memory[{dev}]")
 
 
 def _device_memory(
@@ -263,7 +268,7 @@ def _device_memory(
     x: dict[tuple[int, int], cp_model.IntVar],
     y: dict[tuple[str, int], cp_model.IntVar],
     dev: int,
-) -> cp_model.LinearExpr:
+) -> Any:
     stages = [s for s in range(d.num_stages) if d.device_of_stage[s] == dev]
     blocks = range(len(d.bg.blocks))
     return sum(
@@ -285,17 +290,17 @@ def _add_bottleneck(
     upper = (
         sum(d.work) + 2 * (d.alpha + sum(round(t.nbytes * d.byte_time) for t in d.bg.tensors)) * p
     )
-    z = model.NewIntVar(0, upper, "z")
+    z = model.new_int_var(0, upper, "z")
     for dev in sorted(set(d.device_of_stage)):
         stage_times = []
         for s in (s for s in range(p) if d.device_of_stage[s] == dev):
-            comm = 0
+            comm: Any = 0
             if s > 0:
                 comm += d.alpha + boundary[s - 1]
             if s < p - 1:
                 comm += d.alpha + boundary[s]
             stage_times.append(sum(d.work[b] * x[b, s] for b in range(n)) + comm)
-        model.Add(z >= sum(stage_times)).WithName(f"bottleneck[{dev}]")
+        model.add(z >= sum(stage_times)).with_name(f"bottleneck[{dev}]")
     return z
 
 
@@ -308,7 +313,7 @@ def _add_objective(
     # Traffic in KiB as the tie-breaker; z's weight exceeds the largest possible traffic, so the
     # solver never accepts a slower plan for fewer bytes.
     kib = [math.ceil(t.nbytes / 1024) for t in d.bg.tensors]
-    model.Minimize(_z_weight(d) * z + sum(kib[i] * c for (i, _k), c in crossing.items()))
+    model.minimize(_z_weight(d) * z + sum(kib[i] * c for (i, _k), c in crossing.items()))
 
 
 def _z_weight(d: _Data) -> int:
@@ -321,18 +326,18 @@ def _z_weight(d: _Data) -> int:
 
 def _solve(
     model: cp_model.CpModel, time_limit_s: float, seed: int
-) -> tuple[int, cp_model.CpSolver, float]:
+) -> tuple[Any, cp_model.CpSolver, float]:
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit_s
     solver.parameters.random_seed = seed
     solver.parameters.num_workers = 1  # deterministic: the same inputs give the same plan
     start = time.perf_counter()
-    status = solver.Solve(model)
+    status = solver.solve(model)
     return status, solver, time.perf_counter() - start
 
 
 def _bound_s(solver: cp_model.CpSolver, d: _Data) -> float:
-    return math.floor(solver.BestObjectiveBound() / _z_weight(d)) * d.unit_s
+    return math.floor(solver.best_objective_bound / _z_weight(d)) * d.unit_s
 
 
 def _minimum_memory(d: _Data, time_limit_s: float, seed: int) -> int:
@@ -341,15 +346,17 @@ def _minimum_memory(d: _Data, time_limit_s: float, seed: int) -> int:
     x = _add_assignment(model, d)
     _add_precedence(model, d, x)
     y = _add_shared_params(model, d, x)
-    peak = model.NewIntVar(0, sum(d.state_mib) * 4 + sum(d.act_mib) * max(d.in_flight) + 1, "peak")
+    peak = model.new_int_var(
+        0, sum(d.state_mib) * 4 + sum(d.act_mib) * max(d.in_flight) + 1, "peak"
+    )
     for dev in sorted(set(d.device_of_stage)):
-        model.Add(peak >= _device_memory(d, x, y, dev)).WithName(f"peak[{dev}]")
-    model.Minimize(peak)
+        model.add(peak >= _device_memory(d, x, y, dev)).with_name(f"peak[{dev}]")
+    model.minimize(peak)
     status, solver, _ = _solve(model, time_limit_s, seed)
     assert status in (cp_model.OPTIMAL, cp_model.FEASIBLE), (
         "relaxed memory problem is always feasible"
     )
-    return int(solver.Value(peak)) * _BYTE_UNIT
+    return int(solver.value(peak)) * _BYTE_UNIT
 
 
 def _gib(nbytes: int) -> str:
