@@ -7,18 +7,22 @@ node's cost, ``load_model`` resolves MODEL strings (zoo names, ``hf:...``, ``fil
 from autopart.errors import AutopartError, ModelSpecError, TraceError, UnknownDeviceError
 from autopart.model_spec import LoadedModel, load_model
 from autopart.passes.annotate import annotate, graph_totals, node_cost
+from autopart.planner import plan
+from autopart.plans import Plan
 from autopart.tracing import trace
 
 __all__ = [
     "AutopartError",
     "LoadedModel",
     "ModelSpecError",
+    "Plan",
     "TraceError",
     "UnknownDeviceError",
     "annotate",
     "graph_totals",
     "load_model",
     "node_cost",
+    "plan",
     "trace",
 ]
 __version__ = "0.1.0"

@@ -88,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--format", choices=["table", "json"], default="table")
     inspect.set_defaults(run=_cmd_inspect)
 
+    models = sub.add_parser(
+        "models", help="list the built-in models", description="List the built-in model zoo."
+    )
+    models.set_defaults(run=_cmd_models)
+
     plan = sub.add_parser(
         "plan",
         help="split a model into pipeline stages",
@@ -107,7 +112,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="micro-batches per step (default: chosen by simulation)",
     )
-    plan.add_argument("--schedule", choices=["auto", "gpipe", "1f1b"], default="auto")
+    plan.add_argument(
+        "--schedule",
+        choices=["auto", "gpipe", "1f1b", "interleaved"],
+        default="auto",
+        help="pipeline schedule (default auto: simulate each and keep the fastest that fits memory)",
+    )
     plan.add_argument(
         "--optimizer", choices=["sgd", "sgd_momentum", "adam", "adamw"], default="adamw"
     )
@@ -127,7 +137,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
         metavar="MODEL",
-        help="a zoo name (gpt2, llama-7b, mlp, ...; `autopart inspect --list`), hf:<model_type>, path/to/file.py:factory or package.module:factory",
+        help="a zoo name (gpt2, llama-7b, mlp, ...; `autopart models` lists them), hf:<model_type>, path/to/file.py:factory or package.module:factory",
     )
     p.add_argument("--batch", type=int, default=None, help="batch size of the example inputs")
     p.add_argument(
@@ -135,6 +145,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--config", default=None, help="config overrides for hf: models, e.g. n_layer=2,n_embd=128"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="parameter and activation dtype of built-in and hf: models (default float32)",
     )
     p.add_argument(
         "--trace-method",
@@ -158,6 +174,8 @@ def _version() -> str:
 
 
 def _load_and_trace(args: argparse.Namespace, *, device: str = "meta") -> tuple[Any, Any, float]:
+    import torch
+
     from autopart.model_spec import load_model, parse_config_overrides
     from autopart.passes.annotate import annotate
     from autopart.tracing import trace
@@ -167,7 +185,12 @@ def _load_and_trace(args: argparse.Namespace, *, device: str = "meta") -> tuple[
     quiet = args.format == "json" and not _err.is_terminal
     with _err.status(f"building {args.model}", spinner="dots") if not quiet else _nullcontext():
         loaded = load_model(
-            args.model, batch=args.batch, seq=args.seq, config=overrides, device=device
+            args.model,
+            batch=args.batch,
+            seq=args.seq,
+            config=overrides,
+            device=device,
+            dtype=getattr(torch, args.dtype),
         )
     with (
         _err.status(f"tracing {loaded.name} ({args.trace_method})", spinner="dots")
@@ -255,6 +278,21 @@ def _profile(args: argparse.Namespace, gm: Any, device: Any) -> tuple[Any, Any]:
                 f"memory efficiency {device.memory_efficiency:.3f}, per-kernel overhead {device.kernel_launch_s * 1e6:.1f} µs"
             )
     return measured, device
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from autopart.zoo import list_models
+
+    table = Table(
+        title="built-in models (also: hf:<model_type>, file.py:factory, package.module:factory)",
+        title_justify="left",
+    )
+    table.add_column("name")
+    table.add_column("description")
+    for name, description in list_models():
+        table.add_row(name, description)
+    _out.print(table)
+    return 0
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -352,7 +390,7 @@ def _print_plan(plan: Any, elapsed_s: float) -> None:
     for col in ("split", "bottleneck", "step time", "autopart speed-up"):
         base.add_column(col, justify="right" if col != "split" else "left")
     base.add_row(
-        "autopart (ILP)",
+        f"autopart ({plan.solver.status.lower()})",
         format_seconds(plan.bottleneck_s),
         format_seconds(plan.step_time_s),
         "1.00x",

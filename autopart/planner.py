@@ -8,6 +8,8 @@ candidate on the solved stages and keeping the fastest one that fits memory.
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,14 +23,15 @@ from autopart.cost_models.memory import Optimizer
 from autopart.errors import AutopartError
 from autopart.graph import BlockGraph, OpGraph, coarsen
 from autopart.plans import BaselineResult, Plan, SolverInfo, StagePlan, parse_mesh
-from autopart.schedule import build_schedule, simulate
+from autopart.schedule import ScheduleError, build_schedule, in_flight_micro_batches, simulate
 from autopart.solver import baselines
 from autopart.solver.cost import lower_bound_s, stage_times_s
 from autopart.solver.stage_ilp import solve_stages
 
 __all__ = ["plan", "plan_graph", "simulate_plan"]
 
-_SCHEDULES = ("gpipe", "1f1b")
+_SCHEDULES = ("gpipe", "1f1b", "interleaved")
+_INTERLEAVE = 2  # stages per rank for the interleaved schedule (Megatron's virtual pipeline)
 
 
 def plan(
@@ -71,10 +74,11 @@ def plan(
 class _Candidate:
     schedule: str
     micro_batches: int
+    stages_per_device: int
+    bg: BlockGraph
     stage_of: tuple[int, ...]
     timeline: Any
     status: str
-    solve_s: float
     bound_s: float
 
 
@@ -106,67 +110,68 @@ def plan_graph(
     limit = parse_bytes(memory) if memory is not None else spec.memory_bytes
     opt = Optimizer(optimizer)
     state_per_byte = 2 + opt.states_per_param  # parameter + gradient + optimizer states
-    kinds = _SCHEDULES if schedule == "auto" else (schedule,)
     if schedule not in ("auto", *_SCHEDULES):
-        raise AutopartError(f"unknown schedule {schedule!r}; use auto, gpipe or 1f1b.")
+        raise AutopartError(f"unknown schedule {schedule!r}; use auto, {', '.join(_SCHEDULES)}.")
+    if schedule == "interleaved" and p < 2:
+        raise AutopartError(
+            "the interleaved schedule needs at least 2 pipeline ranks; use --mesh pp=2 or more."
+        )
+    # Auto compares the two one-stage-per-rank schedules; interleaving is planned when asked for.
+    kinds = ("1f1b", "gpipe") if schedule == "auto" else (schedule,)
     options = _micro_batch_options(batch, p, micro_batches, kinds)
 
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     say("building the op graph")
     og = OpGraph.from_graph_module(gm, spec)
-    bg = coarsen(og, max_blocks=max_blocks or max(64, 24 * p), num_stages=p)
+    graphs: dict[int, BlockGraph] = {}
+    solved: dict[int, tuple[tuple[int, ...], str, float]] = {}
     candidates: list[_Candidate] = []
-    for kind in kinds:
-        m = options[kind][0] if micro_batches is None else micro_batches
-        scaled = _scale(bg, 1.0 / m)
-        in_flight = _in_flight(kind, p, m)
-        say(f"solving {p} stages for {kind}, {m} micro-batches ({len(bg.blocks)} blocks)")
-        hint = baselines.chain_dp(scaled, p, spec)
-        sol = solve_stages(
-            scaled,
-            p,
-            spec,
-            in_flight=in_flight,
-            state_bytes_per_param_byte=state_per_byte,
-            memory_limit_bytes=limit,
-            hint=hint,
-            time_limit_s=time_limit_s,
-        )
-        for mm in options[kind] if micro_batches is None else (micro_batches,):
-            timeline = _simulate(bg, sol.stage_of, p, spec, kind, mm, state_per_byte)
+    for kind in options:
+        v = _INTERLEAVE if kind == "interleaved" else 1
+        if v not in graphs:
+            graphs[v] = coarsen(og, max_blocks=max_blocks or max(64, 24 * p * v), num_stages=p * v)
+        bg = graphs[v]
+        if len(bg.blocks) < p * v:
+            continue  # too few blocks for this many stages
+        m = options[kind][0]
+        scaled = _per_micro_batch(bg, m)
+        in_flight = _in_flight(kind, p, m, v)
+        reuse = solved.get(v)
+        if reuse is not None and _fits(scaled, reuse[0], in_flight, p, state_per_byte, limit):
+            # GPipe keeps more micro-batches in flight than 1F1B and nothing else differs, so an
+            # optimal 1F1B assignment that also fits GPipe's memory is optimal for GPipe too.
+            stage_of, status, bound_s = reuse
+        else:
+            say(f"solving {p * v} stages for {kind}, {m} micro-batches ({len(bg.blocks)} blocks)")
+            sol = solve_stages(
+                scaled,
+                p * v,
+                spec,
+                in_flight=in_flight,
+                state_bytes_per_param_byte=state_per_byte,
+                memory_limit_bytes=limit,
+                stages_per_device=v,
+                hint=baselines.chain_dp(scaled, p * v, spec),
+                time_limit_s=time_limit_s,
+            )
+            stage_of, status, bound_s = sol.stage_of, sol.status, sol.objective_bound_s
+            solved[v] = (stage_of, status, bound_s)
+        for mm in options[kind]:
+            timeline = _simulate(bg, stage_of, p, v, spec, kind, mm, state_per_byte)
             if max(timeline.peak_memory_bytes) <= limit:
-                candidates.append(
-                    _Candidate(
-                        kind,
-                        mm,
-                        sol.stage_of,
-                        timeline,
-                        sol.status,
-                        sol.time_s,
-                        sol.objective_bound_s,
-                    )
-                )
+                candidates.append(_Candidate(kind, mm, v, bg, stage_of, timeline, status, bound_s))
     if not candidates:
         raise AutopartError(
             f"no schedule and micro-batch count fits {limit / (1 << 30):.2f} GiB per device once "
             "in-flight activations are simulated; raise --memory, use more stages or a larger --batch."
         )
+    order = list(options)
     best = min(
-        candidates, key=lambda c: (c.timeline.step_time_s, c.micro_batches, kinds.index(c.schedule))
+        candidates, key=lambda c: (c.timeline.step_time_s, c.micro_batches, order.index(c.schedule))
     )
     return _make_plan(
-        gm,
-        bg,
-        og,
-        best,
-        p,
-        spec,
-        limit,
-        optimizer,
-        name,
-        state_per_byte,
-        time.perf_counter() - start,
+        best, og, p, spec, limit, optimizer, name, state_per_byte, time.perf_counter() - start
     )
 
 
@@ -174,10 +179,8 @@ def plan_graph(
 
 
 def _make_plan(
-    gm: torch.fx.GraphModule,
-    bg: BlockGraph,
-    og: OpGraph,
     best: _Candidate,
+    og: OpGraph,
     p: int,
     spec: DeviceSpec,
     limit: int,
@@ -186,29 +189,29 @@ def _make_plan(
     state_per_byte: float,
     elapsed_s: float,
 ) -> Plan:
-    m = best.micro_batches
-    scaled = _scale(bg, 1.0 / m)
-    times = stage_times_s(scaled, best.stage_of, p, spec)
-    bottleneck = max(times)
-    bound = lower_bound_s(scaled, p, spec)
-    stage_of_node: dict[str, int] = {}
-    for blk, s in zip(bg.blocks, best.stage_of):
-        for n in blk.nodes:
-            stage_of_node[n] = s
+    m, v, bg = best.micro_batches, best.stages_per_device, best.bg
+    num_stages = p * v
+    scaled = _per_micro_batch(bg, m)
+    times = stage_times_s(scaled, best.stage_of, num_stages, spec)
+    device_time = [sum(times[s] for s in range(d, num_stages, p)) for d in range(p)]
+    bottleneck = max(device_time)
+    bound = _device_lower_bound_s(scaled, og.scaled(1.0 / m), p, v, spec)
+    stage_of_node = {n: s for blk, s in zip(bg.blocks, best.stage_of) for n in blk.nodes}
+    param_bytes = bg.stage_param_bytes(best.stage_of, num_stages)
     stages = []
-    for s in range(p):
+    for s in range(num_stages):
         blocks = [b for b, st in zip(scaled.blocks, best.stage_of) if st == s]
         stages.append(
             StagePlan(
                 index=s,
-                device=s,
+                device=s % p,
                 modules=_summarize_modules([mod for b in blocks for mod in b.modules]),
                 node_count=sum(len(b.nodes) for b in blocks),
                 forward_s=sum(b.forward_s for b in blocks),
                 backward_s=sum(b.backward_s for b in blocks),
                 predicted_s=times[s],
-                param_bytes=bg.stage_param_bytes(best.stage_of, p)[s],
-                peak_memory_bytes=int(best.timeline.peak_memory_bytes[s]),
+                param_bytes=param_bytes[s],
+                peak_memory_bytes=int(best.timeline.peak_memory_bytes[s % p]),
                 activation_bytes=sum(b.activation_bytes for b in blocks),
             )
         )
@@ -217,9 +220,12 @@ def _make_plan(
         ("equal_layers", baselines.equal_layers),
         ("equal_params", baselines.equal_params),
     ):
-        stage_of = fn(scaled, p)
-        tl = _simulate(bg, stage_of, p, spec, best.schedule, m, state_per_byte)
-        base[label] = BaselineResult(max(stage_times_s(scaled, stage_of, p, spec)), tl.step_time_s)
+        stage_of = fn(scaled, num_stages)
+        tl = _simulate(bg, stage_of, p, v, spec, best.schedule, m, state_per_byte)
+        t = stage_times_s(scaled, stage_of, num_stages, spec)
+        base[label] = BaselineResult(
+            max(sum(t[s] for s in range(d, num_stages, p)) for d in range(p)), tl.step_time_s
+        )
     return Plan(
         model=name,
         mesh={"pp": p},
@@ -227,7 +233,7 @@ def _make_plan(
         memory_limit_bytes=limit,
         schedule=best.schedule,
         micro_batches=m,
-        stages_per_device=1,
+        stages_per_device=v,
         stages=tuple(stages),
         stage_of=stage_of_node,
         bottleneck_s=bottleneck,
@@ -243,22 +249,39 @@ def _make_plan(
         ),
         baselines=base,
         optimizer=optimizer,
-        boundary_bytes=tuple(scaled.boundary_bytes(best.stage_of, p)),
+        boundary_bytes=tuple(scaled.boundary_bytes(best.stage_of, num_stages)),
     )
+
+
+def _device_lower_bound_s(bg: BlockGraph, og: OpGraph, p: int, v: int, spec: DeviceSpec) -> float:
+    """A true lower bound on the slowest device's time per micro-batch. With one stage per device
+    it is the stage bound of :func:`autopart.solver.cost.lower_bound_s`. With ``v`` stages per
+    device, a device's time is a sum of ``v`` stage times, so it is at least the stage bound for
+    ``p * v`` stages, and at least the average device load: all compute plus, for each of the
+    ``p * v - 1`` boundaries, two messages of at least the smallest tensor's transfer time."""
+    if v == 1:
+        return lower_bound_s(bg, p, spec, og)
+    stage_bound = lower_bound_s(bg, p * v, spec, og)
+    smallest = min((t.nbytes for t in bg.tensors), default=0)
+    average = (bg.total_compute_s + 2 * (p * v - 1) * p2p_time_s(smallest, spec)) / p
+    return max(stage_bound, average)
 
 
 def simulate_plan(plan: Plan) -> Any:
     """The schedule timeline of a plan (for Gantt charts), from the costs it records."""
     spec = get_device(plan.device)
     state_per_byte = 2 + Optimizer(plan.optimizer).states_per_param
-    schedule = build_schedule(plan.schedule, plan.num_stages, plan.micro_batches)
+    p = plan.mesh["pp"]
+    static = [0] * p
+    for st in plan.stages:
+        static[st.device] += int(st.param_bytes * state_per_byte)
     return simulate(
-        schedule,
+        build_schedule(plan.schedule, p, plan.micro_batches, plan.stages_per_device),
         [s.forward_s for s in plan.stages],
         [s.backward_s for s in plan.stages],
         comm_s=[p2p_time_s(b, spec) for b in plan.boundary_bytes],
         activation_bytes=[s.activation_bytes for s in plan.stages],
-        static_bytes=[int(s.param_bytes * state_per_byte) for s in plan.stages],
+        static_bytes=static,
     )
 
 
@@ -266,61 +289,102 @@ def _simulate(
     bg: BlockGraph,
     stage_of: Sequence[int],
     p: int,
+    v: int,
     spec: DeviceSpec,
     kind: str,
     m: int,
     state_per_byte: float,
 ) -> Any:
-    scaled = _scale(bg, 1.0 / m)
-    fwd = [0.0] * p
-    bwd = [0.0] * p
-    act = [0] * p
+    scaled = _per_micro_batch(bg, m)
+    num_stages = p * v
+    fwd, bwd, act = [0.0] * num_stages, [0.0] * num_stages, [0] * num_stages
     for b, s in zip(scaled.blocks, stage_of):
         fwd[s] += b.forward_s
         bwd[s] += b.backward_s
         act[s] += b.activation_bytes
-    comm = [p2p_time_s(nb, spec) for nb in scaled.boundary_bytes(stage_of, p)]
-    static = [int(x * state_per_byte) for x in bg.stage_param_bytes(stage_of, p)]
+    comm = [p2p_time_s(nb, spec) for nb in scaled.boundary_bytes(stage_of, num_stages)]
+    static = [0] * p
+    for s, nbytes in enumerate(bg.stage_param_bytes(stage_of, num_stages)):
+        static[s % p] += int(nbytes * state_per_byte)
     return simulate(
-        build_schedule(kind, p, m), fwd, bwd, comm_s=comm, activation_bytes=act, static_bytes=static
+        build_schedule(kind, p, m, v),
+        fwd,
+        bwd,
+        comm_s=comm,
+        activation_bytes=act,
+        static_bytes=static,
     )
 
 
-def _scale(bg: BlockGraph, factor: float) -> BlockGraph:
-    return bg.scaled(factor)
+@functools.lru_cache(maxsize=64)
+def _per_micro_batch(bg: BlockGraph, micro_batches: int) -> BlockGraph:
+    """``bg``'s costs for one of ``micro_batches`` micro-batches (memoized: scaling re-derives
+    every node of a 70B graph)."""
+    return bg.scaled(1.0 / micro_batches)
 
 
-def _in_flight(kind: str, p: int, m: int) -> list[int]:
-    return [m if kind == "gpipe" else min(p - s, m) for s in range(p)]
+def _fits(
+    bg: BlockGraph,
+    stage_of: Sequence[int],
+    in_flight: Sequence[int],
+    p: int,
+    state_per_byte: float,
+    limit: int,
+) -> bool:
+    """Whether an assignment fits memory under the ILP's own accounting (see stage_ilp)."""
+    num_stages = len(in_flight)
+    per_device = [0.0] * p
+    for s, nbytes in enumerate(bg.stage_param_bytes(stage_of, num_stages)):
+        per_device[s % p] += nbytes * state_per_byte
+    for b, s in zip(bg.blocks, stage_of):
+        per_device[s % p] += in_flight[s] * b.activation_bytes
+    return max(per_device) <= limit
+
+
+def _in_flight(kind: str, p: int, m: int, v: int) -> list[int]:
+    """Micro-batches whose activations each stage keeps (DESIGN.md: 1F1B keeps p - s on stage s,
+    GPipe all m). Interleaved ranks hold up to the simulated count of (stage, micro-batch) pairs,
+    spread over their v stages."""
+    if kind == "gpipe":
+        return [m] * p
+    if kind == "1f1b":
+        return [min(p - s, m) for s in range(p)]
+    per_rank = [in_flight_micro_batches(kind, p, m, r, v) for r in range(p)]
+    return [math.ceil(per_rank[s % p] / v) for s in range(p * v)]
 
 
 def _micro_batch_options(
     batch: int, p: int, micro_batches: int | None, kinds: Sequence[str]
 ) -> dict[str, list[int]]:
-    if micro_batches is not None:
-        if micro_batches < 1 or batch % micro_batches:
-            raise AutopartError(
-                f"the batch of {batch} does not split into {micro_batches} equal micro-batches; pick a divisor of {batch} "
-                "(or change --batch)."
-            )
-        if "1f1b" in kinds and len(kinds) == 1 and micro_batches < p:
-            raise AutopartError(
-                f"1f1b needs at least as many micro-batches as stages ({p}); got {micro_batches}."
-            )
-    divisors = [d for d in range(1, batch + 1) if batch % d == 0 and d <= 8 * p]
+    """Valid micro-batch counts per schedule, most first (the smallest bubble; simulation decides).
+    A count must divide the batch and be accepted by the schedule (1F1B needs at least p)."""
+    if micro_batches is not None and (micro_batches < 1 or batch % micro_batches):
+        raise AutopartError(
+            f"the batch of {batch} does not split into {micro_batches} equal micro-batches; pick a "
+            f"divisor of {batch} for --micro-batches (or change --batch)."
+        )
+    counts = (
+        [micro_batches]
+        if micro_batches is not None
+        else [d for d in range(1, batch + 1) if batch % d == 0 and d <= 8 * p]
+    )
     options: dict[str, list[int]] = {}
+    errors: list[str] = []
     for kind in kinds:
-        valid = [d for d in divisors if kind == "gpipe" or d >= p]
-        if micro_batches is not None:
-            valid = [micro_batches]
-        if not valid:
-            continue
-        # Most micro-batches first: the smallest bubble; the simulation makes the final choice.
-        options[kind] = sorted(valid, reverse=True)
+        valid = []
+        for m in sorted(counts, reverse=True):
+            try:
+                build_schedule(kind, p, m, _INTERLEAVE if kind == "interleaved" else 1)
+                valid.append(m)
+            except ScheduleError as exc:
+                errors.append(str(exc))
+        if valid:
+            options[kind] = valid
     if not options:
         raise AutopartError(
-            f"a batch of {batch} cannot feed {p} pipeline stages with 1f1b (needs >= {p} micro-batches); raise --batch "
-            "to a multiple of the stage count or use --schedule gpipe."
+            f"no schedule in {', '.join(kinds)} can run {p} pipeline stages on a batch of {batch} "
+            f"split into {counts} micro-batches ({errors[0] if errors else ''}); raise --batch to a "
+            "multiple of the stage count or use --schedule gpipe."
         )
     return options
 
