@@ -19,7 +19,7 @@ import torch
 
 from autopart.cost_models.comm import p2p_time_s
 from autopart.cost_models.devices import DeviceSpec, get_device
-from autopart.cost_models.memory import Optimizer
+from autopart.cost_models.memory import Optimizer, as_optimizer
 from autopart.errors import AutopartError
 from autopart.graph import BlockGraph, OpGraph, coarsen
 from autopart.plans import BaselineResult, Plan, SolverInfo, StagePlan, parse_mesh
@@ -108,7 +108,7 @@ def plan_graph(
     p = axes["pp"]
     spec = get_device(device)
     limit = parse_bytes(memory) if memory is not None else spec.memory_bytes
-    opt = Optimizer(optimizer)
+    opt = as_optimizer(optimizer)
     state_per_byte = 2 + opt.states_per_param  # parameter + gradient + optimizer states
     if schedule not in ("auto", *_SCHEDULES):
         raise AutopartError(f"unknown schedule {schedule!r}; use auto, {', '.join(_SCHEDULES)}.")

@@ -10,9 +10,9 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from typing import Any
 
+from autopart._compat import StrEnum
 from autopart.errors import AutopartError
 
 __all__ = [
@@ -34,13 +34,10 @@ class PlanError(AutopartError):
     """A plan (or plan file) is malformed."""
 
 
-class MeshAxis(str, Enum):
+class MeshAxis(StrEnum):
     DP = "dp"
     PP = "pp"
     TP = "tp"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def parse_mesh(spec: str | Mapping[str, int]) -> dict[str, int]:

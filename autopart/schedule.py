@@ -17,23 +17,13 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from enum import Enum
 
+from autopart._compat import StrEnum
 from autopart.errors import AutopartError
 from autopart.units import format_bytes
-
-if sys.version_info >= (3, 11):
-    from enum import StrEnum
-else:  # pragma: no cover
-
-    class StrEnum(str, Enum):
-        def __str__(self) -> str:
-            return str(self.value)
-
 
 __all__ = [
     "Action",

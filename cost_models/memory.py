@@ -23,25 +23,15 @@ name to ``NodeCost`` (what the solver holds for a grouped block), or as bare ``N
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from enum import Enum
 from typing import TypeAlias
 
 from torch.fx import Graph, GraphModule, Node
 
+from autopart._compat import StrEnum
 from autopart.cost_models.node_cost import NodeCost
 from autopart.errors import AutopartError
-
-if sys.version_info >= (3, 11):
-    from enum import StrEnum
-else:  # pragma: no cover
-
-    class StrEnum(str, Enum):
-        def __str__(self) -> str:
-            return str(self.value)
-
 
 __all__ = [
     "MemoryBreakdown",
@@ -49,6 +39,7 @@ __all__ = [
     "Optimizer",
     "ParamSize",
     "activation_bytes",
+    "as_optimizer",
     "memory_of",
     "node_costs",
     "param_table",
@@ -163,7 +154,7 @@ def memory_of(
     Parameters in ``frozen_params`` get no gradient and no optimizer state. With plain byte counts,
     ``mixed_precision`` assumes 16-bit parameters.
     """
-    opt = _as_optimizer(optimizer)
+    opt = as_optimizer(optimizer)
     _check_in_flight(micro_batches_in_flight)
     group = _Group.of(nodes)
     table = param_bytes_by_name if param_bytes_by_name is not None else group.param_table()
@@ -294,7 +285,8 @@ def _numel_and_bytes(
     return int(size[0]), int(size[1])
 
 
-def _as_optimizer(value: Optimizer | str) -> Optimizer:
+def as_optimizer(value: Optimizer | str) -> Optimizer:
+    """An :class:`Optimizer` from its name (case and ``-``/``_`` insensitive), with a clear error."""
     if isinstance(value, Optimizer):
         return value
     try:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from autopart.cost_models.comm import p2p_time_s
 from autopart.cost_models.devices import DeviceSpec
-from autopart.cost_models.memory import MemoryBreakdown, Optimizer
+from autopart.cost_models.memory import MemoryBreakdown, Optimizer, as_optimizer
 from autopart.errors import AutopartError
 from autopart.graph import BlockGraph, OpGraph, PartitionError
 from autopart.solver._bound import chain_relaxation_s
@@ -151,7 +151,7 @@ def stage_memory(
     optimizer: Optimizer | str = Optimizer.ADAMW,
 ) -> list[MemoryBreakdown]:
     """Training memory of each stage; ``in_flight[s]`` micro-batches' activations on stage ``s``."""
-    opt = _as_optimizer(optimizer)
+    opt = as_optimizer(optimizer)
     if len(in_flight) != num_stages or any(f < 0 for f in in_flight):
         raise AutopartError(
             f"in_flight must give a count >= 0 for each of the {num_stages} stages, got {list(in_flight)}; "
@@ -185,16 +185,6 @@ def stage_memory_bytes(
         m.total_bytes
         for m in stage_memory(bg, stage_of, num_stages, in_flight=in_flight, optimizer=optimizer)
     ]
-
-
-def _as_optimizer(value: Optimizer | str) -> Optimizer:
-    if isinstance(value, Optimizer):
-        return value
-    try:
-        return Optimizer(value.strip().lower().replace("-", "_"))
-    except ValueError:
-        choices = ", ".join(o.value for o in Optimizer)
-        raise AutopartError(f"unknown optimizer {value!r}: choose one of {choices}") from None
 
 
 def _weakly_connected(items: Sequence[int], edges: Sequence[tuple[int, int]]) -> bool:
