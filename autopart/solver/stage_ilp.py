@@ -209,9 +209,7 @@ def _add_assignment(model: cp_model.CpModel, d: _Data) -> dict[tuple[int, int], 
     return x
 
 
-def _stage_expr(
-    d: _Data, x: dict[tuple[int, int], cp_model.IntVar], b: int
-) -> Any:
+def _stage_expr(d: _Data, x: dict[tuple[int, int], cp_model.IntVar], b: int) -> Any:
     return cp_model.LinearExpr.weighted_sum(
         [x[b, s] for s in range(d.num_stages)], list(range(d.num_stages))
     )
