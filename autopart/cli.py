@@ -88,6 +88,18 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--format", choices=["table", "json"], default="table")
     inspect.set_defaults(run=_cmd_inspect)
 
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark the solver",
+        description="Solve time, gap to the lower bound and speed-up over the baselines for zoo models and synthetic DAGs.",
+    )
+    bench.add_argument("--suite", choices=["solver"], default="solver")
+    bench.add_argument(
+        "--quick", action="store_true", help="a small grid (seconds instead of minutes)"
+    )
+    bench.add_argument("--format", choices=["table", "json"], default="table")
+    bench.set_defaults(run=_cmd_bench)
+
     models = sub.add_parser(
         "models", help="list the built-in models", description="List the built-in model zoo."
     )
@@ -153,6 +165,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="parameter and activation dtype of built-in and hf: models (default float32)",
     )
     p.add_argument(
+        "--no-repeat",
+        action="store_true",
+        help="trace every repeated layer instead of tracing three and replicating them",
+    )
+    p.add_argument(
         "--trace-method",
         choices=["auto", "export", "fx"],
         default="auto",
@@ -198,7 +215,11 @@ def _load_and_trace(args: argparse.Namespace, *, device: str = "meta") -> tuple[
         else _nullcontext()
     ):
         gm = trace(
-            loaded.model, loaded.example_inputs, loaded.example_kwargs, method=args.trace_method
+            loaded.model,
+            loaded.example_inputs,
+            loaded.example_kwargs,
+            method=args.trace_method,
+            repeat="off" if args.no_repeat else "auto",
         )
     nodes = len(gm.graph.nodes)
     with Progress(
@@ -278,6 +299,56 @@ def _profile(args: argparse.Namespace, gm: Any, device: Any) -> tuple[Any, Any]:
                 f"memory efficiency {device.memory_efficiency:.3f}, per-kernel overhead {device.kernel_launch_s * 1e6:.1f} µs"
             )
     return measured, device
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from autopart.bench import solver_suite
+    from autopart.units import format_seconds
+
+    quiet = args.format == "json" and not _err.is_terminal
+    with (
+        _err.status("benchmarking the solver", spinner="dots")
+        if not quiet
+        else _nullcontext() as status
+    ):
+        rows = solver_suite(
+            quick=args.quick,
+            progress=(lambda msg: status.update(str(msg))) if status is not None else None,
+        )
+    if args.format == "json":
+        json.dump(rows, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    table = Table(
+        title="stage solver: solve time, gap to the lower bound, speed-up over the baselines",
+        title_justify="left",
+    )
+    for col in (
+        "case",
+        "nodes",
+        "blocks",
+        "stages",
+        "status",
+        "solve",
+        "gap",
+        "vs equal layers",
+        "vs equal params",
+    ):
+        table.add_column(col, justify="left" if col in ("case", "status") else "right")
+    for r in rows:
+        table.add_row(
+            str(r["case"]),
+            str(r["nodes"]),
+            str(r["blocks"]),
+            str(r["stages"]),
+            str(r["solver_status"]),
+            format_seconds(r["solve_s"]),
+            f"{r['gap']:.2%}",
+            f"{r['speedup_vs_equal_layers']:.2f}x",
+            f"{r['speedup_vs_equal_params']:.2f}x",
+        )
+    _out.print(table)
+    return 0
 
 
 def _cmd_models(args: argparse.Namespace) -> int:

@@ -9,6 +9,12 @@ Every node of the result has ``node.meta["val"]`` (a fake tensor, or a structure
 ``node.meta["autopart_module"]`` (path and class of the innermost module that created it);
 parameters are ``get_attr`` nodes named by the model's own parameter names. ``gm.meta["autopart_trace"]``
 records how the graph was captured (a :class:`TraceInfo`).
+
+A model with a long ``nn.ModuleList`` of identical layers (the 80 decoder layers of a Llama-70B) is
+traced with only the first three layers in the list; the graph of layer 2 is then checked against
+layer 1 and copied for the remaining layers (:mod:`autopart._repeat`). The result is the graph the full
+trace gives (for the built-in models node for node, names included) in a fraction of the time; when
+the layers turn out to differ, the whole model is traced. ``repeat="off"`` always traces every layer.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import inspect
 import linecache
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +32,7 @@ import torch
 import torch.fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from autopart._repeat import RepeatedList, expand, find_repeated_list, truncated
 from autopart.errors import TraceError
 
 __all__ = ["ModuleRef", "TraceInfo", "trace"]
@@ -35,6 +42,7 @@ _AUTOPART_DIR = os.path.dirname(os.path.abspath(__file__))
 _STDLIB_DIR = os.path.dirname(os.__file__)
 # Graph nodes that only check metadata at run time; they cost nothing and clutter every table.
 _DROPPED_TARGETS = (torch.ops.aten._assert_tensor_metadata.default,)
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +63,8 @@ class TraceInfo:
     input_names: tuple[str, ...]
     export_error: str
     """Why export was not used, when the fx fallback was (empty otherwise)."""
+    repeated: str = ""
+    """Which layers were traced once and copied, e.g. ``"model.layers x80 (traced 3)"`` (empty: none)."""
 
 
 def trace(
@@ -63,11 +73,15 @@ def trace(
     example_kwargs: Mapping[str, Any] | None = None,
     *,
     method: str = "auto",
+    repeat: str = "auto",
 ) -> torch.fx.GraphModule:
     """Capture ``model`` called as ``model(*example_inputs, **example_kwargs)`` as a GraphModule.
 
-    ``method`` is ``"auto"`` (export, then fx), ``"export"`` or ``"fx"``. Raises :class:`TraceError`
-    naming the failing op, module and source line when neither can capture the model.
+    ``method`` is ``"auto"`` (export, then fx), ``"export"`` or ``"fx"``. ``repeat="auto"`` traces
+    only the first three of a long list of identical layers and copies the last of them for the rest
+    when the traced layers prove identical (the whole model otherwise); ``"off"`` traces every layer.
+    Raises :class:`TraceError` naming the failing op, module and source line when neither method can
+    capture the model.
     """
     if not isinstance(model, torch.nn.Module):
         raise TraceError(
@@ -75,27 +89,52 @@ def trace(
         )
     if method not in ("auto", "export", "fx"):
         raise TraceError(f"unknown trace method {method!r}; use 'auto', 'export' or 'fx'.")
+    if repeat not in ("auto", "off"):
+        raise TraceError(f"unknown repeat mode {repeat!r}; use 'auto' or 'off'.")
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
+
+    repeated = find_repeated_list(model) if repeat == "auto" else None
 
     export_exc: BaseException | None = None
     if method in ("auto", "export"):
         try:
             with _quiet_torch():
-                gm = _trace_export(model, args, kwargs)
-            return _finish(gm, model, "export", "")
+                gm, copied = _capture(_trace_export, model, args, kwargs, repeated)
+            return _finish(gm, model, "export", "", copied)
         except Exception as exc:
             if method == "export" or _is_input_mismatch(exc):
                 raise _trace_error(model, args, kwargs, exc, None) from exc
             export_exc = exc
     try:
         with _quiet_torch():
-            gm = _trace_fx(model, args, kwargs)
+            gm, copied = _capture(_trace_fx, model, args, kwargs, repeated)
     except Exception as fx_exc:
         primary = export_exc if export_exc is not None else fx_exc
         secondary = fx_exc if export_exc is not None else None
         raise _trace_error(model, args, kwargs, primary, secondary) from primary
-    return _finish(gm, model, "fx", _first_line(export_exc) if export_exc else "")
+    return _finish(gm, model, "fx", _first_line(export_exc) if export_exc else "", copied)
+
+
+def _capture(
+    tracer: Callable[[torch.nn.Module, tuple, dict], torch.fx.GraphModule],
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: dict,
+    repeated: RepeatedList | None,
+) -> tuple[torch.fx.GraphModule, str]:
+    """Trace with ``tracer``: the first layers of ``repeated`` and copies of them when that works,
+    else the whole model. Returns the graph and what was copied (TraceInfo.repeated)."""
+    if repeated is not None:
+        try:
+            with truncated(model, repeated):
+                gm = tracer(model, args, kwargs)
+        except Exception as exc:  # e.g. a forward indexing self.layers[5]: the full trace decides
+            _log.debug("tracing 3 layers of %s failed: %s", repeated.path, _first_line(exc))
+        else:
+            if expand(gm, model, repeated) is not None:
+                return gm, repeated.describe()
+    return tracer(model, args, kwargs), ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,21 +195,29 @@ def _trace_fx(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.fx.Gra
 
 
 def _finish(
-    gm: torch.fx.GraphModule, model: torch.nn.Module, method: str, export_error: str
+    gm: torch.fx.GraphModule,
+    model: torch.nn.Module,
+    method: str,
+    export_error: str,
+    repeated: str,
 ) -> torch.fx.GraphModule:
+    erased = False
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _DROPPED_TARGETS and not node.users:
             gm.graph.erase_node(node)
+            erased = True
     for node in gm.graph.nodes:
         node.meta.setdefault("autopart_module", ModuleRef("", type(model).__name__))
     gm.graph.lint()
-    gm.recompile()
+    if erased:  # the tracers return compiled modules; regenerating 3,000 lines of code takes 0.2 s
+        gm.recompile()
     gm.meta["autopart_trace"] = TraceInfo(
         method=method,
         model_type=type(model).__name__,
         param_aliases=_param_aliases(model, gm),
         input_names=tuple(n.name for n in gm.graph.nodes if n.op == "placeholder"),
         export_error=export_error,
+        repeated=repeated,
     )
     return gm
 
