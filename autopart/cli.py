@@ -306,15 +306,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from autopart.units import format_seconds
 
     quiet = args.format == "json" and not _err.is_terminal
-    with (
-        _err.status("benchmarking the solver", spinner="dots")
-        if not quiet
-        else _nullcontext() as status
-    ):
-        rows = solver_suite(
-            quick=args.quick,
-            progress=(lambda msg: status.update(str(msg))) if status is not None else None,
-        )
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=_err, transient=True, disable=quiet) as bar:
+        task = bar.add_task("solver bench", total=None)
+
+        def progress(done: int, total: int, label: str) -> None:
+            bar.update(task, completed=done, total=total, description=label)
+
+        rows = solver_suite(quick=args.quick, progress=progress)
     if args.format == "json":
         json.dump(rows, sys.stdout, indent=1)
         sys.stdout.write("\n")

@@ -183,3 +183,26 @@ def test_same_inputs_same_plan() -> None:
         for _ in range(3)
     }
     assert len(runs) == 1
+
+
+def test_falls_back_to_the_hint_when_the_solver_runs_out_of_time() -> None:
+    weights = [1e-3 * (1 + (i % 5)) for i in range(60)]
+    bg = _graph(weights, [(i, (i + 1,), MIB) for i in range(59)], [0] * 60)
+    hint = baselines.chain_dp(bg, 6, DEVICE)
+    sol = solve_stages(
+        bg,
+        6,
+        DEVICE,
+        in_flight=[1] * 6,
+        state_bytes_per_param_byte=STATE,
+        memory_limit_bytes=None,
+        hint=hint,
+        time_limit_s=1e-6,
+    )
+    bg.validate(sol.stage_of, 6)
+    if sol.status == "HINT":
+        assert list(sol.stage_of) == list(hint)
+    # Whatever the solver managed, the plan is never worse than its hint.
+    assert max(stage_times_s(bg, sol.stage_of, 6, DEVICE)) <= max(
+        stage_times_s(bg, hint, 6, DEVICE)
+    ) * (1 + 1e-12)

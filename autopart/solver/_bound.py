@@ -18,6 +18,7 @@ _MAX_POINTS = 1 << 15
 """A segment with more distinct down-set weights than this is treated as fluid (see below)."""
 _FLUID_POINTS = 1 << 12
 _SEARCH_STEPS = 100
+_TOLERANCE = 1e-5
 
 
 def separators(n: int, edges: Sequence[tuple[int, int]]) -> list[int]:
@@ -97,7 +98,9 @@ def chain_relaxation_s(
             hi = mid
         else:
             lo = mid
-        if hi - lo <= 1e-12 * hi:
+        if (
+            hi - lo <= _TOLERANCE * hi
+        ):  # lo stays a valid bound; the gap reads at most this much high
             break
     return max(floor_s, lo - delta)
 

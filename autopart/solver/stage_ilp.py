@@ -72,7 +72,8 @@ class StageSolution:
     stage_of: tuple[int, ...]
     """Stage of each block."""
     status: str
-    """"OPTIMAL" or "FEASIBLE" (time limit reached with a solution)."""
+    """"OPTIMAL", "FEASIBLE" (time limit reached with a solution) or "HINT" (the hint, when the
+    solver found nothing better within the time limit)."""
     time_s: float
     objective_bound_s: float
     """CP-SAT's proven lower bound on the bottleneck of the block-level problem."""
@@ -136,6 +137,14 @@ def solve_stages(
             "more micro-batches (smaller activations each) or the 1f1b schedule (fewer in flight).",
             needed,
         )
+    hint_fits = hint is not None and (
+        memory_limit_bytes is None
+        or max(_memory_mib(data, hint)) <= memory_limit_bytes // _BYTE_UNIT
+    )
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE) and hint_fits:
+        assert hint is not None
+        # No solution within the time limit: the hint (the exact contiguous split) is a valid plan.
+        return StageSolution(tuple(hint), "HINT", elapsed, _bound_s(solver, data))
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         raise AutopartError(
             f"the stage solver found no plan within {time_limit_s:.0f} s (status "
@@ -144,9 +153,17 @@ def solve_stages(
     stage_of = tuple(
         next(s for s in range(num_stages) if solver.value(x[b, s])) for b in range(len(bg.blocks))
     )
+    status_name = solver.status_name(status)
+    if (
+        hint_fits
+        and hint is not None
+        and _device_bottleneck(data, device, hint) < _device_bottleneck(data, device, stage_of)
+    ):
+        # CP-SAT stopped at the time limit on a plan worse than its own starting point.
+        stage_of, status_name = tuple(hint), "HINT"
     return StageSolution(
         stage_of=stage_of,
-        status=solver.status_name(status),
+        status=status_name,
         time_s=elapsed,
         objective_bound_s=_bound_s(solver, data),
     )
@@ -355,6 +372,28 @@ def _minimum_memory(d: _Data, time_limit_s: float, seed: int) -> int:
         "relaxed memory problem is always feasible"
     )
     return int(solver.value(peak)) * _BYTE_UNIT
+
+
+def _memory_mib(d: _Data, stage_of: Sequence[int]) -> list[int]:
+    """Each device's memory under an assignment, in the ILP's own (rounded-up) accounting."""
+    per_device = [0] * (max(d.device_of_stage) + 1)
+    for b, s in enumerate(stage_of):
+        per_device[d.device_of_stage[s]] += d.state_mib[b] + d.in_flight[s] * d.act_mib[b]
+    for q, users in d.bg.shared_params.items():
+        for s in sorted({stage_of[b] for b in users}):
+            per_device[d.device_of_stage[s]] += d.shared_mib[q]
+    return per_device
+
+
+def _device_bottleneck(d: _Data, device: DeviceSpec, stage_of: Sequence[int]) -> float:
+    """The slowest device's time per micro-batch, by the reporting cost model."""
+    from autopart.solver.cost import stage_times_s
+
+    times = stage_times_s(d.bg, stage_of, d.num_stages, device)
+    per_device = [0.0] * (max(d.device_of_stage) + 1)
+    for s, t in enumerate(times):
+        per_device[d.device_of_stage[s]] += t
+    return max(per_device)
 
 
 def _gib(nbytes: int) -> str:
