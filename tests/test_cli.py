@@ -112,3 +112,21 @@ def test_console_script_runs() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["totals"]["params"] > 0
+
+
+def test_bench_solver_table_and_json(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import autopart.bench as bench
+
+    def small_suite(*, quick: bool = False, progress: object = None) -> list[dict[str, object]]:
+        og = bench.synthetic_op_graph("branch", 100, seed=0, device="h100")
+        return [bench.solve_case(og, 4, "h100", 5.0, case="branch-100", kind="branch")]
+
+    monkeypatch.setattr(bench, "solver_suite", small_suite)
+    assert main(["bench", "--suite", "solver"]) == 0
+    out = capsys.readouterr().out
+    assert "branch-100" in out and "vs equal layers" in out
+    assert main(["bench", "--suite", "solver", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["gap"] >= 0 and rows[0]["bottleneck_s"] <= rows[0]["equal_layers_s"]
