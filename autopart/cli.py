@@ -199,7 +199,7 @@ def _load_and_trace(args: argparse.Namespace, *, device: str = "meta") -> tuple[
 
     overrides = parse_config_overrides(args.config) if args.config else None
     start = time.perf_counter()
-    quiet = args.format == "json" and not _err.is_terminal
+    quiet = _quiet(args)
     with _err.status(f"building {args.model}", spinner="dots") if not quiet else _nullcontext():
         loaded = load_model(
             args.model,
@@ -222,18 +222,26 @@ def _load_and_trace(args: argparse.Namespace, *, device: str = "meta") -> tuple[
             repeat="off" if args.no_repeat else "auto",
         )
     nodes = len(gm.graph.nodes)
-    with Progress(
-        TextColumn("annotating"),
+    with _bar("annotating", quiet) as bar:
+        task = bar.add_task("annotating", total=nodes)
+        annotate(gm, progress=lambda done, _total: bar.update(task, completed=done))
+    return loaded, gm, time.perf_counter() - start
+
+
+def _quiet(args: argparse.Namespace) -> bool:
+    """No spinners or bars when JSON goes to a pipe and nobody watches stderr."""
+    return bool(args.format == "json" and not _err.is_terminal)
+
+
+def _bar(label: str, quiet: bool) -> Progress:
+    """A transient progress bar on stderr; its tasks show their own description."""
+    columns = (
+        TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=_err,
-        transient=True,
-        disable=quiet,
-    ) as bar:
-        task = bar.add_task("annotate", total=nodes)
-        annotate(gm, progress=lambda done, _total: bar.update(task, completed=done))
-    return loaded, gm, time.perf_counter() - start
+    )
+    return Progress(*columns, console=_err, transient=True, disable=quiet)
 
 
 class _nullcontext:
@@ -275,16 +283,9 @@ def _profile(args: argparse.Namespace, gm: Any, device: Any) -> tuple[Any, Any]:
     from autopart.cost_models.profiling import calibrate, profile_graph
     from autopart.passes.annotate import node_cost
 
-    quiet = args.format == "json" and not _err.is_terminal
-    with Progress(
-        TextColumn("profiling"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=_err,
-        transient=True,
-        disable=quiet,
-    ) as bar:
-        task = bar.add_task("profile", total=len(gm.graph.nodes))
+    quiet = _quiet(args)
+    with _bar("profiling", quiet) as bar:
+        task = bar.add_task("profiling", total=len(gm.graph.nodes))
         measured = profile_graph(
             gm, progress=lambda done, total: bar.update(task, completed=done, total=total)
         )
@@ -305,14 +306,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from autopart.bench import solver_suite
     from autopart.units import format_seconds
 
-    quiet = args.format == "json" and not _err.is_terminal
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=_err, transient=True, disable=quiet) as bar:
+    quiet = _quiet(args)
+    with _bar("solver bench", quiet) as bar:
         task = bar.add_task("solver bench", total=None)
 
         def progress(done: int, total: int, label: str) -> None:
@@ -382,7 +377,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     loaded, gm, _ = _load_and_trace(args)
     batch = _first_batch(loaded.example_inputs)
-    quiet = args.format == "json" and not _err.is_terminal
+    quiet = _quiet(args)
     with _err.status("planning", spinner="dots") if not quiet else _nullcontext() as status:
         result = plan_graph(
             gm,
