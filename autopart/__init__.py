@@ -9,16 +9,19 @@ from autopart.model_spec import LoadedModel, load_model
 from autopart.passes.annotate import annotate, graph_totals, node_cost
 from autopart.planner import plan
 from autopart.plans import Plan
+from autopart.runtime import ParallelProgram, compile
 from autopart.tracing import trace
 
 __all__ = [
     "AutopartError",
     "LoadedModel",
     "ModelSpecError",
+    "ParallelProgram",
     "Plan",
     "TraceError",
     "UnknownDeviceError",
     "annotate",
+    "compile",
     "graph_totals",
     "load_model",
     "node_cost",
