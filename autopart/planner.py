@@ -380,6 +380,10 @@ def _micro_batch_options(
                 errors.append(str(exc))
         if valid:
             options[kind] = valid
+    if not options and micro_batches is not None:
+        raise AutopartError(
+            f"{micro_batches} micro-batches cannot run on {p} pipeline stages: {errors[0]}"
+        )
     if not options:
         raise AutopartError(
             f"no schedule in {', '.join(kinds)} can run {p} pipeline stages on a batch of {batch} "

@@ -164,28 +164,36 @@ def test_no_process_group_is_a_clear_error() -> None:
         runtime.compile(model, "pp=2", example_inputs=x, loss_fn=loss_fn)
 
 
-def _mismatch_worker(rank: int, world: int, store: str, out: str) -> None:
+def _errors_worker(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    messages = []
     try:
         import autopart.runtime as runtime
+        from autopart.errors import AutopartError
 
         model, x, _, loss_fn = _setup("mlp")
-        try:
-            runtime.compile(model, "pp=4", example_inputs=x, loss_fn=loss_fn)
-        except runtime.RuntimeSetupError as err:
-            if rank == 0:
-                Path(out).write_text(str(err))
+        for kwargs in (
+            {"mesh": "pp=4"},  # more stages than ranks
+            {"mesh": "pp=2", "micro_batches": 3},  # 8 samples do not split into 3
+            {"mesh": "pp=2", "micro_batches": 1, "schedule": "1f1b"},  # 1F1B needs >= 2
+        ):
+            try:
+                runtime.compile(model, example_inputs=x, loss_fn=loss_fn, **kwargs)  # type: ignore[arg-type]
+                messages.append("no error")
+            except AutopartError as err:
+                messages.append(str(err))
+        if rank == 0:
+            Path(out).write_text("\n---\n".join(messages))
     finally:
         dist.destroy_process_group()
 
 
-def test_mesh_larger_than_the_world_is_a_clear_error(tmp_path: Path) -> None:
+def test_bad_runtime_requests_are_clear_errors(tmp_path: Path) -> None:
     out = tmp_path / "err.txt"
     mp.start_processes(
-        _mismatch_worker,
-        args=(2, str(tmp_path / "store"), str(out)),
-        nprocs=2,
-        start_method="spawn",
+        _errors_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, start_method="spawn"
     )
-    text = out.read_text()
-    assert "needs 4 ranks" in text and "has 2" in text and "torchrun" in text
+    mesh, divisible, one_f_one_b = out.read_text().split("\n---\n")
+    assert "needs 4 ranks" in mesh and "has 2" in mesh and "torchrun" in mesh
+    assert "does not split into 3" in divisible and "divisor of 8" in divisible
+    assert "1f1b" in one_f_one_b and "micro-batch" in one_f_one_b
