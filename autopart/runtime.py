@@ -89,6 +89,11 @@ def compile(
     stages = split_stages(gm, plan)
     rank = dm.get_local_rank()
     local = [s.to(torch_device) for s in stages if plan.stages[stage_info(s).index].device == rank]
+    for stage in local:
+        # Tensors cross ranks through contiguous buffers (gloo and NCCL require it); a stage
+        # output that is a strided view (e.g. a permute feeding a skip connection) is copied.
+        stage.register_forward_hook(_contiguous_outputs)
+        stage.register_forward_pre_hook(_contiguous_input_grads)  # the same for gradients sent back
     return ParallelProgram(plan, dm, local, [stage_info(s) for s in stages], loss_fn, torch_device)
 
 
@@ -167,8 +172,14 @@ class ParallelProgram:
     def __call__(self, *inputs: Any) -> Any:
         """Inference: the model's full output on every rank."""
         args = tuple(_to(x, self._device) for x in inputs) if self._first_local else ()
-        with torch.no_grad():
-            out = self._schedule.eval(*args)
+        # torch's eval() still computes the loss when the schedule has one, which needs a target;
+        # inference has none, so the loss is switched off for the forward-only pass.
+        loss_fn, self._schedule._loss_fn = self._schedule._loss_fn, None
+        try:
+            with torch.no_grad():
+                out = self._schedule.eval(*args)
+        finally:
+            self._schedule._loss_fn = loss_fn
         box = [out if self._last_local else None]
         dist.broadcast_object_list(box, src=self._last_rank)
         result = box[0]
@@ -273,6 +284,31 @@ def _torch_device(dm: DeviceMesh) -> torch.device:
     if dm.device_type == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity forward; its backward hands a contiguous gradient to the previous stage."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _contiguous_input_grads(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(
+        _ContiguousGrad.apply(a) if isinstance(a, torch.Tensor) and a.requires_grad else a
+        for a in args
+    )
+
+
+def _contiguous_outputs(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
+    if isinstance(output, tuple):
+        return tuple(t.contiguous() if isinstance(t, torch.Tensor) else t for t in output)
+    return output.contiguous() if isinstance(output, torch.Tensor) else output
 
 
 def _to(x: Any, device: torch.device) -> Any:

@@ -53,3 +53,12 @@ class Tied(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.mid(self.embed(ids))))
+
+
+def two_in_two_out() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """Factory (``tests.models:two_in_two_out``): two inputs, a tuple of two outputs."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = TwoInTwoOut()
+    return model, (torch.randn(8, 8, generator=gen), torch.randn(8, 8, generator=gen))
