@@ -100,6 +100,26 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--format", choices=["table", "json"], default="table")
     bench.set_defaults(run=_cmd_bench)
 
+    run = sub.add_parser(
+        "run",
+        help="train on local gloo ranks and check against one process",
+        description="Spawn the ranks MESH needs on this machine (gloo), train MODEL on random data, check loss "
+        "and parameters against the unpartitioned model, and print throughput and stage times beside the plan.",
+    )
+    run.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a zoo name, hf:<model_type>, file.py:factory or package.module:factory",
+    )
+    run.add_argument("--mesh", default="pp=2", help="mesh spec (default pp=2)")
+    run.add_argument("--steps", type=int, default=3, help="training steps (default 3)")
+    run.add_argument("--micro-batches", type=int, default=None)
+    run.add_argument("--schedule", choices=["auto", "gpipe", "1f1b", "interleaved"], default="auto")
+    run.add_argument("--batch", type=int, default=None)
+    run.add_argument("--seq", type=int, default=None)
+    run.add_argument("--format", choices=["table", "json"], default="table")
+    run.set_defaults(run=_cmd_run)
+
     models = sub.add_parser(
         "models", help="list the built-in models", description="List the built-in model zoo."
     )
@@ -348,6 +368,59 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         )
     _out.print(table)
     return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from autopart.launch import run_local
+    from autopart.plans import parse_mesh
+    from autopart.units import format_seconds
+
+    parse_mesh(args.mesh)
+    with (
+        _err.status(f"training {args.model} on {args.mesh} (gloo)", spinner="dots")
+        if not _quiet(args)
+        else _nullcontext()
+    ):
+        report = run_local(
+            args.model,
+            mesh=args.mesh,
+            steps=args.steps,
+            micro_batches=args.micro_batches,
+            schedule=args.schedule,
+            batch=args.batch,
+            seq=args.seq,
+        )
+    loss_diff = max(
+        abs(a - b) / max(abs(b), 1e-12) for a, b in zip(report.losses, report.reference_losses)
+    )
+    ok = loss_diff <= 1e-5 and report.max_param_rel_diff <= 1e-5
+    if args.format == "json":
+        json.dump(
+            {**asdict(report), "max_loss_rel_diff": loss_diff, "matches": ok}, sys.stdout, indent=1
+        )
+        sys.stdout.write("\n")
+        return 0 if ok else 1
+    table = Table(
+        title=f"{report.model} on {report.mesh}: {report.schedule}, {report.micro_batches} micro-batches",
+        title_justify="left",
+    )
+    for col in ("stage", "measured forward / micro-batch", "predicted (cpu roofline)"):
+        table.add_column(col, justify="right")
+    for i, (got, want) in enumerate(zip(report.stage_forward_s, report.predicted_stage_forward_s)):
+        table.add_row(str(i), format_seconds(got), format_seconds(want))
+    _out.print(table)
+    _out.print(
+        f"losses {', '.join(f'{v:.6f}' for v in report.losses)} (one process: "
+        f"{', '.join(f'{v:.6f}' for v in report.reference_losses)}); max relative difference: loss "
+        f"{loss_diff:.1e}, parameters {report.max_param_rel_diff:.1e} -> {'MATCH' if ok else 'MISMATCH'}"
+    )
+    _out.print(
+        f"step {format_seconds(report.step_time_s)} measured, {format_seconds(report.predicted_step_time_s)} "
+        f"predicted; {report.samples_per_s:.1f} samples/s"
+    )
+    return 0 if ok else 1
 
 
 def _cmd_models(args: argparse.Namespace) -> int:

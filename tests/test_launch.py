@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from autopart.cli import main
+from autopart.errors import AutopartError
+from autopart.launch import run_local
+
+
+def test_run_local_trains_and_matches_one_process() -> None:
+    report = run_local("gpt2-tiny", mesh="pp=2", steps=2, batch=8, seq=16, schedule="1f1b")
+    assert report.schedule == "1f1b" and len(report.losses) == 2
+    assert report.losses == pytest.approx(report.reference_losses, rel=1e-5)
+    assert report.max_param_rel_diff <= 1e-5
+    assert report.step_time_s > 0 and report.samples_per_s > 0
+    assert len(report.stage_forward_s) == len(report.predicted_stage_forward_s) == 2
+    assert all(t > 0 for t in report.stage_forward_s)
+
+
+def test_cli_run_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(["run", "mlp", "--mesh", "pp=2", "--steps", "1", "--batch", "4", "--format", "json"])
+        == 0
+    )
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["matches"] is True and doc["max_loss_rel_diff"] <= 1e-5
+
+
+def test_failing_rank_stops_the_run_with_a_clear_error() -> None:
+    # 5 samples do not split into 2 micro-batches: every rank fails while compiling.
+    with pytest.raises(AutopartError, match="rank"):
+        run_local("mlp", mesh="pp=2", steps=1, batch=5, micro_batches=2, timeout_s=120)
