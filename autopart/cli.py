@@ -117,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--schedule", choices=["auto", "gpipe", "1f1b", "interleaved"], default="auto")
     run.add_argument("--batch", type=int, default=None)
     run.add_argument("--seq", type=int, default=None)
+    run.add_argument(
+        "--config", default=None, help="config overrides for hf: models, e.g. n_layer=2,n_embd=64"
+    )
     run.add_argument("--format", choices=["table", "json"], default="table")
     run.set_defaults(run=_cmd_run)
 
@@ -374,6 +377,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from autopart.launch import run_local
+    from autopart.model_spec import parse_config_overrides
     from autopart.plans import parse_mesh
     from autopart.units import format_seconds
 
@@ -391,6 +395,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             schedule=args.schedule,
             batch=args.batch,
             seq=args.seq,
+            config=parse_config_overrides(args.config) if args.config else None,
         )
     loss_diff = max(
         abs(a - b) / max(abs(b), 1e-12) for a, b in zip(report.losses, report.reference_losses)

@@ -61,9 +61,11 @@ def training_batch(loaded: Any, seed: int = 0) -> tuple[Any, Callable[[Any, Any]
 
         return target, several
     if loaded.example_inputs[0].dtype == torch.long:
-        target = torch.randint(0, out.shape[-1], tuple(out.shape[:-1]), generator=gen)
+        logits = getattr(out, "logits", out)  # Hugging Face models return a ModelOutput
+        target = torch.randint(0, logits.shape[-1], tuple(logits.shape[:-1]), generator=gen)
 
-        def tokens(logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        def tokens(output: Any, tgt: torch.Tensor) -> torch.Tensor:
+            logits = getattr(output, "logits", output)
             return torch.nn.functional.cross_entropy(logits.flatten(0, -2), tgt.flatten())
 
         return target, tokens
@@ -80,6 +82,7 @@ def run_local(
     schedule: str = "auto",
     batch: int | None = None,
     seq: int | None = None,
+    config: dict[str, str] | None = None,
     lr: float = 0.01,
     timeout_s: float = 600.0,
 ) -> RunReport:
@@ -103,6 +106,7 @@ def run_local(
             schedule,
             batch,
             seq,
+            config,
             lr,
             str(out),
             timeout_s,
@@ -143,6 +147,7 @@ def _rank_main(
     schedule: str,
     batch: int | None,
     seq: int | None,
+    config: dict[str, str] | None,
     lr: float,
     out: str,
     timeout_s: float,
@@ -163,7 +168,7 @@ def _rank_main(
         timeout=timedelta(seconds=timeout_s),
     )
     try:
-        loaded = load_model(spec, batch=batch, seq=seq, device="cpu", seed=0)
+        loaded = load_model(spec, batch=batch, seq=seq, config=config, device="cpu", seed=0)
         reference = copy.deepcopy(loaded.model)
         x = loaded.example_inputs
         target, loss_fn = training_batch(loaded)

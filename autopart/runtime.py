@@ -86,7 +86,31 @@ def compile(
         schedule=schedule,
         name=type(model).__name__,
     )
-    stages = split_stages(gm, plan)
+    run_gm = _micro_batch_graph(model, gm, args, batch, plan.micro_batches)
+    # Export specializes dimensions of size 1, so a micro-batch of one sample can trace to another
+    # graph; when the count was not fixed by the caller, fewer, larger micro-batches are tried.
+    fewer = [m for m in range(plan.micro_batches - 1, 0, -1) if batch % m == 0]
+    while run_gm is None and micro_batches is None and fewer:
+        try:
+            plan = plan_graph(
+                gm,
+                batch=batch,
+                mesh=f"pp={pp}",
+                device=plan.device,
+                micro_batches=fewer.pop(0),
+                schedule=schedule,
+                name=plan.model,
+            )
+        except AutopartError:
+            continue
+        run_gm = _micro_batch_graph(model, gm, args, batch, plan.micro_batches)
+    if run_gm is None:
+        raise RuntimeSetupError(
+            f"{type(model).__name__} traces to a different graph at micro-batch size {batch // plan.micro_batches} "
+            f"than at batch size {batch} (its graph depends on the batch size), so the plan cannot be reused; "
+            "choose another micro_batches or make the model's graph independent of the batch size."
+        )
+    stages = split_stages(run_gm, plan)
     rank = dm.get_local_rank()
     local = [s.to(torch_device) for s in stages if plan.stages[stage_info(s).index].device == rank]
     for stage in local:
@@ -244,6 +268,31 @@ class ParallelProgram:
             dist.all_reduce(grad, group=group)
             for p in copies:
                 p.grad = grad.clone()
+
+
+def _micro_batch_graph(
+    model: torch.nn.Module,
+    gm: torch.fx.GraphModule,
+    args: tuple[Any, ...],
+    batch: int,
+    micro_batches: int,
+) -> torch.fx.GraphModule | None:
+    """The graph the stages run: traced with one micro-batch's shapes, because export bakes static
+    shapes (e.g. ``view(x, [batch, seq, 3 * hidden])``) into the graph. The plan was made on the
+    full batch's graph, so both must have the same nodes for its stage assignment to carry over."""
+    from autopart.tracing import trace
+
+    if micro_batches == 1:
+        return gm
+    size = batch // micro_batches
+    small = tuple(
+        a[:size] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else a
+        for a in args
+    )
+    run = trace(model, small)
+    want = [(n.name, n.op, str(n.target)) for n in gm.graph.nodes]
+    got = [(n.name, n.op, str(n.target)) for n in run.graph.nodes]
+    return run if want == got else None
 
 
 def _resolve_mesh(mesh: DeviceMesh | str) -> DeviceMesh:
