@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from autopart.launch import training_batch
 from autopart.model_spec import load_model
 
 STEPS = 2
@@ -28,25 +29,7 @@ def _setup(
     model = loaded.model
     model.train()
     x = loaded.example_inputs
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        out = model(*x)
-    if isinstance(out, tuple):  # several outputs: a loss on each
-        target = torch.randn(out[0].shape, generator=gen)
-
-        def loss_fn(outs: tuple[torch.Tensor, ...], tgt: torch.Tensor) -> torch.Tensor:
-            return sum(torch.nn.functional.mse_loss(o, tgt) for o in outs)  # type: ignore[return-value]
-    elif x[0].dtype == torch.long:  # token model: next-token cross-entropy
-        target = torch.randint(0, out.shape[-1], tuple(out.shape[:-1]), generator=gen)
-
-        def loss_fn(logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.cross_entropy(logits.flatten(0, -2), tgt.flatten())
-    else:
-        target = torch.randn(out.shape, generator=gen)
-
-        def loss_fn(pred: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.mse_loss(pred, tgt)
-
+    target, loss_fn = training_batch(loaded, seed)
     return model, x, target, loss_fn
 
 
