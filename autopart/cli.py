@@ -223,7 +223,7 @@ def _load_and_trace(args: argparse.Namespace, *, device: str = "meta") -> tuple[
     overrides = parse_config_overrides(args.config) if args.config else None
     start = time.perf_counter()
     quiet = _quiet(args)
-    with _err.status(f"building {args.model}", spinner="dots") if not quiet else _nullcontext():
+    with _spinner(f"building {args.model}", quiet):
         loaded = load_model(
             args.model,
             batch=args.batch,
@@ -232,11 +232,7 @@ def _load_and_trace(args: argparse.Namespace, *, device: str = "meta") -> tuple[
             device=device,
             dtype=getattr(torch, args.dtype),
         )
-    with (
-        _err.status(f"tracing {loaded.name} ({args.trace_method})", spinner="dots")
-        if not quiet
-        else _nullcontext()
-    ):
+    with _spinner(f"tracing {loaded.name} ({args.trace_method})", quiet):
         gm = trace(
             loaded.model,
             loaded.example_inputs,
@@ -265,6 +261,11 @@ def _bar(label: str, quiet: bool) -> Progress:
         TimeElapsedColumn(),
     )
     return Progress(*columns, console=_err, transient=True, disable=quiet)
+
+
+def _spinner(text: str, quiet: bool) -> Any:
+    """A spinner on stderr, or nothing when ``quiet``; yields the status (or ``None``)."""
+    return _nullcontext() if quiet else _err.status(text, spinner="dots")
 
 
 class _nullcontext:
@@ -382,11 +383,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from autopart.units import format_seconds
 
     parse_mesh(args.mesh)
-    with (
-        _err.status(f"training {args.model} on {args.mesh} (gloo)", spinner="dots")
-        if not _quiet(args)
-        else _nullcontext()
-    ):
+    with _spinner(f"training {args.model} on {args.mesh} (gloo)", _quiet(args)):
         report = run_local(
             args.model,
             mesh=args.mesh,
@@ -456,7 +453,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     loaded, gm, _ = _load_and_trace(args)
     batch = _first_batch(loaded.example_inputs)
     quiet = _quiet(args)
-    with _err.status("planning", spinner="dots") if not quiet else _nullcontext() as status:
+    with _spinner("planning", quiet) as status:
         result = plan_graph(
             gm,
             batch=batch,
