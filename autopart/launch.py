@@ -45,6 +45,16 @@ class RunReport:
     stage_forward_s: tuple[float, ...]
     """Measured forward time per micro-batch of each stage (median over steps)."""
     predicted_stage_forward_s: tuple[float, ...]
+    stage_backward_s: tuple[float, ...] = ()
+    """Measured backward time per micro-batch of each stage (median)."""
+    predicted_stage_backward_s: tuple[float, ...] = ()
+    bubble_fraction: float = 0.0
+    """Measured: the fraction of a step the ranks spend outside forward and backward work
+    (waiting for each other, communicating), averaged over ranks, median over steps."""
+    predicted_bubble_fraction: float = 0.0
+    """The plan's simulated bubble."""
+    closed_form_bubble_fraction: float = 0.0
+    """(p - 1) / (m + p - 1): the bubble of balanced stages with free communication."""
 
 
 def training_batch(loaded: Any, seed: int = 0) -> tuple[Any, Callable[[Any, Any], torch.Tensor]]:
@@ -52,7 +62,7 @@ def training_batch(loaded: Any, seed: int = 0) -> tuple[Any, Callable[[Any, Any]
     for token models, mean squared error (summed over several outputs) otherwise."""
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        out = loaded.model(*loaded.example_inputs)
+        out = loaded.model(*loaded.example_inputs, **loaded.example_kwargs)
     if isinstance(out, (tuple, list)):
         target = torch.randn(out[0].shape, generator=gen)
 
@@ -158,6 +168,7 @@ def _rank_main(
 
     import autopart
     from autopart.model_spec import load_model
+    from autopart.schedule import bubble_closed_form
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -170,46 +181,60 @@ def _rank_main(
     try:
         loaded = load_model(spec, batch=batch, seq=seq, config=config, device="cpu", seed=0)
         reference = copy.deepcopy(loaded.model)
-        x = loaded.example_inputs
+        x, kw = loaded.example_inputs, dict(loaded.example_kwargs)
         target, loss_fn = training_batch(loaded)
         program = autopart.compile(
             loaded.model,
             mesh,
             example_inputs=x,
+            example_kwargs=kw,
             loss_fn=loss_fn,
             micro_batches=micro_batches,
             schedule=schedule,
         )
         forward_s: dict[int, list[float]] = {}
-        for stage, info in zip(program._stages, program._local):
+        backward_s: dict[int, list[float]] = {}
+        busy: list[float] = []  # this rank's forward + backward time, per step
+        for stage, pipe_stage, info in zip(
+            program._stages, program._pipeline_stages, program._local
+        ):
             _time_forward(stage, forward_s.setdefault(info.index, []))
+            _time_chunks(pipe_stage, busy, backward_s.setdefault(info.index, []))
         params = list(program.parameters())
         optimizer = torch.optim.SGD(params, lr=lr) if params else None
-        losses, times = [], []
+        losses, times, idle = [], [], []
         for _ in range(steps):
+            busy.clear()
             start = time.perf_counter()
             if optimizer is not None:
                 optimizer.zero_grad()
-            losses.append(program.step(*x, target=target))
+            losses.append(program.step(*x, target=target, **kw))
             if optimizer is not None:
                 optimizer.step()
             dist.barrier()
             times.append(time.perf_counter() - start)
+            idle.append(max(0.0, 1.0 - sum(busy) / times[-1]))
         state = program.full_state_dict()
         per_stage: list[Any] = [None] * world
-        mine = {
-            i: statistics.median(v) if v else 0.0 for i, v in forward_s.items()
-        }  # one call per micro-batch
+        mine = (  # one call per micro-batch
+            {i: statistics.median(v) if v else 0.0 for i, v in forward_s.items()},
+            {i: statistics.median(v) if v else 0.0 for i, v in backward_s.items()},
+            statistics.median(idle[1:] if len(idle) > 1 else idle),
+        )
         dist.all_gather_object(per_stage, mine)
         if rank == 0:
             plan = program.plan
-            ref_losses = _reference(reference, x, target, loss_fn, plan.micro_batches, steps, lr)
+            ref_losses = _reference(
+                reference, x, kw, target, loss_fn, plan.micro_batches, steps, lr
+            )
             diff = max(
                 float((state[n] - p.detach()).abs().max() / p.detach().abs().max().clamp_min(1e-12))
                 for n, p in reference.named_parameters()
             )
-            measured = {k: v for part in per_stage for k, v in part.items()}
+            measured = {k: v for part in per_stage for k, v in part[0].items()}
+            measured_bwd = {k: v for part in per_stage for k, v in part[1].items()}
             step_s = statistics.median(times[1:] if len(times) > 1 else times)
+            p, m = plan.num_stages // plan.stages_per_device, plan.micro_batches
             report = RunReport(
                 model=loaded.name,
                 mesh=mesh,
@@ -224,6 +249,11 @@ def _rank_main(
                 samples_per_s=int(x[0].shape[0]) / step_s,
                 stage_forward_s=tuple(measured[i] for i in range(plan.num_stages)),
                 predicted_stage_forward_s=tuple(s.forward_s for s in plan.stages),
+                stage_backward_s=tuple(measured_bwd[i] for i in range(plan.num_stages)),
+                predicted_stage_backward_s=tuple(s.backward_s for s in plan.stages),
+                bubble_fraction=statistics.fmean(part[2] for part in per_stage),
+                predicted_bubble_fraction=plan.bubble_fraction,
+                closed_form_bubble_fraction=bubble_closed_form(p, m, plan.stages_per_device),
             )
             Path(out).write_text(json.dumps(asdict(report)))
     finally:
@@ -237,9 +267,32 @@ def _time_forward(stage: torch.nn.Module, sink: list[float]) -> None:
     stage.register_forward_hook(lambda *_: sink.append(time.perf_counter() - started.pop()))
 
 
+def _time_chunks(stage: Any, busy: list[float], backward: list[float]) -> None:
+    """Record the time a ``PipelineStage`` spends in each forward and backward chunk (its work on
+    one micro-batch, without waiting for its neighbours): ``busy`` gets both, ``backward`` the
+    backward chunks. Wraps the instance's methods, which torch's schedules call per micro-batch."""
+
+    def timed(method: Callable[..., Any], sink: list[float] | None) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                took = time.perf_counter() - start
+                busy.append(took)
+                if sink is not None:
+                    sink.append(took)
+
+        return run
+
+    stage.forward_one_chunk = timed(stage.forward_one_chunk, None)
+    stage.backward_one_chunk = timed(stage.backward_one_chunk, backward)
+
+
 def _reference(
     model: torch.nn.Module,
     x: tuple[torch.Tensor, ...],
+    kwargs: dict[str, Any],
     target: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
     micro_batches: int,
@@ -249,13 +302,19 @@ def _reference(
     """The unpartitioned model trained on the same micro-batches (gradient accumulation)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     chunks = [torch.chunk(t, micro_batches) for t in (*x, target)]
+    kw_chunks = {
+        k: torch.chunk(v, micro_batches)
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+        else [v] * micro_batches
+        for k, v in kwargs.items()
+    }
     losses = []
     for _ in range(steps):
         optimizer.zero_grad()
         total = 0.0
         for i in range(micro_batches):
             *xs, tgt = (c[i] for c in chunks)
-            loss = loss_fn(model(*xs), tgt)
+            loss = loss_fn(model(*xs, **{k: v[i] for k, v in kw_chunks.items()}), tgt)
             (loss / micro_batches).backward()
             total += float(loss.detach())
         optimizer.step()

@@ -8,6 +8,7 @@ candidate on the solved stages and keeping the fastest one that fits memory.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from autopart.cost_models.comm import p2p_time_s
+from autopart.cost_models.comm import all_reduce_time_s, p2p_time_s
 from autopart.cost_models.devices import DeviceSpec, get_device
 from autopart.cost_models.memory import Optimizer, as_optimizer
 from autopart.errors import AutopartError
@@ -101,11 +102,17 @@ def plan_graph(
     from autopart.units import parse_bytes
 
     axes = parse_mesh(mesh)
-    if set(axes) - {"pp"}:
+    if axes.get("tp", 1) > 1:
         raise AutopartError(
-            f"mesh {mesh!r} has axes {sorted(set(axes) - {'pp'})}: only pipeline parallelism (pp) is planned so far; use e.g. 'pp=4'."
+            f"mesh {mesh!r} has tp={axes['tp']}: tensor parallelism is not planned yet; use dp and pp, e.g. 'dp=2,pp=2'."
         )
-    p = axes["pp"]
+    p, dp = axes.get("pp", 1), axes.get("dp", 1)
+    if batch % dp:
+        raise AutopartError(
+            f"a batch of {batch} does not split across dp={dp} data-parallel replicas; use a batch "
+            f"that is a multiple of {dp}."
+        )
+    batch //= dp  # each replica plans and runs the pipeline on its share of the batch
     spec = get_device(device)
     limit = parse_bytes(memory) if memory is not None else spec.memory_bytes
     opt = as_optimizer(optimizer)
@@ -124,6 +131,8 @@ def plan_graph(
     start = time.perf_counter()
     say("building the op graph")
     og = OpGraph.from_graph_module(gm, spec)
+    if dp > 1:  # the graph was traced at the global batch
+        og = og.scaled(1.0 / dp)
     graphs: dict[int, BlockGraph] = {}
     solved: dict[int, tuple[tuple[int, ...], str, float]] = {}
     candidates: list[_Candidate] = []
@@ -170,8 +179,19 @@ def plan_graph(
     best = min(
         candidates, key=lambda c: (c.timeline.step_time_s, c.micro_batches, order.index(c.schedule))
     )
-    return _make_plan(
+    result = _make_plan(
         best, og, p, spec, limit, optimizer, name, state_per_byte, time.perf_counter() - start
+    )
+    if dp == 1:
+        return result
+    # Data parallelism: after the pipeline drains, each rank all-reduces its stages' gradients
+    # with its dp peers (DDP's buckets; counted without overlap, an upper bound).
+    sync_s = max(
+        all_reduce_time_s(sum(st.param_bytes for st in result.stages if st.device == d), dp, spec)
+        for d in range(p)
+    )
+    return dataclasses.replace(
+        result, mesh={"dp": dp, "pp": p}, step_time_s=result.step_time_s + sync_s
     )
 
 

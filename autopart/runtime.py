@@ -12,6 +12,7 @@ take the same optimizer step and stay identical.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -25,18 +26,25 @@ from torch.distributed.pipelining import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
 )
-from torch.utils._pytree import tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from autopart.errors import AutopartError
 from autopart.plans import Plan, parse_mesh
 
-__all__ = ["ParallelProgram", "RuntimeSetupError", "compile"]
+__all__ = ["ParallelProgram", "PeerFailureError", "RuntimeSetupError", "compile"]
 
 _SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
 
 
 class RuntimeSetupError(AutopartError):
     """The distributed set-up does not match what was asked for."""
+
+
+class PeerFailureError(AutopartError):
+    """Another rank died or stopped answering during a collective step."""
+
+
+_PEER_FAILURE_MARKS = ("gloo", "Connection", "connection", "Timed out", "timed out", "NCCL")
 
 
 def compile(
@@ -63,39 +71,45 @@ def compile(
     from autopart.tracing import trace
 
     dm = _resolve_mesh(mesh)
-    pp = dm.size()
+    dp, pp = _axis_size(dm, "dp"), _axis_size(dm, "pp")
     torch_device = _torch_device(dm)
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    if example_kwargs:
+    kwargs = dict(example_kwargs or {})
+    inputs = _Inputs.of(args, kwargs)
+    gm = annotate(trace(model, args, kwargs))
+    inputs.check_graph(gm)
+    batch = _batch_size(inputs.flat)
+    if batch % dp:
         raise RuntimeSetupError(
-            "keyword inputs cannot be fed through a pipeline yet; pass every model input positionally in example_inputs."
+            f"a batch of {batch} does not split across dp={dp} data-parallel replicas; use a batch "
+            f"that is a multiple of {dp}."
         )
-    gm = annotate(trace(model, args))
-    batch = _batch_size(args)
-    if micro_batches is not None and (micro_batches < 1 or batch % micro_batches):
+    replica = batch // dp  # each data-parallel replica pipelines its share of the batch
+    if micro_batches is not None and (micro_batches < 1 or replica % micro_batches):
         raise RuntimeSetupError(
-            f"a batch of {batch} does not split into {micro_batches} equal micro-batches; choose a divisor of {batch}."
+            f"a batch of {replica} per replica does not split into {micro_batches} equal micro-batches; "
+            f"choose a divisor of {replica}."
         )
     plan = plan_graph(
         gm,
         batch=batch,
-        mesh=f"pp={pp}",
+        mesh={"dp": dp, "pp": pp},
         device=device or ("h100" if torch_device.type == "cuda" else "cpu"),
         memory=None,
         micro_batches=micro_batches,
         schedule=schedule,
         name=type(model).__name__,
     )
-    run_gm = _micro_batch_graph(model, gm, args, batch, plan.micro_batches)
+    run_gm = _micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
     # Export specializes dimensions of size 1, so a micro-batch of one sample can trace to another
     # graph; when the count was not fixed by the caller, fewer, larger micro-batches are tried.
-    fewer = [m for m in range(plan.micro_batches - 1, 0, -1) if batch % m == 0]
+    fewer = [m for m in range(plan.micro_batches - 1, 0, -1) if replica % m == 0]
     while run_gm is None and micro_batches is None and fewer:
         try:
             plan = plan_graph(
                 gm,
                 batch=batch,
-                mesh=f"pp={pp}",
+                mesh={"dp": dp, "pp": pp},
                 device=plan.device,
                 micro_batches=fewer.pop(0),
                 schedule=schedule,
@@ -103,22 +117,40 @@ def compile(
             )
         except AutopartError:
             continue
-        run_gm = _micro_batch_graph(model, gm, args, batch, plan.micro_batches)
+        run_gm = _micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
     if run_gm is None:
         raise RuntimeSetupError(
-            f"{type(model).__name__} traces to a different graph at micro-batch size {batch // plan.micro_batches} "
+            f"{type(model).__name__} traces to a different graph at micro-batch size {replica // plan.micro_batches} "
             f"than at batch size {batch} (its graph depends on the batch size), so the plan cannot be reused; "
             "choose another micro_batches or make the model's graph independent of the batch size."
         )
     stages = split_stages(run_gm, plan)
-    rank = dm.get_local_rank()
+    rank = _pp_mesh(dm).get_local_rank()
     local = [s.to(torch_device) for s in stages if plan.stages[stage_info(s).index].device == rank]
     for stage in local:
         # Tensors cross ranks through contiguous buffers (gloo and NCCL require it); a stage
         # output that is a strided view (e.g. a permute feeding a skip connection) is copied.
         stage.register_forward_hook(_contiguous_outputs)
         stage.register_forward_pre_hook(_contiguous_input_grads)  # the same for gradients sent back
-    return ParallelProgram(plan, dm, local, [stage_info(s) for s in stages], loss_fn, torch_device)
+    metas = _value_metas(run_gm, inputs.micro_batch(batch, dp * plan.micro_batches))
+    program = ParallelProgram(
+        plan,
+        dm,
+        local,
+        [stage_info(s) for s in stages],
+        loss_fn,
+        torch_device,
+        inputs,
+        {
+            info.index: (
+                tuple(metas[n] for n in info.input_names if n in metas),
+                tuple(metas[n] for n in info.output_names),
+            )
+            for info in (stage_info(s) for s in local)
+        },
+    )
+    program._all_stages = stages  # for autopart.emit, which writes every stage's code
+    return program
 
 
 class ParallelProgram:
@@ -132,19 +164,28 @@ class ParallelProgram:
         infos: list[Any],
         loss_fn: Callable[[Any, Any], torch.Tensor] | None,
         device: torch.device,
+        inputs: _Inputs,
+        stage_metas: Mapping[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]],
     ) -> None:
         from autopart.passes.split_stages import stage_info
 
         self.plan = plan
         self._mesh = mesh
-        self._group = mesh.get_group()
+        self._group = _pp_mesh(mesh).get_group()
+        self._dp = _axis_size(mesh, "dp")
+        self._dp_group = mesh["dp"].get_group() if self._dp > 1 else None
+        self._dp_rank = mesh["dp"].get_local_rank() if self._dp > 1 else 0
         self._stages = stages
+        # Every stage of the pipeline (compile sets it; other ranks' stages hold this rank's
+        # untrained copy of their weights): autopart.emit writes their code.
+        self._all_stages: list[torch.fx.GraphModule] = list(stages)
         self._infos = {i.index: i for i in infos}
         self._local = [stage_info(s) for s in stages]
         self._loss_fn = loss_fn
         self._device = device
-        self._pp_rank = mesh.get_local_rank()
-        pp = mesh.size()
+        self._inputs = inputs
+        self._pp_rank = _pp_mesh(mesh).get_local_rank()
+        pp = _axis_size(mesh, "pp")
         self._last_rank = dist.get_global_rank(self._group, plan.stages[-1].device)
         self._first_local = any(i.is_first for i in self._local)
         self._last_local = any(i.is_last for i in self._local)
@@ -158,9 +199,29 @@ class ParallelProgram:
             out = output if isinstance(output, (tuple, list)) else (output,)
             return self._loss_fn(tree_unflatten(list(out), output_spec), target)
 
-        self._pipeline_stages = [
-            PipelineStage(s, i.index, plan.num_stages, device, group=self._group)
+        # Static metadata: each stage's micro-batch inputs and outputs (shapes, dtypes, which
+        # need gradients) from the traced graph. Without it torch infers them by running each
+        # stage on uninitialised tensors, and a stage that indexes with a received integer
+        # tensor (token ids, positions) reads garbage indices.
+        # Data parallelism is torch's own: each stage is wrapped in DistributedDataParallel over
+        # the dp dimension; PipelineStage skips its all-reduce until a step's last backward.
+        submods: list[torch.nn.Module] = [
+            _WithConstants(s, inputs.constants) if i.is_first and inputs.constants else s
             for s, i in zip(stages, self._local)
+        ]
+        if self._dp_group is not None:
+            submods = [_data_parallel(s, self._dp_group, device) for s in submods]
+        self._pipeline_stages = [
+            PipelineStage(
+                s,
+                i.index,
+                plan.num_stages,
+                device,
+                input_args=_on(stage_metas[i.index][0], device),
+                output_args=_on(stage_metas[i.index][1], device),
+                group=self._group,
+            )
+            for s, i in zip(submods, self._local)
         ]
         kind = _SCHEDULES[plan.schedule]
         if plan.stages_per_device > 1:
@@ -173,43 +234,94 @@ class ParallelProgram:
 
     # -- training --------------------------------------------------------------------------
 
-    def step(self, *inputs: Any, target: Any = None) -> float:
+    def step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> float:
         """One training step over all micro-batches; returns the mean loss (the same float on
-        every rank). Gradients accumulate into :meth:`parameters`; call the optimizer after."""
+        every rank). Inputs are passed as to the model itself (keyword inputs included).
+        Gradients accumulate into :meth:`parameters`; call the optimizer after."""
         losses: list[torch.Tensor] = []
-        args = tuple(_to(x, self._device) for x in inputs) if self._first_local else ()
-        kwargs: dict[str, Any] = {}
+        args = self._stage_args(inputs, kwargs)
+        loss_args: dict[str, Any] = {}
         if self._last_local:
             if target is None:
                 raise RuntimeSetupError(
                     "program.step(..., target=...) needs the target on the last stage's rank."
                 )
-            kwargs = {"target": _to(target, self._device), "losses": losses}
-        self._schedule.step(*args, **kwargs)
-        self._sync_tied_grads()
-        value = torch.zeros(1, dtype=torch.float64)
-        if self._last_local:
-            value[0] = float(torch.stack([loss.detach().double().cpu() for loss in losses]).mean())
-        dist.broadcast(value, src=self._last_rank)
-        return float(value[0])
+            share = self._replica_share(target, self._inputs.batch)
+            loss_args = {"target": _to(share, self._device), "losses": losses}
+        with self._peer_failures("step()"):
+            self._schedule.step(*args, **loss_args)
+            self._sync_tied_grads()
+            # The mean over replicas of each replica's mean loss: the last stage of each replica
+            # contributes its own, every other rank zero.
+            value = torch.zeros(1, dtype=torch.float64, device=self._device)
+            if self._last_local:
+                value[0] = float(
+                    torch.stack([loss.detach().double().cpu() for loss in losses]).mean()
+                )
+            dist.all_reduce(value)
+        return float(value[0]) / self._dp
 
-    def __call__(self, *inputs: Any) -> Any:
+    @contextlib.contextmanager
+    def _peer_failures(self, what: str) -> Iterator[None]:
+        """Turn a communication failure (a peer that died, or did not answer within the process
+        group's timeout) into a :class:`PeerFailureError` that says so; other errors pass."""
+        try:
+            yield
+        except RuntimeError as exc:
+            text = str(exc)
+            if not isinstance(exc, dist.DistError) and not any(
+                key in text for key in _PEER_FAILURE_MARKS
+            ):
+                raise
+            first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+            raise PeerFailureError(
+                f"rank {dist.get_rank()}: {what} failed because another rank died or stopped "
+                f"answering ({first[:300]}). Check the other ranks' logs for the first error; a "
+                "rank that stops answering is given up on after the process group's timeout "
+                "(init_process_group(timeout=...))."
+            ) from exc
+
+    def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
         """Inference: the model's full output on every rank."""
-        args = tuple(_to(x, self._device) for x in inputs) if self._first_local else ()
+        args = self._stage_args(inputs, kwargs)
         # torch's eval() still computes the loss when the schedule has one, which needs a target;
         # inference has none, so the loss is switched off for the forward-only pass.
         loss_fn, self._schedule._loss_fn = self._schedule._loss_fn, None
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._peer_failures("inference"):
                 out = self._schedule.eval(*args)
         finally:
             self._schedule._loss_fn = loss_fn
         box = [out if self._last_local else None]
-        dist.broadcast_object_list(box, src=self._last_rank)
-        result = box[0]
+        with self._peer_failures("inference"):
+            dist.broadcast_object_list(box, src=self._last_rank, group=self._group)
+            result = box[0]
+            if self._dp_group is not None:  # every replica computed its share of the batch
+                shares: list[Any] = [None] * self._dp
+                dist.all_gather_object(shares, result, group=self._dp_group)
+                result = _concat_batch(shares)
         if isinstance(result, (tuple, list)):
             result = tree_unflatten(list(result), self._infos[self.plan.num_stages - 1].output_spec)
         return result
+
+    def _stage_args(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """The first stage's positional inputs: the model's inputs flattened as at compile time,
+        this replica's share of the batch."""
+        flat = self._inputs.flatten(inputs, kwargs)
+        if not self._first_local:
+            return ()
+        return tuple(
+            _to(self._replica_share(x, self._inputs.batch), self._device)
+            for i, x in enumerate(flat)
+            if i not in self._inputs.constants
+        )
+
+    def _replica_share(self, x: Any, batch: int) -> Any:
+        """This data-parallel replica's rows of ``x`` (all of it without data parallelism)."""
+        if self._dp == 1 or not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != batch:
+            return x
+        size = batch // self._dp
+        return x[self._dp_rank * size : (self._dp_rank + 1) * size]
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """This rank's parameters, one per name (tied copies share storage), for any optimizer."""
@@ -245,13 +357,17 @@ class ParallelProgram:
                 ranks = tuple(sorted({self.plan.stages[s].device for s in stages}))
                 if len(ranks) > 1:
                     holders[name] = ranks
+        # Global ranks of each replica's pipeline (one row per dp index), the same on every rank.
+        rows = _replica_rows(self._mesh)
         groups: dict[tuple[int, ...], Any] = {}
         mine: list[tuple[str, Any]] = []
         for name in sorted(holders):
             ranks = holders[name]
             if ranks not in groups:
-                global_ranks = [dist.get_global_rank(self._group, r) for r in ranks]
-                groups[ranks] = dist.new_group(global_ranks)
+                for replica, row in enumerate(rows):
+                    group = dist.new_group([row[r] for r in ranks])
+                    if replica == self._dp_rank:
+                        groups[ranks] = group
             if self._pp_rank in ranks:
                 mine.append((name, groups[ranks]))
         del pp
@@ -270,10 +386,71 @@ class ParallelProgram:
                 p.grad = grad.clone()
 
 
+class _Inputs:
+    """How the model's positional and keyword inputs flatten into the first stage's inputs (the
+    traced graph's placeholders, in order), fixed by the example inputs given to compile."""
+
+    def __init__(self, spec: TreeSpec, flat: list[Any], keys: tuple[str, ...]) -> None:
+        self.spec = spec
+        self.flat = flat
+        self.keys = keys
+        self.constants = {i: v for i, v in enumerate(flat) if not isinstance(v, torch.Tensor)}
+        """Non-tensor inputs (e.g. ``scale=2.0``): the trace specialised the graph to their values,
+        so they are bound into the first stage and every call must pass the same."""
+
+    @classmethod
+    def of(cls, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Inputs:
+        flat, spec = tree_flatten((args, kwargs))
+        return cls(spec, flat, tuple(kwargs))
+
+    @property
+    def batch(self) -> int:
+        from autopart.planner import _batch_size
+
+        return _batch_size(self.flat)
+
+    def check_graph(self, gm: torch.fx.GraphModule) -> None:
+        placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(self.flat):
+            raise RuntimeSetupError(
+                f"the traced graph takes {len(placeholders)} inputs ({', '.join(placeholders)}) but the "
+                f"example inputs flatten to {len(self.flat)}; pass tensors, or flat tuples/dicts of them."
+            )
+
+    def micro_batch(self, batch: int, micro_batches: int) -> list[Any]:
+        """The flat inputs of one micro-batch (the first)."""
+        size = batch // micro_batches
+        return [
+            a[:size] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else a
+            for a in self.flat
+        ]
+
+    def flatten(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        if set(kwargs) != set(self.keys):
+            raise RuntimeSetupError(
+                f"the program was compiled with keyword inputs {sorted(self.keys)} but got {sorted(kwargs)}; "
+                "pass the same keywords to every call."
+            )
+        flat, spec = tree_flatten((tuple(args), {k: kwargs[k] for k in self.keys}))
+        if spec != self.spec:
+            raise RuntimeSetupError(
+                f"the inputs have structure {spec} but the program was compiled for {self.spec}; "
+                "pass inputs shaped like compile's example_inputs / example_kwargs."
+            )
+        for i, value in self.constants.items():
+            if flat[i] != value:
+                raise RuntimeSetupError(
+                    f"input {i} is {flat[i]!r} but the program was compiled with {value!r}; a "
+                    "non-tensor input is part of the traced graph, so compile again to change it."
+                )
+        return flat
+
+
 def _micro_batch_graph(
     model: torch.nn.Module,
     gm: torch.fx.GraphModule,
     args: tuple[Any, ...],
+    kwargs: dict[str, Any],
     batch: int,
     micro_batches: int,
 ) -> torch.fx.GraphModule | None:
@@ -285,14 +462,107 @@ def _micro_batch_graph(
     if micro_batches == 1:
         return gm
     size = batch // micro_batches
-    small = tuple(
-        a[:size] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else a
-        for a in args
+
+    def slice_batch(a: Any) -> Any:
+        return (
+            a[:size] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else a
+        )
+
+    run = trace(
+        model, tuple(slice_batch(a) for a in args), {k: slice_batch(v) for k, v in kwargs.items()}
     )
-    run = trace(model, small)
     want = [(n.name, n.op, str(n.target)) for n in gm.graph.nodes]
     got = [(n.name, n.op, str(n.target)) for n in run.graph.nodes]
     return run if want == got else None
+
+
+def _axis_size(mesh: DeviceMesh, name: str) -> int:
+    names = mesh.mesh_dim_names or ()
+    return (
+        mesh[name].size()
+        if name in names and len(names) > 1
+        else (mesh.size() if name in names else 1)
+    )
+
+
+def _replica_rows(mesh: DeviceMesh) -> list[list[int]]:
+    """Global ranks of each data-parallel replica's pipeline: row ``i`` is replica ``i``'s pp ranks."""
+    names = list(mesh.mesh_dim_names or ())
+    ranks = mesh.mesh
+    if "dp" in names and len(names) > 1:
+        ranks = ranks.permute(names.index("dp"), names.index("pp"))
+    return ranks.reshape(-1, _axis_size(mesh, "pp")).tolist()
+
+
+def _pp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    return mesh["pp"] if len(mesh.mesh_dim_names or ()) > 1 else mesh
+
+
+def _data_parallel(stage: torch.nn.Module, group: Any, device: torch.device) -> torch.nn.Module:
+    """``stage`` under torch's DistributedDataParallel over ``group`` (a stage without trainable
+    parameters has nothing to synchronise and stays as it is)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not any(p.requires_grad for p in stage.parameters()):
+        return stage
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(stage, device_ids=ids, process_group=group)
+
+
+def _concat_batch(shares: list[Any]) -> Any:
+    """The replicas' outputs (flat tuples or tensors, or pytrees of them) joined along the batch."""
+    first = shares[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(shares) if first.dim() > 0 else first
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat_batch([s[i] for s in shares]) for i in range(len(first)))
+    flat = [tree_flatten(s) for s in shares]
+    joined = [_concat_batch([f[0][i] for f in flat]) for i in range(len(flat[0][0]))]
+    return tree_unflatten(joined, flat[0][1])
+
+
+class _WithConstants(torch.nn.Module):
+    """The first stage with its non-tensor inputs bound: ``PipelineStage`` passes tensors only."""
+
+    def __init__(self, stage: torch.fx.GraphModule, constants: Mapping[int, Any]) -> None:
+        super().__init__()
+        self.stage = stage
+        self.constants = dict(constants)
+        self.arity = sum(1 for n in stage.graph.nodes if n.op == "placeholder")
+
+    def forward(self, *tensors: Any) -> Any:
+        it = iter(tensors)
+        args = [self.constants[i] if i in self.constants else next(it) for i in range(self.arity)]
+        return self.stage(*args)
+
+
+def _value_metas(gm: torch.fx.GraphModule, flat_inputs: list[Any]) -> dict[str, torch.Tensor]:
+    """Every tensor value of ``gm`` run on ``flat_inputs``, as a meta tensor with the value's shape,
+    dtype and ``requires_grad``. Runs under fake tensors (no compute, no memory), with autograd on so
+    that ``requires_grad`` says which values carry gradients back across a stage boundary."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    metas: dict[str, torch.Tensor] = {}
+
+    class _Prop(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                metas[n.name] = torch.empty(out.shape, dtype=out.dtype, device="meta")
+                metas[n.name].requires_grad_(out.requires_grad)
+            return out
+
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad():
+        _Prop(gm).run(*flat_inputs)
+    return metas
+
+
+def _on(metas: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Example tensors for ``PipelineStage``: empty, on ``device``, with the metas' flags."""
+    return tuple(
+        torch.empty(m.shape, dtype=m.dtype, device=device).requires_grad_(m.requires_grad)
+        for m in metas
+    )
 
 
 def _resolve_mesh(mesh: DeviceMesh | str) -> DeviceMesh:
@@ -302,17 +572,18 @@ def _resolve_mesh(mesh: DeviceMesh | str) -> DeviceMesh:
             raise RuntimeSetupError(
                 f"the DeviceMesh has dims {names}; autopart needs one named 'pp'."
             )
-        extra = [n for n in names if n != "pp" and mesh[n].size() > 1]
+        extra = [n for n in names if n not in ("dp", "pp") and mesh[n].size() > 1]
         if extra:
             raise RuntimeSetupError(
-                f"mesh dims {extra} are not supported yet; only pipeline parallelism (pp) runs so far."
+                f"mesh dims {extra} are not supported yet; data (dp) and pipeline (pp) parallelism run so far."
             )
-        return mesh["pp"] if len(names) > 1 else mesh
+        return mesh
     sizes = parse_mesh(mesh)
-    if set(sizes) - {"pp"} and any(v > 1 for k, v in sizes.items() if k != "pp"):
+    if sizes.get("tp", 1) > 1:
         raise RuntimeSetupError(
-            f"mesh {mesh!r}: only pipeline parallelism (pp) runs so far; use e.g. 'pp=2'."
+            f"mesh {mesh!r}: tensor parallelism (tp) does not run yet; use dp and pp, e.g. 'dp=2,pp=2'."
         )
+    sizes.setdefault("pp", 1)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeSetupError(
             "no process group is initialised: call torch.distributed.init_process_group('gloo') (CPU) or "
@@ -326,6 +597,10 @@ def _resolve_mesh(mesh: DeviceMesh | str) -> DeviceMesh:
             f"(torchrun --nproc-per-node {wanted}) or use a mesh of {world}."
         )
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    if sizes.get("dp", 1) > 1:
+        return init_device_mesh(
+            device_type, (sizes["dp"], sizes["pp"]), mesh_dim_names=("dp", "pp")
+        )
     return init_device_mesh(device_type, (sizes["pp"],), mesh_dim_names=("pp",))
 
 

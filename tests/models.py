@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -62,3 +64,62 @@ def two_in_two_out() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
         torch.manual_seed(0)
         model = TwoInTwoOut()
     return model, (torch.randn(8, 8, generator=gen), torch.randn(8, 8, generator=gen))
+
+
+class TiedDeep(nn.Module):
+    """Tied input/output embeddings with four layers between them: on four stages the two copies
+    of the embedding live on the first and the last rank."""
+
+    def __init__(self, vocab: int = 48, dim: int = 16, layers: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mid = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for layer in self.mid:
+            h = torch.tanh(layer(h))
+        return self.head(h)
+
+
+def tied_deep() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """Factory (``tests.models:tied_deep``): tied embeddings, token ids in."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = TiedDeep()
+    return model, (torch.randint(0, 48, (8, 6), generator=torch.Generator().manual_seed(0)),)
+
+
+def keyword_inputs() -> tuple[nn.Module, tuple[torch.Tensor], dict[str, Any]]:
+    """Factory (``tests.models:keyword_inputs``): one input by position, a tensor and a float by
+    keyword."""
+    model, (x, y) = two_in_two_out()
+    return model, (x,), {"y": y, "scale": 2.0}
+
+
+HF_CONFIGS = {
+    # Dropout off: random masks would differ between the pipeline and the reference.
+    "hf:gpt2": "n_layer=2,n_embd=64,n_head=4,vocab_size=512,n_positions=64,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0",
+    "hf:llama": "num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4,num_key_value_heads=2,vocab_size=512",
+}
+
+
+def gpt2_padded() -> tuple[nn.Module, tuple[torch.Tensor], dict[str, Any]]:
+    """Factory (``tests.models:gpt2_padded``): Hugging Face GPT-2 with ``attention_mask=`` given
+    by keyword, two sequences right-padded."""
+    from autopart.model_spec import load_model, parse_config_overrides
+
+    loaded = load_model(
+        "hf:gpt2",
+        batch=8,
+        seq=16,
+        config=parse_config_overrides(HF_CONFIGS["hf:gpt2"]),
+        device="cpu",
+        seed=0,
+    )
+    mask = torch.ones(8, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    mask[6, 4:] = 0
+    return loaded.model, loaded.example_inputs, {"attention_mask": mask}

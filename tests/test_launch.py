@@ -7,6 +7,7 @@ import pytest
 from autopart.cli import main
 from autopart.errors import AutopartError
 from autopart.launch import run_local
+from tests.models import HF_CONFIGS
 
 
 def test_run_local_trains_and_matches_one_process() -> None:
@@ -32,13 +33,6 @@ def test_failing_rank_stops_the_run_with_a_clear_error() -> None:
     # 5 samples do not split into 2 micro-batches: every rank fails while compiling.
     with pytest.raises(AutopartError, match="rank"):
         run_local("mlp", mesh="pp=2", steps=1, batch=5, micro_batches=2, timeout_s=120)
-
-
-HF_CONFIGS = {
-    # Dropout off: random masks would differ between the pipeline and the reference.
-    "hf:gpt2": "n_layer=2,n_embd=64,n_head=4,vocab_size=512,n_positions=64,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0",
-    "hf:llama": "num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4,num_key_value_heads=2,vocab_size=512",
-}
 
 
 @pytest.mark.parametrize("spec", sorted(HF_CONFIGS))
