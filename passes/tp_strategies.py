@@ -1,0 +1,276 @@
+"""Tensor-parallel sharding strategies: for every node of a traced graph, the ways it can run on ``d``
+ranks, and what it costs to move a tensor between two placements.
+
+Placements (per tensor, over the ``d`` ranks of the TP group), as in DTensor:
+
+- ``R``: every rank holds the whole tensor (replicate);
+- ``S(k)``: dimension ``k`` is split into ``d`` contiguous pieces, rank ``r`` holds piece ``r``;
+  ``S(k,groups=g)`` first views dimension ``k`` as ``(g, size / g)`` and splits the inner part (the
+  layout of a fused QKV projection whose output is later cut into q, k and v: every rank holds its
+  share of each of the three, so ``split`` gives it its heads of each);
+- ``P``: every rank holds a partial sum; the tensor is the sum over ranks.
+
+A :class:`Strategy` of a node says which placement each input must have, which placement the
+output gets, which placement the *gradient* of each input has (``P`` where the backward produces
+partial sums, e.g. the input of a column-parallel linear: Megatron's ``f`` operator), and whether the
+work is split ``d`` ways. Every node can run replicated (all ``R``), which is always correct;
+sharded strategies are offered by explicit rules only:
+
+- linear / addmm (HF ``Conv1D``, weight stored transposed) / mm / matmul with a weight: ``col``
+  (weight split on its output features, input ``R``, output ``S(last)``, its bias split alike),
+  ``row`` (weight split on its input features, input ``S(last)``, output ``P``, the bias added by one
+  rank only); a column split may use groups when the output is cut into equal parts later (fused QKV);
+- embedding: ``row`` (vocabulary-parallel: each rank looks up its vocabulary range, output ``P``),
+  ``col`` (the embedding dimension split, output ``S(last)``);
+- mm / matmul / bmm of two activations: ``col``/``row`` as above, or a batch dimension (the heads
+  of a hand-written attention) split in both operands;
+- scaled_dot_product_attention: split on the heads (dimension 1), which needs ``d`` to divide the
+  query and the key/value heads (GQA);
+- pointwise ops: the output takes a split of an input (broadcast inputs stay ``R`` and get partial
+  gradients); ``P`` passes through the linear ones (add/sub of partials, mul/div by a replicated
+  factor, neg, casts, copies);
+- view / reshape / flatten / unflatten / squeeze / unsqueeze: a split moves with its dimension when
+  sizes divide (hidden -> (heads, head_dim) keeps the split on the heads only if ``d`` divides the
+  heads); transpose / permute / expand / repeat_interleave / roll / slice / narrow / select / split /
+  chunk / cat / getitem move or keep it; ``P`` passes through all of them;
+- reductions, softmax, layer_norm, rms_norm: any split outside the reduced / normalised dimensions
+  (a norm's weight and bias then get partial gradients); ``sum`` / ``mean`` keep ``P``.
+
+Parameters and buffers (``get_attr``) are stored in ``R`` or in any split a consumer asks for, so a
+weight is split once however many nodes read it (a tied embedding and LM head). A split / chunk
+hands its parts on as they are: its list output is never resharded, its parts (``getitem``) are.
+
+Any other op (and ``call_module`` / ``call_method`` nodes) gets the replicated strategy only. Split
+candidates are propagated forward from the sources above, so activations are split only on
+dimensions that come from a weight (features, heads), never on the batch or sequence dimensions.
+When a split is impossible because ``d`` does not divide a size, the node records why
+(:attr:`NodeStrategies.reasons`), so a plan can explain each forced replication.
+
+Moving a tensor from one placement to another (:func:`resharding`), forward and backward:
+
+==========  ===========  ================================  =====================================
+from        to           forward                           backward (gradient)
+==========  ===========  ================================  =====================================
+``R``       ``S(k)``     local slice, free                 all-gather
+``S(k)``    ``R``        all-gather                        free slice; reduce-scatter if partial
+``P``       ``R``        all-reduce                        free; all-reduce if partial
+``P``       ``S(k)``     reduce-scatter (optional)         all-gather
+``S(a)``    ``S(b)``     all-to-all                        all-to-all
+``R``       ``R``        free                              all-reduce if the consumer's gradient is
+                                                           partial (shared by all consumers)
+anything    ``P``        not allowed (except ``P`` -> ``P``)
+==========  ===========  ================================  =====================================
+
+Costs use the ring collectives of :mod:`autopart.cost_models.comm`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from torch.fx import GraphModule, Node
+
+from autopart._compat import StrEnum
+from autopart.cost_models.comm import (
+    all_gather_time_s,
+    all_reduce_time_s,
+    all_to_all_time_s,
+    reduce_scatter_time_s,
+)
+from autopart.cost_models.devices import DeviceSpec
+from autopart.errors import AutopartError
+from autopart.passes._tp_placements import (
+    NodeStrategies,
+    P,
+    Placement,
+    R,
+    Strategy,
+    dual,
+    shard,
+)
+from autopart.passes._tp_rules import (
+    RULE_OPS,
+    WEIGHT_SLOT,
+    cache_key,
+    node_strategies,
+    op_name,
+    weight_param,
+)
+
+__all__ = [
+    "Collective",
+    "NodeStrategies",
+    "P",
+    "Placement",
+    "R",
+    "Resharding",
+    "Strategy",
+    "collective_bytes",
+    "collective_time_s",
+    "resharding",
+    "shard",
+    "supported_ops",
+    "tp_strategies",
+    "weight_matmuls",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# resharding between placements
+
+
+class Collective(StrEnum):
+    ALL_REDUCE = "all_reduce"
+    ALL_GATHER = "all_gather"
+    REDUCE_SCATTER = "reduce_scatter"
+    ALL_TO_ALL = "all_to_all"
+
+
+@dataclass(frozen=True, slots=True)
+class Resharding:
+    """What an edge costs when its producer's placement and its consumer's requirement are given."""
+
+    forward: Collective | None
+    backward: Collective | None
+    reduces_gradient: bool = False
+    """The consumer returns a partial gradient to a replicated producer, which all-reduces the sum
+    of its partial gradients once, however many consumers return one (Megatron's ``f``)."""
+
+
+def resharding(
+    src: Placement,
+    dst: Placement,
+    grad: Placement,
+    *,
+    requires_grad: bool = True,
+    reduce_scatter: bool = False,
+) -> Resharding | None:
+    """The collectives that turn a tensor placed ``src`` into ``dst`` (forward) and bring back its
+    gradient, which the consumer produces placed ``grad`` (backward); ``None`` if not allowed.
+
+    ``P -> S(k)`` (a reduce-scatter in the forward, as in sequence parallelism) is allowed only with
+    ``reduce_scatter=True``; otherwise partial sums resolve to ``R`` by all-reduce.
+    """
+    if dst.kind == "P" and src != dst:
+        return None
+    if src.kind == "P" and dst.kind == "S" and not reduce_scatter:
+        return None
+    forward: Collective | None = None
+    if src != dst:
+        if src.kind == "P":
+            forward = Collective.ALL_REDUCE if dst.kind == "R" else Collective.REDUCE_SCATTER
+        elif src.kind == "S":
+            forward = Collective.ALL_GATHER if dst.kind == "R" else Collective.ALL_TO_ALL
+    if not requires_grad:
+        return Resharding(forward, None)
+    want = dual(src)  # what the producer's backward needs
+    if src == dst:
+        if grad == want:
+            return Resharding(forward, None)
+        assert grad.kind == "P" and want.kind == "R", (src, dst, grad)
+        return Resharding(forward, None, reduces_gradient=True)
+    backward: Collective | None
+    if grad == want:
+        backward = None
+    elif grad.kind == "P":
+        backward = Collective.ALL_REDUCE if want.kind == "R" else Collective.REDUCE_SCATTER
+    elif grad.kind == "S":
+        backward = Collective.ALL_GATHER if want.kind == "R" else Collective.ALL_TO_ALL
+    else:  # grad R, producer wants a split: a local slice
+        backward = None
+    return Resharding(forward, backward)
+
+
+def collective_time_s(
+    kind: Collective, nbytes: int, degree: int, device: DeviceSpec, *, micro_batches: int = 1
+) -> float:
+    """Seconds of ``kind`` on a tensor of ``nbytes`` (full size) over ``degree`` ranks, once per
+    micro-batch on ``1 / micro_batches`` of the bytes."""
+    per = math.ceil(nbytes / micro_batches)
+    if kind is Collective.ALL_REDUCE:
+        t = all_reduce_time_s(per, degree, device)
+    elif kind is Collective.ALL_GATHER:
+        t = all_gather_time_s(per, degree, device)
+    elif kind is Collective.REDUCE_SCATTER:
+        t = reduce_scatter_time_s(per, degree, device)
+    else:
+        t = all_to_all_time_s(math.ceil(per / degree), degree, device)
+    return micro_batches * t
+
+
+def collective_bytes(kind: Collective, nbytes: int, degree: int) -> int:
+    """Bytes each rank sends in a ring ``kind`` on a tensor of ``nbytes`` (full size): ``2(d-1)/d n``
+    for an all-reduce, ``(d-1)/d n`` for an all-gather or reduce-scatter, ``(d-1)/d n/d`` for an
+    all-to-all (each rank holds ``n/d``)."""
+    if kind is Collective.ALL_REDUCE:
+        return 2 * (degree - 1) * nbytes // degree
+    if kind is Collective.ALL_TO_ALL:
+        return (degree - 1) * nbytes // (degree * degree)
+    return (degree - 1) * nbytes // degree
+
+
+# ---------------------------------------------------------------------------------------------
+# the analysis
+
+
+def tp_strategies(gm: GraphModule, degree: int) -> dict[str, NodeStrategies]:
+    """The strategies of every node of ``gm`` (a graph from :func:`autopart.trace`) on ``degree``
+    TP ranks, by node name in graph order. Parameters and buffers (``get_attr``) get one strategy per
+    placement their consumers ask for, plus ``R``."""
+    if not isinstance(degree, int) or degree < 1:
+        raise AutopartError(f"the TP degree must be a positive integer, got {degree!r}")
+    cands: dict[Node, list[Placement]] = {}
+    result: dict[str, NodeStrategies] = {}
+    attrs: list[Node] = []
+    cache: dict[Any, NodeStrategies] = {}  # the 80 layers of a Llama-70B derive one layer's worth
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            attrs.append(node)
+            cands[node] = [R]
+            continue
+        try:
+            key = cache_key(node, cands)
+            ns = cache.get(key) if key is not None else None
+            if ns is None:
+                ns = node_strategies(node, degree, cands)
+                if key is not None:
+                    cache[key] = ns
+        except Exception as exc:
+            raise AutopartError(
+                f"could not derive TP strategies of node {node.name!r} ({node.op} {node.target}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        result[node.name] = ns
+        cands[node] = list(dict.fromkeys(s.output for s in ns.strategies))
+    for node in attrs:
+        asked = [R]
+        for user in node.users:
+            slot = user.all_input_nodes.index(node)
+            asked += [s.inputs[slot] for s in result[user.name].strategies]
+        placements = [p for p in dict.fromkeys(asked) if p.kind != "P"]
+        result[node.name] = NodeStrategies(
+            tuple(
+                Strategy("replicate" if p == R else "shard", p, (), (), sharded=p != R)
+                for p in placements
+            )
+        )
+    return {n.name: result[n.name] for n in gm.graph.nodes}
+
+
+def weight_matmuls(gm: GraphModule) -> dict[str, str]:
+    """The nodes that multiply by a parameter (linear, addmm, mm, matmul) or look one up
+    (embedding), by name in graph order, with their op name: the nodes a plan labels
+    ``replicate`` / ``col`` / ``row``."""
+    found: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        op = op_name(node)
+        if op in WEIGHT_SLOT and weight_param(node, WEIGHT_SLOT[op]) is not None:
+            found[node.name] = op
+    return found
+
+
+def supported_ops() -> list[str]:
+    """The aten op names with sharding rules (everything else runs replicated)."""
+    return sorted(RULE_OPS)
