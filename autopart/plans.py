@@ -23,6 +23,7 @@ __all__ = [
     "PlanError",
     "SolverInfo",
     "StagePlan",
+    "TPSection",
     "format_mesh",
     "parse_mesh",
 ]
@@ -116,6 +117,63 @@ class BaselineResult:
     step_time_s: float
 
 
+_SHARDINGS = ("replicate", "col", "row")
+
+
+@dataclass(frozen=True, slots=True)
+class TPSection:
+    """The tensor-parallel part of a plan (the JSON ``"tp"`` object): how every node of the graph
+    is sharded over the mesh's ``tp`` dimension. Node names are those of ``stage_of``."""
+
+    degree: int
+    sharding: Mapping[str, str]
+    """Every weight matmul and embedding -> ``"replicate"``, ``"col"`` (output features split) or
+    ``"row"`` (input features split, partial output; an embedding: vocabulary-parallel)."""
+    forward_all_reduces_per_block: int
+    comm_bytes_per_step: int
+    """Bytes each rank sends per training step in TP collectives (forward and backward)."""
+    placements: Mapping[str, str] = field(default_factory=dict)
+    """Every node -> the placement of its output: ``"R"``, ``"P"``, ``"S(k)"``, ``"S(k,groups=g)"``
+    (see ``autopart.passes.tp_strategies.Placement``)."""
+    input_placements: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    """Every node -> {input node: the placement the node reads it in}; where it differs from the
+    input's own placement, a collective (or a local slice) reshards it."""
+    fallbacks: Mapping[str, str] = field(default_factory=dict)
+    """Nodes left replicated because the degree does not divide a size they need split, and why."""
+
+    def __post_init__(self) -> None:
+        _check(self.degree >= 1, f"tp.degree must be >= 1, got {self.degree}")
+        bad = {n: v for n, v in self.sharding.items() if v not in _SHARDINGS}
+        _check(not bad, f"tp.sharding has unknown strategies {bad}; use {', '.join(_SHARDINGS)}")
+        _check(
+            self.forward_all_reduces_per_block >= 0 and self.comm_bytes_per_step >= 0,
+            "tp counts must be >= 0",
+        )
+        for name in ("sharding", "placements", "fallbacks"):
+            object.__setattr__(self, name, {str(k): str(v) for k, v in getattr(self, name).items()})
+        object.__setattr__(
+            self,
+            "input_placements",
+            {
+                str(k): {str(a): str(b) for a, b in v.items()}
+                for k, v in self.input_placements.items()
+            },
+        )
+
+    @classmethod
+    def from_tp_plan(cls, tp: Any) -> TPSection:
+        """From an ``autopart.solver.tp_ilp.TPPlan``."""
+        return cls(
+            degree=tp.degree,
+            sharding=dict(tp.sharding),
+            forward_all_reduces_per_block=tp.forward_all_reduces_per_block,
+            comm_bytes_per_step=tp.comm_bytes_per_step,
+            placements=dict(tp.placements),
+            input_placements={k: dict(v) for k, v in tp.input_placements.items()},
+            fallbacks=dict(tp.fallbacks),
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     model: str
@@ -138,6 +196,8 @@ class Plan:
     optimizer: str = "adamw"
     boundary_bytes: tuple[int, ...] = ()
     """Bytes sent forward across each stage boundary per micro-batch (the same come back as gradients)."""
+    tp: TPSection | None = None
+    """Tensor parallelism within each stage (None: no ``tp`` axis, or ``tp=1``)."""
 
     def __post_init__(self) -> None:
         mesh = parse_mesh(dict(self.mesh))
@@ -180,6 +240,12 @@ class Plan:
             f"boundary_bytes needs {num_stages - 1} entries >= 0",
         )
         object.__setattr__(self, "boundary_bytes", tuple(int(b) for b in self.boundary_bytes))
+        tp_size = mesh.get("tp", 1)
+        if self.tp is not None:
+            _check(
+                self.tp.degree == tp_size,
+                f"tp.degree is {self.tp.degree} but the mesh has tp={tp_size}",
+            )
         object.__setattr__(self, "stage_of", dict(self.stage_of))
         object.__setattr__(self, "baselines", dict(self.baselines))
 
@@ -238,6 +304,7 @@ class Plan:
                 },
                 optimizer=str(raw.get("optimizer", "adamw")),
                 boundary_bytes=tuple(raw.get("boundary_bytes", ())),
+                tp=TPSection(**raw["tp"]) if raw.get("tp") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, PlanError):
