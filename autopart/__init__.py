@@ -4,6 +4,7 @@ Public surface (see the README): ``trace`` captures a model as an FX graph, ``an
 node's cost, ``load_model`` resolves MODEL strings (zoo names, ``hf:...``, ``file.py:factory``).
 """
 
+from autopart.codegen import emit
 from autopart.errors import AutopartError, ModelSpecError, TraceError, UnknownDeviceError
 from autopart.model_spec import LoadedModel, load_model
 from autopart.passes.annotate import annotate, graph_totals, node_cost
@@ -22,6 +23,7 @@ __all__ = [
     "UnknownDeviceError",
     "annotate",
     "compile",
+    "emit",
     "graph_totals",
     "load_model",
     "node_cost",

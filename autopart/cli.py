@@ -90,10 +90,12 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="benchmark the solver",
-        description="Solve time, gap to the lower bound and speed-up over the baselines for zoo models and synthetic DAGs.",
+        help="benchmark the solver or the runtime",
+        description="solver: solve time, gap to the lower bound and speed-up over the baselines for zoo "
+        "models and synthetic DAGs. runtime: step time of the autopart pipeline against the same model "
+        "split by hand into equal layers per stage, on local gloo ranks (one thread each).",
     )
-    bench.add_argument("--suite", choices=["solver"], default="solver")
+    bench.add_argument("--suite", choices=["solver", "runtime"], default="solver")
     bench.add_argument(
         "--quick", action="store_true", help="a small grid (seconds instead of minutes)"
     )
@@ -165,6 +167,37 @@ def _parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--format", choices=["table", "json"], default="table")
     plan.set_defaults(run=_cmd_plan)
+
+    emit = sub.add_parser(
+        "emit",
+        help="write a standalone pipeline program runnable with torchrun",
+        description="Plan MODEL for MESH and write a standalone program to --out: one Python file per "
+        "stage, a launcher run.py, the weights, a random batch and the plan. Run it with "
+        "`torchrun --nproc-per-node N run.py` (only torch needed).",
+    )
+    emit.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a zoo name, hf:<model_type>, file.py:factory or package.module:factory",
+    )
+    emit.add_argument("--mesh", default="pp=2", help="mesh spec (default pp=2)")
+    emit.add_argument("--out", required=True, help="folder to write the program into")
+    emit.add_argument("--micro-batches", type=int, default=None)
+    emit.add_argument(
+        "--schedule", choices=["auto", "gpipe", "1f1b", "interleaved"], default="auto"
+    )
+    emit.add_argument(
+        "--device", default="cpu", help="device to plan for (default cpu: the gloo runtime's)"
+    )
+    emit.add_argument("--batch", type=int, default=None)
+    emit.add_argument("--seq", type=int, default=None)
+    emit.add_argument(
+        "--config", default=None, help="config overrides for hf: models, e.g. n_layer=2,n_embd=64"
+    )
+    emit.add_argument("--steps", type=int, default=10, help="run.py's default steps (default 10)")
+    emit.add_argument("--lr", type=float, default=0.01, help="run.py's default SGD lr (0.01)")
+    emit.add_argument("--format", choices=["table", "json"], default="table")
+    emit.set_defaults(run=_cmd_emit)
     return parser
 
 
@@ -328,6 +361,9 @@ def _profile(args: argparse.Namespace, gm: Any, device: Any) -> tuple[Any, Any]:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from autopart.bench import solver_suite
+
+    if args.suite == "runtime":
+        return _cmd_bench_runtime(args)
     from autopart.units import format_seconds
 
     quiet = _quiet(args)
@@ -374,6 +410,54 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_runtime(args: argparse.Namespace) -> int:
+    from autopart.bench_runtime import runtime_suite
+    from autopart.units import format_seconds
+
+    quiet = _quiet(args)
+    with _bar("runtime bench", quiet) as bar:
+        task = bar.add_task("runtime bench", total=None)
+
+        def progress(done: int, total: int, label: str) -> None:
+            bar.update(task, completed=done, total=total, description=label)
+
+        rows = runtime_suite(quick=args.quick, progress=progress)
+    if args.format == "json":
+        json.dump(rows, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    table = Table(
+        title="runtime: autopart pipeline vs equal layers per stage by hand (same schedule, "
+        "gloo, 1 thread per rank); ratio > 1: autopart is faster",
+        title_justify="left",
+    )
+    for col in (
+        "case",
+        "ranks",
+        "autopart step",
+        "hand step",
+        "ratio",
+        "efficiency autopart / hand",
+        "closed form",
+        "layers per stage autopart / hand",
+    ):
+        table.add_column(col, justify="left" if col in ("case",) else "right")
+    for r in rows:
+        table.add_row(
+            str(r["case"]),
+            str(r["ranks"]),
+            format_seconds(r["autopart_step_s"]),
+            format_seconds(r["hand_step_s"]),
+            f"{r['ratio']:.2f}x",
+            f"{r['autopart_efficiency']:.0%} / {r['hand_efficiency']:.0%}",
+            f"{r['closed_form_efficiency']:.0%}",
+            f"{'-'.join(map(str, r['autopart_layers_per_stage']))} / "
+            f"{'-'.join(map(str, r['hand_layers_per_stage']))}",
+        )
+    _out.print(table)
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -408,11 +492,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
         title=f"{report.model} on {report.mesh}: {report.schedule}, {report.micro_batches} micro-batches",
         title_justify="left",
     )
-    for col in ("stage", "measured forward / micro-batch", "predicted (cpu roofline)"):
+    for col in (
+        "stage",
+        "forward / micro-batch",
+        "predicted",
+        "backward / micro-batch",
+        "predicted",
+    ):
         table.add_column(col, justify="right")
-    for i, (got, want) in enumerate(zip(report.stage_forward_s, report.predicted_stage_forward_s)):
-        table.add_row(str(i), format_seconds(got), format_seconds(want))
+    for i, row in enumerate(
+        zip(
+            report.stage_forward_s,
+            report.predicted_stage_forward_s,
+            report.stage_backward_s,
+            report.predicted_stage_backward_s,
+        )
+    ):
+        table.add_row(str(i), *(format_seconds(v) for v in row))
     _out.print(table)
+    _out.print(
+        f"bubble {report.bubble_fraction:.1%} measured (time outside forward/backward work), "
+        f"{report.predicted_bubble_fraction:.1%} predicted by the plan's simulation, "
+        f"{report.closed_form_bubble_fraction:.1%} closed form (p-1)/(m+p-1)"
+    )
     _out.print(
         f"losses {', '.join(f'{v:.6f}' for v in report.losses)} (one process: "
         f"{', '.join(f'{v:.6f}' for v in report.reference_losses)}); max relative difference: loss "
@@ -484,6 +586,40 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     _print_plan(result, elapsed)
+    return 0
+
+
+def _cmd_emit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from autopart.codegen import emit_model
+
+    quiet = _quiet(args)
+    start = time.perf_counter()
+    with _spinner(f"planning and writing {args.model} for {args.mesh}", quiet):
+        plan, written = emit_model(
+            args.model,
+            Path(args.out),
+            mesh=args.mesh,
+            micro_batches=args.micro_batches,
+            schedule=args.schedule,
+            device=args.device,
+            batch=args.batch,
+            seq=args.seq,
+            config=args.config,
+            steps=args.steps,
+            lr=args.lr,
+        )
+    files = sorted(p.name for p in written.iterdir() if p.is_file())
+    command = f"torchrun --nproc-per-node {plan.mesh['pp']} run.py"
+    if args.format == "json":
+        doc = {"out": str(written), "files": files, "command": command, "plan": plan.to_dict()}
+        json.dump(doc, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    _print_plan(plan, time.perf_counter() - start)
+    _out.print(f"wrote {', '.join(files)} to {written}")
+    _out.print(f"run it with: cd {written} && {command}")
     return 0
 
 
