@@ -6,6 +6,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -57,50 +60,68 @@ def _world(mesh: str) -> int:
     return math.prod(parse_mesh(mesh).values())
 
 
-def _worker(
-    rank: int, world: int, store: str, name: str, mesh: str, schedule: str, opt: str, out: str
-) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        import autopart.runtime as runtime
+Case = tuple[str, str, str, str]
+"""(model, mesh, schedule, optimizer)"""
 
-        model, x, kw, target, loss_fn = _setup(name)
-        program = runtime.compile(
-            model,
-            mesh,
-            example_inputs=x,
-            example_kwargs=kw,
-            loss_fn=loss_fn,
-            schedule=schedule,
-            micro_batches=_micro_batches(mesh, schedule),
-        )
-        inference = program(*x, **kw)  # before training: the model's own output on every rank
-        assert type(inference) is type(model(*x, **kw))  # e.g. a Hugging Face ModelOutput
-        inference = getattr(inference, "logits", inference)
-        params = list(program.parameters())
-        optimizer = _optimizer(params, opt) if params else None  # a stage may hold no parameters
-        losses = []
-        for _ in range(STEPS):
-            if optimizer is not None:
-                optimizer.zero_grad()
-            losses.append(program.step(*x, target=target, **kw))
-            if optimizer is not None:
-                optimizer.step()
-        state = program.full_state_dict()
-        if rank == 0:
-            torch.save(
-                {
-                    "losses": losses,
-                    "state": state,
-                    "schedule": program.plan.schedule,
-                    "stages": program.plan.num_stages,
-                    "inference": inference,
-                },
-                out,
-            )
+
+def _worker(rank: int, world: int, store: str, cases: list[Case], out: str) -> None:
+    """Run ``cases`` one after another on one set of ranks (one spawn per mesh: starting the
+    processes and importing torch costs more than most cases). Rank 0 writes ``out/<i>.pt`` for
+    each case; after a failure the ranks stop, and the later cases report that they did not run."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=90),
+    )
+    try:
+        for i, case in enumerate(cases):
+            try:
+                result = _run_case(*case)
+            except Exception:
+                if rank == 0:
+                    torch.save({"error": traceback.format_exc()}, Path(out) / f"{i}.pt")
+                break
+            if rank == 0:
+                torch.save(result, Path(out) / f"{i}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
+    import autopart.runtime as runtime
+
+    model, x, kw, target, loss_fn = _setup(name)
+    program = runtime.compile(
+        model,
+        mesh,
+        example_inputs=x,
+        example_kwargs=kw,
+        loss_fn=loss_fn,
+        schedule=schedule,
+        micro_batches=_micro_batches(mesh, schedule),
+    )
+    inference = program(*x, **kw)  # before training: the model's own output on every rank
+    assert type(inference) is type(model(*x, **kw))  # e.g. a Hugging Face ModelOutput
+    inference = getattr(inference, "logits", inference)
+    params = list(program.parameters())
+    optimizer = _optimizer(params, opt) if params else None  # a stage may hold no parameters
+    losses = []
+    for _ in range(STEPS):
+        if optimizer is not None:
+            optimizer.zero_grad()
+        losses.append(program.step(*x, target=target, **kw))
+        if optimizer is not None:
+            optimizer.step()
+    return {
+        "losses": losses,
+        "state": program.full_state_dict(),
+        "schedule": program.plan.schedule,
+        "stages": program.plan.num_stages,
+        "inference": inference,
+    }
 
 
 def _chunk(value: Any, n: int) -> list[Any]:
@@ -140,7 +161,7 @@ def _full_batch_loss(name: str) -> float:
         return float(loss_fn(model(*x, **kw), target))
 
 
-def _spawn(world: int, args: tuple, timeout_s: float = 240.0) -> None:
+def _spawn(world: int, args: tuple, timeout_s: float) -> None:
     ctx = mp.start_processes(
         _worker, args=(world, *args), nprocs=world, join=False, start_method="spawn"
     )
@@ -182,13 +203,47 @@ CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def pipeline_results(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[Case], dict[str, Any]]:
+    """The result of a case, running every selected case of its mesh in one spawn on first use."""
+    selected = [
+        tuple(item.callspec.params[k] for k in ("name", "mesh", "schedule", "opt"))
+        for item in request.session.items
+        if isinstance(item, pytest.Function)
+        and item.originalname == "test_pipeline_matches_the_unpartitioned_model"
+    ]
+    done: dict[Case, dict[str, Any]] = {}
+
+    def get(case: Case) -> dict[str, Any]:
+        if case not in done:
+            mesh = case[1]
+            cases = [c for c in CASES if c[1] == mesh and c in selected]
+            tmp = tmp_path_factory.mktemp("mesh")
+            _spawn(_world(mesh), (str(tmp / "store"), cases, str(tmp)), 60.0 + 60.0 * len(cases))
+            for i, c in enumerate(cases):
+                f = tmp / f"{i}.pt"
+                done[c] = (
+                    torch.load(f)
+                    if f.exists()
+                    else {"error": f"not run: an earlier case on {mesh} failed"}
+                )
+        return done[case]
+
+    return get
+
+
 @pytest.mark.parametrize(("name", "mesh", "schedule", "opt"), CASES)
 def test_pipeline_matches_the_unpartitioned_model(
-    tmp_path: Path, name: str, mesh: str, schedule: str, opt: str
+    pipeline_results: Callable[[Case], dict[str, Any]],
+    name: str,
+    mesh: str,
+    schedule: str,
+    opt: str,
 ) -> None:
-    out = tmp_path / "result.pt"
-    _spawn(_world(mesh), (str(tmp_path / "store"), name, mesh, schedule, opt, str(out)))
-    got = torch.load(out)
+    got = pipeline_results((name, mesh, schedule, opt))
+    assert "error" not in got, got.get("error")
     model, x, kw, _, _ = _setup(name)
     with torch.no_grad():
         expected = getattr(model(*x, **kw), "logits", model(*x, **kw))
