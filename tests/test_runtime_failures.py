@@ -82,6 +82,7 @@ def test_a_dead_rank_makes_the_others_fail_in_bounded_time(tmp_path: Path, how: 
             p.kill()
     assert not alive, "rank 0 still waits for the rank that died"
     elapsed, message = out.read_text().split("\n", 1)
+    print(f"{how}: rank 0 raised after {elapsed} s: {message[:120]}")
     assert float(elapsed) <= PG_TIMEOUT_S + 30
     assert message.startswith(
         "rank 0: step() failed because another rank died or stopped answering"
