@@ -116,7 +116,7 @@ def test_bad_requests_are_clear_errors() -> None:
     with pytest.raises(AutopartError, match="micro-batches"):
         plan_graph(gm, batch=batch, mesh="pp=2", micro_batches=3)
     with pytest.raises(AutopartError, match="mesh"):
-        plan_graph(gm, batch=batch, mesh="pp=2,tp=2")
+        plan_graph(gm, batch=batch, mesh="pp=2,xp=2")
     with pytest.raises(AutopartError, match="did you mean"):
         plan_graph(gm, batch=batch, mesh="pp=2", device="h1000")
 
