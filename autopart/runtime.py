@@ -8,12 +8,22 @@ chose (``ScheduleGPipe``, ``Schedule1F1B`` or ``ScheduleInterleaved1F1B``).
 Parameters used on two stages (tied embeddings) live on both. After backward their gradients are
 summed across the stages that hold them, as Megatron does for its embedding group, so both copies
 take the same optimizer step and stay identical.
+
+Tensor parallelism (a ``tp`` mesh dimension): each stage is rewritten for this rank's place in its
+``tp`` group by :func:`autopart.passes.shard_tp.shard_tp` (its shard of every split weight, local
+shapes, collectives with Megatron's autograd semantics). The mesh is laid out ``(dp, pp, tp)`` with
+``tp`` innermost; every ``tp`` rank of a stage runs the same schedule, pipeline messages go between
+the ranks of equal ``(dp, tp)`` coordinates, and a tensor crossing a stage boundary travels in the
+plan's placement (a shard or a partial sum travels as this rank's local tensor). Tied parameters
+are summed per ``(dp, tp)`` coordinate; data parallelism stays torch's DDP over ``dp``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -28,8 +38,9 @@ from torch.distributed.pipelining import (
 )
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
+from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
-from autopart.plans import Plan, parse_mesh
+from autopart.plans import Plan, TPSection, parse_mesh
 
 __all__ = ["ParallelProgram", "PeerFailureError", "RuntimeSetupError", "compile"]
 
@@ -56,23 +67,25 @@ def compile(
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     micro_batches: int | None = None,
     schedule: str = "auto",
-    device: str | None = None,
+    device: str | DeviceSpec | None = None,
 ) -> ParallelProgram:
     """Plan ``model`` for ``mesh`` and build this rank's part of the pipeline program.
 
-    ``mesh`` is a DeviceMesh with a ``"pp"`` dimension or a spec such as ``"pp=2"`` resolved against
-    the default process group. ``example_inputs`` is one global batch (it fixes the shapes every
-    step must have). ``device`` names the cost model used for planning (default: ``cpu`` on a CPU
-    mesh, ``h100`` on CUDA).
+    ``mesh`` is a DeviceMesh with a ``"pp"`` dimension (and optionally ``"dp"`` and ``"tp"``) or a
+    spec such as ``"pp=2"`` or ``"dp=2,pp=2,tp=2"`` resolved against the default process group.
+    ``example_inputs`` is one global batch (it fixes the shapes every step must have). ``device``
+    names (or is) the cost model used for planning (default: ``cpu`` on a CPU mesh, ``h100`` on
+    CUDA).
     """
     from autopart.passes.annotate import annotate
     from autopart.passes.split_stages import split_stages, stage_info
-    from autopart.planner import _batch_size, plan_graph
+    from autopart.planner import _batch_size
     from autopart.tracing import trace
 
     dm = _resolve_mesh(mesh)
-    dp, pp = _axis_size(dm, "dp"), _axis_size(dm, "pp")
+    dp, pp, tp = _axis_size(dm, "dp"), _axis_size(dm, "pp"), _axis_size(dm, "tp")
     torch_device = _torch_device(dm)
+    cost_device = device or ("h100" if torch_device.type == "cuda" else "cpu")
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     inputs = _Inputs.of(args, kwargs)
@@ -90,12 +103,11 @@ def compile(
             f"a batch of {replica} per replica does not split into {micro_batches} equal micro-batches; "
             f"choose a divisor of {replica}."
         )
-    plan = plan_graph(
+    plan = _plan(
         gm,
         batch=batch,
-        mesh={"dp": dp, "pp": pp},
-        device=device or ("h100" if torch_device.type == "cuda" else "cpu"),
-        memory=None,
+        mesh={"dp": dp, "pp": pp, "tp": tp},
+        device=cost_device,
         micro_batches=micro_batches,
         schedule=schedule,
         name=type(model).__name__,
@@ -106,11 +118,11 @@ def compile(
     fewer = [m for m in range(plan.micro_batches - 1, 0, -1) if replica % m == 0]
     while run_gm is None and micro_batches is None and fewer:
         try:
-            plan = plan_graph(
+            plan = _plan(
                 gm,
                 batch=batch,
-                mesh={"dp": dp, "pp": pp},
-                device=plan.device,
+                mesh={"dp": dp, "pp": pp, "tp": tp},
+                device=cost_device,
                 micro_batches=fewer.pop(0),
                 schedule=schedule,
                 name=plan.model,
@@ -126,13 +138,19 @@ def compile(
         )
     stages = split_stages(run_gm, plan)
     rank = _pp_mesh(dm).get_local_rank()
-    local = [s.to(torch_device) for s in stages if plan.stages[stage_info(s).index].device == rank]
+    local = [s for s in stages if plan.stages[stage_info(s).index].device == rank]
+    if plan.tp is not None and plan.tp.degree > 1:
+        local = _shard_stages(stages, local, plan.tp, dm)
+    local = [s.to(torch_device) for s in local]
     for stage in local:
         # Tensors cross ranks through contiguous buffers (gloo and NCCL require it); a stage
         # output that is a strided view (e.g. a permute feeding a skip connection) is copied.
         stage.register_forward_hook(_contiguous_outputs)
         stage.register_forward_pre_hook(_contiguous_input_grads)  # the same for gradients sent back
     metas = _value_metas(run_gm, inputs.micro_batch(batch, dp * plan.micro_batches))
+    # With TP a stage sends and receives its local tensors (shards, partial sums); only the last
+    # stage's outputs, the model's, are whole.
+    sent = functools.partial(_local_meta, metas, plan.tp)
     program = ParallelProgram(
         plan,
         dm,
@@ -143,14 +161,81 @@ def compile(
         inputs,
         {
             info.index: (
-                tuple(metas[n] for n in info.input_names if n in metas),
-                tuple(metas[n] for n in info.output_names),
+                tuple(sent(n) for n in info.input_names if n in metas),
+                tuple(sent(n, whole=info.is_last) for n in info.output_names),
             )
             for info in (stage_info(s) for s in local)
         },
     )
     program._all_stages = stages  # for autopart.emit, which writes every stage's code
     return program
+
+
+def _plan(
+    gm: torch.fx.GraphModule,
+    *,
+    batch: int,
+    mesh: Mapping[str, int],
+    device: str | DeviceSpec,
+    micro_batches: int | None,
+    schedule: str,
+    name: str,
+) -> Plan:
+    """The plan for ``mesh`` ({"dp", "pp", "tp"} sizes); with ``tp > 1`` its ``tp`` section places
+    every node of ``gm``."""
+    from autopart.planner import plan_graph
+
+    sizes = {k: v for k, v in mesh.items() if k != "tp" or v > 1}
+    plan = plan_graph(
+        gm,
+        batch=batch,
+        mesh=sizes,
+        device=device,
+        memory=None,
+        micro_batches=micro_batches,
+        schedule=schedule,
+        name=name,
+    )
+    assert (plan.tp is not None) == (sizes.get("tp", 1) > 1), "the planner ignored the tp axis"
+    return plan
+
+
+def _shard_stages(
+    stages: list[torch.fx.GraphModule],
+    local: list[torch.fx.GraphModule],
+    tp: TPSection,
+    mesh: DeviceMesh,
+) -> list[torch.fx.GraphModule]:
+    """This rank's stages rewritten for its place in the tp group (new modules: ``stages`` keep the
+    unsharded code that autopart.emit writes)."""
+    from autopart.passes.shard_tp import param_placements, shard_tp
+
+    if tp.fallbacks and dist.get_rank() == 0:
+        first, why = next(iter(tp.fallbacks.items()))
+        warnings.warn(
+            f"tensor parallelism: {len(tp.fallbacks)} node(s) run replicated on the {tp.degree} TP "
+            f"ranks because the degree does not divide a size they would split, e.g. {first!r}: "
+            f"{why}. The result is exact; program.plan.tp.fallbacks lists every node and why.",
+            stacklevel=3,
+        )
+    # one layout per parameter across all stages, so the copies of a tied weight are the same shard
+    storage = param_placements(stages, tp)
+    tp_mesh = mesh["tp"]
+    rank, group = tp_mesh.get_local_rank(), tp_mesh.get_group()
+    return [shard_tp(s, tp, rank, group, storage=storage) for s in local]
+
+
+def _local_meta(
+    metas: Mapping[str, torch.Tensor], tp: TPSection | None, name: str, *, whole: bool = False
+) -> torch.Tensor:
+    """The meta tensor of value ``name`` as this rank holds it (its TP shard unless ``whole``)."""
+    from autopart.passes.shard_tp import local_shape
+
+    meta = metas[name]
+    if tp is None or tp.degree == 1 or whole:
+        return meta
+    shape = local_shape(meta.shape, tp.placements[name], tp.degree)
+    return torch.empty(shape, dtype=meta.dtype, device="meta").requires_grad_(meta.requires_grad)
 
 
 class ParallelProgram:
@@ -175,6 +260,7 @@ class ParallelProgram:
         self._dp = _axis_size(mesh, "dp")
         self._dp_group = mesh["dp"].get_group() if self._dp > 1 else None
         self._dp_rank = mesh["dp"].get_local_rank() if self._dp > 1 else 0
+        self._tp_rank = mesh["tp"].get_local_rank() if _axis_size(mesh, "tp") > 1 else 0
         self._stages = stages
         # Every stage of the pipeline (compile sets it; other ranks' stages hold this rank's
         # untrained copy of their weights): autopart.emit writes their code.
@@ -252,9 +338,10 @@ class ParallelProgram:
             self._schedule.step(*args, **loss_args)
             self._sync_tied_grads()
             # The mean over replicas of each replica's mean loss: the last stage of each replica
-            # contributes its own, every other rank zero.
+            # (its first TP rank: all of them hold the same loss) contributes it, every other rank
+            # zero.
             value = torch.zeros(1, dtype=torch.float64, device=self._device)
-            if self._last_local:
+            if self._last_local and self._tp_rank == 0:
                 value[0] = float(
                     torch.stack([loss.detach().double().cpu() for loss in losses]).mean()
                 )
@@ -333,17 +420,30 @@ class ParallelProgram:
                     yield p
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter of the model under its own name, on every rank (CPU tensors)."""
-        mine: dict[str, torch.Tensor] = {}
+        """Every parameter of the model under its own name, on every rank (CPU tensors); the
+        shards of a TP-split parameter are joined back into the whole tensor."""
+        from autopart.passes.shard_tp import TP_META_KEY, unshard_tensor
+
+        mine: dict[str, tuple[str, int, torch.Tensor]] = {}
         for stage in self._stages:
+            info = stage.meta.get(TP_META_KEY)
+            stored = info.param_placements if info is not None else {}
             for name, p in stage.named_parameters():
-                mine.setdefault(name, p.detach().cpu())
+                mine.setdefault(name, (stored.get(name, "R"), self._tp_rank, p.detach().cpu()))
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
-        out: dict[str, torch.Tensor] = {}
+        pieces: dict[str, dict[int, torch.Tensor]] = {}
+        placement: dict[str, str] = {}
         for part in gathered:
-            for name, t in part.items():
-                out.setdefault(name, t)
+            for name, (where, tp_rank, t) in part.items():
+                placement.setdefault(name, where)
+                pieces.setdefault(name, {}).setdefault(tp_rank, t)
+        out = {
+            name: unshard_tensor([by_rank[r] for r in sorted(by_rank)], placement[name])
+            if placement[name].startswith("S")
+            else by_rank[min(by_rank)]
+            for name, by_rank in pieces.items()
+        }
         return dict(sorted(out.items()))
 
     # -- tied parameters --------------------------------------------------------------------
@@ -357,16 +457,17 @@ class ParallelProgram:
                 ranks = tuple(sorted({self.plan.stages[s].device for s in stages}))
                 if len(ranks) > 1:
                     holders[name] = ranks
-        # Global ranks of each replica's pipeline (one row per dp index), the same on every rank.
-        rows = _replica_rows(self._mesh)
+        # Global ranks of every pipeline (one row per (dp, tp) coordinate), the same on every rank.
+        rows = _pipeline_rows(self._mesh)
+        me = dist.get_rank()
         groups: dict[tuple[int, ...], Any] = {}
         mine: list[tuple[str, Any]] = []
         for name in sorted(holders):
             ranks = holders[name]
             if ranks not in groups:
-                for replica, row in enumerate(rows):
+                for row in rows:
                     group = dist.new_group([row[r] for r in ranks])
-                    if replica == self._dp_rank:
+                    if me in row:
                         groups[ranks] = group
             if self._pp_rank in ranks:
                 mine.append((name, groups[ranks]))
@@ -485,12 +586,13 @@ def _axis_size(mesh: DeviceMesh, name: str) -> int:
     )
 
 
-def _replica_rows(mesh: DeviceMesh) -> list[list[int]]:
-    """Global ranks of each data-parallel replica's pipeline: row ``i`` is replica ``i``'s pp ranks."""
+def _pipeline_rows(mesh: DeviceMesh) -> list[list[int]]:
+    """Global ranks of every pipeline: one row of pp ranks per coordinate of the other dims."""
     names = list(mesh.mesh_dim_names or ())
     ranks = mesh.mesh
-    if "dp" in names and len(names) > 1:
-        ranks = ranks.permute(names.index("dp"), names.index("pp"))
+    if len(names) > 1:
+        pp = names.index("pp")
+        ranks = ranks.permute([i for i in range(len(names)) if i != pp] + [pp])
     return ranks.reshape(-1, _axis_size(mesh, "pp")).tolist()
 
 
@@ -570,19 +672,17 @@ def _resolve_mesh(mesh: DeviceMesh | str) -> DeviceMesh:
         names = mesh.mesh_dim_names or ()
         if "pp" not in names:
             raise RuntimeSetupError(
-                f"the DeviceMesh has dims {names}; autopart needs one named 'pp'."
+                f"the DeviceMesh has dims {names}; autopart needs one named 'pp' (of size 1 "
+                "for no pipeline), beside optional 'dp' and 'tp'."
             )
-        extra = [n for n in names if n not in ("dp", "pp") and mesh[n].size() > 1]
+        extra = [n for n in names if n not in ("dp", "pp", "tp")]
         if extra:
             raise RuntimeSetupError(
-                f"mesh dims {extra} are not supported yet; data (dp) and pipeline (pp) parallelism run so far."
+                f"mesh dims {extra} are not autopart's; name the dims dp (data), pp (pipeline) "
+                "and tp (tensor parallelism)."
             )
         return mesh
     sizes = parse_mesh(mesh)
-    if sizes.get("tp", 1) > 1:
-        raise RuntimeSetupError(
-            f"mesh {mesh!r}: tensor parallelism (tp) does not run yet; use dp and pp, e.g. 'dp=2,pp=2'."
-        )
     sizes.setdefault("pp", 1)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeSetupError(
@@ -597,11 +697,11 @@ def _resolve_mesh(mesh: DeviceMesh | str) -> DeviceMesh:
             f"(torchrun --nproc-per-node {wanted}) or use a mesh of {world}."
         )
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    if sizes.get("dp", 1) > 1:
-        return init_device_mesh(
-            device_type, (sizes["dp"], sizes["pp"]), mesh_dim_names=("dp", "pp")
-        )
-    return init_device_mesh(device_type, (sizes["pp"],), mesh_dim_names=("pp",))
+    # (dp, pp, tp), tp innermost: a TP group's ranks are neighbours (one node's fast links)
+    names = tuple(n for n in ("dp", "pp", "tp") if n == "pp" or sizes.get(n, 1) > 1)
+    return init_device_mesh(
+        device_type, tuple(sizes.get(n, 1) for n in names), mesh_dim_names=names
+    )
 
 
 def _torch_device(dm: DeviceMesh) -> torch.device:

@@ -1,0 +1,693 @@
+"""Tensor-parallel code generation: one pipeline stage rewritten for one rank of the ``tp`` group.
+
+:func:`shard_tp` takes a stage from :func:`~autopart.passes.split_stages.split_stages` and the plan's
+:class:`~autopart.plans.TPSection` and returns the stage as TP rank ``rank`` runs it:
+
+- every parameter or buffer the plan stores split (``placements[get_attr node]`` is ``S(k)`` or
+  ``S(k,groups=g)``) is replaced by this rank's shard, a new ``nn.Parameter`` registered under the
+  model's own name; replicated ones are kept as they are;
+- shape arguments are rewritten to local sizes: ``view`` / ``reshape`` / ``expand`` / ``unflatten``
+  to the local shape of their output, ``split`` sizes and ``narrow`` lengths along a split dimension
+  divided by the degree, ``repeat_interleave``'s ``output_size`` likewise;
+- a vocabulary-parallel embedding (weight ``S(0)``) becomes a masked lookup of this rank's range of
+  token ids, and a row-parallel ``linear`` / ``addmm`` adds its (replicated) bias on rank 0 only;
+- wherever a node reads an input in another placement than the input has
+  (``input_placements[node][input] != placements[input]``) a collective (or a local slice) is
+  inserted; one per (input, placement read, gradient kind), shared by all readers.
+
+Collectives are small ``torch.autograd.Function``s over torch's functional collectives
+(``torch.ops._c10d_functional``) on the ``tp`` process group, with Megatron-LM's autograd semantics:
+one logical loss, every replicated (``R``) value carries the full gradient on every rank, a split
+value its own slice of it, and a partial (``P``) value the full gradient of the sum:
+
+==========  ==========  ============================  ==============================================
+from        read as     forward                       backward
+==========  ==========  ============================  ==============================================
+``P``       ``R``       all-reduce (Megatron's ``g``)  identity (all-reduce if the reader's gradient
+                                                       is partial)
+``S(k)``    ``R``       all-gather along ``k``        local slice (reduce-scatter if the reader's
+                                                       gradient is partial)
+``R``       ``S(k)``    local slice                   all-gather
+``P``       ``S(k)``    reduce-scatter                all-gather
+``S(a)``    ``S(b)``    all-gather, local slice       all-gather, local slice
+``R``       ``R``       identity (Megatron's ``f``)    all-reduce, when the reader's gradient is
+                                                       partial
+==========  ==========  ============================  ==============================================
+
+A reader's gradient for an input it reads replicated is partial exactly when the reader's own output
+is not replicated (a column-parallel linear reading ``R``, a norm weight broadcast over a split
+activation, a factor multiplying a partial sum): each rank's local backward then holds one term of
+the sum. The one exception is the bias of a row-parallel linear, whose helper
+(:func:`tp_partial_bias`) returns the full bias gradient on every rank.
+
+Stage boundaries keep the plan's placements: a value crossing to the next stage is sent as this
+rank's local tensor (a shard, a partial sum or the whole), so boundary tensors have local shapes
+(:func:`local_shape`), and the next stage's readers convert it as any other input. Only the last
+stage's outputs are made replicated, so the model's output is whole on every rank.
+
+``node.meta["val"]`` keeps the unsharded (global) value; ``node.meta["autopart_tp"]`` is the
+node's placement (its local shape is ``local_shape(val.shape, placement, degree)``), and the
+stage's ``meta["autopart_tp"]`` a :class:`TPStageInfo`. The collectives' call targets are the
+public ``tp_*`` functions of this module, with the group given by name, so the rewritten stage
+prints as ordinary Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.node import map_arg
+
+from autopart.errors import AutopartError
+from autopart.passes._tp_placements import P, Placement, R, dual
+from autopart.passes._tp_rules import op_name
+from autopart.plans import TPSection
+
+__all__ = [
+    "TP_META_KEY",
+    "ShardError",
+    "TPStageInfo",
+    "local_shape",
+    "param_placements",
+    "shard_tensor",
+    "shard_tp",
+    "tp_all_gather",
+    "tp_all_reduce",
+    "tp_copy",
+    "tp_partial_bias",
+    "tp_reduce_scatter",
+    "tp_slice",
+    "tp_vocab_embedding",
+    "unshard_tensor",
+]
+
+TP_META_KEY = "autopart_tp"
+
+
+class ShardError(AutopartError):
+    """A TP plan does not fit the stage it is applied to."""
+
+
+@dataclass(frozen=True, slots=True)
+class TPStageInfo:
+    """What :func:`shard_tp` made of a stage; stored in ``stage.meta["autopart_tp"]``."""
+
+    rank: int
+    degree: int
+    group_name: str
+    param_placements: Mapping[str, str]
+    """Every parameter and buffer of the stage, by the model's name -> how it is stored here
+    (``"R"``: whole; ``"S(k)"`` / ``"S(k,groups=g)"``: this rank's shard)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors and placements
+
+
+def local_shape(shape: Sequence[int], placement: Placement | str, degree: int) -> list[int]:
+    """The shape one rank holds of a tensor of global ``shape`` placed ``placement``."""
+    p = Placement.parse(placement) if isinstance(placement, str) else placement
+    out = list(shape)
+    if p.is_shard:
+        out[p.dim] //= degree
+    return out
+
+
+def shard_tensor(
+    full: torch.Tensor, placement: Placement | str, rank: int, degree: int
+) -> torch.Tensor:
+    """Rank ``rank``'s piece of ``full`` under ``placement`` (a contiguous copy; ``R`` and ``P``:
+    ``full`` itself)."""
+    p = Placement.parse(placement) if isinstance(placement, str) else placement
+    if not p.is_shard:
+        return full
+    return _local_piece(full, p.dim, p.groups, degree, rank).contiguous()
+
+
+def unshard_tensor(pieces: Sequence[torch.Tensor], placement: Placement | str) -> torch.Tensor:
+    """The whole tensor from every rank's piece (in rank order); undoes ``groups`` interleaving."""
+    p = Placement.parse(placement) if isinstance(placement, str) else placement
+    if p.kind == "P":
+        return torch.stack(list(pieces)).sum(0)
+    if p.kind == "R":
+        return pieces[0]
+    stacked = torch.stack(list(pieces))
+    return _join_pieces(stacked, p.dim, p.groups)
+
+
+def _local_piece(x: torch.Tensor, dim: int, groups: int, degree: int, rank: int) -> torch.Tensor:
+    """``dim`` viewed as ``(groups, degree, m)``: rank ``rank``'s ``(groups, m)``, flattened."""
+    return x.unflatten(dim, (groups, degree, -1)).select(dim + 1, rank).flatten(dim, dim + 1)
+
+
+def _join_pieces(stacked: torch.Tensor, dim: int, groups: int) -> torch.Tensor:
+    """``stacked[r]`` is rank r's piece: the whole tensor, ``dim`` laid out as (groups, ranks, m)."""
+    grouped = stacked.unflatten(dim + 1, (groups, -1))  # [d, ..., g, m, ...]
+    return grouped.movedim(0, dim + 1).flatten(dim, dim + 2)  # [..., g, d, m, ...] -> [..., g*d*m]
+
+
+# ---------------------------------------------------------------------------------------------
+# collectives: torch's functional collectives on the tp group, Megatron's autograd semantics
+
+_c10d = torch.ops._c10d_functional
+
+
+def _all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", group_name))
+
+
+def _all_gather(
+    x: torch.Tensor, dim: int, groups: int, degree: int, group_name: str
+) -> torch.Tensor:
+    gathered = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), degree, group_name))
+    return _join_pieces(gathered.view(degree, *x.shape), dim, groups)
+
+
+def _reduce_scatter(
+    x: torch.Tensor, dim: int, groups: int, degree: int, group_name: str
+) -> torch.Tensor:
+    # rank r's piece first along a new leading dimension, then flattened into dimension 0
+    pieces = x.unflatten(dim, (groups, degree, -1)).movedim(dim + 1, 0).flatten(dim + 1, dim + 2)
+    local = pieces.shape[1:]
+    flat = pieces.reshape(degree * local[0], *local[1:])
+    return _c10d.wait_tensor(_c10d.reduce_scatter_tensor(flat, "sum", degree, group_name))
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group_name: str, partial_grad: bool) -> torch.Tensor:
+        ctx.group_name, ctx.partial_grad = group_name, partial_grad
+        return _all_reduce(x, group_name)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        return (_all_reduce(grad, ctx.group_name) if ctx.partial_grad else grad), None, None
+
+
+class _Copy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group_name: str) -> torch.Tensor:
+        ctx.group_name = group_name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        return _all_reduce(grad, ctx.group_name), None
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        dim: int,
+        groups: int,
+        degree: int,
+        rank: int,
+        group_name: str,
+        partial_grad: bool,
+    ) -> torch.Tensor:
+        ctx.args = (dim, groups, degree, rank, group_name, partial_grad)
+        return _all_gather(x, dim, groups, degree, group_name)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        dim, groups, degree, rank, group_name, partial_grad = ctx.args
+        if partial_grad:
+            out = _reduce_scatter(grad, dim, groups, degree, group_name)
+        else:
+            out = _local_piece(grad, dim, groups, degree, rank).contiguous()
+        return out, None, None, None, None, None, None
+
+
+class _Slice(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, dim: int, groups: int, degree: int, rank: int, group_name: str
+    ) -> torch.Tensor:
+        ctx.args = (dim, groups, degree, group_name)
+        return _local_piece(x, dim, groups, degree, rank).contiguous()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        dim, groups, degree, group_name = ctx.args
+        return _all_gather(grad, dim, groups, degree, group_name), None, None, None, None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, dim: int, groups: int, degree: int, group_name: str
+    ) -> torch.Tensor:
+        ctx.args = (dim, groups, degree, group_name)
+        return _reduce_scatter(x, dim, groups, degree, group_name)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        dim, groups, degree, group_name = ctx.args
+        return _all_gather(grad, dim, groups, degree, group_name), None, None, None, None
+
+
+class _PartialBias(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, bias: torch.Tensor, add: bool) -> torch.Tensor:
+        ctx.bias_shape = bias.shape
+        return y + bias if add else y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        # The gradient of a partial sum is the same whole gradient on every rank, so every rank
+        # computes the bias's whole gradient although only rank 0 added it.
+        bias_grad = grad.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[1] else None
+        return grad, bias_grad, None
+
+
+def tp_all_reduce(x: torch.Tensor, group_name: str, partial_grad: bool = False) -> torch.Tensor:
+    """``P -> R``: the sum over the group; the backward passes the gradient through (all-reduces
+    it when ``partial_grad``: the reader's gradient is partial)."""
+    return _AllReduce.apply(x, group_name, partial_grad)
+
+
+def tp_copy(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Megatron's ``f``: identity; the backward all-reduces the readers' partial gradients."""
+    return _Copy.apply(x, group_name)
+
+
+def tp_all_gather(
+    x: torch.Tensor,
+    dim: int,
+    groups: int,
+    degree: int,
+    rank: int,
+    group_name: str,
+    partial_grad: bool = False,
+) -> torch.Tensor:
+    """``S(dim,groups) -> R``; the backward keeps this rank's slice of the gradient
+    (reduce-scatters it when ``partial_grad``)."""
+    return _AllGather.apply(x, dim, groups, degree, rank, group_name, partial_grad)
+
+
+def tp_slice(
+    x: torch.Tensor, dim: int, groups: int, degree: int, rank: int, group_name: str
+) -> torch.Tensor:
+    """``R -> S(dim,groups)``: this rank's slice; the backward all-gathers the gradient."""
+    return _Slice.apply(x, dim, groups, degree, rank, group_name)
+
+
+def tp_reduce_scatter(
+    x: torch.Tensor, dim: int, groups: int, degree: int, group_name: str
+) -> torch.Tensor:
+    """``P -> S(dim,groups)``; the backward all-gathers the gradient."""
+    return _ReduceScatter.apply(x, dim, groups, degree, group_name)
+
+
+def tp_partial_bias(y: torch.Tensor, bias: torch.Tensor, add: bool) -> torch.Tensor:
+    """A row-parallel linear's bias: added to the partial sum by one rank (``add``), its whole
+    gradient on every rank."""
+    return _PartialBias.apply(y, bias, add)
+
+
+def tp_vocab_embedding(
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    start: int,
+    padding_idx: int = -1,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+) -> torch.Tensor:
+    """Vocabulary-parallel ``embedding``: this rank holds rows ``start : start + len(weight)``; ids
+    outside the range look up zeros (a partial sum over the ranks)."""
+    rows = weight.shape[0]
+    local = ids - start
+    inside = (local >= 0) & (local < rows)
+    pad = padding_idx - start if 0 <= padding_idx - start < rows else -1
+    looked = torch.ops.aten.embedding.default(
+        weight, local.clamp(0, rows - 1), pad, scale_grad_by_freq, sparse
+    )
+    return looked * inside.unsqueeze(-1).to(looked.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pass
+
+
+def param_placements(stages: Sequence[GraphModule], tp: TPSection) -> dict[str, Placement]:
+    """How every parameter and buffer read by ``stages`` is stored, by its name: the placement its
+    ``get_attr`` nodes have in the plan, or ``R`` where two of them disagree (a tied weight read in
+    two layouts; each reader then slices its own). Give the same mapping to every stage's
+    :func:`shard_tp` so that a tied weight's copies on different stages are the same shard."""
+    seen: dict[str, set[Placement]] = {}
+    for stage in stages:
+        for node in stage.graph.nodes:
+            if node.op == "get_attr":
+                seen.setdefault(str(node.target), set()).add(_placement(tp, node))
+    return {name: next(iter(ps)) if len(ps) == 1 else R for name, ps in seen.items()}
+
+
+def shard_tp(
+    stage: GraphModule,
+    tp: TPSection,
+    rank: int,
+    group_or_mesh: Any,
+    *,
+    storage: Mapping[str, Placement] | None = None,
+) -> GraphModule:
+    """Stage ``stage`` as rank ``rank`` of a ``tp.degree``-way TP group runs it (module docstring).
+
+    ``group_or_mesh`` is the ``tp`` process group, a DeviceMesh (its ``"tp"`` dimension, or the
+    mesh itself when one-dimensional) or a process group's name; ``storage`` is
+    :func:`param_placements` of all stages (default: of this stage). Returns a new GraphModule;
+    ``stage`` is left as it is.
+    """
+    degree = tp.degree
+    if not 0 <= rank < degree:
+        raise ShardError(f"TP rank {rank} is outside a group of {degree} ranks.")
+    group_name = _group_name(group_or_mesh)
+    storage = dict(storage) if storage is not None else param_placements([stage], tp)
+    is_last = _is_last(stage)
+    graph = Graph()
+    graph._codegen = stage.graph._codegen  # a traced model's pytree inputs and outputs
+    rewriter = _Rewriter(stage, tp, rank, group_name, storage, graph)
+    for node in stage.graph.nodes:
+        rewriter.copy(node, is_last)
+    graph.lint()
+    root = _sharded_root(stage, graph, storage, rank, degree)
+    module = GraphModule(root, graph, class_name=type(stage).__name__)
+    module.meta.update(stage.meta)
+    module.meta[TP_META_KEY] = TPStageInfo(
+        rank=rank,
+        degree=degree,
+        group_name=group_name,
+        param_placements={
+            name: str(storage.get(name, R))
+            for name, _ in [*module.named_parameters(), *module.named_buffers()]
+        },
+    )
+    module.graph.lint()
+    module.recompile()
+    return module
+
+
+def _group_name(group_or_mesh: Any) -> str:
+    if isinstance(group_or_mesh, str):
+        return group_or_mesh
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(group_or_mesh, DeviceMesh):
+        names = group_or_mesh.mesh_dim_names or ()
+        mesh = group_or_mesh["tp"] if "tp" in names and len(names) > 1 else group_or_mesh
+        return str(mesh.get_group().group_name)
+    return str(group_or_mesh.group_name)
+
+
+def _is_last(stage: GraphModule) -> bool:
+    from autopart.passes.split_stages import STAGE_META_KEY
+
+    info = stage.meta.get(STAGE_META_KEY)
+    return info is None or bool(info.is_last)
+
+
+def _placement(tp: TPSection, node: Node) -> Placement:
+    text = tp.placements.get(node.name)
+    if text is None:
+        raise ShardError(
+            f"the TP plan has no placement for node {node.name!r}: it was made for another graph. "
+            "Plan this graph again (autopart.planner.plan_graph with a tp mesh) and shard with that."
+        )
+    return Placement.parse(text)
+
+
+class _Rewriter:
+    """Copies one stage's nodes into ``graph`` with local shapes and the collectives they need."""
+
+    def __init__(
+        self,
+        stage: GraphModule,
+        tp: TPSection,
+        rank: int,
+        group_name: str,
+        storage: Mapping[str, Placement],
+        graph: Graph,
+    ) -> None:
+        self.stage, self.tp, self.rank, self.group = stage, tp, rank, group_name
+        self.degree = tp.degree
+        self.storage = storage
+        self.graph = graph
+        self.env: dict[Node, Node] = {}
+        self.placed: dict[Node, Placement] = {}
+        """The placement each copied node's value really has here."""
+        self.converted: dict[tuple[Node, Placement, Placement], Node] = {}
+
+    # -- nodes -----------------------------------------------------------------------------------
+
+    def copy(self, node: Node, is_last: bool) -> None:
+        if node.op == "output":
+            self._output(node, is_last)
+            return
+        if node.op == "placeholder":
+            new = self.graph.node_copy(node)
+            self.placed[node] = _placement(self.tp, node)
+        elif node.op == "get_attr":
+            new = self.graph.node_copy(node)
+            self.placed[node] = self.storage.get(str(node.target), _placement(self.tp, node))
+        else:
+            self.placed[node] = _placement(self.tp, node)
+            new = self._compute(node)
+        new.meta = dict(node.meta)
+        new.meta[TP_META_KEY] = str(self.placed[node])
+        self.env[node] = new
+
+    def _output(self, node: Node, is_last: bool) -> None:
+        def read(u: Node) -> Node:
+            # the model's outputs are whole on every rank; other stages send what they hold
+            return self._read(u, node, R, R) if is_last else self.env[u]
+
+        self.graph.output(map_arg(node.args[0], read))
+
+    def _compute(self, node: Node) -> Node:
+        wanted = self.tp.input_placements.get(node.name, {})
+        out_p = self.placed[node]
+
+        def read(u: Node) -> Node:
+            text = wanted.get(u.name)
+            if text is None:
+                raise ShardError(
+                    f"the TP plan does not say how node {node.name!r} reads {u.name!r}: it was "
+                    "made for another graph; plan this graph again."
+                )
+            dst = Placement.parse(text)
+            return self._read(u, node, dst, self._grad(node, u, dst, out_p))
+
+        args = map_arg(node.args, read)
+        kwargs = dict(map_arg(node.kwargs, read))
+        return self._emit(node, args, kwargs, out_p)
+
+    def _grad(self, node: Node, u: Node, dst: Placement, out_p: Placement) -> Placement:
+        """The placement of the gradient ``node``'s backward gives ``u`` (module docstring)."""
+        if dst != R or out_p == R:
+            return dual(dst)
+        if out_p.kind == "P" and _bias_of_row_linear(node) is u:
+            return R  # tp_partial_bias gives the whole gradient on every rank
+        return P
+
+    # -- conversions -----------------------------------------------------------------------------
+
+    def _read(self, u: Node, reader: Node, dst: Placement, grad: Placement) -> Node:
+        src = self.placed[u]
+        value = self.env[u]
+        if src == dst and not (dst == R and grad == P and _is_float(u)):
+            return value
+        key = (u, dst, grad)
+        if key not in self.converted:
+            self.converted[key] = self._convert(value, src, dst, grad, u, reader)
+        return self.converted[key]
+
+    def _convert(
+        self, value: Node, src: Placement, dst: Placement, grad: Placement, u: Node, reader: Node
+    ) -> Node:
+        if dst.kind == "P" or not _is_tensor(u):
+            raise ShardError(
+                f"node {reader.name!r} reads {u.name!r} ({src}) as {dst}: no collective makes that "
+                "(a value cannot be made partial, and a list is never resharded); the plan is "
+                "invalid. Plan the graph again."
+            )
+        return _insert_conversion(
+            self.graph, value, src, dst, grad, self.degree, self.rank, self.group, u.name
+        )
+
+    def _call(self, target: Any, args: tuple[Any, ...], name: str) -> Node:
+        return self.graph.create_node("call_function", target, args, {}, name=name)
+
+    # -- ops with sizes or ranks in their arguments ---------------------------------------------------
+
+    def _emit(self, node: Node, args: Any, kwargs: dict[str, Any], out_p: Placement) -> Node:
+        op = op_name(node)
+        val: Any = node.meta.get("val")
+        if op in ("view", "reshape", "_unsafe_view", "expand") and out_p.is_shard:
+            args = (args[0], local_shape(val.shape, out_p, self.degree), *args[2:])
+        elif op == "unflatten" and out_p.is_shard:
+            dim = args[1] % val.ndim
+            sizes = local_shape(val.shape, out_p, self.degree)[dim : dim + len(args[2])]
+            args = (args[0], args[1], sizes, *args[3:])
+        elif op in ("split", "split_with_sizes", "narrow"):
+            args = self._local_split(node, args)
+        elif op == "repeat_interleave" and kwargs.get("output_size") is not None and out_p.is_shard:
+            dim = _arg(node, 2, "dim") % val.ndim
+            kwargs["output_size"] = local_shape(val.shape, out_p, self.degree)[dim]
+        elif op == "embedding" and self._read_as(node, node.args[0]) == Placement("S", 0):
+            return self._vocab_embedding(node, args, kwargs)
+        if (
+            out_p.kind == "P"
+            and op in ("linear", "addmm")
+            and _bias_of_row_linear(node) is not None
+        ):
+            return self._row_linear(node, args, kwargs)
+        return self.graph.create_node(node.op, node.target, args, kwargs, name=node.name)
+
+    def _read_as(self, node: Node, u: Any) -> Placement | None:
+        if not isinstance(u, Node):
+            return None
+        text = self.tp.input_placements.get(node.name, {}).get(u.name)
+        return Placement.parse(text) if text is not None else None
+
+    def _local_split(self, node: Node, args: Any) -> Any:
+        """``split`` sizes / ``narrow`` length along the split dimension of the input: local."""
+        src = node.args[0]
+        p = self._read_as(node, src)
+        sv = src.meta.get("val") if isinstance(src, Node) else None
+        if p is None or not p.is_shard or not isinstance(sv, torch.Tensor):
+            return args
+        dim_slot, size_slot = (1, 3) if op_name(node) == "narrow" else (2, 1)
+        if _arg(node, dim_slot, "dim", 0) % sv.ndim != p.dim:
+            return args
+        size = args[size_slot]
+        d = self.degree
+        local = [s // d for s in size] if isinstance(size, (list, tuple)) else size // d
+        return (*args[:size_slot], local, *args[size_slot + 1 :])
+
+    def _vocab_embedding(self, node: Node, args: Any, kwargs: dict[str, Any]) -> Node:
+        """``embedding(W, ids, padding_idx, scale_grad_by_freq, sparse)`` with ``W`` split on the
+        vocabulary: this rank's rows, the others' ids looking up zeros."""
+        options = [
+            args[i] if len(args) > i else kwargs.get(name, default)
+            for i, (name, default) in enumerate(
+                [("padding_idx", -1), ("scale_grad_by_freq", False), ("sparse", False)], start=2
+            )
+        ]
+        if options[1]:
+            raise ShardError(
+                f"embedding {node.name!r} scales gradients by frequency, which a vocabulary-parallel "
+                "lookup cannot do; plan it replicated or column-parallel."
+            )
+        weight: Any = node.args[0]
+        rows = weight.meta["val"].shape[0] // self.degree
+        return self.graph.create_node(
+            "call_function",
+            tp_vocab_embedding,
+            (args[0], args[1], self.rank * rows, *options),
+            name=node.name,
+        )
+
+    def _row_linear(self, node: Node, args: Any, kwargs: dict[str, Any]) -> Node:
+        """``linear(x, W, b)`` / ``addmm(b, x, W)`` with a partial output: the product, then the bias
+        on rank 0 only."""
+        if op_name(node) == "linear":
+            x, w, b = args[0], args[1], args[2] if len(args) > 2 else kwargs["bias"]
+            product = self._call(torch.ops.aten.linear.default, (x, w), f"{node.name}_product")
+        else:
+            b, x, w = args[0], args[1], args[2]
+            product = self._call(torch.ops.aten.mm.default, (x, w), f"{node.name}_product")
+        return self.graph.create_node(
+            "call_function", tp_partial_bias, (product, b, self.rank == 0), name=node.name
+        )
+
+
+def _insert_conversion(
+    graph: Graph,
+    value: Node,
+    src: Placement,
+    dst: Placement,
+    grad: Placement,
+    degree: int,
+    rank: int,
+    group_name: str,
+    name: str,
+) -> Node:
+    """Append to ``graph`` the nodes that turn ``value`` (placed ``src``) into ``dst`` for a reader
+    whose backward gives a gradient placed ``grad`` (the module docstring's table)."""
+    d, r, g = degree, rank, group_name
+    partial = grad == P
+
+    def call(target: Any, args: tuple[Any, ...], kind: str) -> Node:
+        return graph.create_node("call_function", target, args, {}, name=f"{name}_{kind}")
+
+    if src == dst:  # R read by a split computation: Megatron's f
+        return call(tp_copy, (value, g), "copy")
+    if src.kind == "P" and dst == R:
+        return call(tp_all_reduce, (value, g, partial), "all_reduce")
+    if src.kind == "P":
+        return call(tp_reduce_scatter, (value, dst.dim, dst.groups, d, g), "reduce_scatter")
+    if src.is_shard:
+        gathered = (value, src.dim, src.groups, d, r, g, partial and dst == R)
+        value = call(tp_all_gather, gathered, "all_gather")
+        if dst == R:
+            return value
+    return call(tp_slice, (value, dst.dim, dst.groups, d, r, g), "slice")
+
+
+def _bias_of_row_linear(node: Node) -> Node | None:
+    op = op_name(node)
+    if op == "linear":
+        bias = _arg(node, 2, "bias")
+    elif op == "addmm":
+        bias = node.args[0]
+    else:
+        return None
+    return bias if isinstance(bias, Node) else None
+
+
+def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    if index < len(node.args):
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _is_tensor(node: Node) -> bool:
+    val = node.meta.get("val")
+    return val is None or isinstance(val, torch.Tensor)
+
+
+def _is_float(node: Node) -> bool:
+    val = node.meta.get("val")
+    return val is None or (isinstance(val, torch.Tensor) and val.is_floating_point())
+
+
+def _sharded_root(
+    stage: GraphModule, graph: Graph, storage: Mapping[str, Placement], rank: int, degree: int
+) -> nn.Module:
+    """A module owning, under the model's names, the stage's parameters and buffers: this rank's
+    shard of the split ones (new Parameters), the replicated ones as they are."""
+    from autopart.passes.split_stages import _attr, _set_nested
+
+    root = nn.Module()
+    done: set[str] = set()
+    for node in graph.nodes:
+        if node.op not in ("get_attr", "call_module") or str(node.target) in done:
+            continue
+        target = str(node.target)
+        done.add(target)
+        value = _attr(stage, target)
+        p = storage.get(target, R)
+        if isinstance(value, torch.Tensor) and p.is_shard:
+            piece = shard_tensor(value.detach(), p, rank, degree)
+            if isinstance(value, nn.Parameter):
+                value = nn.Parameter(piece, requires_grad=value.requires_grad)
+            else:
+                value = piece
+        _set_nested(root, target, value)
+    return root
