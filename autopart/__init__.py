@@ -4,13 +4,13 @@ Public surface (see the README): ``trace`` captures a model as an FX graph, ``an
 node's cost, ``load_model`` resolves MODEL strings (zoo names, ``hf:...``, ``file.py:factory``).
 """
 
-from autopart.codegen import emit
+from typing import Any
+
 from autopart.errors import AutopartError, ModelSpecError, TraceError, UnknownDeviceError
 from autopart.model_spec import LoadedModel, load_model
 from autopart.passes.annotate import annotate, graph_totals, node_cost
 from autopart.planner import plan
 from autopart.plans import Plan
-from autopart.runtime import ParallelProgram, compile
 from autopart.tracing import trace
 
 __all__ = [
@@ -31,3 +31,21 @@ __all__ = [
     "trace",
 ]
 __version__ = "0.1.0"
+
+# The runtime and code generator import torch.distributed.pipelining (about 2 s); planning and the
+# CLI's inspect/plan do not need them, so they load on first use.
+_LAZY = {
+    "compile": "autopart.runtime",
+    "ParallelProgram": "autopart.runtime",
+    "emit": "autopart.codegen",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'autopart' has no attribute {name!r}")
