@@ -90,12 +90,14 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="benchmark the solver or the runtime",
+        help="benchmark the solver, the runtime or tensor parallelism",
         description="solver: solve time, gap to the lower bound and speed-up over the baselines for zoo "
         "models and synthetic DAGs. runtime: step time of the autopart pipeline against the same model "
-        "split by hand into equal layers per stage, on local gloo ranks (one thread each).",
+        "split by hand into equal layers per stage, on local gloo ranks (one thread each). tp: TP "
+        "solve time, all-reduces per block, communication volume and predicted step time of the TP "
+        "ILP's sharding against Megatron-LM's, on GPT-2, Llama-7B and Llama-70B shapes at tp 2, 4, 8.",
     )
-    bench.add_argument("--suite", choices=["solver", "runtime"], default="solver")
+    bench.add_argument("--suite", choices=["solver", "runtime", "tp"], default="solver")
     bench.add_argument(
         "--quick", action="store_true", help="a small grid (seconds instead of minutes)"
     )
@@ -136,7 +138,19 @@ def _parser() -> argparse.ArgumentParser:
         description="Trace MODEL, solve the stage ILP and print the plan beside the baselines.",
     )
     _add_model_args(plan)
-    plan.add_argument("--mesh", default="pp=2", help="mesh spec, e.g. pp=4 (default pp=2)")
+    plan.add_argument(
+        "--mesh",
+        default="pp=2",
+        help="mesh spec, e.g. pp=4 or dp=2,pp=2,tp=2 (default pp=2), or auto: search the "
+        "dp x pp x tp meshes of --devices devices (tp up to 8, within a node) and keep the "
+        "fastest that fits memory",
+    )
+    plan.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="number of devices; required with --mesh auto (with an explicit mesh it must match)",
+    )
     plan.add_argument(
         "--device", default="h100", help="device to plan for: h100, h200, a100, cpu (default h100)"
     )
@@ -364,6 +378,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.suite == "runtime":
         return _cmd_bench_runtime(args)
+    if args.suite == "tp":
+        return _cmd_bench_tp(args)
     from autopart.units import format_seconds
 
     quiet = _quiet(args)
@@ -405,6 +421,69 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             f"{r['gap']:.2%}",
             f"{r['speedup_vs_equal_layers']:.2f}x",
             f"{r['speedup_vs_equal_params']:.2f}x",
+        )
+    _out.print(table)
+    return 0
+
+
+def _cmd_bench_tp(args: argparse.Namespace) -> int:
+    import math
+
+    from autopart.bench_tp import tp_suite
+    from autopart.units import format_bytes, format_seconds
+
+    quiet = _quiet(args)
+    with _bar("tp bench", quiet) as bar:
+        task = bar.add_task("tp bench", total=None)
+
+        def progress(done: int, total: int, label: str) -> None:
+            bar.update(task, completed=done, total=total, description=label)
+
+        rows = tp_suite(quick=args.quick, progress=progress)
+    if args.format == "json":  # no plan that fits: null, not NaN (standard JSON)
+        nulls = [
+            {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
+            for r in rows
+        ]
+        json.dump(nulls, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    table = Table(
+        title="tensor parallelism: the TP ILP against Megatron-LM's sharding (bf16, meta device; "
+        "comm: bytes each rank sends per step; plan: pp stages x tp ranks, predicted step)",
+        title_justify="left",
+    )
+    for col in (
+        "case",
+        "tp",
+        "TP solve",
+        "all-reduces / block",
+        "comm",
+        "Megatron comm",
+        "TP step",
+        "Megatron TP step",
+        "Megatron's sharding",
+        "plan step",
+        "Megatron plan step",
+    ):
+        table.add_column(col, justify="left" if col == "case" else "right")
+
+    def secs(value: float) -> str:
+        return "no fit" if math.isnan(value) else format_seconds(value)
+
+    for r in rows:
+        table.add_row(
+            f"{r['case']} (pp={r['pp']})",
+            str(r["tp"]),
+            f"{r['solve_s']:.2f} s",
+            f"{r['all_reduces_per_block']} ({r['megatron_all_reduces_per_block']})",
+            format_bytes(r["comm_bytes"]),
+            format_bytes(r["megatron_comm_bytes"]),
+            secs(r["tp_step_s"]),
+            secs(r["megatron_tp_step_s"]),
+            "found" if r["matches_megatron"] else "differs",
+            secs(r["plan_step_s"]),
+            secs(r["megatron_plan_step_s"]),
         )
     _out.print(table)
     return 0
@@ -546,20 +625,37 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from autopart.cost_models import get_device
-    from autopart.planner import plan_graph
-    from autopart.plans import parse_mesh
+    from autopart.mesh_search import search_mesh
+    from autopart.planner import is_auto_mesh, plan_graph
+    from autopart.plans import format_mesh, parse_mesh
+    from autopart.units import parse_bytes
 
-    parse_mesh(args.mesh)  # fail on bad input before tracing
+    auto = is_auto_mesh(args.mesh)  # fail on bad input before tracing
+    if auto and args.devices is None:
+        raise AutopartError(
+            "--mesh auto searches the meshes of a number of devices: add --devices N (e.g. --devices 64)."
+        )
+    if args.devices is not None and args.devices < 1:
+        raise AutopartError(f"--devices must be a positive integer, got {args.devices}.")
+    if not auto:
+        axes = parse_mesh(args.mesh)
+        used = axes.get("dp", 1) * axes.get("pp", 1) * axes.get("tp", 1)
+        if args.devices is not None and used != args.devices:
+            raise AutopartError(
+                f"--mesh {args.mesh} uses {used} devices, not --devices {args.devices}; drop "
+                "--devices, or use --mesh auto to search the meshes of that many devices."
+            )
     get_device(args.device)
+    if args.memory is not None:
+        parse_bytes(args.memory)
     start = time.perf_counter()
     loaded, gm, _ = _load_and_trace(args)
     batch = _first_batch(loaded.example_inputs)
     quiet = _quiet(args)
+    search = None
     with _spinner("planning", quiet) as status:
-        result = plan_graph(
-            gm,
+        options: dict[str, Any] = dict(
             batch=batch,
-            mesh=args.mesh,
             device=args.device,
             memory=args.memory,
             micro_batches=args.micro_batches,
@@ -569,6 +665,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             name=loaded.name,
             progress=(lambda msg: status.update(msg)) if status is not None else None,
         )
+        if auto:
+            search = search_mesh(gm, devices=args.devices, **options)
+            result = search.plan
+        else:
+            result = plan_graph(gm, mesh=args.mesh, devices=args.devices, **options)
     elapsed = time.perf_counter() - start
     if args.out:
         Path(args.out).write_text(result.to_json())
@@ -576,17 +677,58 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         from autopart.gantt import render_svg
         from autopart.planner import simulate_plan
 
+        mesh_text = format_mesh(result.mesh)
         Path(args.svg).write_text(
-            render_svg(simulate_plan(result), title=f"{loaded.name} {args.mesh} {result.schedule}")
+            render_svg(simulate_plan(result), title=f"{loaded.name} {mesh_text} {result.schedule}")
         )
     if args.format == "json":
         doc = result.to_dict()
         doc["elapsed_s"] = round(elapsed, 3)
+        if search is not None:
+            doc["mesh_search"] = search.to_dict()
         json.dump(doc, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
     _print_plan(result, elapsed)
+    if search is not None:
+        _print_mesh_search(search)
     return 0
+
+
+def _print_mesh_search(search: Any) -> None:
+    from autopart.plans import format_mesh
+    from autopart.units import format_bytes, format_seconds
+
+    table = Table(
+        title=f"meshes of {search.devices} devices (step: the full plan's prediction; estimate: "
+        "the chain-DP split, simulated; bound: a lower bound on the step)",
+        title_justify="left",
+    )
+    for col in (
+        "mesh",
+        "status",
+        "step",
+        "estimate",
+        "bound",
+        "memory / device",
+        "schedule",
+        "note",
+    ):
+        table.add_column(col, justify="left" if col in ("mesh", "status", "note") else "right")
+    for c in search.candidates:
+        table.add_row(
+            format_mesh(c.mesh),
+            c.status,
+            format_seconds(c.step_time_s) if c.step_time_s is not None else "",
+            format_seconds(c.estimate_s) if c.estimate_s is not None else "",
+            f">= {format_seconds(c.step_bound_s)}" if c.step_bound_s is not None else "",
+            format_bytes(c.memory_bytes) if c.memory_bytes else "",
+            f"{c.schedule} x {c.micro_batches}" if c.schedule else "",
+            c.note,
+        )
+    _out.print(table)
+    solves = ", ".join(f"{k} {v:.2f} s" for k, v in search.tp_solve_s.items()) or "none"
+    _out.print(f"{search.reason} TP solves: {solves}; search {search.elapsed_s:.2f} s.")
 
 
 def _cmd_emit(args: argparse.Namespace) -> int:
@@ -630,11 +772,12 @@ def _first_batch(inputs: Any) -> int:
 
 
 def _print_plan(plan: Any, elapsed_s: float) -> None:
+    from autopart.plans import format_mesh
     from autopart.units import format_bytes, format_seconds
 
     title = (
-        f"{plan.model}: {plan.num_stages} stages on {plan.device}, {plan.schedule}, "
-        f"{plan.micro_batches} micro-batches"
+        f"{plan.model}: {plan.num_stages} stages on {plan.device}, mesh {format_mesh(plan.mesh)}, "
+        f"{plan.schedule}, {plan.micro_batches} micro-batches"
     )
     table = Table(title=title, title_justify="left")
     for col, justify in (
@@ -665,6 +808,8 @@ def _print_plan(plan: Any, elapsed_s: float) -> None:
         f"bubble {plan.bubble_fraction:.1%}; solver {plan.solver.status} on {plan.solver.blocks} blocks; "
         f"planned in {elapsed_s:.2f} s"
     )
+    if plan.tp is not None:
+        _print_tp(plan.tp)
     base = Table(
         title="against the baselines (same cost model, same schedule)", title_justify="left"
     )
@@ -685,6 +830,21 @@ def _print_plan(plan: Any, elapsed_s: float) -> None:
             f"{ratio:.2f}x",
         )
     _out.print(base)
+
+
+def _print_tp(tp: Any) -> None:
+    from collections import Counter
+
+    from autopart.units import format_bytes
+
+    counts = Counter(tp.sharding.values())
+    split = ", ".join(f"{counts[k]} {k}" for k in ("col", "row", "replicate") if counts[k])
+    _out.print(
+        f"tensor parallel over {tp.degree} ranks: weight matmuls {split or 'none'}; "
+        f"{tp.forward_all_reduces_per_block} forward all-reduces per block; "
+        f"{format_bytes(tp.comm_bytes_per_step)} sent per rank per step in TP collectives; "
+        f"{len(tp.fallbacks)} nodes left unsplit (the degree does not divide a size they need split)"
+    )
 
 
 def _compress(modules: Sequence[str]) -> str:
