@@ -66,6 +66,8 @@ from autopart.errors import AutopartError
 
 __all__ = [
     "CASES",
+    "FULL_CASES",
+    "FULL_RANKS",
     "QUICK_CASES",
     "ROW_KEYS",
     "RuntimeCase",
@@ -356,7 +358,7 @@ def runtime_suite(
     timeout_s: float = 1800.0,
 ) -> list[dict[str, Any]]:
     """Rows (see :data:`ROW_KEYS`) for every case at every rank count: the full suite is the four
-    :data:`FULL_CASES` on 2 and 4 ranks with 2 warm-up and 10 measured steps per program;
+    :data:`FULL_CASES` on 2 and 4 ranks with 2 warm-up and 16 measured steps per program;
     ``quick`` is two small models on 2 ranks with 1 and 3."""
     import torch.multiprocessing as mp
 
@@ -367,7 +369,7 @@ def runtime_suite(
     if schedule not in ("1f1b", "gpipe"):
         raise AutopartError(f"schedule {schedule!r}: the runtime bench runs '1f1b' or 'gpipe'.")
     rank_counts = list(ranks if ranks is not None else (QUICK_RANKS if quick else FULL_RANKS))
-    steps = steps if steps is not None else (3 if quick else 10)
+    steps = steps if steps is not None else (3 if quick else 16)
     warmup = warmup if warmup is not None else (1 if quick else 2)
     if steps < 1 or warmup < 0:
         raise AutopartError(f"need steps >= 1 and warmup >= 0, got {steps} and {warmup}.")
@@ -597,9 +599,7 @@ def _hand_program(
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     num_layers = len(model.get_submodule(case.layers))  # type: ignore[arg-type]
-    import os
-    starts = [int(v) for v in os.environ["HAND_STARTS"].split(",")] if os.environ.get("HAND_STARTS") else equal_layer_starts(num_layers, world)
-    bounds = [0, *starts, num_layers]
+    bounds = [0, *equal_layer_starts(num_layers, world), num_layers]
     module = case.hand_stage(
         model, range(bounds[rank], bounds[rank + 1]), rank == 0, rank == world - 1
     )
@@ -677,7 +677,7 @@ def _row(
     row["predicted_ratio"] = predicted
     row["predicted_busy_s"] = [st.predicted_s * m for st in plan.stages]
     row["closed_form_efficiency"] = closed_form_efficiency(m, world)
-
+    assert sum(row["hand_layers_per_stage"]) == num_layers
     return {key: row[key] for key in ROW_KEYS}
 
 

@@ -5,7 +5,7 @@
 
 Runs :func:`autopart.bench_runtime.runtime_suite` (four models on 2 and 4 gloo ranks with one
 thread each; autopart's program and the equal-layers pipeline built by hand run in the same
-processes, alternating steps; about 5 minutes on 2 idle cores) and writes a markdown result file
+processes, alternating steps; about 4 minutes on 2 cores) and writes a markdown result file
 with the date, machine, versions, load average, the command and the tables, and the rows as JSON
 beside it. The run waits (up to ``--max-wait`` seconds) for the 1-minute load average to drop to
 ``--max-load`` first, and records the load it saw before and after. ``--notes`` appends a
