@@ -112,7 +112,8 @@ def split_stages(gm: GraphModule, plan: Plan) -> list[GraphModule]:
     flat_outputs, output_spec = _model_outputs(gm)
     last_use = _last_use(gm, stage, num_stages)
     folded = _foldable(gm, stage, last_use)
-    crossing = _crossing(gm, stage, last_use, folded, num_stages)
+    constant = _buffer_derived(gm)
+    crossing = _crossing(gm, stage, last_use, {**folded, **dict.fromkeys(constant)}, num_stages)
     attr_stages = _attr_stages(gm, stage, num_stages)
     canonical = _canonical_targets(gm)
     shared = _shared_params(gm, attr_stages, canonical)
@@ -122,7 +123,9 @@ def split_stages(gm: GraphModule, plan: Plan) -> list[GraphModule]:
         inputs = placeholders if s == 0 else crossing[s - 1]
         is_last = s == num_stages - 1
         outputs: Sequence[Any] = flat_outputs if is_last else crossing[s]
-        graph = _stage_graph(gm, s, stage, inputs, outputs, attr_stages, folded, canonical)
+        graph = _stage_graph(
+            gm, s, stage, inputs, outputs, attr_stages, folded, canonical, constant
+        )
         module = _stage_module(gm, graph, s)
         module.meta[STAGE_META_KEY] = _info(
             module,
@@ -266,6 +269,31 @@ def _foldable(
     return folded
 
 
+_RANDOM = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomial", "poisson")
+
+
+def _buffer_derived(gm: GraphModule) -> set[Node]:
+    """Tensor values computed from buffers and constants only (no model input, no parameter, no
+    random op), e.g. RoPE's cos/sin tables or a causal mask. A later stage that reads one computes
+    it again instead of receiving it: it costs a few cheap ops instead of a send per micro-batch."""
+    params = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+    derived: set[Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            if str(node.target) not in params and isinstance(
+                _attr(gm, str(node.target)), torch.Tensor
+            ):
+                derived.add(node)
+        elif (
+            node.op == "call_function"
+            and not any(word in str(node.target) for word in _RANDOM)
+            and all(a in derived for a in node.all_input_nodes)
+            and (_is_tensor(node) or node.target is operator.getitem)
+        ):
+            derived.add(node)
+    return {n for n in derived if n.op != "get_attr"}
+
+
 def _is_tensor(node: Node) -> bool:
     return isinstance(node.meta.get("val"), torch.Tensor)
 
@@ -344,6 +372,7 @@ def _stage_graph(
     attr_stages: Mapping[Node, tuple[int, ...]],
     folded: Mapping[Node, Any],
     canonical: Mapping[str, str],
+    constant: set[Node],
 ) -> Graph:
     graph = Graph()
     env: dict[Node, Any] = {}
@@ -358,10 +387,25 @@ def _stage_graph(
     def lookup(arg: Node) -> Any:
         if arg in env:
             return env[arg]
+        if arg in constant or (arg.op == "get_attr" and any(u in constant for u in arg.users)):
+            return recompute(arg)
         assert arg in folded, f"stage {s}: {arg.name} is neither an input nor made here"
         return folded[arg]
 
+    def recompute(node: Node) -> Node:
+        """A value made from buffers and constants only, computed again here instead of sent."""
+        for inp in node.all_input_nodes:
+            if inp not in env:
+                recompute(inp)
+        copy = graph.node_copy(node, lookup)
+        if copy.op == "get_attr":
+            copy.target = canonical.get(str(copy.target), copy.target)
+        env[node] = copy
+        return copy
+
     for node in gm.graph.nodes:
+        if node in constant:
+            continue  # computed where it is read (see recompute)
         if (node.op == "get_attr" and s in attr_stages[node]) or (
             node.op in _COMPUTING and stage[node] == s
         ):

@@ -58,8 +58,8 @@ class Stage0(torch.nn.Module):
         transformer_h_0_mlp_c_proj_weight = getattr(self.transformer.h, "0").mlp.c_proj.weight
         transformer_h_0_mlp_c_proj_bias = getattr(self.transformer.h, "0").mlp.c_proj.bias
         lm_head_weight = self.transformer.wte.weight
-        arange = torch.ops.aten.arange.default(16, device = self.device, pin_memory = False)
         embedding = torch.ops.aten.embedding.default(lm_head_weight, input_ids);  lm_head_weight = input_ids = None
+        arange = torch.ops.aten.arange.default(16, device = self.device, pin_memory = False)
         embedding_1 = torch.ops.aten.embedding.default(transformer_wpe_weight, arange);  transformer_wpe_weight = arange = None
         add = torch.ops.aten.add.Tensor(embedding, embedding_1);  embedding = embedding_1 = None
         layer_norm = torch.ops.aten.layer_norm.default(add, [64], transformer_h_0_ln_1_weight, transformer_h_0_ln_1_bias, 1e-05, False);  transformer_h_0_ln_1_weight = transformer_h_0_ln_1_bias = None
