@@ -3,12 +3,7 @@ same parameters after two optimizer steps."""
 
 from __future__ import annotations
 
-import copy
-import math
-import time
-import traceback
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +15,7 @@ import torch.multiprocessing as mp
 from autopart.launch import training_batch
 from autopart.model_spec import load_model, parse_config_overrides
 from autopart.plans import parse_mesh
+from tests._mesh_cases import Case, reference, results
 from tests.models import HF_CONFIGS
 
 STEPS = 2
@@ -56,40 +52,6 @@ def _micro_batches(mesh: str, schedule: str) -> int:
     return 4
 
 
-def _world(mesh: str) -> int:
-    return math.prod(parse_mesh(mesh).values())
-
-
-Case = tuple[str, str, str, str]
-"""(model, mesh, schedule, optimizer)"""
-
-
-def _worker(rank: int, world: int, store: str, cases: list[Case], out: str) -> None:
-    """Run ``cases`` one after another on one set of ranks (one spawn per mesh: starting the
-    processes and importing torch costs more than most cases). Rank 0 writes ``out/<i>.pt`` for
-    each case; after a failure the ranks stop, and the later cases report that they did not run."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=90),
-    )
-    try:
-        for i, case in enumerate(cases):
-            try:
-                result = _run_case(*case)
-            except Exception:
-                if rank == 0:
-                    torch.save({"error": traceback.format_exc()}, Path(out) / f"{i}.pt")
-                break
-            if rank == 0:
-                torch.save(result, Path(out) / f"{i}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
     import autopart.runtime as runtime
 
@@ -124,53 +86,10 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
     }
 
 
-def _chunk(value: Any, n: int) -> list[Any]:
-    if isinstance(value, torch.Tensor) and value.dim() > 0:
-        return list(torch.chunk(value, n))
-    return [value] * n
-
-
-def _reference(
-    name: str, opt: str, micro_batches: int
-) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """The unpartitioned model trained the way a pipeline trains: the gradient of the batch's mean
-    loss, accumulated over the same micro-batches. (A single full-batch backward sums in a different
-    order; Adam's normalisation magnifies that last-bit difference on near-zero gradients.)"""
-    model, x, kw, target, loss_fn = _setup(name)
-    model = copy.deepcopy(model)
-    optimizer = _optimizer(model.parameters(), opt)
-    chunks = [_chunk(t, micro_batches) for t in (*x, target)]
-    kw_chunks = {k: _chunk(v, micro_batches) for k, v in kw.items()}
-    losses = []
-    for _ in range(STEPS):
-        optimizer.zero_grad()
-        step_losses = []
-        for i in range(micro_batches):
-            *xs, tgt = (c[i] for c in chunks)
-            loss = loss_fn(model(*xs, **{k: v[i] for k, v in kw_chunks.items()}), tgt)
-            (loss / micro_batches).backward()
-            step_losses.append(float(loss.detach()))
-        optimizer.step()
-        losses.append(sum(step_losses) / micro_batches)
-    return losses, {n: p.detach() for n, p in model.named_parameters()}
-
-
 def _full_batch_loss(name: str) -> float:
     model, x, kw, target, loss_fn = _setup(name)
     with torch.no_grad():
         return float(loss_fn(model(*x, **kw), target))
-
-
-def _spawn(world: int, args: tuple, timeout_s: float) -> None:
-    ctx = mp.start_processes(
-        _worker, args=(world, *args), nprocs=world, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"ranks did not finish within {timeout_s:.0f} s")
 
 
 # Every model on 2 and 4 ranks, and every schedule on several models. SGD, not Adam, for the CNN
@@ -207,31 +126,14 @@ CASES = [
 def pipeline_results(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[[Case], dict[str, Any]]:
-    """The result of a case, running every selected case of its mesh in one spawn on first use."""
-    selected = [
-        tuple(item.callspec.params[k] for k in ("name", "mesh", "schedule", "opt"))
-        for item in request.session.items
-        if isinstance(item, pytest.Function)
-        and item.originalname == "test_pipeline_matches_the_unpartitioned_model"
-    ]
-    done: dict[Case, dict[str, Any]] = {}
-
-    def get(case: Case) -> dict[str, Any]:
-        if case not in done:
-            mesh = case[1]
-            cases = [c for c in CASES if c[1] == mesh and c in selected]
-            tmp = tmp_path_factory.mktemp("mesh")
-            _spawn(_world(mesh), (str(tmp / "store"), cases, str(tmp)), 60.0 + 60.0 * len(cases))
-            for i, c in enumerate(cases):
-                f = tmp / f"{i}.pt"
-                done[c] = (
-                    torch.load(f)
-                    if f.exists()
-                    else {"error": f"not run: an earlier case on {mesh} failed"}
-                )
-        return done[case]
-
-    return get
+    return results(
+        request,
+        tmp_path_factory,
+        "test_pipeline_matches_the_unpartitioned_model",
+        CASES,
+        _run_case,
+        60.0,
+    )
 
 
 @pytest.mark.parametrize(("name", "mesh", "schedule", "opt"), CASES)
@@ -250,8 +152,8 @@ def test_pipeline_matches_the_unpartitioned_model(
     torch.testing.assert_close(got["inference"], expected, rtol=1e-5, atol=1e-6)
     sizes = parse_mesh(mesh)
     # The reference accumulates over every replica's micro-batches, in replica order.
-    want_losses, want_state = _reference(
-        name, opt, sizes.get("dp", 1) * _micro_batches(mesh, schedule)
+    want_losses, want_state = reference(
+        _setup, _optimizer, name, opt, sizes.get("dp", 1) * _micro_batches(mesh, schedule), STEPS
     )
     assert got["schedule"] == schedule
     assert got["stages"] == sizes["pp"] * (2 if schedule == "interleaved" else 1)

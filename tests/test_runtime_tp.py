@@ -5,14 +5,9 @@ pp=2 x tp=2 and dp=2 x pp=2 x tp=2."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
-import math
-import time
-import traceback
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +35,7 @@ from autopart.planner import plan_graph
 from autopart.plans import TPSection, parse_mesh
 from autopart.solver.tp_ilp import megatron_plan, solve_tp
 from autopart.tracing import trace
+from tests._mesh_cases import Case, reference, results
 from tests.models import HF_CONFIGS
 
 STEPS = 2
@@ -264,38 +260,6 @@ def _micro_batches(mesh: str) -> int:
     return 2 if parse_mesh(mesh).get("dp", 1) > 1 else 4
 
 
-def _world(mesh: str) -> int:
-    return math.prod(parse_mesh(mesh).values())
-
-
-Case = tuple[str, str, str, str]
-"""(model, mesh, schedule, optimizer)"""
-
-
-def _worker(rank: int, world: int, store: str, cases: list[Case], out: str) -> None:
-    """Run ``cases`` one after another on one set of ranks; rank 0 writes ``out/<i>.pt``."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=120),
-    )
-    try:
-        for i, case in enumerate(cases):
-            try:
-                result = _run_case(*case)
-            except Exception:
-                if rank == 0:
-                    torch.save({"error": traceback.format_exc()}, Path(out) / f"{i}.pt")
-                break
-            if rank == 0:
-                torch.save(result, Path(out) / f"{i}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
     import autopart.runtime as runtime
 
@@ -333,48 +297,6 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
     }
 
 
-def _chunk(value: Any, n: int) -> list[Any]:
-    if isinstance(value, torch.Tensor) and value.dim() > 0:
-        return list(torch.chunk(value, n))
-    return [value] * n
-
-
-def _reference(
-    name: str, opt: str, micro_batches: int
-) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """The unpartitioned model trained as the program trains: the gradient of the batch's mean
-    loss, accumulated over the same micro-batches (every replica's, in replica order)."""
-    model, x, kw, target, loss_fn = _setup(name)
-    model = copy.deepcopy(model)
-    optimizer = _optimizer(model.parameters(), opt)
-    chunks = [_chunk(t, micro_batches) for t in (*x, target)]
-    kw_chunks = {k: _chunk(v, micro_batches) for k, v in kw.items()}
-    losses = []
-    for _ in range(STEPS):
-        optimizer.zero_grad()
-        step_losses = []
-        for i in range(micro_batches):
-            *xs, tgt = (c[i] for c in chunks)
-            loss = loss_fn(model(*xs, **{k: v[i] for k, v in kw_chunks.items()}), tgt)
-            (loss / micro_batches).backward()
-            step_losses.append(float(loss.detach()))
-        optimizer.step()
-        losses.append(sum(step_losses) / micro_batches)
-    return losses, {n: p.detach() for n, p in model.named_parameters()}
-
-
-def _spawn(world: int, args: tuple, timeout_s: float) -> None:
-    ctx = mp.start_processes(
-        _worker, args=(world, *args), nprocs=world, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"ranks did not finish within {timeout_s:.0f} s")
-
-
 # SGD for the language models (see _optimizer): some of their gradient components are zero or
 # nearly zero in exact arithmetic (GPT-2's key bias, which softmax ignores; rare tokens' rows), and
 # Adam turns their last-bit noise into full-size steps in either program.
@@ -397,31 +319,14 @@ SLOW = {("hf:gpt2", "dp=2,pp=2,tp=2", "1f1b", "sgd")}
 def tp_results(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[[Case], dict[str, Any]]:
-    """The result of a case, running every selected case of its mesh in one spawn on first use."""
-    selected = [
-        tuple(item.callspec.params[k] for k in ("name", "mesh", "schedule", "opt"))
-        for item in request.session.items
-        if isinstance(item, pytest.Function)
-        and item.originalname == "test_tp_program_matches_the_unpartitioned_model"
-    ]
-    done: dict[Case, dict[str, Any]] = {}
-
-    def get(case: Case) -> dict[str, Any]:
-        if case not in done:
-            mesh = case[1]
-            cases = [c for c in CASES if c[1] == mesh and c in selected]
-            tmp = tmp_path_factory.mktemp("mesh")
-            _spawn(_world(mesh), (str(tmp / "store"), cases, str(tmp)), 90.0 + 90.0 * len(cases))
-            for i, c in enumerate(cases):
-                f = tmp / f"{i}.pt"
-                done[c] = (
-                    torch.load(f)
-                    if f.exists()
-                    else {"error": f"not run: an earlier case on {mesh} failed"}
-                )
-        return done[case]
-
-    return get
+    return results(
+        request,
+        tmp_path_factory,
+        "test_tp_program_matches_the_unpartitioned_model",
+        CASES,
+        _run_case,
+        120.0,
+    )
 
 
 @pytest.mark.parametrize(
@@ -446,7 +351,9 @@ def test_tp_program_matches_the_unpartitioned_model(
         expected = getattr(model(*x, **kw), "logits", model(*x, **kw))
     torch.testing.assert_close(got["inference"], expected, rtol=1e-5, atol=1e-6)
     sizes = parse_mesh(mesh)
-    want_losses, want_state = _reference(name, opt, sizes.get("dp", 1) * _micro_batches(mesh))
+    want_losses, want_state = reference(
+        _setup, _optimizer, name, opt, sizes.get("dp", 1) * _micro_batches(mesh), STEPS
+    )
     for a, b in zip(got["losses"], want_losses, strict=True):
         assert a == pytest.approx(b, rel=1e-5)
     assert set(got["state"]) == set(want_state)  # every parameter, whole, under its own name

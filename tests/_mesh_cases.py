@@ -1,0 +1,149 @@
+"""Equivalence cases on spawned gloo ranks, shared by the runtime tests: one spawn per mesh runs
+every selected case of that mesh (starting processes and importing torch costs more than most
+cases), and a reference trains the unpartitioned model on the same micro-batches."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from autopart.plans import parse_mesh
+
+Case = tuple[str, str, str, str]
+"""(model, mesh, schedule, optimizer)"""
+
+Setup = Callable[[str], tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any], Any, Any]]
+"""name -> (model, example inputs, example kwargs, target, loss_fn)"""
+
+
+def world(mesh: str) -> int:
+    return math.prod(parse_mesh(mesh).values())
+
+
+def _worker(
+    rank: int,
+    world: int,
+    store: str,
+    cases: list[Case],
+    out: str,
+    run_case: Callable[..., dict[str, Any]],
+    timeout_s: float,
+) -> None:
+    """Run ``cases`` one after another; rank 0 writes ``out/<i>.pt`` for each. After a failure the
+    ranks stop, and the later cases report that they did not run."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    try:
+        for i, case in enumerate(cases):
+            try:
+                result = run_case(*case)
+            except Exception:
+                if rank == 0:
+                    torch.save({"error": traceback.format_exc()}, Path(out) / f"{i}.pt")
+                break
+            if rank == 0:
+                torch.save(result, Path(out) / f"{i}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(ranks: int, args: tuple, timeout_s: float) -> None:
+    ctx = mp.start_processes(
+        _worker, args=(ranks, *args), nprocs=ranks, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"ranks did not finish within {timeout_s:.0f} s")
+
+
+def results(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    test_name: str,
+    cases: list[Case],
+    run_case: Callable[..., dict[str, Any]],
+    per_case_s: float,
+) -> Callable[[Case], dict[str, Any]]:
+    """The result of a case of ``test_name``, running every selected case of its mesh in one spawn
+    on first use. ``run_case`` must be a module-level function (spawned ranks import it)."""
+    selected = [
+        tuple(item.callspec.params[k] for k in ("name", "mesh", "schedule", "opt"))
+        for item in request.session.items
+        if isinstance(item, pytest.Function) and item.originalname == test_name
+    ]
+    done: dict[Case, dict[str, Any]] = {}
+
+    def get(case: Case) -> dict[str, Any]:
+        if case not in done:
+            mesh = case[1]
+            todo = [c for c in cases if c[1] == mesh and c in selected]
+            tmp = tmp_path_factory.mktemp("mesh")
+            args = (str(tmp / "store"), todo, str(tmp), run_case, per_case_s)
+            _spawn(world(mesh), args, per_case_s * (1 + len(todo)))
+            for i, c in enumerate(todo):
+                f = tmp / f"{i}.pt"
+                done[c] = (
+                    torch.load(f)
+                    if f.exists()
+                    else {"error": f"not run: an earlier case on {mesh} failed"}
+                )
+        return done[case]
+
+    return get
+
+
+def chunk(value: Any, n: int) -> list[Any]:
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        return list(torch.chunk(value, n))
+    return [value] * n
+
+
+def reference(
+    setup: Setup,
+    optimizer: Callable[[Any, str], torch.optim.Optimizer],
+    name: str,
+    opt: str,
+    micro_batches: int,
+    steps: int,
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The unpartitioned model trained the way a pipeline trains: the gradient of the batch's mean
+    loss, accumulated over the same micro-batches (every replica's, in replica order). A single
+    full-batch backward sums in a different order, and Adam's normalisation magnifies that
+    last-bit difference on near-zero gradients."""
+    model, x, kw, target, loss_fn = setup(name)
+    model = copy.deepcopy(model)
+    optim = optimizer(model.parameters(), opt)
+    chunks = [chunk(t, micro_batches) for t in (*x, target)]
+    kw_chunks = {k: chunk(v, micro_batches) for k, v in kw.items()}
+    losses = []
+    for _ in range(steps):
+        optim.zero_grad()
+        step_losses = []
+        for i in range(micro_batches):
+            *xs, tgt = (c[i] for c in chunks)
+            loss = loss_fn(model(*xs, **{k: v[i] for k, v in kw_chunks.items()}), tgt)
+            (loss / micro_batches).backward()
+            step_losses.append(float(loss.detach()))
+        optim.step()
+        losses.append(sum(step_losses) / micro_batches)
+    return losses, {n: p.detach() for n, p in model.named_parameters()}
