@@ -15,7 +15,6 @@ hand-written analysis to the markdown (kept in the JSON, so ``--from-json`` re-r
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shlex
@@ -25,7 +24,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from solver_bench import _nan_to_null, environment  # the benchmarks/ folder is sys.path[0]
+from solver_bench import (
+    add_output_args,
+    environment,
+    output_path,
+    progress,
+    rerender,
+    write_result,
+)  # the benchmarks/ folder is sys.path[0]
 
 from autopart.bench_runtime import (
     CASES,
@@ -160,19 +166,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
     parser.add_argument("--max-load", type=float, default=1.5, help="wait for this 1-min load")
     parser.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait at most")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="result file (default benchmarks/results/<today>-runtime.md); the rows go to the "
-        "same name with .json",
-    )
-    parser.add_argument(
-        "--from-json",
-        type=Path,
-        default=None,
-        help="re-render the markdown of an earlier run's .json instead of running the suite",
-    )
+    add_output_args(parser, "runtime")
     parser.add_argument("--notes", type=Path, default=None, help="markdown to append (analysis)")
     args = parser.parse_args(argv)
     if args.from_json is not None:
@@ -180,18 +174,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.notes is not None:
             record["notes"] = args.notes.read_text()
             args.from_json.write_text(json.dumps(record, indent=1) + "\n")
-        out = args.out or args.from_json.with_suffix(".md")
-        out.write_text(render(record))
-        print(f"wrote {out}", file=sys.stderr)
+        rerender(args.out, args.from_json, render)
         return
-    out = args.out or (
-        Path(__file__).resolve().parent / "results" / f"{datetime.date.today()}-runtime.md"
-    )
+    out = output_path(args, "runtime")
     cases = args.cases.split(",") if args.cases else (None if args.quick else list(FULL_CASES))
     ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else None
-
-    def progress(done: int, total: int, label: str) -> None:
-        print(f"[{done}/{total}] {label}", file=sys.stderr, flush=True)
 
     load_before, waited_s = wait_for_quiet(args.max_load, args.max_wait)
     env = environment()
@@ -218,10 +205,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "notes": args.notes.read_text() if args.notes is not None else "",
         "rows": rows,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(_nan_to_null(record), indent=1) + "\n")
-    out.write_text(render(record))
-    print(f"wrote {out} and its .json ({record['wall_s'] / 60:.1f} min)", file=sys.stderr)
+    write_result(out, record, render)
 
 
 if __name__ == "__main__":

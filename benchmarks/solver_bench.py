@@ -22,7 +22,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,15 +179,16 @@ def render(record: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small grid (about a minute)")
-    parser.add_argument("--time-limit", type=float, default=10.0, help="seconds per ILP solve")
+# -- pieces every benchmark script shares (runtime_bench.py and tp_bench.py import them) ---------
+
+
+def add_output_args(parser: argparse.ArgumentParser, kind: str) -> None:
+    """``--out`` and ``--from-json`` for a suite whose dated result is ``<today>-<kind>.md``."""
     parser.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="result file (default benchmarks/results/<today>-solver.md); the rows go to the "
+        help=f"result file (default benchmarks/results/<today>-{kind}.md); the rows go to the "
         "same name with .json",
     )
     parser.add_argument(
@@ -196,19 +197,45 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="re-render the markdown of an earlier run's .json instead of running the suite",
     )
-    args = parser.parse_args(argv)
-    if args.from_json is not None:
-        record = json.loads(args.from_json.read_text())
-        out = args.out or args.from_json.with_suffix(".md")
-        out.write_text(render(record))
-        print(f"wrote {out}", file=sys.stderr)
-        return
-    out = args.out or (
-        Path(__file__).resolve().parent / "results" / f"{datetime.date.today()}-solver.md"
+
+
+def output_path(args: argparse.Namespace, kind: str) -> Path:
+    return args.out or (
+        Path(__file__).resolve().parent / "results" / f"{datetime.date.today()}-{kind}.md"
     )
 
-    def progress(done: int, total: int, label: str) -> None:
-        print(f"[{done}/{total}] {label}", file=sys.stderr, flush=True)
+
+def rerender(out: Path | None, record_json: Path, render: Callable[[dict[str, Any]], str]) -> None:
+    """Write the markdown of an earlier run's ``.json`` (``--from-json``)."""
+    out = out or record_json.with_suffix(".md")
+    out.write_text(render(json.loads(record_json.read_text())))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def progress(done: int, total: int, label: str) -> None:
+    print(f"[{done}/{total}] {label}", file=sys.stderr, flush=True)
+
+
+def write_result(
+    out: Path, record: dict[str, Any], render: Callable[[dict[str, Any]], str]
+) -> None:
+    """The dated result: ``out`` (markdown) and the record beside it as ``.json``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(_nan_to_null(record), indent=1) + "\n")
+    out.write_text(render(record))
+    print(f"wrote {out} and its .json ({record['wall_s'] / 60:.1f} min)", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small grid (about a minute)")
+    parser.add_argument("--time-limit", type=float, default=10.0, help="seconds per ILP solve")
+    add_output_args(parser, "solver")
+    args = parser.parse_args(argv)
+    if args.from_json is not None:
+        rerender(args.out, args.from_json, render)
+        return
+    out = output_path(args, "solver")
 
     env = environment()
     start = time.perf_counter()
@@ -220,10 +247,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "time_limit_s": args.time_limit,
         "rows": rows,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(_nan_to_null(record), indent=1) + "\n")
-    out.write_text(render(record))
-    print(f"wrote {out} and its .json ({record['wall_s'] / 60:.1f} min)", file=sys.stderr)
+    write_result(out, record, render)
 
 
 if __name__ == "__main__":

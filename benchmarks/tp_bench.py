@@ -15,17 +15,21 @@ JSON beside it (``--from-json`` re-renders the markdown).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import shlex
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from solver_bench import _nan_to_null, environment  # the benchmarks/ folder is sys.path[0]
+from solver_bench import (
+    add_output_args,
+    environment,
+    output_path,
+    progress,
+    rerender,
+    write_result,
+)  # the benchmarks/ folder is sys.path[0]
 
 from autopart.bench_tp import format_tp_rows_markdown, tp_suite
 from autopart.units import format_bytes, format_seconds
@@ -151,32 +155,12 @@ def render(record: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="GPT-2 and Llama-7B only, no 70B")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="result file (default benchmarks/results/<today>-tp.md); the rows go to the same "
-        "name with .json",
-    )
-    parser.add_argument(
-        "--from-json",
-        type=Path,
-        default=None,
-        help="re-render the markdown of an earlier run's .json instead of running the suite",
-    )
+    add_output_args(parser, "tp")
     args = parser.parse_args(argv)
     if args.from_json is not None:
-        record = json.loads(args.from_json.read_text())
-        out = args.out or args.from_json.with_suffix(".md")
-        out.write_text(render(record))
-        print(f"wrote {out}", file=sys.stderr)
+        rerender(args.out, args.from_json, render)
         return
-    out = args.out or (
-        Path(__file__).resolve().parent / "results" / f"{datetime.date.today()}-tp.md"
-    )
-
-    def progress(done: int, total: int, label: str) -> None:
-        print(f"[{done}/{total}] {label}", file=sys.stderr, flush=True)
+    out = output_path(args, "tp")
 
     env = environment()
     start = time.perf_counter()
@@ -190,10 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("[llama-70b] pp=8,tp=8 and --mesh auto --devices 64", file=sys.stderr, flush=True)
         record["llama_70b"] = llama_70b_cases()
     record["wall_s"] = time.perf_counter() - start
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(_nan_to_null(record), indent=1) + "\n")
-    out.write_text(render(record))
-    print(f"wrote {out} and its .json ({record['wall_s']:.0f} s)", file=sys.stderr)
+    write_result(out, record, render)
 
 
 if __name__ == "__main__":
