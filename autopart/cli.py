@@ -299,6 +299,18 @@ def _quiet(args: argparse.Namespace) -> bool:
     return bool(args.format == "json" and not _err.is_terminal)
 
 
+def _run_suite(label: str, suite: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """A bench suite's rows, with a progress bar that names the case being run."""
+    with _bar(label, _quiet(args)) as bar:
+        task = bar.add_task(label, total=None)
+
+        def progress(done: int, total: int, case: str) -> None:
+            bar.update(task, completed=done, total=total, description=case)
+
+        rows: list[dict[str, Any]] = suite(quick=args.quick, progress=progress)
+    return rows
+
+
 def _bar(label: str, quiet: bool) -> Progress:
     """A transient progress bar on stderr; its tasks show their own description."""
     columns = (
@@ -382,14 +394,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _cmd_bench_tp(args)
     from autopart.units import format_seconds
 
-    quiet = _quiet(args)
-    with _bar("solver bench", quiet) as bar:
-        task = bar.add_task("solver bench", total=None)
-
-        def progress(done: int, total: int, label: str) -> None:
-            bar.update(task, completed=done, total=total, description=label)
-
-        rows = solver_suite(quick=args.quick, progress=progress)
+    rows = _run_suite("solver bench", solver_suite, args)
     if args.format == "json":
         json.dump(rows, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -432,14 +437,7 @@ def _cmd_bench_tp(args: argparse.Namespace) -> int:
     from autopart.bench_tp import tp_suite
     from autopart.units import format_bytes, format_seconds
 
-    quiet = _quiet(args)
-    with _bar("tp bench", quiet) as bar:
-        task = bar.add_task("tp bench", total=None)
-
-        def progress(done: int, total: int, label: str) -> None:
-            bar.update(task, completed=done, total=total, description=label)
-
-        rows = tp_suite(quick=args.quick, progress=progress)
+    rows = _run_suite("tp bench", tp_suite, args)
     if args.format == "json":  # no plan that fits: null, not NaN (standard JSON)
         nulls = [
             {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
@@ -493,14 +491,7 @@ def _cmd_bench_runtime(args: argparse.Namespace) -> int:
     from autopart.bench_runtime import runtime_suite
     from autopart.units import format_seconds
 
-    quiet = _quiet(args)
-    with _bar("runtime bench", quiet) as bar:
-        task = bar.add_task("runtime bench", total=None)
-
-        def progress(done: int, total: int, label: str) -> None:
-            bar.update(task, completed=done, total=total, description=label)
-
-        rows = runtime_suite(quick=args.quick, progress=progress)
+    rows = _run_suite("runtime bench", runtime_suite, args)
     if args.format == "json":
         json.dump(rows, sys.stdout, indent=1)
         sys.stdout.write("\n")
