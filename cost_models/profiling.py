@@ -237,15 +237,16 @@ def _measure(
         if outs and grad_inputs:
             grads = [torch.ones_like(t) for t in outs]
 
-            def backward() -> None:
-                o = [
-                    t
-                    for t in tree_flatten(forward())[0]
-                    if isinstance(t, torch.Tensor) and t.requires_grad
-                ]
+            def graph() -> list[torch.Tensor]:
+                flat = tree_flatten(forward())[0]
+                return [t for t in flat if isinstance(t, torch.Tensor) and t.requires_grad]
+
+            def backward(o: list[torch.Tensor]) -> None:
                 torch.autograd.grad(o, grad_inputs, grads, allow_unused=True)
 
-            bwd = max(0.0, _time(backward, dev, repeats, warmup) - fwd)
+            # The backward alone, each run on a fresh forward made outside the timed region (the
+            # difference of two noisy medians, forward+backward minus forward, can come out <= 0).
+            bwd = _time(backward, dev, repeats, warmup, setup=graph)
     except (RuntimeError, TypeError, NotImplementedError):
         return None  # ops that need real data (e.g. data-dependent shapes) keep their prediction
     return Measurement(fwd, bwd)
@@ -255,15 +256,24 @@ def _is_materialized(module: torch.nn.Module) -> bool:
     return all(not p.is_meta for p in module.parameters())
 
 
-def _time(fn: Callable[[], Any], dev: torch.device, repeats: int, warmup: int) -> float:
+def _time(
+    fn: Callable[..., Any],
+    dev: torch.device,
+    repeats: int,
+    warmup: int,
+    setup: Callable[[], Any] | None = None,
+) -> float:
+    """Median seconds of ``fn()``, or of ``fn(setup())`` with ``setup`` run outside the timing."""
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
+
+    def once() -> float:
+        arg = () if setup is None else (setup(),)
         sync()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        start = time.perf_counter()
+        fn(*arg)
+        sync()
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        once()
+    return statistics.median(once() for _ in range(repeats))
