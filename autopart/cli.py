@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -184,9 +185,10 @@ def _parser() -> argparse.ArgumentParser:
 
     emit = sub.add_parser(
         "emit",
-        help="write a standalone pipeline program runnable with torchrun",
-        description="Plan MODEL for MESH and write a standalone program to --out: one Python file per "
-        "stage, a launcher run.py, the weights, a random batch and the plan. Run it with "
+        help="write a standalone parallel program runnable with torchrun",
+        description="Plan MODEL for MESH (pp, dp and tp) and write a standalone program to --out: "
+        "one Python file per pipeline stage (each TP rank's shard of it with tp > 1), a launcher "
+        "run.py, the weights, a random batch and the plan. Run it with "
         "`torchrun --nproc-per-node N run.py` (only torch needed).",
     )
     emit.add_argument(
@@ -744,7 +746,7 @@ def _cmd_emit(args: argparse.Namespace) -> int:
             lr=args.lr,
         )
     files = sorted(p.name for p in written.iterdir() if p.is_file())
-    command = f"torchrun --nproc-per-node {plan.mesh['pp']} run.py"
+    command = f"torchrun --nproc-per-node {math.prod(plan.mesh.values())} run.py"
     if args.format == "json":
         doc = {"out": str(written), "files": files, "command": command, "plan": plan.to_dict()}
         json.dump(doc, sys.stdout, indent=1)

@@ -70,6 +70,7 @@ from torch.fx import Graph, GraphModule
 from torch.fx.node import map_aggregate
 from torch.utils._pytree import tree_flatten
 
+from autopart._emitted import collectives
 from autopart._source import (
     EmitError,
     global_names,
@@ -79,15 +80,16 @@ from autopart._source import (
     torch_module_expr,
 )
 from autopart.errors import AutopartError
-from autopart.plans import Plan, format_mesh
+from autopart.plans import Plan
 
 if TYPE_CHECKING:
+    from autopart.passes._tp_placements import Placement
     from autopart.passes.split_stages import StageInfo
     from autopart.runtime import ParallelProgram
 
 __all__ = ["CONFIG_FORMAT_VERSION", "EmitError", "emit", "emit_model"]
 
-CONFIG_FORMAT_VERSION = 1
+CONFIG_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +105,9 @@ class _Program:
     loss_fn: Callable[[Any, Any], torch.Tensor]
     steps: int
     lr: float
+    io: Mapping[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]
+    """Stage -> meta tensors of one micro-batch's tensor inputs and outputs as a rank sends and
+    receives them (local TP shapes); run.py gives them to ``PipelineStage``."""
 
 
 def emit(
@@ -173,7 +178,7 @@ def emit_model(
     from autopart.runtime import _micro_batch_graph
     from autopart.tracing import trace
 
-    _check_axes(parse_mesh(mesh))  # before any tracing
+    dp = parse_mesh(mesh).get("dp", 1)  # a bad mesh is an error before any tracing
     overrides = parse_config_overrides(config) if config else None
     loaded = load_model(spec, batch=batch, seq=seq, config=overrides, device="cpu", seed=0)
     args, kwargs = tuple(loaded.example_inputs), dict(loaded.example_kwargs)
@@ -194,10 +199,11 @@ def emit_model(
 
     plan = make(micro_batches)
     if micro_batches is None:
-        fewer = [m for m in range(plan.micro_batches - 1, 0, -1) if size % m == 0]
+        fewer = [m for m in range(plan.micro_batches - 1, 0, -1) if size % (dp * m) == 0]
         while (
             fewer
-            and _micro_batch_graph(loaded.model, gm, args, kwargs, size, plan.micro_batches) is None
+            and _micro_batch_graph(loaded.model, gm, args, kwargs, size, dp * plan.micro_batches)
+            is None
         ):
             try:
                 plan = make(fewer.pop(0))
@@ -224,8 +230,11 @@ def _sources(program: _Program) -> dict[str, str]:
     files["config.json"] = _config(program)
     files["plan.json"] = plan.to_json() + "\n"
     files["loss.py"] = loss_file(program.loss_fn, program.infos[-1].output_spec)
+    storage = _tp_storage(program)
+    if storage is not None:
+        files["collectives.py"] = _collectives_source()
     for stage, info in zip(program.stages, program.infos):
-        files[f"stage_{info.index}.py"] = _stage_file(stage, info, plan)
+        files[f"stage_{info.index}.py"] = _stage_file(stage, info, plan, storage)
     for name, text in files.items():
         if re.search(r"\bat 0x[0-9a-fA-F]+", text):
             raise EmitError(
@@ -250,7 +259,7 @@ def _from_plan(
 ) -> _Program:
     from autopart.passes.split_stages import split_stages, stage_info
     from autopart.planner import _batch_size
-    from autopart.runtime import _micro_batch_graph
+    from autopart.runtime import _Inputs, _micro_batch_graph, _stage_io, _value_metas
     from autopart.tracing import trace
 
     missing = [
@@ -270,7 +279,6 @@ def _from_plan(
             "or emit the ParallelProgram that autopart.compile returned."
         )
     assert model is not None and loss_fn is not None
-    _check_axes(plan.mesh)
     meta = [n for n, p in (*model.named_parameters(), *model.named_buffers()) if p.is_meta]
     if meta:
         raise EmitError(
@@ -283,29 +291,40 @@ def _from_plan(
     batch = _batch_size(flat)
     _check_target(target, batch, plan.micro_batches)
     assert target is not None
-    if batch % plan.micro_batches:
+    dp = plan.mesh.get("dp", 1)
+    chunks = dp * plan.micro_batches  # each replica pipelines its share of the batch
+    if batch % chunks:
         raise EmitError(
-            f"a batch of {batch} does not split into the plan's {plan.micro_batches} micro-batches; "
-            "pass the batch the plan was made for."
+            f"a batch of {batch} does not split into the plan's {plan.micro_batches} micro-batches"
+            + (f" on each of {dp} data-parallel replicas" if dp > 1 else "")
+            + "; pass the batch the plan was made for."
         )
     gm = trace(model, args, kwargs)
-    run_gm = _micro_batch_graph(model, gm, args, kwargs, batch, plan.micro_batches)
+    run_gm = _micro_batch_graph(model, gm, args, kwargs, batch, chunks)
     if run_gm is None:
         raise EmitError(
             f"{type(model).__name__} traces to a different graph at micro-batch size "
-            f"{batch // plan.micro_batches} than at batch size {batch}, so the plan's stages cannot "
+            f"{batch // chunks} than at batch size {batch}, so the plan's stages cannot "
             "be reused; plan again with another micro_batches."
         )
+    if plan.tp is not None and set(plan.tp.placements) - {n.name for n in run_gm.graph.nodes}:
+        raise EmitError(
+            "the plan's tensor-parallel placements name nodes that this model's graph does not "
+            "have: the plan was made for another model or batch; plan this model again."
+        )
     stages = split_stages(run_gm, plan)
+    infos = tuple(stage_info(s) for s in stages)
+    metas = _value_metas(run_gm, _Inputs.of(args, kwargs).micro_batch(batch, chunks))
     return _Program(
         plan=plan,
         stages=tuple(stages),
-        infos=tuple(stage_info(s) for s in stages),
+        infos=infos,
         inputs=tuple(flat),
         target=target,
         loss_fn=loss_fn,
         steps=steps,
         lr=lr,
+        io={i.index: _stage_io(metas, plan.tp, i) for i in infos},
     )
 
 
@@ -325,7 +344,6 @@ def _emit_program(
     from autopart.planner import _batch_size
 
     plan = program.plan
-    _check_axes(plan.mesh)
     loss = loss_fn if loss_fn is not None else program._loss_fn
     if loss is None or target is None:
         raise EmitError(
@@ -348,40 +366,21 @@ def _emit_program(
         loss_fn=loss,
         steps=steps,
         lr=lr,
+        io=program._all_metas,
     )
     sources = _sources(emitted)  # every rank: a mistake raises everywhere, nobody waits
-    group = program._group
-    mine = {
-        name: t.detach().cpu()
-        for stage in program._stages
-        for name, t in stage.state_dict().items()
-    }
-    root = dist.get_global_rank(group, 0)
-    parts: list[Any] | None = [None] * dist.get_world_size(group) if program._pp_rank == 0 else None
-    dist.gather_object(mine, parts, dst=root, group=group)
+    # Every rank's parameters and buffers, TP shards joined back into whole tensors.
+    state = program._gather_state(buffers=True)
     status: list[Any] = [None]
-    if parts is not None:
-        state: dict[str, torch.Tensor] = {}
-        for part in parts:
-            for name, t in part.items():
-                state.setdefault(name, t)
+    if dist.get_rank() == 0:
         try:
             _write(emitted, out, _ordered_state(stages, state), sources)
         except Exception as exc:  # told to every rank, so none waits for files that never come
             status[0] = f"rank 0 could not write {out}: {type(exc).__name__}: {exc}"
-    dist.broadcast_object_list(status, src=root, group=group)
+    dist.broadcast_object_list(status, src=0)
     if status[0] is not None:
         raise EmitError(str(status[0]))
     return out
-
-
-def _check_axes(mesh: Mapping[str, int]) -> None:
-    extra = {k: v for k, v in mesh.items() if k != "pp" and v > 1}
-    if extra:
-        raise EmitError(
-            f"the mesh has {format_mesh(extra)}: only pipeline parallelism (pp) can be emitted so "
-            "far; emit a plan for a pp-only mesh such as 'pp=2'."
-        )
 
 
 def _check_target(target: Any, batch: int, micro_batches: int) -> None:
@@ -440,16 +439,22 @@ def _launcher_source() -> str:
     return resources.files("autopart").joinpath("_emitted", "run.py").read_text()
 
 
+def _collectives_source() -> str:
+    return resources.files("autopart").joinpath("_emitted", "collectives.py").read_text()
+
+
 def _config(program: _Program) -> str:
     plan = program.plan
     tied: dict[str, list[int]] = {}
     for info in program.infos:
         for name, stages in info.shared_params.items():
             tied.setdefault(name, list(stages))
+    mesh = {axis: plan.mesh.get(axis, 1) for axis in ("dp", "pp", "tp")}
     config = {
         "format_version": CONFIG_FORMAT_VERSION,
         "model": plan.model,
-        "world_size": plan.mesh.get("pp", 1),
+        "world_size": math.prod(mesh.values()),
+        "mesh": mesh,
         "schedule": plan.schedule,
         "micro_batches": plan.micro_batches,
         "stages_per_rank": plan.stages_per_device,
@@ -457,6 +462,13 @@ def _config(program: _Program) -> str:
         "tied_parameters": dict(sorted(tied.items())),
         "inputs": [_describe(x) for x in program.inputs],
         "target": _describe(program.target),
+        "stage_io": [
+            {
+                "inputs": [_describe_meta(m) for m in program.io[i.index][0]],
+                "outputs": [_describe_meta(m) for m in program.io[i.index][1]],
+            }
+            for i in program.infos
+        ],
         "steps": program.steps,
         "lr": program.lr,
     }
@@ -469,6 +481,14 @@ def _one_line(match: re.Match[str]) -> str:
     return "[" + ", ".join(x.strip() for x in match.group(1).split(",")) + "]"
 
 
+def _describe_meta(meta: torch.Tensor) -> dict[str, Any]:
+    return {
+        "shape": list(meta.shape),
+        "dtype": str(meta.dtype),
+        "requires_grad": meta.requires_grad,
+    }
+
+
 def _describe(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return {"shape": list(x.shape), "dtype": str(x.dtype)}
@@ -478,54 +498,132 @@ def _describe(x: Any) -> Any:
 # -- stage files -----------------------------------------------------------------------------------
 
 
-class _StageDevice:
-    """Stands for a device baked into the graph; fx prints it as the stage's own device."""
+class _Expr:
+    """A value fx prints as the Python expression ``text``: a stage attribute such as
+    ``self.device`` standing for a value the trace or the TP pass baked into the graph."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
 
     def __repr__(self) -> str:
-        return "self.device"
+        return self.text
 
 
-def _stage_file(stage: GraphModule, info: StageInfo, plan: Plan) -> str:
+_TP_GROUP = "__autopart_emit_tp_group__"
+"""The group name the TP template is sharded with; every use becomes ``self.tp_group``."""
+_TEMPLATE_RANK = 1
+"""The TP rank the template is sharded for: its rank arguments become ``self.tp_rank``."""
+_RESERVED = ("device", "tp_rank", "tp_group")
+
+
+def _tp_storage(program: _Program) -> dict[str, Placement] | None:
+    """How every parameter and buffer is stored on a TP rank (None without TP)."""
+    from autopart.passes.shard_tp import param_placements
+
+    tp = program.plan.tp
+    if tp is None or tp.degree == 1:
+        return None
+    return param_placements(program.stages, tp)
+
+
+def _tp_template(stage: GraphModule, plan: Plan, storage: Mapping[str, Placement]) -> GraphModule:
+    """``stage`` as every TP rank runs it: :func:`~autopart.passes.shard_tp.shard_tp`'s rewrite
+    (local shapes, collectives) for one rank, with that rank's number and its group's name replaced
+    by ``self.tp_rank`` and ``self.tp_group``: the shapes are the same on every rank (the degree
+    divides every split size), only the rank and group differ."""
+    from autopart.passes.shard_tp import shard_tp
+
+    assert plan.tp is not None
+    template = shard_tp(stage, plan.tp, _TEMPLATE_RANK, _TP_GROUP, storage=storage)
+    rank = _Expr("self.tp_rank")
+    for node in template.graph.nodes:
+        if node.op != "call_function":
+            continue
+        args = [_Expr("self.tp_group") if a == _TP_GROUP else a for a in node.args]
+        if node.target in (collectives.tp_all_gather, collectives.tp_slice):
+            assert args[4] == _TEMPLATE_RANK
+            args[4] = rank
+        elif node.target is collectives.tp_vocab_embedding:  # start = rank * local rows
+            args[2] = _Expr(f"self.tp_rank * {node.args[2] // _TEMPLATE_RANK}")
+        elif node.target is collectives.tp_partial_bias:  # the bias is added by rank 0
+            args[2] = _Expr("self.tp_rank == 0")
+        node.args = tuple(args)
+    return template
+
+
+def _stage_file(
+    stage: GraphModule, info: StageInfo, plan: Plan, storage: Mapping[str, Placement] | None
+) -> str:
     k = info.index
     where = f"stage {k}"
+    whole = stage
+    if storage is not None:
+        stage = _tp_template(stage, plan, storage)
     graph = _portable_graph(stage, where)
     modules = _called_modules(stage, graph, where)
-    code = graph.python_code(root_module="self")
-    body = textwrap.indent(code.src.strip("\n").rstrip(), "    ")
-    imports = _graph_imports(code.globals, code.src, where)
-    under = tuple(f"{m}." for m in modules)
+    subgraphs = _subgraphs(stage, graph, where)
+    body, imports = _forward_source(graph, where)
+    classes: list[str] = []
+    for target, sub in subgraphs.items():
+        sub_where = f"{where}, subgraph {target!r}"
+        sub_body, sub_imports = _forward_source(_portable_graph(sub, sub_where), sub_where)
+        imports = [*imports, *sub_imports]
+        classes += _subgraph_class(_subgraph_class_name(target), target, sub_body)
+    imports = list(dict.fromkeys(imports))
+    under = tuple(f"{m}." for m in (*modules, *subgraphs))
     params = [(n, p) for n, p in stage.named_parameters() if not n.startswith(under)]
     buffers = [(n, b) for n, b in stage.named_buffers() if not n.startswith(under)]
-    names = [*(n for n, _ in params), *(n for n, _ in buffers), *modules]
-    if any(n.split(".")[0] == "device" for n in names):
+    names = [*(n for n, _ in params), *(n for n, _ in buffers), *modules, *subgraphs]
+    clash = sorted({n.split(".")[0] for n in names} & set(_RESERVED))
+    if clash:
         raise EmitError(
-            f"{where} has a top-level attribute named 'device', which the emitted stage uses for its "
-            "own device; rename that submodule or parameter of the model."
+            f"{where} has a top-level attribute named {clash[0]!r}, which the emitted stage uses "
+            f"for itself ({', '.join(_RESERVED)}); rename that submodule or parameter of the model."
         )
     frozen = [n for n, p in params if not p.requires_grad]
+    sharded = {
+        n: storage[n]
+        for n, _ in (*params, *buffers)
+        if storage is not None and n in storage and storage[n].is_shard
+    }
 
     lines = [
-        f'"""{_stage_header(stage, info, plan)}"""',
+        f'"""{_stage_header(whole, info, plan, sharded)}"""',
         "",
         "from __future__ import annotations",
         "",
     ]
     lines += [*imports, ""]
+    if storage is not None:
+        assert plan.tp is not None
+        lines.append(f"TP_DEGREE = {plan.tp.degree}")
     lines += _table("PARAMETERS", params)
     lines += _table("BUFFERS", buffers)
+    if storage is not None:
+        lines += _sharded_table(sharded)
     if frozen:
         names_src = ", ".join(json.dumps(n) for n in frozen)
         lines.append(f"FROZEN = ({names_src},)  # parameters the model does not train")
     lines += ["", ""]
+    lines += classes
     lines.append(f"class Stage{k}(torch.nn.Module):")
     lines.append(
         f'    """Stage {k}: parameters and buffers under the model\'s own names; forward is the '
         'traced code."""'
     )
     lines.append("")
-    lines.append('    def __init__(self, device: torch.device | str = "cpu") -> None:')
+    if storage is None:
+        lines.append('    def __init__(self, device: torch.device | str = "cpu") -> None:')
+    else:
+        lines.append(
+            '    def __init__(self, device: torch.device | str = "cpu", tp_rank: int = 0, '
+            'tp_group: str = "") -> None:'
+        )
     lines.append("        super().__init__()")
     lines.append("        self.device = torch.device(device)")
+    if storage is not None:
+        lines.append("        self.tp_rank = tp_rank  # this rank's place in its TP group")
+        lines.append("        self.tp_group = tp_group  # the group's name, for the collectives")
     lines.append("        for name, (shape, dtype) in PARAMETERS.items():")
     lines.append("            param = torch.empty(shape, dtype=dtype, device=self.device)")
     lines.append("            _register(self, name, torch.nn.Parameter(param))")
@@ -542,10 +640,83 @@ def _stage_file(stage: GraphModule, info: StageInfo, plan: Plan) -> str:
         )
         for target, expr in modules.items():
             lines.append(f"        _register(self, {json.dumps(target)}, {expr}.to(self.device))")
+    if subgraphs:
+        lines.append("        # subgraphs the forward runs under higher-order ops")
+        for target in subgraphs:
+            cls = _subgraph_class_name(target)
+            lines.append(f"        _register(self, {json.dumps(target)}, {cls}(self.device))")
     lines.append("")
     lines.append(body)
     lines += ["", "", _REGISTER]
     return "\n".join(lines)
+
+
+def _forward_source(graph: Graph, where: str) -> tuple[str, list[str]]:
+    """The ``forward`` method fx writes for ``graph`` (indented for a class body) and the import
+    lines it needs."""
+    code = graph.python_code(root_module="self")
+    src, globals_ = _short_collective_names(code.src, code.globals)
+    body = textwrap.indent(src.strip("\n").rstrip(), "    ")
+    return body, _graph_imports(globals_, src, where)
+
+
+def _subgraphs(stage: GraphModule, graph: Graph, where: str) -> dict[str, GraphModule]:
+    """``get_attr`` target -> the subgraph it reads, for the graphs a higher-order op runs
+    (``wrap_with_set_grad_enabled``, ``wrap_with_autocast``: export's form of a ``with
+    torch.no_grad()`` or ``torch.autocast`` block, e.g. in Hugging Face's rotary embeddings).
+    Each is emitted as a small module class whose forward is its code."""
+    found: dict[str, GraphModule] = {}
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = stage.get_submodule(".".join(str(node.target).split(".")[:-1]))
+        attr = getattr(value, str(node.target).split(".")[-1])
+        if isinstance(attr, torch.Tensor):
+            continue
+        inner = isinstance(attr, GraphModule) and [
+            n for n in attr.graph.nodes if n.op in ("get_attr", "call_module")
+        ]
+        if not isinstance(attr, GraphModule) or inner:
+            what = f"reads {inner[0].target!r}" if inner else f"is a {type(attr).__name__}"
+            raise EmitError(
+                f"{where}: node {node.name!r} reads {node.target!r}, which {what}: only tensors "
+                "and subgraphs of plain tensor ops can be emitted as source."
+            )
+        found.setdefault(str(node.target), attr)
+    return found
+
+
+def _subgraph_class_name(target: str) -> str:
+    return "Subgraph_" + re.sub(r"\W", "_", target)
+
+
+def _subgraph_class(cls: str, target: str, body: str) -> list[str]:
+    return [
+        f"class {cls}(torch.nn.Module):",
+        f'    """Subgraph {target!r}: the code a higher-order op of the stage runs."""',
+        "",
+        '    def __init__(self, device: torch.device | str = "cpu") -> None:',
+        "        super().__init__()",
+        "        self.device = torch.device(device)",
+        "",
+        body,
+        "",
+        "",
+    ]
+
+
+def _sharded_table(sharded: Mapping[str, Placement]) -> list[str]:
+    """``SHARDED = {"h.0.mlp.c_fc.weight": (1, 1), ...}``: (dim, groups) of each split tensor."""
+    head = "SHARDED: dict[str, tuple[int, int]] = {"
+    if not sharded:
+        return [head + "}  # every tensor is whole on every TP rank"]
+    rows = [f"    {json.dumps(n)}: ({p.dim}, {p.groups})," for n, p in sharded.items()]
+    return [
+        "# Split across the TP ranks: (dimension, interleaved groups) -> collectives.shard",
+        head,
+        *rows,
+        "}",
+    ]
 
 
 def _table(name: str, tensors: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
@@ -576,7 +747,9 @@ def _register(root: torch.nn.Module, name: str, value: torch.Tensor | torch.nn.M
 '''
 
 
-def _stage_header(stage: GraphModule, info: StageInfo, plan: Plan) -> str:
+def _stage_header(
+    stage: GraphModule, info: StageInfo, plan: Plan, sharded: Mapping[str, Placement]
+) -> str:
     k, n = info.index, info.num_stages
     step = plan.stages[k]
     lines = [
@@ -604,6 +777,15 @@ def _stage_header(stage: GraphModule, info: StageInfo, plan: Plan) -> str:
         )
     count = sum(p.numel() for p in stage.parameters())
     lines.append(f"Parameters: {len(info.param_names)} tensors, {count:,} elements")
+    if plan.tp is not None and plan.tp.degree > 1:
+        d = plan.tp.degree
+        lines += textwrap.wrap(
+            f"Tensor parallel: each of the {d} TP ranks of this stage runs this code on its own "
+            f"shard of the {len(sharded)} tensors in SHARDED (1/{d} each; run.py cuts them from "
+            "the whole weights with collectives.shard) and the whole of the others; "
+            "collectives.py's tp_* functions join the pieces over the TP group (tp_group).",
+            96,
+        )
     for name, holders in sorted(info.shared_params.items()):
         others = ", ".join(str(s) for s in holders if s != k)
         lines.append(
@@ -617,7 +799,7 @@ def _portable_graph(stage: GraphModule, where: str) -> Graph:
     graph = Graph()
     out = graph.graph_copy(stage.graph, {})
     graph.output(out)
-    here = _StageDevice()
+    here = _Expr("self.device")
 
     def portable(value: Any) -> Any:
         if isinstance(value, torch.device):
@@ -641,19 +823,27 @@ def _called_modules(stage: GraphModule, graph: Graph, where: str) -> dict[str, s
     """``call_module`` target -> the torch.nn constructor expression that rebuilds it."""
     exprs: dict[str, str] = {}
     for node in graph.nodes:
-        if node.op == "get_attr":
-            value = stage.get_submodule(".".join(str(node.target).split(".")[:-1]))
-            attr = getattr(value, str(node.target).split(".")[-1])
-            if not isinstance(attr, torch.Tensor):
-                raise EmitError(
-                    f"{where}: node {node.name!r} reads {node.target!r}, a {type(attr).__name__}, "
-                    "not a tensor (e.g. a subgraph of a higher-order op), which cannot be emitted "
-                    "as source yet."
-                )
         if node.op == "call_module" and node.target not in exprs:
             module = stage.get_submodule(str(node.target))
             exprs[str(node.target)] = torch_module_expr(module, f"{where}: module {node.target!r}")
     return exprs
+
+
+def _short_collective_names(src: str, globals_: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """fx names the TP collectives by their qualified name
+    (``autopart__emitted_collectives_tp_copy``); the stage reads ``collectives.tp_copy`` instead,
+    from ``import collectives`` (unless the code already has a variable of that name)."""
+    names = {n: obj for n, obj in globals_.items() if _is_collective(obj)}
+    if not names or re.search(r"\bcollectives\b", src):
+        return src, dict(globals_)
+    for name, obj in names.items():
+        src = re.sub(rf"\b{name}\b", f"collectives.{obj.__name__}", src)
+    rest = {n: obj for n, obj in globals_.items() if n not in names}
+    return src, {**rest, "collectives": collectives}
+
+
+def _is_collective(obj: Any) -> bool:
+    return getattr(obj, "__module__", None) == collectives.__name__
 
 
 def _graph_imports(globals_: Mapping[str, Any], src: str, where: str) -> list[str]:
@@ -662,11 +852,17 @@ def _graph_imports(globals_: Mapping[str, Any], src: str, where: str) -> list[st
 
     used = set(global_names(compile(src, f"<{where}>", "exec")))
     lines = ["import torch"]
+    local = []  # the TP collectives, from collectives.py next to the stage
     for name, obj in globals_.items():
         if name == "torch" or name not in used:
             continue
-        if name in _custom_builtins:
+        if obj is collectives:
+            local.append("import collectives")
+        elif _is_collective(obj):
+            alias = "" if name == obj.__name__ else f" as {name}"
+            local.append(f"from collectives import {obj.__name__}{alias}")
+        elif name in _custom_builtins:
             lines.append(_custom_builtins[name].import_str)
         elif getattr(builtins, name, None) is not obj:
             lines.append(import_line(name, obj, f"{where} calls {name}"))
-    return import_block(lines)
+    return import_block(lines) + (["", *sorted(local)] if local else [])

@@ -21,7 +21,6 @@ are summed per ``(dp, tp)`` coordinate; data parallelism stays torch's DDP over 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -148,9 +147,6 @@ def compile(
         stage.register_forward_hook(_contiguous_outputs)
         stage.register_forward_pre_hook(_contiguous_input_grads)  # the same for gradients sent back
     metas = _value_metas(run_gm, inputs.micro_batch(batch, dp * plan.micro_batches))
-    # With TP a stage sends and receives its local tensors (shards, partial sums); only the last
-    # stage's outputs, the model's, are whole.
-    sent = functools.partial(_local_meta, metas, plan.tp)
     program = ParallelProgram(
         plan,
         dm,
@@ -159,16 +155,25 @@ def compile(
         loss_fn,
         torch_device,
         inputs,
-        {
-            info.index: (
-                tuple(sent(n) for n in info.input_names if n in metas),
-                tuple(sent(n, whole=info.is_last) for n in info.output_names),
-            )
-            for info in (stage_info(s) for s in local)
-        },
+        {info.index: _stage_io(metas, plan.tp, info) for info in (stage_info(s) for s in local)},
     )
-    program._all_stages = stages  # for autopart.emit, which writes every stage's code
+    # for autopart.emit, which writes every stage's code and its inputs' and outputs' metadata
+    program._all_stages = stages
+    program._all_metas = {i.index: _stage_io(metas, plan.tp, i) for i in map(stage_info, stages)}
     return program
+
+
+def _stage_io(
+    metas: Mapping[str, torch.Tensor], tp: TPSection | None, info: Any
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Meta tensors of one micro-batch's tensor inputs and outputs of the stage ``info`` describes,
+    as this rank sends and receives them. With TP a stage sends and receives its local tensors
+    (shards, partial sums); only the last stage's outputs, the model's, are whole. Non-tensor inputs
+    (bound into the first stage) are left out."""
+    return (
+        tuple(_local_meta(metas, tp, n) for n in info.input_names if n in metas),
+        tuple(_local_meta(metas, tp, n, whole=info.is_last) for n in info.output_names),
+    )
 
 
 def _plan(
@@ -265,6 +270,9 @@ class ParallelProgram:
         # Every stage of the pipeline (compile sets it; other ranks' stages hold this rank's
         # untrained copy of their weights): autopart.emit writes their code.
         self._all_stages: list[torch.fx.GraphModule] = list(stages)
+        self._all_metas: dict[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {
+            k: v for k, v in stage_metas.items()
+        }
         self._infos = {i.index: i for i in infos}
         self._local = [stage_info(s) for s in stages]
         self._loss_fn = loss_fn
@@ -422,14 +430,20 @@ class ParallelProgram:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter of the model under its own name, on every rank (CPU tensors); the
         shards of a TP-split parameter are joined back into the whole tensor."""
+        return self._gather_state(buffers=False)
+
+    def _gather_state(self, *, buffers: bool) -> dict[str, torch.Tensor]:
+        """:meth:`full_state_dict`, with the stages' persistent buffers too when ``buffers``
+        (collective: every rank calls it)."""
         from autopart.passes.shard_tp import TP_META_KEY, unshard_tensor
 
         mine: dict[str, tuple[str, int, torch.Tensor]] = {}
         for stage in self._stages:
             info = stage.meta.get(TP_META_KEY)
             stored = info.param_placements if info is not None else {}
-            for name, p in stage.named_parameters():
-                mine.setdefault(name, (stored.get(name, "R"), self._tp_rank, p.detach().cpu()))
+            tensors = stage.state_dict().items() if buffers else stage.named_parameters()
+            for name, t in tensors:
+                mine.setdefault(name, (stored.get(name, "R"), self._tp_rank, t.detach().cpu()))
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
         pieces: dict[str, dict[int, torch.Tensor]] = {}

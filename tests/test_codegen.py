@@ -8,6 +8,7 @@ intended change to the generated code, and review the diff.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import os
@@ -27,11 +28,14 @@ from torch.utils._pytree import tree_flatten
 
 import autopart
 from autopart.codegen import EmitError, _Program, _write
+from autopart.cost_models.devices import get_device
 from autopart.launch import training_batch
-from autopart.model_spec import load_model
+from autopart.model_spec import load_model, parse_config_overrides
 from autopart.passes.split_stages import split_stages, stage_info
 from autopart.planner import plan_graph
 from autopart.plans import Plan
+from autopart.runtime import _stage_io, _value_metas
+from tests.models import HF_CONFIGS
 
 GOLDEN = Path(__file__).parent / "golden" / "emit"
 UPDATE = os.environ.get("AUTOPART_UPDATE_GOLDEN") == "1"
@@ -41,7 +45,10 @@ SOURCES = ("config.json", "plan.json", "loss.py", "stage_0.py", "stage_1.py")
 
 
 def _setup(name: str) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any], torch.Tensor, Any]:
-    if ":" in name:  # a factory: batch and sequence length are its own
+    if name in HF_CONFIGS:  # small Hugging Face models, dropout off
+        config = parse_config_overrides(HF_CONFIGS[name])
+        loaded = load_model(name, device="cpu", batch=8, seq=16, config=config, seed=0)
+    elif ":" in name:  # a factory: batch and sequence length are its own
         loaded = load_model(name, device="cpu", seed=0)
     else:
         loaded = load_model(name, device="cpu", batch=8, seq=16, seed=0)
@@ -49,15 +56,23 @@ def _setup(name: str) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any], torch
     return loaded.model, loaded.example_inputs, dict(loaded.example_kwargs), target, loss_fn
 
 
-def _plan(name: str, schedule: str, pp: int = 2, micro_batches: int = 4) -> Plan:
+def _plan(
+    name: str,
+    schedule: str,
+    pp: int = 2,
+    micro_batches: int = 4,
+    *,
+    mesh: str | None = None,
+    device: Any = "cpu",
+) -> Plan:
     model, args, kwargs, _, _ = _setup(name)
     gm = autopart.annotate(autopart.trace(model, args, kwargs))
     batch = int(tree_flatten((args, kwargs))[0][0].shape[0])
     return plan_graph(
         gm,
         batch=batch,
-        mesh=f"pp={pp}",
-        device="cpu",
+        mesh=mesh or f"pp={pp}",
+        device=device,
         micro_batches=micro_batches,
         schedule=schedule,
         name=name,
@@ -191,6 +206,7 @@ def _check_against_model(
     ("name", "pp"),
     [
         ("llama-tiny", 4),  # RoPE tables passed through stages that do not read them
+        ("hf:llama", 2),  # rotary embeddings under no_grad: a higher-order op's subgraph
         ("tests.models:two_in_two_out", 2),  # two inputs, a tuple of two outputs
         ("tests.models:keyword_inputs", 2),  # inputs by keyword
     ],
@@ -202,6 +218,8 @@ def test_emitted_stages_compute_the_models_loss_and_gradients(
     out = _emit(name, _plan(name, "gpipe", pp), tmp_path)
     if pp == 4:
         assert "Passed through unchanged" in (out / "stage_2.py").read_text()
+    if name == "hf:llama":
+        assert "class Subgraph_" in (out / "stage_0.py").read_text()
     flat = tree_flatten((args, kwargs))[0]
     _check_against_model(out, model, flat, target, loss_fn, args, kwargs)
 
@@ -238,15 +256,18 @@ def _fx_program(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> _Pro
     gm = autopart.annotate(autopart.trace(model, (x,), method="fx"))
     plan = plan_graph(gm, batch=8, mesh="pp=2", device="cpu", micro_batches=1, schedule="gpipe")
     stages = split_stages(gm, plan)
+    infos = tuple(stage_info(s) for s in stages)
+    metas = _value_metas(gm, [x])  # one micro-batch: the whole batch
     return _Program(
         plan=plan,
         stages=tuple(stages),
-        infos=tuple(stage_info(s) for s in stages),
+        infos=infos,
         inputs=(x,),
         target=target,
         loss_fn=_mse,
         steps=1,
         lr=0.1,
+        io={i.index: _stage_io(metas, None, i) for i in infos},
     )
 
 
@@ -335,7 +356,9 @@ def _reference(
     return losses, {**state, **{n: p.detach() for n, p in model.named_parameters()}}
 
 
-def _torchrun(out: Path, *args: str, shadow: Path) -> subprocess.CompletedProcess[str]:
+def _torchrun(
+    out: Path, *args: str, shadow: Path, ranks: int = 2
+) -> subprocess.CompletedProcess[str]:
     # A package named autopart that cannot be imported comes first on the path: the program
     # must run on torch alone.
     (shadow / "autopart").mkdir(parents=True, exist_ok=True)
@@ -350,7 +373,7 @@ def _torchrun(out: Path, *args: str, shadow: Path) -> subprocess.CompletedProces
             "torch.distributed.run",
             "--standalone",
             "--nproc-per-node",
-            "2",
+            str(ranks),
             "run.py",
             *args,
         ],
@@ -397,6 +420,62 @@ def test_torchrun_trains_like_the_unpartitioned_model(
         torch.testing.assert_close(t, want_state[n], rtol=1e-5, atol=1e-6)
 
 
+# Communication nearly free, so the TP ILP really splits these tiny models (the "cpu" cost model
+# keeps them whole, and a TP program that shards nothing would prove nothing).
+FAST_LINK = dataclasses.replace(
+    get_device("h100"), name="fast-link", link_bandwidth_bytes_per_s=1e18, link_latency_s=1e-15
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "mesh", "schedule"),
+    [
+        # TP shards of every block, the tied embedding's shards summed across the two stages
+        ("hf:gpt2", "pp=2,tp=2", "1f1b"),
+        # two DDP replicas of a pipeline, each on half the batch
+        ("gpt2-tiny", "dp=2,pp=2", "gpipe"),
+        # GQA attention split by heads on two TP ranks, two replicas, no pipeline
+        pytest.param("hf:llama", "dp=2,tp=2", "gpipe", marks=pytest.mark.slow),
+    ],
+)
+def test_torchrun_trains_dp_and_tp_meshes_like_the_unpartitioned_model(
+    tmp_path: Path, name: str, mesh: str, schedule: str
+) -> None:
+    plan = _plan(name, schedule, micro_batches=2, mesh=mesh, device=FAST_LINK)
+    sizes = {"dp": 1, "tp": 1, **plan.mesh}
+    if sizes["tp"] > 1:
+        assert plan.tp is not None and {"col", "row"} <= set(plan.tp.sharding.values())
+    out = _emit(name, plan, tmp_path / "program", lr=0.1)
+    world = sizes["dp"] * sizes["pp"] * sizes["tp"]
+    if sizes["tp"] > 1:
+        assert (out / "collectives.py").exists()
+        stage = (out / "stage_0.py").read_text()
+        assert "import collectives" in stage and "SHARDED" in stage
+    done = _torchrun(
+        out,
+        "--steps",
+        "2",
+        "--losses-out",
+        "losses.json",
+        "--save-weights",
+        "trained.pt",
+        shadow=tmp_path / "shadow",
+        ranks=world,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    losses = json.loads((out / "losses.json").read_text())
+    want_losses, want_state = _reference(name, sizes["dp"] * plan.micro_batches, 2, lr=0.1)
+    assert losses == pytest.approx(want_losses, rel=1e-5)
+    trained = torch.load(out / "trained.pt", weights_only=True)
+    # Whole tensors under the model's own names: every parameter, and the buffers the graph reads
+    # (HF LLaMA's unused rotary_emb.original_inv_freq is not part of the program).
+    model = _setup(name)[0]
+    assert {n for n, _ in model.named_parameters()} <= set(trained) <= set(want_state)
+    assert set(want_state) - set(trained) <= {n for n, _ in model.named_buffers()}
+    for n, t in trained.items():
+        torch.testing.assert_close(t, want_state[n], rtol=1e-5, atol=1e-6)
+
+
 def test_run_py_outside_torchrun_says_how_to_launch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -414,16 +493,19 @@ def test_run_py_outside_torchrun_says_how_to_launch(
 # -- emit(program) on the ranks of a running program ----------------------------------------------
 
 
-PROGRAM_MODEL = "tests.models:two_in_two_out"
-
-
-def _program_worker(rank: int, world: int, store: str, out: str) -> None:
+def _program_worker(rank: int, world: int, store: str, out: str, name: str, mesh: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        model, args, _, target, loss_fn = _setup(PROGRAM_MODEL)
+        model, args, _, target, loss_fn = _setup(name)
         program = autopart.compile(
-            model, "pp=2", example_inputs=args, loss_fn=loss_fn, micro_batches=2, schedule="1f1b"
+            model,
+            mesh,
+            example_inputs=args,
+            loss_fn=loss_fn,
+            micro_batches=2,
+            schedule="1f1b",
+            device=FAST_LINK if "tp" in mesh else None,
         )
         params = list(program.parameters())  # stage 1 of two_in_two_out has none
         optimizer = torch.optim.SGD(params, lr=0.1) if params else None
@@ -439,10 +521,19 @@ def _program_worker(rank: int, world: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_emit_of_a_program_gathers_the_trained_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "mesh"),
+    [
+        ("tests.models:two_in_two_out", "pp=2"),
+        ("hf:gpt2", "tp=2"),  # each rank holds shards: emit joins them into whole weights
+    ],
+)
+def test_emit_of_a_program_gathers_the_trained_weights(
+    tmp_path: Path, name: str, mesh: str
+) -> None:
     ctx = mp.start_processes(
         _program_worker,
-        args=(2, str(tmp_path / "store"), str(tmp_path)),
+        args=(2, str(tmp_path / "store"), str(tmp_path), name, mesh),
         nprocs=2,
         join=False,
         start_method="spawn",
@@ -456,14 +547,16 @@ def test_emit_of_a_program_gathers_the_trained_weights(tmp_path: Path) -> None:
     out = tmp_path / "program"
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     weights = torch.load(out / "weights.pt", weights_only=True)
-    assert set(weights) == set(state)
+    assert set(state) <= set(weights)  # every parameter, and the buffers
     for n, t in state.items():
         assert torch.equal(weights[n], t), n  # the trained weights, not the initial ones
     assert json.loads((out / "config.json").read_text())["steps"] == 3
     # The same sources as emitting the program's plan from the model.
     plan = Plan.from_json((out / "plan.json").read_text())
-    again = _emit(PROGRAM_MODEL, plan, tmp_path / "again", steps=3)
-    for file in (*SOURCES, "run.py"):
+    again = _emit(name, plan, tmp_path / "again", steps=3)
+    files = sorted(f.name for f in out.iterdir() if f.suffix in (".py", ".json"))
+    assert files == sorted(f.name for f in again.iterdir() if f.suffix in (".py", ".json"))
+    for file in files:
         assert (out / file).read_text() == (again / file).read_text(), file
 
 
@@ -501,5 +594,12 @@ def test_cli_emit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert set(doc["files"]) == {*SOURCES, "run.py", "weights.pt", "data.pt"}
     config = json.loads((out / "config.json").read_text())
     assert config["inputs"] == [{"shape": [4, 8], "dtype": "torch.int64"}]
-    assert main(["emit", "gpt2-tiny", "--mesh", "dp=2,pp=2", "--out", str(out)]) == 2
-    assert "only pipeline parallelism (pp) can be emitted" in capsys.readouterr().err
+    assert config["mesh"] == {"dp": 1, "pp": 2, "tp": 1}
+    both = tmp_path / "both"
+    args = ["--batch", "4", "--seq", "8", "--micro-batches", "2", "--format", "json"]
+    assert main(["emit", "gpt2-tiny", "--mesh", "dp=2,pp=2", "--out", str(both), *args]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["command"] == "torchrun --nproc-per-node 4 run.py"
+    assert json.loads((both / "config.json").read_text())["mesh"] == {"dp": 2, "pp": 2, "tp": 1}
+    assert main(["emit", "gpt2-tiny", "--mesh", "pp=2,xp=2", "--out", str(out)]) == 2
+    assert "xp" in capsys.readouterr().err
