@@ -597,6 +597,7 @@ def _stage_file(
     if storage is not None:
         assert plan.tp is not None
         lines.append(f"TP_DEGREE = {plan.tp.degree}")
+        lines.append("# Shapes as one TP rank holds them: its shard of each tensor in SHARDED")
     lines += _table("PARAMETERS", params)
     lines += _table("BUFFERS", buffers)
     if storage is not None:
@@ -752,10 +753,13 @@ def _stage_header(
 ) -> str:
     k, n = info.index, info.num_stages
     step = plan.stages[k]
-    lines = [
-        f"Pipeline stage {k} of {n} of {plan.model}, written by autopart.emit; runs on rank {step.device}.",
-        "",
-    ]
+    others = {a: v for a, v in plan.mesh.items() if a != "pp" and v > 1}
+    where = f"rank {step.device}"
+    if others:  # every (dp, tp) coordinate has a pipeline of its own
+        mesh = " x ".join(f"{a}={v}" for a, v in others.items())
+        where = f"pipeline rank {step.device} of every {mesh} coordinate"
+    first = f"Pipeline stage {k} of {n} of {plan.model}, written by autopart.emit; runs on {where}."
+    lines = [*textwrap.wrap(first, 96), ""]
     modules = ", ".join(m for m in step.modules if m != "<root>") or "(none)"
     lines += textwrap.wrap(f"Modules: {modules}", 96, subsequent_indent="    ")
     nodes = info.node_names

@@ -40,7 +40,19 @@ from tests.models import HF_CONFIGS
 GOLDEN = Path(__file__).parent / "golden" / "emit"
 UPDATE = os.environ.get("AUTOPART_UPDATE_GOLDEN") == "1"
 TEMPLATE = Path(autopart.__file__).parent / "_emitted" / "run.py"
-GOLDEN_CASES = {"mlp": "gpipe", "gpt2-tiny": "1f1b"}  # pp=2, 4 micro-batches
+COLLECTIVES = TEMPLATE.parent / "collectives.py"
+# Communication nearly free, so the TP ILP really splits these tiny models (the "cpu" cost model
+# keeps them whole, and a TP program that shards nothing would prove nothing).
+FAST_LINK = dataclasses.replace(
+    get_device("h100"), name="fast-link", link_bandwidth_bytes_per_s=1e18, link_latency_s=1e-15
+)
+# golden folder -> (model, schedule, mesh); 4 micro-batches
+GOLDEN_CASES = {
+    "mlp": ("mlp", "gpipe", "pp=2"),
+    "gpt2-tiny": ("gpt2-tiny", "1f1b", "pp=2"),
+    # Megatron-split blocks, a vocabulary-parallel tied embedding, collectives in the code
+    "hf-gpt2-pp2-tp2": ("hf:gpt2", "1f1b", "pp=2,tp=2"),
+}
 SOURCES = ("config.json", "plan.json", "loss.py", "stage_0.py", "stage_1.py")
 
 
@@ -79,11 +91,13 @@ def _plan(
     )
 
 
-def _golden_plan(name: str) -> Plan:
+def _golden_plan(case: str) -> Plan:
     """The checked-in plan, so the golden sources pin code generation, not the solver."""
-    path = GOLDEN / name / "plan.json"
+    path = GOLDEN / case / "plan.json"
     if UPDATE or not path.exists():
-        return _plan(name, GOLDEN_CASES[name])
+        model, schedule, mesh = GOLDEN_CASES[case]
+        device = FAST_LINK if "tp" in mesh else "cpu"
+        return _plan(model, schedule, mesh=mesh, device=device)
     return Plan.from_json(path.read_text())
 
 
@@ -101,22 +115,25 @@ def _emit(name: str, plan: Plan, out: Path, **extra: Any) -> Path:
     )
 
 
-@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
-def test_generated_sources_match_the_golden_files(tmp_path: Path, name: str) -> None:
-    out = _emit(name, _golden_plan(name), tmp_path / name)
-    golden = GOLDEN / name
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_generated_sources_match_the_golden_files(tmp_path: Path, case: str) -> None:
+    model, _, mesh = GOLDEN_CASES[case]
+    out = _emit(model, _golden_plan(case), tmp_path / case)
+    golden = GOLDEN / case
     if UPDATE:
         golden.mkdir(parents=True, exist_ok=True)
         for file in SOURCES:
             (golden / file).write_bytes((out / file).read_bytes())
+    copied = {"run.py": TEMPLATE} | ({"collectives.py": COLLECTIVES} if "tp" in mesh else {})
     written = sorted(p.name for p in out.iterdir())
-    assert written == sorted([*SOURCES, "run.py", "weights.pt", "data.pt"])
+    assert written == sorted([*SOURCES, *copied, "weights.pt", "data.pt"])
     for file in SOURCES:
         assert (out / file).read_text() == (golden / file).read_text(), (
-            f"{name}/{file} differs from tests/golden/emit/{name}/{file}; if the change is "
+            f"{case}/{file} differs from tests/golden/emit/{case}/{file}; if the change is "
             "intended, rerun with AUTOPART_UPDATE_GOLDEN=1 and review the diff"
         )
-    assert (out / "run.py").read_bytes() == TEMPLATE.read_bytes()  # copied verbatim
+    for file, template in copied.items():
+        assert (out / file).read_bytes() == template.read_bytes()  # copied verbatim
 
 
 def test_emitting_twice_writes_identical_bytes(tmp_path: Path) -> None:
@@ -134,8 +151,8 @@ def test_emitting_twice_writes_identical_bytes(tmp_path: Path) -> None:
 
 
 def test_the_emitted_program_never_imports_autopart() -> None:
-    files = [TEMPLATE, *GOLDEN.glob("*/*.py")]
-    assert len(files) == 1 + 3 * len(GOLDEN_CASES)  # run.py; loss.py and two stages each
+    files = [TEMPLATE, COLLECTIVES, *GOLDEN.glob("*/*.py")]
+    assert len(files) == 2 + 3 * len(GOLDEN_CASES)  # run.py, collectives.py; loss and 2 stages
     for file in files:
         assert not re.search(r"^\s*(import|from)\s+autopart\b", file.read_text(), re.M), file
 
@@ -418,13 +435,6 @@ def test_torchrun_trains_like_the_unpartitioned_model(
     assert set(trained) == set(want_state)  # parameters and buffers, under the model's own names
     for n, t in trained.items():
         torch.testing.assert_close(t, want_state[n], rtol=1e-5, atol=1e-6)
-
-
-# Communication nearly free, so the TP ILP really splits these tiny models (the "cpu" cost model
-# keeps them whole, and a TP program that shards nothing would prove nothing).
-FAST_LINK = dataclasses.replace(
-    get_device("h100"), name="fast-link", link_bandwidth_bytes_per_s=1e18, link_latency_s=1e-15
-)
 
 
 @pytest.mark.parametrize(
