@@ -308,11 +308,13 @@ CASES = [
     ("mlp", "pp=2,tp=2", "1f1b", "adam"),
     ("hf:gpt2", "pp=2,tp=2", "1f1b", "sgd"),  # tied embeddings on both stages, as shards
     ("hf:llama", "pp=2,tp=2", "gpipe", "sgd"),
-    # 8 ranks (about 90 s here): two data-parallel replicas (DDP) of a 2-stage pipeline of 2 TP
+    # 8 ranks (about 2 min here): two data-parallel replicas (DDP) of a 2-stage pipeline of 2 TP
     # ranks each; the tied embeddings' shards are summed per (dp, tp) coordinate
     ("hf:gpt2", "dp=2,pp=2,tp=2", "1f1b", "sgd"),
+    ("hf:llama", "dp=2,pp=2,tp=2", "gpipe", "sgd"),
+    ("mlp", "dp=2,pp=2,tp=2", "1f1b", "adam"),
 ]
-SLOW = {("hf:gpt2", "dp=2,pp=2,tp=2", "1f1b", "sgd")}
+SLOW = {c for c in CASES if c[1] == "dp=2,pp=2,tp=2"}
 
 
 @pytest.fixture(scope="module")
