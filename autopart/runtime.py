@@ -37,6 +37,9 @@ from torch.distributed.pipelining import (
 )
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
+# The emitted launcher's helpers (torch only): the runtime and the programs autopart.emit writes
+# bind non-tensor inputs and make cross-rank tensors contiguous with the same code.
+from autopart._emitted.run import BindConstants, contiguous_input_grads, contiguous_outputs
 from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
 from autopart.plans import Plan, TPSection, parse_mesh
@@ -144,8 +147,8 @@ def compile(
     for stage in local:
         # Tensors cross ranks through contiguous buffers (gloo and NCCL require it); a stage
         # output that is a strided view (e.g. a permute feeding a skip connection) is copied.
-        stage.register_forward_hook(_contiguous_outputs)
-        stage.register_forward_pre_hook(_contiguous_input_grads)  # the same for gradients sent back
+        stage.register_forward_hook(contiguous_outputs)
+        stage.register_forward_pre_hook(contiguous_input_grads)  # the same for gradients sent back
     metas = _value_metas(run_gm, inputs.micro_batch(batch, dp * plan.micro_batches))
     program = ParallelProgram(
         plan,
@@ -300,7 +303,7 @@ class ParallelProgram:
         # Data parallelism is torch's own: each stage is wrapped in DistributedDataParallel over
         # the dp dimension; PipelineStage skips its all-reduce until a step's last backward.
         submods: list[torch.nn.Module] = [
-            _WithConstants(s, inputs.constants) if i.is_first and inputs.constants else s
+            BindConstants(s, inputs.constants, _arity(s)) if i.is_first and inputs.constants else s
             for s, i in zip(stages, self._local)
         ]
         if self._dp_group is not None:
@@ -637,21 +640,6 @@ def _concat_batch(shares: list[Any]) -> Any:
     return tree_unflatten(joined, flat[0][1])
 
 
-class _WithConstants(torch.nn.Module):
-    """The first stage with its non-tensor inputs bound: ``PipelineStage`` passes tensors only."""
-
-    def __init__(self, stage: torch.fx.GraphModule, constants: Mapping[int, Any]) -> None:
-        super().__init__()
-        self.stage = stage
-        self.constants = dict(constants)
-        self.arity = sum(1 for n in stage.graph.nodes if n.op == "placeholder")
-
-    def forward(self, *tensors: Any) -> Any:
-        it = iter(tensors)
-        args = [self.constants[i] if i in self.constants else next(it) for i in range(self.arity)]
-        return self.stage(*args)
-
-
 def _value_metas(gm: torch.fx.GraphModule, flat_inputs: list[Any]) -> dict[str, torch.Tensor]:
     """Every tensor value of ``gm`` run on ``flat_inputs``, as a meta tensor with the value's shape,
     dtype and ``requires_grad``. Runs under fake tensors (no compute, no memory), with autograd on so
@@ -724,29 +712,8 @@ def _torch_device(dm: DeviceMesh) -> torch.device:
     return torch.device("cpu")
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity forward; its backward hands a contiguous gradient to the previous stage."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
-
-
-def _contiguous_input_grads(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(
-        _ContiguousGrad.apply(a) if isinstance(a, torch.Tensor) and a.requires_grad else a
-        for a in args
-    )
-
-
-def _contiguous_outputs(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
-    if isinstance(output, tuple):
-        return tuple(t.contiguous() if isinstance(t, torch.Tensor) else t for t in output)
-    return output.contiguous() if isinstance(output, torch.Tensor) else output
+def _arity(stage: torch.fx.GraphModule) -> int:
+    return sum(1 for n in stage.graph.nodes if n.op == "placeholder")
 
 
 def _to(x: Any, device: torch.device) -> Any:

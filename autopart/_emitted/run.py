@@ -335,6 +335,10 @@ def save_weights(stages: dict[int, torch.nn.Module], place: Place, path: Path) -
     torch.save(dict(sorted(state.items())), path)
 
 
+# BindConstants and the contiguous hooks below are also autopart's runtime's (autopart.runtime
+# imports them), so a compiled program and an emitted one run the same code around their stages.
+
+
 class BindConstants(torch.nn.Module):
     """The first stage with the model's non-tensor inputs (e.g. ``scale=2.0``) bound: the trace
     fixed their values, and PipelineStage passes tensors only."""
