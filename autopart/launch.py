@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -101,7 +102,7 @@ def run_local(
 
     from autopart.plans import parse_mesh
 
-    world = parse_mesh(mesh).get("pp", 1)
+    world = math.prod(parse_mesh(mesh).values())  # dp x pp x tp ranks
     if steps < 1:
         raise AutopartError(f"--steps must be >= 1, got {steps}.")
     with tempfile.TemporaryDirectory(prefix="autopart-run-") as tmp:
@@ -224,9 +225,9 @@ def _rank_main(
         dist.all_gather_object(per_stage, mine)
         if rank == 0:
             plan = program.plan
-            ref_losses = _reference(
-                reference, x, kw, target, loss_fn, plan.micro_batches, steps, lr
-            )
+            # each data-parallel replica pipelines its share of the batch in micro-batches
+            chunks = plan.mesh.get("dp", 1) * plan.micro_batches
+            ref_losses = _reference(reference, x, kw, target, loss_fn, chunks, steps, lr)
             diff = max(
                 float((state[n] - p.detach()).abs().max() / p.detach().abs().max().clamp_min(1e-12))
                 for n, p in reference.named_parameters()

@@ -581,7 +581,9 @@ def _split_map(ctx: _Ctx, p: Placement, sv: torch.Tensor, out: torch.Tensor) -> 
         return p
     parts = _split_parts(node, sv)
     if not parts or p.groups % len(parts) != 0:
-        if parts and p.groups == 1:
+        # Only a reason when no grouped layout can exist: otherwise the producer offers one
+        # (``_fused_groups``) and this ungrouped split is merely not the way to cut it.
+        if parts and p.groups == 1 and parts[0] % ctx.degree:
             ctx.reasons.append(
                 f"{_what(node)} of a split dimension into {len(parts)} parts needs the "
                 f"interleaved layout of a fused projection, which needs each part ({parts[0]}) "

@@ -20,6 +20,14 @@ def test_run_local_trains_and_matches_one_process() -> None:
     assert all(t > 0 for t in report.stage_forward_s)
 
 
+def test_run_local_spawns_every_rank_of_a_dp_mesh() -> None:
+    # 4 ranks; each replica trains on half the batch, so the reference accumulates 2 x 2 chunks
+    report = run_local("gpt2-tiny", mesh="dp=2,pp=2", steps=2, batch=8, seq=16, micro_batches=2)
+    assert report.mesh == "dp=2,pp=2" and report.micro_batches == 2
+    assert report.losses == pytest.approx(report.reference_losses, rel=1e-5)
+    assert report.max_param_rel_diff <= 1e-5
+
+
 def test_cli_run_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert (
         main(["run", "mlp", "--mesh", "pp=2", "--steps", "1", "--batch", "4", "--format", "json"])

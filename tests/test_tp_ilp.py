@@ -209,6 +209,9 @@ def test_finds_megatron_on_the_tiny_models(spec: str) -> None:
     h100 = solve_tp(gm, 2)
     assert set(h100.sharding.values()) == {"replicate"} and h100.comm_bytes_per_step == 0
     assert h100.total_s <= megatron_plan(gm, 2).total_s
+    # replicated by choice, not because 2 fails to divide a size: no fallback is reported (the
+    # fused QKV's chunk into 3 parts of 64 splits in the grouped layout)
+    assert not h100.fallbacks and not plan.fallbacks
 
 
 def _block_collectives(gm: GraphModule, plan: TPPlan) -> list[tuple[str, str, int]]:
