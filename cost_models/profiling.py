@@ -33,6 +33,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.utils._pytree import tree_flatten
 
+from autopart.cost_models.compute import forward_bytes
 from autopart.cost_models.devices import DeviceSpec
 from autopart.cost_models.node_cost import NodeCost
 
@@ -135,7 +136,9 @@ def calibrate(
 
     Compute-bound nodes (FLOPs > 0) give the compute efficiency, FLOP-free nodes that move bytes give
     the memory efficiency, and the fastest tenth of all measurements the fixed per-kernel overhead;
-    each is a median, so a few noisy measurements do not move it.
+    each is a median, so a few noisy measurements do not move it. A node's bytes are the roofline's
+    own (:func:`~autopart.cost_models.compute.forward_bytes`: an embedding moves its rows, not its
+    table), so the fitted efficiency is the one the roofline then applies.
     """
     times = {n: m.forward_s for n, m in measured.items() if n in costs and m.forward_s > 0}
     if not times:
@@ -147,8 +150,8 @@ def calibrate(
         work_s = max(t - launch_s, t * 0.1)
         if c.flops > 0:
             compute.append(c.flops / (spec.peak_flops_per_s(c.dtype) * work_s))
-        elif c.bytes > 0:
-            memory.append(c.bytes / (spec.memory_bandwidth_bytes_per_s * work_s))
+        elif forward_bytes(c) > 0:
+            memory.append(forward_bytes(c) / (spec.memory_bandwidth_bytes_per_s * work_s))
     changes: dict[str, Any] = {"kernel_launch_s": launch_s}
     if compute:
         changes["compute_efficiency"] = min(1.0, statistics.median(compute))

@@ -27,6 +27,7 @@ from autopart.cost_models import (
     param_table,
     reduce_scatter_time_s,
 )
+from autopart.cost_models.compute import backward_bytes, forward_bytes, is_lookup
 from autopart.errors import AutopartError, UnknownDeviceError
 from autopart.units import format_bytes, format_flops, format_seconds, parse_bytes
 
@@ -186,6 +187,83 @@ def test_backward_uses_backward_flops_and_twice_the_bytes() -> None:
     add_grad = dataclasses.replace(ADD, requires_grad=True)
     assert node_time_s(add_grad, H100, backward=True) == pytest.approx(272.1e-6, rel=1e-3)
     assert node_time_s(ADD, H100, backward=True) == 0.0  # no autograd, no backward
+
+
+CPU = DEVICES["cpu"]
+CPU_BYTES_PER_S = 20e9 * 0.9  # memory_bandwidth_bytes_per_s * memory_efficiency
+_TABLE_BYTES = 32000 * 256 * 4  # fp32 embedding table, vocab 32,000 x hidden 256
+_ROWS_BYTES = 128 * 256 * 4  # the rows 128 tokens look up
+EMBEDDING = _cost(
+    bytes_read=_TABLE_BYTES + 128 * 8,  # the table (a parameter) and int64 indices
+    bytes_written=_ROWS_BYTES,
+    output_bytes=_ROWS_BYTES,
+    param_bytes=_TABLE_BYTES,
+    params=("embed.weight",),
+    requires_grad=True,
+)
+
+
+def test_backward_adds_each_weight_gradient_into_its_accumulator() -> None:
+    # x * w with a trainable w shaped like x (fp32, 2^20 elements): memory-bound, 3 tensors.
+    # Backward: 2 x the forward's 12 MiB, plus grad += new (read 2, write 1) over w's 4 MiB.
+    size = 4 * 2**20
+    scale = _cost(
+        bytes_read=2 * size,
+        bytes_written=size,
+        output_bytes=size,
+        param_bytes=size,
+        params=("w",),
+        requires_grad=True,
+    )
+    assert node_time_s(scale, CPU, backward=True) == pytest.approx(
+        (2 * 3 * size + 3 * size) / CPU_BYTES_PER_S + 4e-6
+    )
+    no_param = dataclasses.replace(scale, param_bytes=0, params=())
+    assert node_time_s(no_param, CPU, backward=True) == pytest.approx(
+        2 * 3 * size / CPU_BYTES_PER_S + 4e-6
+    )
+
+
+def test_lookup_reads_its_rows_and_its_backward_writes_a_dense_table_gradient() -> None:
+    assert is_lookup(EMBEDDING)
+    # forward: indices, the 128 rows read, the 128 rows written; not the 32 MiB table
+    assert forward_bytes(EMBEDDING) == 128 * 8 + 2 * _ROWS_BYTES
+    assert node_time_s(EMBEDDING, CPU) == pytest.approx(
+        (128 * 8 + 2 * _ROWS_BYTES) / CPU_BYTES_PER_S + 4e-6
+    )
+    # backward: zero the dense table-sized gradient, read the output gradient and add it into the
+    # rows (3 x rows), then accumulate the table gradient (3 x table)
+    assert backward_bytes(EMBEDDING) == _TABLE_BYTES + 3 * _ROWS_BYTES + 3 * _TABLE_BYTES
+    assert node_time_s(EMBEDDING, CPU, backward=True) == pytest.approx(
+        (4 * _TABLE_BYTES + 3 * _ROWS_BYTES) / CPU_BYTES_PER_S + 4e-6
+    )
+    # the backward costs the table, whatever the tokens: 80x the forward here
+    assert node_time_s(EMBEDDING, CPU, backward=True) > 50 * node_time_s(EMBEDDING, CPU)
+
+
+def test_elementwise_ops_on_parameters_are_not_lookups() -> None:
+    # a norm's scale (hidden 256) over 128 tokens returns more than its parameter
+    norm_scale = _cost(
+        bytes_read=_ROWS_BYTES + 1024,
+        bytes_written=_ROWS_BYTES,
+        output_bytes=_ROWS_BYTES,
+        param_bytes=1024,
+        params=("norm.weight",),
+        requires_grad=True,
+    )
+    assert not is_lookup(norm_scale)
+    assert not is_lookup(dataclasses.replace(MATMUL, param_bytes=N * N * 2))  # does arithmetic
+    assert forward_bytes(norm_scale) == norm_scale.bytes
+
+
+def test_a_tensor_parallel_share_of_a_lookup_moves_at_most_its_bytes() -> None:
+    # solver.tp_costs divides bytes read and written by the degree, not param or output bytes
+    share = dataclasses.replace(
+        EMBEDDING,
+        bytes_read=EMBEDDING.bytes_read // 4,
+        bytes_written=EMBEDDING.bytes_written // 4,
+    )
+    assert 0 < forward_bytes(share) <= share.bytes
 
 
 def test_views_and_zero_work_nodes_take_no_time() -> None:

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import pytest
 import torch
 
 from autopart.cost_models import get_device
-from autopart.cost_models.compute import ComputeModel
+from autopart.cost_models.compute import ComputeModel, forward_bytes, is_lookup
 from autopart.cost_models.profiling import Measurement, ProfileCache, calibrate, profile_graph
 from autopart.passes.annotate import annotate, node_cost
 from autopart.tracing import trace
@@ -58,3 +60,37 @@ def test_calibration_fits_efficiencies_and_measured_times_override_predictions()
     model = ComputeModel(cpu, measured_forward_s={k: v.forward_s for k, v in measured.items()})
     name = next(iter(measured))
     assert model.forward_s(name, costs[name]) == measured[name].forward_s
+
+
+class _TokenAndPosition(torch.nn.Module):
+    """GPT-2's input: a token table and a position table looked up and added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = torch.nn.Embedding(4096, 64)
+        self.wpe = torch.nn.Embedding(1024, 64)
+        self.norm = torch.nn.RMSNorm(64)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.wte(tokens) + self.wpe(positions))
+
+
+def test_calibration_fits_memory_efficiency_to_the_rows_an_embedding_moves() -> None:
+    tokens = torch.zeros(4, 16, dtype=torch.long)
+    gm = annotate(trace(_TokenAndPosition(), (tokens, tokens)))
+    costs = {n.name: node_cost(n) for n in gm.graph.nodes}
+    # the two tables are lookups; the norm's scale is an elementwise op on a parameter
+    lookups = [n for n, c in costs.items() if is_lookup(c)]
+    assert sorted(costs[n].params[0] for n in lookups) == ["wpe.weight", "wte.weight"]
+    cpu = get_device("cpu")
+    # Synthetic measurements: 10 us of launch plus the roofline's bytes at 30% of the bandwidth.
+    measured = {"launch_only": Measurement(1e-5, 0.0)}
+    costs["launch_only"] = dataclasses.replace(costs[lookups[0]], bytes_read=0, bytes_written=0)
+    for name, c in costs.items():
+        if c.flops == 0 and forward_bytes(c) > 0 and not c.is_view:
+            measured[name] = Measurement(
+                1e-5 + forward_bytes(c) / (cpu.memory_bandwidth_bytes_per_s * 0.3), 0.0
+            )
+    assert len(measured) >= 4  # both lookups, the add, the norm
+    fitted = calibrate(cpu, costs, measured)
+    assert fitted.memory_efficiency == pytest.approx(0.3, rel=0.05)
