@@ -42,6 +42,16 @@ micro-batches (the useful work; waiting for and sending tensors is excluded). Th
 
 On a machine with fewer cores than ranks, busy time includes time a rank waits for a core, so the
 efficiency then overstates the useful fraction; the result files record the core count and load.
+
+CPU time. The same wrapper also adds up the CPU time of the rank's own thread
+(``time.thread_time``; with ``torch.set_num_threads(1)`` the stage's kernels run on it, gloo's
+transfers on other threads), ``cpu_r``, which a busy machine does not inflate: time waiting for a
+core is not counted. ``cpu_ratio`` is the hand split's step over autopart's with stage times
+``t_r = cpu_r / m`` in the step of ``bound`` above, ``(m - 1) * max_r t_r + sum_r t_r``: the ratio the
+two splits would give with a free core per rank and free communication. On a shared host it shows
+what the split is worth when the wall-clock ``ratio`` is dominated by other processes (with more
+runnable threads than cores, a less balanced split loses less to them: its idle rank leaves a core
+to the others).
 """
 
 from __future__ import annotations
@@ -91,6 +101,7 @@ ROW_KEYS: tuple[str, ...] = (
     "hand_step_s",
     "ratio",
     "paired_ratio",
+    "cpu_ratio",
     "autopart_spread",
     "hand_spread",
     "predicted_ratio",
@@ -104,6 +115,8 @@ ROW_KEYS: tuple[str, ...] = (
     "autopart_busy_s",
     "hand_busy_s",
     "predicted_busy_s",
+    "autopart_cpu_s",
+    "hand_cpu_s",
     "autopart_split",
     "hand_split",
     "autopart_layers_per_stage",
@@ -127,6 +140,8 @@ ROW_KEYS: tuple[str, ...] = (
 - ``*_busy_s``: median busy seconds per step of each rank, stage order; ``predicted_busy_s``: what
   autopart's cost model predicts for its own stages (``m`` x the plan's per-micro-batch forward +
   backward + receive time).
+- ``*_cpu_s``: median CPU seconds per step of each rank's own thread in the same functions;
+  ``cpu_ratio``: the step-time ratio these predict (see the module docstring).
 - ``*_split``: what each stage holds, from its parameters' names, one string per stage;
   ``*_layers_per_stage``: how many repeated layers have parameters on each stage (a layer cut in
   two by autopart counts on both stages).
@@ -255,6 +270,26 @@ CASES: dict[str, RuntimeCase] = {
             kind="heavy head",
         ),
         RuntimeCase(
+            "llama-8l-v32k",
+            "Llama, 8 layers, hidden 256, vocab 32,000 as in Llama 2 (the head's FLOPs are "
+            "0.98x the 8 layers': an equal-layers split puts ~3/4 of the work on the last stage, "
+            "and a balanced split can be up to ~1.5x faster)",
+            # Not 32,768: its dense 32 MiB embedding and head gradients exceed glibc's largest
+            # mmap threshold (32 MiB), so every micro-batch maps and page-faults them in afresh,
+            # in both programs alike: 27 ms of CPU per micro-batch for the embedding alone on the
+            # development host, against 5.7 ms at 32,000.
+            _llama(8, 32000),
+            "model.layers",
+            _LlamaStage,
+            batch=16,
+            # 128 tokens per micro-batch (the other Llama cases have 32): costs that do not grow
+            # with the tokens (the embedding's dense V x H gradient, accumulating the head's weight
+            # gradient) stay a small share of a stage, as they are at training batch sizes.
+            seq=64,
+            micro_batches=8,
+            kind="heavy head",
+        ),
+        RuntimeCase(
             "llama-8l-v256",
             "uniform Llama, 8 layers, hidden 256, vocab 256 (embedding and head negligible)",
             _llama(8, 256),
@@ -302,7 +337,7 @@ CASES: dict[str, RuntimeCase] = {
 }
 """Every benchmark case by name."""
 
-FULL_CASES = ("heavy-head", "llama-8l-v16k", "llama-8l-v256", "mlp")
+FULL_CASES = ("heavy-head", "llama-8l-v16k", "llama-8l-v32k", "llama-8l-v256", "mlp")
 QUICK_CASES = ("llama-tiny", "mlp-small")
 FULL_RANKS = (2, 4)
 QUICK_RANKS = (2,)
@@ -357,7 +392,7 @@ def runtime_suite(
     progress: Progress | None = None,
     timeout_s: float = 1800.0,
 ) -> list[dict[str, Any]]:
-    """Rows (see :data:`ROW_KEYS`) for every case at every rank count: the full suite is the four
+    """Rows (see :data:`ROW_KEYS`) for every case at every rank count: the full suite is the five
     :data:`FULL_CASES` on 2 and 4 ranks with 2 warm-up and 16 measured steps per program;
     ``quick`` is two small models on 2 ranks with 1 and 3."""
     import torch.multiprocessing as mp
@@ -455,14 +490,17 @@ class _BusyClock:
 
     def __init__(self) -> None:
         self.total_s = 0.0
+        self.cpu_s = 0.0
+        """CPU time of the calling thread in the same functions."""
 
     def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.total_s += time.perf_counter() - start
+                self.cpu_s += time.thread_time() - cpu_start
 
         return timed
 
@@ -502,6 +540,7 @@ def _run_case(
     programs = (auto, hand)
     times: tuple[list[float], list[float]] = ([], [])
     busy: tuple[list[float], list[float]] = ([], [])
+    cpu: tuple[list[float], list[float]] = ([], [])
     for i in range(warmup + steps):
         # A B, then B A: each program runs first in half of the pairs, so whatever the step before
         # leaves behind (freed memory, a late send, cache contents) falls on both alike.
@@ -509,7 +548,7 @@ def _run_case(
             prog = programs[which]
             for p in prog.params:
                 p.grad = None
-            before = prog.clock.total_s
+            before, cpu_before = prog.clock.total_s, prog.clock.cpu_s
             dist.barrier()
             start = time.perf_counter()
             prog.step()
@@ -518,10 +557,12 @@ def _run_case(
             if i >= warmup:
                 times[which].append(elapsed)
                 busy[which].append(prog.clock.total_s - before)
+                cpu[which].append(prog.clock.cpu_s - cpu_before)
     gathered: list[Any] = [None] * world
     mine = {
         "times": times,
         "busy": busy,
+        "cpu": cpu,
         "params": (auto.param_names, hand.param_names),
         "losses": (auto.losses[warmup : warmup + 1], hand.losses[warmup : warmup + 1]),
     }
@@ -668,6 +709,7 @@ def _row(
         row[f"{label}_bound"] = imbalance_bound_efficiency(busy, m)
         row[f"{label}_balance"] = statistics.fmean(busy) / max(busy)
         row[f"{label}_busy_s"] = busy
+        row[f"{label}_cpu_s"] = [statistics.median(g["cpu"][which]) for g in gathered]
         names = [g["params"][which] for g in gathered]
         row[f"{label}_split"] = [_describe(n, case.layers) for n in names]
         row[f"{label}_layers_per_stage"] = [len(_layer_indices(n, case.layers)) for n in names]
@@ -675,10 +717,20 @@ def _row(
     row["ratio"] = row["hand_step_s"] / row["autopart_step_s"]
     row["paired_ratio"] = statistics.median(h / a for a, h in zip(*per_step_of))
     row["predicted_ratio"] = predicted
+    row["cpu_ratio"] = _pipeline_step(row["hand_cpu_s"], m) / _pipeline_step(
+        row["autopart_cpu_s"], m
+    )
     row["predicted_busy_s"] = [st.predicted_s * m for st in plan.stages]
     row["closed_form_efficiency"] = closed_form_efficiency(m, world)
     assert sum(row["hand_layers_per_stage"]) == num_layers
     return {key: row[key] for key in ROW_KEYS}
+
+
+def _pipeline_step(busy_s: Sequence[float], micro_batches: int) -> float:
+    """``(m - 1) * max t + sum t`` with ``t = busy_s / m``: a GPipe / 1F1B step on stages that take
+    ``t`` per micro-batch, with free communication."""
+    t = [b / micro_batches for b in busy_s]
+    return (micro_batches - 1) * max(t) + sum(t)
 
 
 def _iqr(values: Sequence[float]) -> float:
@@ -729,7 +781,8 @@ def _pair(key: str, fmt: str) -> Callable[[dict[str, Any]], str]:
 
 
 def _ratio(key: str, digits: int) -> Callable[[dict[str, Any]], str]:
-    return lambda row: "—" if math.isnan(row[key]) else f"{row[key]:.{digits}f}x"
+    # rows of result files written before a key existed show a dash
+    return lambda row: "—" if math.isnan(row.get(key, math.nan)) else f"{row[key]:.{digits}f}x"
 
 
 _COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
@@ -739,6 +792,7 @@ _COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
     ("hand step ms", _ms("hand_step_s")),
     ("ratio hand / autopart", _ratio("ratio", 3)),
     ("paired", _ratio("paired_ratio", 3)),
+    ("CPU-time ratio", _ratio("cpu_ratio", 3)),
     ("predicted ratio", _ratio("predicted_ratio", 2)),
     ("spread autopart / hand", _pair("spread", ".1%")),
     ("efficiency autopart / hand", _pair("efficiency", ".0%")),
@@ -768,17 +822,23 @@ def format_runtime_markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines += [
         "",
         "| case | ranks | autopart stages | hand stages (equal layers) | busy s per rank autopart "
-        "| predicted by autopart's cost model | busy s per rank hand |",
-        "|---|---:|---|---|---|---|---|",
+        "| predicted by autopart's cost model | busy s per rank hand | CPU s per rank autopart "
+        "| CPU s per rank hand |",
+        "|---|---:|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         busy = [
-            " / ".join(f"{b:.3f}" for b in row[key])
-            for key in ("autopart_busy_s", "predicted_busy_s", "hand_busy_s")
+            " / ".join(f"{b:.3f}" for b in row[key]) if key in row else "—"
+            for key in (
+                "autopart_busy_s",
+                "predicted_busy_s",
+                "hand_busy_s",
+                "autopart_cpu_s",
+                "hand_cpu_s",
+            )
         ]
         lines.append(
             f"| {row['case']} | {row['ranks']} | {' ‖ '.join(row['autopart_split'])} | "
-            f"{' ‖ '.join(row['hand_split'])} | "
-            f"{busy[0]} | {busy[1]} | {busy[2]} |"
+            f"{' ‖ '.join(row['hand_split'])} | " + " | ".join(busy) + " |"
         )
     return "\n".join(lines) + "\n"

@@ -3,9 +3,9 @@
     python benchmarks/runtime_bench.py [--quick] [--steps 10] [--out benchmarks/results/DATE-runtime.md]
     python benchmarks/runtime_bench.py --from-json benchmarks/results/DATE-runtime.json [--notes notes.md]
 
-Runs :func:`autopart.bench_runtime.runtime_suite` (four models on 2 and 4 gloo ranks with one
+Runs :func:`autopart.bench_runtime.runtime_suite` (five models on 2 and 4 gloo ranks with one
 thread each; autopart's program and the equal-layers pipeline built by hand run in the same
-processes, alternating steps; about 4 minutes on 2 cores) and writes a markdown result file
+processes, alternating steps; about 6 minutes on 2 cores) and writes a markdown result file
 with the date, machine, versions, load average, the command and the tables, and the rows as JSON
 beside it. The run waits (up to ``--max-wait`` seconds) for the 1-minute load average to drop to
 ``--max-load`` first, and records the load it saw before and after. ``--notes`` appends a
@@ -74,7 +74,8 @@ def _summary(rows: Sequence[dict[str, Any]]) -> str:
             continue
         cells = ", ".join(
             f"{r['case']} on {r['ranks']} ranks {r['ratio']:.3f}x "
-            f"(predicted {r['predicted_ratio']:.2f}x)"
+            f"(predicted {r['predicted_ratio']:.2f}x"
+            + (f", CPU-time {r['cpu_ratio']:.3f}x)" if "cpu_ratio" in r else ")")
             for r in picked
         )
         lines.append(f"- {kind.capitalize()} models, hand / autopart step time ({goal}): {cells}.")
@@ -134,7 +135,10 @@ def render(record: dict[str, Any]) -> str:
         "",
         "Columns: *ratio* = hand step time / autopart step time (above 1: autopart is faster); "
         "*paired* = the median of the same ratio taken step by step (neighbouring steps, so a "
-        "drift of the machine's load cancels); "
+        "drift of the machine's load cancels); *CPU-time ratio* = the same ratio predicted from "
+        "each rank's CPU time (its own thread) in forward, backward and loss, t per micro-batch, "
+        "as (m - 1) max t + sum t: what the splits give with a free core per rank and free "
+        "communication, unaffected by time spent waiting for a core on this shared host; "
         "*predicted ratio* = the same ratio as autopart's cost model predicts it (the plan's "
         "equal-layers baseline over the plan); *spread* = interquartile range / median of the "
         "measured steps; *efficiency* = sum over ranks of the time spent in forward, backward "

@@ -10,6 +10,7 @@ import torch
 
 from autopart.bench_runtime import (
     CASES,
+    FULL_CASES,
     QUICK_CASES,
     ROW_KEYS,
     _describe,
@@ -67,12 +68,13 @@ def test_describe_names_what_a_stage_holds() -> None:
         ("mlp-small", 4),
         ("llama-8l-v256", 2),
         ("llama-8l-v256", 4),
+        ("llama-8l-v32k", 2),
     ],
 )
 def test_hand_stages_chained_are_the_model(name: str, ranks: int) -> None:
     case = CASES[name]
     model, inputs = case.build(4, 8, 0)
-    layers = len(model.get_submodule(case.layers))
+    layers = len(model.get_submodule(case.layers))  # type: ignore[arg-type]
     bounds = [0, *equal_layer_starts(layers, ranks), layers]
     stages = [
         case.hand_stage(model, range(bounds[r], bounds[r + 1]), r == 0, r == ranks - 1)
@@ -87,6 +89,22 @@ def test_hand_stages_chained_are_the_model(name: str, ranks: int) -> None:
     assert max(per_stage) - min(per_stage) <= 1
     held = [id(p) for s in stages for p in s.parameters()]
     assert sorted(held) == sorted(id(p) for p in model.parameters())
+
+
+def test_the_balanced_heavy_head_case_has_a_head_as_heavy_as_its_layers() -> None:
+    """``llama-8l-v32k`` is the case where a split can beat equal layers by up to ~1.5x: its head
+    does about the arithmetic of all its layers (so equal layers put ~3/4 of the work last)."""
+    from autopart.passes.annotate import annotate, node_cost
+    from autopart.tracing import trace
+
+    case = CASES["llama-8l-v32k"]
+    assert case.kind == "heavy head" and case.name in FULL_CASES
+    model, inputs = case.build(2, 8, 0)
+    gm = annotate(trace(model, inputs))
+    costs = [node_cost(n) for n in gm.graph.nodes]
+    head = sum(c.flops + c.backward_flops for c in costs if c.module == "lm_head")
+    layers = sum(c.flops + c.backward_flops for c in costs if c.module.startswith("model.layers."))
+    assert 0.9 < head / layers < 1.1
 
 
 # -- end to end on 2 ranks, through the CLI -------------------------------------------------------
@@ -117,6 +135,11 @@ def test_quick_suite_rows_are_sane(quick_rows: list[dict[str, Any]]) -> None:
         )
         assert len(row["autopart_busy_s"]) == len(row["hand_busy_s"]) == 2
         assert all(b > 0 for b in row["autopart_busy_s"] + row["hand_busy_s"])
+        # a thread's CPU time in a function is at most the wall time spent in it
+        for label in ("autopart", "hand"):
+            for cpu_s, busy_s in zip(row[f"{label}_cpu_s"], row[f"{label}_busy_s"], strict=True):
+                assert 0 < cpu_s <= busy_s * 1.01 + 1e-3
+        assert row["cpu_ratio"] > 0
         # both programs compute the same loss from the same weights and data
         assert row["autopart_loss"] == pytest.approx(row["hand_loss"], rel=1e-5)
 
