@@ -753,10 +753,10 @@ def _stage_header(
 ) -> str:
     k, n = info.index, info.num_stages
     step = plan.stages[k]
-    others = {a: v for a, v in plan.mesh.items() if a != "pp" and v > 1}
+    parallel = {a: v for a, v in plan.mesh.items() if a != "pp" and v > 1}
     where = f"rank {step.device}"
-    if others:  # every (dp, tp) coordinate has a pipeline of its own
-        mesh = " x ".join(f"{a}={v}" for a, v in others.items())
+    if parallel:  # every (dp, tp) coordinate has a pipeline of its own
+        mesh = " x ".join(f"{a}={v}" for a, v in parallel.items())
         where = f"pipeline rank {step.device} of every {mesh} coordinate"
     first = f"Pipeline stage {k} of {n} of {plan.model}, written by autopart.emit; runs on {where}."
     lines = [*textwrap.wrap(first, 96), ""]
