@@ -435,20 +435,26 @@ class ParallelProgram:
         shards of a TP-split parameter are joined back into the whole tensor."""
         return self._gather_state(buffers=False)
 
-    def _gather_state(self, *, buffers: bool) -> dict[str, torch.Tensor]:
+    def _gather_state(self, *, buffers: bool, to: int | None = None) -> dict[str, torch.Tensor]:
         """:meth:`full_state_dict`, with the stages' persistent buffers too when ``buffers``
-        (collective: every rank calls it)."""
+        (collective: every rank calls it). With ``to`` only that global rank receives the tensors
+        (the others return ``{}``), so the whole model is never held by every rank."""
         from autopart.passes.shard_tp import TP_META_KEY, unshard_tensor
 
         mine: dict[str, tuple[str, int, torch.Tensor]] = {}
-        for stage in self._stages:
+        for stage in self._stages if self._dp_rank == 0 else ():  # replicas hold the same values
             info = stage.meta.get(TP_META_KEY)
             stored = info.param_placements if info is not None else {}
             tensors = stage.state_dict().items() if buffers else stage.named_parameters()
             for name, t in tensors:
                 mine.setdefault(name, (stored.get(name, "R"), self._tp_rank, t.detach().cpu()))
         gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, mine)
+        if to is None:
+            dist.all_gather_object(gathered, mine)
+        else:
+            dist.gather_object(mine, gathered if dist.get_rank() == to else None, dst=to)
+            if dist.get_rank() != to:
+                return {}
         pieces: dict[str, dict[int, torch.Tensor]] = {}
         placement: dict[str, str] = {}
         for part in gathered:
