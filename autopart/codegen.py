@@ -1,16 +1,20 @@
-"""``autopart.emit``: write a pipeline program as a standalone Python program run with torchrun.
+"""``autopart.emit``: write a parallel program (any dp x pp x tp mesh) as a standalone Python
+program run with torchrun.
 
 ``emit(plan_or_program, out_dir, ...)`` writes into ``out_dir``::
 
-    run.py        the launcher, copied verbatim from autopart/_emitted/run.py (the same file for
-                  every model): torchrun --nproc-per-node N run.py [--steps S] [--lr LR]
-    config.json   what run.py reads: ranks, schedule, micro-batches, stage -> rank, tied parameters,
-                  the batch's shapes, default steps and learning rate
-    plan.json     the plan the stages come from (for reference; run.py does not read it)
-    stage_K.py    one file per pipeline stage: class ``StageK(torch.nn.Module)``
-    loss.py       the loss: the user's loss function as source, wrapped for the last stage
-    weights.pt    every parameter and buffer under the model's own names (torch.save)
-    data.pt       the batch the program trains on: {"inputs": [...], "target": tensor}
+    run.py          the launcher, copied verbatim from autopart/_emitted/run.py (the same file for
+                    every model): torchrun --nproc-per-node N run.py [--steps S] [--lr LR]
+    config.json     what run.py reads: the mesh, schedule, micro-batches, stage -> pipeline rank,
+                    tied parameters, the batch's shapes, each stage's micro-batch inputs and outputs
+                    (local TP shapes), default steps and learning rate
+    plan.json       the plan the stages come from (for reference; run.py does not read it)
+    stage_K.py      one file per pipeline stage: class ``StageK(torch.nn.Module)``; with tp > 1 the
+                    code every TP rank of the stage runs (``SHARDED`` names the split tensors)
+    collectives.py  (tp > 1) the TP collectives, copied from autopart/_emitted/collectives.py
+    loss.py         the loss: the user's loss function as source, wrapped for the last stage
+    weights.pt      every parameter and buffer, whole, under the model's own names (torch.save)
+    data.pt         the batch the program trains on: {"inputs": [...], "target": tensor}
 
 The program needs torch only: no autopart and no planning at run time.
 
