@@ -121,7 +121,7 @@ def train(config: dict[str, Any], args: argparse.Namespace, device: torch.device
     stage_ranks: list[int] = config["stage_ranks"]
     num_stages = len(stage_ranks)
     mine = [k for k, r in enumerate(stage_ranks) if r == place.pp_rank]
-    stages = build_stages(mine, device, place)
+    stages, sharded = build_stages(mine, device, place)
     inputs, target = load_data(args.data, config, device, place)
     constants = {i: x for i, x in enumerate(inputs) if not isinstance(x, torch.Tensor)}
     pipeline = []
@@ -177,15 +177,19 @@ def train(config: dict[str, Any], args: argparse.Namespace, device: torch.device
     if args.losses_out is not None and dist.get_rank() == 0:
         args.losses_out.write_text(json.dumps(history) + "\n")
     if args.save_weights is not None:
-        save_weights(stages, place, args.save_weights)
+        save_weights(stages, sharded, place, args.save_weights)
 
 
-def build_stages(mine: list[int], device: torch.device, place: Place) -> dict[int, torch.nn.Module]:
+def build_stages(
+    mine: list[int], device: torch.device, place: Place
+) -> tuple[dict[int, torch.nn.Module], dict[str, tuple[int, int]]]:
     """This rank's stages on ``device``, with the weights the model had when it was emitted (this
-    rank's shard of the tensors a stage lists in SHARDED)."""
+    rank's shard of the tensors a stage lists in SHARDED), and those SHARDED entries (a tensor
+    several stages hold is split the same way on each)."""
     # mmap: only the tensors these stages need are read from disk.
     weights = torch.load(HERE / "weights.pt", map_location="cpu", weights_only=True, mmap=True)
     stages = {}
+    split: dict[str, tuple[int, int]] = {}
     for k in mine:
         module = load_module(f"stage_{k}")
         cls = getattr(module, f"Stage{k}")
@@ -194,6 +198,7 @@ def build_stages(mine: list[int], device: torch.device, place: Place) -> dict[in
         else:
             stage = cls(device)
         sharded = getattr(module, "SHARDED", {})
+        split.update(sharded)
         state = {}
         for name in stage.state_dict():
             if name in sharded:
@@ -207,7 +212,7 @@ def build_stages(mine: list[int], device: torch.device, place: Place) -> dict[in
         stage.register_forward_hook(contiguous_outputs)
         stage.register_forward_pre_hook(contiguous_input_grads)
         stages[k] = stage
-    return stages
+    return stages, split
 
 
 def shard_of(full: torch.Tensor, dim: int, groups: int, degree: int, rank: int) -> torch.Tensor:
@@ -306,12 +311,16 @@ def sync_tied_grads(stages: dict[int, torch.nn.Module], tied: list[tuple[str, An
             p.grad = grad.clone()
 
 
-def save_weights(stages: dict[int, torch.nn.Module], place: Place, path: Path) -> None:
-    """Gather every stage's parameters and buffers to rank 0, join TP shards back into whole
-    tensors, and save them under the model's names."""
+def save_weights(
+    stages: dict[int, torch.nn.Module],
+    sharded: dict[str, tuple[int, int]],
+    place: Place,
+    path: Path,
+) -> None:
+    """Gather every stage's parameters and buffers to rank 0, join TP shards (``sharded``, from
+    :func:`build_stages`) back into whole tensors, and save them under the model's names."""
     mine: dict[str, tuple[Any, int, torch.Tensor]] = {}
-    for k, stage in stages.items():
-        sharded = getattr(load_module(f"stage_{k}"), "SHARDED", {})
+    for stage in stages.values():
         for name, t in stage.state_dict().items():
             mine.setdefault(name, (sharded.get(name), place.tp_rank, t.detach().cpu()))
     parts: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
