@@ -136,6 +136,8 @@ def pipeline_results(
     )
 
 
+@pytest.mark.distributed
+@pytest.mark.timeout(900)  # the first case of a mesh spawns every case of it
 @pytest.mark.parametrize(("name", "mesh", "schedule", "opt"), CASES)
 def test_pipeline_matches_the_unpartitioned_model(
     pipeline_results: Callable[[Case], dict[str, Any]],
@@ -200,6 +202,7 @@ def _errors_worker(rank: int, world: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_bad_runtime_requests_are_clear_errors(tmp_path: Path) -> None:
     out = tmp_path / "err.txt"
     mp.start_processes(

@@ -61,6 +61,7 @@ def _worker(rank: int, world: int, store: str, how: str, out: str) -> None:
     Path(out).write_text(f"{time.monotonic() - start:.1f}\n{message}")
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("how", ["dies", "hangs"])
 def test_a_dead_rank_makes_the_others_fail_in_bounded_time(tmp_path: Path, how: str) -> None:
     out = tmp_path / "rank0.txt"
