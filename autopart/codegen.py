@@ -262,6 +262,7 @@ def _from_plan(
     lr: float,
 ) -> _Program:
     from autopart.passes.split_stages import split_stages, stage_info
+    from autopart.passes.tp_check import check_tp_plan
     from autopart.planner import _batch_size
     from autopart.runtime import _Inputs, _micro_batch_graph, _stage_io, _value_metas
     from autopart.tracing import trace
@@ -311,11 +312,8 @@ def _from_plan(
             f"{batch // chunks} than at batch size {batch}, so the plan's stages cannot "
             "be reused; plan again with another micro_batches."
         )
-    if plan.tp is not None and set(plan.tp.placements) - {n.name for n in run_gm.graph.nodes}:
-        raise EmitError(
-            "the plan's tensor-parallel placements name nodes that this model's graph does not "
-            "have: the plan was made for another model or batch; plan this model again."
-        )
+    if plan.tp is not None:
+        check_tp_plan(run_gm, plan.tp)  # a plan for another graph is an error, never applied
     stages = split_stages(run_gm, plan)
     infos = tuple(stage_info(s) for s in stages)
     metas = _value_metas(run_gm, _Inputs.of(args, kwargs).micro_batch(batch, chunks))
