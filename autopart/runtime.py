@@ -70,6 +70,7 @@ def compile(
     micro_batches: int | None = None,
     schedule: str = "auto",
     device: str | DeviceSpec | None = None,
+    verify: bool = False,
 ) -> ParallelProgram:
     """Plan ``model`` for ``mesh`` and build this rank's part of the pipeline program.
 
@@ -77,10 +78,13 @@ def compile(
     spec such as ``"pp=2"`` or ``"dp=2,pp=2,tp=2"`` resolved against the default process group.
     ``example_inputs`` is one global batch (it fixes the shapes every step must have). ``device``
     names (or is) the cost model used for planning (default: ``cpu`` on a CPU mesh, ``h100`` on
-    CUDA).
+    CUDA). ``verify=True`` checks each tensor-parallel stage against the unsharded stage on the
+    first micro-batch before returning (:mod:`autopart.verify`), raising
+    :class:`~autopart.verify.TPVerificationError` naming the first node that differs.
     """
     from autopart.passes.annotate import annotate
     from autopart.passes.split_stages import split_stages, stage_info
+    from autopart.passes.tp_check import check_tp_plan
     from autopart.planner import _batch_size
     from autopart.tracing import trace
 
@@ -114,9 +118,10 @@ def compile(
         schedule=schedule,
         name=type(model).__name__,
     )
-    run_gm = _micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
+    run_gm = _runnable_graph(model, gm, args, kwargs, batch, dp, plan)
     # Export specializes dimensions of size 1, so a micro-batch of one sample can trace to another
-    # graph; when the count was not fixed by the caller, fewer, larger micro-batches are tried.
+    # graph (or to shapes where a TP placement no longer holds); when the count was not fixed by
+    # the caller, fewer, larger micro-batches are tried (one micro-batch runs the planned graph).
     fewer = [m for m in range(plan.micro_batches - 1, 0, -1) if replica % m == 0]
     while run_gm is None and micro_batches is None and fewer:
         try:
@@ -131,8 +136,11 @@ def compile(
             )
         except AutopartError:
             continue
-        run_gm = _micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
+        run_gm = _runnable_graph(model, gm, args, kwargs, batch, dp, plan)
     if run_gm is None:
+        same = _micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
+        if same is not None and plan.tp is not None:
+            check_tp_plan(same, plan.tp)  # raises, naming the node whose placement does not hold
         raise RuntimeSetupError(
             f"{type(model).__name__} traces to a different graph at micro-batch size {replica // plan.micro_batches} "
             f"than at batch size {batch} (its graph depends on the batch size), so the plan cannot be reused; "
@@ -144,6 +152,8 @@ def compile(
     if plan.tp is not None and plan.tp.degree > 1:
         local = _shard_stages(stages, local, plan.tp, dm)
     local = [s.to(torch_device) for s in local]
+    if verify and plan.tp is not None and plan.tp.degree > 1:
+        _verify_tp(run_gm, inputs.micro_batch(batch, dp * plan.micro_batches), stages, local, dm)
     for stage in local:
         # Tensors cross ranks through contiguous buffers (gloo and NCCL require it); a stage
         # output that is a strided view (e.g. a permute feeding a skip connection) is copied.
@@ -231,6 +241,32 @@ def _shard_stages(
     tp_mesh = mesh["tp"]
     rank, group = tp_mesh.get_local_rank(), tp_mesh.get_group()
     return [shard_tp(s, tp, rank, group, storage=storage) for s in local]
+
+
+def _verify_tp(
+    run_gm: torch.fx.GraphModule,
+    micro_batch: list[Any],
+    stages: list[torch.fx.GraphModule],
+    local: list[torch.fx.GraphModule],
+    mesh: DeviceMesh,
+) -> None:
+    """Check this rank's TP stages against the unsharded ones (:mod:`autopart.verify`)."""
+    from autopart.passes.split_stages import stage_info
+    from autopart.verify import draws_random_numbers, record_values, verify_tp_stage
+
+    values = record_values(run_gm, micro_batch)
+    full = {stage_info(s).index: s for s in stages}
+    group = mesh["tp"].get_group()
+    for sharded in local:
+        whole = full[stage_info(sharded).index]
+        if draws_random_numbers(whole):
+            warnings.warn(
+                f"verify: stage {stage_info(whole).index} samples random numbers (dropout), so its "
+                "sharded and unsharded runs cannot be compared; it was not checked.",
+                stacklevel=3,
+            )
+            continue
+        verify_tp_stage(whole, sharded, values, group, _torch_device(mesh))
 
 
 def _local_meta(
@@ -568,6 +604,32 @@ class _Inputs:
                     "non-tensor input is part of the traced graph, so compile again to change it."
                 )
         return flat
+
+
+def _runnable_graph(
+    model: torch.nn.Module,
+    gm: torch.fx.GraphModule,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    batch: int,
+    dp: int,
+    plan: Plan,
+) -> torch.fx.GraphModule | None:
+    """The micro-batch graph that ``plan`` runs on, if ``plan`` applies to it: the same nodes as
+    the planned graph, and (with TP) placements the rules offer at its shapes; else ``None``."""
+    from autopart.passes.shard_tp import ShardError
+    from autopart.passes.tp_check import check_tp_plan
+
+    run_gm = _micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
+    if run_gm is None or plan.tp is None:
+        return run_gm
+    try:
+        check_tp_plan(run_gm, plan.tp)
+    except ShardError:
+        if run_gm is gm:
+            raise
+        return None
+    return run_gm
 
 
 def _micro_batch_graph(

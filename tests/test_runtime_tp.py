@@ -222,6 +222,7 @@ def _collectives_worker(rank: int, world: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_collectives_have_megatron_autograd_semantics(tmp_path: Path) -> None:
     out = tmp_path / "collectives.pt"
     mp.start_processes(
@@ -273,6 +274,7 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
         schedule=schedule,
         micro_batches=_micro_batches(mesh),
         device=FAST_LINK,
+        verify=True,  # no false alarm on any case; test_verify_* shows it catches a wrong rule
     )
     inference = program(*x, **kw)
     inference = getattr(inference, "logits", inference)
@@ -331,6 +333,8 @@ def tp_results(
     )
 
 
+@pytest.mark.distributed
+@pytest.mark.timeout(900)  # the first case of a mesh spawns every case of it
 @pytest.mark.parametrize(
     ("name", "mesh", "schedule", "opt"),
     [pytest.param(*c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES],
@@ -363,3 +367,88 @@ def test_tp_program_matches_the_unpartitioned_model(
         torch.testing.assert_close(
             t, want_state[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# verify=True: a wrong rewrite is caught before training, naming the node
+
+
+def _run_broken(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
+    """Compile with a planted bug: every rank adds a row-parallel linear's bias (it must be rank 0
+    alone), so the partial sums add up to the product plus ``degree`` biases."""
+    import autopart.runtime as runtime
+    from autopart.verify import TPVerificationError
+
+    tp_pass.tp_partial_bias = lambda product, bias, first: product + bias  # type: ignore[assignment]
+    model, x, kw, _, loss_fn = _setup(name)
+    torch.manual_seed(0)
+    with torch.no_grad():  # HF initialises biases to zero, which would hide the bug
+        for param_name, param in model.named_parameters():
+            if param_name.endswith("bias"):
+                param.normal_()
+    try:
+        runtime.compile(
+            model,
+            mesh,
+            example_inputs=x,
+            example_kwargs=kw,
+            loss_fn=loss_fn,
+            schedule=schedule,
+            micro_batches=2,
+            device=FAST_LINK,
+            verify=True,
+        )
+    except TPVerificationError as exc:
+        return {"node": exc.node, "stage": exc.stage, "message": str(exc)}
+    return {"node": None}
+
+
+BROKEN = [("mlp", "tp=2", "gpipe", "sgd"), ("hf:gpt2", "tp=2", "gpipe", "sgd")]
+
+
+@pytest.fixture(scope="module")
+def broken_results(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[Case], dict[str, Any]]:
+    return results(
+        request,
+        tmp_path_factory,
+        "test_verify_names_the_first_node_that_differs",
+        BROKEN,
+        _run_broken,
+        120.0,
+    )
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(("name", "mesh", "schedule", "opt"), BROKEN)
+def test_verify_names_the_first_node_that_differs(
+    broken_results: Callable[[Case], dict[str, Any]], name: str, mesh: str, schedule: str, opt: str
+) -> None:
+    got = broken_results((name, mesh, schedule, opt))
+    assert "error" not in got, got.get("error")
+    gm, _ = _graph(name)
+    batch = int(x.shape[0]) if isinstance(x := _setup(name)[1][0], torch.Tensor) else 0
+    plan = plan_graph(
+        gm, batch=batch, mesh={"tp": 2}, device=FAST_LINK, micro_batches=2, schedule=schedule
+    )
+    assert plan.tp is not None
+    rows = [n for n, kind in plan.tp.sharding.items() if kind == "row"]
+    biased = [n for n in rows if _has_bias(_node(gm, n))]
+    assert biased, "the planted bug needs a row-parallel linear with a bias"
+    # the first row-parallel linear with a bias is the first node whose value is wrong
+    assert got["node"] == biased[0], got
+    assert f"node {biased[0]!r} differs" in got["message"]
+    assert "not in your model" in got["message"]
+
+
+def _node(gm: GraphModule, name: str) -> torch.fx.Node:
+    return next(n for n in gm.graph.nodes if n.name == name)
+
+
+def _has_bias(node: torch.fx.Node) -> bool:
+    """``linear(x, W, b)`` with a bias, or ``addmm(b, x, W)`` (HF Conv1D)."""
+    if "addmm" in str(node.target):
+        return True
+    return len(node.args) > 2 and node.args[2] is not None
