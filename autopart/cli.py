@@ -125,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--config", default=None, help="config overrides for hf: models, e.g. n_layer=2,n_embd=64"
     )
+    run.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip checking each tensor-parallel stage against the unsharded stage before training",
+    )
     run.add_argument("--format", choices=["table", "json"], default="table")
     run.set_defaults(run=_cmd_run)
 
@@ -549,6 +555,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             batch=args.batch,
             seq=args.seq,
             config=parse_config_overrides(args.config) if args.config else None,
+            verify=args.verify,
         )
     loss_diff = max(
         abs(a - b) / max(abs(b), 1e-12) for a, b in zip(report.losses, report.reference_losses)

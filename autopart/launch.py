@@ -96,8 +96,10 @@ def run_local(
     config: dict[str, str] | None = None,
     lr: float = 0.01,
     timeout_s: float = 600.0,
+    verify: bool = True,
 ) -> RunReport:
-    """Spawn the ranks ``mesh`` needs, train ``spec`` for ``steps`` steps, check and time it."""
+    """Spawn the ranks ``mesh`` needs, train ``spec`` for ``steps`` steps, check and time it.
+    ``verify`` checks tensor-parallel stages against unsharded ones first (:mod:`autopart.verify`)."""
     import torch.multiprocessing as mp
 
     from autopart.plans import parse_mesh
@@ -107,21 +109,10 @@ def run_local(
         raise AutopartError(f"--steps must be >= 1, got {steps}.")
     with tempfile.TemporaryDirectory(prefix="autopart-run-") as tmp:
         out = Path(tmp) / "report.json"
-        args = (
-            world,
-            str(Path(tmp) / "store"),
-            spec,
-            mesh,
-            steps,
-            micro_batches,
-            schedule,
-            batch,
-            seq,
-            config,
-            lr,
-            str(out),
-            timeout_s,
+        request = _RunRequest(
+            spec, mesh, steps, micro_batches, schedule, batch, seq, config, lr, verify
         )
+        args = (world, str(Path(tmp) / "store"), request, str(out), timeout_s)
         ctx = mp.start_processes(
             _rank_main, args=args, nprocs=world, join=False, start_method="spawn"
         )
@@ -147,21 +138,24 @@ def run_local(
     return RunReport(**fields)
 
 
+@dataclass(frozen=True, slots=True)
+class _RunRequest:
+    """What every rank of :func:`run_local` trains, and how (its keyword arguments)."""
+
+    spec: str
+    mesh: str
+    steps: int
+    micro_batches: int | None
+    schedule: str
+    batch: int | None
+    seq: int | None
+    config: dict[str, str] | None
+    lr: float
+    verify: bool
+
+
 def _rank_main(
-    rank: int,
-    world: int,
-    store: str,
-    spec: str,
-    mesh: str,
-    steps: int,
-    micro_batches: int | None,
-    schedule: str,
-    batch: int | None,
-    seq: int | None,
-    config: dict[str, str] | None,
-    lr: float,
-    out: str,
-    timeout_s: float,
+    rank: int, world: int, store: str, request: _RunRequest, out: str, timeout_s: float
 ) -> None:
     import statistics
 
@@ -179,8 +173,11 @@ def _rank_main(
         world_size=world,
         timeout=timedelta(seconds=timeout_s),
     )
+    spec, mesh, steps, lr = request.spec, request.mesh, request.steps, request.lr
     try:
-        loaded = load_model(spec, batch=batch, seq=seq, config=config, device="cpu", seed=0)
+        loaded = load_model(
+            spec, batch=request.batch, seq=request.seq, config=request.config, device="cpu", seed=0
+        )
         reference = copy.deepcopy(loaded.model)
         x, kw = loaded.example_inputs, dict(loaded.example_kwargs)
         target, loss_fn = training_batch(loaded)
@@ -190,8 +187,9 @@ def _rank_main(
             example_inputs=x,
             example_kwargs=kw,
             loss_fn=loss_fn,
-            micro_batches=micro_batches,
-            schedule=schedule,
+            micro_batches=request.micro_batches,
+            schedule=request.schedule,
+            verify=request.verify,
         )
         forward_s: dict[int, list[float]] = {}
         backward_s: dict[int, list[float]] = {}

@@ -90,7 +90,7 @@ def _samples(node: Node) -> bool:
     if "dropout" in name:
         p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
         train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
-        return bool(train) and p != 0
+        return bool(train) and bool(p != 0)
     return any(w in name for w in _RANDOM_OPS)
 
 
