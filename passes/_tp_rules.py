@@ -480,9 +480,10 @@ def _reshape_placement(
     """Where the split of ``p`` lands when ``in_shape`` is viewed as ``out_shape``.
 
     Dimensions of size 1 are ignored; the others form groups whose products match. Inside the group
-    holding the split dimension, merging the input dims before it multiplies the groups of the split
-    (``(heads, head_dim) -> hidden`` with heads split gives ``S(hidden)``), then the merged size is
-    cut into the output dims: the split lands on the first output dim whose size is a multiple of
+    holding the split dimension, the split must be the outermost (first) input dim of the group
+    (``(heads, head_dim) -> hidden`` with heads split gives ``S(hidden)``; ``(batch, heads) ->
+    batch * heads`` gives nothing: its groups would be the batch size, which micro-batches change),
+    then the merged size is cut into the output dims: the split lands on the first output dim whose size is a multiple of
     the groups and whose share is a multiple of the degree, or on a later one when the first is a
     factor of the groups (``3 * hidden`` with groups 3 -> ``(3, hidden)`` lands on ``hidden``).
     """
@@ -506,7 +507,17 @@ def _reshape_placement(
                 return None
         if p.dim in gi:
             before = math.prod(in_shape[k] for k in gi[: gi.index(p.dim)])
-            return _split_group([out_shape[k] for k in go], go, before * p.groups, ctx)
+            if before > 1:
+                # (B, H, S, D) -> (B*H, S, D) with H split would be S(0,groups=B): exact at this
+                # batch size only, and plans run on micro-batches of other sizes (as DTensor: a
+                # merged dimension stays split only when the split one is its outermost factor)
+                ctx.reasons.append(
+                    f"{_what(ctx.node)} merges a split dimension into the dimensions before it "
+                    f"(size {before}, e.g. batch x heads): only the outermost factor of a merge "
+                    "can stay split"
+                )
+                return None
+            return _split_group([out_shape[k] for k in go], go, p.groups, ctx)
     return None
 
 

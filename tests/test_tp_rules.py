@@ -447,3 +447,270 @@ def test_pointwise_ternary(d: int, shape: list[int], data: Any, op: str, seed: i
     else:
         _, node, _ = build(aten.lerp.Scalar, [x, rand(seed + 1, *other)], [In(0), In(1), 0.25])
     check(node, d, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# layout ops
+
+
+@st.composite
+def regroupings(draw: Any) -> tuple[list[int], list[int], list[int]]:
+    """Atoms (the first one the batch), and two ways to group them into dims (each a list of
+    group lengths): merges, splits and regroupings of adjacent dimensions."""
+    atoms = draw(st.lists(SIZES, min_size=2, max_size=4))
+    def cut() -> list[int]:
+        lens, cur = [], 1
+        for _ in atoms[1:]:
+            if draw(st.booleans()):
+                lens.append(cur)
+                cur = 1
+            else:
+                cur += 1
+        return [*lens, cur]
+    return atoms, cut(), cut()
+
+
+def _shape(atoms: list[int], lens: list[int]) -> list[int]:
+    out, i = [], 0
+    for n in lens:
+        out.append(int(torch.tensor(atoms[i : i + n]).prod()))
+        i += n
+    return out
+
+
+@SETTINGS
+@given(d=DEGREES, case=regroupings(), op=st.sampled_from(["view", "reshape", "_unsafe_view"]), b2=SIZES, ones=st.booleans(), seed=SEEDS)
+def test_reshapes(d: int, case: Any, op: str, b2: int, ones: bool, seed: int) -> None:
+    """Every strategy is exact, and still exact when run at another batch size (the first atom):
+    the plan is made on the whole batch and run on micro-batches."""
+    atoms, lens_in, lens_out = case
+    target = getattr(aten, op).default
+
+    def graph(batch: int) -> Node:
+        a = [batch, *atoms[1:]]
+        out = _shape(a, lens_out) + ([1] if ones else [])
+        _, node, _ = build(target, [rand(seed, *_shape(a, lens_in))], [In(0), out])
+        return node
+
+    node = graph(atoms[0])
+    check(node, d, seed=seed, groups=(1, 3))
+    # activations are never split on a dimension holding the batch (the first one)
+    cands = {u: [p for p in plausible(u.meta["val"], d, (1, 3)) if p.dim != 0 or not p.is_shard] for u in node.all_input_nodes}
+    if atoms[0] == 1:
+        return  # a plan made at batch 1 runs at batch 1 only
+    other = graph(b2)
+    for st_ in _sharded(node_strategies(node, d, cands).strategies):
+        if all(_divisible(u.meta["val"], p, d) for u, p in zip(other.all_input_nodes, st_.inputs)):
+            _simulate(other, st_, d, seed)
+
+
+@SETTINGS
+@given(d=DEGREES, b=st.sampled_from([2, 3, 4]), b2=st.sampled_from([1, 2, 3, 5]), h=st.sampled_from([2, 4, 8]), s=SMALL, seed=SEEDS)
+def test_alibi_merge_of_batch_and_heads_is_not_sharded(d: int, b: int, b2: int, h: int, s: int, seed: int) -> None:
+    """(B, H, S, S) -> (B*H, S, S) with the heads split: exact at batch B only with groups=B, so no
+    sharded strategy (DTensor: a merged dim is split only on its outermost factor)."""
+    _, node, _ = build(aten.view.default, [rand(seed, b, h, s, s)], [In(0), [b * h, s, s]])
+    found = check(node, d, {node.all_input_nodes[0]: [R, P, S(1)]}, seed=seed)
+    assert not [s_ for s_ in found if s_.output.is_shard], found
+    # the heads outermost is fine: (H, B, S, S) -> (H*B, S, S)
+    _, node, _ = build(aten.view.default, [rand(seed, h, b, s, s)], [In(0), [h * b, s, s]])
+    found = check(node, d, {node.all_input_nodes[0]: [R, P] + [S(0)] * (h % d == 0)}, seed=seed)
+    assert (S(0) in [s_.output for s_ in found]) == (h % d == 0)
+
+
+@SETTINGS
+@given(d=DEGREES, shape=st.lists(SIZES, min_size=2, max_size=4), data=st.data(), seed=SEEDS)
+def test_flatten_unflatten_squeeze_unsqueeze(d: int, shape: list[int], data: Any, seed: int) -> None:
+    x = rand(seed, *shape)
+    n = len(shape)
+    start = data.draw(st.integers(0, n - 1))
+    end = data.draw(st.integers(start, n - 1))
+    _, node, _ = build(aten.flatten.using_ints, [x], [In(0), start, end])
+    check(node, d, seed=seed, groups=(1, 3))
+    dim = data.draw(st.integers(0, n - 1))
+    parts = data.draw(st.sampled_from([[1, shape[dim]], [shape[dim], 1], [shape[dim]]] + ([[3, shape[dim] // 3]] if shape[dim] % 3 == 0 else []) + ([[2, shape[dim] // 2]] if shape[dim] % 2 == 0 else [])))
+    _, node, _ = build(aten.unflatten.int, [x], [In(0), dim - n * data.draw(st.booleans()), parts])
+    check(node, d, seed=seed, groups=(1, 3))
+    _, node, _ = build(aten.unsqueeze.default, [x], [In(0), data.draw(st.integers(-n - 1, n))])
+    check(node, d, seed=seed)
+    y = rand(seed, *shape[:dim], 1, *shape[dim:])
+    _, node, _ = build(aten.squeeze.dim, [y], [In(0), dim])
+    check(node, d, seed=seed)
+
+
+@SETTINGS
+@given(d=DEGREES, shape=st.lists(SIZES, min_size=1, max_size=3), data=st.data(), seed=SEEDS)
+def test_expand(d: int, shape: list[int], data: Any, seed: int) -> None:
+    small = _broadcast_shape(data.draw, tuple(shape))
+    sizes = [(-1 if data.draw(st.booleans()) and s == small[i - len(shape) + len(small)] else s) if i >= len(shape) - len(small) else s for i, s in enumerate(shape)]
+    _, node, _ = build(aten.expand.default, [rand(seed, *small)], [In(0), sizes])
+    check(node, d, seed=seed)
+
+
+@SETTINGS
+@given(d=DEGREES, shape=st.lists(SIZES, min_size=2, max_size=4), data=st.data(), seed=SEEDS)
+def test_transpose_t_permute(d: int, shape: list[int], data: Any, seed: int) -> None:
+    n, x = len(shape), rand(seed, *shape)
+    a, b = data.draw(st.integers(-n, n - 1)), data.draw(st.integers(-n, n - 1))
+    _, node, _ = build(aten.transpose.int, [x], [In(0), a, b])
+    check(node, d, seed=seed, groups=(1, 3))
+    _, node, _ = build(aten.permute.default, [x], [In(0), data.draw(st.permutations(range(n)))])
+    check(node, d, seed=seed, groups=(1, 3))
+    _, node, _ = build(aten.t.default, [rand(seed, *shape[:2])], [In(0)])
+    check(node, d, seed=seed)
+
+
+@SETTINGS
+@given(d=DEGREES, shape=st.lists(SIZES, min_size=1, max_size=3), data=st.data(), seed=SEEDS)
+def test_slice_narrow_select_roll(d: int, shape: list[int], data: Any, seed: int) -> None:
+    n, x = len(shape), rand(seed, *shape)
+    dim = data.draw(st.integers(0, n - 1))
+    size = shape[dim]
+    start = data.draw(st.integers(0, size - 1))
+    end = data.draw(st.sampled_from([size, 2**63 - 1, max(start + 1, size - 1)]))
+    _, node, _ = build(aten.slice.Tensor, [x], [In(0), dim, start, end, data.draw(st.sampled_from([1, 2]))])
+    check(node, d, seed=seed, groups=(1, 3))
+    _, node, _ = build(aten.narrow.default, [x], [In(0), dim, start, data.draw(st.integers(1, size - start))])
+    check(node, d, seed=seed, groups=(1, 3))
+    _, node, _ = build(aten.select.int, [x], [In(0), dim - n * data.draw(st.booleans()), start])
+    check(node, d, seed=seed, groups=(1, 3))
+    dims = data.draw(st.sampled_from([[dim], [], [dim, (dim + 1) % n]] if n > 1 else [[dim], []]))
+    _, node, _ = build(aten.roll.default, [x], [In(0), [1] * max(1, len(dims)), dims])
+    check(node, d, seed=seed)
+
+
+@SETTINGS
+@given(d=DEGREES, b=SMALL, hkv=SIZES, rep=st.sampled_from([1, 2, 3]), s=SMALL, out_size=st.booleans(), seed=SEEDS)
+def test_repeat_interleave_gqa(d: int, b: int, hkv: int, rep: int, s: int, out_size: bool, seed: int) -> None:
+    kwargs = {"output_size": hkv * rep} if out_size else {}
+    _, node, _ = build(aten.repeat_interleave.self_int, [rand(seed, b, hkv, s, 2)], [In(0), rep, 1], kwargs)
+    found = check(node, d, seed=seed)
+    if hkv % d == 0:
+        assert S(1) in [s_.output for s_ in found]
+
+
+# ---------------------------------------------------------------------------------------------
+# split / chunk / getitem / cat, fused QKV
+
+
+def _getitems(n: int) -> Callable[[Graph, Node], list[Node]]:
+    return lambda g, node: [g.call_function(operator.getitem, (node, i)) for i in range(n)]
+
+
+@SETTINGS
+@given(d=DEGREES, shape=st.lists(SIZES, min_size=1, max_size=3), data=st.data(), op=st.sampled_from(["split", "split_with_sizes", "chunk"]), seed=SEEDS)
+def test_split_chunk_getitem(d: int, shape: list[int], data: Any, op: str, seed: int) -> None:
+    n, x = len(shape), rand(seed, *shape)
+    dim = data.draw(st.integers(0, n - 1))
+    size = shape[dim]
+    divisors = [k for k in range(1, size + 1) if size % k == 0]
+    parts = data.draw(st.sampled_from(divisors))
+    neg = data.draw(st.booleans())
+    if op == "split":
+        each = data.draw(st.sampled_from([size // parts, max(1, size // parts + 1)]))
+        count = -(-size // each)
+        args = [In(0), each, dim - n * neg]
+        target = aten.split.Tensor
+    elif op == "split_with_sizes":
+        count, args, target = parts, [In(0), [size // parts] * parts, dim - n * neg], aten.split_with_sizes.default
+    else:
+        count, args, target = len(torch.chunk(x, parts, dim)), [In(0), parts, dim - n * neg], aten.chunk.default
+    _, node, items = build(target, [x], args, then=_getitems(count))
+    check(node, d, seed=seed, groups=(1, 2, 3))
+    cands = {u: plausible(u.meta["val"], d, (1, 2, 3)) for u in node.all_input_nodes}
+    outs = {s_.output for s_ in node_strategies(node, d, cands).strategies}
+    check(items[-1], d, {node: sorted(outs)}, seed=seed)
+
+
+@SETTINGS
+@given(d=DEGREES, b=SMALL, s=SMALL, e=SMALL, h=SIZES, dh=SMALL, layout=st.sampled_from(["concat-split", "concat-view", "interleaved"]), seed=SEEDS)
+def test_fused_qkv_both_layouts(d: int, b: int, s: int, e: int, h: int, dh: int, layout: str, seed: int) -> None:
+    """A fused QKV projection cut into q, k and v, node by node, each with the placements its
+    producer's strategies give: [q; k; v] (groups=3, then split / view (B,S,3,H,D)) and the
+    per-head interleaved [q1 k1 v1 q2 ...] (view (B,S,H,3D) with H split, then split)."""
+    hid = h * dh
+    ins = [rand(seed, b, s, e), rand(seed + 1, 3 * hid, e), rand(seed + 2, 3 * hid)]
+
+    def then(g: Graph, lin: Node) -> list[Node]:
+        if layout == "concat-split":
+            sp = g.call_function(aten.split.Tensor, (lin, hid, -1))
+            q = g.call_function(operator.getitem, (sp, 0))
+            return [sp, q, g.call_function(aten.view.default, (q, [b, s, h, dh]))]
+        if layout == "concat-view":
+            return [g.call_function(aten.view.default, (lin, [b, s, 3, h, dh]))]
+        v = g.call_function(aten.view.default, (lin, [b, s, h, 3 * dh]))
+        sp = g.call_function(aten.split.Tensor, (v, dh, -1))
+        return [v, sp, g.call_function(operator.getitem, (sp, 1))]
+
+    _, lin, chain = build(aten.linear.default, ins, [In(0), In(1), In(2)], then=then)
+    cands: dict[Node, list[Placement]] = {u: [R] for u in lin.all_input_nodes}
+    places = {s_.output for s_ in check(lin, d, cands, seed=seed)}
+    for node in chain:
+        src = node.all_input_nodes[0]
+        cands = {src: sorted(places)}
+        places = {s_.output for s_ in check(node, d, cands, seed=seed)}
+    sharded = {p for p in places if p.is_shard}
+    if h % d == 0:  # the heads of q (k, v) end up split
+        head_dim = {"concat-split": 2, "concat-view": 3, "interleaved": 2}[layout]
+        assert S(head_dim) in sharded, (layout, places)
+
+
+@SETTINGS
+@given(d=DEGREES, shape=st.lists(SIZES, min_size=1, max_size=3), data=st.data(), k=st.sampled_from([2, 3]), seed=SEEDS)
+def test_cat(d: int, shape: list[int], data: Any, k: int, seed: int) -> None:
+    n = len(shape)
+    dim = data.draw(st.integers(0, n - 1))
+    equal = data.draw(st.booleans())
+    ins = []
+    for i in range(k):
+        sh = list(shape)
+        if not equal:
+            sh[dim] = data.draw(SIZES)
+        ins.append(rand(seed + i, *sh))
+    _, node, _ = build(aten.cat.default, ins, [[In(i) for i in range(k)], dim - n * data.draw(st.booleans())])
+    check(node, d, seed=seed, groups=(1, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# reductions and norms
+
+REDUCTIONS = ["sum", "mean", "amax", "amin", "sum_all", "softmax", "_softmax", "log_softmax", "_log_softmax"]
+
+
+@SETTINGS
+@given(d=DEGREES, shape=st.lists(SIZES, min_size=1, max_size=3), data=st.data(), op=st.sampled_from(REDUCTIONS), seed=SEEDS)
+def test_reductions(d: int, shape: list[int], data: Any, op: str, seed: int) -> None:
+    n, x = len(shape), rand(seed, *shape)
+    dim = data.draw(st.integers(-n, n - 1))
+    keep = data.draw(st.booleans())
+    if op in ("sum", "mean"):
+        dims = data.draw(st.lists(st.integers(0, n - 1), unique=True, min_size=1, max_size=n))
+        target, args = (aten.sum.dim_IntList if op == "sum" else aten.mean.dim), [In(0), dims, keep]
+    elif op in ("amax", "amin"):
+        dims = data.draw(st.lists(st.integers(0, n - 1), unique=True, max_size=n))
+        target, args = getattr(aten, op).default, [In(0), dims, keep]
+    elif op == "sum_all":
+        target, args = aten.sum.default, [In(0)]
+    elif op.startswith("_"):
+        target, args = getattr(aten, op).default, [In(0), dim, False]
+    else:
+        target, args = getattr(aten, op).int, [In(0), dim]
+    _, node, _ = build(target, [x], args)
+    check(node, d, seed=seed, groups=(1, 3))
+
+
+@SETTINGS
+@given(d=DEGREES, shape=st.lists(SIZES, min_size=2, max_size=3), normed=st.sampled_from([1, 2]), op=st.sampled_from(["layer_norm", "layer_norm_no_affine", "rms_norm"]), seed=SEEDS)
+def test_norms(d: int, shape: list[int], normed: int, op: str, seed: int) -> None:
+    normed = min(normed, len(shape) - 1)
+    ns = shape[-normed:]
+    x, w, b = rand(seed, *shape), rand(seed + 1, *ns), rand(seed + 2, *ns)
+    if op == "layer_norm":
+        _, node, _ = build(aten.layer_norm.default, [x, w, b], [In(0), ns, In(1), In(2), 1e-5])
+    elif op == "layer_norm_no_affine":
+        _, node, _ = build(aten.layer_norm.default, [x], [In(0), ns, None, None, 1e-5])
+    else:
+        _, node, _ = build(aten.rms_norm.default, [x, w], [In(0), ns, In(1), 1e-6])
+    found = check(node, d, seed=seed)
+    if any(s % d == 0 for s in shape[:-normed]):
+        assert _sharded(found)
