@@ -402,7 +402,7 @@ def local_call(
     if op in ("view", "reshape", "_unsafe_view", "expand") and out_p.is_shard:
         args = (args[0], local_shape(val.shape, out_p, degree), *args[2:])
     elif op == "unflatten" and out_p.is_shard:
-        dim = args[1] % val.ndim
+        dim = args[1] % (val.ndim - len(args[2]) + 1)  # a negative dim counts in the input
         sizes = local_shape(val.shape, out_p, degree)[dim : dim + len(args[2])]
         args = (args[0], args[1], sizes, *args[3:])
     elif op in ("split", "split_with_sizes", "narrow"):
