@@ -236,7 +236,20 @@ def _fused_groups(node: Node, features: int) -> list[int]:
             op in _RESHAPES and uv is not None and uv.ndim >= 1 and uv.shape[-1] == features
         ) or op in ("alias", "contiguous", "clone", "to", "_to_copy"):
             todo.extend(user.users)
+        elif op in _RESHAPES and uv is not None and (g := _leading_part(list(uv.shape), src)):
+            groups.append(g)  # [q; k; v] viewed as (..., 3, heads, head_dim)
     return [g for g in dict.fromkeys(groups) if features % g == 0]
+
+
+def _leading_part(out: list[int], src: torch.Tensor) -> int:
+    """``g`` when ``out`` keeps ``src``'s leading dims and cuts its last one into ``(g, heads,
+    head_dim)`` (``g > 1``, and at least three parts: ``(heads, head_dim)`` alone is no fused
+    projection); 0 otherwise."""
+    lead = list(src.shape[:-1])
+    rest = out[len(lead) :]
+    if out[: len(lead)] != lead or len(rest) < 3 or math.prod(rest) != src.shape[-1]:
+        return 0
+    return rest[0] if rest[0] > 1 else 0
 
 
 def _what(node: Node) -> str:
