@@ -276,13 +276,16 @@ def _sdpa(ctx: _Ctx) -> list[Strategy]:
     if not ok:
         return []
     req = {ctx.slot(q): shard(1), ctx.slot(k): shard(1), ctx.slot(v): shard(1)}
+    grads: dict[int, Placement] = {}
     if isinstance(mask, Node):
         mv = _val(mask)
         if mv is None:
             return []
         if mv.ndim >= 3 and mv.shape[mv.ndim - 3] == heads:
             req[ctx.slot(mask)] = shard(mv.ndim - 3)
-    return [ctx.strategy("shard", shard(1), req)]
+        else:  # broadcast over the split heads: each rank's gradient is one term of the sum
+            grads[ctx.slot(mask)] = P
+    return [ctx.strategy("shard", shard(1), req, grads)]
 
 
 # -- pointwise ----------------------------------------------------------------------------------

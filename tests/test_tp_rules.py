@@ -241,6 +241,8 @@ def _simulate(node: Node, st_: Strategy, d: int, seed: int) -> None:
         if full_grads[i] is None or not _is_float(u.meta["val"]):
             continue
         eff = _Rewriter._grad(None, node, u, st_.inputs[i], st_.output)  # type: ignore[arg-type]
+        # the ILP costs the gradient the strategy declares: it must be the one the runtime makes
+        assert st_.grads[i] == eff, f"{label}: gradient of {u} declared {st_.grads[i]}, runtime {eff}"
         pieces = [lg[i] for lg in local_grads]
         g = _combine(pieces, eff, full_grads[i], f"{label}: gradient of {u} ({eff})")
         _close(g, full_grads[i], f"{label}: gradient of input {u} combined as {eff}")
