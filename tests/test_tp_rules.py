@@ -40,6 +40,8 @@ SETTINGS = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+FEW = settings(SETTINGS, max_examples=8)
+"""For tests parametrized by op: every op is checked."""
 DEGREES = st.sampled_from([2, 4])
 TESTED: set[str] = set()
 """Op names checked by a property test (for the coverage test at the end)."""
@@ -403,16 +405,18 @@ def _broadcast_shape(draw: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
     return out[draw(st.integers(0, len(out))) :]
 
 
-@SETTINGS
-@given(d=DEGREES, shape=st.lists(SIZES, min_size=1, max_size=3), op=st.sampled_from(UNARY), seed=SEEDS)
+@pytest.mark.parametrize("op", UNARY, ids=lambda o: str(o[0]))
+@FEW
+@given(d=DEGREES, shape=st.lists(SIZES, min_size=1, max_size=3), seed=SEEDS)
 def test_pointwise_unary(d: int, shape: list[int], op: Any, seed: int) -> None:
     target, extra = op
     _, node, _ = build(target, [rand(seed, *shape)], [In(0), *extra])
     check(node, d, seed=seed)
 
 
-@SETTINGS
-@given(d=DEGREES, data=st.data(), shape=st.lists(SIZES, min_size=1, max_size=4), op=st.sampled_from(BINARY), swap=st.booleans(), seed=SEEDS)
+@pytest.mark.parametrize("op", BINARY, ids=str)
+@FEW
+@given(d=DEGREES, data=st.data(), shape=st.lists(SIZES, min_size=1, max_size=4), swap=st.booleans(), seed=SEEDS)
 def test_pointwise_binary_broadcasting(d: int, data: Any, shape: list[int], op: Any, swap: bool, seed: int) -> None:
     other = _broadcast_shape(data.draw, tuple(shape))
     a, b = rand(seed, *shape), rand(seed + 1, *other)
@@ -434,8 +438,9 @@ def test_alibi_bias_added_to_head_split_scores(d: int, b: int, h: int, s: int, b
         assert any(s_.output == S(1) for s_ in found)
 
 
-@SETTINGS
-@given(d=DEGREES, shape=st.lists(SIZES, min_size=1, max_size=3), data=st.data(), op=st.sampled_from(["where", "masked_fill", "addcmul", "lerp"]), seed=SEEDS)
+@pytest.mark.parametrize("op", ["where", "masked_fill", "addcmul", "lerp"])
+@FEW
+@given(d=DEGREES, shape=st.lists(SIZES, min_size=1, max_size=3), data=st.data(), seed=SEEDS)
 def test_pointwise_ternary(d: int, shape: list[int], data: Any, op: str, seed: int) -> None:
     other = _broadcast_shape(data.draw, tuple(shape))
     x = rand(seed, *shape)
@@ -679,8 +684,9 @@ def test_cat(d: int, shape: list[int], data: Any, k: int, seed: int) -> None:
 REDUCTIONS = ["sum", "mean", "amax", "amin", "sum_all", "softmax", "_softmax", "log_softmax", "_log_softmax"]
 
 
-@SETTINGS
-@given(d=DEGREES, shape=st.lists(SIZES, min_size=1, max_size=3), data=st.data(), op=st.sampled_from(REDUCTIONS), seed=SEEDS)
+@pytest.mark.parametrize("op", REDUCTIONS)
+@FEW
+@given(d=DEGREES, shape=st.lists(SIZES, min_size=1, max_size=3), data=st.data(), seed=SEEDS)
 def test_reductions(d: int, shape: list[int], data: Any, op: str, seed: int) -> None:
     n, x = len(shape), rand(seed, *shape)
     dim = data.draw(st.integers(-n, n - 1))
