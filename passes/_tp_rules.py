@@ -236,7 +236,20 @@ def _fused_groups(node: Node, features: int) -> list[int]:
             op in _RESHAPES and uv is not None and uv.ndim >= 1 and uv.shape[-1] == features
         ) or op in ("alias", "contiguous", "clone", "to", "_to_copy"):
             todo.extend(user.users)
+        elif op in _RESHAPES and uv is not None and (g := _leading_part(list(uv.shape), src)):
+            groups.append(g)  # [q; k; v] viewed as (..., 3, heads, head_dim)
     return [g for g in dict.fromkeys(groups) if features % g == 0]
+
+
+def _leading_part(out: list[int], src: torch.Tensor) -> int:
+    """``g`` when ``out`` keeps ``src``'s leading dims and cuts its last one into ``(g, heads,
+    head_dim)`` (``g > 1``, and at least three parts: ``(heads, head_dim)`` alone is no fused
+    projection); 0 otherwise."""
+    lead = list(src.shape[:-1])
+    rest = out[len(lead) :]
+    if out[: len(lead)] != lead or len(rest) < 3 or math.prod(rest) != src.shape[-1]:
+        return 0
+    return rest[0] if rest[0] > 1 else 0
 
 
 def _what(node: Node) -> str:
@@ -263,13 +276,16 @@ def _sdpa(ctx: _Ctx) -> list[Strategy]:
     if not ok:
         return []
     req = {ctx.slot(q): shard(1), ctx.slot(k): shard(1), ctx.slot(v): shard(1)}
+    grads: dict[int, Placement] = {}
     if isinstance(mask, Node):
         mv = _val(mask)
         if mv is None:
             return []
         if mv.ndim >= 3 and mv.shape[mv.ndim - 3] == heads:
             req[ctx.slot(mask)] = shard(mv.ndim - 3)
-    return [ctx.strategy("shard", shard(1), req)]
+        else:  # broadcast over the split heads: each rank's gradient is one term of the sum
+            grads[ctx.slot(mask)] = P
+    return [ctx.strategy("shard", shard(1), req, grads)]
 
 
 # -- pointwise ----------------------------------------------------------------------------------
@@ -480,9 +496,10 @@ def _reshape_placement(
     """Where the split of ``p`` lands when ``in_shape`` is viewed as ``out_shape``.
 
     Dimensions of size 1 are ignored; the others form groups whose products match. Inside the group
-    holding the split dimension, merging the input dims before it multiplies the groups of the split
-    (``(heads, head_dim) -> hidden`` with heads split gives ``S(hidden)``), then the merged size is
-    cut into the output dims: the split lands on the first output dim whose size is a multiple of
+    holding the split dimension, the split must be the outermost (first) input dim of the group
+    (``(heads, head_dim) -> hidden`` with heads split gives ``S(hidden)``; ``(batch, heads) ->
+    batch * heads`` gives nothing: its groups would be the batch size, which micro-batches change),
+    then the merged size is cut into the output dims: the split lands on the first output dim whose size is a multiple of
     the groups and whose share is a multiple of the degree, or on a later one when the first is a
     factor of the groups (``3 * hidden`` with groups 3 -> ``(3, hidden)`` lands on ``hidden``).
     """
@@ -506,7 +523,17 @@ def _reshape_placement(
                 return None
         if p.dim in gi:
             before = math.prod(in_shape[k] for k in gi[: gi.index(p.dim)])
-            return _split_group([out_shape[k] for k in go], go, before * p.groups, ctx)
+            if before > 1:
+                # (B, H, S, D) -> (B*H, S, D) with H split would be S(0,groups=B): exact at this
+                # batch size only, and plans run on micro-batches of other sizes (as DTensor: a
+                # merged dimension stays split only when the split one is its outermost factor)
+                ctx.reasons.append(
+                    f"{_what(ctx.node)} merges a split dimension into the dimensions before it "
+                    f"(size {before}, e.g. batch x heads): only the outermost factor of a merge "
+                    "can stay split"
+                )
+                return None
+            return _split_group([out_shape[k] for k in go], go, p.groups, ctx)
     return None
 
 

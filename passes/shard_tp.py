@@ -54,7 +54,7 @@ prints as ordinary Python.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,8 +81,10 @@ from autopart.plans import TPSection
 
 __all__ = [
     "TP_META_KEY",
+    "LocalCall",
     "ShardError",
     "TPStageInfo",
+    "local_call",
     "local_shape",
     "param_placements",
     "shard_tensor",
@@ -344,28 +346,18 @@ class _Rewriter:
     # -- ops with sizes or ranks in their arguments ---------------------------------------------------
 
     def _emit(self, node: Node, args: Any, kwargs: dict[str, Any], out_p: Placement) -> Node:
-        op = op_name(node)
-        val: Any = node.meta.get("val")
-        if op in ("view", "reshape", "_unsafe_view", "expand") and out_p.is_shard:
-            args = (args[0], local_shape(val.shape, out_p, self.degree), *args[2:])
-        elif op == "unflatten" and out_p.is_shard:
-            dim = args[1] % val.ndim
-            sizes = local_shape(val.shape, out_p, self.degree)[dim : dim + len(args[2])]
-            args = (args[0], args[1], sizes, *args[3:])
-        elif op in ("split", "split_with_sizes", "narrow"):
-            args = self._local_split(node, args)
-        elif op == "repeat_interleave" and kwargs.get("output_size") is not None and out_p.is_shard:
-            dim = _arg(node, 2, "dim") % val.ndim
-            kwargs["output_size"] = local_shape(val.shape, out_p, self.degree)[dim]
-        elif op == "embedding" and self._read_as(node, node.args[0]) == Placement("S", 0):
-            return self._vocab_embedding(node, args, kwargs)
-        if (
-            out_p.kind == "P"
-            and op in ("linear", "addmm")
-            and _bias_of_row_linear(node) is not None
-        ):
-            return self._row_linear(node, args, kwargs)
-        return self.graph.create_node(node.op, node.target, args, kwargs, name=node.name)
+        call = local_call(
+            node, args, kwargs, out_p, lambda u: self._read_as(node, u), self.degree, self.rank
+        )
+        if call.row_bias is None:
+            return self.graph.create_node(
+                call.op, call.target, call.args, call.kwargs, name=node.name
+            )
+        product = self._call(call.target, call.args, f"{node.name}_product")
+        bias, add = call.row_bias
+        return self.graph.create_node(
+            "call_function", tp_partial_bias, (product, bias, add), name=node.name
+        )
 
     def _read_as(self, node: Node, u: Any) -> Placement | None:
         if not isinstance(u, Node):
@@ -373,56 +365,104 @@ class _Rewriter:
         text = self.tp.input_placements.get(node.name, {}).get(u.name)
         return Placement.parse(text) if text is not None else None
 
-    def _local_split(self, node: Node, args: Any) -> Any:
-        """``split`` sizes / ``narrow`` length along the split dimension of the input: local."""
-        src = node.args[0]
-        p = self._read_as(node, src)
-        sv = src.meta.get("val") if isinstance(src, Node) else None
-        if p is None or not p.is_shard or not isinstance(sv, torch.Tensor):
-            return args
-        dim_slot, size_slot = (1, 3) if op_name(node) == "narrow" else (2, 1)
-        if _arg(node, dim_slot, "dim", 0) % sv.ndim != p.dim:
-            return args
-        size = args[size_slot]
-        d = self.degree
-        local = [s // d for s in size] if isinstance(size, (list, tuple)) else size // d
-        return (*args[:size_slot], local, *args[size_slot + 1 :])
 
-    def _vocab_embedding(self, node: Node, args: Any, kwargs: dict[str, Any]) -> Node:
-        """``embedding(W, ids, padding_idx, scale_grad_by_freq, sparse)`` with ``W`` split on the
-        vocabulary: this rank's rows, the others' ids looking up zeros."""
-        options = [
-            args[i] if len(args) > i else kwargs.get(name, default)
-            for i, (name, default) in enumerate(
-                [("padding_idx", -1), ("scale_grad_by_freq", False), ("sparse", False)], start=2
-            )
-        ]
-        if options[1]:
-            raise ShardError(
-                f"embedding {node.name!r} scales gradients by frequency, which a vocabulary-parallel "
-                "lookup cannot do; plan it replicated or column-parallel."
-            )
-        weight: Any = node.args[0]
-        rows = weight.meta["val"].shape[0] // self.degree
-        return self.graph.create_node(
-            "call_function",
-            tp_vocab_embedding,
-            (args[0], args[1], self.rank * rows, *options),
-            name=node.name,
-        )
+@dataclass(frozen=True, slots=True)
+class LocalCall:
+    """What one TP rank runs for a node: ``target(*args, **kwargs)`` (a ``call.op`` node), then,
+    for a row-parallel linear / addmm (``row_bias = (bias, add)``),
+    ``tp_partial_bias(product, bias, add)``."""
 
-    def _row_linear(self, node: Node, args: Any, kwargs: dict[str, Any]) -> Node:
-        """``linear(x, W, b)`` / ``addmm(b, x, W)`` with a partial output: the product, then the bias
-        on rank 0 only."""
-        if op_name(node) == "linear":
-            x, w, b = args[0], args[1], args[2] if len(args) > 2 else kwargs["bias"]
-            product = self._call(torch.ops.aten.linear.default, (x, w), f"{node.name}_product")
-        else:
-            b, x, w = args[0], args[1], args[2]
-            product = self._call(torch.ops.aten.mm.default, (x, w), f"{node.name}_product")
-        return self.graph.create_node(
-            "call_function", tp_partial_bias, (product, b, self.rank == 0), name=node.name
+    op: str
+    target: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    row_bias: tuple[Any, bool] | None = None
+
+
+def local_call(
+    node: Node,
+    args: Any,
+    kwargs: dict[str, Any],
+    out_p: Placement,
+    read_as: Callable[[Any], Placement | None],
+    degree: int,
+    rank: int,
+) -> LocalCall:
+    """The call rank ``rank`` makes for ``node`` whose output is placed ``out_p``: ``args`` /
+    ``kwargs`` are the node's arguments with its inputs already replaced by this rank's values (fx
+    nodes of the rewritten graph, or tensors), ``read_as(u)`` the placement the plan reads input
+    ``u`` (an fx node of the original graph) in. Shape arguments become local sizes (``view`` /
+    ``reshape`` / ``expand`` / ``unflatten`` / ``split`` / ``narrow`` / ``repeat_interleave``),
+    a vocabulary-parallel embedding becomes :func:`tp_vocab_embedding` of this rank's rows and a
+    row-parallel linear adds its bias on rank 0 only. Pure: :func:`shard_tp` and the rule tests
+    both call it."""
+    op = op_name(node)
+    val: Any = node.meta.get("val")
+    kwargs = dict(kwargs)
+    if op in ("view", "reshape", "_unsafe_view", "expand") and out_p.is_shard:
+        args = (args[0], local_shape(val.shape, out_p, degree), *args[2:])
+    elif op == "unflatten" and out_p.is_shard:
+        dim = args[1] % (val.ndim - len(args[2]) + 1)  # a negative dim counts in the input
+        sizes = local_shape(val.shape, out_p, degree)[dim : dim + len(args[2])]
+        args = (args[0], args[1], sizes, *args[3:])
+    elif op in ("split", "split_with_sizes", "narrow"):
+        args = _local_split(node, args, read_as(node.args[0]), degree)
+    elif op == "repeat_interleave" and kwargs.get("output_size") is not None and out_p.is_shard:
+        dim = _arg(node, 2, "dim") % val.ndim
+        kwargs["output_size"] = local_shape(val.shape, out_p, degree)[dim]
+    elif op == "embedding" and read_as(node.args[0]) == Placement("S", 0):
+        return _vocab_embedding(node, args, kwargs, degree, rank)
+    if out_p.kind == "P" and op in ("linear", "addmm") and _bias_of_row_linear(node) is not None:
+        return _row_linear(node, args, kwargs, rank)
+    return LocalCall(node.op, node.target, tuple(args), kwargs)
+
+
+def _local_split(node: Node, args: Any, p: Placement | None, degree: int) -> Any:
+    """``split`` sizes / ``narrow`` length along the split dimension of the input: local."""
+    src = node.args[0]
+    sv = src.meta.get("val") if isinstance(src, Node) else None
+    if p is None or not p.is_shard or not isinstance(sv, torch.Tensor):
+        return args
+    dim_slot, size_slot = (1, 3) if op_name(node) == "narrow" else (2, 1)
+    if _arg(node, dim_slot, "dim", 0) % sv.ndim != p.dim:
+        return args
+    size = args[size_slot]
+    d = degree
+    local = [s // d for s in size] if isinstance(size, (list, tuple)) else size // d
+    return (*args[:size_slot], local, *args[size_slot + 1 :])
+
+
+def _vocab_embedding(
+    node: Node, args: Any, kwargs: dict[str, Any], degree: int, rank: int
+) -> LocalCall:
+    """``embedding(W, ids, padding_idx, scale_grad_by_freq, sparse)`` with ``W`` split on the
+    vocabulary: this rank's rows, the others' ids looking up zeros."""
+    options = [
+        args[i] if len(args) > i else kwargs.get(name, default)
+        for i, (name, default) in enumerate(
+            [("padding_idx", -1), ("scale_grad_by_freq", False), ("sparse", False)], start=2
         )
+    ]
+    if options[1]:
+        raise ShardError(
+            f"embedding {node.name!r} scales gradients by frequency, which a vocabulary-parallel "
+            "lookup cannot do; plan it replicated or column-parallel."
+        )
+    weight: Any = node.args[0]
+    rows = weight.meta["val"].shape[0] // degree
+    return LocalCall(
+        "call_function", tp_vocab_embedding, (args[0], args[1], rank * rows, *options), {}
+    )
+
+
+def _row_linear(node: Node, args: Any, kwargs: dict[str, Any], rank: int) -> LocalCall:
+    """``linear(x, W, b)`` / ``addmm(b, x, W)`` with a partial output: the product, then the bias
+    on rank 0 only."""
+    if op_name(node) == "linear":
+        x, w, b = args[0], args[1], args[2] if len(args) > 2 else kwargs["bias"]
+        return LocalCall("call_function", torch.ops.aten.linear.default, (x, w), {}, (b, rank == 0))
+    b, x, w = args[0], args[1], args[2]
+    return LocalCall("call_function", torch.ops.aten.mm.default, (x, w), {}, (b, rank == 0))
 
 
 def _insert_conversion(
