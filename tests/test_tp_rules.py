@@ -29,10 +29,9 @@ from torch.fx.node import map_arg
 
 from autopart._emitted.collectives import shard, unshard
 from autopart.passes._tp_placements import P, Placement, R, Strategy, dual
-from autopart.passes._tp_rules import _POINTWISE, _RULES, node_strategies, op_name
 from autopart.passes._tp_placements import shard as S
-from autopart.passes.shard_tp import _Rewriter, local_call
-from autopart.passes.shard_tp import tp_partial_bias
+from autopart.passes._tp_rules import node_strategies, op_name
+from autopart.passes.shard_tp import _Rewriter, local_call, tp_partial_bias
 
 aten = torch.ops.aten
 SETTINGS = settings(
@@ -77,7 +76,9 @@ def build(
             return type(a)(sub(x) for x in a)
         return a
 
-    node = g.call_function(target, tuple(sub(a) for a in args), {k: sub(v) for k, v in (kwargs or {}).items()})
+    node = g.call_function(
+        target, tuple(sub(a) for a in args), {k: sub(v) for k, v in (kwargs or {}).items()}
+    )
     extra = then(g, node) if then is not None else []
     g.output((node, *extra))
     gm = GraphModule(torch.nn.Module(), g)
@@ -87,7 +88,9 @@ def build(
         if n.op == "placeholder":
             env[n] = next(feed)
         elif n.op == "call_function":
-            env[n] = n.target(*map_arg(n.args, env.__getitem__), **map_arg(n.kwargs, env.__getitem__))
+            env[n] = n.target(
+                *map_arg(n.args, env.__getitem__), **map_arg(n.kwargs, env.__getitem__)
+            )
         else:
             continue
         n.meta["val"] = env[n]
@@ -111,7 +114,10 @@ def _first(v: Any) -> torch.Tensor:
 def _divisible(v: Any, p: Placement, d: int) -> bool:
     if not p.is_shard:
         return True
-    return all(x.ndim > p.dim and x.shape[p.dim] % (p.groups * d) == 0 for x in (v if isinstance(v, (list, tuple)) else [v]))
+    return all(
+        x.ndim > p.dim and x.shape[p.dim] % (p.groups * d) == 0
+        for x in (v if isinstance(v, (list, tuple)) else [v])
+    )
 
 
 def _place(v: Any, p: Placement, d: int, gen: torch.Generator) -> list[Any]:
@@ -130,10 +136,18 @@ def _place(v: Any, p: Placement, d: int, gen: torch.Generator) -> list[Any]:
 def _combine(pieces: list[Any], p: Placement, full: Any, what: str) -> Any:
     """The whole value of the ranks' ``pieces`` placed ``p``; ``R`` pieces must all equal ``full``."""
     if isinstance(full, (list, tuple)):
-        return [_combine([x[i] for x in pieces], p, full[i], f"{what}[{i}]") for i in range(len(full))]
+        return [
+            _combine([x[i] for x in pieces], p, full[i], f"{what}[{i}]") for i in range(len(full))
+        ]
     if p == R:
         for r, x in enumerate(pieces):
-            torch.testing.assert_close(x, full, atol=1e-9, rtol=1e-9, msg=lambda m: f"{what}: rank {r} differs from the whole ({p}): {m}")
+            torch.testing.assert_close(
+                x,
+                full,
+                atol=1e-9,
+                rtol=1e-9,
+                msg=lambda m, r=r: f"{what}: rank {r} differs from the whole ({p}): {m}",
+            )
         return pieces[0]
     if p == P:
         return sum(pieces[1:], pieces[0])
@@ -213,16 +227,26 @@ def _simulate(node: Node, st_: Strategy, d: int, seed: int) -> None:
     full_in = [_leaf(u.meta["val"]) for u in inputs]
     label = f"{node.format_node()} under {st_}"
     for u, p in zip(inputs, st_.inputs):
-        assert _divisible(u.meta["val"], p, d), f"{label}: input {u} read as {p} is not divisible by {d}"
+        assert _divisible(u.meta["val"], p, d), (
+            f"{label}: input {u} read as {p} is not divisible by {d}"
+        )
         assert p != P or _is_float(u.meta["val"]), f"{label}: integer input read as P"
     full_env = dict(zip(inputs, full_in))
-    full_out = node.target(*map_arg(node.args, full_env.__getitem__), **map_arg(node.kwargs, full_env.__getitem__))
+    full_out = node.target(
+        *map_arg(node.args, full_env.__getitem__), **map_arg(node.kwargs, full_env.__getitem__)
+    )
     assert _divisible(full_out, st_.output, d), f"{label}: output {st_.output} not divisible by {d}"
-    gout = [torch.randn(t.shape, generator=gen, dtype=t.dtype) if t.is_floating_point() else None for t in _tensors(full_out)]
+    gout = [
+        torch.randn(t.shape, generator=gen, dtype=t.dtype) if t.is_floating_point() else None
+        for t in _tensors(full_out)
+    ]
     gout = gout if isinstance(full_out, (list, tuple)) else gout[0]
     full_grads = _grads(full_out, gout, full_in)
 
-    placed = {u: _place(v.detach() if isinstance(v, torch.Tensor) else [x.detach() for x in v], p, d, gen) for u, v, p in zip(inputs, full_in, st_.inputs)}
+    placed = {
+        u: _place(v.detach() if isinstance(v, torch.Tensor) else [x.detach() for x in v], p, d, gen)
+        for u, v, p in zip(inputs, full_in, st_.inputs)
+    }
     read_as = dict(zip(inputs, st_.inputs))
     outs, local_grads = [], []
     for r in range(d):
@@ -237,14 +261,21 @@ def _simulate(node: Node, st_: Strategy, d: int, seed: int) -> None:
         g_p = dual(st_.output)
         g_local = gout if g_p == R else _place_grad(gout, g_p, d, r)
         local_grads.append(_grads(out, g_local, [env[u] for u in inputs]))
-    got = _combine(outs, st_.output, full_out.detach() if isinstance(full_out, torch.Tensor) else [x.detach() for x in full_out], f"{label}: output")
+    got = _combine(
+        outs,
+        st_.output,
+        full_out.detach() if isinstance(full_out, torch.Tensor) else [x.detach() for x in full_out],
+        f"{label}: output",
+    )
     _close(got, full_out, f"{label}: output")
     for i, u in enumerate(inputs):
         if full_grads[i] is None or not _is_float(u.meta["val"]):
             continue
         eff = _Rewriter._grad(None, node, u, st_.inputs[i], st_.output)  # type: ignore[arg-type]
         # the ILP costs the gradient the strategy declares: it must be the one the runtime makes
-        assert st_.grads[i] == eff, f"{label}: gradient of {u} declared {st_.grads[i]}, runtime {eff}"
+        assert st_.grads[i] == eff, (
+            f"{label}: gradient of {u} declared {st_.grads[i]}, runtime {eff}"
+        )
         pieces = [lg[i] for lg in local_grads]
         g = _combine(pieces, eff, full_grads[i], f"{label}: gradient of {u} ({eff})")
         _close(g, full_grads[i], f"{label}: gradient of input {u} combined as {eff}")
@@ -258,7 +289,9 @@ def _place_grad(g: Any, p: Placement, d: int, r: int) -> Any:
 
 def _close(got: Any, want: Any, what: str) -> None:
     for i, (a, b) in enumerate(zip(_tensors(got), _tensors(want))):
-        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-8, rtol=1e-8, msg=lambda m: f"{what} [{i}]: {m}")
+        torch.testing.assert_close(
+            a.detach(), b.detach(), atol=1e-8, rtol=1e-8, msg=lambda m, i=i: f"{what} [{i}]: {m}"
+        )
 
 
 def _sharded(strategies: list[Strategy]) -> list[Strategy]:
@@ -266,7 +299,9 @@ def _sharded(strategies: list[Strategy]) -> list[Strategy]:
 
 
 def rand(gen_seed: int, *shape: int) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(gen_seed), dtype=torch.float64)
+    return torch.randn(
+        shape, generator=torch.Generator().manual_seed(gen_seed), dtype=torch.float64
+    )
 
 
 SIZES = st.sampled_from([1, 2, 3, 4, 6, 8, 12])
@@ -283,11 +318,24 @@ def _only_replicated(strategies: list[Strategy]) -> bool:
 
 
 @SETTINGS
-@given(d=DEGREES, b=SMALL, s=SMALL, k=SIZES, n=SIZES, bias=st.booleans(), fused=st.booleans(), seed=SEEDS)
+@given(
+    d=DEGREES,
+    b=SMALL,
+    s=SMALL,
+    k=SIZES,
+    n=SIZES,
+    bias=st.booleans(),
+    fused=st.booleans(),
+    seed=SEEDS,
+)
 def test_linear(d: int, b: int, s: int, k: int, n: int, bias: bool, fused: bool, seed: int) -> None:
     n = 3 * n if fused else n
     ins = [rand(seed, b, s, k), rand(seed + 1, n, k), rand(seed + 2, n)][: 2 + bias]
-    then = (lambda g, node: [g.call_function(aten.split.Tensor, (node, n // 3, -1))]) if fused else None
+    then = (
+        (lambda g, node: [g.call_function(aten.split.Tensor, (node, n // 3, -1))])
+        if fused
+        else None
+    )
     _, node, _ = build(aten.linear.default, ins, [In(i) for i in range(len(ins))], then=then)
     found = check(node, d, seed=seed, groups=(1, 3))
     labels = {s_.label for s_ in found}
@@ -303,11 +351,21 @@ def test_addmm(d: int, m: int, k: int, n: int, seed: int) -> None:
     ins = [rand(seed, n), rand(seed + 1, m, k), rand(seed + 2, k, n)]
     _, node, _ = build(aten.addmm.default, ins, [In(0), In(1), In(2)])
     found = check(node, d, seed=seed)
-    assert {s_.label for s_ in found} == {"replicate"} | ({"col"} if n % d == 0 else set()) | ({"row"} if k % d == 0 else set())
+    assert {s_.label for s_ in found} == {"replicate"} | ({"col"} if n % d == 0 else set()) | (
+        {"row"} if k % d == 0 else set()
+    )
 
 
 @SETTINGS
-@given(d=DEGREES, op=st.sampled_from(["mm", "matmul3", "matmul4", "bmm"]), b=SIZES, m=SMALL, k=SIZES, n=SIZES, seed=SEEDS)
+@given(
+    d=DEGREES,
+    op=st.sampled_from(["mm", "matmul3", "matmul4", "bmm"]),
+    b=SIZES,
+    m=SMALL,
+    k=SIZES,
+    n=SIZES,
+    seed=SEEDS,
+)
 def test_matmuls(d: int, op: str, b: int, m: int, k: int, n: int, seed: int) -> None:
     if op == "mm":
         target, a, w = aten.mm.default, rand(seed, m, k), rand(seed + 1, k, n)
@@ -353,19 +411,25 @@ def test_embedding(d: int, v: int, e: int, b: int, s: int, pad: bool, seed: int)
     causal=st.booleans(),
     seed=SEEDS,
 )
-def test_sdpa(d: int, b: int, hkv: int, rep: int, s: int, dh: int, mask: str | None, causal: bool, seed: int) -> None:
+def test_sdpa(
+    d: int, b: int, hkv: int, rep: int, s: int, dh: int, mask: str | None, causal: bool, seed: int
+) -> None:
     h = hkv * rep
     ins = [rand(seed, b, h, s, dh), rand(seed + 1, b, hkv, s, dh), rand(seed + 2, b, hkv, s, dh)]
     kwargs: dict[str, Any] = {}
     if mask is not None:
-        shape = {"full": (b, h, s, s), "batch": (b, 1, s, s), "heads": (h, s, s), "2d": (s, s)}[mask]
+        shape = {"full": (b, h, s, s), "batch": (b, 1, s, s), "heads": (h, s, s), "2d": (s, s)}[
+            mask
+        ]
         ins.append(rand(seed + 3, *shape))
         kwargs["attn_mask"] = In(3)
     elif causal:
         kwargs["is_causal"] = True
     if rep > 1:
         kwargs["enable_gqa"] = True
-    _, node, _ = build(aten.scaled_dot_product_attention.default, ins, [In(0), In(1), In(2)], kwargs)
+    _, node, _ = build(
+        aten.scaled_dot_product_attention.default, ins, [In(0), In(1), In(2)], kwargs
+    )
     found = check(node, d, seed=seed)
     assert (not _only_replicated(found)) == (h % d == 0 and hkv % d == 0)
 
@@ -416,8 +480,16 @@ def test_pointwise_unary(d: int, shape: list[int], op: Any, seed: int) -> None:
 
 @pytest.mark.parametrize("op", BINARY, ids=str)
 @FEW
-@given(d=DEGREES, data=st.data(), shape=st.lists(SIZES, min_size=1, max_size=4), swap=st.booleans(), seed=SEEDS)
-def test_pointwise_binary_broadcasting(d: int, data: Any, shape: list[int], op: Any, swap: bool, seed: int) -> None:
+@given(
+    d=DEGREES,
+    data=st.data(),
+    shape=st.lists(SIZES, min_size=1, max_size=4),
+    swap=st.booleans(),
+    seed=SEEDS,
+)
+def test_pointwise_binary_broadcasting(
+    d: int, data: Any, shape: list[int], op: Any, swap: bool, seed: int
+) -> None:
     other = _broadcast_shape(data.draw, tuple(shape))
     a, b = rand(seed, *shape), rand(seed + 1, *other)
     if op is aten.div.Tensor:
@@ -429,9 +501,13 @@ def test_pointwise_binary_broadcasting(d: int, data: Any, shape: list[int], op: 
 
 @SETTINGS
 @given(d=DEGREES, b=SMALL, h=SIZES, s=SIZES, bias=st.sampled_from(["h11", "1s", "hss"]), seed=SEEDS)
-def test_alibi_bias_added_to_head_split_scores(d: int, b: int, h: int, s: int, bias: str, seed: int) -> None:
+def test_alibi_bias_added_to_head_split_scores(
+    d: int, b: int, h: int, s: int, bias: str, seed: int
+) -> None:
     shape = {"h11": (h, 1, 1), "1s": (1, s), "hss": (h, s, s)}[bias]
-    _, node, _ = build(aten.add.Tensor, [rand(seed, b, h, s, s), rand(seed + 1, *shape)], [In(0), In(1)])
+    _, node, _ = build(
+        aten.add.Tensor, [rand(seed, b, h, s, s), rand(seed + 1, *shape)], [In(0), In(1)]
+    )
     x = node.all_input_nodes[0]
     found = check(node, d, {x: [R, S(1), P], node.all_input_nodes[1]: [R]}, seed=seed)
     if h % d == 0:
@@ -446,11 +522,18 @@ def test_pointwise_ternary(d: int, shape: list[int], data: Any, op: str, seed: i
     x = rand(seed, *shape)
     cond = torch.rand(other, generator=torch.Generator().manual_seed(seed)) > 0.5
     if op == "where":
-        _, node, _ = build(aten.where.self, [cond, x, rand(seed + 1, *other)], [In(0), In(1), In(2)])
+        _, node, _ = build(
+            aten.where.self, [cond, x, rand(seed + 1, *other)], [In(0), In(1), In(2)]
+        )
     elif op == "masked_fill":
         _, node, _ = build(aten.masked_fill.Scalar, [x, cond], [In(0), In(1), -1.0])
     elif op == "addcmul":
-        _, node, _ = build(aten.addcmul.default, [x, rand(seed + 1, *other), rand(seed + 2, *shape)], [In(0), In(1), In(2)], {"value": 0.5})
+        _, node, _ = build(
+            aten.addcmul.default,
+            [x, rand(seed + 1, *other), rand(seed + 2, *shape)],
+            [In(0), In(1), In(2)],
+            {"value": 0.5},
+        )
     else:
         _, node, _ = build(aten.lerp.Scalar, [x, rand(seed + 1, *other)], [In(0), In(1), 0.25])
     check(node, d, seed=seed)
@@ -465,6 +548,7 @@ def regroupings(draw: Any) -> tuple[list[int], list[int], list[int]]:
     """Atoms (the first one the batch), and two ways to group them into dims (each a list of
     group lengths): merges, splits and regroupings of adjacent dimensions."""
     atoms = draw(st.lists(SIZES, min_size=2, max_size=4))
+
     def cut() -> list[int]:
         lens, cur = [], 1
         for _ in atoms[1:]:
@@ -474,6 +558,7 @@ def regroupings(draw: Any) -> tuple[list[int], list[int], list[int]]:
             else:
                 cur += 1
         return [*lens, cur]
+
     return atoms, cut(), cut()
 
 
@@ -486,7 +571,14 @@ def _shape(atoms: list[int], lens: list[int]) -> list[int]:
 
 
 @SETTINGS
-@given(d=DEGREES, case=regroupings(), op=st.sampled_from(["view", "reshape", "_unsafe_view"]), b2=SIZES, ones=st.booleans(), seed=SEEDS)
+@given(
+    d=DEGREES,
+    case=regroupings(),
+    op=st.sampled_from(["view", "reshape", "_unsafe_view"]),
+    b2=SIZES,
+    ones=st.booleans(),
+    seed=SEEDS,
+)
 def test_reshapes(d: int, case: Any, op: str, b2: int, ones: bool, seed: int) -> None:
     """Every strategy is exact, and still exact when run at another batch size (the first atom):
     the plan is made on the whole batch and run on micro-batches."""
@@ -502,7 +594,10 @@ def test_reshapes(d: int, case: Any, op: str, b2: int, ones: bool, seed: int) ->
     node = graph(atoms[0])
     check(node, d, seed=seed, groups=(1, 3))
     # activations are never split on a dimension holding the batch (the first one)
-    cands = {u: [p for p in plausible(u.meta["val"], d, (1, 3)) if p.dim != 0 or not p.is_shard] for u in node.all_input_nodes}
+    cands = {
+        u: [p for p in plausible(u.meta["val"], d, (1, 3)) if p.dim != 0 or not p.is_shard]
+        for u in node.all_input_nodes
+    }
     if atoms[0] == 1:
         return  # a plan made at batch 1 runs at batch 1 only
     other = graph(b2)
@@ -512,8 +607,17 @@ def test_reshapes(d: int, case: Any, op: str, b2: int, ones: bool, seed: int) ->
 
 
 @SETTINGS
-@given(d=DEGREES, b=st.sampled_from([2, 3, 4]), b2=st.sampled_from([1, 2, 3, 5]), h=st.sampled_from([2, 4, 8]), s=SMALL, seed=SEEDS)
-def test_alibi_merge_of_batch_and_heads_is_not_sharded(d: int, b: int, b2: int, h: int, s: int, seed: int) -> None:
+@given(
+    d=DEGREES,
+    b=st.sampled_from([2, 3, 4]),
+    b2=st.sampled_from([1, 2, 3, 5]),
+    h=st.sampled_from([2, 4, 8]),
+    s=SMALL,
+    seed=SEEDS,
+)
+def test_alibi_merge_of_batch_and_heads_is_not_sharded(
+    d: int, b: int, b2: int, h: int, s: int, seed: int
+) -> None:
     """(B, H, S, S) -> (B*H, S, S) with the heads split: exact at batch B only with groups=B, so no
     sharded strategy (DTensor: a merged dim is split only on its outermost factor)."""
     _, node, _ = build(aten.view.default, [rand(seed, b, h, s, s)], [In(0), [b * h, s, s]])
@@ -527,7 +631,9 @@ def test_alibi_merge_of_batch_and_heads_is_not_sharded(d: int, b: int, b2: int, 
 
 @SETTINGS
 @given(d=DEGREES, shape=st.lists(SIZES, min_size=2, max_size=4), data=st.data(), seed=SEEDS)
-def test_flatten_unflatten_squeeze_unsqueeze(d: int, shape: list[int], data: Any, seed: int) -> None:
+def test_flatten_unflatten_squeeze_unsqueeze(
+    d: int, shape: list[int], data: Any, seed: int
+) -> None:
     x = rand(seed, *shape)
     n = len(shape)
     start = data.draw(st.integers(0, n - 1))
@@ -535,7 +641,13 @@ def test_flatten_unflatten_squeeze_unsqueeze(d: int, shape: list[int], data: Any
     _, node, _ = build(aten.flatten.using_ints, [x], [In(0), start, end])
     check(node, d, seed=seed, groups=(1, 3))
     dim = data.draw(st.integers(0, n - 1))
-    parts = data.draw(st.sampled_from([[1, shape[dim]], [shape[dim], 1], [shape[dim]]] + ([[3, shape[dim] // 3]] if shape[dim] % 3 == 0 else []) + ([[2, shape[dim] // 2]] if shape[dim] % 2 == 0 else [])))
+    parts = data.draw(
+        st.sampled_from(
+            [[1, shape[dim]], [shape[dim], 1], [shape[dim]]]
+            + ([[3, shape[dim] // 3]] if shape[dim] % 3 == 0 else [])
+            + ([[2, shape[dim] // 2]] if shape[dim] % 2 == 0 else [])
+        )
+    )
     _, node, _ = build(aten.unflatten.int, [x], [In(0), dim - n * data.draw(st.booleans()), parts])
     check(node, d, seed=seed, groups=(1, 3))
     _, node, _ = build(aten.unsqueeze.default, [x], [In(0), data.draw(st.integers(-n - 1, n))])
@@ -549,7 +661,12 @@ def test_flatten_unflatten_squeeze_unsqueeze(d: int, shape: list[int], data: Any
 @given(d=DEGREES, shape=st.lists(SIZES, min_size=1, max_size=3), data=st.data(), seed=SEEDS)
 def test_expand(d: int, shape: list[int], data: Any, seed: int) -> None:
     small = _broadcast_shape(data.draw, tuple(shape))
-    sizes = [(-1 if data.draw(st.booleans()) and s == small[i - len(shape) + len(small)] else s) if i >= len(shape) - len(small) else s for i, s in enumerate(shape)]
+    sizes = [
+        (-1 if data.draw(st.booleans()) and s == small[i - len(shape) + len(small)] else s)
+        if i >= len(shape) - len(small)
+        else s
+        for i, s in enumerate(shape)
+    ]
     _, node, _ = build(aten.expand.default, [rand(seed, *small)], [In(0), sizes])
     check(node, d, seed=seed)
 
@@ -575,9 +692,13 @@ def test_slice_narrow_select_roll(d: int, shape: list[int], data: Any, seed: int
     size = shape[dim]
     start = data.draw(st.integers(0, size - 1))
     end = data.draw(st.sampled_from([size, 2**63 - 1, max(start + 1, size - 1)]))
-    _, node, _ = build(aten.slice.Tensor, [x], [In(0), dim, start, end, data.draw(st.sampled_from([1, 2]))])
+    _, node, _ = build(
+        aten.slice.Tensor, [x], [In(0), dim, start, end, data.draw(st.sampled_from([1, 2]))]
+    )
     check(node, d, seed=seed, groups=(1, 3))
-    _, node, _ = build(aten.narrow.default, [x], [In(0), dim, start, data.draw(st.integers(1, size - start))])
+    _, node, _ = build(
+        aten.narrow.default, [x], [In(0), dim, start, data.draw(st.integers(1, size - start))]
+    )
     check(node, d, seed=seed, groups=(1, 3))
     _, node, _ = build(aten.select.int, [x], [In(0), dim - n * data.draw(st.booleans()), start])
     check(node, d, seed=seed, groups=(1, 3))
@@ -587,10 +708,22 @@ def test_slice_narrow_select_roll(d: int, shape: list[int], data: Any, seed: int
 
 
 @SETTINGS
-@given(d=DEGREES, b=SMALL, hkv=SIZES, rep=st.sampled_from([1, 2, 3]), s=SMALL, out_size=st.booleans(), seed=SEEDS)
-def test_repeat_interleave_gqa(d: int, b: int, hkv: int, rep: int, s: int, out_size: bool, seed: int) -> None:
+@given(
+    d=DEGREES,
+    b=SMALL,
+    hkv=SIZES,
+    rep=st.sampled_from([1, 2, 3]),
+    s=SMALL,
+    out_size=st.booleans(),
+    seed=SEEDS,
+)
+def test_repeat_interleave_gqa(
+    d: int, b: int, hkv: int, rep: int, s: int, out_size: bool, seed: int
+) -> None:
     kwargs = {"output_size": hkv * rep} if out_size else {}
-    _, node, _ = build(aten.repeat_interleave.self_int, [rand(seed, b, hkv, s, 2)], [In(0), rep, 1], kwargs)
+    _, node, _ = build(
+        aten.repeat_interleave.self_int, [rand(seed, b, hkv, s, 2)], [In(0), rep, 1], kwargs
+    )
     found = check(node, d, seed=seed)
     if hkv % d == 0:
         assert S(1) in [s_.output for s_ in found]
@@ -605,7 +738,13 @@ def _getitems(n: int) -> Callable[[Graph, Node], list[Node]]:
 
 
 @SETTINGS
-@given(d=DEGREES, shape=st.lists(SIZES, min_size=1, max_size=3), data=st.data(), op=st.sampled_from(["split", "split_with_sizes", "chunk"]), seed=SEEDS)
+@given(
+    d=DEGREES,
+    shape=st.lists(SIZES, min_size=1, max_size=3),
+    data=st.data(),
+    op=st.sampled_from(["split", "split_with_sizes", "chunk"]),
+    seed=SEEDS,
+)
 def test_split_chunk_getitem(d: int, shape: list[int], data: Any, op: str, seed: int) -> None:
     n, x = len(shape), rand(seed, *shape)
     dim = data.draw(st.integers(0, n - 1))
@@ -619,9 +758,17 @@ def test_split_chunk_getitem(d: int, shape: list[int], data: Any, op: str, seed:
         args = [In(0), each, dim - n * neg]
         target = aten.split.Tensor
     elif op == "split_with_sizes":
-        count, args, target = parts, [In(0), [size // parts] * parts, dim - n * neg], aten.split_with_sizes.default
+        count, args, target = (
+            parts,
+            [In(0), [size // parts] * parts, dim - n * neg],
+            aten.split_with_sizes.default,
+        )
     else:
-        count, args, target = len(torch.chunk(x, parts, dim)), [In(0), parts, dim - n * neg], aten.chunk.default
+        count, args, target = (
+            len(torch.chunk(x, parts, dim)),
+            [In(0), parts, dim - n * neg],
+            aten.chunk.default,
+        )
     _, node, items = build(target, [x], args, then=_getitems(count))
     check(node, d, seed=seed, groups=(1, 2, 3))
     cands = {u: plausible(u.meta["val"], d, (1, 2, 3)) for u in node.all_input_nodes}
@@ -630,8 +777,19 @@ def test_split_chunk_getitem(d: int, shape: list[int], data: Any, op: str, seed:
 
 
 @SETTINGS
-@given(d=DEGREES, b=SMALL, s=SMALL, e=SMALL, h=SIZES, dh=SMALL, layout=st.sampled_from(["concat-split", "concat-view", "interleaved"]), seed=SEEDS)
-def test_fused_qkv_both_layouts(d: int, b: int, s: int, e: int, h: int, dh: int, layout: str, seed: int) -> None:
+@given(
+    d=DEGREES,
+    b=SMALL,
+    s=SMALL,
+    e=SMALL,
+    h=SIZES,
+    dh=SMALL,
+    layout=st.sampled_from(["concat-split", "concat-view", "interleaved"]),
+    seed=SEEDS,
+)
+def test_fused_qkv_both_layouts(
+    d: int, b: int, s: int, e: int, h: int, dh: int, layout: str, seed: int
+) -> None:
     """A fused QKV projection cut into q, k and v, node by node, each with the placements its
     producer's strategies give: [q; k; v] (groups=3, then split / view (B,S,3,H,D)) and the
     per-head interleaved [q1 k1 v1 q2 ...] (view (B,S,H,3D) with H split, then split)."""
@@ -663,7 +821,13 @@ def test_fused_qkv_both_layouts(d: int, b: int, s: int, e: int, h: int, dh: int,
 
 
 @SETTINGS
-@given(d=DEGREES, shape=st.lists(SIZES, min_size=1, max_size=3), data=st.data(), k=st.sampled_from([2, 3]), seed=SEEDS)
+@given(
+    d=DEGREES,
+    shape=st.lists(SIZES, min_size=1, max_size=3),
+    data=st.data(),
+    k=st.sampled_from([2, 3]),
+    seed=SEEDS,
+)
 def test_cat(d: int, shape: list[int], data: Any, k: int, seed: int) -> None:
     n = len(shape)
     dim = data.draw(st.integers(0, n - 1))
@@ -674,14 +838,26 @@ def test_cat(d: int, shape: list[int], data: Any, k: int, seed: int) -> None:
         if not equal:
             sh[dim] = data.draw(SIZES)
         ins.append(rand(seed + i, *sh))
-    _, node, _ = build(aten.cat.default, ins, [[In(i) for i in range(k)], dim - n * data.draw(st.booleans())])
+    _, node, _ = build(
+        aten.cat.default, ins, [[In(i) for i in range(k)], dim - n * data.draw(st.booleans())]
+    )
     check(node, d, seed=seed, groups=(1, 3))
 
 
 # ---------------------------------------------------------------------------------------------
 # reductions and norms
 
-REDUCTIONS = ["sum", "mean", "amax", "amin", "sum_all", "softmax", "_softmax", "log_softmax", "_log_softmax"]
+REDUCTIONS = [
+    "sum",
+    "mean",
+    "amax",
+    "amin",
+    "sum_all",
+    "softmax",
+    "_softmax",
+    "log_softmax",
+    "_log_softmax",
+]
 
 
 @pytest.mark.parametrize("op", REDUCTIONS)
@@ -708,7 +884,13 @@ def test_reductions(d: int, shape: list[int], data: Any, op: str, seed: int) -> 
 
 
 @SETTINGS
-@given(d=DEGREES, shape=st.lists(SIZES, min_size=2, max_size=3), normed=st.sampled_from([1, 2]), op=st.sampled_from(["layer_norm", "layer_norm_no_affine", "rms_norm"]), seed=SEEDS)
+@given(
+    d=DEGREES,
+    shape=st.lists(SIZES, min_size=2, max_size=3),
+    normed=st.sampled_from([1, 2]),
+    op=st.sampled_from(["layer_norm", "layer_norm_no_affine", "rms_norm"]),
+    seed=SEEDS,
+)
 def test_norms(d: int, shape: list[int], normed: int, op: str, seed: int) -> None:
     normed = min(normed, len(shape) - 1)
     ns = shape[-normed:]
