@@ -368,8 +368,8 @@ def _infeasible_memory(
         f"no split into {d.num_stages} stages fits {_gib(limit_bytes)} per device: a plan "
         f"{need.needs(_gib_up)} (parameters, gradients, optimizer state, shared parameters on every "
         f"stage that uses them, and in-flight activations). {need.raise_to(_gib_up)}, add devices "
-        "(more stages), use more micro-batches (smaller activations each) or the 1f1b schedule "
-        "(fewer in flight).",
+        "(more stages), or keep fewer activations in flight (more micro-batches, or the 1f1b "
+        "schedule).",
         need.least_bytes,
         need=need,
     )
