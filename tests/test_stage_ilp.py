@@ -245,3 +245,20 @@ def test_a_limit_that_fits_a_tied_embedding_counts_it_on_both_stages() -> None:
     assert max(memory) <= limit
     with pytest.raises(InfeasibleMemoryError):
         solve_stages(bg, 2, DEVICE, memory_limit_bytes=limit - MIB, **kwargs)  # type: ignore[arg-type]
+
+
+def test_bad_stage_counts_are_clear_errors() -> None:
+    from autopart.errors import AutopartError
+
+    bg = _tied(MIB)
+    for stages, per_device in ((0, 1), (3, 2), (2, 0)):
+        with pytest.raises(AutopartError, match="stages"):
+            solve_stages(
+                bg,
+                stages,
+                DEVICE,
+                in_flight=[1] * stages,
+                state_bytes_per_param_byte=STATE,
+                memory_limit_bytes=None,
+                stages_per_device=per_device,
+            )

@@ -185,6 +185,11 @@ def _build_data(
     state_per_byte: float,
     stages_per_device: int,
 ) -> _Data:
+    if num_stages < 1 or stages_per_device < 1 or num_stages % stages_per_device:
+        raise AutopartError(
+            f"{num_stages} stages cannot be spread {stages_per_device} per device; use a positive "
+            "stage count that is a multiple of a positive stages_per_device."
+        )
     if num_stages > len(bg.blocks):
         raise AutopartError(
             f"{num_stages} stages but the model has only {len(bg.blocks)} blocks; use at most {len(bg.blocks)} stages."
