@@ -67,7 +67,7 @@ from autopart.plans import Plan, format_mesh
 from autopart.solver import baselines
 from autopart.solver.stage_ilp import InfeasibleMemoryError
 from autopart.solver.tp_ilp import InfeasibleTPMemoryError
-from autopart.units import format_bytes, format_seconds
+from autopart.units import format_bytes, format_bytes_up, format_seconds
 
 __all__ = [
     "InfeasibleMeshError",
@@ -183,6 +183,8 @@ class _Mesh:
     plan: Plan | None = None
     minimum_bytes: int | None = None
     note: str = ""
+    unsettled: bool = False
+    """Planned in full, it failed for a reason other than memory (the solver's time limit)."""
     tp_key: tuple[int, int | None] = (1, None)
     """Which TP plan it runs: (degree, memory limit of the TP solve or None for the fastest)."""
 
@@ -344,6 +346,7 @@ def search_mesh(
             c.note = str(exc).split(". ")[0].split(": ", 1)[-1]
             if isinstance(exc, InfeasibleMemoryError):
                 c.minimum_bytes = exc.minimum_bytes
+            c.unsettled = not isinstance(exc, MEMORY_ERRORS)
 
     # Plan in full: the best estimates (a split that misses memory may still fit once the stage
     # ILP minds memory), up to full_plans within slack of the best that fits; then, while
@@ -559,22 +562,41 @@ def _plan_of(c: _Mesh) -> Plan:
 def _infeasible(meshes: list[_Mesh], devices: int, setup: PlanningSetup) -> InfeasibleMeshError:
     """The error when nothing fits: the least memory a mesh needs (the stage ILP's minimum where it
     planned the mesh, else the memory bound)."""
+    tried = [c for c in meshes if c.status != "skipped"]
+    # A mesh planned in full that failed for another reason than memory (the stage solver ran out
+    # of time) is unsettled: its memory bound is below the limit and says nothing of its need.
+    unsettled = [c for c in tried if c.status == "no fit" and c.unsettled]
     need = [
         (c.minimum_bytes if c.minimum_bytes is not None else c.memory_bound, c)
-        for c in meshes
-        if c.status != "skipped"
+        for c in tried
+        if c not in unsettled
     ]
-    if not need:
+    if not need and not unsettled:
         reasons = "; ".join(sorted({c.note for c in meshes}))
         return InfeasibleMeshError(
             f"no mesh of {devices} devices can run this model: {reasons}.", 0
         )
+    open_text = ""
+    if unsettled:
+        labels = ", ".join(format_mesh(c.mesh) for c in unsettled)
+        open_text = (
+            f"{len(unsettled)} mesh{'es' if len(unsettled) > 1 else ''} ({labels}) found no plan "
+            "within the solver's time limit and may still fit: raise --time-limit to settle them"
+        )
+    if not need:
+        return InfeasibleMeshError(
+            f"no mesh of {devices} devices fits {format_bytes(setup.limit)} per device: "
+            f"{open_text}, or raise --memory or --devices.",
+            setup.limit + 1,
+        )
     least, c = min(need, key=lambda x: (x[0], x[1].pp, x[1].tp))
+    least = max(least, setup.limit + 1)  # nothing fits the limit
     return InfeasibleMeshError(
         f"no mesh of {devices} devices fits {format_bytes(setup.limit)} per device: the least "
-        f"demanding, {format_mesh(c.mesh)}, needs at least {format_bytes(least)} per device "
+        f"demanding, {format_mesh(c.mesh)}, needs at least {format_bytes_up(least)} per device "
         "(parameters, gradients, optimizer state and in-flight activations). Raise --memory to "
-        f"{format_bytes(least)} or more, or use more --devices.",
+        f"{format_bytes_up(least)} or more, or use more --devices"
+        + (f"; {open_text}." if open_text else "."),
         least,
     )
 

@@ -46,6 +46,7 @@ from autopart.solver.cost import lower_bound_s, stage_times_s
 from autopart.solver.stage_ilp import InfeasibleMemoryError, solve_stages
 from autopart.solver.tp_costs import TPCosts, tp_costs
 from autopart.solver.tp_ilp import InfeasibleTPMemoryError, TPPlan, solve_tp
+from autopart.units import format_bytes, format_bytes_up
 
 __all__ = ["GPUS_PER_NODE", "plan", "plan_graph", "simulate_plan"]
 
@@ -367,6 +368,8 @@ def plan_mesh(
     graphs: dict[int, BlockGraph] = {}
     solved: dict[int, tuple[tuple[int, ...], str, float]] = {}
     candidates: list[_Candidate] = []
+    misses: list[tuple[str, int, InfeasibleMemoryError]] = []
+    simulated: list[tuple[int, str, int]] = []  # (peak bytes, schedule, micro-batches) over limit
     for kind in options:
         v = _INTERLEAVE if kind == "interleaved" else 1
         if v not in graphs:
@@ -386,28 +389,35 @@ def plan_mesh(
             stage_of, status, bound_s = reuse
         else:
             say(f"solving {p * v} stages for {kind}, {m} micro-batches ({len(bg.blocks)} blocks)")
-            sol = solve_stages(
-                scaled,
-                p * v,
-                spec,
-                in_flight=in_flight,
-                state_bytes_per_param_byte=state_per_byte,
-                memory_limit_bytes=limit,
-                stages_per_device=v,
-                hint=baselines.chain_dp(scaled, p * v, spec),
-                time_limit_s=time_limit_s,
-            )
+            try:
+                sol = solve_stages(
+                    scaled,
+                    p * v,
+                    spec,
+                    in_flight=in_flight,
+                    state_bytes_per_param_byte=state_per_byte,
+                    memory_limit_bytes=limit,
+                    stages_per_device=v,
+                    hint=baselines.chain_dp(scaled, p * v, spec),
+                    time_limit_s=time_limit_s,
+                )
+            except InfeasibleMemoryError as exc:
+                # The most micro-batches is this schedule's leanest count (1F1B keeps min(p - s,
+                # m) of m micro-batches in flight, GPipe all m: a share of the batch that never
+                # grows with m), so no count of it fits: the other schedules may.
+                misses.append((kind, m, exc))
+                continue
             stage_of, status, bound_s = sol.stage_of, sol.status, sol.objective_bound_s
             solved[v] = (stage_of, status, bound_s)
         for mm in options[kind]:
             timeline = _simulate(bg, stage_of, p, v, spec, kind, mm, state_per_byte)
-            if max(timeline.peak_memory_bytes) <= limit:
+            peak = max(timeline.peak_memory_bytes)
+            if peak <= limit:
                 candidates.append(_Candidate(kind, mm, v, bg, stage_of, timeline, status, bound_s))
+            else:
+                simulated.append((int(peak), kind, mm))
     if not candidates:
-        raise NoScheduleFitsError(
-            f"no schedule and micro-batch count fits {limit / (1 << 30):.2f} GiB per device once "
-            "in-flight activations are simulated; raise --memory, use more stages or a larger --batch."
-        )
+        raise _no_fit_error(limit, p, misses, simulated)
     order = list(options)
     best = min(
         candidates, key=lambda c: (c.timeline.step_time_s, c.micro_batches, order.index(c.schedule))
@@ -438,6 +448,35 @@ def plan_mesh(
     mesh = {"dp": dp, "pp": p} if tp is None else {"dp": dp, "pp": p, "tp": degree}
     return dataclasses.replace(
         result, mesh=mesh, tp=_tp_section(tp, result, dp) if tp is not None else None
+    )
+
+
+def _no_fit_error(
+    limit: int,
+    p: int,
+    misses: Sequence[tuple[str, int, InfeasibleMemoryError]],
+    simulated: Sequence[tuple[int, str, int]],
+) -> AutopartError:
+    """The error when no schedule fits: the stage ILP's proven need where every schedule it solved
+    missed the limit, else the leanest simulated schedule."""
+    if misses and not simulated:
+        kind, m, exc = min(misses, key=lambda miss: miss[2].minimum_bytes)
+        need = exc.need
+        fewer = "" if any(k == "1f1b" for k, _, _ in misses) else ", or use the 1f1b schedule"
+        return InfeasibleMemoryError(
+            f"no schedule fits {format_bytes(limit)} per device on {p} pipeline stages: the "
+            f"leanest, {kind} with {m} micro-batches, {need.needs(format_bytes_up)} (parameters, "
+            "gradients, optimizer state, shared parameters on every stage that uses them, and "
+            f"in-flight activations). {need.raise_to(format_bytes_up)}, add devices (more "
+            f"stages){fewer}.",
+            exc.minimum_bytes,
+            need=need,
+        )
+    peak, kind, m = min(simulated)
+    return NoScheduleFitsError(
+        f"no schedule and micro-batch count fits {format_bytes(limit)} per device once in-flight "
+        f"activations are simulated: the leanest, {kind} with {m} micro-batches, peaks at "
+        f"{format_bytes_up(peak)}; raise --memory, add devices (more stages) or use a larger --batch."
     )
 
 

@@ -6,11 +6,12 @@ Device memory is printed in binary units, because allocators and ``nvidia-smi`` 
 
 from __future__ import annotations
 
+import math
 import re
 
 from autopart.errors import AutopartError
 
-__all__ = ["format_bytes", "format_flops", "format_seconds", "parse_bytes"]
+__all__ = ["format_bytes", "format_bytes_up", "format_flops", "format_seconds", "parse_bytes"]
 
 _BYTE_UNITS = {
     "": 1,
@@ -54,6 +55,19 @@ def format_bytes(nbytes: int | float) -> str:
         if abs(value) < 1024 or unit == "TiB":
             break
     return f"{value:.2f} {unit}"
+
+
+def format_bytes_up(nbytes: int | float) -> str:
+    """:func:`format_bytes` rounded up, not to the nearest: a need it names is enough as a limit
+    (``403 MiB`` -> ``"403.00 MiB"``, ``(1 << 30) + 1`` -> ``"1.01 GiB"``)."""
+    if abs(nbytes) < 1024:
+        return f"{math.ceil(nbytes):.0f} B"
+    value = float(nbytes)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if abs(value) < 1024 or unit == "TiB":
+            break
+    return f"{math.ceil(value * 100 - 1e-9) / 100:.2f} {unit}"
 
 
 def format_flops(flops: int | float) -> str:

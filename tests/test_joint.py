@@ -261,3 +261,22 @@ def test_tp_bench_row_against_megatron() -> None:
     assert row["plan_step_s"] > 0 and row["plan_peak_bytes"] > 0
     text = format_tp_rows_markdown([row, {**row, "plan_step_s": None, "plan_gap": math.nan}])
     assert text.count("\n") == 4 and "| gpt2 | 2 | 2 |" in text and "| — |" in text
+
+
+def test_no_mesh_fits_never_names_a_need_below_the_limit() -> None:
+    # A mesh whose stage solver ran out of time has only its (small) memory bound: the error once
+    # named it as the "least demanding", needing less than the limit it missed.
+    from autopart.mesh_search import _infeasible, _Mesh
+    from autopart.planner import planning_setup
+
+    setup = planning_setup(device="h100", memory="80GiB", schedule="auto", optimizer="adamw")
+    timed_out = _Mesh(32, 64, 8, status="no fit", memory_bound=8 << 30, unsettled=True)
+    proven = _Mesh(128, 16, 8, status="no fit", memory_bound=31 << 30, minimum_bytes=142 << 30)
+    over = _Mesh(512, 8, 4, status="over memory", memory_bound=181 << 30)
+    err = _infeasible([timed_out, proven, over], 16384, setup)
+    assert err.minimum_bytes == 142 << 30
+    assert "dp=128,pp=16,tp=8, needs at least 142.00 GiB" in str(err)
+    assert "dp=32,pp=64,tp=8) found no plan within the solver's time limit" in str(err)
+    assert "--time-limit" in str(err) and "--devices" in str(err)
+    only = _infeasible([timed_out], 16384, setup)
+    assert only.minimum_bytes > 80 << 30 and "--time-limit" in str(only)

@@ -184,3 +184,27 @@ def test_llama_70b_plans_into_8_stages_on_meta() -> None:
     assert max(s.peak_memory_bytes for s in plan.stages) <= 80 << 30
     assert plan.gap <= 0.02
     print(f"llama-70b pp=8: {elapsed:.1f} s, gap {plan.gap:.4%}, schedule {plan.schedule}")
+
+
+def test_auto_schedule_plans_1f1b_where_only_gpipe_misses_memory() -> None:
+    # On gpt2, pp=4, the stage ILP finds a 1F1B split within 714 MiB per device but no GPipe split
+    # within 740 MiB: auto once gave up there when GPipe's solve failed, though 1F1B fits.
+    gm, batch = _graph("gpt2")
+    limit = 740 << 20
+    with pytest.raises(InfeasibleMemoryError):
+        plan_graph(gm, batch=batch, mesh="pp=4", device="h100", memory=limit, schedule="gpipe")
+    plan = plan_graph(gm, batch=batch, mesh="pp=4", device="h100", memory=limit)
+    assert plan.schedule == "1f1b"
+    assert max(s.peak_memory_bytes for s in plan.stages) <= limit
+
+
+def test_auto_schedule_names_the_smallest_need_over_the_schedules() -> None:
+    gm, batch = _graph("gpt2")
+    needs = {}
+    for kind in ("auto", "1f1b", "gpipe"):
+        with pytest.raises(InfeasibleMemoryError) as err:
+            plan_graph(gm, batch=batch, mesh="pp=4", device="h100", memory="100MiB", schedule=kind)
+        needs[kind] = err.value.minimum_bytes
+    assert needs["auto"] == min(needs["1f1b"], needs["gpipe"]) < needs["gpipe"]
+    with pytest.raises(InfeasibleMemoryError, match=r"the leanest, 1f1b .* needs at least"):
+        plan_graph(gm, batch=batch, mesh="pp=4", device="h100", memory="100MiB")

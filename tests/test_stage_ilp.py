@@ -206,3 +206,59 @@ def test_falls_back_to_the_hint_when_the_solver_runs_out_of_time() -> None:
     assert max(stage_times_s(bg, sol.stage_of, 6, DEVICE)) <= max(
         stage_times_s(bg, hint, 6, DEVICE)
     ) * (1 + 1e-12)
+
+
+def _tied(tied_bytes: int) -> BlockGraph:
+    """Four blocks; the first and the last share a tied embedding of ``tied_bytes``."""
+    import dataclasses
+
+    bg = _graph([1e-3] * 4, [(i, (i + 1,), MIB) for i in range(3)], [0] * 4)
+    blocks = list(bg.blocks)
+    blocks[0] = dataclasses.replace(blocks[0], params=("p0", "tied"))
+    blocks[3] = dataclasses.replace(blocks[3], params=("p3", "tied"))
+    return BlockGraph(tuple(blocks), bg.tensors, {**bg.param_bytes_by_name, "tied": tied_bytes})
+
+
+def test_a_limit_below_a_tied_embedding_names_the_memory_it_needs() -> None:
+    # The memory-minimising solve once capped its peak below the shared state (an assertion).
+    bg = _tied(100 * MIB)
+    kwargs = dict(in_flight=[2, 1], state_bytes_per_param_byte=STATE)
+    hint = baselines.chain_dp(bg, 2, DEVICE)
+    with pytest.raises(InfeasibleMemoryError, match=r"needs at least .*--memory") as info:
+        solve_stages(bg, 2, DEVICE, memory_limit_bytes=50 * MIB, hint=hint, **kwargs)  # type: ignore[arg-type]
+    err = info.value
+    # Each stage holds the tied embedding's state (split 0|123 or 012|3: both stages use it).
+    assert err.minimum_bytes >= STATE * 100 * MIB
+    assert err.fits_bytes == err.minimum_bytes  # proven optimal on four blocks
+    assert "--memory to 0.40 GiB" in str(err)  # 403 MiB, rounded up: enough as a limit
+
+
+def test_a_limit_that_fits_a_tied_embedding_counts_it_on_both_stages() -> None:
+    bg = _tied(100 * MIB)
+    kwargs = dict(in_flight=[2, 1], state_bytes_per_param_byte=STATE)
+    with pytest.raises(InfeasibleMemoryError) as info:
+        solve_stages(bg, 2, DEVICE, memory_limit_bytes=50 * MIB, **kwargs)  # type: ignore[arg-type]
+    limit = info.value.minimum_bytes
+    sol = solve_stages(bg, 2, DEVICE, memory_limit_bytes=limit, **kwargs)  # type: ignore[arg-type]
+    memory = _memory(bg, sol.stage_of, 2)
+    assert min(memory) >= STATE * 100 * MIB  # the tied state on each stage
+    assert max(memory) <= limit
+    with pytest.raises(InfeasibleMemoryError):
+        solve_stages(bg, 2, DEVICE, memory_limit_bytes=limit - MIB, **kwargs)  # type: ignore[arg-type]
+
+
+def test_bad_stage_counts_are_clear_errors() -> None:
+    from autopart.errors import AutopartError
+
+    bg = _tied(MIB)
+    for stages, per_device in ((0, 1), (3, 2), (2, 0)):
+        with pytest.raises(AutopartError, match="stages"):
+            solve_stages(
+                bg,
+                stages,
+                DEVICE,
+                in_flight=[1] * stages,
+                state_bytes_per_param_byte=STATE,
+                memory_limit_bytes=None,
+                stages_per_device=per_device,
+            )

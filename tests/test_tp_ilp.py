@@ -457,3 +457,66 @@ def test_llama_70b_solves_fast() -> None:
     _assert_megatron(gm, plan, megatron_plan(gm, 8))
     assert len(plan.forward_all_reduces_by_block) == 80
     assert plan.sharding["embedding"] == "row"  # vocabulary-parallel
+
+
+class _StoppedSolver:
+    """A CP-SAT solver stand-in that answers ``status`` with a given objective and bound (KiB)."""
+
+    def __init__(self, status: int, objective: float = 0.0, bound: float = 0.0) -> None:
+        self.status, self.objective_value, self.best_objective_bound = status, objective, bound
+
+    def solve(self, _model: object) -> int:
+        return self.status
+
+    def value(self, _var: object) -> int:
+        return 0
+
+    def status_name(self, status: int) -> str:
+        return str(status)
+
+
+def _infeasible_then(
+    monkeypatch: pytest.MonkeyPatch, minimising: _StoppedSolver
+) -> tuple[str, int]:
+    """Run solve_tp with a memory limit the (stand-in) solver calls infeasible, its memory
+    minimisation answered by ``minimising``; the error's message and minimum."""
+    from ortools.sat.python import cp_model
+
+    solvers = iter([_StoppedSolver(cp_model.INFEASIBLE), minimising])
+    monkeypatch.setattr(tp_ilp, "_solver", lambda *_a: next(solvers))
+    gm, _ = _traced("gpt2-tiny")
+    with pytest.raises(InfeasibleTPMemoryError) as info:
+        solve_tp(gm, 2, memory="1MiB")
+    return str(info.value), info.value.minimum_bytes
+
+
+def test_memory_minimisation_that_hits_its_time_limit_reports_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ortools.sat.python import cp_model
+
+    # FEASIBLE: a plan of 3000 KiB was found, 2000 KiB proven: "at least" the bound, never the plan.
+    text, least = _infeasible_then(monkeypatch, _StoppedSolver(cp_model.FEASIBLE, 3000, 2000))
+    assert least == 2000 * 1024
+    assert "needs at least 1.96 MiB" in text and "leanest plan found" in text
+    assert "--memory to 2.93 MiB" in text  # the plan found, rounded up: a limit that fits
+
+
+def test_memory_minimisation_without_a_plan_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ortools.sat.python import cp_model
+
+    text, least = _infeasible_then(monkeypatch, _StoppedSolver(cp_model.UNKNOWN, 0, 0))
+    assert least == 1024 * 1024 + 1024  # the limit was proven too small: at least 1 KiB more
+    assert "found no plan" in text and "--memory above" in text
+
+
+def test_memory_minimisation_proven_optimal_is_the_minimum(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ortools.sat.python import cp_model
+
+    text, least = _infeasible_then(monkeypatch, _StoppedSolver(cp_model.OPTIMAL, 2048, 2048))
+    assert least == 2048 * 1024
+    assert "needs at least 2.00 MiB per device (" in text and "leanest" not in text

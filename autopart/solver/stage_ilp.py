@@ -52,6 +52,7 @@ from autopart.blocks import BlockGraph
 from autopart.cost_models.comm import p2p_time_s
 from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
+from autopart.solver._memory_need import MemoryNeed, memory_need
 
 __all__ = ["InfeasibleMemoryError", "StageSolution", "solve_stages"]
 
@@ -62,9 +63,18 @@ _BYTE_UNIT = 1 << 20  # memory in MiB (rounded up, so feasibility is never overs
 class InfeasibleMemoryError(AutopartError):
     """No assignment fits the per-device memory limit."""
 
-    def __init__(self, message: str, minimum_bytes: int) -> None:
+    def __init__(self, message: str, minimum_bytes: int, *, need: MemoryNeed | None = None) -> None:
         super().__init__(message)
         self.minimum_bytes = minimum_bytes
+        """Proven: every split needs at least this much per device."""
+        self.need = need or MemoryNeed(minimum_bytes, minimum_bytes, 0.0)
+        """What the memory search proved and found (see :class:`MemoryNeed`)."""
+
+    @property
+    def fits_bytes(self) -> int | None:
+        """The peak of the leanest split found (``minimum_bytes`` when proven optimal); ``None``
+        if the memory search found none within its time limit."""
+        return self.need.fits_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,14 +139,8 @@ def solve_stages(
                 model.add_hint(x[b, k], int(k == s))
     status, solver, elapsed = _solve(model, time_limit_s, seed)
     if status == cp_model.INFEASIBLE:
-        needed = _minimum_memory(data, time_limit_s, seed)
-        raise InfeasibleMemoryError(
-            f"no split into {num_stages} stages fits {_gib(memory_limit_bytes or 0)} per device: "
-            f"a plan needs at least {_gib(needed)} per device (parameters, gradients, optimizer state "
-            f"and in-flight activations). Raise --memory to {_gib(needed)} or more, use more stages, "
-            "more micro-batches (smaller activations each) or the 1f1b schedule (fewer in flight).",
-            needed,
-        )
+        assert memory_limit_bytes is not None, "without a memory limit every split is feasible"
+        raise _infeasible_memory(data, memory_limit_bytes, hint, time_limit_s, seed)
     hint_fits = hint is not None and (
         memory_limit_bytes is None
         or max(_memory_mib(data, hint)) <= memory_limit_bytes // _BYTE_UNIT
@@ -181,6 +185,11 @@ def _build_data(
     state_per_byte: float,
     stages_per_device: int,
 ) -> _Data:
+    if num_stages < 1 or stages_per_device < 1 or num_stages % stages_per_device:
+        raise AutopartError(
+            f"{num_stages} stages cannot be spread {stages_per_device} per device; use a positive "
+            "stage count that is a multiple of a positive stages_per_device."
+        )
     if num_stages > len(bg.blocks):
         raise AutopartError(
             f"{num_stages} stages but the model has only {len(bg.blocks)} blocks; use at most {len(bg.blocks)} stages."
@@ -355,23 +364,64 @@ def _bound_s(solver: cp_model.CpSolver, d: _Data) -> float:
     return math.floor(solver.best_objective_bound / _z_weight(d)) * d.unit_s
 
 
-def _minimum_memory(d: _Data, time_limit_s: float, seed: int) -> int:
-    """The smallest peak memory per device any valid assignment needs (bytes)."""
+def _infeasible_memory(
+    d: _Data, limit_bytes: int, hint: Sequence[int] | None, time_limit_s: float, seed: int
+) -> InfeasibleMemoryError:
+    """The error for a limit no split meets, with the least memory a split needs."""
+    need = _minimum_memory(d, limit_bytes // _BYTE_UNIT, hint, time_limit_s, seed)
+    return InfeasibleMemoryError(
+        f"no split into {d.num_stages} stages fits {_gib(limit_bytes)} per device: a plan "
+        f"{need.needs(_gib_up)} (parameters, gradients, optimizer state, shared parameters on every "
+        f"stage that uses them, and in-flight activations). {need.raise_to(_gib_up)}, add devices "
+        "(more stages), or keep fewer activations in flight (more micro-batches, or the 1f1b "
+        "schedule).",
+        need.least_bytes,
+        need=need,
+    )
+
+
+def _minimum_memory(
+    d: _Data, limit_mib: int, hint: Sequence[int] | None, time_limit_s: float, seed: int
+) -> MemoryNeed:
+    """The smallest peak memory per device any valid assignment needs, given that none fits
+    ``limit_mib`` (so at least one MiB more); as proven within the time limit."""
     model = cp_model.CpModel()
     x = _add_assignment(model, d)
     _add_precedence(model, d, x)
     y = _add_shared_params(model, d, x)
-    peak = model.new_int_var(
-        0, sum(d.state_mib) * 4 + sum(d.act_mib) * max(d.in_flight) + 1, "peak"
-    )
+    peak = model.new_int_var(0, _memory_ceiling_mib(d), "peak")
     for dev in sorted(set(d.device_of_stage)):
         model.add(peak >= _device_memory(d, x, y, dev)).with_name(f"peak[{dev}]")
     model.minimize(peak)
+    hint_mib = None
+    if hint is not None:
+        for b, s in enumerate(hint):
+            for k in range(d.num_stages):
+                model.add_hint(x[b, k], int(k == s))
+        hint_mib = max(_memory_mib(d, hint))
     status, solver, _ = _solve(model, time_limit_s, seed)
-    assert status in (cp_model.OPTIMAL, cp_model.FEASIBLE), (
-        "relaxed memory problem is always feasible"
+    # Every topological split into non-empty stages is a solution (num_stages <= blocks is
+    # checked in _build_data), so only a bug makes this model infeasible.
+    assert status != cp_model.INFEASIBLE, "the memory-minimising stage model has a solution"
+    return memory_need(
+        status,
+        solver,
+        unit_bytes=_BYTE_UNIT,
+        floor_units=limit_mib + 1,
+        fallback_units=hint_mib,
+        time_limit_s=time_limit_s,
     )
-    return int(solver.value(peak)) * _BYTE_UNIT
+
+
+def _memory_ceiling_mib(d: _Data) -> int:
+    """More than any device can hold under any assignment: every block's state and activations at
+    the most in-flight micro-batches, and every shared parameter on each of a device's stages."""
+    stages_per_device = max(d.device_of_stage.count(dev) for dev in set(d.device_of_stage))
+    return (
+        sum(d.state_mib)
+        + max(d.in_flight) * sum(d.act_mib)
+        + stages_per_device * sum(d.shared_mib.values())
+    )
 
 
 def _memory_mib(d: _Data, stage_of: Sequence[int]) -> list[int]:
@@ -398,3 +448,8 @@ def _device_bottleneck(d: _Data, device: DeviceSpec, stage_of: Sequence[int]) ->
 
 def _gib(nbytes: int) -> str:
     return f"{nbytes / (1 << 30):.2f} GiB"
+
+
+def _gib_up(nbytes: int) -> str:
+    """Rounded up, so a need it names is enough as a --memory value."""
+    return f"{math.ceil(nbytes * 100 / (1 << 30)) / 100:.2f} GiB"

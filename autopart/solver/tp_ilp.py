@@ -72,6 +72,7 @@ from autopart.cost_models.devices import DeviceSpec, get_device
 from autopart.cost_models.memory import Optimizer, as_optimizer
 from autopart.cost_models.node_cost import NodeCost
 from autopart.errors import AutopartError
+from autopart.solver._memory_need import MemoryNeed, memory_need
 from autopart.passes.tp_strategies import (
     Collective,
     NodeStrategies,
@@ -86,7 +87,7 @@ from autopart.passes.tp_strategies import (
     weight_matmuls,
 )
 from autopart.solver._tp_graph import Layers, fallbacks, megatron_sharding
-from autopart.units import format_bytes, parse_bytes
+from autopart.units import format_bytes, format_bytes_up, parse_bytes
 
 __all__ = [
     "InfeasibleTPMemoryError",
@@ -105,9 +106,11 @@ _SHARDING_LABELS = ("replicate", "col", "row")
 class InfeasibleTPMemoryError(AutopartError):
     """No TP plan fits the per-device memory limit."""
 
-    def __init__(self, message: str, minimum_bytes: int) -> None:
+    def __init__(self, message: str, minimum_bytes: int, *, need: MemoryNeed | None = None) -> None:
         super().__init__(message)
         self.minimum_bytes = minimum_bytes
+        """Proven: every TP plan needs at least this much per device."""
+        self.need = need or MemoryNeed(minimum_bytes, minimum_bytes, 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -734,13 +737,14 @@ def _solve_data(
     solver = _solver(time_limit_s, seed)
     status = solver.solve(model)
     if status == cp_model.INFEASIBLE and limit is not None:
-        needed = _minimum_memory(data, time_limit_s, seed)
+        need = _minimum_memory(data, limit // _KIB, time_limit_s, seed)
         raise InfeasibleTPMemoryError(
-            f"no TP plan of degree {data.degree} fits {format_bytes(limit)} per device: the "
-            f"smallest needs {format_bytes(needed)} (parameters, gradients, optimizer state and "
-            f"saved activations). Raise --memory to {format_bytes(needed)} or more, or use a larger "
-            "TP degree, more pipeline stages or more micro-batches.",
-            needed,
+            f"no TP plan of degree {data.degree} fits {format_bytes(limit)} per device: a plan "
+            f"{need.needs(format_bytes_up)} (parameters, gradients, optimizer state and saved "
+            f"activations). {need.raise_to(format_bytes_up)}, or use a larger TP degree, more "
+            "pipeline stages or more micro-batches.",
+            need.least_bytes,
+            need=need,
         )
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         raise AutopartError(
@@ -765,14 +769,29 @@ def _solver(time_limit_s: float, seed: int) -> cp_model.CpSolver:
     return solver
 
 
-def _minimum_memory(data: _Data, time_limit_s: float, seed: int) -> int:
+def _minimum_memory(data: _Data, limit_kib: int, time_limit_s: float, seed: int) -> MemoryNeed:
+    """The least memory per device a TP plan needs, given that none fits ``limit_kib``: exact when
+    the solve proves it optimal, else a proven lower bound and the leanest plan found."""
     model = cp_model.CpModel()
     x = _add_strategy_choice(model, data)
     _add_resharding(model, data, x)
     model.minimize(_memory_expr(data, x))
     solver = _solver(time_limit_s, seed)
-    solver.solve(model)
-    return math.ceil(solver.best_objective_bound) * _KIB
+    status = solver.solve(model)
+    if status == cp_model.INFEASIBLE:
+        raise AutopartError(
+            f"no TP plan of degree {data.degree} exists at any memory limit: some tensor cannot be "
+            "resharded between the strategies of its producer and consumer; use another TP degree."
+        )
+    assert status != cp_model.MODEL_INVALID, solver.status_name(status)
+    return memory_need(
+        status,
+        solver,
+        unit_bytes=_KIB,
+        floor_units=limit_kib + 1,
+        fallback_units=None,
+        time_limit_s=time_limit_s,
+    )
 
 
 def _evaluate(data: _Data, choice: Sequence[int]) -> int | None:
