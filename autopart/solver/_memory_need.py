@@ -81,4 +81,3 @@ def memory_need(
         fits_bytes=None if fits is None else fits * unit_bytes,
         time_limit_s=time_limit_s,
     )
-

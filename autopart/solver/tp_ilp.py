@@ -72,7 +72,6 @@ from autopart.cost_models.devices import DeviceSpec, get_device
 from autopart.cost_models.memory import Optimizer, as_optimizer
 from autopart.cost_models.node_cost import NodeCost
 from autopart.errors import AutopartError
-from autopart.solver._memory_need import MemoryNeed, memory_need
 from autopart.passes.tp_strategies import (
     Collective,
     NodeStrategies,
@@ -86,6 +85,7 @@ from autopart.passes.tp_strategies import (
     tp_strategies,
     weight_matmuls,
 )
+from autopart.solver._memory_need import MemoryNeed, memory_need
 from autopart.solver._tp_graph import Layers, fallbacks, megatron_sharding
 from autopart.units import format_bytes, format_bytes_up, parse_bytes
 
