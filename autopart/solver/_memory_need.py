@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ortools.sat.python import cp_model
 
@@ -53,7 +54,7 @@ class MemoryNeed:
 
 
 def memory_need(
-    status: int,
+    status: Any,
     solver: cp_model.CpSolver,
     *,
     unit_bytes: int,
