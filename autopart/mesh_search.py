@@ -65,6 +65,7 @@ from autopart.planner import (
 )
 from autopart.plans import Plan, format_mesh
 from autopart.solver import baselines
+from autopart.solver._pipeline_memory import NodeMemory, pipeline_memory_bound
 from autopart.solver.stage_ilp import InfeasibleMemoryError
 from autopart.solver.tp_ilp import InfeasibleTPMemoryError
 from autopart.units import format_bytes, format_bytes_up, format_seconds
@@ -231,12 +232,26 @@ def search_mesh(
     plain = _Totals.of(og, batch, setup)
     for c in _alive(meshes):
         _bound(c, plain, setup, shard=c.tp)
+    # ... and every TP rank holds at least 1/tp of each parameter and saved value.
+    owned = {tp: NodeMemory.of(og, setup.state_per_byte, shard=tp) for tp in {c.tp for c in meshes}}
+    for c in _alive(meshes):
+        _split_bound(c, owned[c.tp], batch, setup, before_tp=c.tp > 1)
 
     costs: dict[tuple[int, int | None], TPCostsOf | None] = {}
     totals: dict[tuple[int, int | None], _Totals] = {(1, None): plain}
     tp_solve_s: dict[str, float] = {}
     coarse: dict[tuple[int, int | None], BlockGraph] = {}
     tp_minimum: dict[tuple[int, int | None], int] = {}
+
+    def owned_of(key: tuple[int, int | None]) -> NodeMemory:
+        """What each node of the mesh's TP-adjusted graph owns (for the split bound)."""
+        if key not in owned_tp:
+            found = costs[key]
+            assert found is not None
+            owned_tp[key] = NodeMemory.of(found.costs.op_graph, setup.state_per_byte)
+        return owned_tp[key]
+
+    owned_tp: dict[tuple[int, int | None], NodeMemory] = {}
 
     def tp_costs_of(key: tuple[int, int | None]) -> TPCostsOf | None:
         """The TP plan of a degree (the fastest, or within a memory limit; ``None`` where no
@@ -273,6 +288,8 @@ def search_mesh(
         c.tp_key = (c.tp, None)
         tp_costs_of(c.tp_key)
         _bound(c, totals[c.tp_key], setup, shard=1)
+        if not c.status:
+            _split_bound(c, owned_of(c.tp_key), batch, setup)
         if c.status != "over memory":
             return
         lean_key = (c.tp, setup.limit * c.pp)
@@ -282,7 +299,7 @@ def search_mesh(
         if lean is None:
             least = tp_minimum[lean_key]
             any_sharding = (plain.state_bytes / c.tp + plain.sample_bytes) / c.pp
-            c.memory_bound = int(max(any_sharding, least / c.pp))
+            c.memory_bound = int(max(c.memory_bound, any_sharding, least / c.pp))
             c.note = (
                 f"no sharding over {c.tp} ranks fits: the leanest holds {format_bytes(least)} of "
                 f"the whole model per rank, more than pp x the limit"
@@ -290,6 +307,8 @@ def search_mesh(
         elif dict(lean.plan.placements) != dict(fastest.plan.placements):
             c.status, c.note, c.tp_key = "", "", lean_key
             _bound(c, totals[lean_key], setup, shard=1)
+            if not c.status:
+                _split_bound(c, owned_of(lean_key), batch, setup)
 
     best_estimate: float | None = None
     for c in sorted(_alive(meshes), key=lambda c: (c.step_bound_s, c.pp, c.tp)):
@@ -483,6 +502,26 @@ def _bound(c: _Mesh, totals: _Totals, setup: PlanningSetup, *, shard: int) -> No
         totals.param_bytes // (shard * c.pp), dp=c.dp, pp=c.pp, tp=c.tp, spec=setup.spec
     )
     c.step_bound_s = _pipeline_bound_s(work_s, c.pp, c.options) + sync_s
+
+
+def _split_bound(
+    c: _Mesh, owned: NodeMemory, batch: int, setup: PlanningSetup, *, before_tp: bool = False
+) -> None:
+    """Reject the mesh when even the leanest fractional split of what its nodes own (state, and
+    activations at its schedules' least in-flight counts) exceeds the limit: a valid lower bound
+    on every split the stage ILP or the simulation could take (:mod:`~autopart.solver.\
+_pipeline_memory`), so no mesh that could fit is dropped."""
+    need, kind, m = pipeline_memory_bound(owned, batch=batch, dp=c.dp, pp=c.pp, options=c.options)
+    c.memory_bound = max(c.memory_bound, need)
+    if need <= setup.limit:
+        return
+    how = "" if c.tp == 1 else " under any TP sharding" if before_tp else " under its TP sharding"
+    c.status = "over memory"
+    c.note = (
+        f"needs at least {format_bytes_up(need)} per device (a lower bound on any split of its "
+        f"parameter, gradient and optimizer state and in-flight activations{how}; least with "
+        f"{kind} x {m})"
+    )
 
 
 def _pipeline_bound_s(work_s: float, p: int, options: Mapping[str, list[int]]) -> float:
