@@ -80,6 +80,8 @@ __all__ = [
 
 _TP_DEGREES = (1, 2, 4, 8)
 _INTERLEAVE = 2
+_FALLBACK_BUDGET = 6
+"""Times the solver's time limit that planning meshes in full may take while none fits."""
 
 
 class InfeasibleMeshError(AutopartError):
@@ -375,9 +377,20 @@ def search_mesh(
         key=lambda c: (c.estimate_s, c.pp, c.tp),
     )
     planned = 0
+    # A safety net: while nothing fits, planning the rest in full stops after this long (the
+    # memory bound above rejects what cannot fit; this bounds what it cannot settle).
+    budget_s = _FALLBACK_BUDGET * time_limit_s
+    loop_start = time.perf_counter()
     for c in ranked:
         assert c.estimate_s is not None
         found = any(m.plan is not None for m in meshes)
+        if not found and planned and time.perf_counter() - loop_start > budget_s:
+            c.status, c.unsettled = "no fit", True
+            c.note = (
+                f"not planned: the search's {budget_s:g} s for planning meshes in full "
+                f"({_FALLBACK_BUDGET} x --time-limit) ran out"
+            )
+            continue
         close = best_estimate is not None and c.estimate_s <= best_estimate * (1 + slack)
         if found and not (close and planned < full_plans):
             c.status = "estimated"
@@ -600,32 +613,40 @@ def _plan_of(c: _Mesh) -> Plan:
 
 def _infeasible(meshes: list[_Mesh], devices: int, setup: PlanningSetup) -> InfeasibleMeshError:
     """The error when nothing fits: the least memory a mesh needs (the stage ILP's minimum where it
-    planned the mesh, else the memory bound)."""
+    planned the mesh, else the memory bound), and what is known of every mesh tried."""
     tried = [c for c in meshes if c.status != "skipped"]
     # A mesh planned in full that failed for another reason than memory (the stage solver ran out
     # of time) is unsettled: its memory bound is below the limit and says nothing of its need.
     unsettled = [c for c in tried if c.status == "no fit" and c.unsettled]
-    need = [
-        (c.minimum_bytes if c.minimum_bytes is not None else c.memory_bound, c)
-        for c in tried
-        if c not in unsettled
-    ]
+    need = [(_need(c), c) for c in tried if c not in unsettled]
     if not need and not unsettled:
         reasons = "; ".join(sorted({c.note for c in meshes}))
         return InfeasibleMeshError(
             f"no mesh of {devices} devices can run this model: {reasons}.", 0
         )
     open_text = ""
-    if unsettled:
-        labels = ", ".join(format_mesh(c.mesh) for c in unsettled)
+    timed_out = [c for c in unsettled if not c.note.startswith("not planned")]
+    out_of_budget = [c for c in unsettled if c not in timed_out]
+    if timed_out:
+        labels = ", ".join(format_mesh(c.mesh) for c in timed_out)
         open_text = (
-            f"{len(unsettled)} mesh{'es' if len(unsettled) > 1 else ''} ({labels}) found no plan "
+            f"{len(timed_out)} mesh{'es' if len(timed_out) > 1 else ''} ({labels}) found no plan "
             "within the solver's time limit and may still fit: raise --time-limit to settle them"
         )
+    if out_of_budget:
+        labels = ", ".join(format_mesh(c.mesh) for c in out_of_budget)
+        open_text += (
+            ("; " if open_text else "")
+            + f"{len(out_of_budget)} mesh{'es' if len(out_of_budget) > 1 else ''} ({labels}) "
+            f"{'were' if len(out_of_budget) > 1 else 'was'} not planned: the search's time for "
+            f"planning meshes in full ({_FALLBACK_BUDGET} x --time-limit) ran out; raise "
+            "--time-limit to plan them"
+        )
+    listing = _listing(tried, unsettled, setup)
     if not need:
         return InfeasibleMeshError(
             f"no mesh of {devices} devices fits {format_bytes(setup.limit)} per device: "
-            f"{open_text}, or raise --memory or --devices.",
+            f"{open_text}, or raise --memory or --devices. {listing}",
             setup.limit + 1,
         )
     least, c = min(need, key=lambda x: (x[0], x[1].pp, x[1].tp))
@@ -635,9 +656,34 @@ def _infeasible(meshes: list[_Mesh], devices: int, setup: PlanningSetup) -> Infe
         f"demanding, {format_mesh(c.mesh)}, needs at least {format_bytes_up(least)} per device "
         "(parameters, gradients, optimizer state and in-flight activations). Raise --memory to "
         f"{format_bytes_up(least)} or more, or use more --devices"
-        + (f"; {open_text}." if open_text else "."),
+        + (f"; {open_text}" if open_text else "")
+        + f" (autopart does not yet shard optimizer state over dp (FSDP/ZeRO) or recompute "
+        f"activations, which would need less). {listing}",
         least,
     )
+
+
+def _need(c: _Mesh) -> int:
+    """The most memory per device the mesh is proven to need: the stage ILP's minimum where it was
+    planned in full, and the memory bound."""
+    if c.minimum_bytes is not None:
+        return max(c.minimum_bytes, c.memory_bound)
+    return c.memory_bound
+
+
+def _listing(tried: list[_Mesh], unsettled: list[_Mesh], setup: PlanningSetup) -> str:
+    """Each mesh tried and what is known of its need, least first."""
+    known = sorted((c for c in tried if c not in unsettled), key=lambda c: (_need(c), c.pp, c.tp))
+    parts = []
+    for c in known:
+        if _need(c) > setup.limit:
+            parts.append(f"{format_mesh(c.mesh)} >= {format_bytes_up(_need(c))}")
+        else:  # planned in full; the simulation, not the bound, showed it over the limit
+            parts.append(f"{format_mesh(c.mesh)} > {format_bytes(setup.limit)} (simulated)")
+    for c in unsettled:
+        what = "not planned (time ran out)" if c.note.startswith("not planned") else "timed out"
+        parts.append(f"{format_mesh(c.mesh)} {what}")
+    return f"Per mesh (memory per device): {'; '.join(parts)}."
 
 
 def _record(c: _Mesh) -> MeshCandidate:
