@@ -16,7 +16,13 @@ Meshes are taken in order of a lower bound on their step time, and, cheapest fir
 
 1. memory bound: a device holds at least ``1 / pp`` of the TP-sharded parameter, gradient and
    optimizer state plus ``1 / pp`` of one sample's activations (before the TP solve: the state
-   divided by ``tp``, which sharding can only beat). A mesh above the limit is out.
+   divided by ``tp``, which sharding can only beat). Then the split bound
+   (:mod:`autopart.solver._pipeline_memory`): the leanest *fractional* split of the state and
+   activations each node owns over the pipeline ranks, weighted by the schedule's in-flight counts
+   (1F1B's first rank holds ``pp`` micro-batches), a valid lower bound on every split the stage
+   ILP or the simulation could take; before the TP solve with every size divided by ``tp``, after
+   it on the TP-adjusted graph (and on the memory-lean TP plan too before a mesh is dropped). A
+   mesh above the limit is out, without an estimate or a stage solve.
 2. step bound: ``_pipeline_bound_s`` of the mesh's compute (before the TP solve: divided by tp)
    plus the dp all-reduce of ``1 / pp`` of the parameters; a mesh whose bound is above the best
    estimate so far cannot win and is not solved further (nor is its TP degree, if no other mesh
@@ -29,7 +35,8 @@ Meshes are taken in order of a lower bound on their step time, and, cheapest fir
 4. full plan: :func:`autopart.planner.plan_mesh` (stage ILP, baselines, lower bound, simulation)
    for the best estimates, up to ``full_plans`` within ``slack`` of the best that fits (a split
    that misses memory may fit once the stage ILP minds memory), and for further ones in order
-   while none fits.
+   while none fits, for at most ``6 x time_limit_s`` (the meshes left are reported as unsettled,
+   with ``--time-limit`` as the fix).
 
 The fastest full plan wins; ties go to fewer pipeline stages, then the smaller TP degree. Every
 candidate is recorded (:class:`MeshCandidate`) with its predicted step time or why it was dropped.
