@@ -16,7 +16,13 @@ Meshes are taken in order of a lower bound on their step time, and, cheapest fir
 
 1. memory bound: a device holds at least ``1 / pp`` of the TP-sharded parameter, gradient and
    optimizer state plus ``1 / pp`` of one sample's activations (before the TP solve: the state
-   divided by ``tp``, which sharding can only beat). A mesh above the limit is out.
+   divided by ``tp``, which sharding can only beat). Then the split bound
+   (:mod:`autopart.solver._pipeline_memory`): the leanest *fractional* split of the state and
+   activations each node owns over the pipeline ranks, weighted by the schedule's in-flight counts
+   (1F1B's first rank holds ``pp`` micro-batches), a valid lower bound on every split the stage
+   ILP or the simulation could take; before the TP solve with every size divided by ``tp``, after
+   it on the TP-adjusted graph (and on the memory-lean TP plan too before a mesh is dropped). A
+   mesh above the limit is out, without an estimate or a stage solve.
 2. step bound: ``_pipeline_bound_s`` of the mesh's compute (before the TP solve: divided by tp)
    plus the dp all-reduce of ``1 / pp`` of the parameters; a mesh whose bound is above the best
    estimate so far cannot win and is not solved further (nor is its TP degree, if no other mesh
@@ -29,7 +35,8 @@ Meshes are taken in order of a lower bound on their step time, and, cheapest fir
 4. full plan: :func:`autopart.planner.plan_mesh` (stage ILP, baselines, lower bound, simulation)
    for the best estimates, up to ``full_plans`` within ``slack`` of the best that fits (a split
    that misses memory may fit once the stage ILP minds memory), and for further ones in order
-   while none fits.
+   while none fits, for at most ``6 x time_limit_s`` (the meshes left are reported as unsettled,
+   with ``--time-limit`` as the fix).
 
 The fastest full plan wins; ties go to fewer pipeline stages, then the smaller TP degree. Every
 candidate is recorded (:class:`MeshCandidate`) with its predicted step time or why it was dropped.
@@ -65,6 +72,7 @@ from autopart.planner import (
 )
 from autopart.plans import Plan, format_mesh
 from autopart.solver import baselines
+from autopart.solver._pipeline_memory import NodeMemory, pipeline_memory_bound
 from autopart.solver.stage_ilp import InfeasibleMemoryError
 from autopart.solver.tp_ilp import InfeasibleTPMemoryError
 from autopart.units import format_bytes, format_bytes_up, format_seconds
@@ -79,6 +87,8 @@ __all__ = [
 
 _TP_DEGREES = (1, 2, 4, 8)
 _INTERLEAVE = 2
+_FALLBACK_BUDGET = 6
+"""Times the solver's time limit that planning meshes in full may take while none fits."""
 
 
 class InfeasibleMeshError(AutopartError):
@@ -231,12 +241,26 @@ def search_mesh(
     plain = _Totals.of(og, batch, setup)
     for c in _alive(meshes):
         _bound(c, plain, setup, shard=c.tp)
+    # ... and every TP rank holds at least 1/tp of each parameter and saved value.
+    owned = {tp: NodeMemory.of(og, setup.state_per_byte, shard=tp) for tp in {c.tp for c in meshes}}
+    for c in _alive(meshes):
+        _split_bound(c, owned[c.tp], batch, setup, before_tp=c.tp > 1)
 
     costs: dict[tuple[int, int | None], TPCostsOf | None] = {}
     totals: dict[tuple[int, int | None], _Totals] = {(1, None): plain}
     tp_solve_s: dict[str, float] = {}
     coarse: dict[tuple[int, int | None], BlockGraph] = {}
     tp_minimum: dict[tuple[int, int | None], int] = {}
+
+    def owned_of(key: tuple[int, int | None]) -> NodeMemory:
+        """What each node of the mesh's TP-adjusted graph owns (for the split bound)."""
+        if key not in owned_tp:
+            found = costs[key]
+            assert found is not None
+            owned_tp[key] = NodeMemory.of(found.costs.op_graph, setup.state_per_byte)
+        return owned_tp[key]
+
+    owned_tp: dict[tuple[int, int | None], NodeMemory] = {}
 
     def tp_costs_of(key: tuple[int, int | None]) -> TPCostsOf | None:
         """The TP plan of a degree (the fastest, or within a memory limit; ``None`` where no
@@ -273,6 +297,8 @@ def search_mesh(
         c.tp_key = (c.tp, None)
         tp_costs_of(c.tp_key)
         _bound(c, totals[c.tp_key], setup, shard=1)
+        if not c.status:
+            _split_bound(c, owned_of(c.tp_key), batch, setup)
         if c.status != "over memory":
             return
         lean_key = (c.tp, setup.limit * c.pp)
@@ -282,7 +308,7 @@ def search_mesh(
         if lean is None:
             least = tp_minimum[lean_key]
             any_sharding = (plain.state_bytes / c.tp + plain.sample_bytes) / c.pp
-            c.memory_bound = int(max(any_sharding, least / c.pp))
+            c.memory_bound = int(max(c.memory_bound, any_sharding, least / c.pp))
             c.note = (
                 f"no sharding over {c.tp} ranks fits: the leanest holds {format_bytes(least)} of "
                 f"the whole model per rank, more than pp x the limit"
@@ -290,6 +316,8 @@ def search_mesh(
         elif dict(lean.plan.placements) != dict(fastest.plan.placements):
             c.status, c.note, c.tp_key = "", "", lean_key
             _bound(c, totals[lean_key], setup, shard=1)
+            if not c.status:
+                _split_bound(c, owned_of(lean_key), batch, setup)
 
     best_estimate: float | None = None
     for c in sorted(_alive(meshes), key=lambda c: (c.step_bound_s, c.pp, c.tp)):
@@ -356,9 +384,20 @@ def search_mesh(
         key=lambda c: (c.estimate_s, c.pp, c.tp),
     )
     planned = 0
+    # A safety net: while nothing fits, planning the rest in full stops after this long (the
+    # memory bound above rejects what cannot fit; this bounds what it cannot settle).
+    budget_s = _FALLBACK_BUDGET * time_limit_s
+    loop_start = time.perf_counter()
     for c in ranked:
         assert c.estimate_s is not None
         found = any(m.plan is not None for m in meshes)
+        if not found and planned and time.perf_counter() - loop_start > budget_s:
+            c.status, c.unsettled = "no fit", True
+            c.note = (
+                f"not planned: the search's {budget_s:g} s for planning meshes in full "
+                f"({_FALLBACK_BUDGET} x --time-limit) ran out"
+            )
+            continue
         close = best_estimate is not None and c.estimate_s <= best_estimate * (1 + slack)
         if found and not (close and planned < full_plans):
             c.status = "estimated"
@@ -485,6 +524,26 @@ def _bound(c: _Mesh, totals: _Totals, setup: PlanningSetup, *, shard: int) -> No
     c.step_bound_s = _pipeline_bound_s(work_s, c.pp, c.options) + sync_s
 
 
+def _split_bound(
+    c: _Mesh, owned: NodeMemory, batch: int, setup: PlanningSetup, *, before_tp: bool = False
+) -> None:
+    """Reject the mesh when even the leanest fractional split of what its nodes own (state, and
+    activations at its schedules' least in-flight counts) exceeds the limit: a valid lower bound
+    on every split the stage ILP or the simulation could take (:mod:`~autopart.solver.\
+_pipeline_memory`), so no mesh that could fit is dropped."""
+    need, kind, m = pipeline_memory_bound(owned, batch=batch, dp=c.dp, pp=c.pp, options=c.options)
+    c.memory_bound = max(c.memory_bound, need)
+    if need <= setup.limit:
+        return
+    how = "" if c.tp == 1 else " under any TP sharding" if before_tp else " under its TP sharding"
+    c.status = "over memory"
+    c.note = (
+        f"needs at least {format_bytes_up(need)} per device (a lower bound on any split of its "
+        f"parameter, gradient and optimizer state and in-flight activations{how}; least with "
+        f"{kind} x {m})"
+    )
+
+
 def _pipeline_bound_s(work_s: float, p: int, options: Mapping[str, list[int]]) -> float:
     """A lower bound on a pipeline's step time when its ``p`` devices do ``work_s`` seconds of
     compute in all. Under GPipe and 1F1B (one stage per device, ``m`` micro-batches, ``t_s`` the
@@ -561,32 +620,40 @@ def _plan_of(c: _Mesh) -> Plan:
 
 def _infeasible(meshes: list[_Mesh], devices: int, setup: PlanningSetup) -> InfeasibleMeshError:
     """The error when nothing fits: the least memory a mesh needs (the stage ILP's minimum where it
-    planned the mesh, else the memory bound)."""
+    planned the mesh, else the memory bound), and what is known of every mesh tried."""
     tried = [c for c in meshes if c.status != "skipped"]
     # A mesh planned in full that failed for another reason than memory (the stage solver ran out
     # of time) is unsettled: its memory bound is below the limit and says nothing of its need.
     unsettled = [c for c in tried if c.status == "no fit" and c.unsettled]
-    need = [
-        (c.minimum_bytes if c.minimum_bytes is not None else c.memory_bound, c)
-        for c in tried
-        if c not in unsettled
-    ]
+    need = [(_need(c), c) for c in tried if c not in unsettled]
     if not need and not unsettled:
         reasons = "; ".join(sorted({c.note for c in meshes}))
         return InfeasibleMeshError(
             f"no mesh of {devices} devices can run this model: {reasons}.", 0
         )
     open_text = ""
-    if unsettled:
-        labels = ", ".join(format_mesh(c.mesh) for c in unsettled)
+    timed_out = [c for c in unsettled if not c.note.startswith("not planned")]
+    out_of_budget = [c for c in unsettled if c not in timed_out]
+    if timed_out:
+        labels = ", ".join(format_mesh(c.mesh) for c in timed_out)
         open_text = (
-            f"{len(unsettled)} mesh{'es' if len(unsettled) > 1 else ''} ({labels}) found no plan "
+            f"{len(timed_out)} mesh{'es' if len(timed_out) > 1 else ''} ({labels}) found no plan "
             "within the solver's time limit and may still fit: raise --time-limit to settle them"
         )
+    if out_of_budget:
+        labels = ", ".join(format_mesh(c.mesh) for c in out_of_budget)
+        open_text += (
+            ("; " if open_text else "")
+            + f"{len(out_of_budget)} mesh{'es' if len(out_of_budget) > 1 else ''} ({labels}) "
+            f"{'were' if len(out_of_budget) > 1 else 'was'} not planned: the search's time for "
+            f"planning meshes in full ({_FALLBACK_BUDGET} x --time-limit) ran out; raise "
+            "--time-limit to plan them"
+        )
+    listing = _listing(tried, unsettled, setup)
     if not need:
         return InfeasibleMeshError(
             f"no mesh of {devices} devices fits {format_bytes(setup.limit)} per device: "
-            f"{open_text}, or raise --memory or --devices.",
+            f"{open_text}, or raise --memory or --devices. {listing}",
             setup.limit + 1,
         )
     least, c = min(need, key=lambda x: (x[0], x[1].pp, x[1].tp))
@@ -596,9 +663,34 @@ def _infeasible(meshes: list[_Mesh], devices: int, setup: PlanningSetup) -> Infe
         f"demanding, {format_mesh(c.mesh)}, needs at least {format_bytes_up(least)} per device "
         "(parameters, gradients, optimizer state and in-flight activations). Raise --memory to "
         f"{format_bytes_up(least)} or more, or use more --devices"
-        + (f"; {open_text}." if open_text else "."),
+        + (f"; {open_text}" if open_text else "")
+        + f" (autopart does not yet shard optimizer state over dp (FSDP/ZeRO) or recompute "
+        f"activations, which would need less). {listing}",
         least,
     )
+
+
+def _need(c: _Mesh) -> int:
+    """The most memory per device the mesh is proven to need: the stage ILP's minimum where it was
+    planned in full, and the memory bound."""
+    if c.minimum_bytes is not None:
+        return max(c.minimum_bytes, c.memory_bound)
+    return c.memory_bound
+
+
+def _listing(tried: list[_Mesh], unsettled: list[_Mesh], setup: PlanningSetup) -> str:
+    """Each mesh tried and what is known of its need, least first."""
+    known = sorted((c for c in tried if c not in unsettled), key=lambda c: (_need(c), c.pp, c.tp))
+    parts = []
+    for c in known:
+        if _need(c) > setup.limit:
+            parts.append(f"{format_mesh(c.mesh)} >= {format_bytes_up(_need(c))}")
+        else:  # planned in full; the simulation, not the bound, showed it over the limit
+            parts.append(f"{format_mesh(c.mesh)} > {format_bytes(setup.limit)} (simulated)")
+    for c in unsettled:
+        what = "not planned (time ran out)" if c.note.startswith("not planned") else "timed out"
+        parts.append(f"{format_mesh(c.mesh)} {what}")
+    return f"Per mesh (memory per device): {'; '.join(parts)}."
 
 
 def _record(c: _Mesh) -> MeshCandidate:
