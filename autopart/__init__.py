@@ -6,12 +6,12 @@ node's cost, ``load_model`` resolves MODEL strings (zoo names, ``hf:...``, ``fil
 
 from typing import Any
 
+from autopart.capture.tracing import trace
 from autopart.errors import AutopartError, ModelSpecError, TraceError, UnknownDeviceError
-from autopart.model_spec import LoadedModel, load_model
+from autopart.models.model_spec import LoadedModel, load_model
 from autopart.passes.annotate import annotate, graph_totals, node_cost
-from autopart.planner import plan
-from autopart.plans import Plan
-from autopart.tracing import trace
+from autopart.planning.planner import plan
+from autopart.planning.plans import Plan
 
 __all__ = [
     "AutopartError",
@@ -35,9 +35,9 @@ __version__ = "0.1.0"
 # The runtime and code generator import torch.distributed.pipelining (about 2 s); planning and the
 # CLI's inspect/plan do not need them, so they load on first use.
 _LAZY = {
-    "compile": "autopart.runtime",
-    "ParallelProgram": "autopart.runtime",
-    "emit": "autopart.codegen",
+    "compile": "autopart.runtime.program",
+    "ParallelProgram": "autopart.runtime.program",
+    "emit": "autopart.codegen.emitter",
 }
 
 

@@ -1,9 +1,9 @@
-"""Step time of the autopart pipeline against the same model split by hand (autopart.bench_runtime).
+"""Step time of the autopart pipeline against the same model split by hand (autopart.bench.runtime).
 
     python benchmarks/runtime_bench.py [--quick] [--steps 10] [--out benchmarks/results/DATE-runtime.md]
     python benchmarks/runtime_bench.py --from-json benchmarks/results/DATE-runtime.json [--notes notes.md]
 
-Runs :func:`autopart.bench_runtime.runtime_suite` (five models on 2 and 4 gloo ranks with one
+Runs :func:`autopart.bench.runtime.runtime_suite` (five models on 2 and 4 gloo ranks with one
 thread each; autopart's program and the equal-layers pipeline built by hand run in the same
 processes, alternating steps; about 6 minutes on 2 cores) and writes a markdown result file
 with the date, machine, versions, load average, the command and the tables, and the rows as JSON
@@ -33,7 +33,7 @@ from solver_bench import (
     write_result,
 )  # the benchmarks/ folder is sys.path[0]
 
-from autopart.bench_runtime import (
+from autopart.bench.runtime import (
     CASES,
     FULL_CASES,
     FULL_RANKS,

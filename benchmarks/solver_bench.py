@@ -1,9 +1,9 @@
-"""Solve time and optimality gap of the stage ILP against the baselines (autopart.bench).
+"""Solve time and optimality gap of the stage ILP against the baselines (autopart.bench.solver).
 
     python benchmarks/solver_bench.py [--quick] [--time-limit 10] [--out benchmarks/results/DATE-solver.md]
     python benchmarks/solver_bench.py --from-json benchmarks/results/DATE-solver.json
 
-Runs :func:`autopart.bench.solver_suite` (zoo models at 2, 4, 8 stages; synthetic chain, skip and
+Runs :func:`autopart.bench.solver.solver_suite` (zoo models at 2, 4, 8 stages; synthetic chain, skip and
 branch graphs of 100 to 20,000 nodes at 2 to 16 stages; about 8 minutes on 2 cores) and writes a
 markdown result file with the date, machine, versions, the command and one table each for the zoo
 and the synthetic graphs, and the rows as JSON beside it (``--from-json`` re-renders the markdown).
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from autopart.bench import NO_SOLUTION, format_rows_markdown, solver_suite
+from autopart.bench.solver import NO_SOLUTION, format_rows_markdown, solver_suite
 
 
 def _cpu_model() -> str:
@@ -158,7 +158,7 @@ def render(record: dict[str, Any]) -> str:
         "time limit per solve, hinted with the block-level chain DP; memory not constrained (the "
         "baselines and the bound ignore it too). Zoo models: default batch and sequence length, "
         "meta device, one sample per micro-batch. Synthetic graphs: "
-        "`autopart.bench.synthetic_op_graph`, seed 0. The rows are also in the `.json` file "
+        "`autopart.bench.solver.synthetic_op_graph`, seed 0. The rows are also in the `.json` file "
         "beside this one.",
         "",
         "Columns: *solve s* = coarsening + chain-DP hint + ILP wall time (what a user waits for), "

@@ -1,10 +1,10 @@
-"""The TP ILP against Megatron-LM's sharding, and the joint mesh search (autopart.bench_tp,
-autopart.mesh_search).
+"""The TP ILP against Megatron-LM's sharding, and the joint mesh search (autopart.bench.tp,
+autopart.planning.mesh_search).
 
     python benchmarks/tp_bench.py [--quick] [--out benchmarks/results/DATE-tp.md]
     python benchmarks/tp_bench.py --from-json benchmarks/results/DATE-tp.json
 
-Runs :func:`autopart.bench_tp.tp_suite` (GPT-2, Llama-7B and Llama-70B shapes in bf16 on the meta
+Runs :func:`autopart.bench.tp.tp_suite` (GPT-2, Llama-7B and Llama-70B shapes in bf16 on the meta
 device at TP degrees 2, 4 and 8: TP solve time, forward all-reduces per block, communication volume
 and predicted step times beside Megatron's plan), then times the Llama-70B cases of issue 5 (an
 explicit ``pp=8,tp=8`` plan and ``--mesh auto --devices 64``, each from loading the model), and
@@ -31,18 +31,18 @@ from solver_bench import (
     write_result,
 )  # the benchmarks/ folder is sys.path[0]
 
-from autopart.bench_tp import format_tp_rows_markdown, tp_suite
+from autopart.bench.tp import format_tp_rows_markdown, tp_suite
 from autopart.units import format_bytes, format_seconds
 
 
 def llama_70b_cases() -> dict[str, Any]:
     """Wall time (load + trace + annotate + plan, in this process) of the explicit pp=8 x tp=8 plan
     and of the search over 64 devices, and what they found."""
-    from autopart.mesh_search import search_mesh
-    from autopart.model_spec import load_model
+    from autopart.capture.tracing import trace
+    from autopart.models.model_spec import load_model
     from autopart.passes.annotate import annotate
-    from autopart.planner import plan_graph
-    from autopart.tracing import trace
+    from autopart.planning.mesh_search import search_mesh
+    from autopart.planning.planner import plan_graph
 
     def traced() -> Any:
         loaded = load_model("llama-70b", device="meta", batch=8, seq=2048, dtype=torch.bfloat16)

@@ -1,5 +1,5 @@
 """What ``autopart.compile(..., verify=True)`` costs: the time spent in the TP self-check
-(``autopart.verify.record_values`` + ``verify_tp_stage``, timed by wrapping them), beside the whole
+(``autopart.runtime.verify.record_values`` + ``verify_tp_stage``, timed by wrapping them), beside the whole
 compile and one training step, on 2 spawned gloo ranks (tp=2).
 
     python benchmarks/verify_bench.py [--repeats 3] [--out benchmarks/results/DATE-verify.md]
@@ -36,10 +36,10 @@ def _rank(rank: int, store: str, repeats: int, out: str) -> None:
     import dataclasses
 
     import autopart
-    import autopart.verify as verify_module
+    import autopart.runtime.verify as verify_module
     from autopart.cost_models import get_device
-    from autopart.launch import training_batch
-    from autopart.model_spec import load_model, parse_config_overrides
+    from autopart.models.model_spec import load_model, parse_config_overrides
+    from autopart.runtime.launch import training_batch
 
     torch.set_num_threads(1)
     dist.init_process_group(

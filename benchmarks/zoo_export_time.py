@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from autopart.model_spec import load_model
+from autopart.models.model_spec import load_model
 
 
 def _first_layer_ops(exported: torch.export.ExportedProgram) -> collections.Counter[str]:

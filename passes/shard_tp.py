@@ -1,7 +1,7 @@
 """Tensor-parallel code generation: one pipeline stage rewritten for one rank of the ``tp`` group.
 
 :func:`shard_tp` takes a stage from :func:`~autopart.passes.split_stages.split_stages` and the plan's
-:class:`~autopart.plans.TPSection` and returns the stage as TP rank ``rank`` runs it:
+:class:`~autopart.planning.plans.TPSection` and returns the stage as TP rank ``rank`` runs it:
 
 - every parameter or buffer the plan stores split (``placements[get_attr node]`` is ``S(k)`` or
   ``S(k,groups=g)``) is replaced by this rank's shard, a new ``nn.Parameter`` registered under the
@@ -63,7 +63,7 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
-from autopart._emitted.collectives import (
+from autopart.codegen.templates.collectives import (
     shard,
     tp_all_gather,
     tp_all_reduce,
@@ -77,7 +77,7 @@ from autopart._emitted.collectives import (
 from autopart.errors import AutopartError
 from autopart.passes._tp_placements import P, Placement, R, dual
 from autopart.passes._tp_rules import op_name
-from autopart.plans import TPSection
+from autopart.planning.plans import TPSection
 
 __all__ = [
     "TP_META_KEY",
@@ -237,7 +237,7 @@ def _placement(tp: TPSection, node: Node) -> Placement:
     if text is None:
         raise ShardError(
             f"the TP plan has no placement for node {node.name!r}: it was made for another graph. "
-            "Plan this graph again (autopart.planner.plan_graph with a tp mesh) and shard with that."
+            "Plan this graph again (autopart.planning.planner.plan_graph with a tp mesh) and shard with that."
         )
     return Placement.parse(text)
 

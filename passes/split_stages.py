@@ -42,7 +42,7 @@ from torch.fx.graph import _PyTreeCodeGen
 from torch.utils._pytree import TreeSpec, tree_flatten
 
 from autopart.errors import AutopartError
-from autopart.plans import Plan
+from autopart.planning.plans import Plan
 
 __all__ = ["STAGE_META_KEY", "SplitError", "StageInfo", "split_stages", "stage_info"]
 
@@ -159,7 +159,7 @@ def _check_plan(gm: GraphModule, stage_of: Mapping[str, int], num_stages: int) -
         raise SplitError(
             f"the plan does not match the graph: {'; '.join(parts)}. The plan was made for another "
             "graph (or the graph changed after planning); plan this graph again with "
-            "autopart.planner.plan_graph(gm, ...) and split with that plan."
+            "autopart.planning.planner.plan_graph(gm, ...) and split with that plan."
         )
     for node in nodes:
         if node.op not in _COMPUTING:

@@ -17,7 +17,7 @@ from torch.fx import GraphModule, Node
 from autopart.passes._tp_placements import Placement
 from autopart.passes.shard_tp import ShardError
 from autopart.passes.tp_strategies import tp_strategies
-from autopart.plans import TPSection
+from autopart.planning.plans import TPSection
 
 __all__ = ["check_tp_plan"]
 

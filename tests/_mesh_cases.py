@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from autopart.plans import parse_mesh
+from autopart.planning.plans import parse_mesh
 
 Case = tuple[str, str, str, str]
 """(model, mesh, schedule, optimizer)"""

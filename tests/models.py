@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
+
+from autopart.cost_models import get_device
+
+FAST_LINK = dataclasses.replace(
+    get_device("h100"), name="fast-link", link_bandwidth_bytes_per_s=1e18, link_latency_s=1e-15
+)
+"""An H100 whose links are nearly free: the TP ILP splits the tiny test models (on the ``cpu`` cost
+model it replicates most of them, and a TP test whose plan replicates everything proves nothing)."""
 
 
 class TwoLayer(nn.Module):
@@ -109,7 +118,7 @@ HF_CONFIGS = {
 def gpt2_padded() -> tuple[nn.Module, tuple[torch.Tensor], dict[str, Any]]:
     """Factory (``tests.models:gpt2_padded``): Hugging Face GPT-2 with ``attention_mask=`` given
     by keyword, two sequences right-padded."""
-    from autopart.model_spec import load_model, parse_config_overrides
+    from autopart.models.model_spec import load_model, parse_config_overrides
 
     loaded = load_model(
         "hf:gpt2",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from autopart.graph import OpGraph, OpNode
+from autopart.planning.graph import OpGraph, OpNode
 
 
 @st.composite

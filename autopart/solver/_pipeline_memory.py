@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from autopart.graph import OpGraph
-from autopart.schedule import in_flight_micro_batches
+from autopart.planning.graph import OpGraph
+from autopart.planning.schedule import in_flight_micro_batches
 
 __all__ = ["NodeMemory", "pipeline_memory_bound"]
 

@@ -10,9 +10,9 @@ from typing import Any
 
 from torch.fx import GraphModule, Node
 
-from autopart.graph import detect_layers
 from autopart.passes._tp_rules import op_name
 from autopart.passes.tp_strategies import Strategy, weight_matmuls
+from autopart.planning.graph import detect_layers
 
 __all__ = ["Layers", "fallbacks", "layer_of_nodes", "megatron_sharding"]
 

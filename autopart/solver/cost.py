@@ -2,7 +2,7 @@
 chain DP alike.
 
 Time of one micro-batch on stage ``s`` of ``p`` (``B_k``: bytes crossing boundary ``k``, see
-:meth:`~autopart.graph.BlockGraph.boundary_bytes`; ``p2p``: :func:`~autopart.cost_models.comm.p2p_time_s`,
+:meth:`~autopart.planning.graph.BlockGraph.boundary_bytes`; ``p2p``: :func:`~autopart.cost_models.comm.p2p_time_s`,
 ``alpha + bytes / beta``, and 0 for 0 bytes)::
 
     T_s = sum of forward_s + backward_s of its blocks
@@ -23,7 +23,7 @@ from autopart.cost_models.comm import p2p_time_s
 from autopart.cost_models.devices import DeviceSpec
 from autopart.cost_models.memory import MemoryBreakdown, Optimizer, as_optimizer
 from autopart.errors import AutopartError
-from autopart.graph import BlockGraph, OpGraph, PartitionError
+from autopart.planning.graph import BlockGraph, OpGraph, PartitionError
 from autopart.solver._bound import chain_relaxation_s
 
 __all__ = [

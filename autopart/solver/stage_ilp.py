@@ -1,4 +1,4 @@
-"""Stage ILP: assign the blocks of a :class:`~autopart.graph.BlockGraph` to pipeline stages.
+"""Stage ILP: assign the blocks of a :class:`~autopart.planning.graph.BlockGraph` to pipeline stages.
 
 Data (per micro-batch, integers after scaling):
   w_b                     forward + backward time of block b
@@ -48,10 +48,10 @@ from typing import Any
 
 from ortools.sat.python import cp_model
 
-from autopart.blocks import BlockGraph
 from autopart.cost_models.comm import p2p_time_s
 from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
+from autopart.planning.blocks import BlockGraph
 from autopart.solver._memory_need import MemoryNeed, memory_need
 
 __all__ = ["InfeasibleMemoryError", "StageSolution", "solve_stages"]

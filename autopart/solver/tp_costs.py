@@ -1,4 +1,4 @@
-"""TP-adjusted costs: the :class:`~autopart.graph.OpGraph` that one rank of a tensor-parallel group
+"""TP-adjusted costs: the :class:`~autopart.planning.graph.OpGraph` that one rank of a tensor-parallel group
 sees under a :class:`~autopart.solver.tp_ilp.TPPlan`, so the stage solver, the baselines, the lower
 bound and the schedule simulation plan a ``pp x tp`` mesh unchanged.
 
@@ -38,8 +38,8 @@ from torch.fx import GraphModule
 from autopart.cost_models.compute import ComputeModel
 from autopart.cost_models.node_cost import NodeCost
 from autopart.errors import AutopartError
-from autopart.graph import OpGraph, OpNode
 from autopart.passes.tp_strategies import Collective, collective_time_s
+from autopart.planning.graph import OpGraph, OpNode
 from autopart.solver.tp_ilp import TPPlan
 
 __all__ = ["TPCosts", "tp_costs"]

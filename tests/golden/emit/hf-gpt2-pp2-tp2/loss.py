@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 
-# copied from autopart.launch.training_batch.<locals>.tokens
+# copied from autopart.runtime.launch.training_batch.<locals>.tokens
 def tokens(output: Any, tgt: torch.Tensor) -> torch.Tensor:
     logits = getattr(output, "logits", output)
     return torch.nn.functional.cross_entropy(logits.flatten(0, -2), tgt.flatten())

@@ -1,0 +1,393 @@
+"""Train the parallel program in this folder (written by autopart.emit; needs only torch).
+
+    torchrun --nproc-per-node N run.py [--steps S] [--lr LR] [--losses-out losses.json]
+
+N is "world_size" in config.json: the product of its "mesh" sizes dp x pp x tp. The ranks form a
+DeviceMesh of dims (dp, pp, tp), tp innermost, the layout autopart's runtime uses. Every rank builds
+the pipeline stages config.json gives its pp coordinate (stage_K.py, class StageK) on its device (a
+GPU per rank with NCCL when CUDA is available, else the CPU with gloo), copies their parameters from
+weights.pt (its own shard of each tensor a stage lists in SHARDED, with tensor parallelism), wraps
+them in torch.distributed.pipelining's PipelineStage over the mesh's pp group and runs the plan's
+schedule (GPipe, 1F1B or interleaved 1F1B) for S steps of SGD. Each data-parallel replica trains on
+its share of the batch in data.pt, split into the plan's micro-batches; with dp > 1 each stage runs
+under torch's DistributedDataParallel over the dp group. Rank 0 prints the mean loss of every step.
+
+A parameter that several stages read (tied input and output embeddings) has a copy on each of them;
+before every optimizer step the copies' gradients are summed (on the rank, then across the ranks of
+the same (dp, tp) coordinate that hold a copy), so all copies take the same step and stay equal.
+
+Files: config.json (read here), plan.json (the full plan, for reference), stage_K.py, loss.py
+(the loss for the last stage), collectives.py (tensor parallelism only: the collectives the stages
+call), weights.pt (whole parameters and buffers under the model's own names), data.pt
+({"inputs": [...], "target": tensor}: one global batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
+from torch.nn.parallel import DistributedDataParallel
+
+HERE = Path(__file__).resolve().parent
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = json.loads((HERE / "config.json").read_text())
+    args = parse_args(argv, config)
+    world = int(os.environ.get("WORLD_SIZE", "0"))
+    if world != config["world_size"]:
+        sizes = " x ".join(f"{k}={v}" for k, v in config["mesh"].items())
+        sys.exit(
+            f"run.py: this program has {config['world_size']} ranks ({sizes}) but WORLD_SIZE is "
+            f"{world or 'not set'}; launch it with "
+            f"torchrun --nproc-per-node {config['world_size']} run.py"
+        )
+    device = init_distributed(args.device)
+    try:
+        train(config, args, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def parse_args(argv: Sequence[str] | None, config: dict[str, Any]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--steps", type=int, default=config["steps"])
+    parser.add_argument("--lr", type=float, default=config["lr"], help="SGD learning rate")
+    parser.add_argument("--data", type=Path, default=HERE / "data.pt", help="batch and target")
+    parser.add_argument("--losses-out", type=Path, help="write every step's loss here (JSON)")
+    parser.add_argument(
+        "--save-weights",
+        type=Path,
+        help="write the trained parameters and buffers here (torch.save, the model's own names, "
+        "whole tensors; load with model.load_state_dict(..., strict=False): non-persistent "
+        "buffers are included)",
+    )
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return parser.parse_args(argv)
+
+
+def init_distributed(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+class Place:
+    """This rank's coordinates in the (dp, pp, tp) mesh and the process groups it talks over."""
+
+    def __init__(self, config: dict[str, Any], device: torch.device) -> None:
+        sizes = config["mesh"]
+        self.mesh = init_device_mesh(
+            device.type,
+            (sizes["dp"], sizes["pp"], sizes["tp"]),
+            mesh_dim_names=("dp", "pp", "tp"),
+        )
+        self.dp, self.tp = sizes["dp"], sizes["tp"]
+        self.dp_rank = self.mesh["dp"].get_local_rank()
+        self.pp_rank = self.mesh["pp"].get_local_rank()
+        self.tp_rank = self.mesh["tp"].get_local_rank()
+        self.pp_group = self.mesh["pp"].get_group()
+        self.dp_group = self.mesh["dp"].get_group() if self.dp > 1 else None
+        self.tp_group_name = self.mesh["tp"].get_group().group_name if self.tp > 1 else ""
+
+    def global_rank(self, dp: int, pp: int, tp: int) -> int:
+        return int(self.mesh.mesh[dp, pp, tp])
+
+
+def train(config: dict[str, Any], args: argparse.Namespace, device: torch.device) -> None:
+    place = Place(config, device)
+    stage_ranks: list[int] = config["stage_ranks"]
+    num_stages = len(stage_ranks)
+    mine = [k for k, r in enumerate(stage_ranks) if r == place.pp_rank]
+    stages, sharded = build_stages(mine, device, place)
+    inputs, target = load_data(args.data, config, device, place)
+    constants = {i: x for i, x in enumerate(inputs) if not isinstance(x, torch.Tensor)}
+    pipeline = []
+    for k in mine:
+        module: torch.nn.Module = stages[k]
+        if k == 0 and constants:  # PipelineStage passes tensors only
+            module = BindConstants(module, constants, len(inputs))
+        if place.dp_group is not None and any(p.requires_grad for p in module.parameters()):
+            ids = [device.index] if device.type == "cuda" else None
+            module = DistributedDataParallel(module, device_ids=ids, process_group=place.dp_group)
+        io = config["stage_io"][k]
+        pipeline.append(
+            PipelineStage(
+                module,
+                k,
+                num_stages,
+                device,
+                input_args=examples(io["inputs"], device),
+                output_args=examples(io["outputs"], device),
+                group=place.pp_group,
+            )
+        )
+    loss_fn = load_module("loss").pipeline_loss
+    kind = SCHEDULES[config["schedule"]]
+    many = config["stages_per_rank"] > 1
+    schedule = kind(pipeline if many else pipeline[0], config["micro_batches"], loss_fn=loss_fn)
+    tied = tied_groups(config, place)
+    params = [p for k in mine for p in stages[k].parameters()]
+    optimizer = torch.optim.SGD(params, lr=args.lr) if params else None
+    first, last = 0 in mine, num_stages - 1 in mine
+    tensors = tuple(x for x in inputs if isinstance(x, torch.Tensor))
+    history = []
+    for step in range(args.steps):
+        if optimizer is not None:
+            optimizer.zero_grad()
+        losses: list[torch.Tensor] = []
+        if last:
+            schedule.step(*(tensors if first else ()), target=target, losses=losses)
+        else:
+            schedule.step(*(tensors if first else ()))
+        sync_tied_grads(stages, tied)
+        if optimizer is not None:
+            optimizer.step()
+        # The mean over replicas of each replica's mean loss: the last stage's first TP rank of
+        # every replica contributes it (its TP ranks all hold the same loss), every other rank 0.
+        mean = torch.zeros(1, dtype=torch.float64, device=device)
+        if last and place.tp_rank == 0:
+            mean[0] = torch.stack([loss.detach().double() for loss in losses]).mean()
+        dist.all_reduce(mean)
+        history.append(float(mean[0]) / place.dp)
+        if dist.get_rank() == 0:
+            print(f"step {step + 1}/{args.steps}  loss {history[-1]:.6f}", flush=True)
+    if args.losses_out is not None and dist.get_rank() == 0:
+        args.losses_out.write_text(json.dumps(history) + "\n")
+    if args.save_weights is not None:
+        save_weights(stages, sharded, place, args.save_weights)
+
+
+def build_stages(
+    mine: list[int], device: torch.device, place: Place
+) -> tuple[dict[int, torch.nn.Module], dict[str, tuple[int, int]]]:
+    """This rank's stages on ``device``, with the weights the model had when it was emitted (this
+    rank's shard of the tensors a stage lists in SHARDED), and those SHARDED entries (a tensor
+    several stages hold is split the same way on each)."""
+    # mmap: only the tensors these stages need are read from disk.
+    weights = torch.load(HERE / "weights.pt", map_location="cpu", weights_only=True, mmap=True)
+    stages = {}
+    split: dict[str, tuple[int, int]] = {}
+    for k in mine:
+        module = load_module(f"stage_{k}")
+        cls = getattr(module, f"Stage{k}")
+        if place.tp > 1:
+            stage = cls(device, tp_rank=place.tp_rank, tp_group=place.tp_group_name)
+        else:
+            stage = cls(device)
+        sharded = getattr(module, "SHARDED", {})
+        split.update(sharded)
+        state = {}
+        for name in stage.state_dict():
+            if name in sharded:
+                dim, groups = sharded[name]
+                state[name] = shard_of(weights[name], dim, groups, place.tp, place.tp_rank)
+            else:
+                state[name] = weights[name]
+        stage.load_state_dict(state)
+        # Tensors cross ranks through contiguous buffers (gloo and NCCL require it): outputs that
+        # are strided views are copied, and so are the gradients sent back to the previous stage.
+        stage.register_forward_hook(contiguous_outputs)
+        stage.register_forward_pre_hook(contiguous_input_grads)
+        stages[k] = stage
+    return stages, split
+
+
+def shard_of(full: torch.Tensor, dim: int, groups: int, degree: int, rank: int) -> torch.Tensor:
+    from collectives import shard  # next to this file; written with tensor parallelism only
+
+    return shard(full, dim, groups, degree, rank)
+
+
+def load_module(name: str) -> ModuleType:
+    if str(HERE) not in sys.path:  # the stages import collectives.py from this folder
+        sys.path.insert(0, str(HERE))
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def examples(described: list[dict[str, Any]], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Empty tensors shaped like one micro-batch's stage inputs or outputs (config "stage_io"), so
+    PipelineStage knows what it sends and receives without running the stage to find out."""
+    return tuple(
+        torch.empty(
+            d["shape"], dtype=getattr(torch, d["dtype"].split(".")[-1]), device=device
+        ).requires_grad_(d["requires_grad"])
+        for d in described
+    )
+
+
+def load_data(
+    path: Path, config: dict[str, Any], device: torch.device, place: Place
+) -> tuple[tuple[Any, ...], torch.Tensor]:
+    """This data-parallel replica's rows of the batch in ``path``, on ``device``."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    inputs, target = tuple(data["inputs"]), data["target"]
+    want = [*config["inputs"], config["target"]]
+    got = [*inputs, target]
+    for i, (w, x) in enumerate(zip(want, got)):
+        shape = list(x.shape) if isinstance(x, torch.Tensor) else None
+        if len(want) != len(got) or ("shape" in w and shape != w["shape"]):
+            what = "the target" if i == len(want) - 1 else f"input {i}"
+            sys.exit(
+                f"run.py: {path} has {len(got) - 1} inputs and a target shaped "
+                f"{[list(t.shape) if isinstance(t, torch.Tensor) else t for t in got]}, but the "
+                f"stages were generated for {[w.get('shape', w.get('value')) for w in want]} "
+                f"(first mismatch: {what}); the batch size and shapes are baked into the stage "
+                "code, so emit the program again for other shapes."
+            )
+    batch = target.shape[0]
+    size = batch // place.dp
+
+    def share(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        if x.dim() > 0 and x.shape[0] == batch:
+            x = x[place.dp_rank * size : (place.dp_rank + 1) * size]
+        return x.to(device)
+
+    return tuple(share(x) for x in inputs), share(target)
+
+
+def tied_groups(config: dict[str, Any], place: Place) -> list[tuple[str, Any]]:
+    """(name, process group of the ranks holding a copy, or None for one rank) for the tied
+    parameters this rank holds: per (dp, tp) coordinate, the pipeline ranks whose stages hold a
+    copy. Every rank creates every group in the same order, as new_group requires."""
+    sizes = config["mesh"]
+    groups: dict[tuple[int, ...], Any] = {}
+    mine = []
+    for name, holders in sorted(config["tied_parameters"].items()):
+        pp_ranks = tuple(sorted({config["stage_ranks"][s] for s in holders}))
+        if len(pp_ranks) > 1 and pp_ranks not in groups:
+            for dp in range(sizes["dp"]):
+                for tp in range(sizes["tp"]):
+                    group = dist.new_group([place.global_rank(dp, p, tp) for p in pp_ranks])
+                    if (dp, tp) == (place.dp_rank, place.tp_rank):
+                        groups[pp_ranks] = group
+        if place.pp_rank in pp_ranks:
+            mine.append((name, groups.get(pp_ranks)))
+    return mine
+
+
+def sync_tied_grads(stages: dict[int, torch.nn.Module], tied: list[tuple[str, Any]]) -> None:
+    for name, group in tied:
+        copies = [
+            stage.get_parameter(name)
+            for stage in stages.values()
+            if name in dict(stage.named_parameters())
+        ]
+        grad = torch.zeros_like(copies[0])
+        for p in copies:
+            if p.grad is not None:
+                grad += p.grad
+        if group is not None:
+            dist.all_reduce(grad, group=group)
+        for p in copies:
+            p.grad = grad.clone()
+
+
+def save_weights(
+    stages: dict[int, torch.nn.Module],
+    sharded: dict[str, tuple[int, int]],
+    place: Place,
+    path: Path,
+) -> None:
+    """Gather every stage's parameters and buffers to rank 0, join TP shards (``sharded``, from
+    :func:`build_stages`) back into whole tensors, and save them under the model's names."""
+    mine: dict[str, tuple[Any, int, torch.Tensor]] = {}
+    for stage in stages.values():
+        for name, t in stage.state_dict().items():
+            mine.setdefault(name, (sharded.get(name), place.tp_rank, t.detach().cpu()))
+    parts: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    if parts is None:
+        return
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    split: dict[str, Any] = {}
+    for part in parts:
+        for name, (how, tp_rank, t) in part.items():
+            split.setdefault(name, how)
+            pieces.setdefault(name, {}).setdefault(tp_rank, t)
+    state = {}
+    for name, by_rank in pieces.items():
+        if split[name] is None:
+            state[name] = by_rank[0]
+        else:
+            from collectives import unshard
+
+            state[name] = unshard([by_rank[r] for r in sorted(by_rank)], *split[name])
+    torch.save(dict(sorted(state.items())), path)
+
+
+# BindConstants and the contiguous hooks below are also autopart's runtime's (autopart.runtime.program
+# imports them), so a compiled program and an emitted one run the same code around their stages.
+
+
+class BindConstants(torch.nn.Module):
+    """The first stage with the model's non-tensor inputs (e.g. ``scale=2.0``) bound: the trace
+    fixed their values, and PipelineStage passes tensors only."""
+
+    def __init__(self, stage: torch.nn.Module, constants: dict[int, Any], arity: int) -> None:
+        super().__init__()
+        self.stage = stage
+        self.constants = constants
+        self.arity = arity
+
+    def forward(self, *tensors: Any) -> Any:
+        it = iter(tensors)
+        args = [self.constants[i] if i in self.constants else next(it) for i in range(self.arity)]
+        return self.stage(*args)
+
+
+class ContiguousGrad(torch.autograd.Function):
+    """Identity forward; its backward hands a contiguous gradient to the previous stage."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def contiguous_input_grads(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(
+        ContiguousGrad.apply(a) if isinstance(a, torch.Tensor) and a.requires_grad else a
+        for a in args
+    )
+
+
+def contiguous_outputs(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
+    if isinstance(output, tuple):
+        return tuple(t.contiguous() if isinstance(t, torch.Tensor) else t for t in output)
+    return output.contiguous() if isinstance(output, torch.Tensor) else output
+
+
+if __name__ == "__main__":
+    main()

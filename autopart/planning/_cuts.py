@@ -1,0 +1,211 @@
+"""Where to cut a sequence of weighted items into contiguous runs (the coarsening of
+:mod:`autopart.planning.graph`). Pure functions on lists; position ``k`` means "between item ``k - 1`` and
+item ``k``"."""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from collections.abc import Callable, Sequence
+from itertools import accumulate, pairwise
+
+import numpy as np
+
+__all__ = [
+    "IntervalCost",
+    "best_split_cuts",
+    "choose_cuts",
+    "crossing_bytes",
+    "merge_cuts",
+    "min_max_split",
+]
+
+IntervalCost = Callable[[int, np.ndarray], np.ndarray]
+"""``cost(b, a)``: the cost of a run holding items ``[a, b)``, for an array of starts ``a``."""
+
+_MIN_FILL = 0.6
+"""A block ends once it holds at least this fraction of the target compute (where the cut is
+cheapest), never past the target itself unless one item alone exceeds it."""
+_RANK_PENALTY = 0.25
+"""Extra weight on a cut's crossing bytes per step below the best module-boundary rank (2)."""
+_SEARCH_STEPS = 40
+
+
+def crossing_bytes(
+    producers: Sequence[int], last_readers: Sequence[int], nbytes: Sequence[int], n: int
+) -> list[int]:
+    """Bytes crossing each position ``0..n`` of a sequence of ``n`` items: tensor ``i`` is made by
+    item ``producers[i]`` and last read by item ``last_readers[i]``, so it crosses the positions in
+    between."""
+    diff = [0] * (n + 2)
+    for prod, last, b in zip(producers, last_readers, nbytes):
+        if last > prod:
+            diff[prod + 1] += b
+            diff[last + 1] -= b
+    return list(accumulate(diff))[: n + 1]
+
+
+def choose_cuts(
+    weights: Sequence[float], crossing: Sequence[int], rank: Sequence[int], max_blocks: int
+) -> list[int]:
+    """Cut positions splitting ``weights`` into at most ``max_blocks`` runs, each with positive
+    weight (when the total is positive), as fine as possible: a binary search finds the smallest
+    target weight for which :func:`_greedy` needs no more than ``max_blocks`` runs."""
+    prefix = [0.0, *accumulate(weights)]
+    total = prefix[-1]
+    if max_blocks <= 1 or total <= 0:
+        return []
+    lo, hi = total / max_blocks, total
+    best: list[int] = []
+    for _ in range(_SEARCH_STEPS):
+        mid = (lo + hi) / 2
+        cuts = _greedy(prefix, crossing, rank, mid)
+        if len(cuts) + 1 <= max_blocks:
+            best, hi = cuts, mid
+        else:
+            lo = mid
+        if hi - lo <= 1e-6 * hi:
+            break
+    return _refine(prefix, crossing, rank, best, max_blocks)
+
+
+def _refine(
+    prefix: Sequence[float],
+    crossing: Sequence[int],
+    rank: Sequence[int],
+    cuts: list[int],
+    max_blocks: int,
+) -> list[int]:
+    """Spend the blocks the greedy left unused: split the heaviest divisible run in two, until
+    there are ``max_blocks`` runs or no run can be split."""
+    bounds = [0, *cuts, len(prefix) - 1]
+    heap = [(-(prefix[b] - prefix[a]), a, b) for a, b in pairwise(bounds)]
+    heapq.heapify(heap)
+    out = list(cuts)
+    while heap and len(out) + 1 < max_blocks:
+        _, a, b = heapq.heappop(heap)
+        k = _split_point(prefix, crossing, rank, a, b)
+        if k is None:
+            continue
+        out.append(k)
+        heapq.heappush(heap, (-(prefix[k] - prefix[a]), a, k))
+        heapq.heappush(heap, (-(prefix[b] - prefix[k]), k, b))
+    return sorted(out)
+
+
+def _split_point(
+    prefix: Sequence[float], crossing: Sequence[int], rank: Sequence[int], a: int, b: int
+) -> int | None:
+    """Where to split run ``[a, b)``: the best-scoring position leaving at least a third of its
+    weight on each side, else the most balanced one leaving weight on both sides."""
+    weight = prefix[b] - prefix[a]
+    inside = [k for k in range(a + 1, b) if prefix[a] < prefix[k] < prefix[b]]
+    if not inside:
+        return None
+    balanced = [
+        k for k in inside if min(prefix[k] - prefix[a], prefix[b] - prefix[k]) >= weight / 3
+    ]
+    if balanced:
+        return min(
+            balanced,
+            key=lambda k: (_score(crossing, rank, k), abs(2 * prefix[k] - prefix[a] - prefix[b])),
+        )
+    return min(inside, key=lambda k: abs(2 * prefix[k] - prefix[a] - prefix[b]))
+
+
+def _score(crossing: Sequence[int], rank: Sequence[int], k: int) -> float:
+    return crossing[k] * (1 + _RANK_PENALTY * (2 - rank[k]))
+
+
+def merge_cuts(weights: Sequence[float], cuts: Sequence[int], forced: Sequence[int]) -> list[int]:
+    """``forced`` cuts plus those of ``cuts`` that do not leave a weightless run (a ``cut`` in the
+    same weightless stretch as a forced one gives way to it)."""
+    prefix = [0.0, *accumulate(weights)]
+    taken = {prefix[k] for k in forced}
+    merged = sorted({*forced, *(k for k in cuts if prefix[k] not in taken)})
+    out: list[int] = []
+    for k in merged:
+        if prefix[k] > prefix[out[-1] if out else 0] and prefix[k] < prefix[-1]:
+            out.append(k)
+    return out
+
+
+def _greedy(
+    prefix: Sequence[float], crossing: Sequence[int], rank: Sequence[int], target: float
+) -> list[int]:
+    """Left to right: end each run at the best-scoring position whose run weight lies in
+    ``[_MIN_FILL * target, target]``."""
+    n = len(prefix) - 1
+    total = prefix[-1]
+    cuts: list[int] = []
+    a = 0
+    while total - prefix[a] > target:
+        candidates = _candidates(prefix, a, target)
+        if not candidates:
+            break
+        k = min(candidates, key=lambda c: (_score(crossing, rank, c), -c))
+        cuts.append(k)
+        a = k
+    assert all(0 < c < n for c in cuts)
+    return cuts
+
+
+def _candidates(prefix: Sequence[float], a: int, target: float) -> range:
+    """Positions ``k`` (``a < k < n``) that may end the run starting at ``a``; each leaves weight
+    both before it (in the run) and after it."""
+    n = len(prefix) - 1
+    base = prefix[a]
+    first_nonzero = bisect.bisect_right(prefix, base)  # the run [a, k) has weight once k >= this
+    last_ok = bisect.bisect_right(prefix, base + target) - 1  # the run's weight stays <= target
+    tail_nonzero = bisect.bisect_left(prefix, prefix[-1]) - 1  # a cut at k leaves weight after it
+    hi = min(last_ok, tail_nonzero, n - 1)
+    lo = max(bisect.bisect_left(prefix, base + _MIN_FILL * target), first_nonzero)
+    if lo <= hi:
+        return range(lo, hi + 1)
+    # Nothing in the window: one item overflows the target. Cut just before it if the run already
+    # holds weight, else just after it (with the weightless items around it free to go either way).
+    end = last_ok if prefix[last_ok] > base else first_nonzero
+    hi = min(bisect.bisect_right(prefix, prefix[end]) - 1, tail_nonzero, n - 1)
+    lo = max(bisect.bisect_left(prefix, prefix[end]), first_nonzero)
+    return range(lo, hi + 1)
+
+
+def min_max_split(n: int, num_stages: int, cost: IntervalCost) -> list[int]:
+    """Split ``n`` items into ``num_stages`` non-empty contiguous runs minimizing the largest
+    ``cost``: ``best[j][b]`` = the best largest cost of ``j + 1`` runs covering items ``[0, b)``.
+    Ties go to the earliest cut (deterministic)."""
+    p = num_stages
+    best = np.full((p, n + 1), np.inf)
+    start = np.zeros((p, n + 1), dtype=np.int64)
+    ends = np.arange(1, n - p + 2)
+    best[0, ends] = [float(cost(int(e), np.zeros(1, dtype=np.int64))[0]) for e in ends]
+    for j in range(1, p):
+        for end in range(j + 1, n - (p - j) + 2):
+            starts = np.arange(j, end)
+            values = np.maximum(best[j - 1, j:end], cost(end, starts))
+            i = int(np.argmin(values))
+            best[j, end] = values[i]
+            start[j, end] = j + i
+    stage_of = [0] * n
+    end = n
+    for j in range(p - 1, -1, -1):
+        first = int(start[j, end]) if j > 0 else 0
+        stage_of[first:end] = [j] * (end - first)
+        end = first
+    return stage_of
+
+
+def best_split_cuts(
+    weights: Sequence[float], comm_s: Sequence[float], num_stages: int
+) -> list[int]:
+    """Cut positions of the contiguous split into ``num_stages`` runs with the smallest largest
+    ``run weight + comm_s[start] + comm_s[end]`` (no comm before the first run or after the last):
+    the stage time of :mod:`autopart.solver.cost` with ``comm_s[k]`` the time of a cut at ``k``."""
+    n = len(weights)
+    prefix = np.concatenate(([0.0], np.cumsum(weights)))
+    comm_in, comm_out = np.array(comm_s, dtype=np.float64), np.array(comm_s, dtype=np.float64)
+    comm_in[0] = comm_out[n] = 0.0
+    stage_of = min_max_split(
+        n, num_stages, lambda b, a: prefix[b] - prefix[a] + comm_in[a] + comm_out[b]
+    )
+    return [k for k in range(1, n) if stage_of[k] != stage_of[k - 1]]

@@ -1,0 +1,210 @@
+"""Blocks: contiguous runs of a model's topological order, the units the stage solvers place, and
+the tensors between them (built by :func:`autopart.planning.graph.coarsen`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+import networkx as nx
+
+from autopart.errors import AutopartError
+from autopart.planning._cuts import crossing_bytes
+
+if TYPE_CHECKING:
+    from autopart.planning.graph import OpGraph
+
+__all__ = ["Block", "BlockGraph", "CrossTensor", "PartitionError"]
+
+
+class PartitionError(AutopartError):
+    """A stage assignment or a partitioning request is not valid."""
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """A contiguous run of the topological order that the stage solver places as one unit."""
+
+    index: int
+    name: str
+    """The longest common module path of its nodes, or ``first..last``."""
+    nodes: tuple[str, ...]
+    modules: tuple[str, ...]
+    """Distinct module paths of its nodes, in order."""
+    forward_s: float
+    backward_s: float
+    flops: int
+    backward_flops: int
+    param_bytes: int
+    """Bytes of the parameters this block uses and no other block uses."""
+    params: tuple[str, ...]
+    """Every parameter this block uses (shared ones included)."""
+    activation_bytes: int
+    """Bytes saved for backward per step by this block's nodes (each saved value once)."""
+    layer: str | None
+    """The repeated layer holding most of this block's compute; ``None`` outside layers."""
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            raise AutopartError(f"Block {self.index} has no nodes")
+        for name in ("forward_s", "backward_s", "flops", "param_bytes", "activation_bytes"):
+            if not getattr(self, name) >= 0:
+                raise AutopartError(f"Block {self.index}: {name} must be >= 0")
+
+    @property
+    def compute_s(self) -> float:
+        return self.forward_s + self.backward_s
+
+
+@dataclass(frozen=True, slots=True)
+class CrossTensor:
+    """A node's output read by later blocks (a graph output counts as read by the last block)."""
+
+    name: str
+    producer: int
+    consumers: tuple[int, ...]
+    """Distinct reading blocks, ascending, all after ``producer``."""
+    nbytes: int
+
+    def __post_init__(self) -> None:
+        if not self.consumers or any(c <= self.producer for c in self.consumers):
+            raise AutopartError(
+                f"tensor {self.name!r}: consumers {self.consumers} must be blocks after its producer {self.producer}"
+            )
+        if list(self.consumers) != sorted(set(self.consumers)) or self.nbytes < 0:
+            raise AutopartError(
+                f"tensor {self.name!r}: consumers must be distinct, ascending; nbytes >= 0"
+            )
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class BlockGraph:
+    """Blocks in topological order and the tensors between them (see :mod:`autopart.planning.graph`)."""
+
+    blocks: tuple[Block, ...]
+    tensors: tuple[CrossTensor, ...]
+    param_bytes_by_name: Mapping[str, int]
+    op_graph: OpGraph | None = None
+    """The node graph these blocks coarsen (for the lower bound); ``None`` if built by hand."""
+    shared_params: Mapping[str, tuple[int, ...]] = field(init=False)
+    """Parameters used by more than one block -> those blocks (e.g. tied embeddings)."""
+    nx: nx.DiGraph = field(init=False, repr=False)
+    """Block indices; edge attribute ``nbytes`` sums the tensors from one block to the other."""
+
+    def __post_init__(self) -> None:
+        n = len(self.blocks)
+        if any(b.index != i for i, b in enumerate(self.blocks)):
+            raise AutopartError("BlockGraph.blocks must be listed by index 0, 1, 2, ...")
+        users: dict[str, list[int]] = {}
+        for b in self.blocks:
+            for p in b.params:
+                if p not in self.param_bytes_by_name:
+                    raise AutopartError(f"block {b.index} uses parameter {p!r}, which has no size")
+                users.setdefault(p, []).append(b.index)
+        graph = nx.DiGraph()
+        graph.add_nodes_from(range(n))
+        for t in self.tensors:
+            if t.consumers[-1] >= n:
+                raise AutopartError(
+                    f"tensor {t.name!r} is read by block {t.consumers[-1]}; there are {n}"
+                )
+            for c in t.consumers:
+                old = graph.edges[t.producer, c]["nbytes"] if graph.has_edge(t.producer, c) else 0
+                graph.add_edge(t.producer, c, nbytes=old + t.nbytes)
+        object.__setattr__(
+            self, "param_bytes_by_name", MappingProxyType(dict(self.param_bytes_by_name))
+        )
+        shared = {p: tuple(u) for p, u in users.items() if len(u) > 1}
+        object.__setattr__(self, "shared_params", MappingProxyType(shared))
+        object.__setattr__(self, "nx", graph)
+
+    def validate(self, stage_of: Sequence[int], num_stages: int) -> None:
+        """Raise :class:`PartitionError` unless ``stage_of`` (one stage per block) is a pipeline:
+        stages in range and all used, and no tensor flowing to an earlier stage."""
+        if num_stages < 1:
+            raise PartitionError(f"num_stages must be >= 1, got {num_stages}")
+        if len(stage_of) != len(self.blocks):
+            raise PartitionError(
+                f"stage_of has {len(stage_of)} entries but there are {len(self.blocks)} blocks; give one stage per block"
+            )
+        bad = [(b, s) for b, s in enumerate(stage_of) if not 0 <= s < num_stages]
+        if bad:
+            raise PartitionError(
+                f"blocks {bad[:5]} (block, stage) have stages outside [0, {num_stages})"
+            )
+        empty = sorted(set(range(num_stages)) - set(stage_of))
+        if empty:
+            raise PartitionError(
+                f"stages {empty} have no block; every stage needs work: use fewer stages or reassign blocks"
+            )
+        for t in self.tensors:
+            back = [c for c in t.consumers if stage_of[c] < stage_of[t.producer]]
+            if back:
+                raise PartitionError(
+                    f"tensor {t.name!r} flows from block {t.producer} (stage {stage_of[t.producer]}) back to "
+                    f"block {back[0]} (stage {stage_of[back[0]]}); a reader must be on the same or a later stage"
+                )
+
+    def boundary_bytes(self, stage_of: Sequence[int], num_stages: int) -> list[int]:
+        """Bytes crossing each boundary k (between stage k and k + 1): every tensor with
+        producer stage <= k < last reader stage; a skip tensor is forwarded through, and counted at,
+        every boundary it passes."""
+        self.validate(stage_of, num_stages)
+        out = [0] * max(0, num_stages - 1)
+        for t in self.tensors:
+            for k in range(stage_of[t.producer], max(stage_of[c] for c in t.consumers)):
+                out[k] += t.nbytes
+        return out
+
+    def stage_params(self, stage_of: Sequence[int], num_stages: int) -> list[tuple[str, ...]]:
+        """Distinct parameters each stage uses (a shared parameter appears on every stage using it)."""
+        self.validate(stage_of, num_stages)
+        names: list[dict[str, None]] = [{} for _ in range(num_stages)]
+        for b, s in zip(self.blocks, stage_of):
+            names[s].update(dict.fromkeys(b.params))
+        return [tuple(d) for d in names]
+
+    def stage_param_bytes(self, stage_of: Sequence[int], num_stages: int) -> list[int]:
+        """Parameter bytes per stage; a shared parameter is counted once on each stage using it."""
+        return [
+            sum(self.param_bytes_by_name[p] for p in ps)
+            for ps in self.stage_params(stage_of, num_stages)
+        ]
+
+    def cut_bytes(self) -> list[int]:
+        """``cut_bytes()[c]``: bytes crossing a cut between blocks ``c - 1`` and ``c`` of a
+        contiguous split (index 0 and ``len(blocks)`` are 0)."""
+        last = [t.consumers[-1] for t in self.tensors]
+        return crossing_bytes(
+            [t.producer for t in self.tensors],
+            last,
+            [t.nbytes for t in self.tensors],
+            len(self.blocks),
+        )
+
+    @property
+    def total_compute_s(self) -> float:
+        return sum(b.compute_s for b in self.blocks)
+
+    def scaled(self, factor: float) -> BlockGraph:
+        """Per-sample costs (times, activations, tensor bytes) times ``factor``, e.g. ``1 /
+        micro_batches``; parameters unchanged."""
+        blocks = tuple(
+            dataclasses.replace(
+                b,
+                forward_s=b.forward_s * factor,
+                backward_s=b.backward_s * factor,
+                flops=round(b.flops * factor),
+                backward_flops=round(b.backward_flops * factor),
+                activation_bytes=round(b.activation_bytes * factor),
+            )
+            for b in self.blocks
+        )
+        tensors = tuple(
+            dataclasses.replace(t, nbytes=round(t.nbytes * factor)) for t in self.tensors
+        )
+        og = self.op_graph.scaled(factor) if self.op_graph is not None else None
+        return BlockGraph(blocks, tensors, self.param_bytes_by_name, og)

@@ -1,0 +1,784 @@
+"""Joint mesh search (``--mesh auto --devices N``): the ``dp x pp x tp`` mesh, schedule and
+micro-batch count of ``N`` devices with the fastest predicted training step that fits memory.
+
+Candidates:
+  tp    a power of two up to ``min(8, N)`` dividing ``N``: TP's collectives run in every layer, so a
+        TP group stays inside one node's NVLink domain (:data:`~autopart.planning.planner.GPUS_PER_NODE`);
+  pp    a divisor of ``N / tp``, at most the number of repeated layers (a stage holds at least one
+        layer; a graph without repeated layers: at most its computing nodes);
+  dp    ``N / (tp pp)``, which must divide the batch.
+
+Per TP degree the TP ILP is solved once, on the whole graph, at the smallest micro-batch any
+candidate of that degree could run (where collective latency weighs most), and turned into
+TP-adjusted node costs (:mod:`autopart.solver.tp_costs`); only where that fastest sharding cannot
+fit a mesh is it solved again within ``pp`` times the memory limit (what ``plan_graph`` does too).
+Meshes are taken in order of a lower bound on their step time, and, cheapest first:
+
+1. memory bound: a device holds at least ``1 / pp`` of the TP-sharded parameter, gradient and
+   optimizer state plus ``1 / pp`` of one sample's activations (before the TP solve: the state
+   divided by ``tp``, which sharding can only beat). Then the split bound
+   (:mod:`autopart.solver._pipeline_memory`): the leanest *fractional* split of the state and
+   activations each node owns over the pipeline ranks, weighted by the schedule's in-flight counts
+   (1F1B's first rank holds ``pp`` micro-batches), a valid lower bound on every split the stage
+   ILP or the simulation could take; before the TP solve with every size divided by ``tp``, after
+   it on the TP-adjusted graph (and on the memory-lean TP plan too before a mesh is dropped). A
+   mesh above the limit is out, without an estimate or a stage solve.
+2. step bound: ``_pipeline_bound_s`` of the mesh's compute (before the TP solve: divided by tp)
+   plus the dp all-reduce of ``1 / pp`` of the parameters; a mesh whose bound is above the best
+   estimate so far cannot win and is not solved further (nor is its TP degree, if no other mesh
+   needs it).
+3. estimate: the chain-DP split (the best contiguous split of a coarse block graph, the stage
+   ILP's own hint) simulated under every schedule and micro-batch count, plus the dp gradient
+   all-reduce; the fastest that fits memory. On the zoo the stage ILP's plan equals the chain DP's
+   bottleneck in almost every case (``benchmarks/results/*-solver.md``), so the estimate ranks
+   meshes as the full plans do.
+4. full plan: :func:`autopart.planning.planner.plan_mesh` (stage ILP, baselines, lower bound, simulation)
+   for the best estimates, up to ``full_plans`` within ``slack`` of the best that fits (a split
+   that misses memory may fit once the stage ILP minds memory), and for further ones in order
+   while none fits, for at most ``6 x time_limit_s`` (the meshes left are reported as unsettled,
+   with ``--time-limit`` as the fix).
+
+The fastest full plan wins; ties go to fewer pipeline stages, then the smaller TP degree. Every
+candidate is recorded (:class:`MeshCandidate`) with its predicted step time or why it was dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from autopart.errors import AutopartError
+from autopart.planning.blocks import BlockGraph
+from autopart.planning.graph import OpGraph, coarsen
+from autopart.planning.planner import (
+    GPUS_PER_NODE,
+    MEMORY_ERRORS,
+    PlanningSetup,
+    TPCostsOf,
+    _per_micro_batch,
+    _simulate,
+    dp_sync_s,
+    micro_batch_options,
+    pipeline_device,
+    plan_mesh,
+    planning_setup,
+    solve_tp_costs,
+)
+from autopart.planning.plans import Plan, format_mesh
+from autopart.solver import baselines
+from autopart.solver._pipeline_memory import NodeMemory, pipeline_memory_bound
+from autopart.solver.stage_ilp import InfeasibleMemoryError
+from autopart.solver.tp_ilp import InfeasibleTPMemoryError
+from autopart.units import format_bytes, format_bytes_up, format_seconds
+
+__all__ = [
+    "InfeasibleMeshError",
+    "MeshCandidate",
+    "MeshSearch",
+    "mesh_candidates",
+    "search_mesh",
+]
+
+_TP_DEGREES = (1, 2, 4, 8)
+_INTERLEAVE = 2
+_FALLBACK_BUDGET = 6
+"""Times the solver's time limit that planning meshes in full may take while none fits."""
+
+
+class InfeasibleMeshError(AutopartError):
+    """No mesh of the given devices fits the memory limit."""
+
+    def __init__(self, message: str, minimum_bytes: int) -> None:
+        super().__init__(message)
+        self.minimum_bytes = minimum_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MeshCandidate:
+    """One mesh the search considered."""
+
+    mesh: Mapping[str, int]
+    """``{"dp": ..., "pp": ..., "tp": ...}``."""
+    status: str
+    """``"chosen"``; ``"planned"`` (a full plan that fits, slower); ``"estimated"`` (its estimate
+    was too far behind to plan in full); ``"bounded"`` (a lower bound on its step time is above the
+    best estimate: it cannot win); ``"no fit"`` (planned in full, nothing fits memory); ``"over
+    memory"`` (its memory bound exceeds the limit); ``"skipped"`` (not a valid mesh here)."""
+    step_time_s: float | None = None
+    """Predicted step time of the full plan."""
+    step_bound_s: float | None = None
+    """A lower bound on its step time (see ``_pipeline_bound_s``)."""
+    estimate_s: float | None = None
+    """Step time of the chain-DP estimate (the fastest that fits memory, else the fastest)."""
+    memory_bytes: int | None = None
+    """Peak memory per device: of the full plan, else of the estimate, else the lower bound."""
+    schedule: str = ""
+    micro_batches: int = 0
+    note: str = ""
+    """Why it was dropped, or what it needs."""
+
+    @property
+    def label(self) -> str:
+        return format_mesh(self.mesh)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mesh"] = dict(self.mesh)
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class MeshSearch:
+    """The chosen plan, every candidate mesh, and why the plan won."""
+
+    plan: Plan
+    devices: int
+    candidates: tuple[MeshCandidate, ...]
+    """Chosen first, then by predicted (or estimated) step time."""
+    reason: str
+    tp_solve_s: Mapping[str, float]
+    """Seconds of each TP solve (``"tp=8"``: the fastest plan of that degree, solved once;
+    ``"tp=8 within 160 GiB"``: one sharded to fit, where the fastest could not)."""
+    elapsed_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON ``"mesh_search"`` object the CLI prints beside the plan."""
+        return {
+            "devices": self.devices,
+            "chosen": dict(self.plan.mesh),
+            "reason": self.reason,
+            "tp_solve_s": dict(self.tp_solve_s),
+            "elapsed_s": self.elapsed_s,
+            "candidates": [c.to_dict() for c in self.candidates],
+        }
+
+
+def mesh_candidates(devices: int, *, max_pp: int | None = None) -> list[dict[str, int]]:
+    """Every ``{"dp", "pp", "tp"}`` of ``devices`` devices with ``tp`` a power of two up to
+    ``min(8, devices)`` and ``pp <= max_pp``, ordered by tp, then pp (dp is what is left)."""
+    if not isinstance(devices, int) or devices < 1:
+        raise AutopartError(f"devices must be a positive integer, got {devices!r}")
+    out = []
+    for tp in _TP_DEGREES:
+        if tp > min(GPUS_PER_NODE, devices) or devices % tp:
+            continue
+        rest = devices // tp
+        for pp in range(1, rest + 1):
+            if rest % pp == 0 and (max_pp is None or pp <= max_pp):
+                out.append({"dp": rest // pp, "pp": pp, "tp": tp})
+    return out
+
+
+@dataclass(slots=True)
+class _Mesh:
+    """A candidate while the search runs."""
+
+    dp: int
+    pp: int
+    tp: int
+    status: str = ""
+    options: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    memory_bound: int = 0
+    step_bound_s: float = 0.0
+    estimate_s: float | None = None
+    estimate_fits: bool = False
+    estimate_peak: int | None = None
+    estimate_kind: tuple[str, int] = ("", 0)
+    plan: Plan | None = None
+    minimum_bytes: int | None = None
+    note: str = ""
+    unsettled: bool = False
+    """Planned in full, it failed for a reason other than memory (the solver's time limit)."""
+    tp_key: tuple[int, int | None] = (1, None)
+    """Which TP plan it runs: (degree, memory limit of the TP solve or None for the fastest)."""
+
+    @property
+    def mesh(self) -> dict[str, int]:
+        return {"dp": self.dp, "pp": self.pp, "tp": self.tp}
+
+
+def search_mesh(
+    gm: torch.fx.GraphModule,
+    *,
+    batch: int,
+    devices: int | None,
+    device: Any = "h100",
+    memory: int | str | None = None,
+    micro_batches: int | None = None,
+    schedule: str = "auto",
+    optimizer: str = "adamw",
+    time_limit_s: float = 10.0,
+    name: str = "model",
+    max_blocks: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    full_plans: int = 3,
+    slack: float = 0.10,
+) -> MeshSearch:
+    """Search the meshes of ``devices`` devices for ``gm`` (traced at the global ``batch`` and
+    annotated); see the module docstring. Raises :class:`InfeasibleMeshError` (with the least
+    memory any mesh needs) when none fits."""
+    if devices is None:
+        raise AutopartError(
+            "mesh 'auto' needs the number of devices to search: pass --devices N (devices=N)."
+        )
+    start = time.perf_counter()
+    say = progress or (lambda _msg: None)
+    setup = planning_setup(device=device, memory=memory, schedule=schedule, optimizer=optimizer)
+    og = OpGraph.from_graph_module(gm, setup.spec)
+    layers = len({n.layer for n in og.nodes.values() if n.layer is not None})
+    max_pp = layers if layers >= 2 else len(og.order)
+    meshes = [_Mesh(m["dp"], m["pp"], m["tp"]) for m in mesh_candidates(devices)]
+    for c in meshes:
+        _check_mesh(c, batch, micro_batches, setup, max_pp, layers)
+
+    # Before any TP solve: sharding at best divides the state and the compute by tp.
+    plain = _Totals.of(og, batch, setup)
+    for c in _alive(meshes):
+        _bound(c, plain, setup, shard=c.tp)
+    # ... and every TP rank holds at least 1/tp of each parameter and saved value.
+    owned = {tp: NodeMemory.of(og, setup.state_per_byte, shard=tp) for tp in {c.tp for c in meshes}}
+    for c in _alive(meshes):
+        _split_bound(c, owned[c.tp], batch, setup, before_tp=c.tp > 1)
+
+    costs: dict[tuple[int, int | None], TPCostsOf | None] = {}
+    totals: dict[tuple[int, int | None], _Totals] = {(1, None): plain}
+    tp_solve_s: dict[str, float] = {}
+    coarse: dict[tuple[int, int | None], BlockGraph] = {}
+    tp_minimum: dict[tuple[int, int | None], int] = {}
+
+    def owned_of(key: tuple[int, int | None]) -> NodeMemory:
+        """What each node of the mesh's TP-adjusted graph owns (for the split bound)."""
+        if key not in owned_tp:
+            found = costs[key]
+            assert found is not None
+            owned_tp[key] = NodeMemory.of(found.costs.op_graph, setup.state_per_byte)
+        return owned_tp[key]
+
+    owned_tp: dict[tuple[int, int | None], NodeMemory] = {}
+
+    def tp_costs_of(key: tuple[int, int | None]) -> TPCostsOf | None:
+        """The TP plan of a degree (the fastest, or within a memory limit; ``None`` where no
+        plan fits that limit), solved once, at the smallest micro-batch any mesh of the degree
+        could run."""
+        if key not in costs:
+            degree, limit = key
+            of_degree = [c for c in meshes if c.tp == degree and c.options]
+            m_tp = max(c.dp * max(n[0] for n in c.options.values()) for c in of_degree)
+            label = f"tp={degree}" + (f" within {format_bytes(limit)}" if limit else "")
+            say(f"solving tensor parallelism, {label}")
+            t0 = time.perf_counter()
+            try:
+                found = solve_tp_costs(
+                    gm,
+                    og,
+                    degree,
+                    setup,
+                    micro_batches=m_tp,
+                    time_limit_s=time_limit_s,
+                    memory=limit,
+                )
+                totals[key] = _Totals.of(found.costs.op_graph, batch, setup)
+            except InfeasibleTPMemoryError as exc:
+                found = None
+                tp_minimum[key] = exc.minimum_bytes
+            costs[key] = found
+            tp_solve_s[label] = time.perf_counter() - t0
+        return costs[key]
+
+    def shard(c: _Mesh) -> None:
+        """Give a TP mesh its TP plan: the fastest, or, where that cannot fit, one sharded so a
+        rank holds at most pp devices' worth of the whole graph."""
+        c.tp_key = (c.tp, None)
+        tp_costs_of(c.tp_key)
+        _bound(c, totals[c.tp_key], setup, shard=1)
+        if not c.status:
+            _split_bound(c, owned_of(c.tp_key), batch, setup)
+        if c.status != "over memory":
+            return
+        lean_key = (c.tp, setup.limit * c.pp)
+        lean = tp_costs_of(lean_key)
+        fastest = costs[c.tp_key]
+        assert fastest is not None
+        if lean is None:
+            least = tp_minimum[lean_key]
+            any_sharding = (plain.state_bytes / c.tp + plain.sample_bytes) / c.pp
+            c.memory_bound = int(max(c.memory_bound, any_sharding, least / c.pp))
+            c.note = (
+                f"no sharding over {c.tp} ranks fits: the leanest holds {format_bytes(least)} of "
+                f"the whole model per rank, more than pp x the limit"
+            )
+        elif dict(lean.plan.placements) != dict(fastest.plan.placements):
+            c.status, c.note, c.tp_key = "", "", lean_key
+            _bound(c, totals[lean_key], setup, shard=1)
+            if not c.status:
+                _split_bound(c, owned_of(lean_key), batch, setup)
+
+    best_estimate: float | None = None
+    for c in sorted(_alive(meshes), key=lambda c: (c.step_bound_s, c.pp, c.tp)):
+        if _beaten(c, best_estimate):
+            continue
+        if c.tp > 1:
+            shard(c)
+            if c.status or _beaten(c, best_estimate):
+                continue
+        if c.tp_key not in coarse:
+            most = max(m.pp for m in meshes if m.tp == c.tp and m.options)
+            graph = og if c.tp == 1 else _tp_of(costs, c).costs.op_graph
+            coarse[c.tp_key] = _drop_op_graph(
+                coarsen(graph, max_blocks=max(64, 8 * _INTERLEAVE * most))
+            )
+        say(f"estimating {format_mesh(c.mesh)}")
+        _estimate(c, coarse[c.tp_key], setup)
+        if c.estimate_fits and c.estimate_s is not None:
+            best_estimate = min(best_estimate or c.estimate_s, c.estimate_s)
+
+    def plan_full(c: _Mesh) -> None:
+        def plan(tp: TPCostsOf | None) -> Plan:
+            return plan_mesh(
+                og,
+                tp,
+                setup,
+                batch=batch,
+                dp=c.dp,
+                pp=c.pp,
+                options=c.options,
+                name=name,
+                time_limit_s=time_limit_s,
+                max_blocks=max_blocks,
+            )
+
+        tp = _tp_of(costs, c) if c.tp > 1 else None
+        try:
+            try:
+                c.plan = plan(tp)
+            except MEMORY_ERRORS:
+                if c.tp == 1 or c.tp_key[1] is not None:
+                    raise
+                lean = tp_costs_of((c.tp, setup.limit * c.pp))  # as plan_graph does
+                if (
+                    lean is None
+                    or tp is None
+                    or dict(lean.plan.placements) == dict(tp.plan.placements)
+                ):
+                    raise
+                c.plan = plan(lean)
+            c.status = "planned"
+        except AutopartError as exc:
+            c.status = "no fit"
+            c.note = str(exc).split(". ")[0].split(": ", 1)[-1]
+            if isinstance(exc, InfeasibleMemoryError):
+                c.minimum_bytes = exc.minimum_bytes
+            c.unsettled = not isinstance(exc, MEMORY_ERRORS)
+
+    # Plan in full: the best estimates (a split that misses memory may still fit once the stage
+    # ILP minds memory), up to full_plans within slack of the best that fits; then, while
+    # nothing fits, the rest in order.
+    ranked = sorted(
+        (c for c in meshes if c.estimate_s is not None and not c.status),
+        key=lambda c: (c.estimate_s, c.pp, c.tp),
+    )
+    planned = 0
+    # A safety net: while nothing fits, planning the rest in full stops after this long (the
+    # memory bound above rejects what cannot fit; this bounds what it cannot settle).
+    budget_s = _FALLBACK_BUDGET * time_limit_s
+    loop_start = time.perf_counter()
+    for c in ranked:
+        assert c.estimate_s is not None
+        found = any(m.plan is not None for m in meshes)
+        if not found and planned and time.perf_counter() - loop_start > budget_s:
+            c.status, c.unsettled = "no fit", True
+            c.note = (
+                f"not planned: the search's {budget_s:g} s for planning meshes in full "
+                f"({_FALLBACK_BUDGET} x --time-limit) ran out"
+            )
+            continue
+        close = best_estimate is not None and c.estimate_s <= best_estimate * (1 + slack)
+        if found and not (close and planned < full_plans):
+            c.status = "estimated"
+            if not c.estimate_fits:
+                c.note = (
+                    f"the estimate's split needs {format_bytes(c.estimate_peak or 0)} per device; "
+                    "not planned"
+                )
+            else:
+                c.note = (
+                    f"estimate {_pct(c.estimate_s, best_estimate)} above the best estimate; "
+                    "not planned"
+                )
+            continue
+        say(f"planning {format_mesh(c.mesh)} in full")
+        planned += 1
+        plan_full(c)
+
+    # A mesh was dropped when its bound passed the best *estimate*; should the best full plan be
+    # slower than that estimate, the meshes whose bound it passes are planned after all.
+    fitting = [c for c in meshes if c.plan is not None]
+    best_s = min((_plan_of(c).step_time_s for c in fitting), default=math.inf)
+    for c in [c for c in meshes if c.status == "bounded" and c.step_bound_s < best_s]:
+        c.status, c.note = "", ""
+        if c.tp > 1:
+            shard(c)
+        if not c.status:
+            say(f"planning {format_mesh(c.mesh)} in full")
+            plan_full(c)
+
+    fitting = [c for c in meshes if c.plan is not None]
+    if not fitting:
+        raise _infeasible(meshes, devices, setup)
+    best = min(fitting, key=lambda c: (_plan_of(c).step_time_s, c.pp, c.tp, c.dp))
+    best.status = "chosen"
+    candidates = tuple(_record(c) for c in sorted(meshes, key=_table_order))
+    return MeshSearch(
+        plan=dataclasses.replace(_plan_of(best), mesh=best.mesh),  # every axis, sizes 1 too
+        devices=devices,
+        candidates=candidates,
+        reason=_reason(best, meshes, setup),
+        tp_solve_s=tp_solve_s,
+        elapsed_s=time.perf_counter() - start,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the steps
+
+
+def _alive(meshes: list[_Mesh]) -> list[_Mesh]:
+    return [c for c in meshes if not c.status]
+
+
+def _check_mesh(
+    c: _Mesh,
+    batch: int,
+    micro_batches: int | None,
+    setup: PlanningSetup,
+    max_pp: int,
+    layers: int,
+) -> None:
+    if c.pp > max_pp:
+        what = f"{layers} repeated layers" if layers >= 2 else f"{max_pp} computing nodes"
+        c.status, c.note = "skipped", f"pp={c.pp} is more stages than the model's {what}"
+        return
+    if batch % c.dp:
+        c.status, c.note = "skipped", f"the batch of {batch} does not split over dp={c.dp}"
+        return
+    kinds = [k for k in setup.kinds if k != "interleaved" or c.pp >= 2]
+    if not kinds:
+        c.status, c.note = "skipped", "the interleaved schedule needs pp >= 2"
+        return
+    try:
+        c.options = micro_batch_options(batch, c.dp, c.pp, micro_batches, kinds)
+    except AutopartError as exc:
+        c.status, c.note = "skipped", str(exc).split("; ")[0]
+
+
+@dataclass(frozen=True, slots=True)
+class _Totals:
+    """What every device of a mesh shares at least its part of (one TP rank's, or whole)."""
+
+    state_bytes: float
+    """Parameter, gradient and optimizer state of the whole model."""
+    sample_bytes: float
+    """Activations of one sample."""
+    compute_s: float
+    """Forward and backward seconds of one step at the traced batch."""
+    param_bytes: int
+
+    @classmethod
+    def of(cls, og: OpGraph, batch: int, setup: PlanningSetup) -> _Totals:
+        saved = dict.fromkeys(s for n in og.nodes.values() for s in n.saved_from)
+        activations = sum(og.value_bytes_of(s) for s in saved) + sum(
+            n.private_saved_bytes for n in og.nodes.values()
+        )
+        params = sum(og.param_bytes_by_name.values())
+        return cls(
+            params * setup.state_per_byte,
+            activations / batch,
+            sum(n.compute_s for n in og.nodes.values()),
+            params,
+        )
+
+
+def _bound(c: _Mesh, totals: _Totals, setup: PlanningSetup, *, shard: int) -> None:
+    """Lower bounds on the mesh's memory per device and step time, from ``totals`` divided by
+    ``shard`` (the TP degree before the TP solve, when sharding can at best divide them; 1 after,
+    from the TP-adjusted graph)."""
+    memory = (totals.state_bytes / shard + totals.sample_bytes) / c.pp
+    c.memory_bound = int(memory)
+    if memory > setup.limit:
+        c.status = "over memory"
+        c.note = (
+            f"needs at least {format_bytes(int(memory))} per device (1/pp of the parameter, "
+            "gradient and optimizer state and of one sample's activations)"
+        )
+        return
+    work_s = totals.compute_s / shard / c.dp
+    sync_s = dp_sync_s(
+        totals.param_bytes // (shard * c.pp), dp=c.dp, pp=c.pp, tp=c.tp, spec=setup.spec
+    )
+    c.step_bound_s = _pipeline_bound_s(work_s, c.pp, c.options) + sync_s
+
+
+def _split_bound(
+    c: _Mesh, owned: NodeMemory, batch: int, setup: PlanningSetup, *, before_tp: bool = False
+) -> None:
+    """Reject the mesh when even the leanest fractional split of what its nodes own (state, and
+    activations at its schedules' least in-flight counts) exceeds the limit: a valid lower bound
+    on every split the stage ILP or the simulation could take (:mod:`~autopart.solver.\
+_pipeline_memory`), so no mesh that could fit is dropped."""
+    need, kind, m = pipeline_memory_bound(owned, batch=batch, dp=c.dp, pp=c.pp, options=c.options)
+    c.memory_bound = max(c.memory_bound, need)
+    if need <= setup.limit:
+        return
+    how = "" if c.tp == 1 else " under any TP sharding" if before_tp else " under its TP sharding"
+    c.status = "over memory"
+    c.note = (
+        f"needs at least {format_bytes_up(need)} per device (a lower bound on any split of its "
+        f"parameter, gradient and optimizer state and in-flight activations{how}; least with "
+        f"{kind} x {m})"
+    )
+
+
+def _pipeline_bound_s(work_s: float, p: int, options: Mapping[str, list[int]]) -> float:
+    """A lower bound on a pipeline's step time when its ``p`` devices do ``work_s`` seconds of
+    compute in all. Under GPipe and 1F1B (one stage per device, ``m`` micro-batches, ``t_s`` the
+    compute of stage ``s`` per micro-batch), device ``s`` starts after micro-batch 0's forward
+    passed the stages before it, works ``m t_s``, and its last backward still has to pass them:
+    ``T >= sum_{r<s} t_r + m t_s`` for every ``s``. With ``P_s = t_0 + ... + t_s`` that gives
+    ``P_s <= P_{s-1} (1 - 1/m) + T / m``, so ``P_{p-1} = work_s / m <= T (1 - (1 - 1/m)^p)``.
+    Interleaved schedules: the average, ``work_s / p``."""
+    bounds = []
+    for kind, counts in options.items():
+        for m in counts:
+            if kind == "interleaved":
+                bounds.append(work_s / p)
+            else:
+                bounds.append(work_s / (m * (1 - (1 - 1 / m) ** p)))
+    return min(bounds)
+
+
+def _beaten(c: _Mesh, best_estimate: float | None) -> bool:
+    """Whether the mesh's step-time bound already loses to a plan found (then it is dropped)."""
+    if best_estimate is None or c.step_bound_s < best_estimate:
+        return False
+    c.status = "bounded"
+    c.note = (
+        f"cannot win: its step takes at least {format_seconds(c.step_bound_s)} (pipeline bound "
+        f"on its compute) > {format_seconds(best_estimate)} estimated for the best"
+    )
+    return True
+
+
+def _drop_op_graph(bg: BlockGraph) -> BlockGraph:
+    """``bg`` without its node graph: scaling it then costs blocks, not nodes."""
+    return BlockGraph(bg.blocks, bg.tensors, bg.param_bytes_by_name)
+
+
+def _estimate(c: _Mesh, coarse: BlockGraph, setup: PlanningSetup) -> None:
+    spec = pipeline_device(setup.spec, pp=c.pp, tp=c.tp)
+    bg = coarse.scaled(1.0 / c.dp) if c.dp > 1 else coarse
+    found: list[tuple[bool, float, int, str, int]] = []
+    for kind, counts in c.options.items():
+        v = _INTERLEAVE if kind == "interleaved" else 1
+        if len(bg.blocks) < c.pp * v:
+            continue
+        stage_of = baselines.chain_dp(_per_micro_batch(bg, counts[0]), c.pp * v, spec)
+        params = bg.stage_param_bytes(stage_of, c.pp * v)
+        per_device = [sum(params[s] for s in range(d, c.pp * v, c.pp)) for d in range(c.pp)]
+        sync_s = max(
+            dp_sync_s(nbytes, dp=c.dp, pp=c.pp, tp=c.tp, spec=setup.spec) for nbytes in per_device
+        )
+        for m in counts:
+            tl = _simulate(bg, stage_of, c.pp, v, spec, kind, m, setup.state_per_byte)
+            peak = int(max(tl.peak_memory_bytes))
+            found.append((peak <= setup.limit, tl.step_time_s + sync_s, peak, kind, m))
+    if not found:
+        c.status, c.note = "skipped", f"too few blocks for {c.pp} stages"
+        return
+    fits = [f for f in found if f[0]]
+    ok, step_s, peak, kind, m = (
+        min(fits, key=lambda f: f[1]) if fits else min(found, key=lambda f: f[2])
+    )
+    c.estimate_s, c.estimate_fits, c.estimate_peak, c.estimate_kind = step_s, ok, peak, (kind, m)
+
+
+def _tp_of(costs: Mapping[tuple[int, int | None], TPCostsOf | None], c: _Mesh) -> TPCostsOf:
+    found = costs[c.tp_key]
+    assert found is not None
+    return found
+
+
+def _plan_of(c: _Mesh) -> Plan:
+    assert c.plan is not None
+    return c.plan
+
+
+def _infeasible(meshes: list[_Mesh], devices: int, setup: PlanningSetup) -> InfeasibleMeshError:
+    """The error when nothing fits: the least memory a mesh needs (the stage ILP's minimum where it
+    planned the mesh, else the memory bound), and what is known of every mesh tried."""
+    tried = [c for c in meshes if c.status != "skipped"]
+    # A mesh planned in full that failed for another reason than memory (the stage solver ran out
+    # of time) is unsettled: its memory bound is below the limit and says nothing of its need.
+    unsettled = [c for c in tried if c.status == "no fit" and c.unsettled]
+    need = [(_need(c), c) for c in tried if c not in unsettled]
+    if not need and not unsettled:
+        reasons = "; ".join(sorted({c.note for c in meshes}))
+        return InfeasibleMeshError(
+            f"no mesh of {devices} devices can run this model: {reasons}.", 0
+        )
+    open_text = ""
+    timed_out = [c for c in unsettled if not c.note.startswith("not planned")]
+    out_of_budget = [c for c in unsettled if c not in timed_out]
+    if timed_out:
+        labels = ", ".join(format_mesh(c.mesh) for c in timed_out)
+        open_text = (
+            f"{len(timed_out)} mesh{'es' if len(timed_out) > 1 else ''} ({labels}) found no plan "
+            "within the solver's time limit and may still fit: raise --time-limit to settle them"
+        )
+    if out_of_budget:
+        labels = ", ".join(format_mesh(c.mesh) for c in out_of_budget)
+        open_text += (
+            ("; " if open_text else "")
+            + f"{len(out_of_budget)} mesh{'es' if len(out_of_budget) > 1 else ''} ({labels}) "
+            f"{'were' if len(out_of_budget) > 1 else 'was'} not planned: the search's time for "
+            f"planning meshes in full ({_FALLBACK_BUDGET} x --time-limit) ran out; raise "
+            "--time-limit to plan them"
+        )
+    listing = _listing(tried, unsettled, setup)
+    if not need:
+        return InfeasibleMeshError(
+            f"no mesh of {devices} devices fits {format_bytes(setup.limit)} per device: "
+            f"{open_text}, or raise --memory or --devices. {listing}",
+            setup.limit + 1,
+        )
+    least, c = min(need, key=lambda x: (x[0], x[1].pp, x[1].tp))
+    least = max(least, setup.limit + 1)  # nothing fits the limit
+    return InfeasibleMeshError(
+        f"no mesh of {devices} devices fits {format_bytes(setup.limit)} per device: the least "
+        f"demanding, {format_mesh(c.mesh)}, needs at least {format_bytes_up(least)} per device "
+        "(parameters, gradients, optimizer state and in-flight activations). Raise --memory to "
+        f"{format_bytes_up(least)} or more, or use more --devices"
+        + (f"; {open_text}" if open_text else "")
+        + f" (autopart does not yet shard optimizer state over dp (FSDP/ZeRO) or recompute "
+        f"activations, which would need less). {listing}",
+        least,
+    )
+
+
+def _need(c: _Mesh) -> int:
+    """The most memory per device the mesh is proven to need: the stage ILP's minimum where it was
+    planned in full, and the memory bound."""
+    if c.minimum_bytes is not None:
+        return max(c.minimum_bytes, c.memory_bound)
+    return c.memory_bound
+
+
+def _listing(tried: list[_Mesh], unsettled: list[_Mesh], setup: PlanningSetup) -> str:
+    """Each mesh tried and what is known of its need, least first."""
+    known = sorted((c for c in tried if c not in unsettled), key=lambda c: (_need(c), c.pp, c.tp))
+    parts = []
+    for c in known:
+        if _need(c) > setup.limit:
+            parts.append(f"{format_mesh(c.mesh)} >= {format_bytes_up(_need(c))}")
+        else:  # planned in full; the simulation, not the bound, showed it over the limit
+            parts.append(f"{format_mesh(c.mesh)} > {format_bytes(setup.limit)} (simulated)")
+    for c in unsettled:
+        what = "not planned (time ran out)" if c.note.startswith("not planned") else "timed out"
+        parts.append(f"{format_mesh(c.mesh)} {what}")
+    return f"Per mesh (memory per device): {'; '.join(parts)}."
+
+
+def _record(c: _Mesh) -> MeshCandidate:
+    bound = c.step_bound_s or None
+    plan = c.plan
+    if plan is not None:
+        return MeshCandidate(
+            mesh=c.mesh,
+            status=c.status,
+            step_time_s=plan.step_time_s,
+            step_bound_s=bound,
+            estimate_s=c.estimate_s,
+            memory_bytes=max(s.peak_memory_bytes for s in plan.stages),
+            schedule=plan.schedule,
+            micro_batches=plan.micro_batches,
+            note=c.note,
+        )
+    memory = c.minimum_bytes or c.estimate_peak
+    if c.status == "over memory":
+        memory = c.memory_bound
+    kind, m = c.estimate_kind
+    return MeshCandidate(
+        mesh=c.mesh,
+        status=c.status,
+        step_bound_s=bound,
+        estimate_s=c.estimate_s,
+        memory_bytes=memory,
+        schedule=kind,
+        micro_batches=m,
+        note=c.note,
+    )
+
+
+_STATUS_ORDER = ("chosen", "planned", "estimated", "bounded", "no fit", "over memory", "skipped")
+
+
+def _table_order(c: _Mesh) -> tuple[int, float, int, int]:
+    if c.plan is not None:
+        t = c.plan.step_time_s
+    elif c.estimate_s is not None:
+        t = c.estimate_s
+    elif c.status == "over memory":
+        t = c.memory_bound
+    else:
+        t = c.step_bound_s
+    return (_STATUS_ORDER.index(c.status), t, c.pp, c.tp)
+
+
+def _count(micro_batches: int) -> str:
+    return f"{micro_batches} micro-batch{'es' if micro_batches != 1 else ''}"
+
+
+def _pct(value: float, best: float | None) -> str:
+    return f"{value / best - 1:+.1%}" if best else "n/a"
+
+
+def _reason(best: _Mesh, meshes: list[_Mesh], setup: PlanningSetup) -> str:
+    plan = _plan_of(best)
+    text = (
+        f"chose {format_mesh(best.mesh)} because its predicted step, "
+        f"{format_seconds(plan.step_time_s)} ({plan.schedule}, {_count(plan.micro_batches)}), "
+        f"is the fastest that fits {format_bytes(setup.limit)} per device"
+    )
+    rivals = [
+        (_plan_of(c).step_time_s, "planned", c)
+        for c in meshes
+        if c.plan is not None and c is not best
+    ] + [
+        (c.estimate_s, "estimated", c)
+        for c in meshes
+        if c.status == "estimated" and c.estimate_fits and c.estimate_s is not None
+    ]
+    if rivals:
+        t, how, runner = min(rivals, key=lambda r: (r[0], r[2].pp, r[2].tp))
+        text += (
+            f"; the next best, {format_mesh(runner.mesh)}, is {how} at {format_seconds(t)} "
+            f"({_pct(t, plan.step_time_s)})"
+        )
+    counts = [
+        (sum(c.status == status for c in meshes), what)
+        for status, what in (
+            ("bounded", "cannot win by a lower bound on their step"),
+            ("over memory", "cannot fit memory"),
+            ("no fit", "found no plan that fits memory"),
+            ("skipped", "are not valid here"),
+        )
+    ]
+    others = [f"{n} {what}" for n, what in counts if n]
+    if others:
+        text += f"; of the other meshes, {', '.join(others)}"
+    return text + "."

@@ -1,0 +1,321 @@
+"""``autopart run``: train a model on local gloo ranks and check it against one process.
+
+Ranks are started with torch's own launcher (``torch.multiprocessing.start_processes``) and meet
+through a file store in a temporary folder. Every rank builds the same seeded model and random
+batch, compiles it with :func:`autopart.compile`, and trains ``steps`` SGD steps. Rank 0 then trains
+the unpartitioned model on the same micro-batches and compares the losses and every parameter.
+A rank that fails makes the others stop within ``timeout_s``: the launcher kills them and the
+error names the failing rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autopart.errors import AutopartError
+
+__all__ = ["RunReport", "run_local", "training_batch"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunReport:
+    model: str
+    mesh: str
+    schedule: str
+    micro_batches: int
+    steps: int
+    losses: tuple[float, ...]
+    reference_losses: tuple[float, ...]
+    max_param_rel_diff: float
+    """Largest |pipeline - reference| / max(|reference|) over parameters after training."""
+    step_time_s: float
+    """Median measured wall time of a training step (after the first)."""
+    predicted_step_time_s: float
+    samples_per_s: float
+    stage_forward_s: tuple[float, ...]
+    """Measured forward time per micro-batch of each stage (median over steps)."""
+    predicted_stage_forward_s: tuple[float, ...]
+    stage_backward_s: tuple[float, ...] = ()
+    """Measured backward time per micro-batch of each stage (median)."""
+    predicted_stage_backward_s: tuple[float, ...] = ()
+    bubble_fraction: float = 0.0
+    """Measured: the fraction of a step the ranks spend outside forward and backward work
+    (waiting for each other, communicating), averaged over ranks, median over steps."""
+    predicted_bubble_fraction: float = 0.0
+    """The plan's simulated bubble."""
+    closed_form_bubble_fraction: float = 0.0
+    """(p - 1) / (m + p - 1): the bubble of balanced stages with free communication."""
+
+
+def training_batch(loaded: Any, seed: int = 0) -> tuple[Any, Callable[[Any, Any], torch.Tensor]]:
+    """A seeded random target for ``loaded``'s example batch and a loss: next-token cross-entropy
+    for token models, mean squared error (summed over several outputs) otherwise."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        out = loaded.model(*loaded.example_inputs, **loaded.example_kwargs)
+    if isinstance(out, (tuple, list)):
+        target = torch.randn(out[0].shape, generator=gen)
+
+        def several(outs: Any, tgt: torch.Tensor) -> torch.Tensor:
+            return sum(torch.nn.functional.mse_loss(o, tgt) for o in outs)  # type: ignore[return-value]
+
+        return target, several
+    if loaded.example_inputs[0].dtype == torch.long:
+        logits = getattr(out, "logits", out)  # Hugging Face models return a ModelOutput
+        target = torch.randint(0, logits.shape[-1], tuple(logits.shape[:-1]), generator=gen)
+
+        def tokens(output: Any, tgt: torch.Tensor) -> torch.Tensor:
+            logits = getattr(output, "logits", output)
+            return torch.nn.functional.cross_entropy(logits.flatten(0, -2), tgt.flatten())
+
+        return target, tokens
+    target = torch.randn(out.shape, generator=gen)
+    return target, torch.nn.functional.mse_loss
+
+
+def run_local(
+    spec: str,
+    *,
+    mesh: str = "pp=2",
+    steps: int = 3,
+    micro_batches: int | None = None,
+    schedule: str = "auto",
+    batch: int | None = None,
+    seq: int | None = None,
+    config: dict[str, str] | None = None,
+    lr: float = 0.01,
+    timeout_s: float = 600.0,
+    verify: bool = True,
+) -> RunReport:
+    """Spawn the ranks ``mesh`` needs, train ``spec`` for ``steps`` steps, check and time it.
+    ``verify`` checks tensor-parallel stages against unsharded ones first (:mod:`autopart.runtime.verify`)."""
+    import torch.multiprocessing as mp
+
+    from autopart.planning.plans import parse_mesh
+
+    world = math.prod(parse_mesh(mesh).values())  # dp x pp x tp ranks
+    if steps < 1:
+        raise AutopartError(f"--steps must be >= 1, got {steps}.")
+    with tempfile.TemporaryDirectory(prefix="autopart-run-") as tmp:
+        out = Path(tmp) / "report.json"
+        request = _RunRequest(
+            spec, mesh, steps, micro_batches, schedule, batch, seq, config, lr, verify
+        )
+        args = (world, str(Path(tmp) / "store"), request, str(out), timeout_s)
+        ctx = mp.start_processes(
+            _rank_main, args=args, nprocs=world, join=False, start_method="spawn"
+        )
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    raise AutopartError(
+                        f"the ranks did not finish within {timeout_s:.0f} s; they were stopped."
+                    )
+        except mp.ProcessRaisedException as exc:
+            raise AutopartError(f"a rank failed, so the run was stopped:\n{exc}") from exc
+        except mp.ProcessExitedException as exc:
+            raise AutopartError(
+                f"rank {exc.error_index} exited ({exc}); the other ranks were stopped."
+            ) from exc
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        raw = json.loads(out.read_text())
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    return RunReport(**fields)
+
+
+@dataclass(frozen=True, slots=True)
+class _RunRequest:
+    """What every rank of :func:`run_local` trains, and how (its keyword arguments)."""
+
+    spec: str
+    mesh: str
+    steps: int
+    micro_batches: int | None
+    schedule: str
+    batch: int | None
+    seq: int | None
+    config: dict[str, str] | None
+    lr: float
+    verify: bool
+
+
+def _rank_main(
+    rank: int, world: int, store: str, request: _RunRequest, out: str, timeout_s: float
+) -> None:
+    import statistics
+
+    import torch.distributed as dist
+
+    import autopart
+    from autopart.models.model_spec import load_model
+    from autopart.planning.schedule import bubble_closed_form
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    spec, mesh, steps, lr = request.spec, request.mesh, request.steps, request.lr
+    try:
+        loaded = load_model(
+            spec, batch=request.batch, seq=request.seq, config=request.config, device="cpu", seed=0
+        )
+        reference = copy.deepcopy(loaded.model)
+        x, kw = loaded.example_inputs, dict(loaded.example_kwargs)
+        target, loss_fn = training_batch(loaded)
+        program = autopart.compile(
+            loaded.model,
+            mesh,
+            example_inputs=x,
+            example_kwargs=kw,
+            loss_fn=loss_fn,
+            micro_batches=request.micro_batches,
+            schedule=request.schedule,
+            verify=request.verify,
+        )
+        forward_s: dict[int, list[float]] = {}
+        backward_s: dict[int, list[float]] = {}
+        busy: list[float] = []  # this rank's forward + backward time, per step
+        for stage, pipe_stage, info in zip(
+            program._stages, program._pipeline_stages, program._local
+        ):
+            _time_forward(stage, forward_s.setdefault(info.index, []))
+            _time_chunks(pipe_stage, busy, backward_s.setdefault(info.index, []))
+        params = list(program.parameters())
+        optimizer = torch.optim.SGD(params, lr=lr) if params else None
+        losses, times, idle = [], [], []
+        for _ in range(steps):
+            busy.clear()
+            start = time.perf_counter()
+            if optimizer is not None:
+                optimizer.zero_grad()
+            losses.append(program.step(*x, target=target, **kw))
+            if optimizer is not None:
+                optimizer.step()
+            dist.barrier()
+            times.append(time.perf_counter() - start)
+            idle.append(max(0.0, 1.0 - sum(busy) / times[-1]))
+        state = program.full_state_dict()
+        per_stage: list[Any] = [None] * world
+        mine = (  # one call per micro-batch
+            {i: statistics.median(v) if v else 0.0 for i, v in forward_s.items()},
+            {i: statistics.median(v) if v else 0.0 for i, v in backward_s.items()},
+            statistics.median(idle[1:] if len(idle) > 1 else idle),
+        )
+        dist.all_gather_object(per_stage, mine)
+        if rank == 0:
+            plan = program.plan
+            # each data-parallel replica pipelines its share of the batch in micro-batches
+            chunks = plan.mesh.get("dp", 1) * plan.micro_batches
+            ref_losses = _reference(reference, x, kw, target, loss_fn, chunks, steps, lr)
+            diff = max(
+                float((state[n] - p.detach()).abs().max() / p.detach().abs().max().clamp_min(1e-12))
+                for n, p in reference.named_parameters()
+            )
+            measured = {k: v for part in per_stage for k, v in part[0].items()}
+            measured_bwd = {k: v for part in per_stage for k, v in part[1].items()}
+            step_s = statistics.median(times[1:] if len(times) > 1 else times)
+            p, m = plan.num_stages // plan.stages_per_device, plan.micro_batches
+            report = RunReport(
+                model=loaded.name,
+                mesh=mesh,
+                schedule=plan.schedule,
+                micro_batches=plan.micro_batches,
+                steps=steps,
+                losses=tuple(losses),
+                reference_losses=tuple(ref_losses),
+                max_param_rel_diff=diff,
+                step_time_s=step_s,
+                predicted_step_time_s=plan.step_time_s,
+                samples_per_s=int(x[0].shape[0]) / step_s,
+                stage_forward_s=tuple(measured[i] for i in range(plan.num_stages)),
+                predicted_stage_forward_s=tuple(s.forward_s for s in plan.stages),
+                stage_backward_s=tuple(measured_bwd[i] for i in range(plan.num_stages)),
+                predicted_stage_backward_s=tuple(s.backward_s for s in plan.stages),
+                bubble_fraction=statistics.fmean(part[2] for part in per_stage),
+                predicted_bubble_fraction=plan.bubble_fraction,
+                closed_form_bubble_fraction=bubble_closed_form(p, m, plan.stages_per_device),
+            )
+            Path(out).write_text(json.dumps(asdict(report)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _time_forward(stage: torch.nn.Module, sink: list[float]) -> None:
+    """Record the wall time of every forward call of ``stage`` (one call per micro-batch)."""
+    started: list[float] = []
+    stage.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
+    stage.register_forward_hook(lambda *_: sink.append(time.perf_counter() - started.pop()))
+
+
+def _time_chunks(stage: Any, busy: list[float], backward: list[float]) -> None:
+    """Record the time a ``PipelineStage`` spends in each forward and backward chunk (its work on
+    one micro-batch, without waiting for its neighbours): ``busy`` gets both, ``backward`` the
+    backward chunks. Wraps the instance's methods, which torch's schedules call per micro-batch."""
+
+    def timed(method: Callable[..., Any], sink: list[float] | None) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                took = time.perf_counter() - start
+                busy.append(took)
+                if sink is not None:
+                    sink.append(took)
+
+        return run
+
+    stage.forward_one_chunk = timed(stage.forward_one_chunk, None)
+    stage.backward_one_chunk = timed(stage.backward_one_chunk, backward)
+
+
+def _reference(
+    model: torch.nn.Module,
+    x: tuple[torch.Tensor, ...],
+    kwargs: dict[str, Any],
+    target: Any,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    micro_batches: int,
+    steps: int,
+    lr: float,
+) -> list[float]:
+    """The unpartitioned model trained on the same micro-batches (gradient accumulation)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    chunks = [torch.chunk(t, micro_batches) for t in (*x, target)]
+    kw_chunks = {
+        k: torch.chunk(v, micro_batches)
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+        else [v] * micro_batches
+        for k, v in kwargs.items()
+    }
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        total = 0.0
+        for i in range(micro_batches):
+            *xs, tgt = (c[i] for c in chunks)
+            loss = loss_fn(model(*xs, **{k: v[i] for k, v in kw_chunks.items()}), tgt)
+            (loss / micro_batches).backward()
+            total += float(loss.detach())
+        optimizer.step()
+        losses.append(total / micro_batches)
+    return losses

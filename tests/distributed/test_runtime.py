@@ -1,0 +1,214 @@
+"""The runtime on spawned gloo ranks (CPU) against the unpartitioned model: the same loss, and the
+same parameters after two optimizer steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from autopart.models.model_spec import load_model, parse_config_overrides
+from autopart.planning.plans import parse_mesh
+from autopart.runtime.launch import training_batch
+from tests._mesh_cases import Case, reference, results
+from tests.models import HF_CONFIGS
+
+STEPS = 2
+
+
+def _setup(
+    name: str, seed: int = 0
+) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], dict[str, Any], torch.Tensor, Any]:
+    if ":" in name and not name.startswith(
+        "hf:"
+    ):  # a factory: batch and sequence length are its own
+        loaded = load_model(name, device="cpu", seed=seed)
+    else:
+        config = parse_config_overrides(HF_CONFIGS[name]) if name in HF_CONFIGS else None
+        loaded = load_model(name, device="cpu", batch=8, seq=16, config=config, seed=seed)
+    model = loaded.model
+    model.train()
+    target, loss_fn = training_batch(loaded, seed)
+    return model, loaded.example_inputs, dict(loaded.example_kwargs), target, loss_fn
+
+
+def _optimizer(params: Any, kind: str) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.1) if kind == "sgd" else torch.optim.Adam(params, lr=1e-3)
+
+
+def _micro_batches(mesh: str, schedule: str) -> int:
+    """Per replica: 4 micro-batches of 2 samples; with data parallelism, one per pipeline rank
+    (2 samples each). (A micro-batch of one sample traces to another graph for HF LLaMA: export
+    specialises size-1 dimensions; `autopart.compile` re-plans then, unless the count is fixed.)"""
+    sizes = parse_mesh(mesh)
+    pp = sizes.get("pp", 1)
+    if sizes.get("dp", 1) > 1:
+        return pp
+    return 4
+
+
+def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
+    import autopart.runtime.program as runtime
+
+    model, x, kw, target, loss_fn = _setup(name)
+    program = runtime.compile(
+        model,
+        mesh,
+        example_inputs=x,
+        example_kwargs=kw,
+        loss_fn=loss_fn,
+        schedule=schedule,
+        micro_batches=_micro_batches(mesh, schedule),
+    )
+    inference = program(*x, **kw)  # before training: the model's own output on every rank
+    assert type(inference) is type(model(*x, **kw))  # e.g. a Hugging Face ModelOutput
+    inference = getattr(inference, "logits", inference)
+    params = list(program.parameters())
+    optimizer = _optimizer(params, opt) if params else None  # a stage may hold no parameters
+    losses = []
+    for _ in range(STEPS):
+        if optimizer is not None:
+            optimizer.zero_grad()
+        losses.append(program.step(*x, target=target, **kw))
+        if optimizer is not None:
+            optimizer.step()
+    return {
+        "losses": losses,
+        "state": program.full_state_dict(),
+        "schedule": program.plan.schedule,
+        "stages": program.plan.num_stages,
+        "inference": inference,
+    }
+
+
+def _full_batch_loss(name: str) -> float:
+    model, x, kw, target, loss_fn = _setup(name)
+    with torch.no_grad():
+        return float(loss_fn(model(*x, **kw), target))
+
+
+# Every model on 2 and 4 ranks, and every schedule on several models. SGD, not Adam, for the CNN
+# and GPT-2: some of their gradient components are exactly zero in exact arithmetic (a convolution
+# followed by GroupNorm, which removes them; the key bias of attention, which softmax ignores), and
+# Adam turns the last-bit noise of those zeros into full-size steps in either program.
+CASES = [
+    ("mlp", "pp=2", "gpipe", "sgd"),
+    ("mlp", "pp=2", "1f1b", "adam"),
+    ("mlp", "pp=4", "1f1b", "sgd"),
+    ("mlp", "pp=4", "interleaved", "adam"),  # eight stages, two per rank
+    ("hf:gpt2", "pp=2", "1f1b", "sgd"),  # tied embeddings across the two stages
+    ("hf:gpt2", "pp=4", "gpipe", "sgd"),
+    ("hf:llama", "pp=2", "interleaved", "sgd"),
+    ("hf:llama", "pp=4", "1f1b", "adam"),
+    ("gpt2-tiny", "pp=2", "gpipe", "sgd"),
+    ("llama-tiny", "pp=2", "gpipe", "adam"),
+    ("cnn", "pp=2", "1f1b", "sgd"),  # long skip connections forwarded through stages
+    ("cnn", "pp=4", "gpipe", "sgd"),
+    ("tests.models:tied_deep", "pp=4", "1f1b", "adam"),  # the embedding's copies on ranks 0 and 3
+    ("tests.models:tied_deep", "pp=2", "interleaved", "sgd"),
+    ("tests.models:two_in_two_out", "pp=2", "gpipe", "sgd"),  # two inputs, two outputs
+    ("tests.models:two_in_two_out", "pp=4", "1f1b", "adam"),
+    ("tests.models:keyword_inputs", "pp=2", "1f1b", "sgd"),  # a tensor and a float by keyword
+    ("tests.models:gpt2_padded", "pp=2", "1f1b", "sgd"),  # attention_mask= by keyword
+    # Data parallelism (DDP over dp) beside the pipeline: 4 ranks, two replicas of a 2-stage pipeline.
+    ("mlp", "dp=2,pp=2", "1f1b", "adam"),
+    ("hf:gpt2", "dp=2,pp=2", "1f1b", "sgd"),  # tied embeddings: summed per replica
+    ("hf:llama", "dp=2,pp=2", "gpipe", "adam"),
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline_results(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[Case], dict[str, Any]]:
+    return results(
+        request,
+        tmp_path_factory,
+        "test_pipeline_matches_the_unpartitioned_model",
+        CASES,
+        _run_case,
+        60.0,
+    )
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)  # the first case of a mesh spawns every case of it
+@pytest.mark.parametrize(("name", "mesh", "schedule", "opt"), CASES)
+def test_pipeline_matches_the_unpartitioned_model(
+    pipeline_results: Callable[[Case], dict[str, Any]],
+    name: str,
+    mesh: str,
+    schedule: str,
+    opt: str,
+) -> None:
+    got = pipeline_results((name, mesh, schedule, opt))
+    assert "error" not in got, got.get("error")
+    model, x, kw, _, _ = _setup(name)
+    with torch.no_grad():
+        expected = getattr(model(*x, **kw), "logits", model(*x, **kw))
+    torch.testing.assert_close(got["inference"], expected, rtol=1e-5, atol=1e-6)
+    sizes = parse_mesh(mesh)
+    # The reference accumulates over every replica's micro-batches, in replica order.
+    want_losses, want_state = reference(
+        _setup, _optimizer, name, opt, sizes.get("dp", 1) * _micro_batches(mesh, schedule), STEPS
+    )
+    assert got["schedule"] == schedule
+    assert got["stages"] == sizes["pp"] * (2 if schedule == "interleaved" else 1)
+    assert got["losses"][0] == pytest.approx(
+        _full_batch_loss(name), rel=1e-5
+    )  # the batch's own loss
+    for a, b in zip(got["losses"], want_losses, strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+    for n, t in got["state"].items():
+        torch.testing.assert_close(t, want_state[n], rtol=1e-5, atol=1e-6)
+    assert set(got["state"]) == set(want_state)  # every parameter, under the model's own name
+
+
+def test_no_process_group_is_a_clear_error() -> None:
+    import autopart.runtime.program as runtime
+
+    model, x, _, _, loss_fn = _setup("mlp")
+    assert not dist.is_initialized()
+    with pytest.raises(runtime.RuntimeSetupError, match="init_process_group"):
+        runtime.compile(model, "pp=2", example_inputs=x, loss_fn=loss_fn)
+
+
+def _errors_worker(rank: int, world: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    messages = []
+    try:
+        import autopart.runtime.program as runtime
+        from autopart.errors import AutopartError
+
+        model, x, _, _, loss_fn = _setup("mlp")
+        for kwargs in (
+            {"mesh": "pp=4"},  # more stages than ranks
+            {"mesh": "pp=2", "micro_batches": 3},  # 8 samples do not split into 3
+            {"mesh": "pp=2", "micro_batches": 1, "schedule": "1f1b"},  # 1F1B needs >= 2
+        ):
+            try:
+                runtime.compile(model, example_inputs=x, loss_fn=loss_fn, **kwargs)  # type: ignore[arg-type]
+                messages.append("no error")
+            except AutopartError as err:
+                messages.append(str(err))
+        if rank == 0:
+            Path(out).write_text("\n---\n".join(messages))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_bad_runtime_requests_are_clear_errors(tmp_path: Path) -> None:
+    out = tmp_path / "err.txt"
+    mp.start_processes(
+        _errors_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, start_method="spawn"
+    )
+    mesh, divisible, one_f_one_b = out.read_text().split("\n---\n")
+    assert "needs 4 ranks" in mesh and "has 2" in mesh and "torchrun" in mesh
+    assert "does not split into 3" in divisible and "divisor of 8" in divisible
+    assert "1f1b" in one_f_one_b and "micro-batch" in one_f_one_b

@@ -1,0 +1,1 @@
+"""One-process tests (the fast tier, ``-m "not distributed"``)."""

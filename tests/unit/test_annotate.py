@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import resource
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from autopart.capture.tracing import trace
+from autopart.cost_models.node_cost import NodeCost
+from autopart.models.model_spec import load_model
+from autopart.passes.annotate import annotate, node_cost
+from tests.models import Tied, TwoLayer
+
+# Small configs of real Hugging Face architectures (random weights, built from configs).
+HF_SMALL = {
+    "hf:gpt2": {
+        "n_layer": "2",
+        "n_embd": "64",
+        "n_head": "4",
+        "vocab_size": "512",
+        "n_positions": "64",
+    },
+    "hf:llama": {
+        "num_hidden_layers": "2",
+        "hidden_size": "64",
+        "intermediate_size": "160",
+        "num_attention_heads": "4",
+        "num_key_value_heads": "2",
+        "vocab_size": "512",
+    },
+    "hf:bert": {
+        "num_hidden_layers": "2",
+        "hidden_size": "64",
+        "intermediate_size": "128",
+        "num_attention_heads": "4",
+        "vocab_size": "512",
+    },
+}
+
+
+def _eager_flops(model: torch.nn.Module, args: tuple, kwargs: dict) -> int:
+    # On CPU, FlopCounterMode sees fused SDPA as a kernel it has no formula for and counts 0; the math
+    # backend runs the same attention as explicit matmuls, which it counts. autopart counts attention.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(*args, **kwargs)
+    return counter.get_total_flops()
+
+
+def _annotated(spec: str, **kw: object) -> tuple[object, torch.fx.GraphModule]:
+    loaded = load_model(spec, device="cpu", **kw)  # type: ignore[arg-type]
+    loaded.model.eval()
+    gm = annotate(trace(loaded.model, loaded.example_inputs, loaded.example_kwargs))
+    return loaded, gm
+
+
+@pytest.mark.parametrize(
+    ("spec", "kw"),
+    [
+        ("hf:gpt2", {"config": HF_SMALL["hf:gpt2"], "batch": 2, "seq": 32}),
+        ("hf:llama", {"config": HF_SMALL["hf:llama"], "batch": 2, "seq": 32}),
+        ("hf:bert", {"config": HF_SMALL["hf:bert"], "batch": 2, "seq": 32}),
+        ("mlp", {"batch": 4}),
+        ("cnn", {"batch": 2}),
+        ("gpt2-tiny", {"batch": 2, "seq": 32}),
+        ("llama-tiny", {"batch": 2, "seq": 32}),
+    ],
+)
+def test_forward_flops_match_flop_counter_and_params_are_exact(spec: str, kw: dict) -> None:
+    loaded, gm = _annotated(spec, **kw)
+    totals = gm.meta["autopart_totals"]
+    eager = _eager_flops(loaded.model, loaded.example_inputs, loaded.example_kwargs)
+    assert eager > 0
+    assert abs(totals.flops - eager) <= 0.01 * eager, (totals.flops, eager)
+    assert totals.params == sum(p.numel() for p in loaded.model.parameters())
+    assert totals.backward_flops > totals.flops  # weights and activations both get gradients
+
+
+def test_every_node_is_annotated_and_views_move_nothing() -> None:
+    _, gm = _annotated("gpt2-tiny", batch=2, seq=16)
+    for node in gm.graph.nodes:
+        cost = node_cost(node)
+        assert isinstance(cost, NodeCost)
+        if cost.is_view:
+            assert cost.bytes == 0 and cost.flops == 0
+    linear = [n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default]
+    assert linear and all(node_cost(n).params for n in linear)
+    assert all(node_cost(n).module for n in linear)
+
+
+def test_linear_costs_by_hand() -> None:
+    gm = annotate(trace(TwoLayer(16, 32, 4), (torch.randn(8, 16),)))
+    fc1 = next(n for n in gm.graph.nodes if node_cost(n).params == ("fc1.weight", "fc1.bias"))
+    cost = node_cost(fc1)
+    assert cost.flops == 2 * 8 * 16 * 32
+    # backward: grad of the weight only (the input needs no grad) = one matmul of the same size
+    assert cost.backward_flops == 2 * 8 * 16 * 32
+    assert cost.param_bytes == (32 * 16 + 32) * 4
+    assert cost.bytes_read == (8 * 16 + 32 * 16 + 32) * 4
+    assert cost.bytes_written == cost.output_bytes == 8 * 32 * 4
+    assert cost.module == "fc1" and cost.module_type == "Linear"
+    relu = next(iter(fc1.users))
+    assert node_cost(relu).saved_from == ("relu",)  # relu keeps its own output for backward
+    fc2 = next(iter(relu.users))
+    assert node_cost(fc2).saved_from == ("relu",)  # fc2 saves its input: the same tensor
+    assert gm.meta["autopart_totals"].activation_bytes == 8 * 32 * 4 + 8 * 16 * 4  # relu out + x
+
+
+def test_tied_parameters_counted_once() -> None:
+    model = Tied()
+    gm = annotate(trace(model, (torch.randint(0, 32, (2, 5)),)))
+    users = [n for n in gm.graph.nodes if "embed.weight" in node_cost(n).params]
+    assert len(users) == 2  # embedding and head both use it
+    assert gm.meta["autopart_totals"].params == sum(p.numel() for p in model.parameters())
+
+
+def test_fx_fallback_annotates_the_same_costs_as_export() -> None:
+    model, x = TwoLayer(), torch.randn(4, 16)
+    a = annotate(trace(model, (x,), method="export")).meta["autopart_totals"]
+    b = annotate(trace(model, (x,), method="fx")).meta["autopart_totals"]
+    assert (a.flops, a.backward_flops, a.params, a.activation_bytes) == (
+        b.flops,
+        b.backward_flops,
+        b.params,
+        b.activation_bytes,
+    )
+
+
+def test_tracing_twice_gives_identical_names_and_annotations() -> None:
+    def snapshot() -> list[tuple[str, str, NodeCost]]:
+        _, gm = _annotated("llama-tiny", batch=2, seq=16)
+        return [(n.name, str(n.target), node_cost(n)) for n in gm.graph.nodes]
+
+    assert snapshot() == snapshot()
+
+
+def test_meta_model_annotates_without_allocating() -> None:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loaded = load_model("gpt2-large", device="meta", batch=1, seq=64)  # 3 GiB of float32 if real
+    gm = annotate(trace(loaded.model, loaded.example_inputs, loaded.example_kwargs))
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert gm.meta["autopart_totals"].params == 774_030_080
+    assert grown_kib < 1024 * 1024  # far below the 3 GiB the weights would take
+
+
+@pytest.mark.slow
+def test_llama_70b_traces_and_annotates_on_meta() -> None:
+    loaded = load_model("llama-70b", device="meta", batch=1, seq=128)
+    gm = annotate(trace(loaded.model, loaded.example_inputs, loaded.example_kwargs))
+    totals = gm.meta["autopart_totals"]
+    assert totals.params == 70_553_706_496
+    # Forward FLOPs of the matmuls: 2 * tokens * (non-embedding params), plus attention.
+    tokens, layers, hidden = 128, 80, 8192
+    matmul = 2 * tokens * (totals.params - 128256 * hidden)
+    attention = layers * 2 * 2 * tokens * tokens * hidden
+    assert totals.flops == pytest.approx(matmul + attention, rel=1e-3)

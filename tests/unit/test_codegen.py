@@ -1,0 +1,634 @@
+"""autopart.emit: the written program is pinned by golden files, deterministic, free of autopart,
+and trains under torchrun exactly like the unpartitioned model.
+
+Set ``AUTOPART_UPDATE_GOLDEN=1`` to rewrite ``tests/golden/emit`` (plans included) after an
+intended change to the generated code, and review the diff.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+import autopart
+from autopart.codegen.emitter import EmitError, _Program, _write
+from autopart.models.model_spec import load_model, parse_config_overrides
+from autopart.passes.split_stages import split_stages, stage_info
+from autopart.planning.planner import plan_graph
+from autopart.planning.plans import Plan
+from autopart.runtime.launch import training_batch
+from autopart.runtime.program import _stage_io, _value_metas
+from tests.models import FAST_LINK, HF_CONFIGS
+
+GOLDEN = Path(__file__).parents[1] / "golden" / "emit"
+UPDATE = os.environ.get("AUTOPART_UPDATE_GOLDEN") == "1"
+LOCK = Path(__file__).parents[2] / "requirements" / "lock.txt"
+
+
+def _locked(package: str) -> str:
+    """The version ``requirements/lock.txt`` pins ``package`` to (the golden files' versions)."""
+    for line in LOCK.read_text().splitlines():
+        name, _, version = line.partition("==")
+        if name.strip().lower() == package:
+            return version.strip()
+    raise LookupError(f"{package} is not pinned in {LOCK}")
+
+
+TEMPLATE = Path(autopart.__file__).parent / "codegen" / "templates" / "run.py"
+COLLECTIVES = TEMPLATE.parent / "collectives.py"
+# golden folder -> (model, schedule, mesh); 4 micro-batches
+GOLDEN_CASES = {
+    "mlp": ("mlp", "gpipe", "pp=2"),
+    "gpt2-tiny": ("gpt2-tiny", "1f1b", "pp=2"),
+    # Megatron-split blocks, a vocabulary-parallel tied embedding, collectives in the code
+    "hf-gpt2-pp2-tp2": ("hf:gpt2", "1f1b", "pp=2,tp=2"),
+}
+SOURCES = ("config.json", "plan.json", "loss.py", "stage_0.py", "stage_1.py")
+
+
+def _setup(name: str) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any], torch.Tensor, Any]:
+    if name in HF_CONFIGS:  # small Hugging Face models, dropout off
+        config = parse_config_overrides(HF_CONFIGS[name])
+        loaded = load_model(name, device="cpu", batch=8, seq=16, config=config, seed=0)
+    elif ":" in name:  # a factory: batch and sequence length are its own
+        loaded = load_model(name, device="cpu", seed=0)
+    else:
+        loaded = load_model(name, device="cpu", batch=8, seq=16, seed=0)
+    target, loss_fn = training_batch(loaded)
+    return loaded.model, loaded.example_inputs, dict(loaded.example_kwargs), target, loss_fn
+
+
+def _plan(
+    name: str,
+    schedule: str,
+    pp: int = 2,
+    micro_batches: int = 4,
+    *,
+    mesh: str | None = None,
+    device: Any = "cpu",
+) -> Plan:
+    model, args, kwargs, _, _ = _setup(name)
+    gm = autopart.annotate(autopart.trace(model, args, kwargs))
+    batch = int(tree_flatten((args, kwargs))[0][0].shape[0])
+    return plan_graph(
+        gm,
+        batch=batch,
+        mesh=mesh or f"pp={pp}",
+        device=device,
+        micro_batches=micro_batches,
+        schedule=schedule,
+        name=name,
+    )
+
+
+def _golden_plan(case: str) -> Plan:
+    """The checked-in plan, so the golden sources pin code generation, not the solver."""
+    path = GOLDEN / case / "plan.json"
+    if UPDATE or not path.exists():
+        model, schedule, mesh = GOLDEN_CASES[case]
+        device = FAST_LINK if "tp" in mesh else "cpu"
+        return _plan(model, schedule, mesh=mesh, device=device)
+    return Plan.from_json(path.read_text())
+
+
+def _emit(name: str, plan: Plan, out: Path, **extra: Any) -> Path:
+    model, args, kwargs, target, loss_fn = _setup(name)
+    return autopart.emit(
+        plan,
+        out,
+        model=model,
+        example_inputs=args,
+        example_kwargs=kwargs,
+        target=target,
+        loss_fn=loss_fn,
+        **extra,
+    )
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_generated_sources_match_the_golden_files(tmp_path: Path, case: str) -> None:
+    model, _, mesh = GOLDEN_CASES[case]
+    if model.startswith("hf:"):
+        import transformers
+
+        if transformers.__version__ != _locked("transformers") and not UPDATE:
+            pytest.skip(
+                f"the golden {case} was traced with transformers {_locked('transformers')} (the "
+                f"lock), not {transformers.__version__}; emitting it fresh is checked elsewhere"
+            )
+    out = _emit(model, _golden_plan(case), tmp_path / case)
+    golden = GOLDEN / case
+    if UPDATE:
+        golden.mkdir(parents=True, exist_ok=True)
+        for file in SOURCES:
+            (golden / file).write_bytes((out / file).read_bytes())
+    copied = {"run.py": TEMPLATE} | ({"collectives.py": COLLECTIVES} if "tp" in mesh else {})
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted([*SOURCES, *copied, "weights.pt", "data.pt"])
+    for file in SOURCES:
+        assert (out / file).read_text() == (golden / file).read_text(), (
+            f"{case}/{file} differs from tests/golden/emit/{case}/{file}; if the change is "
+            "intended, rerun with AUTOPART_UPDATE_GOLDEN=1 and review the diff"
+        )
+    for file, template in copied.items():
+        assert (out / file).read_bytes() == template.read_bytes()  # copied verbatim
+
+
+def test_emitting_twice_writes_identical_bytes(tmp_path: Path) -> None:
+    plan = _golden_plan("gpt2-tiny")
+    first = _emit("gpt2-tiny", plan, tmp_path / "a")
+    second = _emit("gpt2-tiny", plan, tmp_path / "b")
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in second.iterdir())
+    for file in names:
+        assert (first / file).read_bytes() == (second / file).read_bytes(), file
+    for file in names:
+        text = (first / file).read_bytes()
+        assert b"/work/" not in text and str(Path.home()).encode() not in text, file
+        assert not re.search(rb"at 0x[0-9a-f]{6,}", text), file
+
+
+def test_the_emitted_program_never_imports_autopart() -> None:
+    files = [TEMPLATE, COLLECTIVES, *GOLDEN.glob("*/*.py")]
+    assert len(files) == 2 + 3 * len(GOLDEN_CASES)  # run.py, collectives.py; loss and 2 stages
+    for file in files:
+        assert not re.search(r"^\s*(import|from)\s+autopart\b", file.read_text(), re.M), file
+
+
+# -- the emitted stages against the model, in one process ----------------------------------------
+
+
+def _import(path: Path, name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load_stages(out: Path) -> tuple[list[nn.Module], Any, dict[str, Any]]:
+    config = json.loads((out / "config.json").read_text())
+    weights = torch.load(out / "weights.pt", weights_only=True)
+    tag = re.sub(r"\W", "_", str(out))
+    stages = []
+    for k in range(len(config["stage_ranks"])):
+        module = _import(out / f"stage_{k}.py", f"{tag}_stage_{k}")
+        stage = getattr(module, f"Stage{k}")("cpu")
+        stage.load_state_dict({n: weights[n] for n in stage.state_dict()})
+        stages.append(stage)
+    return stages, _import(out / "loss.py", f"{tag}_loss"), config
+
+
+def _check_against_model(
+    out: Path,
+    model: nn.Module,
+    flat_inputs: list[Any],
+    target: Any,
+    loss_fn: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
+    """One micro-batch through the emitted stages: the model's loss and every gradient."""
+    stages, loss_module, config = _load_stages(out)
+    m = config["micro_batches"]
+    size = target.shape[0] // m
+
+    def first(x: Any) -> Any:
+        return x[:size] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+
+    values: tuple[Any, ...] = tuple(first(x) for x in flat_inputs)
+    for stage in stages:
+        values = stage(*values)
+    loss = loss_module.pipeline_loss(values, target[:size])
+    loss.backward()
+    model = copy.deepcopy(model)
+    expected = loss_fn(
+        model(*(first(a) for a in args), **{k: first(v) for k, v in kwargs.items()}), target[:size]
+    )
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    grads: dict[str, torch.Tensor] = {}
+    for stage in stages:
+        for n, p in stage.named_parameters():
+            grads[n] = grads[n] + p.grad if n in grads else p.grad
+    model_params = dict(model.named_parameters())
+    assert set(grads) == set(model_params)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, model_params[n].grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "pp"),
+    [
+        ("llama-tiny", 4),  # RoPE tables passed through stages that do not read them
+        ("hf:llama", 2),  # rotary embeddings under no_grad: a higher-order op's subgraph
+        ("tests.models:two_in_two_out", 2),  # two inputs, a tuple of two outputs
+        ("tests.models:keyword_inputs", 2),  # inputs by keyword
+    ],
+)
+def test_emitted_stages_compute_the_models_loss_and_gradients(
+    tmp_path: Path, name: str, pp: int
+) -> None:
+    model, args, kwargs, target, loss_fn = _setup(name)
+    out = _emit(name, _plan(name, "gpipe", pp), tmp_path)
+    if pp == 4:
+        assert "Passed through unchanged" in (out / "stage_2.py").read_text()
+    traced = autopart.trace(model, args, kwargs)
+    if any(isinstance(m, torch.fx.GraphModule) for m in traced.children()):
+        # a higher-order op's body (HF LLaMA's rotary embedding up to transformers 5.23)
+        assert "class Subgraph_" in "".join(p.read_text() for p in out.glob("stage_*.py"))
+    flat = tree_flatten((args, kwargs))[0]
+    _check_against_model(out, model, flat, target, loss_fn, args, kwargs)
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(self.norm(x)))
+
+
+class _FxModel(nn.Module):
+    def __init__(self, attention: bool = False) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block() for _ in range(2))
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True) if attention else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        if self.attn is not None:
+            x = self.attn(x, x, x)[0]
+        return x
+
+
+def _mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((output - target) ** 2).mean()
+
+
+def _fx_program(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> _Program:
+    gm = autopart.annotate(autopart.trace(model, (x,), method="fx"))
+    plan = plan_graph(gm, batch=8, mesh="pp=2", device="cpu", micro_batches=1, schedule="gpipe")
+    stages = split_stages(gm, plan)
+    infos = tuple(stage_info(s) for s in stages)
+    metas = _value_metas(gm, [x])  # one micro-batch: the whole batch
+    return _Program(
+        plan=plan,
+        stages=tuple(stages),
+        infos=infos,
+        inputs=(x,),
+        target=target,
+        loss_fn=_mse,
+        steps=1,
+        lr=0.1,
+        io={i.index: _stage_io(metas, None, i) for i in infos},
+    )
+
+
+def test_fx_graphs_emit_torch_nn_modules_whole(tmp_path: Path) -> None:
+    model = _FxModel()
+    x, target = torch.randn(8, 4, 16), torch.randn(8, 4, 16)
+    program = _fx_program(model, x, target)
+    assert any(n.op == "call_module" for s in program.stages for n in s.graph.nodes)
+    state = {n: t for s in program.stages for n, t in s.state_dict().items()}
+    _write(program, tmp_path, state)
+    assert "torch.nn.Linear(in_features=16, out_features=16, bias=True)" in "".join(
+        p.read_text() for p in tmp_path.glob("stage_*.py")
+    )
+    _check_against_model(tmp_path, model, [x], target, _mse, (x,), {})
+
+
+def test_fx_modules_without_a_source_form_are_a_clear_error(tmp_path: Path) -> None:
+    model = _FxModel(attention=True)
+    x = torch.randn(8, 4, 16)
+    program = _fx_program(model, x, torch.randn(8, 4, 16))
+    with pytest.raises(EmitError, match=r"MultiheadAttention.*torch\.export"):
+        _write(program, tmp_path, {})
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+def _helper(t: torch.Tensor) -> torch.Tensor:
+    return t * 2
+
+
+def _uses_a_helper(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return _mse(_helper(output), target)
+
+
+def test_bad_requests_are_clear_errors(tmp_path: Path) -> None:
+    plan = _golden_plan("mlp")
+    model, args, _, target, loss_fn = _setup("mlp")
+    with pytest.raises(EmitError, match=r"needs model, example_inputs.*ParallelProgram"):
+        autopart.emit(plan, tmp_path, target=target, loss_fn=loss_fn)
+    scale = torch.ones(1)
+
+    def closure(output: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return ((output - tgt) * scale).pow(2).mean()
+
+    for bad, message in [
+        (lambda o, t: (o - t).pow(2).mean(), "lambda"),
+        (closure, r"closure over 'scale'.*module level"),
+        (_uses_a_helper, r"_helper.*only torch"),
+    ]:
+        with pytest.raises(EmitError, match=message):
+            autopart.emit(
+                plan, tmp_path, model=model, example_inputs=args, target=target, loss_fn=bad
+            )
+    with pytest.raises(EmitError, match=r"target must be a tensor with the batch's 8 samples"):
+        autopart.emit(
+            plan, tmp_path, model=model, example_inputs=args, target=target[:3], loss_fn=loss_fn
+        )
+    assert not (tmp_path / "run.py").exists()  # nothing is written before everything is known
+
+
+# -- torchrun --------------------------------------------------------------------------------------
+
+
+def _reference(
+    name: str, micro_batches: int, steps: int, lr: float
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The unpartitioned model trained on the same micro-batches (gradient accumulation): the
+    losses, and its parameters and buffers afterwards."""
+    model, args, kwargs, target, loss_fn = _setup(name)
+    assert not kwargs
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    chunks = [torch.chunk(t, micro_batches) for t in (*args, target)]
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        total = 0.0
+        for i in range(micro_batches):
+            *xs, tgt = (c[i] for c in chunks)
+            loss = loss_fn(model(*xs), tgt)
+            (loss / micro_batches).backward()
+            total += float(loss.detach())
+        optimizer.step()
+        losses.append(total / micro_batches)
+    state = {n: b.detach() for n, b in model.named_buffers()}  # non-persistent ones too
+    return losses, {**state, **{n: p.detach() for n, p in model.named_parameters()}}
+
+
+def _torchrun(
+    out: Path, *args: str, shadow: Path, ranks: int = 2
+) -> subprocess.CompletedProcess[str]:
+    # A package named autopart that cannot be imported comes first on the path: the program
+    # must run on torch alone.
+    (shadow / "autopart").mkdir(parents=True, exist_ok=True)
+    (shadow / "autopart" / "__init__.py").write_text(
+        "raise ImportError('the emitted program imported autopart')\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(shadow)}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(ranks),
+            "run.py",
+            *args,
+        ],
+        cwd=out,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("name", "schedule"),
+    [
+        ("gpt2-tiny", "1f1b"),  # the embedding is tied to the output layer across the two ranks
+        pytest.param("llama-tiny", "interleaved", marks=pytest.mark.slow),  # 2 stages a rank
+    ],
+)
+def test_torchrun_trains_like_the_unpartitioned_model(
+    tmp_path: Path, name: str, schedule: str
+) -> None:
+    plan = _golden_plan(name) if name in GOLDEN_CASES else _plan(name, schedule)
+    assert plan.schedule == schedule and plan.micro_batches == 4
+    out = _emit(name, plan, tmp_path / "program", lr=0.1)
+    steps = 2
+    done = _torchrun(
+        out,
+        "--steps",
+        str(steps),
+        "--losses-out",
+        "losses.json",
+        "--save-weights",
+        "trained.pt",
+        shadow=tmp_path / "shadow",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "step 2/2  loss" in done.stdout
+    losses = json.loads((out / "losses.json").read_text())
+    want_losses, want_state = _reference(name, plan.micro_batches, steps, lr=0.1)
+    assert losses == pytest.approx(want_losses, rel=1e-5)
+    trained = torch.load(out / "trained.pt", weights_only=True)
+    assert set(trained) == set(want_state)  # parameters and buffers, under the model's own names
+    for n, t in trained.items():
+        torch.testing.assert_close(t, want_state[n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)  # torchrun of a 4-rank program, per case
+@pytest.mark.parametrize(
+    ("name", "mesh", "schedule"),
+    [
+        # TP shards of every block, the tied embedding's shards summed across the two stages
+        ("hf:gpt2", "pp=2,tp=2", "1f1b"),
+        # two DDP replicas of a pipeline, each on half the batch
+        ("gpt2-tiny", "dp=2,pp=2", "gpipe"),
+        # GQA attention split by heads on two TP ranks, two replicas, no pipeline
+        pytest.param("hf:llama", "dp=2,tp=2", "gpipe", marks=pytest.mark.slow),
+    ],
+)
+def test_torchrun_trains_dp_and_tp_meshes_like_the_unpartitioned_model(
+    tmp_path: Path, name: str, mesh: str, schedule: str
+) -> None:
+    plan = _plan(name, schedule, micro_batches=2, mesh=mesh, device=FAST_LINK)
+    sizes = {"dp": 1, "tp": 1, **plan.mesh}
+    if sizes["tp"] > 1:
+        assert plan.tp is not None and {"col", "row"} <= set(plan.tp.sharding.values())
+    out = _emit(name, plan, tmp_path / "program", lr=0.1)
+    world = sizes["dp"] * sizes["pp"] * sizes["tp"]
+    if sizes["tp"] > 1:
+        assert (out / "collectives.py").exists()
+        stage = (out / "stage_0.py").read_text()
+        assert "import collectives" in stage and "SHARDED" in stage
+    done = _torchrun(
+        out,
+        "--steps",
+        "2",
+        "--losses-out",
+        "losses.json",
+        "--save-weights",
+        "trained.pt",
+        shadow=tmp_path / "shadow",
+        ranks=world,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    losses = json.loads((out / "losses.json").read_text())
+    want_losses, want_state = _reference(name, sizes["dp"] * plan.micro_batches, 2, lr=0.1)
+    assert losses == pytest.approx(want_losses, rel=1e-5)
+    trained = torch.load(out / "trained.pt", weights_only=True)
+    # Whole tensors under the model's own names: every parameter, and the buffers the graph reads
+    # (HF LLaMA's unused rotary_emb.original_inv_freq is not part of the program).
+    model = _setup(name)[0]
+    assert {n for n, _ in model.named_parameters()} <= set(trained) <= set(want_state)
+    assert set(want_state) - set(trained) <= {n for n, _ in model.named_buffers()}
+    for n, t in trained.items():
+        torch.testing.assert_close(t, want_state[n], rtol=1e-5, atol=1e-6)
+
+
+def test_run_py_outside_torchrun_says_how_to_launch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = _emit(
+        "tests.models:two_in_two_out", _plan("tests.models:two_in_two_out", "gpipe"), tmp_path
+    )
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    run = _import(out / "run.py", "emitted_run")
+    with pytest.raises(
+        SystemExit, match=r"WORLD_SIZE is not set.*torchrun --nproc-per-node 2 run\.py"
+    ):
+        run.main([])
+
+
+# -- emit(program) on the ranks of a running program ----------------------------------------------
+
+
+def _program_worker(rank: int, world: int, store: str, out: str, name: str, mesh: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model, args, _, target, loss_fn = _setup(name)
+        program = autopart.compile(
+            model,
+            mesh,
+            example_inputs=args,
+            loss_fn=loss_fn,
+            micro_batches=2,
+            schedule="1f1b",
+            device=FAST_LINK if "tp" in mesh else None,
+        )
+        params = list(program.parameters())  # stage 1 of two_in_two_out has none
+        optimizer = torch.optim.SGD(params, lr=0.1) if params else None
+        program.step(*args, target=target)
+        if optimizer is not None:
+            optimizer.step()
+        written = autopart.emit(program, Path(out) / "program", target=target, steps=3)
+        assert (written / "run.py").exists()  # on every rank, once rank 0 has written
+        state = program.full_state_dict()
+        if rank == 0:
+            torch.save(state, Path(out) / "state.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("name", "mesh"),
+    [
+        ("tests.models:two_in_two_out", "pp=2"),
+        ("hf:gpt2", "tp=2"),  # each rank holds shards: emit joins them into whole weights
+    ],
+)
+def test_emit_of_a_program_gathers_the_trained_weights(
+    tmp_path: Path, name: str, mesh: str
+) -> None:
+    ctx = mp.start_processes(
+        _program_worker,
+        args=(2, str(tmp_path / "store"), str(tmp_path), name, mesh),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("ranks did not finish within 180 s")
+    out = tmp_path / "program"
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    weights = torch.load(out / "weights.pt", weights_only=True)
+    assert set(state) <= set(weights)  # every parameter, and the buffers
+    for n, t in state.items():
+        assert torch.equal(weights[n], t), n  # the trained weights, not the initial ones
+    assert json.loads((out / "config.json").read_text())["steps"] == 3
+    # The same sources as emitting the program's plan from the model.
+    plan = Plan.from_json((out / "plan.json").read_text())
+    again = _emit(name, plan, tmp_path / "again", steps=3)
+    files = sorted(f.name for f in out.iterdir() if f.suffix in (".py", ".json"))
+    assert files == sorted(f.name for f in again.iterdir() if f.suffix in (".py", ".json"))
+    for file in files:
+        assert (out / file).read_text() == (again / file).read_text(), file
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+
+def test_cli_emit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from autopart.cli.main import main
+
+    out = tmp_path / "prog"
+    code = main(
+        [
+            "emit",
+            "gpt2-tiny",
+            "--mesh",
+            "pp=2",
+            "--out",
+            str(out),
+            "--batch",
+            "4",
+            "--seq",
+            "8",
+            "--micro-batches",
+            "2",
+            "--schedule",
+            "gpipe",
+            "--format",
+            "json",
+        ]
+    )
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["command"] == "torchrun --nproc-per-node 2 run.py"
+    assert doc["plan"]["micro_batches"] == 2 and doc["plan"]["schedule"] == "gpipe"
+    assert set(doc["files"]) == {*SOURCES, "run.py", "weights.pt", "data.pt"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["inputs"] == [{"shape": [4, 8], "dtype": "torch.int64"}]
+    assert config["mesh"] == {"dp": 1, "pp": 2, "tp": 1}
+    both = tmp_path / "both"
+    args = ["--batch", "4", "--seq", "8", "--micro-batches", "2", "--format", "json"]
+    assert main(["emit", "gpt2-tiny", "--mesh", "dp=2,pp=2", "--out", str(both), *args]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["command"] == "torchrun --nproc-per-node 4 run.py"
+    assert json.loads((both / "config.json").read_text())["mesh"] == {"dp": 2, "pp": 2, "tp": 1}
+    assert main(["emit", "gpt2-tiny", "--mesh", "pp=2,xp=2", "--out", str(out)]) == 2
+    assert "xp" in capsys.readouterr().err

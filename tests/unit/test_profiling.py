@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from autopart.capture.tracing import trace
+from autopart.cost_models import get_device
+from autopart.cost_models.compute import ComputeModel, forward_bytes, is_lookup
+from autopart.cost_models.profiling import Measurement, ProfileCache, calibrate, profile_graph
+from autopart.passes.annotate import annotate, node_cost
+from tests.models import TwoLayer
+
+
+def _gm() -> torch.fx.GraphModule:
+    return annotate(trace(TwoLayer(64, 256, 8), (torch.randn(32, 64),)))
+
+
+def test_profile_measures_every_computing_node_and_caches(tmp_path: Path) -> None:
+    gm = _gm()
+    cache = ProfileCache(tmp_path / "profile.json")
+    measured = profile_graph(gm, cache=cache, repeats=3, warmup=1)
+    computing = [
+        n.name for n in gm.graph.nodes if n.op == "call_function" and not node_cost(n).is_view
+    ]
+    assert set(computing) <= set(measured)
+    assert all(m.forward_s > 0 for m in measured.values())
+    linear = next(n for n in gm.graph.nodes if node_cost(n).params == ("fc1.weight", "fc1.bias"))
+    assert measured[linear.name].backward_s > 0  # the weight needs a gradient
+    assert (tmp_path / "profile.json").exists()
+
+    # A second run reads the cache: the same numbers, nothing re-measured.
+    again = profile_graph(gm, cache=ProfileCache(tmp_path / "profile.json"), repeats=3, warmup=1)
+    assert again == measured
+
+
+def test_corrupt_cache_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "profile.json"
+    path.write_text("{not json")
+    assert ProfileCache(path).get("cpu", "x") is None
+
+
+def test_calibration_fits_efficiencies_and_measured_times_override_predictions() -> None:
+    gm = _gm()
+    costs = {n.name: node_cost(n) for n in gm.graph.nodes}
+    cpu = get_device("cpu")
+    # Synthetic measurements that are exactly the roofline at 10% compute efficiency.
+    measured = {}
+    for name, c in costs.items():
+        if c.flops:
+            measured[name] = Measurement(
+                1e-5 + c.flops / (cpu.peak_flops_per_s(c.dtype) * 0.1), 0.0
+            )
+        elif c.bytes:
+            measured[name] = Measurement(1e-5, 0.0)
+    fitted = calibrate(cpu, costs, measured)
+    assert abs(fitted.compute_efficiency - 0.1) < 0.02
+    model = ComputeModel(cpu, measured_forward_s={k: v.forward_s for k, v in measured.items()})
+    name = next(iter(measured))
+    assert model.forward_s(name, costs[name]) == measured[name].forward_s
+
+
+class _TokenAndPosition(torch.nn.Module):
+    """GPT-2's input: a token table and a position table looked up and added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = torch.nn.Embedding(4096, 64)
+        self.wpe = torch.nn.Embedding(1024, 64)
+        self.norm = torch.nn.RMSNorm(64)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.wte(tokens) + self.wpe(positions))
+
+
+def test_calibration_fits_memory_efficiency_to_the_rows_an_embedding_moves() -> None:
+    tokens = torch.zeros(4, 16, dtype=torch.long)
+    gm = annotate(trace(_TokenAndPosition(), (tokens, tokens)))
+    costs = {n.name: node_cost(n) for n in gm.graph.nodes}
+    # the two tables are lookups; the norm's scale is an elementwise op on a parameter
+    lookups = [n for n, c in costs.items() if is_lookup(c)]
+    assert sorted(costs[n].params[0] for n in lookups) == ["wpe.weight", "wte.weight"]
+    cpu = get_device("cpu")
+    # Synthetic measurements: 10 us of launch plus the roofline's bytes at 30% of the bandwidth.
+    measured = {"launch_only": Measurement(1e-5, 0.0)}
+    costs["launch_only"] = dataclasses.replace(costs[lookups[0]], bytes_read=0, bytes_written=0)
+    for name, c in costs.items():
+        if c.flops == 0 and forward_bytes(c) > 0 and not c.is_view:
+            measured[name] = Measurement(
+                1e-5 + forward_bytes(c) / (cpu.memory_bandwidth_bytes_per_s * 0.3), 0.0
+            )
+    assert len(measured) >= 4  # both lookups, the add, the norm
+    fitted = calibrate(cpu, costs, measured)
+    assert fitted.memory_efficiency == pytest.approx(0.3, rel=0.05)
