@@ -530,7 +530,7 @@ def _sharded_root(
 ) -> nn.Module:
     """A module owning, under the model's names, the stage's parameters and buffers: this rank's
     shard of the split ones (new Parameters), the replicated ones as they are."""
-    from autopart.passes.split_stages import _attr, _set_nested
+    from autopart.passes.split_stages import attr_at, set_attr_at
 
     root = nn.Module()
     done: set[str] = set()
@@ -539,7 +539,7 @@ def _sharded_root(
             continue
         target = str(node.target)
         done.add(target)
-        value = _attr(stage, target)
+        value = attr_at(stage, target)
         p = storage.get(target, R)
         if isinstance(value, torch.Tensor) and p.is_shard:
             piece = shard_tensor(value.detach(), p, rank, degree)
@@ -547,5 +547,5 @@ def _sharded_root(
                 value = nn.Parameter(piece, requires_grad=value.requires_grad)
             else:
                 value = piece
-        _set_nested(root, target, value)
+        set_attr_at(root, target, value)
     return root

@@ -44,7 +44,15 @@ from torch.utils._pytree import TreeSpec, tree_flatten
 from autopart.errors import AutopartError
 from autopart.planning.plans import Plan
 
-__all__ = ["STAGE_META_KEY", "SplitError", "StageInfo", "split_stages", "stage_info"]
+__all__ = [
+    "STAGE_META_KEY",
+    "SplitError",
+    "StageInfo",
+    "attr_at",
+    "set_attr_at",
+    "split_stages",
+    "stage_info",
+]
 
 STAGE_META_KEY = "autopart_stage"
 _COMPUTING = ("call_function", "call_method", "call_module")
@@ -281,7 +289,7 @@ def _buffer_derived(gm: GraphModule) -> set[Node]:
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             if str(node.target) not in params and isinstance(
-                _attr(gm, str(node.target)), torch.Tensor
+                attr_at(gm, str(node.target)), torch.Tensor
             ):
                 derived.add(node)
         elif (
@@ -423,10 +431,10 @@ def _stage_module(gm: GraphModule, graph: Graph, s: int) -> GraphModule:
     root = nn.Module()
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module"):
-            value = _attr(gm, str(node.target))
+            value = attr_at(gm, str(node.target))
             if isinstance(value, nn.Parameter):
                 value = _owned(value)
-            _set_nested(root, str(node.target), value)
+            set_attr_at(root, str(node.target), value)
     module = GraphModule(root, graph, class_name=f"AutopartStage{s}")
     module.graph.lint()
     module.recompile()
@@ -438,14 +446,14 @@ def _owned(param: nn.Parameter) -> nn.Parameter:
     return nn.Parameter(param.detach(), requires_grad=param.requires_grad)
 
 
-def _attr(gm: GraphModule, target: str) -> Any:
+def attr_at(gm: GraphModule, target: str) -> Any:
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
 
 
-def _set_nested(root: nn.Module, target: str, value: Any) -> None:
+def set_attr_at(root: nn.Module, target: str, value: Any) -> None:
     *path, leaf = target.split(".")
     module = root
     for part in path:

@@ -109,6 +109,8 @@ __all__ = [
     "Strategy",
     "collective_bytes",
     "collective_time_s",
+    "dual",
+    "op_name",
     "resharding",
     "shard",
     "supported_ops",

@@ -185,7 +185,7 @@ def _llama(
     n_layer: int, vocab: int
 ) -> Callable[[int, int, int], tuple[nn.Module, tuple[torch.Tensor, ...]]]:
     def build(batch: int, seq: int, seed: int) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-        from autopart.models.zoo._common import seeded_build, token_inputs
+        from autopart.models.zoo import seeded_build, token_inputs
         from autopart.models.zoo.llama import Llama, LlamaConfig
 
         cfg = LlamaConfig(n_layer, 256, 4, 4, 1024, vocab, max_seq=1024)

@@ -23,7 +23,7 @@ import torch
 
 from autopart.errors import AutopartError
 from autopart.planning.graph import OpGraph
-from autopart.planning.planner import (
+from autopart.planning.mesh_plan import (
     PlanningSetup,
     TPCostsOf,
     micro_batch_options,

@@ -625,8 +625,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from autopart.cost_models import get_device
+    from autopart.planning.mesh_plan import is_auto_mesh
     from autopart.planning.mesh_search import search_mesh
-    from autopart.planning.planner import is_auto_mesh, plan_graph
+    from autopart.planning.planner import plan_graph
     from autopart.planning.plans import format_mesh, parse_mesh
     from autopart.units import parse_bytes
 
@@ -675,7 +676,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         Path(args.out).write_text(result.to_json())
     if args.svg:
         from autopart.planning.gantt import render_svg
-        from autopart.planning.planner import simulate_plan
+        from autopart.planning.mesh_plan import simulate_plan
 
         mesh_text = format_mesh(result.mesh)
         Path(args.svg).write_text(
@@ -766,9 +767,9 @@ def _cmd_emit(args: argparse.Namespace) -> int:
 
 
 def _first_batch(inputs: Any) -> int:
-    from autopart.planning.planner import _batch_size
+    from autopart.planning.mesh_plan import batch_size
 
-    return _batch_size(inputs)
+    return batch_size(inputs)
 
 
 def _print_plan(plan: Any, elapsed_s: float) -> None:

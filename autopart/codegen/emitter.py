@@ -87,8 +87,8 @@ from autopart.errors import AutopartError
 from autopart.planning.plans import Plan
 
 if TYPE_CHECKING:
-    from autopart.passes._tp_placements import Placement
     from autopart.passes.split_stages import StageInfo
+    from autopart.passes.tp_strategies import Placement
     from autopart.runtime.program import ParallelProgram
 
 __all__ = ["CONFIG_FORMAT_VERSION", "EmitError", "emit", "emit_model"]
@@ -177,10 +177,11 @@ def emit_model(
     from autopart.capture.tracing import trace
     from autopart.models.model_spec import load_model, parse_config_overrides
     from autopart.passes.annotate import annotate
-    from autopart.planning.planner import _batch_size, plan_graph
+    from autopart.planning.mesh_plan import batch_size
+    from autopart.planning.planner import plan_graph
     from autopart.planning.plans import parse_mesh
     from autopart.runtime.launch import training_batch
-    from autopart.runtime.program import _micro_batch_graph
+    from autopart.runtime.stage_io import micro_batch_graph
 
     dp = parse_mesh(mesh).get("dp", 1)  # a bad mesh is an error before any tracing
     overrides = parse_config_overrides(config) if config else None
@@ -188,7 +189,7 @@ def emit_model(
     args, kwargs = tuple(loaded.example_inputs), dict(loaded.example_kwargs)
     target, loss_fn = training_batch(loaded)
     gm = annotate(trace(loaded.model, args, kwargs))
-    size = _batch_size(tree_flatten((args, kwargs))[0])
+    size = batch_size(tree_flatten((args, kwargs))[0])
 
     def make(m: int | None) -> Plan:
         return plan_graph(
@@ -206,7 +207,7 @@ def emit_model(
         fewer = [m for m in range(plan.micro_batches - 1, 0, -1) if size % (dp * m) == 0]
         while (
             fewer
-            and _micro_batch_graph(loaded.model, gm, args, kwargs, size, dp * plan.micro_batches)
+            and micro_batch_graph(loaded.model, gm, args, kwargs, size, dp * plan.micro_batches)
             is None
         ):
             try:
@@ -264,8 +265,8 @@ def _from_plan(
     from autopart.capture.tracing import trace
     from autopart.passes.split_stages import split_stages, stage_info
     from autopart.passes.tp_check import check_tp_plan
-    from autopart.planning.planner import _batch_size
-    from autopart.runtime.program import _Inputs, _micro_batch_graph, _stage_io, _value_metas
+    from autopart.planning.mesh_plan import batch_size
+    from autopart.runtime.stage_io import ProgramInputs, micro_batch_graph, stage_io, value_metas
 
     missing = [
         name
@@ -293,7 +294,7 @@ def _from_plan(
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     flat, _ = tree_flatten((args, kwargs))
-    batch = _batch_size(flat)
+    batch = batch_size(flat)
     _check_target(target, batch, plan.micro_batches)
     assert target is not None
     dp = plan.mesh.get("dp", 1)
@@ -305,7 +306,7 @@ def _from_plan(
             + "; pass the batch the plan was made for."
         )
     gm = trace(model, args, kwargs)
-    run_gm = _micro_batch_graph(model, gm, args, kwargs, batch, chunks)
+    run_gm = micro_batch_graph(model, gm, args, kwargs, batch, chunks)
     if run_gm is None:
         raise EmitError(
             f"{type(model).__name__} traces to a different graph at micro-batch size "
@@ -316,7 +317,7 @@ def _from_plan(
         check_tp_plan(run_gm, plan.tp)  # a plan for another graph is an error, never applied
     stages = split_stages(run_gm, plan)
     infos = tuple(stage_info(s) for s in stages)
-    metas = _value_metas(run_gm, _Inputs.of(args, kwargs).micro_batch(batch, chunks))
+    metas = value_metas(run_gm, ProgramInputs.of(args, kwargs).micro_batch(batch, chunks))
     return _Program(
         plan=plan,
         stages=tuple(stages),
@@ -326,7 +327,7 @@ def _from_plan(
         loss_fn=loss_fn,
         steps=steps,
         lr=lr,
-        io={i.index: _stage_io(metas, plan.tp, i) for i in infos},
+        io={i.index: stage_io(metas, plan.tp, i) for i in infos},
     )
 
 
@@ -343,7 +344,7 @@ def _emit_program(
     import torch.distributed as dist
 
     from autopart.passes.split_stages import stage_info
-    from autopart.planning.planner import _batch_size
+    from autopart.planning.mesh_plan import batch_size
 
     plan = program.plan
     loss = loss_fn if loss_fn is not None else program._loss_fn
@@ -357,7 +358,7 @@ def _emit_program(
     else:  # checked against the structure compile saw
         args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         inputs = tuple(program._inputs.flatten(tuple(args), dict(example_kwargs or {})))
-    _check_target(target, _batch_size(inputs), plan.micro_batches)
+    _check_target(target, batch_size(inputs), plan.micro_batches)
     stages = tuple(program._all_stages)
     emitted = _Program(
         plan=plan,

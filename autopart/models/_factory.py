@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from autopart.errors import ModelSpecError
-from autopart.models.zoo._common import seeded_build
+from autopart.models.zoo import seeded_build
 
 __all__ = ["load_factory"]
 

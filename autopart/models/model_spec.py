@@ -23,8 +23,7 @@ from torch import nn
 
 from autopart.errors import ModelSpecError
 from autopart.models._factory import load_factory
-from autopart.models.zoo import DEFAULT_BATCH, DEFAULT_SEQ, ZOO, list_models
-from autopart.models.zoo._common import seeded_build
+from autopart.models.zoo import DEFAULT_BATCH, DEFAULT_SEQ, ZOO, list_models, seeded_build
 
 __all__ = ["LoadedModel", "list_models", "load_model", "parse_config_overrides"]
 

@@ -7,15 +7,12 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import Any
 
 import networkx as nx
 
 from autopart.errors import AutopartError
-from autopart.planning._cuts import crossing_bytes
-
-if TYPE_CHECKING:
-    from autopart.planning.graph import OpGraph
+from autopart.planning.cuts import crossing_bytes
 
 __all__ = ["Block", "BlockGraph", "CrossTensor", "PartitionError"]
 
@@ -87,8 +84,10 @@ class BlockGraph:
     blocks: tuple[Block, ...]
     tensors: tuple[CrossTensor, ...]
     param_bytes_by_name: Mapping[str, int]
-    op_graph: OpGraph | None = None
-    """The node graph these blocks coarsen (for the lower bound); ``None`` if built by hand."""
+    op_graph: Any = None
+    """The :class:`~autopart.planning.graph.OpGraph` these blocks coarsen (for the lower bound);
+    ``None`` if built by hand. Typed ``Any``: graph.py builds blocks, so this module cannot import
+    it back without a cycle."""
     shared_params: Mapping[str, tuple[int, ...]] = field(init=False)
     """Parameters used by more than one block -> those blocks (e.g. tied embeddings)."""
     nx: nx.DiGraph = field(init=False, repr=False)

@@ -31,8 +31,8 @@ from autopart.cost_models.devices import DeviceSpec
 from autopart.cost_models.memory import param_table
 from autopart.errors import AutopartError
 from autopart.passes.annotate import node_cost
-from autopart.planning._cuts import best_split_cuts, choose_cuts, crossing_bytes, merge_cuts
 from autopart.planning.blocks import Block, BlockGraph, CrossTensor, PartitionError
+from autopart.planning.cuts import best_split_cuts, choose_cuts, crossing_bytes, merge_cuts
 
 __all__ = [
     "Block",

@@ -17,7 +17,7 @@ Meshes are taken in order of a lower bound on their step time, and, cheapest fir
 1. memory bound: a device holds at least ``1 / pp`` of the TP-sharded parameter, gradient and
    optimizer state plus ``1 / pp`` of one sample's activations (before the TP solve: the state
    divided by ``tp``, which sharding can only beat). Then the split bound
-   (:mod:`autopart.solver._pipeline_memory`): the leanest *fractional* split of the state and
+   (:mod:`autopart.solver.pipeline_memory`): the leanest *fractional* split of the state and
    activations each node owns over the pipeline ranks, weighted by the schedule's in-flight counts
    (1F1B's first rank holds ``pp`` micro-batches), a valid lower bound on every split the stage
    ILP or the simulation could take; before the TP solve with every size divided by ``tp``, after
@@ -56,23 +56,23 @@ import torch
 from autopart.errors import AutopartError
 from autopart.planning.blocks import BlockGraph
 from autopart.planning.graph import OpGraph, coarsen
-from autopart.planning.planner import (
+from autopart.planning.mesh_plan import (
     GPUS_PER_NODE,
     MEMORY_ERRORS,
     PlanningSetup,
     TPCostsOf,
-    _per_micro_batch,
-    _simulate,
     dp_sync_s,
     micro_batch_options,
+    per_micro_batch,
     pipeline_device,
     plan_mesh,
     planning_setup,
+    simulate_blocks,
     solve_tp_costs,
 )
 from autopart.planning.plans import Plan, format_mesh
 from autopart.solver import baselines
-from autopart.solver._pipeline_memory import NodeMemory, pipeline_memory_bound
+from autopart.solver.pipeline_memory import NodeMemory, pipeline_memory_bound
 from autopart.solver.stage_ilp import InfeasibleMemoryError
 from autopart.solver.tp_ilp import InfeasibleTPMemoryError
 from autopart.units import format_bytes, format_bytes_up, format_seconds
@@ -587,14 +587,14 @@ def _estimate(c: _Mesh, coarse: BlockGraph, setup: PlanningSetup) -> None:
         v = _INTERLEAVE if kind == "interleaved" else 1
         if len(bg.blocks) < c.pp * v:
             continue
-        stage_of = baselines.chain_dp(_per_micro_batch(bg, counts[0]), c.pp * v, spec)
+        stage_of = baselines.chain_dp(per_micro_batch(bg, counts[0]), c.pp * v, spec)
         params = bg.stage_param_bytes(stage_of, c.pp * v)
         per_device = [sum(params[s] for s in range(d, c.pp * v, c.pp)) for d in range(c.pp)]
         sync_s = max(
             dp_sync_s(nbytes, dp=c.dp, pp=c.pp, tp=c.tp, spec=setup.spec) for nbytes in per_device
         )
         for m in counts:
-            tl = _simulate(bg, stage_of, c.pp, v, spec, kind, m, setup.state_per_byte)
+            tl = simulate_blocks(bg, stage_of, c.pp, v, spec, kind, m, setup.state_per_byte)
             peak = int(max(tl.peak_memory_bytes))
             found.append((peak <= setup.limit, tl.step_time_s + sync_s, peak, kind, m))
     if not found:

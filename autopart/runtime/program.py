@@ -35,7 +35,7 @@ from torch.distributed.pipelining import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
 )
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 # The emitted launcher's helpers (torch only): the runtime and the programs autopart.emit writes
 # bind non-tensor inputs and make cross-rank tensors contiguous with the same code.
@@ -43,14 +43,18 @@ from autopart.codegen.templates.run import BindConstants, contiguous_input_grads
 from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
 from autopart.planning.plans import Plan, TPSection, parse_mesh
+from autopart.runtime.stage_io import (
+    ProgramInputs,
+    RuntimeSetupError,
+    micro_batch_graph,
+    runnable_graph,
+    stage_io,
+    value_metas,
+)
 
 __all__ = ["ParallelProgram", "PeerFailureError", "RuntimeSetupError", "compile"]
 
 _SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
-
-
-class RuntimeSetupError(AutopartError):
-    """The distributed set-up does not match what was asked for."""
 
 
 class PeerFailureError(AutopartError):
@@ -86,7 +90,7 @@ def compile(
     from autopart.passes.annotate import annotate
     from autopart.passes.split_stages import split_stages, stage_info
     from autopart.passes.tp_check import check_tp_plan
-    from autopart.planning.planner import _batch_size
+    from autopart.planning.mesh_plan import batch_size
 
     dm = _resolve_mesh(mesh)
     dp, pp, tp = _axis_size(dm, "dp"), _axis_size(dm, "pp"), _axis_size(dm, "tp")
@@ -94,10 +98,10 @@ def compile(
     cost_device = device or ("h100" if torch_device.type == "cuda" else "cpu")
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
-    inputs = _Inputs.of(args, kwargs)
+    inputs = ProgramInputs.of(args, kwargs)
     gm = annotate(trace(model, args, kwargs))
     inputs.check_graph(gm)
-    batch = _batch_size(inputs.flat)
+    batch = batch_size(inputs.flat)
     if batch % dp:
         raise RuntimeSetupError(
             f"a batch of {batch} does not split across dp={dp} data-parallel replicas; use a batch "
@@ -118,7 +122,7 @@ def compile(
         schedule=schedule,
         name=type(model).__name__,
     )
-    run_gm = _runnable_graph(model, gm, args, kwargs, batch, dp, plan)
+    run_gm = runnable_graph(model, gm, args, kwargs, batch, dp, plan)
     # Export specializes dimensions of size 1, so a micro-batch of one sample can trace to another
     # graph (or to shapes where a TP placement no longer holds); when the count was not fixed by
     # the caller, fewer, larger micro-batches are tried (one micro-batch runs the planned graph).
@@ -136,9 +140,9 @@ def compile(
             )
         except AutopartError:
             continue
-        run_gm = _runnable_graph(model, gm, args, kwargs, batch, dp, plan)
+        run_gm = runnable_graph(model, gm, args, kwargs, batch, dp, plan)
     if run_gm is None:
-        same = _micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
+        same = micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
         if same is not None and plan.tp is not None:
             check_tp_plan(same, plan.tp)  # raises, naming the node whose placement does not hold
         raise RuntimeSetupError(
@@ -159,7 +163,7 @@ def compile(
         # output that is a strided view (e.g. a permute feeding a skip connection) is copied.
         stage.register_forward_hook(contiguous_outputs)
         stage.register_forward_pre_hook(contiguous_input_grads)  # the same for gradients sent back
-    metas = _value_metas(run_gm, inputs.micro_batch(batch, dp * plan.micro_batches))
+    metas = value_metas(run_gm, inputs.micro_batch(batch, dp * plan.micro_batches))
     program = ParallelProgram(
         plan,
         dm,
@@ -168,25 +172,12 @@ def compile(
         loss_fn,
         torch_device,
         inputs,
-        {info.index: _stage_io(metas, plan.tp, info) for info in (stage_info(s) for s in local)},
+        {info.index: stage_io(metas, plan.tp, info) for info in (stage_info(s) for s in local)},
     )
     # for autopart.emit, which writes every stage's code and its inputs' and outputs' metadata
     program._all_stages = stages
-    program._all_metas = {i.index: _stage_io(metas, plan.tp, i) for i in map(stage_info, stages)}
+    program._all_metas = {i.index: stage_io(metas, plan.tp, i) for i in map(stage_info, stages)}
     return program
-
-
-def _stage_io(
-    metas: Mapping[str, torch.Tensor], tp: TPSection | None, info: Any
-) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """Meta tensors of one micro-batch's tensor inputs and outputs of the stage ``info`` describes,
-    as this rank sends and receives them. With TP a stage sends and receives its local tensors
-    (shards, partial sums); only the last stage's outputs, the model's, are whole. Non-tensor inputs
-    (bound into the first stage) are left out."""
-    return (
-        tuple(_local_meta(metas, tp, n) for n in info.input_names if n in metas),
-        tuple(_local_meta(metas, tp, n, whole=info.is_last) for n in info.output_names),
-    )
 
 
 def _plan(
@@ -269,19 +260,6 @@ def _verify_tp(
         verify_tp_stage(whole, sharded, values, group, _torch_device(mesh))
 
 
-def _local_meta(
-    metas: Mapping[str, torch.Tensor], tp: TPSection | None, name: str, *, whole: bool = False
-) -> torch.Tensor:
-    """The meta tensor of value ``name`` as this rank holds it (its TP shard unless ``whole``)."""
-    from autopart.passes.shard_tp import local_shape
-
-    meta = metas[name]
-    if tp is None or tp.degree == 1 or whole:
-        return meta
-    shape = local_shape(meta.shape, tp.placements[name], tp.degree)
-    return torch.empty(shape, dtype=meta.dtype, device="meta").requires_grad_(meta.requires_grad)
-
-
 class ParallelProgram:
     """This rank's share of a pipeline-parallel training program (see :func:`compile`)."""
 
@@ -293,7 +271,7 @@ class ParallelProgram:
         infos: list[Any],
         loss_fn: Callable[[Any, Any], torch.Tensor] | None,
         device: torch.device,
-        inputs: _Inputs,
+        inputs: ProgramInputs,
         stage_metas: Mapping[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]],
     ) -> None:
         from autopart.passes.split_stages import stage_info
@@ -546,122 +524,6 @@ class ParallelProgram:
                 p.grad = grad.clone()
 
 
-class _Inputs:
-    """How the model's positional and keyword inputs flatten into the first stage's inputs (the
-    traced graph's placeholders, in order), fixed by the example inputs given to compile."""
-
-    def __init__(self, spec: TreeSpec, flat: list[Any], keys: tuple[str, ...]) -> None:
-        self.spec = spec
-        self.flat = flat
-        self.keys = keys
-        self.constants = {i: v for i, v in enumerate(flat) if not isinstance(v, torch.Tensor)}
-        """Non-tensor inputs (e.g. ``scale=2.0``): the trace specialised the graph to their values,
-        so they are bound into the first stage and every call must pass the same."""
-
-    @classmethod
-    def of(cls, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Inputs:
-        flat, spec = tree_flatten((args, kwargs))
-        return cls(spec, flat, tuple(kwargs))
-
-    @property
-    def batch(self) -> int:
-        from autopart.planning.planner import _batch_size
-
-        return _batch_size(self.flat)
-
-    def check_graph(self, gm: torch.fx.GraphModule) -> None:
-        placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        if len(placeholders) != len(self.flat):
-            raise RuntimeSetupError(
-                f"the traced graph takes {len(placeholders)} inputs ({', '.join(placeholders)}) but the "
-                f"example inputs flatten to {len(self.flat)}; pass tensors, or flat tuples/dicts of them."
-            )
-
-    def micro_batch(self, batch: int, micro_batches: int) -> list[Any]:
-        """The flat inputs of one micro-batch (the first)."""
-        size = batch // micro_batches
-        return [
-            a[:size] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else a
-            for a in self.flat
-        ]
-
-    def flatten(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
-        if set(kwargs) != set(self.keys):
-            raise RuntimeSetupError(
-                f"the program was compiled with keyword inputs {sorted(self.keys)} but got {sorted(kwargs)}; "
-                "pass the same keywords to every call."
-            )
-        flat, spec = tree_flatten((tuple(args), {k: kwargs[k] for k in self.keys}))
-        if spec != self.spec:
-            raise RuntimeSetupError(
-                f"the inputs have structure {spec} but the program was compiled for {self.spec}; "
-                "pass inputs shaped like compile's example_inputs / example_kwargs."
-            )
-        for i, value in self.constants.items():
-            if flat[i] != value:
-                raise RuntimeSetupError(
-                    f"input {i} is {flat[i]!r} but the program was compiled with {value!r}; a "
-                    "non-tensor input is part of the traced graph, so compile again to change it."
-                )
-        return flat
-
-
-def _runnable_graph(
-    model: torch.nn.Module,
-    gm: torch.fx.GraphModule,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    batch: int,
-    dp: int,
-    plan: Plan,
-) -> torch.fx.GraphModule | None:
-    """The micro-batch graph that ``plan`` runs on, if ``plan`` applies to it: the same nodes as
-    the planned graph, and (with TP) placements the rules offer at its shapes; else ``None``."""
-    from autopart.passes.shard_tp import ShardError
-    from autopart.passes.tp_check import check_tp_plan
-
-    run_gm = _micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
-    if run_gm is None or plan.tp is None:
-        return run_gm
-    try:
-        check_tp_plan(run_gm, plan.tp)
-    except ShardError:
-        if run_gm is gm:
-            raise
-        return None
-    return run_gm
-
-
-def _micro_batch_graph(
-    model: torch.nn.Module,
-    gm: torch.fx.GraphModule,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    batch: int,
-    micro_batches: int,
-) -> torch.fx.GraphModule | None:
-    """The graph the stages run: traced with one micro-batch's shapes, because export bakes static
-    shapes (e.g. ``view(x, [batch, seq, 3 * hidden])``) into the graph. The plan was made on the
-    full batch's graph, so both must have the same nodes for its stage assignment to carry over."""
-    from autopart.capture.tracing import trace
-
-    if micro_batches == 1:
-        return gm
-    size = batch // micro_batches
-
-    def slice_batch(a: Any) -> Any:
-        return (
-            a[:size] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else a
-        )
-
-    run = trace(
-        model, tuple(slice_batch(a) for a in args), {k: slice_batch(v) for k, v in kwargs.items()}
-    )
-    want = [(n.name, n.op, str(n.target)) for n in gm.graph.nodes]
-    got = [(n.name, n.op, str(n.target)) for n in run.graph.nodes]
-    return run if want == got else None
-
-
 def _axis_size(mesh: DeviceMesh, name: str) -> int:
     names = mesh.mesh_dim_names or ()
     return (
@@ -706,27 +568,6 @@ def _concat_batch(shares: list[Any]) -> Any:
     flat = [tree_flatten(s) for s in shares]
     joined = [_concat_batch([f[0][i] for f in flat]) for i in range(len(flat[0][0]))]
     return tree_unflatten(joined, flat[0][1])
-
-
-def _value_metas(gm: torch.fx.GraphModule, flat_inputs: list[Any]) -> dict[str, torch.Tensor]:
-    """Every tensor value of ``gm`` run on ``flat_inputs``, as a meta tensor with the value's shape,
-    dtype and ``requires_grad``. Runs under fake tensors (no compute, no memory), with autograd on so
-    that ``requires_grad`` says which values carry gradients back across a stage boundary."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    metas: dict[str, torch.Tensor] = {}
-
-    class _Prop(torch.fx.Interpreter):
-        def run_node(self, n: torch.fx.Node) -> Any:
-            out = super().run_node(n)
-            if isinstance(out, torch.Tensor):
-                metas[n.name] = torch.empty(out.shape, dtype=out.dtype, device="meta")
-                metas[n.name].requires_grad_(out.requires_grad)
-            return out
-
-    with FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad():
-        _Prop(gm).run(*flat_inputs)
-    return metas
 
 
 def _on(metas: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -10,8 +10,7 @@ from typing import Any
 
 from torch.fx import GraphModule, Node
 
-from autopart.passes._tp_rules import op_name
-from autopart.passes.tp_strategies import Strategy, weight_matmuls
+from autopart.passes.tp_strategies import Strategy, op_name, weight_matmuls
 from autopart.planning.graph import detect_layers
 
 __all__ = ["Layers", "fallbacks", "layer_of_nodes", "megatron_sharding"]

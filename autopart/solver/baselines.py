@@ -20,7 +20,7 @@ import numpy as np
 
 from autopart.cost_models.comm import p2p_time_s
 from autopart.cost_models.devices import DeviceSpec
-from autopart.planning._cuts import best_split_cuts, min_max_split
+from autopart.planning.cuts import best_split_cuts, min_max_split
 from autopart.planning.graph import BlockGraph, PartitionError
 from autopart.solver.cost import check_num_stages, stage_times_s
 

@@ -32,7 +32,7 @@ from autopart.passes.split_stages import split_stages, stage_info
 from autopart.planning.planner import plan_graph
 from autopart.planning.plans import Plan
 from autopart.runtime.launch import training_batch
-from autopart.runtime.program import _stage_io, _value_metas
+from autopart.runtime.stage_io import stage_io, value_metas
 from tests.models import FAST_LINK, HF_CONFIGS
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "emit"
@@ -289,7 +289,7 @@ def _fx_program(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> _Pro
     plan = plan_graph(gm, batch=8, mesh="pp=2", device="cpu", micro_batches=1, schedule="gpipe")
     stages = split_stages(gm, plan)
     infos = tuple(stage_info(s) for s in stages)
-    metas = _value_metas(gm, [x])  # one micro-batch: the whole batch
+    metas = value_metas(gm, [x])  # one micro-batch: the whole batch
     return _Program(
         plan=plan,
         stages=tuple(stages),
@@ -299,7 +299,7 @@ def _fx_program(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> _Pro
         loss_fn=_mse,
         steps=1,
         lr=0.1,
-        io={i.index: _stage_io(metas, None, i) for i in infos},
+        io={i.index: stage_io(metas, None, i) for i in infos},
     )
 
 

@@ -20,8 +20,9 @@ from autopart.cost_models import get_device
 from autopart.errors import AutopartError
 from autopart.models.model_spec import load_model
 from autopart.planning.graph import OpGraph
+from autopart.planning.mesh_plan import simulate_plan
 from autopart.planning.mesh_search import InfeasibleMeshError, mesh_candidates, search_mesh
-from autopart.planning.planner import plan_graph, simulate_plan
+from autopart.planning.planner import plan_graph
 from autopart.planning.plans import Plan
 from autopart.solver.tp_costs import tp_costs
 from autopart.solver.tp_ilp import megatron_sharding, solve_tp
@@ -262,8 +263,8 @@ def test_tp_bench_row_against_megatron() -> None:
 def test_no_mesh_fits_never_names_a_need_below_the_limit() -> None:
     # A mesh whose stage solver ran out of time has only its (small) memory bound: the error once
     # named it as the "least demanding", needing less than the limit it missed.
+    from autopart.planning.mesh_plan import planning_setup
     from autopart.planning.mesh_search import _infeasible, _Mesh
-    from autopart.planning.planner import planning_setup
 
     setup = planning_setup(device="h100", memory="80GiB", schedule="auto", optimizer="adamw")
     timed_out = _Mesh(32, 64, 8, status="no fit", memory_bound=8 << 30, unsettled=True)

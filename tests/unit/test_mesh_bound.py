@@ -1,4 +1,4 @@
-"""The mesh search's memory lower bound (autopart.solver._pipeline_memory): it rejects meshes
+"""The mesh search's memory lower bound (autopart.solver.pipeline_memory): it rejects meshes
 before any stage solve, never one that fits, and the error names every mesh's proven need."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import autopart
 import autopart.planning.mesh_search as mesh_search
 from autopart.models.model_spec import load_model
 from autopart.planning.graph import OpGraph, coarsen
+from autopart.planning.mesh_plan import in_flight_per_stage, planning_setup
 from autopart.planning.mesh_search import InfeasibleMeshError, search_mesh
-from autopart.planning.planner import _in_flight, planning_setup
-from autopart.solver._pipeline_memory import NodeMemory, pipeline_memory_bound
+from autopart.solver.pipeline_memory import NodeMemory, pipeline_memory_bound
 from autopart.solver.stage_ilp import InfeasibleMemoryError, solve_stages
 
 _CONFIG = {
@@ -86,7 +86,7 @@ def test_bound_is_below_the_stage_ilp_minimum(p: int) -> None:
                 bg,
                 p,
                 setup.spec,
-                in_flight=_in_flight(kind, p, m, 1),
+                in_flight=in_flight_per_stage(kind, p, m, 1),
                 state_bytes_per_param_byte=setup.state_per_byte,
                 memory_limit_bytes=1 << 20,
                 time_limit_s=5,

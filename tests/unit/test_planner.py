@@ -11,7 +11,8 @@ import autopart
 from autopart.cli.main import main
 from autopart.errors import AutopartError
 from autopart.models.model_spec import load_model
-from autopart.planning.planner import plan_graph, simulate_plan
+from autopart.planning.mesh_plan import simulate_plan
+from autopart.planning.planner import plan_graph
 from autopart.planning.plans import Plan
 from autopart.planning.schedule import bubble_closed_form
 from autopart.solver.stage_ilp import InfeasibleMemoryError

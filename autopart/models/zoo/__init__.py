@@ -12,7 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-from autopart.models.zoo._common import DEFAULT_BATCH, DEFAULT_SEQ, Built, ZooBuilder
+from autopart.models.zoo._common import (
+    DEFAULT_BATCH,
+    DEFAULT_SEQ,
+    Built,
+    ZooBuilder,
+    seeded_build,
+    token_inputs,
+)
 from autopart.models.zoo.gpt2 import GPT2, GPT2Config, build_gpt2
 from autopart.models.zoo.llama import Llama, LlamaConfig, build_llama
 from autopart.models.zoo.vision import MLP, UNet, build_cnn, build_mlp
@@ -31,6 +38,8 @@ __all__ = [
     "ZooBuilder",
     "ZooEntry",
     "list_models",
+    "seeded_build",
+    "token_inputs",
 ]
 
 
