@@ -91,7 +91,6 @@ from autopart.passes._tp_placements import (
     shard,
 )
 from autopart.passes._tp_rules import (
-    RULE_OPS,
     WEIGHT_SLOT,
     cache_key,
     node_strategies,
@@ -113,7 +112,6 @@ __all__ = [
     "op_name",
     "resharding",
     "shard",
-    "supported_ops",
     "tp_strategies",
     "weight_matmuls",
 ]
@@ -271,8 +269,3 @@ def weight_matmuls(gm: GraphModule) -> dict[str, str]:
         if op in WEIGHT_SLOT and weight_param(node, WEIGHT_SLOT[op]) is not None:
             found[node.name] = op
     return found
-
-
-def supported_ops() -> list[str]:
-    """The aten op names with sharding rules (everything else runs replicated)."""
-    return sorted(RULE_OPS)

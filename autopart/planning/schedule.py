@@ -18,27 +18,22 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from autopart._compat import StrEnum
 from autopart.errors import AutopartError
-from autopart.units import format_bytes
 
 __all__ = [
     "Action",
     "ActionKind",
     "Event",
     "Schedule",
-    "ScheduleChoice",
     "ScheduleError",
     "ScheduleKind",
-    "StageCosts",
     "Timeline",
     "bubble_closed_form",
     "build_schedule",
-    "choose_schedule",
-    "default_micro_batches",
     "format_schedule",
     "in_flight_micro_batches",
     "parse_schedule",
@@ -370,86 +365,3 @@ def in_flight_micro_batches(
     if kind is ScheduleKind.ONE_F_ONE_B:
         return min(p - stage_rank, m)
     return min(_interleaved_warmup(stage_rank, p, m, v) + 1, v * m)
-
-
-def default_micro_batches(num_devices: int) -> int:
-    """4p micro-batches: the 1F1B/GPipe bubble (p-1)/(5p-1) then stays below 20% for every p."""
-    return 4 * num_devices
-
-
-@dataclass(frozen=True, slots=True)
-class StageCosts:
-    """Per-stage costs of one micro-batch, for a given micro-batch count (see ``simulate``)."""
-
-    forward_s: tuple[float, ...]
-    backward_s: tuple[float, ...]
-    comm_s: tuple[float, ...]
-    activation_bytes: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        n = len(self.forward_s)
-        if {len(self.backward_s), len(self.activation_bytes), len(self.comm_s) + 1} != {n}:
-            raise ScheduleError(
-                f"{n} forward_s need {n} backward_s and activation_bytes and {n - 1} comm_s: "
-                "give one value per stage (per boundary for comm_s)"
-            )
-
-
-@dataclass(frozen=True, slots=True)
-class ScheduleChoice:
-    """The schedule ``choose_schedule`` picked, and its simulated timeline."""
-
-    kind: ScheduleKind
-    micro_batches: int
-    stages_per_device: int
-    schedule: Schedule
-    timeline: Timeline
-
-
-def choose_schedule(
-    costs_for: Callable[[int, int], StageCosts],
-    static_bytes: Sequence[int],
-    memory_limit_bytes: int,
-    num_devices: int,
-    micro_batch_options: Sequence[int],
-    kinds: Sequence[ScheduleKind | str] = (ScheduleKind.GPIPE, ScheduleKind.ONE_F_ONE_B),
-    stages_per_device: int = 2,
-) -> ScheduleChoice:
-    """The fastest valid (kind, micro-batches) whose peak memory fits on every device.
-
-    ``costs_for(micro_batches, num_stages)`` gives the per-stage costs of one micro-batch when the
-    batch is split ``micro_batches`` ways over ``num_stages`` stages (p, or p * stages_per_device for
-    interleaved). Ties within 1e-9 relative go to fewer micro-batches, then lower peak memory, then
-    the order of ``kinds``.
-    """
-    fits: list[tuple[float, int, int, int, ScheduleChoice]] = []
-    smallest: tuple[int, str] | None = None
-    for order, kind in enumerate(ScheduleKind(k) for k in kinds):
-        v = stages_per_device if kind is ScheduleKind.INTERLEAVED else 1
-        for m in sorted(set(micro_batch_options)):
-            try:
-                schedule = build_schedule(kind, num_devices, m, v)
-            except ScheduleError:
-                continue  # this (kind, m) is not runnable; other options may be
-            costs = asdict(costs_for(m, num_devices * v))
-            timeline = simulate(schedule, **costs, static_bytes=static_bytes)
-            peak = max(timeline.peak_memory_bytes)
-            if smallest is None or peak < smallest[0]:
-                smallest = (peak, f"{kind} with {m} micro-batches")
-            if peak <= memory_limit_bytes:
-                choice = ScheduleChoice(kind, m, v, schedule, timeline)
-                fits.append((timeline.step_time_s, m, peak, order, choice))
-    if smallest is None:
-        raise ScheduleError(
-            f"no schedule in {list(map(str, kinds))} runs on {num_devices} devices with "
-            f"micro-batches {list(micro_batch_options)}: offer at least {num_devices} micro-batches"
-        )
-    if not fits:
-        raise ScheduleError(
-            f"no schedule fits in {format_bytes(memory_limit_bytes)} per device: the smallest peak "
-            f"is {format_bytes(smallest[0])} ({smallest[1]}); raise the memory limit to at least "
-            "that, use more devices, or shrink activations (smaller micro-batches, recomputation)"
-        )
-    best_s = min(f[0] for f in fits)
-    near = [f for f in fits if f[0] <= best_s * (1 + 1e-9)]
-    return min(near, key=lambda f: f[1:4])[4]

@@ -31,7 +31,6 @@ __all__ = [
     "check_num_stages",
     "lower_bound_s",
     "stage_memory",
-    "stage_memory_bytes",
     "stage_times_s",
 ]
 
@@ -169,21 +168,6 @@ def stage_memory(
             activation_bytes=in_flight[s] * activations[s],
         )
         for s in range(num_stages)
-    ]
-
-
-def stage_memory_bytes(
-    bg: BlockGraph,
-    stage_of: Sequence[int],
-    num_stages: int,
-    *,
-    in_flight: Sequence[int],
-    optimizer: Optimizer | str = Optimizer.ADAMW,
-) -> list[int]:
-    """Total training bytes of each stage (see :func:`stage_memory`)."""
-    return [
-        m.total_bytes
-        for m in stage_memory(bg, stage_of, num_stages, in_flight=in_flight, optimizer=optimizer)
     ]
 
 

@@ -14,11 +14,8 @@ from autopart.planning.schedule import (
     ActionKind,
     ScheduleError,
     ScheduleKind,
-    StageCosts,
     bubble_closed_form,
     build_schedule,
-    choose_schedule,
-    default_micro_batches,
     format_schedule,
     in_flight_micro_batches,
     parse_schedule,
@@ -264,52 +261,6 @@ def test_cost_lengths_are_checked() -> None:
 
 
 # choosing ----------------------------------------------------------------------------------------
-
-
-def _costs(micro_batches: int, num_stages: int, comm: float = 0.01) -> StageCosts:
-    # A fixed global batch and model on 4 devices: per-micro-batch work and activations shrink with
-    # more micro-batches, and per-stage ones with more stages (interleaved has 8).
-    per = 4.0 / micro_batches / num_stages
-    return StageCosts(
-        forward_s=(per,) * num_stages,
-        backward_s=(2 * per,) * num_stages,
-        comm_s=(comm * per,) * (num_stages - 1),
-        activation_bytes=(round(64e6 * per),) * num_stages,
-    )
-
-
-def test_choose_takes_the_fastest_then_the_smallest_memory() -> None:
-    # More micro-batches shrink the bubble. With some communication GPipe is a little faster than
-    # 1F1B (whose forwards wait on gradients crossing back); without, they tie and 1F1B needs less.
-    roomy = choose_schedule(_costs, [0] * 4, 10**12, 4, [4, 8, 16])
-    assert (roomy.kind, roomy.micro_batches) == ("gpipe", 16)
-    free_comm = choose_schedule(lambda m, n: _costs(m, n, 0.0), [0] * 4, 10**12, 4, [4, 16, 8])
-    assert (free_comm.kind, free_comm.micro_batches) == ("1f1b", 16)
-    assert free_comm.timeline.peak_memory_bytes == (16 * 10**6, 12 * 10**6, 8 * 10**6, 4 * 10**6)
-
-
-def test_choose_picks_1f1b_when_memory_is_tight() -> None:
-    # GPipe holds all 64 MB of a stage's activations; 1F1B holds p/m of them on stage 0.
-    choice = choose_schedule(_costs, [10**6] * 4, 40 * 10**6, 4, [4, 8], kinds=("gpipe", "1f1b"))
-    assert (choice.kind, choice.micro_batches) == ("1f1b", 8)
-    assert choice.timeline.peak_memory_bytes[0] == 10**6 + 32 * 10**6
-    with pytest.raises(ScheduleError, match=r"smallest peak is 31.47 MiB \(1f1b with 8"):
-        choose_schedule(_costs, [10**6] * 4, 10 * 10**6, 4, [4, 8])
-    with pytest.raises(ScheduleError, match="offer at least 4 micro-batches"):
-        choose_schedule(_costs, [0] * 4, 10**12, 4, [2, 3], kinds=("1f1b",))
-
-
-def test_choose_can_pick_interleaved() -> None:
-    choice = choose_schedule(
-        _costs, [0] * 4, 10**12, 4, [4, 8], kinds=("1f1b", "interleaved"), stages_per_device=2
-    )
-    assert (choice.kind, choice.micro_batches, choice.stages_per_device) == ("interleaved", 8, 2)
-    assert len(choice.schedule[0]) == 2 * 2 * 8
-
-
-def test_default_micro_batches_keeps_bubble_under_20_percent() -> None:
-    for p in range(1, 65):
-        assert bubble_closed_form(p, default_micro_batches(p)) < 0.2
 
 
 # gantt -------------------------------------------------------------------------------------------
