@@ -68,6 +68,9 @@ def _worker(
                     torch.save({"error": traceback.format_exc()}, Path(out) / f"{i}.pt")
                 if not keep_going:
                     break
+                if i == len(cases) - 1:
+                    # end the spawn now: a peer may wait in a collective the failed rank left
+                    raise
                 dist.destroy_process_group()
                 join(i + 1)
                 continue

@@ -149,6 +149,11 @@ _BLOCKED = {
 }
 
 
+# the blocked families run last on each mesh: on pp=2,tp=2 BLOOM's failure leaves the other
+# stage waiting in a collective, which no rejoin of the process group recovers from
+CASES.sort(key=lambda c: (MESHES.index(c[1]), c[0] in _BLOCKED))
+
+
 def _param(case: Case) -> Any:
     why = _BLOCKED.get(case[0])
     return pytest.param(*case, marks=pytest.mark.xfail(strict=True, reason=why)) if why else case
