@@ -76,6 +76,18 @@ FAMILIES = {
     ),
 }
 MESHES = ("tp=2", "pp=2,tp=2")
+SPLITS = {  # family -> (column-parallel, row-parallel) weight matmuls and embeddings in the plan
+    "bloom": (6, 4),  # its (batch x heads) scores run replicated: only an outermost factor splits
+    "gpt_neox": (9, 1),
+    "mistral": (9, 7),
+    "qwen2": (9, 7),
+    "opt": (14, 1),
+    "phi": (12, 2),
+    "gemma": (15, 1),
+    "gpt2": (6, 5),
+    "t5": (23, 14),
+    "bart": (23, 14),
+}
 
 
 def _setup(
@@ -104,6 +116,7 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
         schedule=schedule,
         micro_batches=_micro_batches(mesh),
         device=FAST_LINK,
+        verify=True,
     )
     inference = program(*x, **kw)
     inference = getattr(inference, "logits", inference)
@@ -137,28 +150,6 @@ CASES: list[Case] = [
 ]
 
 
-# TEMPORARY, to be removed when the fix lands: BLOOM's ALiBi tensor is built as
-# (batch * heads, 1, seq) and reshaped to (batch, heads, ...); the reshape rule of
-# passes/_tp_rules.py shards the merged dim as S(0, groups=<batch>) with the batch of the planning
-# graph (8), but the stages run a graph traced at the micro-batch (2 samples), so the all-gather of
-# the alibi `reshape` fails ("unflatten: sizes [8, -1] ... size of dim 1 (4)") on tp=2 and on
-# pp=2,tp=2 (stage 0). Being fixed in passes/_tp_rules.py on another branch.
-_BLOCKED = {
-    "bloom": "known (a): the reshape rule merging batch and heads shards ALiBi's (batch*heads) "
-    "dim with groups=the planning batch, not the micro-batch (passes/_tp_rules.py, fix pending)",
-}
-
-
-# the blocked families run last on each mesh: on pp=2,tp=2 BLOOM's failure leaves the other
-# stage waiting in a collective, which no rejoin of the process group recovers from
-CASES.sort(key=lambda c: (MESHES.index(c[1]), c[0] in _BLOCKED))
-
-
-def _param(case: Case) -> Any:
-    why = _BLOCKED.get(case[0])
-    return pytest.param(*case, marks=pytest.mark.xfail(strict=True, reason=why)) if why else case
-
-
 @pytest.fixture(scope="module")
 def family_results(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -176,15 +167,15 @@ def family_results(
 
 @pytest.mark.distributed
 @pytest.mark.timeout(1200)  # one spawn per mesh runs every family on the first of its cases
-@pytest.mark.parametrize(("name", "mesh", "schedule", "opt"), [_param(c) for c in CASES])
+@pytest.mark.parametrize(("name", "mesh", "schedule", "opt"), CASES)
 def test_family_matches_the_unpartitioned_model(
     family_results: Callable[[Case], dict[str, Any]], name: str, mesh: str, schedule: str, opt: str
 ) -> None:
     got = family_results((name, mesh, schedule, opt))
     assert "error" not in got, got.get("error")
     counts = Counter(got["sharding"].values())
-    # the plan really splits: at least one column- and one row-parallel weight
-    assert counts["col"] >= 1 and counts["row"] >= 1, dict(counts)
+    # the plan really splits, exactly as measured (the same plan on both meshes)
+    assert (counts["col"], counts["row"]) == SPLITS[name], dict(counts)
     model, x, kw, _, _ = _setup(name)
     assert got["local_numel"] < sum(p.numel() for p in model.parameters())
     with torch.no_grad():
