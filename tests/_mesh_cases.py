@@ -39,17 +39,26 @@ def _worker(
     out: str,
     run_case: Callable[..., dict[str, Any]],
     timeout_s: float,
+    keep_going: bool = False,
 ) -> None:
     """Run ``cases`` one after another; rank 0 writes ``out/<i>.pt`` for each. After a failure the
-    ranks stop, and the later cases report that they did not run."""
+    ranks stop, and the later cases report that they did not run; with ``keep_going`` every rank
+    instead rejoins a fresh process group (a rank left waiting in a collective of the failed case
+    gives up after ``timeout_s``) and the next case runs."""
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=timeout_s),
-    )
+
+    def join(attempt: int) -> None:
+        # a rejoin waits for ranks still stuck in the failed case's collectives (up to timeout_s)
+        wait = timeout_s * (3 if attempt else 1)
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{store}" + (f".{attempt}" if attempt else ""),
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=wait),
+        )
+
+    join(0)
     try:
         for i, case in enumerate(cases):
             try:
@@ -57,11 +66,19 @@ def _worker(
             except Exception:
                 if rank == 0:
                     torch.save({"error": traceback.format_exc()}, Path(out) / f"{i}.pt")
-                break
+                if not keep_going:
+                    break
+                if i == len(cases) - 1:
+                    # end the spawn now: a peer may wait in a collective the failed rank left
+                    raise
+                dist.destroy_process_group()
+                join(i + 1)
+                continue
             if rank == 0:
                 torch.save(result, Path(out) / f"{i}.pt")
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _spawn(ranks: int, args: tuple, timeout_s: float) -> None:
@@ -83,9 +100,11 @@ def results(
     cases: list[Case],
     run_case: Callable[..., dict[str, Any]],
     per_case_s: float,
+    keep_going: bool = False,
 ) -> Callable[[Case], dict[str, Any]]:
     """The result of a case of ``test_name``, running every selected case of its mesh in one spawn
-    on first use. ``run_case`` must be a module-level function (spawned ranks import it)."""
+    on first use. ``run_case`` must be a module-level function (spawned ranks import it). With
+    ``keep_going`` a failed case does not stop the later ones (see :func:`_worker`)."""
     selected = [
         tuple(item.callspec.params[k] for k in ("name", "mesh", "schedule", "opt"))
         for item in request.session.items
@@ -98,14 +117,18 @@ def results(
             mesh = case[1]
             todo = [c for c in cases if c[1] == mesh and c in selected]
             tmp = tmp_path_factory.mktemp("mesh")
-            args = (str(tmp / "store"), todo, str(tmp), run_case, per_case_s)
-            _spawn(world(mesh), args, per_case_s * (1 + len(todo)))
+            args = (str(tmp / "store"), todo, str(tmp), run_case, per_case_s, keep_going)
+            spawn_error = ""
+            try:
+                _spawn(world(mesh), args, per_case_s * (1 + len(todo)))
+            except (Exception, pytest.fail.Exception) as e:  # recorded once, not respawned per case
+                spawn_error = f"the ranks of {mesh} failed: {e}"
             for i, c in enumerate(todo):
                 f = tmp / f"{i}.pt"
                 done[c] = (
                     torch.load(f)
                     if f.exists()
-                    else {"error": f"not run: an earlier case on {mesh} failed"}
+                    else {"error": spawn_error or f"not run: an earlier case on {mesh} failed"}
                 )
         return done[case]
 

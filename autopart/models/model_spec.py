@@ -214,12 +214,15 @@ def _load_hf(
     def build(on: torch.device) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]]:
         with seeded_build(on, seed):
             model = _hf_model(transformers, cfg).to(dtype)
+        # an encoder-decoder (t5, bart) also reads the decoder's token ids, by keyword
+        decoder = getattr(model.config, "is_encoder_decoder", False)
         if on.type == "meta":
-            return model, (torch.empty((batch, seq), dtype=torch.long, device=on),), {}
-        ids = torch.randint(
-            0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed)
-        )
-        return model, (ids.to(on),), {}
+            ids = torch.empty((batch, seq), dtype=torch.long, device=on)
+            return model, (ids,), ({"decoder_input_ids": ids} if decoder else {})
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab_size, (batch, seq), generator=gen)
+        kwargs = {"decoder_input_ids": torch.randint(0, vocab_size, (batch, seq), generator=gen)}
+        return model, (ids.to(on),), ({k: v.to(on) for k, v in kwargs.items()} if decoder else {})
 
     model, inputs, kwargs = _build_on(_resolve_device(device), build)
     description = (
@@ -261,7 +264,8 @@ def _hf_config(transformers: Any, model_type: str, config: Mapping[str, str]) ->
 
 
 def _hf_model(transformers: Any, cfg: Any) -> nn.Module:
-    """A causal LM where the architecture is one (gpt2, llama), else the bare model (bert)."""
+    """A causal LM where the architecture is one (gpt2, llama), a sequence-to-sequence LM for an
+    encoder-decoder (t5, bart), else the bare model (bert)."""
     from transformers.models.auto import modeling_auto
 
     config_class = type(cfg)
@@ -269,11 +273,17 @@ def _hf_model(transformers: Any, cfg: Any) -> nn.Module:
         config_class in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING
         and config_class not in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING  # encoders such as bert
     )
-    auto_classes = [transformers.AutoModelForCausalLM] if causal else []
+    seq2seq = getattr(cfg, "is_encoder_decoder", False) and (
+        config_class in modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+    )
+    auto_classes = [transformers.AutoModelForSeq2SeqLM] if seq2seq else []
+    auto_classes += [transformers.AutoModelForCausalLM] if causal and not seq2seq else []
     auto_classes.append(transformers.AutoModel)
     errors = []
     for auto_class in auto_classes:
-        for kwargs in ({"attn_implementation": "sdpa"}, {}):
+        # sdpa where the architecture has it; eager for those that do not (BLOOM, whose ALiBi bias
+        # transformers applies only in its eager attention)
+        for kwargs in ({"attn_implementation": "sdpa"}, {}, {"attn_implementation": "eager"}):
             try:
                 return auto_class.from_config(cfg, **kwargs)
             except (ValueError, ImportError) as e:

@@ -439,3 +439,55 @@ def test_malformed_factory_spec() -> None:
         ModelSpecError, match=r"malformed model 'pkg\.mod:'.*package\.module:factory"
     ):
         load_model("pkg.mod:")
+
+
+def test_hf_model_without_sdpa_falls_back_to_eager_attention() -> None:
+    """BLOOM has no sdpa attention (its ALiBi lives in the eager one): a causal LM still."""
+    pytest.importorskip("transformers")
+    loaded = load_model(
+        "hf:bloom",
+        config={"n_layer": "1", "hidden_size": "32", "n_head": "2", "vocab_size": "64"},
+        batch=2,
+        seq=8,
+        device="cpu",
+    )
+    assert type(loaded.model).__name__ == "BloomForCausalLM"
+    assert loaded.model(*loaded.example_inputs).logits.shape == (2, 8, 64)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "config", "cls"),
+    [
+        (
+            "t5",
+            "num_layers=1,d_model=32,d_ff=64,num_heads=2,d_kv=16,vocab_size=64",
+            "T5ForConditionalGeneration",
+        ),
+        (
+            "bart",
+            "encoder_layers=1,decoder_layers=1,d_model=32,encoder_ffn_dim=64,decoder_ffn_dim=64,encoder_attention_heads=2,decoder_attention_heads=2,vocab_size=64",
+            "BartForConditionalGeneration",
+        ),
+    ],
+)
+def test_hf_encoder_decoder_is_a_seq2seq_lm_reading_decoder_ids(
+    model_type: str, config: str, cls: str
+) -> None:
+    pytest.importorskip("transformers")
+    loaded = load_model(
+        f"hf:{model_type}", config=parse_config_overrides(config), batch=2, seq=8, device="cpu"
+    )
+    assert type(loaded.model).__name__ == cls
+    assert set(loaded.example_kwargs) == {"decoder_input_ids"}
+    ids = loaded.example_kwargs["decoder_input_ids"]
+    assert (
+        ids.shape == (2, 8)
+        and ids.dtype == torch.long
+        and not torch.equal(ids, loaded.example_inputs[0])
+    )
+    out = loaded.model(*loaded.example_inputs, **loaded.example_kwargs)
+    assert out.logits.shape == (2, 8, 64)
+    meta = load_model(
+        f"hf:{model_type}", config=parse_config_overrides(config), batch=2, seq=8, device="meta"
+    )
+    assert meta.example_kwargs["decoder_input_ids"].device.type == "meta"
