@@ -238,7 +238,7 @@ def test_collectives_have_megatron_autograd_semantics(tmp_path: Path) -> None:
 # the runtime on gloo ranks
 
 
-def _optimizer(params: Any, kind: str) -> torch.optim.Optimizer:
+def optimizer_for(params: Any, kind: str) -> torch.optim.Optimizer:
     """SGD, or Adam with ``eps=1e-6``. TP sums gradients in another order than one device, and
     Adam's step on a gradient component near its ``eps`` is decided by the component's last bits:
     there the float32 reference itself differs from a float64 one by more than 1e-5 (an LM head
@@ -249,7 +249,7 @@ def _optimizer(params: Any, kind: str) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3, eps=1e-6)
 
 
-def _micro_batches(mesh: str) -> int:
+def micro_batches_for(mesh: str) -> int:
     """Per replica, micro-batches of 2 samples (one sample would trace HF LLaMA to another graph)."""
     return 2 if parse_mesh(mesh).get("dp", 1) > 1 else 4
 
@@ -265,7 +265,7 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
         example_kwargs=kw,
         loss_fn=loss_fn,
         schedule=schedule,
-        micro_batches=_micro_batches(mesh),
+        micro_batches=micro_batches_for(mesh),
         device=FAST_LINK,
         verify=True,  # no false alarm on any case; test_verify_* shows it catches a wrong rule
     )
@@ -273,7 +273,7 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
     inference = getattr(inference, "logits", inference)
     params = list(program.parameters())
     local_numel = sum(p.numel() for p in params)
-    optimizer = _optimizer(params, opt) if params else None
+    optimizer = optimizer_for(params, opt) if params else None
     losses = []
     for _ in range(STEPS):
         if optimizer is not None:
@@ -292,7 +292,7 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
     }
 
 
-# SGD for the language models (see _optimizer): some of their gradient components are zero or
+# SGD for the language models (see optimizer_for): some of their gradient components are zero or
 # nearly zero in exact arithmetic (GPT-2's key bias, which softmax ignores; rare tokens' rows), and
 # Adam turns their last-bit noise into full-size steps in either program.
 CASES = [
@@ -351,7 +351,7 @@ def test_tp_program_matches_the_unpartitioned_model(
     torch.testing.assert_close(got["inference"], expected, rtol=1e-5, atol=1e-6)
     sizes = parse_mesh(mesh)
     want_losses, want_state = reference(
-        _setup, _optimizer, name, opt, sizes.get("dp", 1) * _micro_batches(mesh), STEPS
+        _setup, optimizer_for, name, opt, sizes.get("dp", 1) * micro_batches_for(mesh), STEPS
     )
     for a, b in zip(got["losses"], want_losses, strict=True):
         assert a == pytest.approx(b, rel=1e-5)

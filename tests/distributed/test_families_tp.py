@@ -20,11 +20,12 @@ from typing import Any
 import pytest
 import torch
 
-from autopart.launch import training_batch
-from autopart.model_spec import load_model, parse_config_overrides
-from autopart.plans import parse_mesh
+from autopart.models.model_spec import load_model, parse_config_overrides
+from autopart.planning.plans import parse_mesh
+from autopart.runtime.launch import training_batch
 from tests._mesh_cases import Case, reference, results
-from tests.test_runtime_tp import FAST_LINK, STEPS, _micro_batches, _optimizer
+from tests.distributed.test_runtime_tp import STEPS, micro_batches_for, optimizer_for
+from tests.models import FAST_LINK
 
 pytest.importorskip("transformers")
 
@@ -104,7 +105,7 @@ def _setup(
 
 
 def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
-    import autopart.runtime as runtime
+    import autopart.runtime.program as runtime
 
     model, x, kw, target, loss_fn = _setup(name)
     program = runtime.compile(
@@ -114,7 +115,7 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
         example_kwargs=kw,
         loss_fn=loss_fn,
         schedule=schedule,
-        micro_batches=_micro_batches(mesh),
+        micro_batches=micro_batches_for(mesh),
         device=FAST_LINK,
         verify=True,
     )
@@ -122,7 +123,7 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
     inference = getattr(inference, "logits", inference)
     params = list(program.parameters())
     local_numel = sum(p.numel() for p in params)
-    optimizer = _optimizer(params, opt) if params else None
+    optimizer = optimizer_for(params, opt) if params else None
     losses = []
     for _ in range(STEPS):
         if optimizer is not None:
@@ -141,7 +142,7 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
     }
 
 
-# SGD: see tests.test_runtime_tp._optimizer (Adam magnifies last-bit noise on near-zero gradients
+# SGD: see tests.test_runtime_tp.optimizer_for (Adam magnifies last-bit noise on near-zero gradients
 # of the language models).
 CASES: list[Case] = [
     (name, mesh, "1f1b" if i % 2 else "gpipe", "sgd")
@@ -186,7 +187,12 @@ def test_family_matches_the_unpartitioned_model(
     scale = max(1.0, float(expected.abs().max()))
     torch.testing.assert_close(got["inference"], expected, rtol=1e-5, atol=1e-6 * scale)
     want_losses, want_state = reference(
-        _setup, _optimizer, name, opt, parse_mesh(mesh).get("dp", 1) * _micro_batches(mesh), STEPS
+        _setup,
+        optimizer_for,
+        name,
+        opt,
+        parse_mesh(mesh).get("dp", 1) * micro_batches_for(mesh),
+        STEPS,
     )
     for a, b in zip(got["losses"], want_losses, strict=True):
         assert a == pytest.approx(b, rel=1e-5)
