@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import autopart.capture.tracing
-from autopart import _repeat
+from autopart.capture import _repeat
 from autopart.capture.tracing import trace
 from autopart.errors import TraceError
 from autopart.models.zoo import GPT2, GPT2Config, Llama, LlamaConfig

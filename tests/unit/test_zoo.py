@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from autopart import model_spec
 from autopart.errors import AutopartError, ModelSpecError
+from autopart.models import model_spec
 from autopart.models.model_spec import LoadedModel, list_models, load_model, parse_config_overrides
 from autopart.models.zoo import ZOO
 
