@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -16,9 +15,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from autopart.planning.plans import parse_mesh
+from autopart.runtime.launch import spawn_ranks
 
 Case = tuple[str, str, str, str]
 """(model, mesh, schedule, optimizer)"""
@@ -82,15 +81,7 @@ def _worker(
 
 
 def _spawn(ranks: int, args: tuple, timeout_s: float) -> None:
-    ctx = mp.start_processes(
-        _worker, args=(ranks, *args), nprocs=ranks, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"ranks did not finish within {timeout_s:.0f} s")
+    spawn_ranks(_worker, (ranks, *args), ranks, timeout_s=timeout_s, what=f"{ranks} test ranks")
 
 
 def results(

@@ -395,7 +395,7 @@ def runtime_suite(
     """Rows (see :data:`ROW_KEYS`) for every case at every rank count: the full suite is the five
     :data:`FULL_CASES` on 2 and 4 ranks with 2 warm-up and 16 measured steps per program;
     ``quick`` is two small models on 2 ranks with 1 and 3."""
-    import torch.multiprocessing as mp
+    from autopart.runtime.launch import spawn_ranks
 
     names = list(cases if cases is not None else (QUICK_CASES if quick else FULL_CASES))
     unknown = [n for n in names if n not in CASES]
@@ -415,35 +415,21 @@ def runtime_suite(
         with tempfile.TemporaryDirectory(prefix="autopart-bench-") as tmp:
             out = Path(tmp) / "rows.jsonl"
             args = (world, str(Path(tmp) / "store"), names, steps, warmup, schedule, str(out))
-            ctx = mp.start_processes(
-                _rank_main, args=args, nprocs=world, join=False, start_method="spawn"
+            shown = [-1]
+
+            def show_progress(
+                out: Path = out, world: int = world, shown: list[int] = shown
+            ) -> None:
+                got = len(out.read_text().splitlines()) if out.exists() else 0
+                if got != shown[0] and got < len(names):
+                    shown[0] = got
+                    say(len(rows) + got, total, f"{names[got]} on {world} ranks")
+
+            show_progress()
+            what = f"the runtime bench on {world} ranks"
+            spawn_ranks(
+                _rank_main, args, world, timeout_s=timeout_s, what=what, on_tick=show_progress
             )
-            deadline = time.monotonic() + timeout_s
-            done = -1
-            try:
-                while True:
-                    finished = ctx.join(timeout=0.5)
-                    got = len(out.read_text().splitlines()) if out.exists() else 0
-                    if got != done and got < len(names):
-                        done = got
-                        say(len(rows) + got, total, f"{names[got]} on {world} ranks")
-                    if finished:
-                        break
-                    if time.monotonic() > deadline:
-                        raise AutopartError(
-                            f"the runtime bench on {world} ranks did not finish within "
-                            f"{timeout_s:.0f} s; its ranks were stopped."
-                        )
-            except mp.ProcessRaisedException as exc:
-                raise AutopartError(f"a rank failed, so the bench was stopped:\n{exc}") from exc
-            except mp.ProcessExitedException as exc:
-                raise AutopartError(
-                    f"rank {exc.error_index} exited ({exc}); the other ranks were stopped."
-                ) from exc
-            finally:
-                for proc in ctx.processes:
-                    if proc.is_alive():
-                        proc.kill()
             rows.extend(json.loads(line) for line in out.read_text().splitlines())
     say(total, total, "done")
     return rows

@@ -25,7 +25,7 @@ import torch
 
 from autopart.errors import AutopartError
 
-__all__ = ["RunReport", "run_local", "training_batch"]
+__all__ = ["RunReport", "run_local", "spawn_ranks", "training_batch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +100,6 @@ def run_local(
 ) -> RunReport:
     """Spawn the ranks ``mesh`` needs, train ``spec`` for ``steps`` steps, check and time it.
     ``verify`` checks tensor-parallel stages against unsharded ones first (:mod:`autopart.runtime.verify`)."""
-    import torch.multiprocessing as mp
-
     from autopart.planning.plans import parse_mesh
 
     world = math.prod(parse_mesh(mesh).values())  # dp x pp x tp ranks
@@ -113,29 +111,47 @@ def run_local(
             spec, mesh, steps, micro_batches, schedule, batch, seq, config, lr, verify
         )
         args = (world, str(Path(tmp) / "store"), request, str(out), timeout_s)
-        ctx = mp.start_processes(
-            _rank_main, args=args, nprocs=world, join=False, start_method="spawn"
-        )
-        deadline = time.monotonic() + timeout_s
-        try:
-            while not ctx.join(timeout=1.0):
-                if time.monotonic() > deadline:
-                    raise AutopartError(
-                        f"the ranks did not finish within {timeout_s:.0f} s; they were stopped."
-                    )
-        except mp.ProcessRaisedException as exc:
-            raise AutopartError(f"a rank failed, so the run was stopped:\n{exc}") from exc
-        except mp.ProcessExitedException as exc:
-            raise AutopartError(
-                f"rank {exc.error_index} exited ({exc}); the other ranks were stopped."
-            ) from exc
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
+        spawn_ranks(_rank_main, args, world, timeout_s=timeout_s, what="the run")
         raw = json.loads(out.read_text())
     fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
     return RunReport(**fields)
+
+
+def spawn_ranks(
+    fn: Callable[..., None],
+    args: tuple[Any, ...],
+    world: int,
+    *,
+    timeout_s: float,
+    what: str,
+    on_tick: Callable[[], None] | None = None,
+) -> None:
+    """Run ``fn(rank, *args)`` on ``world`` processes started by torch's launcher and wait for
+    them (calling ``on_tick`` about twice a second). A rank that raises or exits, or a run past
+    ``timeout_s``, stops every rank and raises :class:`AutopartError` naming ``what``; no rank is
+    left running."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=0.5):
+            if on_tick is not None:
+                on_tick()
+            if time.monotonic() > deadline:
+                raise AutopartError(
+                    f"{what} did not finish within {timeout_s:.0f} s; its ranks were stopped."
+                )
+    except mp.ProcessRaisedException as exc:
+        raise AutopartError(f"a rank failed, so {what} was stopped:\n{exc}") from exc
+    except mp.ProcessExitedException as exc:
+        raise AutopartError(
+            f"rank {exc.error_index} exited ({exc}); the other ranks were stopped."
+        ) from exc
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,14 +14,12 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
@@ -31,7 +29,7 @@ from autopart.models.model_spec import load_model, parse_config_overrides
 from autopart.passes.split_stages import split_stages, stage_info
 from autopart.planning.planner import plan_graph
 from autopart.planning.plans import Plan
-from autopart.runtime.launch import training_batch
+from autopart.runtime.launch import spawn_ranks, training_batch
 from autopart.runtime.stage_io import stage_io, value_metas
 from tests.models import FAST_LINK, HF_CONFIGS
 
@@ -560,19 +558,8 @@ def _program_worker(rank: int, world: int, store: str, out: str, name: str, mesh
 def test_emit_of_a_program_gathers_the_trained_weights(
     tmp_path: Path, name: str, mesh: str
 ) -> None:
-    ctx = mp.start_processes(
-        _program_worker,
-        args=(2, str(tmp_path / "store"), str(tmp_path), name, mesh),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + 180
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("ranks did not finish within 180 s")
+    args = (2, str(tmp_path / "store"), str(tmp_path), name, mesh)
+    spawn_ranks(_program_worker, args, 2, timeout_s=180, what="the program's ranks")
     out = tmp_path / "program"
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     weights = torch.load(out / "weights.pt", weights_only=True)
