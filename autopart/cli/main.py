@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from autopart.errors import AutopartError
+from autopart.planning.schedule import ScheduleKind
 
 __all__ = ["main"]
 
@@ -119,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--mesh", default="pp=2", help="mesh spec (default pp=2)")
     run.add_argument("--steps", type=int, default=3, help="training steps (default 3)")
     run.add_argument("--micro-batches", type=int, default=None)
-    run.add_argument("--schedule", choices=["auto", "gpipe", "1f1b", "interleaved"], default="auto")
+    run.add_argument("--schedule", choices=["auto", *ScheduleKind], default="auto")
     run.add_argument("--batch", type=int, default=None)
     run.add_argument("--seq", type=int, default=None)
     run.add_argument(
@@ -172,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     plan.add_argument(
         "--schedule",
-        choices=["auto", "gpipe", "1f1b", "interleaved"],
+        choices=["auto", *ScheduleKind],
         default="auto",
         help="pipeline schedule (default auto: simulate each and keep the fastest that fits memory)",
     )
@@ -205,9 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     emit.add_argument("--mesh", default="pp=2", help="mesh spec (default pp=2)")
     emit.add_argument("--out", required=True, help="folder to write the program into")
     emit.add_argument("--micro-batches", type=int, default=None)
-    emit.add_argument(
-        "--schedule", choices=["auto", "gpipe", "1f1b", "interleaved"], default="auto"
-    )
+    emit.add_argument("--schedule", choices=["auto", *ScheduleKind], default="auto")
     emit.add_argument(
         "--device", default="cpu", help="device to plan for (default cpu: the gloo runtime's)"
     )

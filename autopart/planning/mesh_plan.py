@@ -29,6 +29,7 @@ from autopart.planning.plans import (
 )
 from autopart.planning.schedule import (
     ScheduleError,
+    ScheduleKind,
     build_schedule,
     in_flight_micro_batches,
     simulate,
@@ -60,7 +61,7 @@ __all__ = [
     "solve_tp_costs",
 ]
 
-_SCHEDULES = ("gpipe", "1f1b", "interleaved")
+_SCHEDULES = tuple(ScheduleKind)
 _INTERLEAVE = 2  # stages per rank for the interleaved schedule (Megatron's virtual pipeline)
 
 
@@ -132,7 +133,7 @@ def planning_setup(
     opt = as_optimizer(optimizer)
     if schedule not in ("auto", *_SCHEDULES):
         raise AutopartError(f"unknown schedule {schedule!r}; use auto, {', '.join(_SCHEDULES)}.")
-    if schedule == "interleaved" and pp is not None and pp < 2:
+    if schedule == ScheduleKind.INTERLEAVED and pp is not None and pp < 2:
         raise AutopartError(
             "the interleaved schedule needs at least 2 pipeline ranks; use --mesh pp=2 or more."
         )
@@ -239,7 +240,7 @@ def plan_mesh(
     misses: list[tuple[str, int, InfeasibleMemoryError]] = []
     simulated: list[tuple[int, str, int]] = []  # (peak bytes, schedule, micro-batches) over limit
     for kind in options:
-        v = _INTERLEAVE if kind == "interleaved" else 1
+        v = _INTERLEAVE if kind == ScheduleKind.INTERLEAVED else 1
         if v not in graphs:
             graphs[v] = coarsen(
                 og, max_blocks=max_blocks or max(64, per_stage * p * v), num_stages=p * v
@@ -568,7 +569,7 @@ def _micro_batch_options(
         valid = []
         for m in sorted(counts, reverse=True):
             try:
-                build_schedule(kind, p, m, _INTERLEAVE if kind == "interleaved" else 1)
+                build_schedule(kind, p, m, _INTERLEAVE if kind == ScheduleKind.INTERLEAVED else 1)
                 valid.append(m)
             except ScheduleError as exc:
                 errors.append(str(exc))

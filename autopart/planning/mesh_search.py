@@ -71,6 +71,7 @@ from autopart.planning.mesh_plan import (
     solve_tp_costs,
 )
 from autopart.planning.plans import Plan, format_mesh
+from autopart.planning.schedule import ScheduleKind
 from autopart.solver import baselines
 from autopart.solver.pipeline_memory import NodeMemory, pipeline_memory_bound
 from autopart.solver.stage_ilp import InfeasibleMemoryError
@@ -467,7 +468,7 @@ def _check_mesh(
     if batch % c.dp:
         c.status, c.note = "skipped", f"the batch of {batch} does not split over dp={c.dp}"
         return
-    kinds = [k for k in setup.kinds if k != "interleaved" or c.pp >= 2]
+    kinds = [k for k in setup.kinds if k != ScheduleKind.INTERLEAVED or c.pp >= 2]
     if not kinds:
         c.status, c.note = "skipped", "the interleaved schedule needs pp >= 2"
         return
@@ -555,7 +556,7 @@ def _pipeline_bound_s(work_s: float, p: int, options: Mapping[str, list[int]]) -
     bounds = []
     for kind, counts in options.items():
         for m in counts:
-            if kind == "interleaved":
+            if kind == ScheduleKind.INTERLEAVED:
                 bounds.append(work_s / p)
             else:
                 bounds.append(work_s / (m * (1 - (1 - 1 / m) ** p)))
@@ -584,7 +585,7 @@ def _estimate(c: _Mesh, coarse: BlockGraph, setup: PlanningSetup) -> None:
     bg = coarse.scaled(1.0 / c.dp) if c.dp > 1 else coarse
     found: list[tuple[bool, float, int, str, int]] = []
     for kind, counts in c.options.items():
-        v = _INTERLEAVE if kind == "interleaved" else 1
+        v = _INTERLEAVE if kind == ScheduleKind.INTERLEAVED else 1
         if len(bg.blocks) < c.pp * v:
             continue
         stage_of = baselines.chain_dp(per_micro_batch(bg, counts[0]), c.pp * v, spec)

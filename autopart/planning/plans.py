@@ -14,6 +14,7 @@ from typing import Any
 
 from autopart._compat import StrEnum
 from autopart.errors import AutopartError
+from autopart.planning.schedule import ScheduleKind
 
 __all__ = [
     "PLAN_FORMAT_VERSION",
@@ -204,7 +205,7 @@ class Plan:
         object.__setattr__(self, "mesh", mesh)
         num_stages = mesh.get("pp", 1) * self.stages_per_device
         _check(
-            self.schedule in ("gpipe", "1f1b", "interleaved"),
+            self.schedule in tuple(ScheduleKind),
             f"schedule must be gpipe, 1f1b or interleaved, got {self.schedule!r}",
         )
         _check(self.micro_batches >= 1, f"micro_batches must be >= 1, got {self.micro_batches}")

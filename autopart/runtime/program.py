@@ -37,12 +37,14 @@ from torch.distributed.pipelining import (
 )
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-# The emitted launcher's helpers (torch only): the runtime and the programs autopart.emit writes
-# bind non-tensor inputs and make cross-rank tensors contiguous with the same code.
 from autopart.codegen.templates.run import BindConstants, contiguous_input_grads, contiguous_outputs
 from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
 from autopart.planning.plans import Plan, TPSection, parse_mesh
+
+# The emitted launcher's helpers (torch only): the runtime and the programs autopart.emit writes
+# bind non-tensor inputs and make cross-rank tensors contiguous with the same code.
+from autopart.planning.schedule import ScheduleKind
 from autopart.runtime.stage_io import (
     ProgramInputs,
     RuntimeSetupError,
@@ -54,7 +56,11 @@ from autopart.runtime.stage_io import (
 
 __all__ = ["ParallelProgram", "PeerFailureError", "RuntimeSetupError", "compile"]
 
-_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
+_SCHEDULES = {
+    ScheduleKind.GPIPE: ScheduleGPipe,
+    ScheduleKind.ONE_F_ONE_B: Schedule1F1B,
+    ScheduleKind.INTERLEAVED: ScheduleInterleaved1F1B,
+}
 
 
 class PeerFailureError(AutopartError):
@@ -334,7 +340,7 @@ class ParallelProgram:
             )
             for s, i in zip(submods, self._local)
         ]
-        kind = _SCHEDULES[plan.schedule]
+        kind = _SCHEDULES[ScheduleKind(plan.schedule)]
         if plan.stages_per_device > 1:
             self._schedule = kind(self._pipeline_stages, plan.micro_batches, loss_fn=wrapped_loss)
         else:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from autopart.planning.graph import OpGraph
-from autopart.planning.schedule import in_flight_micro_batches
+from autopart.planning.schedule import ScheduleKind, in_flight_micro_batches
 
 __all__ = ["NodeMemory", "pipeline_memory_bound"]
 
@@ -87,7 +87,7 @@ def pipeline_memory_bound(
     best: tuple[int, str, int] | None = None
     for kind, counts in options.items():
         for m in counts:
-            if kind == "interleaved":
+            if kind == ScheduleKind.INTERLEAVED:
                 # chunks of a rank's stages need not peak together: count its state only
                 in_flight = [0] * pp
             else:
