@@ -83,7 +83,6 @@ from autopart.codegen._source import (
     torch_module_expr,
 )
 from autopart.codegen.templates import collectives
-from autopart.errors import AutopartError
 from autopart.planning.plans import Plan
 
 if TYPE_CHECKING:
@@ -181,7 +180,7 @@ def emit_model(
     from autopart.planning.planner import plan_graph
     from autopart.planning.plans import parse_mesh
     from autopart.runtime.launch import training_batch
-    from autopart.runtime.stage_io import micro_batch_graph
+    from autopart.runtime.stage_io import plan_that_runs
 
     dp = parse_mesh(mesh).get("dp", 1)  # a bad mesh is an error before any tracing
     overrides = parse_config_overrides(config) if config else None
@@ -202,18 +201,7 @@ def emit_model(
             name=loaded.name,
         )
 
-    plan = make(micro_batches)
-    if micro_batches is None:
-        fewer = [m for m in range(plan.micro_batches - 1, 0, -1) if size % (dp * m) == 0]
-        while (
-            fewer
-            and micro_batch_graph(loaded.model, gm, args, kwargs, size, dp * plan.micro_batches)
-            is None
-        ):
-            try:
-                plan = make(fewer.pop(0))
-            except AutopartError:
-                continue
+    plan, _ = plan_that_runs(make, micro_batches, loaded.model, gm, args, kwargs, size, dp)
     out = emit(
         plan,
         out_dir,

@@ -49,7 +49,7 @@ from autopart.runtime.stage_io import (
     ProgramInputs,
     RuntimeSetupError,
     micro_batch_graph,
-    runnable_graph,
+    plan_that_runs,
     stage_io,
     value_metas,
 )
@@ -119,34 +119,21 @@ def compile(
             f"a batch of {replica} per replica does not split into {micro_batches} equal micro-batches; "
             f"choose a divisor of {replica}."
         )
-    plan = _plan(
-        gm,
-        batch=batch,
-        mesh={"dp": dp, "pp": pp, "tp": tp},
-        device=cost_device,
-        micro_batches=micro_batches,
-        schedule=schedule,
-        name=type(model).__name__,
-    )
-    run_gm = runnable_graph(model, gm, args, kwargs, batch, dp, plan)
-    # Export specializes dimensions of size 1, so a micro-batch of one sample can trace to another
-    # graph (or to shapes where a TP placement no longer holds); when the count was not fixed by
-    # the caller, fewer, larger micro-batches are tried (one micro-batch runs the planned graph).
-    fewer = [m for m in range(plan.micro_batches - 1, 0, -1) if replica % m == 0]
-    while run_gm is None and micro_batches is None and fewer:
-        try:
-            plan = _plan(
-                gm,
-                batch=batch,
-                mesh={"dp": dp, "pp": pp, "tp": tp},
-                device=cost_device,
-                micro_batches=fewer.pop(0),
-                schedule=schedule,
-                name=plan.model,
-            )
-        except AutopartError:
-            continue
-        run_gm = runnable_graph(model, gm, args, kwargs, batch, dp, plan)
+
+    def make(m: int | None) -> Plan:
+        sizes = {"dp": dp, "pp": pp, "tp": tp}
+        name = type(model).__name__
+        return _plan(
+            gm,
+            batch=batch,
+            mesh=sizes,
+            device=cost_device,
+            micro_batches=m,
+            schedule=schedule,
+            name=name,
+        )
+
+    plan, run_gm = plan_that_runs(make, micro_batches, model, gm, args, kwargs, batch, dp)
     if run_gm is None:
         same = micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
         if same is not None and plan.tp is not None:

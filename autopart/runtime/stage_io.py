@@ -5,7 +5,7 @@ each stage's input and output metadata as a rank sends and receives it (:func:`s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ __all__ = [
     "RuntimeSetupError",
     "local_meta",
     "micro_batch_graph",
+    "plan_that_runs",
     "runnable_graph",
     "stage_io",
     "value_metas",
@@ -113,6 +114,32 @@ class ProgramInputs:
                     "non-tensor input is part of the traced graph, so compile again to change it."
                 )
         return flat
+
+
+def plan_that_runs(
+    make: Callable[[int | None], Plan],
+    micro_batches: int | None,
+    model: torch.nn.Module,
+    gm: torch.fx.GraphModule,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    batch: int,
+    dp: int,
+) -> tuple[Plan, torch.fx.GraphModule | None]:
+    """``make(micro_batches)`` and the graph its stages run (:func:`runnable_graph`; ``None``: no
+    plan runs). Export specializes dimensions of size 1, so a micro-batch of one sample can trace
+    to another graph, or to shapes where a TP placement no longer holds; when ``micro_batches`` is
+    not fixed, fewer, larger micro-batches are tried (one micro-batch runs the planned graph)."""
+    plan = make(micro_batches)
+    run_gm = runnable_graph(model, gm, args, kwargs, batch, dp, plan)
+    fewer = [m for m in range(plan.micro_batches - 1, 0, -1) if (batch // dp) % m == 0]
+    while run_gm is None and micro_batches is None and fewer:
+        try:
+            plan = make(fewer.pop(0))
+        except AutopartError:
+            continue
+        run_gm = runnable_graph(model, gm, args, kwargs, batch, dp, plan)
+    return plan, run_gm
 
 
 def runnable_graph(
