@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from autopart._compat import StrEnum
 from autopart.errors import AutopartError
 from autopart.planning.blocks import BlockGraph
 from autopart.planning.graph import OpGraph, coarsen
@@ -82,6 +83,7 @@ __all__ = [
     "InfeasibleMeshError",
     "MeshCandidate",
     "MeshSearch",
+    "MeshStatus",
     "mesh_candidates",
     "search_mesh",
 ]
@@ -100,13 +102,26 @@ class InfeasibleMeshError(AutopartError):
         self.minimum_bytes = minimum_bytes
 
 
+class MeshStatus(StrEnum):
+    """What the search made of one mesh (module docstring); ``PENDING`` while it is still open."""
+
+    PENDING = ""
+    CHOSEN = "chosen"
+    PLANNED = "planned"
+    ESTIMATED = "estimated"
+    BOUNDED = "bounded"
+    NO_FIT = "no fit"
+    OVER_MEMORY = "over memory"
+    SKIPPED = "skipped"
+
+
 @dataclass(frozen=True, slots=True)
 class MeshCandidate:
     """One mesh the search considered."""
 
     mesh: Mapping[str, int]
     """``{"dp": ..., "pp": ..., "tp": ...}``."""
-    status: str
+    status: MeshStatus
     """``"chosen"``; ``"planned"`` (a full plan that fits, slower); ``"estimated"`` (its estimate
     was too far behind to plan in full); ``"bounded"`` (a lower bound on its step time is above the
     best estimate: it cannot win); ``"no fit"`` (planned in full, nothing fits memory); ``"over
@@ -183,7 +198,7 @@ class _Mesh:
     dp: int
     pp: int
     tp: int
-    status: str = ""
+    status: MeshStatus = MeshStatus.PENDING
     options: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     memory_bound: int = 0
     step_bound_s: float = 0.0
@@ -300,7 +315,7 @@ def search_mesh(
         _bound(c, totals[c.tp_key], setup, shard=1)
         if not c.status:
             _split_bound(c, owned_of(c.tp_key), batch, setup)
-        if c.status != "over memory":
+        if c.status != MeshStatus.OVER_MEMORY:
             return
         lean_key = (c.tp, setup.limit * c.pp)
         lean = tp_costs_of(lean_key)
@@ -315,7 +330,7 @@ def search_mesh(
                 f"the whole model per rank, more than pp x the limit"
             )
         elif dict(lean.plan.placements) != dict(fastest.plan.placements):
-            c.status, c.note, c.tp_key = "", "", lean_key
+            c.status, c.note, c.tp_key = MeshStatus.PENDING, "", lean_key
             _bound(c, totals[lean_key], setup, shard=1)
             if not c.status:
                 _split_bound(c, owned_of(lean_key), batch, setup)
@@ -369,9 +384,9 @@ def search_mesh(
                 ):
                     raise
                 c.plan = plan(lean)
-            c.status = "planned"
+            c.status = MeshStatus.PLANNED
         except AutopartError as exc:
-            c.status = "no fit"
+            c.status = MeshStatus.NO_FIT
             c.note = str(exc).split(". ")[0].split(": ", 1)[-1]
             if isinstance(exc, InfeasibleMemoryError):
                 c.minimum_bytes = exc.minimum_bytes
@@ -393,7 +408,7 @@ def search_mesh(
         assert c.estimate_s is not None
         found = any(m.plan is not None for m in meshes)
         if not found and planned and time.perf_counter() - loop_start > budget_s:
-            c.status, c.unsettled = "no fit", True
+            c.status, c.unsettled = MeshStatus.NO_FIT, True
             c.note = (
                 f"not planned: the search's {budget_s:g} s for planning meshes in full "
                 f"({_FALLBACK_BUDGET} x --time-limit) ran out"
@@ -401,7 +416,7 @@ def search_mesh(
             continue
         close = best_estimate is not None and c.estimate_s <= best_estimate * (1 + slack)
         if found and not (close and planned < full_plans):
-            c.status = "estimated"
+            c.status = MeshStatus.ESTIMATED
             if not c.estimate_fits:
                 c.note = (
                     f"the estimate's split needs {format_bytes(c.estimate_peak or 0)} per device; "
@@ -421,8 +436,8 @@ def search_mesh(
     # slower than that estimate, the meshes whose bound it passes are planned after all.
     fitting = [c for c in meshes if c.plan is not None]
     best_s = min((_plan_of(c).step_time_s for c in fitting), default=math.inf)
-    for c in [c for c in meshes if c.status == "bounded" and c.step_bound_s < best_s]:
-        c.status, c.note = "", ""
+    for c in [c for c in meshes if c.status == MeshStatus.BOUNDED and c.step_bound_s < best_s]:
+        c.status, c.note = MeshStatus.PENDING, ""
         if c.tp > 1:
             shard(c)
         if not c.status:
@@ -433,7 +448,7 @@ def search_mesh(
     if not fitting:
         raise _infeasible(meshes, devices, setup)
     best = min(fitting, key=lambda c: (_plan_of(c).step_time_s, c.pp, c.tp, c.dp))
-    best.status = "chosen"
+    best.status = MeshStatus.CHOSEN
     candidates = tuple(_record(c) for c in sorted(meshes, key=_table_order))
     return MeshSearch(
         plan=dataclasses.replace(_plan_of(best), mesh=best.mesh),  # every axis, sizes 1 too
@@ -463,19 +478,19 @@ def _check_mesh(
 ) -> None:
     if c.pp > max_pp:
         what = f"{layers} repeated layers" if layers >= 2 else f"{max_pp} computing nodes"
-        c.status, c.note = "skipped", f"pp={c.pp} is more stages than the model's {what}"
+        c.status, c.note = MeshStatus.SKIPPED, f"pp={c.pp} is more stages than the model's {what}"
         return
     if batch % c.dp:
-        c.status, c.note = "skipped", f"the batch of {batch} does not split over dp={c.dp}"
+        c.status, c.note = MeshStatus.SKIPPED, f"the batch of {batch} does not split over dp={c.dp}"
         return
     kinds = [k for k in setup.kinds if k != ScheduleKind.INTERLEAVED or c.pp >= 2]
     if not kinds:
-        c.status, c.note = "skipped", "the interleaved schedule needs pp >= 2"
+        c.status, c.note = MeshStatus.SKIPPED, "the interleaved schedule needs pp >= 2"
         return
     try:
         c.options = micro_batch_options(batch, c.dp, c.pp, micro_batches, kinds)
     except AutopartError as exc:
-        c.status, c.note = "skipped", str(exc).split("; ")[0]
+        c.status, c.note = MeshStatus.SKIPPED, str(exc).split("; ")[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,7 +527,7 @@ def _bound(c: _Mesh, totals: _Totals, setup: PlanningSetup, *, shard: int) -> No
     memory = (totals.state_bytes / shard + totals.sample_bytes) / c.pp
     c.memory_bound = int(memory)
     if memory > setup.limit:
-        c.status = "over memory"
+        c.status = MeshStatus.OVER_MEMORY
         c.note = (
             f"needs at least {format_bytes(int(memory))} per device (1/pp of the parameter, "
             "gradient and optimizer state and of one sample's activations)"
@@ -537,7 +552,7 @@ _pipeline_memory`), so no mesh that could fit is dropped."""
     if need <= setup.limit:
         return
     how = "" if c.tp == 1 else " under any TP sharding" if before_tp else " under its TP sharding"
-    c.status = "over memory"
+    c.status = MeshStatus.OVER_MEMORY
     c.note = (
         f"needs at least {format_bytes_up(need)} per device (a lower bound on any split of its "
         f"parameter, gradient and optimizer state and in-flight activations{how}; least with "
@@ -567,7 +582,7 @@ def _beaten(c: _Mesh, best_estimate: float | None) -> bool:
     """Whether the mesh's step-time bound already loses to a plan found (then it is dropped)."""
     if best_estimate is None or c.step_bound_s < best_estimate:
         return False
-    c.status = "bounded"
+    c.status = MeshStatus.BOUNDED
     c.note = (
         f"cannot win: its step takes at least {format_seconds(c.step_bound_s)} (pipeline bound "
         f"on its compute) > {format_seconds(best_estimate)} estimated for the best"
@@ -599,7 +614,7 @@ def _estimate(c: _Mesh, coarse: BlockGraph, setup: PlanningSetup) -> None:
             peak = int(max(tl.peak_memory_bytes))
             found.append((peak <= setup.limit, tl.step_time_s + sync_s, peak, kind, m))
     if not found:
-        c.status, c.note = "skipped", f"too few blocks for {c.pp} stages"
+        c.status, c.note = MeshStatus.SKIPPED, f"too few blocks for {c.pp} stages"
         return
     fits = [f for f in found if f[0]]
     ok, step_s, peak, kind, m = (
@@ -622,10 +637,10 @@ def _plan_of(c: _Mesh) -> Plan:
 def _infeasible(meshes: list[_Mesh], devices: int, setup: PlanningSetup) -> InfeasibleMeshError:
     """The error when nothing fits: the least memory a mesh needs (the stage ILP's minimum where it
     planned the mesh, else the memory bound), and what is known of every mesh tried."""
-    tried = [c for c in meshes if c.status != "skipped"]
+    tried = [c for c in meshes if c.status != MeshStatus.SKIPPED]
     # A mesh planned in full that failed for another reason than memory (the stage solver ran out
     # of time) is unsettled: its memory bound is below the limit and says nothing of its need.
-    unsettled = [c for c in tried if c.status == "no fit" and c.unsettled]
+    unsettled = [c for c in tried if c.status == MeshStatus.NO_FIT and c.unsettled]
     need = [(_need(c), c) for c in tried if c not in unsettled]
     if not need and not unsettled:
         reasons = "; ".join(sorted({c.note for c in meshes}))
@@ -710,7 +725,7 @@ def _record(c: _Mesh) -> MeshCandidate:
             note=c.note,
         )
     memory = c.minimum_bytes or c.estimate_peak
-    if c.status == "over memory":
+    if c.status == MeshStatus.OVER_MEMORY:
         memory = c.memory_bound
     kind, m = c.estimate_kind
     return MeshCandidate(
@@ -725,7 +740,15 @@ def _record(c: _Mesh) -> MeshCandidate:
     )
 
 
-_STATUS_ORDER = ("chosen", "planned", "estimated", "bounded", "no fit", "over memory", "skipped")
+_STATUS_ORDER = (
+    MeshStatus.CHOSEN,
+    MeshStatus.PLANNED,
+    MeshStatus.ESTIMATED,
+    MeshStatus.BOUNDED,
+    MeshStatus.NO_FIT,
+    MeshStatus.OVER_MEMORY,
+    MeshStatus.SKIPPED,
+)
 
 
 def _table_order(c: _Mesh) -> tuple[int, float, int, int]:
@@ -733,7 +756,7 @@ def _table_order(c: _Mesh) -> tuple[int, float, int, int]:
         t = c.plan.step_time_s
     elif c.estimate_s is not None:
         t = c.estimate_s
-    elif c.status == "over memory":
+    elif c.status == MeshStatus.OVER_MEMORY:
         t = c.memory_bound
     else:
         t = c.step_bound_s
@@ -762,7 +785,7 @@ def _reason(best: _Mesh, meshes: list[_Mesh], setup: PlanningSetup) -> str:
     ] + [
         (c.estimate_s, "estimated", c)
         for c in meshes
-        if c.status == "estimated" and c.estimate_fits and c.estimate_s is not None
+        if c.status == MeshStatus.ESTIMATED and c.estimate_fits and c.estimate_s is not None
     ]
     if rivals:
         t, how, runner = min(rivals, key=lambda r: (r[0], r[2].pp, r[2].tp))
@@ -773,10 +796,10 @@ def _reason(best: _Mesh, meshes: list[_Mesh], setup: PlanningSetup) -> str:
     counts = [
         (sum(c.status == status for c in meshes), what)
         for status, what in (
-            ("bounded", "cannot win by a lower bound on their step"),
-            ("over memory", "cannot fit memory"),
-            ("no fit", "found no plan that fits memory"),
-            ("skipped", "are not valid here"),
+            (MeshStatus.BOUNDED, "cannot win by a lower bound on their step"),
+            (MeshStatus.OVER_MEMORY, "cannot fit memory"),
+            (MeshStatus.NO_FIT, "found no plan that fits memory"),
+            (MeshStatus.SKIPPED, "are not valid here"),
         )
     ]
     others = [f"{n} {what}" for n, what in counts if n]
