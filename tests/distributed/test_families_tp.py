@@ -24,8 +24,12 @@ from autopart.models.model_spec import load_model, parse_config_overrides
 from autopart.planning.plans import parse_mesh
 from autopart.runtime.launch import training_batch
 from tests._mesh_cases import Case, reference, results
-from tests.distributed.test_runtime_tp import STEPS, micro_batches_for, optimizer_for
-from tests.models import FAST_LINK
+from tests.distributed.test_runtime_tp import (
+    STEPS,
+    micro_batches_for,
+    optimizer_for,
+    train_tp_case,
+)
 
 pytest.importorskip("transformers")
 
@@ -105,44 +109,10 @@ def _setup(
 
 
 def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
-    import autopart.runtime.program as runtime
-
-    model, x, kw, target, loss_fn = _setup(name)
-    program = runtime.compile(
-        model,
-        mesh,
-        example_inputs=x,
-        example_kwargs=kw,
-        loss_fn=loss_fn,
-        schedule=schedule,
-        micro_batches=micro_batches_for(mesh),
-        device=FAST_LINK,
-        verify=True,
-    )
-    inference = program(*x, **kw)
-    inference = getattr(inference, "logits", inference)
-    params = list(program.parameters())
-    local_numel = sum(p.numel() for p in params)
-    optimizer = optimizer_for(params, opt) if params else None
-    losses = []
-    for _ in range(STEPS):
-        if optimizer is not None:
-            optimizer.zero_grad()
-        losses.append(program.step(*x, target=target, **kw))
-        if optimizer is not None:
-            optimizer.step()
-    assert program.plan.tp is not None
-    return {
-        "losses": losses,
-        "state": program.full_state_dict(),
-        "inference": inference,
-        "sharding": dict(program.plan.tp.sharding),
-        "fallbacks": dict(program.plan.tp.fallbacks),
-        "local_numel": local_numel,
-    }
+    return train_tp_case(_setup, name, mesh, schedule, opt)
 
 
-# SGD: see tests.test_runtime_tp.optimizer_for (Adam magnifies last-bit noise on near-zero gradients
+# SGD: see tests.distributed.test_runtime_tp.optimizer_for (Adam magnifies last-bit noise on near-zero gradients
 # of the language models).
 CASES: list[Case] = [
     (name, mesh, "1f1b" if i % 2 else "gpipe", "sgd")

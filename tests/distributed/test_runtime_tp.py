@@ -33,7 +33,7 @@ from autopart.planning.planner import plan_graph
 from autopart.planning.plans import TPSection, parse_mesh
 from autopart.runtime.launch import training_batch
 from autopart.solver.tp_ilp import megatron_plan, solve_tp
-from tests._mesh_cases import Case, reference, results
+from tests._mesh_cases import Case, Setup, reference, results
 from tests.models import FAST_LINK, HF_CONFIGS
 
 STEPS = 2
@@ -255,9 +255,15 @@ def micro_batches_for(mesh: str) -> int:
 
 
 def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
+    return train_tp_case(_setup, name, mesh, schedule, opt)
+
+
+def train_tp_case(setup: Setup, name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
+    """Compile ``setup(name)`` on ``mesh`` (with ``verify=True``), train it ``STEPS`` steps and
+    return what the equivalence test compares; shared with the families test."""
     import autopart.runtime.program as runtime
 
-    model, x, kw, target, loss_fn = _setup(name)
+    model, x, kw, target, loss_fn = setup(name)
     program = runtime.compile(
         model,
         mesh,
