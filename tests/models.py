@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,17 @@ FAST_LINK = dataclasses.replace(
 )
 """An H100 whose links are nearly free: the TP ILP splits the tiny test models (on the ``cpu`` cost
 model it replicates most of them, and a TP test whose plan replicates everything proves nothing)."""
+
+LOCK = Path(__file__).parents[1] / "requirements" / "lock.txt"
+
+
+def locked_version(package: str) -> str:
+    """The version ``requirements/lock.txt`` pins ``package`` to (the golden files' versions)."""
+    for line in LOCK.read_text().splitlines():
+        name, _, version = line.partition("==")
+        if name.strip().lower() == package:
+            return version.strip()
+    raise LookupError(f"{package} is not pinned in {LOCK}")
 
 
 class TwoLayer(nn.Module):

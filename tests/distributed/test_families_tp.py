@@ -30,8 +30,9 @@ from tests.distributed.test_runtime_tp import (
     optimizer_for,
     train_tp_case,
 )
+from tests.models import locked_version
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 # Dropout off everywhere: random masks would differ between the program and the reference.
 _DECODER = "num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4,vocab_size=128,max_position_embeddings=64"
@@ -81,7 +82,7 @@ FAMILIES = {
     ),
 }
 MESHES = ("tp=2", "pp=2,tp=2")
-SPLITS = {  # family -> (column-parallel, row-parallel) weight matmuls and embeddings in the plan
+SPLITS = {  # family -> (col, row) weight matmuls and embeddings in the plan, at the locked transformers
     "bloom": (6, 4),  # its (batch x heads) scores run replicated: only an outermost factor splits
     "gpt_neox": (9, 1),
     "mistral": (9, 7),
@@ -145,8 +146,11 @@ def test_family_matches_the_unpartitioned_model(
     got = family_results((name, mesh, schedule, opt))
     assert "error" not in got, got.get("error")
     counts = Counter(got["sharding"].values())
-    # the plan really splits, exactly as measured (the same plan on both meshes)
-    assert (counts["col"], counts["row"]) == SPLITS[name], dict(counts)
+    if transformers.__version__ == locked_version("transformers"):
+        # the plan really splits, exactly as measured (the same plan on both meshes)
+        assert (counts["col"], counts["row"]) == SPLITS[name], dict(counts)
+    else:  # another release writes the model with other ops, so the ILP may split others
+        assert counts["col"] >= 1 and counts["row"] >= 1, dict(counts)
     model, x, kw, _, _ = _setup(name)
     assert got["local_numel"] < sum(p.numel() for p in model.parameters())
     with torch.no_grad():

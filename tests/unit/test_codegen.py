@@ -31,20 +31,10 @@ from autopart.planning.planner import plan_graph
 from autopart.planning.plans import Plan
 from autopart.runtime.launch import spawn_ranks, training_batch
 from autopart.runtime.stage_io import stage_io, value_metas
-from tests.models import FAST_LINK, HF_CONFIGS
+from tests.models import FAST_LINK, HF_CONFIGS, locked_version
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "emit"
 UPDATE = os.environ.get("AUTOPART_UPDATE_GOLDEN") == "1"
-LOCK = Path(__file__).parents[2] / "requirements" / "lock.txt"
-
-
-def _locked(package: str) -> str:
-    """The version ``requirements/lock.txt`` pins ``package`` to (the golden files' versions)."""
-    for line in LOCK.read_text().splitlines():
-        name, _, version = line.partition("==")
-        if name.strip().lower() == package:
-            return version.strip()
-    raise LookupError(f"{package} is not pinned in {LOCK}")
 
 
 TEMPLATE = Path(autopart.__file__).parent / "codegen" / "templates" / "run.py"
@@ -124,9 +114,9 @@ def test_generated_sources_match_the_golden_files(tmp_path: Path, case: str) -> 
     if model.startswith("hf:"):
         import transformers
 
-        if transformers.__version__ != _locked("transformers") and not UPDATE:
+        if transformers.__version__ != locked_version("transformers") and not UPDATE:
             pytest.skip(
-                f"the golden {case} was traced with transformers {_locked('transformers')} (the "
+                f"the golden {case} was traced with transformers {locked_version('transformers')} (the "
                 f"lock), not {transformers.__version__}; emitting it fresh is checked elsewhere"
             )
     out = _emit(model, _golden_plan(case), tmp_path / case)
