@@ -12,6 +12,7 @@ from autopart.models.model_spec import LoadedModel, load_model
 from autopart.passes.annotate import annotate, graph_totals, node_cost
 from autopart.planning.planner import plan
 from autopart.planning.plans import Plan
+from autopart.planning.request import PlanRequest
 
 __all__ = [
     "AutopartError",
@@ -19,6 +20,7 @@ __all__ = [
     "ModelSpecError",
     "ParallelProgram",
     "Plan",
+    "PlanRequest",
     "TraceError",
     "UnknownDeviceError",
     "annotate",

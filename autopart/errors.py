@@ -12,7 +12,14 @@ __all__ = [
 
 
 class AutopartError(ValueError):
-    """Base class of autopart's user-facing errors."""
+    """Base class of autopart's user-facing errors.
+
+    ``reason`` is the cause in a few words, without the fix (what a table of alternatives, such as
+    the mesh search's, shows beside a mesh that failed); the whole message when not given."""
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason if reason is not None else message
 
 
 class TraceError(AutopartError):

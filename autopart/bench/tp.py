@@ -30,6 +30,7 @@ from autopart.planning.mesh_plan import (
     plan_mesh,
     planning_setup,
 )
+from autopart.planning.request import PlanRequest
 from autopart.solver.tp_costs import tp_costs
 from autopart.solver.tp_ilp import TPPlan, megatron_plan, megatron_sharding, solve_tp
 
@@ -130,7 +131,8 @@ def tp_case(
 ) -> dict[str, Any]:
     """One row: the TP ILP and Megatron's plan of ``gm`` on ``degree`` ranks, and the pipeline
     plans of ``pp`` stages on each."""
-    setup = planning_setup(device=device, memory=None, schedule="auto", optimizer="adamw", pp=pp)
+    request = PlanRequest(mesh=f"pp={pp}", device=device, time_limit_s=time_limit_s, name=case)
+    setup = planning_setup(request, pp=pp)
     options = micro_batch_options(batch, 1, pp, None, setup.kinds)
     m = max(counts[0] for counts in options.values())
     start = time.perf_counter()
@@ -141,9 +143,7 @@ def tp_case(
     )
     megatron_s = time.perf_counter() - solved
     og = OpGraph.from_graph_module(gm, setup.spec)
-    plans = [
-        _plan(gm, og, tp, setup, batch, pp, options, m, case, time_limit_s) for tp in (ours, theirs)
-    ]
+    plans = [_plan(gm, og, tp, setup, batch, pp, options, m) for tp in (ours, theirs)]
     expected = megatron_sharding(gm)
     nan = float("nan")
     row: dict[str, Any] = {
@@ -185,24 +185,12 @@ def _plan(
     pp: int,
     options: dict[str, list[int]],
     m: int,
-    name: str,
-    time_limit_s: float,
 ) -> tuple[float, float, int | None]:
     """(step time, gap, peak bytes per device) of the pipeline plan on ``tp``'s costs; NaN and
     ``None`` where no plan fits memory."""
     costs = TPCostsOf(tp, tp_costs(og, gm, tp, micro_batches=m))
     try:
-        plan = plan_mesh(
-            og,
-            costs,
-            setup,
-            batch=batch,
-            dp=1,
-            pp=pp,
-            options=options,
-            name=name,
-            time_limit_s=time_limit_s,
-        )
+        plan = plan_mesh(og, costs, setup, batch=batch, dp=1, pp=pp, options=options)
     except AutopartError:
         return math.nan, math.nan, None
     return plan.step_time_s, plan.gap, max(s.peak_memory_bytes for s in plan.stages)

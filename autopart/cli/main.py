@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from autopart.errors import AutopartError
+from autopart.planning.request import PlanRequest
 from autopart.planning.schedule import ScheduleKind
 
 __all__ = ["main"]
@@ -623,53 +624,29 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from autopart.cost_models import get_device
-    from autopart.planning.mesh_plan import is_auto_mesh
+    from autopart.planning.mesh_plan import planning_setup
     from autopart.planning.mesh_search import search_mesh
     from autopart.planning.planner import plan_graph
-    from autopart.planning.plans import format_mesh, parse_mesh
-    from autopart.units import parse_bytes
+    from autopart.planning.plans import format_mesh
 
-    auto = is_auto_mesh(args.mesh)  # fail on bad input before tracing
-    if auto and args.devices is None:
+    request = _plan_request(args)  # bad input fails before tracing
+    if request.is_auto and request.devices is None:
         raise AutopartError(
             "--mesh auto searches the meshes of a number of devices: add --devices N (e.g. --devices 64)."
         )
-    if args.devices is not None and args.devices < 1:
-        raise AutopartError(f"--devices must be a positive integer, got {args.devices}.")
-    if not auto:
-        axes = parse_mesh(args.mesh)
-        used = axes.get("dp", 1) * axes.get("pp", 1) * axes.get("tp", 1)
-        if args.devices is not None and used != args.devices:
-            raise AutopartError(
-                f"--mesh {args.mesh} uses {used} devices, not --devices {args.devices}; drop "
-                "--devices, or use --mesh auto to search the meshes of that many devices."
-            )
-    get_device(args.device)
-    if args.memory is not None:
-        parse_bytes(args.memory)
+    planning_setup(request)
     start = time.perf_counter()
     loaded, gm, _ = _load_and_trace(args)
+    request = request.with_options(name=loaded.name)
     batch = _first_batch(loaded.example_inputs)
-    quiet = _quiet(args)
     search = None
-    with _spinner("planning", quiet) as status:
-        options: dict[str, Any] = dict(
-            batch=batch,
-            device=args.device,
-            memory=args.memory,
-            micro_batches=args.micro_batches,
-            schedule=args.schedule,
-            optimizer=args.optimizer,
-            time_limit_s=args.time_limit,
-            name=loaded.name,
-            progress=(lambda msg: status.update(msg)) if status is not None else None,
-        )
-        if auto:
-            search = search_mesh(gm, devices=args.devices, **options)
+    with _spinner("planning", _quiet(args)) as status:
+        progress = (lambda msg: status.update(msg)) if status is not None else None
+        if request.is_auto:
+            search = search_mesh(gm, request, batch=batch, progress=progress)
             result = search.plan
         else:
-            result = plan_graph(gm, mesh=args.mesh, devices=args.devices, **options)
+            result = plan_graph(gm, request, batch=batch, progress=progress)
     elapsed = time.perf_counter() - start
     if args.out:
         Path(args.out).write_text(result.to_json())
@@ -693,6 +670,20 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if search is not None:
         _print_mesh_search(search)
     return 0
+
+
+def _plan_request(args: argparse.Namespace) -> PlanRequest:
+    """The planning options of ``autopart plan`` as a request (checked: a bad one raises)."""
+    return PlanRequest(
+        mesh=args.mesh,
+        devices=args.devices,
+        device=args.device,
+        memory=args.memory,
+        micro_batches=args.micro_batches,
+        schedule=args.schedule,
+        optimizer=args.optimizer,
+        time_limit_s=args.time_limit,
+    )
 
 
 def _print_mesh_search(search: Any) -> None:

@@ -27,6 +27,7 @@ from autopart.planning.plans import (
     StagePlan,
     TPSection,
 )
+from autopart.planning.request import AUTO, PlanRequest
 from autopart.planning.schedule import (
     ScheduleError,
     ScheduleKind,
@@ -50,7 +51,6 @@ __all__ = [
     "batch_size",
     "dp_sync_s",
     "in_flight_per_stage",
-    "is_auto_mesh",
     "micro_batch_options",
     "per_micro_batch",
     "pipeline_device",
@@ -61,7 +61,6 @@ __all__ = [
     "solve_tp_costs",
 ]
 
-_SCHEDULES = tuple(ScheduleKind)
 _INTERLEAVE = 2  # stages per rank for the interleaved schedule (Megatron's virtual pipeline)
 
 
@@ -92,17 +91,24 @@ over the network, and a dp all-reduce over more than a node runs at the network'
 
 @dataclass(frozen=True, slots=True)
 class PlanningSetup:
-    """What every mesh of one planning request shares."""
+    """A :class:`PlanRequest` resolved: what every mesh of the request shares."""
 
+    request: PlanRequest
     spec: DeviceSpec
     limit: int
     """Memory per device in bytes."""
-    optimizer: str
     state_per_byte: float
     """Bytes of parameter + gradient + optimizer state per parameter byte."""
-    schedule: str
     kinds: tuple[str, ...]
     """The schedules compared (auto: 1F1B and GPipe)."""
+
+    @property
+    def optimizer(self) -> str:
+        return self.request.optimizer
+
+    @property
+    def name(self) -> str:
+        return self.request.name or "model"
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -113,33 +119,22 @@ class TPCostsOf:
     costs: TPCosts
 
 
-def is_auto_mesh(mesh: object) -> bool:
-    return isinstance(mesh, str) and mesh.strip().lower() == "auto"
-
-
-def planning_setup(
-    *,
-    device: str | DeviceSpec,
-    memory: int | str | None,
-    schedule: str,
-    optimizer: str,
-    pp: int | None = None,
-) -> PlanningSetup:
-    """Check the request's options (before any tracing or solving) and resolve them."""
+def planning_setup(request: PlanRequest, *, pp: int | None = None) -> PlanningSetup:
+    """Resolve the request's device, memory, optimizer and schedules (before any tracing or
+    solving); ``pp`` checks the schedule against a fixed pipeline size."""
     from autopart.units import parse_bytes
 
-    spec = get_device(device)
-    limit = parse_bytes(memory) if memory is not None else spec.memory_bytes
-    opt = as_optimizer(optimizer)
-    if schedule not in ("auto", *_SCHEDULES):
-        raise AutopartError(f"unknown schedule {schedule!r}; use auto, {', '.join(_SCHEDULES)}.")
+    spec = get_device(request.device)
+    limit = parse_bytes(request.memory) if request.memory is not None else spec.memory_bytes
+    opt = as_optimizer(request.optimizer)
+    schedule = request.schedule
     if schedule == ScheduleKind.INTERLEAVED and pp is not None and pp < 2:
         raise AutopartError(
             "the interleaved schedule needs at least 2 pipeline ranks; use --mesh pp=2 or more."
         )
     # Auto compares the two one-stage-per-rank schedules; interleaving is planned when asked for.
-    kinds = ("1f1b", "gpipe") if schedule == "auto" else (schedule,)
-    return PlanningSetup(spec, limit, optimizer, 2 + opt.states_per_param, schedule, kinds)
+    kinds = (ScheduleKind.ONE_F_ONE_B, ScheduleKind.GPIPE) if schedule == AUTO else (schedule,)
+    return PlanningSetup(request, spec, limit, 2 + opt.states_per_param, tuple(map(str, kinds)))
 
 
 def micro_batch_options(
@@ -149,7 +144,8 @@ def micro_batch_options(
     if batch % dp:
         raise AutopartError(
             f"a batch of {batch} does not split across dp={dp} data-parallel replicas; use a batch "
-            f"that is a multiple of {dp}."
+            f"that is a multiple of {dp}.",
+            reason=f"the batch of {batch} does not split over dp={dp}",
         )
     return _micro_batch_options(batch // dp, p, micro_batches, kinds)
 
@@ -161,7 +157,6 @@ def solve_tp_costs(
     setup: PlanningSetup,
     *,
     micro_batches: int,
-    time_limit_s: float,
     memory: int | None = None,
 ) -> TPCostsOf:
     """The TP plan of ``gm`` on ``degree`` ranks and ``og``'s costs under it. ``memory`` limits
@@ -174,7 +169,7 @@ def solve_tp_costs(
         memory=memory,
         micro_batches=micro_batches,
         optimizer=setup.optimizer,
-        time_limit_s=time_limit_s,
+        time_limit_s=setup.request.time_limit_s,
     )
     return TPCostsOf(tp_plan, tp_costs(og, gm, tp_plan, micro_batches=micro_batches))
 
@@ -211,9 +206,6 @@ def plan_mesh(
     dp: int,
     pp: int,
     options: Mapping[str, list[int]],
-    name: str,
-    time_limit_s: float,
-    max_blocks: int | None = None,
     progress: Callable[[str], None] | None = None,
     start_s: float | None = None,
 ) -> Plan:
@@ -225,6 +217,7 @@ def plan_mesh(
     p, degree = pp, (tp.plan.degree if tp is not None else 1)
     spec = pipeline_device(setup.spec, pp=p, tp=degree)
     limit, state_per_byte = setup.limit, setup.state_per_byte
+    max_blocks, time_limit_s = setup.request.max_blocks, setup.request.time_limit_s
     og = tp.costs.op_graph if tp is not None else og_full
     if dp > 1:  # the graph was traced at the global batch
         og = og.scaled(1.0 / dp)
@@ -294,24 +287,13 @@ def plan_mesh(
 
     # Data parallelism: after the pipeline drains, each rank all-reduces its stages' gradients
     # with its dp peers; the baselines pay it too.
-    def sync_s(param_bytes_per_device: Sequence[int]) -> float:
+    def sync_s(param_bytes_per_device: Sequence[float]) -> float:
         return max(
-            dp_sync_s(nbytes, dp=dp, pp=p, tp=degree, spec=setup.spec)
+            dp_sync_s(int(nbytes), dp=dp, pp=p, tp=degree, spec=setup.spec)
             for nbytes in param_bytes_per_device
         )
 
-    result = _make_plan(
-        best,
-        og,
-        p,
-        spec,
-        limit,
-        setup.optimizer,
-        name,
-        state_per_byte,
-        time.perf_counter() - start,
-        sync_s,
-    )
+    result = _make_plan(best, og, _Pipeline(setup, spec, p, sync_s), time.perf_counter() - start)
     if dp == 1 and tp is None:
         return result
     mesh = {"dp": dp, "pp": p} if tp is None else {"dp": dp, "pp": p, "tp": degree}
@@ -340,12 +322,14 @@ def _no_fit_error(
             f"stages){fewer}.",
             exc.minimum_bytes,
             need=need,
+            reason=f"the leanest, {kind} with {m} micro-batches, {need.needs(format_bytes_up)}",
         )
     peak, kind, m = min(simulated)
     return NoScheduleFitsError(
         f"no schedule and micro-batch count fits {format_bytes(limit)} per device once in-flight "
         f"activations are simulated: the leanest, {kind} with {m} micro-batches, peaks at "
-        f"{format_bytes_up(peak)}; raise --memory, add devices (more stages) or use a larger --batch."
+        f"{format_bytes_up(peak)}; raise --memory, add devices (more stages) or use a larger --batch.",
+        reason=f"the leanest, {kind} with {m} micro-batches, peaks at {format_bytes_up(peak)}",
     )
 
 
@@ -362,30 +346,27 @@ def _tp_section(tp: TPCostsOf, plan: Plan, dp: int) -> TPSection:
 # ---------------------------------------------------------------------------------------------
 
 
-def _make_plan(
-    best: _Candidate,
-    og: OpGraph,
-    p: int,
-    spec: DeviceSpec,
-    limit: int,
-    optimizer: str,
-    name: str,
-    state_per_byte: float,
-    elapsed_s: float,
-    sync_s: Callable[[Sequence[int]], float],
-) -> Plan:
-    """The plan of ``best``; ``sync_s(param bytes of each device)`` is the time added to a step
-    after the pipeline drains (the dp gradient all-reduce)."""
+@dataclass(frozen=True, slots=True)
+class _Pipeline:
+    """The pipeline a plan is made for."""
+
+    setup: PlanningSetup
+    spec: DeviceSpec
+    """The setup's device with the link that pipeline sends take (:func:`pipeline_device`)."""
+    p: int
+    sync_s: Callable[[Sequence[float]], float]
+    """Time added to a step after the pipeline drains (the dp gradient all-reduce), from the
+    parameter bytes of each device."""
+
+
+def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float) -> Plan:
+    """The plan of ``best``."""
+    p, spec = pipe.p, pipe.spec
     m, v, bg = best.micro_batches, best.stages_per_device, best.bg
     num_stages = p * v
-
-    def per_device(param_bytes: Sequence[int]) -> list[int]:
-        return [sum(param_bytes[s] for s in range(d, num_stages, p)) for d in range(p)]
-
     scaled = per_micro_batch(bg, m)
     times = stage_times_s(scaled, best.stage_of, num_stages, spec)
-    device_time = [sum(times[s] for s in range(d, num_stages, p)) for d in range(p)]
-    bottleneck = max(device_time)
+    bottleneck = max(_per_device(times, p))
     bound = _device_lower_bound_s(scaled, og.scaled(1.0 / m), p, v, spec)
     stage_of_node = {n: s for blk, s in zip(bg.blocks, best.stage_of) for n in blk.nodes}
     param_bytes = bg.stage_param_bytes(best.stage_of, num_stages)
@@ -406,24 +387,11 @@ def _make_plan(
                 activation_bytes=sum(b.activation_bytes for b in blocks),
             )
         )
-    base = {}
-    for label, fn in (
-        ("equal_layers", baselines.equal_layers),
-        ("equal_params", baselines.equal_params),
-    ):
-        stage_of = fn(scaled, num_stages)
-        tl = simulate_blocks(bg, stage_of, p, v, spec, best.schedule, m, state_per_byte)
-        t = stage_times_s(scaled, stage_of, num_stages, spec)
-        sync = sync_s(per_device(bg.stage_param_bytes(stage_of, num_stages)))
-        base[label] = BaselineResult(
-            max(sum(t[s] for s in range(d, num_stages, p)) for d in range(p)),
-            tl.step_time_s + sync,
-        )
     return Plan(
-        model=name,
+        model=pipe.setup.name,
         mesh={"pp": p},
         device=spec.name,
-        memory_limit_bytes=limit,
+        memory_limit_bytes=pipe.setup.limit,
         schedule=best.schedule,
         micro_batches=m,
         stages_per_device=v,
@@ -432,7 +400,7 @@ def _make_plan(
         bottleneck_s=bottleneck,
         lower_bound_s=bound,
         gap=bottleneck / bound - 1 if bound > 0 else 0.0,
-        step_time_s=best.timeline.step_time_s + sync_s(per_device(param_bytes)),
+        step_time_s=best.timeline.step_time_s + pipe.sync_s(_per_device(param_bytes, p)),
         bubble_fraction=best.timeline.bubble_fraction,
         solver=SolverInfo(
             status=best.status,
@@ -440,10 +408,34 @@ def _make_plan(
             blocks=len(bg.blocks),
             objective_bound_s=best.bound_s,
         ),
-        baselines=base,
-        optimizer=optimizer,
+        baselines=_baselines(scaled, best, pipe),
+        optimizer=pipe.setup.optimizer,
         boundary_bytes=tuple(scaled.boundary_bytes(best.stage_of, num_stages)),
     )
+
+
+def _baselines(scaled: BlockGraph, best: _Candidate, pipe: _Pipeline) -> dict[str, BaselineResult]:
+    """The equal-layers and equal-parameters splits under ``best``'s schedule, on ``scaled``
+    (``best``'s block graph at one micro-batch)."""
+    p, spec, bg, v, m = pipe.p, pipe.spec, best.bg, best.stages_per_device, best.micro_batches
+    num_stages = p * v
+    base = {}
+    for label, fn in (
+        ("equal_layers", baselines.equal_layers),
+        ("equal_params", baselines.equal_params),
+    ):
+        stage_of = fn(scaled, num_stages)
+        tl = simulate_blocks(bg, stage_of, p, v, spec, best.schedule, m, pipe.setup.state_per_byte)
+        t = stage_times_s(scaled, stage_of, num_stages, spec)
+        params = bg.stage_param_bytes(stage_of, num_stages)
+        sync = pipe.sync_s(_per_device(params, p))
+        base[label] = BaselineResult(max(_per_device(t, p)), tl.step_time_s + sync)
+    return base
+
+
+def _per_device(per_stage: Sequence[float], p: int) -> list[float]:
+    """Sum per pipeline rank of a per-stage figure (stage ``s`` runs on rank ``s % p``)."""
+    return [sum(per_stage[d::p]) for d in range(p)]
 
 
 def _device_lower_bound_s(bg: BlockGraph, og: OpGraph, p: int, v: int, spec: DeviceSpec) -> float:
@@ -556,7 +548,8 @@ def _micro_batch_options(
     if micro_batches is not None and (micro_batches < 1 or batch % micro_batches):
         raise AutopartError(
             f"the batch of {batch} does not split into {micro_batches} equal micro-batches; pick a "
-            f"divisor of {batch} for --micro-batches (or change --batch)."
+            f"divisor of {batch} for --micro-batches (or change --batch).",
+            reason=f"the batch of {batch} does not split into {micro_batches} micro-batches",
         )
     counts = (
         [micro_batches]
@@ -577,13 +570,15 @@ def _micro_batch_options(
             options[kind] = valid
     if not options and micro_batches is not None:
         raise AutopartError(
-            f"{micro_batches} micro-batches cannot run on {p} pipeline stages: {errors[0]}"
+            f"{micro_batches} micro-batches cannot run on {p} pipeline stages: {errors[0]}",
+            reason=f"{micro_batches} micro-batches cannot run on {p} pipeline stages",
         )
     if not options:
         raise AutopartError(
             f"no schedule in {', '.join(kinds)} can run {p} pipeline stages on a batch of {batch} "
             f"split into {counts} micro-batches ({errors[0] if errors else ''}); raise --batch to a "
-            "multiple of the stage count or use --schedule gpipe."
+            "multiple of the stage count or use --schedule gpipe.",
+            reason=f"no schedule in {', '.join(kinds)} can run {p} stages on a batch of {batch}",
         )
     return options
 

@@ -72,6 +72,7 @@ from autopart.planning.mesh_plan import (
     solve_tp_costs,
 )
 from autopart.planning.plans import Plan, format_mesh
+from autopart.planning.request import AUTO, PlanRequest
 from autopart.planning.schedule import ScheduleKind
 from autopart.solver import baselines
 from autopart.solver.pipeline_memory import NodeMemory, pipeline_memory_bound
@@ -212,7 +213,7 @@ class _Mesh:
     unsettled: bool = False
     """Planned in full, it failed for a reason other than memory (the solver's time limit)."""
     tp_key: tuple[int, int | None] = (1, None)
-    """Which TP plan it runs: (degree, memory limit of the TP solve or None for the fastest)."""
+    """Which TP plan it runs (see ``_TPKey``)."""
 
     @property
     def mesh(self) -> dict[str, int]:
@@ -221,243 +222,248 @@ class _Mesh:
 
 def search_mesh(
     gm: torch.fx.GraphModule,
+    request: PlanRequest | None = None,
     *,
     batch: int,
-    devices: int | None,
-    device: Any = "h100",
-    memory: int | str | None = None,
-    micro_batches: int | None = None,
-    schedule: str = "auto",
-    optimizer: str = "adamw",
-    time_limit_s: float = 10.0,
-    name: str = "model",
-    max_blocks: int | None = None,
     progress: Callable[[str], None] | None = None,
     full_plans: int = 3,
     slack: float = 0.10,
+    **options: Any,
 ) -> MeshSearch:
-    """Search the meshes of ``devices`` devices for ``gm`` (traced at the global ``batch`` and
-    annotated); see the module docstring. Raises :class:`InfeasibleMeshError` (with the least
-    memory any mesh needs) when none fits."""
-    if devices is None:
+    """Search the meshes of ``request.devices`` devices for ``gm`` (traced at the global ``batch``
+    and annotated); see the module docstring. ``options`` replace fields of ``request``. Raises
+    :class:`InfeasibleMeshError` (with the least memory any mesh needs) when none fits."""
+    req = PlanRequest.of(request, {"mesh": AUTO, **options})
+    if req.devices is None:
         raise AutopartError(
             "mesh 'auto' needs the number of devices to search: pass --devices N (devices=N)."
         )
     start = time.perf_counter()
-    say = progress or (lambda _msg: None)
-    setup = planning_setup(device=device, memory=memory, schedule=schedule, optimizer=optimizer)
-    og = OpGraph.from_graph_module(gm, setup.spec)
-    layers = len({n.layer for n in og.nodes.values() if n.layer is not None})
-    max_pp = layers if layers >= 2 else len(og.order)
-    meshes = [_Mesh(m["dp"], m["pp"], m["tp"]) for m in mesh_candidates(devices)]
-    for c in meshes:
-        _check_mesh(c, batch, micro_batches, setup, max_pp, layers)
+    search = _Search(gm, planning_setup(req), batch, progress or (lambda _msg: None))
+    search.bound_all()
+    best_estimate = search.estimate_all()
+    search.plan_ranked(best_estimate, full_plans, slack)
+    search.plan_bounded()
+    fitting = [c for c in search.meshes if c.plan is not None]
+    if not fitting:
+        raise _infeasible(search.meshes, req.devices, search.setup)
+    best = min(fitting, key=lambda c: (_plan_of(c).step_time_s, c.pp, c.tp, c.dp))
+    best.status = MeshStatus.CHOSEN
+    return MeshSearch(
+        plan=dataclasses.replace(_plan_of(best), mesh=best.mesh),  # every axis, sizes 1 too
+        devices=req.devices,
+        candidates=tuple(_record(c) for c in sorted(search.meshes, key=_table_order)),
+        reason=_reason(best, search.meshes, search.setup),
+        tp_solve_s=search.tp_solve_s,
+        elapsed_s=time.perf_counter() - start,
+    )
 
-    # Before any TP solve: sharding at best divides the state and the compute by tp.
-    plain = _Totals.of(og, batch, setup)
-    for c in _alive(meshes):
-        _bound(c, plain, setup, shard=c.tp)
-    # ... and every TP rank holds at least 1/tp of each parameter and saved value.
-    owned = {tp: NodeMemory.of(og, setup.state_per_byte, shard=tp) for tp in {c.tp for c in meshes}}
-    for c in _alive(meshes):
-        _split_bound(c, owned[c.tp], batch, setup, before_tp=c.tp > 1)
 
-    costs: dict[tuple[int, int | None], TPCostsOf | None] = {}
-    totals: dict[tuple[int, int | None], _Totals] = {(1, None): plain}
-    tp_solve_s: dict[str, float] = {}
-    coarse: dict[tuple[int, int | None], BlockGraph] = {}
-    tp_minimum: dict[tuple[int, int | None], int] = {}
+_TPKey = tuple[int, int | None]
+"""Which TP plan a mesh runs: (degree, memory limit of the TP solve or None for the fastest)."""
 
-    def owned_of(key: tuple[int, int | None]) -> NodeMemory:
-        """What each node of the mesh's TP-adjusted graph owns (for the split bound)."""
-        if key not in owned_tp:
-            found = costs[key]
-            assert found is not None
-            owned_tp[key] = NodeMemory.of(found.costs.op_graph, setup.state_per_byte)
-        return owned_tp[key]
 
-    owned_tp: dict[tuple[int, int | None], NodeMemory] = {}
+class _Search:
+    """The state of one mesh search: the candidates and what is solved once and shared (TP plans
+    per key, their totals and coarse block graphs, what each node owns)."""
 
-    def tp_costs_of(key: tuple[int, int | None]) -> TPCostsOf | None:
+    def __init__(
+        self, gm: torch.fx.GraphModule, setup: PlanningSetup, batch: int, say: Callable[[str], None]
+    ) -> None:
+        assert setup.request.devices is not None
+        self.gm, self.setup, self.batch, self.say = gm, setup, batch, say
+        self.og = og = OpGraph.from_graph_module(gm, setup.spec)
+        layers = len({n.layer for n in og.nodes.values() if n.layer is not None})
+        max_pp = layers if layers >= 2 else len(og.order)
+        self.meshes = [
+            _Mesh(m["dp"], m["pp"], m["tp"]) for m in mesh_candidates(setup.request.devices)
+        ]
+        for c in self.meshes:
+            _check_mesh(c, batch, setup, max_pp, layers)
+        self.plain = _Totals.of(og, batch, setup)
+        self.costs: dict[_TPKey, TPCostsOf | None] = {}
+        self.totals: dict[_TPKey, _Totals] = {(1, None): self.plain}
+        self.tp_solve_s: dict[str, float] = {}
+        self.coarse: dict[_TPKey, BlockGraph] = {}
+        self.tp_minimum: dict[_TPKey, int] = {}
+        self.owned_tp: dict[_TPKey, NodeMemory] = {}
+
+    def bound_all(self) -> None:
+        """Step 1 before any TP solve: sharding at best divides the state and the compute by tp,
+        and every TP rank holds at least 1/tp of each parameter and saved value."""
+        for c in _alive(self.meshes):
+            _bound(c, self.plain, self.setup, shard=c.tp)
+        degrees = {c.tp for c in self.meshes}
+        owned = {tp: NodeMemory.of(self.og, self.setup.state_per_byte, shard=tp) for tp in degrees}
+        for c in _alive(self.meshes):
+            _split_bound(c, owned[c.tp], self.batch, self.setup, before_tp=c.tp > 1)
+
+    def estimate_all(self) -> float | None:
+        """Steps 2 and 3: estimate the meshes in order of their step bound, skipping those whose
+        bound the best estimate so far beats; the best estimate that fits."""
+        best: float | None = None
+        for c in sorted(_alive(self.meshes), key=lambda c: (c.step_bound_s, c.pp, c.tp)):
+            if _beaten(c, best):
+                continue
+            if c.tp > 1:
+                self.shard(c)
+                if c.status or _beaten(c, best):
+                    continue
+            self.say(f"estimating {format_mesh(c.mesh)}")
+            _estimate(c, self.coarse_of(c), self.setup)
+            if c.estimate_fits and c.estimate_s is not None:
+                best = min(best or c.estimate_s, c.estimate_s)
+        return best
+
+    def plan_ranked(self, best_estimate: float | None, full_plans: int, slack: float) -> None:
+        """Step 4: plan in full the best estimates (a split that misses memory may still fit once
+        the stage ILP minds memory), up to ``full_plans`` within ``slack`` of the best that fits;
+        then, while nothing fits, the rest in order, within the fallback budget."""
+        ranked = sorted(
+            (c for c in self.meshes if c.estimate_s is not None and not c.status),
+            key=lambda c: (c.estimate_s, c.pp, c.tp),
+        )
+        planned = 0
+        # A safety net: while nothing fits, planning the rest in full stops after this long (the
+        # memory bound above rejects what cannot fit; this bounds what it cannot settle).
+        budget_s = _FALLBACK_BUDGET * self.setup.request.time_limit_s
+        loop_start = time.perf_counter()
+        for c in ranked:
+            assert c.estimate_s is not None
+            found = any(m.plan is not None for m in self.meshes)
+            if not found and planned and time.perf_counter() - loop_start > budget_s:
+                c.status, c.unsettled = MeshStatus.NO_FIT, True
+                c.note = (
+                    f"not planned: the search's {budget_s:g} s for planning meshes in full "
+                    f"({_FALLBACK_BUDGET} x --time-limit) ran out"
+                )
+                continue
+            close = best_estimate is not None and c.estimate_s <= best_estimate * (1 + slack)
+            if found and not (close and planned < full_plans):
+                c.status, c.note = MeshStatus.ESTIMATED, _not_planned(c, best_estimate)
+                continue
+            self.say(f"planning {format_mesh(c.mesh)} in full")
+            planned += 1
+            self.plan_full(c)
+
+    def plan_bounded(self) -> None:
+        """A mesh was dropped when its bound passed the best *estimate*; should the best full plan
+        be slower than that estimate, the meshes whose bound it passes are planned after all."""
+        fitting = [c for c in self.meshes if c.plan is not None]
+        best_s = min((_plan_of(c).step_time_s for c in fitting), default=math.inf)
+        for c in self.meshes:
+            if c.status != MeshStatus.BOUNDED or c.step_bound_s >= best_s:
+                continue
+            c.status, c.note = MeshStatus.PENDING, ""
+            if c.tp > 1:
+                self.shard(c)
+            if not c.status:
+                self.say(f"planning {format_mesh(c.mesh)} in full")
+                self.plan_full(c)
+
+    def tp_costs_of(self, key: _TPKey) -> TPCostsOf | None:
         """The TP plan of a degree (the fastest, or within a memory limit; ``None`` where no
         plan fits that limit), solved once, at the smallest micro-batch any mesh of the degree
         could run."""
-        if key not in costs:
-            degree, limit = key
-            of_degree = [c for c in meshes if c.tp == degree and c.options]
-            m_tp = max(c.dp * max(n[0] for n in c.options.values()) for c in of_degree)
-            label = f"tp={degree}" + (f" within {format_bytes(limit)}" if limit else "")
-            say(f"solving tensor parallelism, {label}")
-            t0 = time.perf_counter()
-            try:
-                found = solve_tp_costs(
-                    gm,
-                    og,
-                    degree,
-                    setup,
-                    micro_batches=m_tp,
-                    time_limit_s=time_limit_s,
-                    memory=limit,
-                )
-                totals[key] = _Totals.of(found.costs.op_graph, batch, setup)
-            except InfeasibleTPMemoryError as exc:
-                found = None
-                tp_minimum[key] = exc.minimum_bytes
-            costs[key] = found
-            tp_solve_s[label] = time.perf_counter() - t0
-        return costs[key]
+        if key in self.costs:
+            return self.costs[key]
+        degree, limit = key
+        of_degree = [c for c in self.meshes if c.tp == degree and c.options]
+        m_tp = max(c.dp * max(n[0] for n in c.options.values()) for c in of_degree)
+        label = f"tp={degree}" + (f" within {format_bytes(limit)}" if limit else "")
+        self.say(f"solving tensor parallelism, {label}")
+        t0 = time.perf_counter()
+        found: TPCostsOf | None = None
+        try:
+            found = solve_tp_costs(
+                self.gm, self.og, degree, self.setup, micro_batches=m_tp, memory=limit
+            )
+            self.totals[key] = _Totals.of(found.costs.op_graph, self.batch, self.setup)
+        except InfeasibleTPMemoryError as exc:
+            self.tp_minimum[key] = exc.minimum_bytes
+        self.costs[key] = found
+        self.tp_solve_s[label] = time.perf_counter() - t0
+        return found
 
-    def shard(c: _Mesh) -> None:
+    def owned_of(self, key: _TPKey) -> NodeMemory:
+        """What each node of the mesh's TP-adjusted graph owns (for the split bound)."""
+        if key not in self.owned_tp:
+            found = self.costs[key]
+            assert found is not None
+            self.owned_tp[key] = NodeMemory.of(found.costs.op_graph, self.setup.state_per_byte)
+        return self.owned_tp[key]
+
+    def coarse_of(self, c: _Mesh) -> BlockGraph:
+        """The coarse block graph the estimates of ``c``'s TP plan run on."""
+        if c.tp_key not in self.coarse:
+            most = max(m.pp for m in self.meshes if m.tp == c.tp and m.options)
+            graph = self.og if c.tp == 1 else _tp_of(self.costs, c).costs.op_graph
+            self.coarse[c.tp_key] = _drop_op_graph(
+                coarsen(graph, max_blocks=max(64, 8 * _INTERLEAVE * most))
+            )
+        return self.coarse[c.tp_key]
+
+    def bound_tp(self, c: _Mesh, key: _TPKey) -> None:
+        """Step 1 on the mesh's TP-adjusted graph under the TP plan ``key``."""
+        c.status, c.note, c.tp_key = MeshStatus.PENDING, "", key
+        _bound(c, self.totals[key], self.setup, shard=1)
+        if not c.status:
+            _split_bound(c, self.owned_of(key), self.batch, self.setup)
+
+    def shard(self, c: _Mesh) -> None:
         """Give a TP mesh its TP plan: the fastest, or, where that cannot fit, one sharded so a
         rank holds at most pp devices' worth of the whole graph."""
-        c.tp_key = (c.tp, None)
-        tp_costs_of(c.tp_key)
-        _bound(c, totals[c.tp_key], setup, shard=1)
-        if not c.status:
-            _split_bound(c, owned_of(c.tp_key), batch, setup)
+        fastest = self.tp_costs_of((c.tp, None))
+        assert fastest is not None
+        self.bound_tp(c, (c.tp, None))
         if c.status != MeshStatus.OVER_MEMORY:
             return
-        lean_key = (c.tp, setup.limit * c.pp)
-        lean = tp_costs_of(lean_key)
-        fastest = costs[c.tp_key]
-        assert fastest is not None
+        lean_key = (c.tp, self.setup.limit * c.pp)
+        lean = self.tp_costs_of(lean_key)
         if lean is None:
-            least = tp_minimum[lean_key]
-            any_sharding = (plain.state_bytes / c.tp + plain.sample_bytes) / c.pp
+            least = self.tp_minimum[lean_key]
+            any_sharding = (self.plain.state_bytes / c.tp + self.plain.sample_bytes) / c.pp
             c.memory_bound = int(max(c.memory_bound, any_sharding, least / c.pp))
             c.note = (
                 f"no sharding over {c.tp} ranks fits: the leanest holds {format_bytes(least)} of "
                 f"the whole model per rank, more than pp x the limit"
             )
         elif dict(lean.plan.placements) != dict(fastest.plan.placements):
-            c.status, c.note, c.tp_key = MeshStatus.PENDING, "", lean_key
-            _bound(c, totals[lean_key], setup, shard=1)
-            if not c.status:
-                _split_bound(c, owned_of(lean_key), batch, setup)
+            self.bound_tp(c, lean_key)
 
-    best_estimate: float | None = None
-    for c in sorted(_alive(meshes), key=lambda c: (c.step_bound_s, c.pp, c.tp)):
-        if _beaten(c, best_estimate):
-            continue
-        if c.tp > 1:
-            shard(c)
-            if c.status or _beaten(c, best_estimate):
-                continue
-        if c.tp_key not in coarse:
-            most = max(m.pp for m in meshes if m.tp == c.tp and m.options)
-            graph = og if c.tp == 1 else _tp_of(costs, c).costs.op_graph
-            coarse[c.tp_key] = _drop_op_graph(
-                coarsen(graph, max_blocks=max(64, 8 * _INTERLEAVE * most))
-            )
-        say(f"estimating {format_mesh(c.mesh)}")
-        _estimate(c, coarse[c.tp_key], setup)
-        if c.estimate_fits and c.estimate_s is not None:
-            best_estimate = min(best_estimate or c.estimate_s, c.estimate_s)
-
-    def plan_full(c: _Mesh) -> None:
-        def plan(tp: TPCostsOf | None) -> Plan:
-            return plan_mesh(
-                og,
-                tp,
-                setup,
-                batch=batch,
-                dp=c.dp,
-                pp=c.pp,
-                options=c.options,
-                name=name,
-                time_limit_s=time_limit_s,
-                max_blocks=max_blocks,
-            )
-
-        tp = _tp_of(costs, c) if c.tp > 1 else None
+    def plan_full(self, c: _Mesh) -> None:
+        """Plan ``c`` in full (its TP plan, or the memory-lean one where that does not fit, as
+        ``plan_graph`` does); record the plan or why none fits."""
+        tp = _tp_of(self.costs, c) if c.tp > 1 else None
         try:
             try:
-                c.plan = plan(tp)
+                c.plan = self.plan_mesh(c, tp)
             except MEMORY_ERRORS:
-                if c.tp == 1 or c.tp_key[1] is not None:
+                if tp is None or c.tp_key[1] is not None:
                     raise
-                lean = tp_costs_of((c.tp, setup.limit * c.pp))  # as plan_graph does
-                if (
-                    lean is None
-                    or tp is None
-                    or dict(lean.plan.placements) == dict(tp.plan.placements)
-                ):
+                lean = self.tp_costs_of((c.tp, self.setup.limit * c.pp))
+                if lean is None or dict(lean.plan.placements) == dict(tp.plan.placements):
                     raise
-                c.plan = plan(lean)
+                c.plan = self.plan_mesh(c, lean)
             c.status = MeshStatus.PLANNED
         except AutopartError as exc:
-            c.status = MeshStatus.NO_FIT
-            c.note = str(exc).split(". ")[0].split(": ", 1)[-1]
+            c.status, c.note = MeshStatus.NO_FIT, exc.reason
             if isinstance(exc, InfeasibleMemoryError):
                 c.minimum_bytes = exc.minimum_bytes
             c.unsettled = not isinstance(exc, MEMORY_ERRORS)
 
-    # Plan in full: the best estimates (a split that misses memory may still fit once the stage
-    # ILP minds memory), up to full_plans within slack of the best that fits; then, while
-    # nothing fits, the rest in order.
-    ranked = sorted(
-        (c for c in meshes if c.estimate_s is not None and not c.status),
-        key=lambda c: (c.estimate_s, c.pp, c.tp),
-    )
-    planned = 0
-    # A safety net: while nothing fits, planning the rest in full stops after this long (the
-    # memory bound above rejects what cannot fit; this bounds what it cannot settle).
-    budget_s = _FALLBACK_BUDGET * time_limit_s
-    loop_start = time.perf_counter()
-    for c in ranked:
-        assert c.estimate_s is not None
-        found = any(m.plan is not None for m in meshes)
-        if not found and planned and time.perf_counter() - loop_start > budget_s:
-            c.status, c.unsettled = MeshStatus.NO_FIT, True
-            c.note = (
-                f"not planned: the search's {budget_s:g} s for planning meshes in full "
-                f"({_FALLBACK_BUDGET} x --time-limit) ran out"
-            )
-            continue
-        close = best_estimate is not None and c.estimate_s <= best_estimate * (1 + slack)
-        if found and not (close and planned < full_plans):
-            c.status = MeshStatus.ESTIMATED
-            if not c.estimate_fits:
-                c.note = (
-                    f"the estimate's split needs {format_bytes(c.estimate_peak or 0)} per device; "
-                    "not planned"
-                )
-            else:
-                c.note = (
-                    f"estimate {_pct(c.estimate_s, best_estimate)} above the best estimate; "
-                    "not planned"
-                )
-            continue
-        say(f"planning {format_mesh(c.mesh)} in full")
-        planned += 1
-        plan_full(c)
+    def plan_mesh(self, c: _Mesh, tp: TPCostsOf | None) -> Plan:
+        return plan_mesh(
+            self.og, tp, self.setup, batch=self.batch, dp=c.dp, pp=c.pp, options=c.options
+        )
 
-    # A mesh was dropped when its bound passed the best *estimate*; should the best full plan be
-    # slower than that estimate, the meshes whose bound it passes are planned after all.
-    fitting = [c for c in meshes if c.plan is not None]
-    best_s = min((_plan_of(c).step_time_s for c in fitting), default=math.inf)
-    for c in [c for c in meshes if c.status == MeshStatus.BOUNDED and c.step_bound_s < best_s]:
-        c.status, c.note = MeshStatus.PENDING, ""
-        if c.tp > 1:
-            shard(c)
-        if not c.status:
-            say(f"planning {format_mesh(c.mesh)} in full")
-            plan_full(c)
 
-    fitting = [c for c in meshes if c.plan is not None]
-    if not fitting:
-        raise _infeasible(meshes, devices, setup)
-    best = min(fitting, key=lambda c: (_plan_of(c).step_time_s, c.pp, c.tp, c.dp))
-    best.status = MeshStatus.CHOSEN
-    candidates = tuple(_record(c) for c in sorted(meshes, key=_table_order))
-    return MeshSearch(
-        plan=dataclasses.replace(_plan_of(best), mesh=best.mesh),  # every axis, sizes 1 too
-        devices=devices,
-        candidates=candidates,
-        reason=_reason(best, meshes, setup),
-        tp_solve_s=tp_solve_s,
-        elapsed_s=time.perf_counter() - start,
-    )
+def _not_planned(c: _Mesh, best_estimate: float | None) -> str:
+    """Why an estimated mesh was not planned in full."""
+    if not c.estimate_fits:
+        return f"the estimate's split needs {format_bytes(c.estimate_peak or 0)} per device; not planned"
+    assert c.estimate_s is not None and best_estimate is not None
+    return f"estimate {_pct(c.estimate_s, best_estimate)} above the best estimate; not planned"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,14 +474,7 @@ def _alive(meshes: list[_Mesh]) -> list[_Mesh]:
     return [c for c in meshes if not c.status]
 
 
-def _check_mesh(
-    c: _Mesh,
-    batch: int,
-    micro_batches: int | None,
-    setup: PlanningSetup,
-    max_pp: int,
-    layers: int,
-) -> None:
+def _check_mesh(c: _Mesh, batch: int, setup: PlanningSetup, max_pp: int, layers: int) -> None:
     if c.pp > max_pp:
         what = f"{layers} repeated layers" if layers >= 2 else f"{max_pp} computing nodes"
         c.status, c.note = MeshStatus.SKIPPED, f"pp={c.pp} is more stages than the model's {what}"
@@ -488,9 +487,9 @@ def _check_mesh(
         c.status, c.note = MeshStatus.SKIPPED, "the interleaved schedule needs pp >= 2"
         return
     try:
-        c.options = micro_batch_options(batch, c.dp, c.pp, micro_batches, kinds)
+        c.options = micro_batch_options(batch, c.dp, c.pp, setup.request.micro_batches, kinds)
     except AutopartError as exc:
-        c.status, c.note = MeshStatus.SKIPPED, str(exc).split("; ")[0]
+        c.status, c.note = MeshStatus.SKIPPED, exc.reason
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,24 +22,18 @@ from typing import Any
 
 import torch
 
-from autopart.cost_models.devices import DeviceSpec
-from autopart.errors import AutopartError
 from autopart.planning.graph import OpGraph
 from autopart.planning.mesh_plan import (
     MEMORY_ERRORS,
     TPCostsOf,
     batch_size,
-    is_auto_mesh,
     micro_batch_options,
     plan_mesh,
     planning_setup,
     solve_tp_costs,
 )
-from autopart.planning.plans import (
-    Plan,
-    format_mesh,
-    parse_mesh,
-)
+from autopart.planning.plans import Plan
+from autopart.planning.request import PlanRequest
 from autopart.solver.tp_ilp import InfeasibleTPMemoryError
 
 __all__ = ["plan", "plan_graph"]
@@ -48,59 +42,36 @@ __all__ = ["plan", "plan_graph"]
 def plan(
     model: torch.nn.Module,
     example_inputs: Any,
+    request: PlanRequest | None = None,
     *,
-    mesh: str | Mapping[str, int] = "pp=2",
-    device: str | DeviceSpec = "h100",
-    memory: int | str | None = None,
-    micro_batches: int | None = None,
-    schedule: str = "auto",
     example_kwargs: Mapping[str, Any] | None = None,
-    optimizer: str = "adamw",
-    time_limit_s: float = 10.0,
-    name: str | None = None,
-    devices: int | None = None,
+    **options: Any,
 ) -> Plan:
     """Plan ``model`` (called as ``model(*example_inputs, **example_kwargs)``; the example batch is
     the global batch of one training step) for a ``dp x pp x tp`` mesh, or with ``mesh="auto"`` for
-    the fastest mesh of ``devices`` devices that fits memory. No process group is needed, and a
-    meta-device model is planned without allocating its weights."""
+    the fastest mesh of ``devices`` devices that fits memory. ``options`` are
+    :class:`~autopart.planning.request.PlanRequest` fields (``mesh="pp=4"``, ``device="h100"``,
+    ...) and replace those of ``request``. No process group is needed, and a meta-device model is
+    planned without allocating its weights."""
     from autopart.capture.tracing import trace
     from autopart.passes.annotate import annotate
 
+    req = PlanRequest.of(request, options)  # bad options fail before tracing
+    if req.name is None:
+        req = req.with_options(name=type(model).__name__)
     gm = annotate(trace(model, example_inputs, example_kwargs))
-    batch = batch_size(example_inputs)
-    return plan_graph(
-        gm,
-        batch=batch,
-        mesh=mesh,
-        device=device,
-        memory=memory,
-        micro_batches=micro_batches,
-        schedule=schedule,
-        optimizer=optimizer,
-        time_limit_s=time_limit_s,
-        name=name or type(model).__name__,
-        devices=devices,
-    )
+    return plan_graph(gm, req, batch=batch_size(example_inputs))
 
 
 def plan_graph(
     gm: torch.fx.GraphModule,
+    request: PlanRequest | None = None,
     *,
     batch: int,
-    mesh: str | Mapping[str, int] = "pp=2",
-    device: str | DeviceSpec = "h100",
-    memory: int | str | None = None,
-    micro_batches: int | None = None,
-    schedule: str = "auto",
-    optimizer: str = "adamw",
-    time_limit_s: float = 10.0,
-    name: str = "model",
-    max_blocks: int | None = None,
     progress: Callable[[str], None] | None = None,
-    devices: int | None = None,
+    **options: Any,
 ) -> Plan:
-    """Plan an already annotated graph (see :func:`plan`).
+    """Plan an already annotated graph, traced at the global ``batch`` (see :func:`plan`).
 
     With a ``tp`` axis above 1, the TP ILP shards every node over the TP ranks
     (:func:`autopart.solver.tp_ilp.solve_tp`, solved once on the whole graph) and the stages are
@@ -109,34 +80,15 @@ def plan_graph(
     ``devices`` devices and returns the fastest plan that fits memory
     (:func:`autopart.planning.mesh_search.search_mesh`, which also reports the alternatives).
     """
-    if is_auto_mesh(mesh):
+    req = PlanRequest.of(request, options)
+    if req.is_auto:
         from autopart.planning.mesh_search import search_mesh
 
-        return search_mesh(
-            gm,
-            batch=batch,
-            devices=devices,
-            device=device,
-            memory=memory,
-            micro_batches=micro_batches,
-            schedule=schedule,
-            optimizer=optimizer,
-            time_limit_s=time_limit_s,
-            name=name,
-            max_blocks=max_blocks,
-            progress=progress,
-        ).plan
-    axes = parse_mesh(mesh)
-    dp, p, tp = axes.get("dp", 1), axes.get("pp", 1), axes.get("tp", 1)
-    if devices is not None and dp * p * tp != devices:
-        raise AutopartError(
-            f"mesh {format_mesh(axes)} uses {dp * p * tp} devices, not the {devices} given; drop "
-            "--devices, or use --mesh auto to search the meshes of that many devices."
-        )
-    setup = planning_setup(
-        device=device, memory=memory, schedule=schedule, optimizer=optimizer, pp=p
-    )
-    options = micro_batch_options(batch, dp, p, micro_batches, setup.kinds)
+        return search_mesh(gm, req, batch=batch, progress=progress).plan
+    axes = req.axes
+    dp, p, tp = axes["dp"], axes["pp"], axes["tp"]
+    setup = planning_setup(req, pp=p)
+    mb_options = micro_batch_options(batch, dp, p, req.micro_batches, setup.kinds)
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     say("building the op graph")
@@ -150,10 +102,7 @@ def plan_graph(
             batch=batch,
             dp=dp,
             pp=p,
-            options=options,
-            name=name,
-            time_limit_s=time_limit_s,
-            max_blocks=max_blocks,
+            options=mb_options,
             progress=say,
             start_s=start,
         )
@@ -161,9 +110,9 @@ def plan_graph(
     if tp == 1:
         return plan_with(None)
     # Collective latency is paid once per micro-batch: exact for the most micro-batches.
-    m_tp = dp * max(counts[0] for counts in options.values())
+    m_tp = dp * max(counts[0] for counts in mb_options.values())
     say(f"solving tensor parallelism over {tp} ranks")
-    fastest = solve_tp_costs(gm, og, tp, setup, micro_batches=m_tp, time_limit_s=time_limit_s)
+    fastest = solve_tp_costs(gm, og, tp, setup, micro_batches=m_tp)
     try:
         return plan_with(fastest)
     except MEMORY_ERRORS as exc:
@@ -171,15 +120,7 @@ def plan_graph(
         # devices' worth of the whole graph, and plan again.
         say(f"solving tensor parallelism over {tp} ranks within {p} x the memory limit")
         try:
-            lean = solve_tp_costs(
-                gm,
-                og,
-                tp,
-                setup,
-                micro_batches=m_tp,
-                time_limit_s=time_limit_s,
-                memory=setup.limit * p,
-            )
+            lean = solve_tp_costs(gm, og, tp, setup, micro_batches=m_tp, memory=setup.limit * p)
         except InfeasibleTPMemoryError:
             raise exc from None
         if dict(lean.plan.placements) == dict(fastest.plan.placements):

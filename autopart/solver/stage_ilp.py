@@ -63,8 +63,15 @@ _BYTE_UNIT = 1 << 20  # memory in MiB (rounded up, so feasibility is never overs
 class InfeasibleMemoryError(AutopartError):
     """No assignment fits the per-device memory limit."""
 
-    def __init__(self, message: str, minimum_bytes: int, *, need: MemoryNeed | None = None) -> None:
-        super().__init__(message)
+    def __init__(
+        self,
+        message: str,
+        minimum_bytes: int,
+        *,
+        need: MemoryNeed | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason)
         self.minimum_bytes = minimum_bytes
         """Proven: every split needs at least this much per device."""
         self.need = need or MemoryNeed(minimum_bytes, minimum_bytes, 0.0)
@@ -377,6 +384,7 @@ def _infeasible_memory(
         "schedule).",
         need.least_bytes,
         need=need,
+        reason=f"a plan {need.needs(_gib_up)}",
     )
 
 

@@ -265,8 +265,9 @@ def test_no_mesh_fits_never_names_a_need_below_the_limit() -> None:
     # named it as the "least demanding", needing less than the limit it missed.
     from autopart.planning.mesh_plan import planning_setup
     from autopart.planning.mesh_search import _infeasible, _Mesh
+    from autopart.planning.request import PlanRequest
 
-    setup = planning_setup(device="h100", memory="80GiB", schedule="auto", optimizer="adamw")
+    setup = planning_setup(PlanRequest(device="h100", memory="80GiB"))
     timed_out = _Mesh(32, 64, 8, status="no fit", memory_bound=8 << 30, unsettled=True)
     proven = _Mesh(128, 16, 8, status="no fit", memory_bound=31 << 30, minimum_bytes=142 << 30)
     over = _Mesh(512, 8, 4, status="over memory", memory_bound=181 << 30)

@@ -14,6 +14,7 @@ from autopart.models.model_spec import load_model
 from autopart.planning.graph import OpGraph, coarsen
 from autopart.planning.mesh_plan import in_flight_per_stage, planning_setup
 from autopart.planning.mesh_search import InfeasibleMeshError, search_mesh
+from autopart.planning.request import PlanRequest
 from autopart.solver.pipeline_memory import NodeMemory, pipeline_memory_bound
 from autopart.solver.stage_ilp import InfeasibleMemoryError, solve_stages
 
@@ -60,10 +61,10 @@ def test_bound_never_rejects_a_mesh_that_fits_and_keeps_the_plan(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     gm = _llama()
-    kwargs = dict(batch=16, devices=8, device="h100", memory="300MiB")
-    with_bound = search_mesh(gm, **kwargs)  # type: ignore[arg-type]
+    request = PlanRequest(mesh="auto", devices=8, device="h100", memory="300MiB")
+    with_bound = search_mesh(gm, request, batch=16)
     monkeypatch.setattr(mesh_search, "_split_bound", lambda *a, **k: None)
-    without = search_mesh(gm, **kwargs)  # type: ignore[arg-type]
+    without = search_mesh(gm, request, batch=16)
     a, b = with_bound.plan.to_dict(), without.plan.to_dict()
     a["solver"].pop("time_s"), b["solver"].pop("time_s")
     assert a == b
@@ -75,7 +76,7 @@ def test_bound_never_rejects_a_mesh_that_fits_and_keeps_the_plan(
 def test_bound_is_below_the_stage_ilp_minimum(p: int) -> None:
     # The stage ILP's proven minimum over the same graph is never below the bound.
     gm = _llama()
-    setup = planning_setup(device="h100", memory="1MiB", schedule="auto", optimizer="adamw")
+    setup = planning_setup(PlanRequest(device="h100", memory="1MiB"))
     og = OpGraph.from_graph_module(gm, setup.spec)
     owned = NodeMemory.of(og, setup.state_per_byte)
     for kind, m in (("1f1b", 8), ("gpipe", 4)):

@@ -1,0 +1,109 @@
+"""What a user asks the planner for, as one frozen value.
+
+:class:`PlanRequest` holds the planning keywords that :func:`autopart.plan`,
+:func:`autopart.planning.planner.plan_graph`, :func:`autopart.planning.mesh_search.search_mesh`,
+``autopart.compile`` and the CLI share. It checks every field when it is made (before any
+tracing or solving), so a bad option is an error that names it. The entry points take a request,
+keyword overrides of its fields, or both (:meth:`PlanRequest.with_options`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from autopart.cost_models.devices import DeviceSpec
+from autopart.errors import AutopartError
+from autopart.planning.plans import format_mesh, parse_mesh
+from autopart.planning.schedule import ScheduleKind
+
+__all__ = ["AUTO", "PlanRequest"]
+
+AUTO = "auto"
+"""The value of ``mesh`` (search the meshes) and ``schedule`` (compare the schedules) that asks
+the planner to choose."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRequest:
+    """The planning options of one request."""
+
+    mesh: str = "pp=2"
+    """``"dp=2,pp=2,tp=2"``-style axes (a mapping is accepted and normalised), or ``"auto"``."""
+    devices: int | None = None
+    """Devices to search with ``mesh="auto"``; with a fixed mesh, a check of its size."""
+    device: str | DeviceSpec = "h100"
+    """Device name in the device table, or a :class:`DeviceSpec`."""
+    memory: int | str | None = None
+    """Memory per device (bytes or ``"80GiB"``); the device's capacity when ``None``."""
+    micro_batches: int | None = None
+    """Micro-batches per replica; chosen by simulation when ``None``."""
+    schedule: str = AUTO
+    """A :class:`ScheduleKind` value, or ``"auto"`` to compare 1F1B and GPipe."""
+    optimizer: str = "adamw"
+    time_limit_s: float = 10.0
+    """Time limit of each ILP solve."""
+    name: str | None = None
+    """The model's name in the plan (the model's class name when ``None``)."""
+    max_blocks: int | None = None
+    """Blocks the stage ILP plans on at most (a default that grows with the stage count)."""
+
+    def __post_init__(self) -> None:
+        mesh: Any = self.mesh
+        if isinstance(mesh, Mapping):
+            object.__setattr__(self, "mesh", format_mesh(parse_mesh(mesh)))
+        elif not isinstance(mesh, str):
+            raise AutopartError(f"mesh must be a string such as 'pp=2' or 'auto', got {mesh!r}.")
+        elif not self.is_auto:
+            parse_mesh(mesh)  # a bad spec is an error now
+        schedules = (AUTO, *(k.value for k in ScheduleKind))
+        if self.schedule not in schedules:
+            raise AutopartError(f"unknown schedule {self.schedule!r}; use {', '.join(schedules)}.")
+        for field in ("devices", "micro_batches", "max_blocks"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise AutopartError(f"{field} must be a whole number >= 1, got {value!r}.")
+        if not self.time_limit_s > 0:
+            raise AutopartError(f"time_limit_s must be > 0 seconds, got {self.time_limit_s!r}.")
+        if not self.is_auto and self.devices is not None and self.size != self.devices:
+            raise AutopartError(
+                f"mesh {self.mesh} uses {self.size} devices, not the {self.devices} given; drop "
+                "--devices, or use --mesh auto to search the meshes of that many devices."
+            )
+
+    @property
+    def is_auto(self) -> bool:
+        """Whether the mesh is searched (``mesh="auto"``)."""
+        return self.mesh.strip().lower() == AUTO
+
+    @property
+    def axes(self) -> dict[str, int]:
+        """The fixed mesh's axes, ``dp``, ``pp`` and ``tp`` always present (1 when absent)."""
+        if self.is_auto:
+            raise AutopartError("mesh 'auto' has no fixed axes; plan it to get a mesh.")
+        return {"dp": 1, "pp": 1, "tp": 1, **parse_mesh(self.mesh)}
+
+    @property
+    def size(self) -> int:
+        """Devices the fixed mesh uses."""
+        axes = self.axes
+        return axes["dp"] * axes["pp"] * axes["tp"]
+
+    def with_options(self, **options: Any) -> PlanRequest:
+        """This request with ``options`` (field names) replaced; an unknown name is an error that
+        lists the known ones."""
+        fields = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            raise AutopartError(
+                f"unknown planning option(s) {', '.join(unknown)}; the options are "
+                f"{', '.join(fields)}."
+            )
+        return dataclasses.replace(self, **options) if options else self
+
+    @classmethod
+    def of(cls, request: PlanRequest | None, options: Mapping[str, Any]) -> PlanRequest:
+        """``request`` (default: a default request) with ``options`` replaced."""
+        return (request or cls()).with_options(**options)
