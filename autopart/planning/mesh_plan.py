@@ -216,8 +216,6 @@ def plan_mesh(
     start = time.perf_counter() if start_s is None else start_s
     p, degree = pp, (tp.plan.degree if tp is not None else 1)
     spec = pipeline_device(setup.spec, pp=p, tp=degree)
-    limit, state_per_byte = setup.limit, setup.state_per_byte
-    max_blocks, time_limit_s = setup.request.max_blocks, setup.request.time_limit_s
     og = tp.costs.op_graph if tp is not None else og_full
     if dp > 1:  # the graph was traced at the global batch
         og = og.scaled(1.0 / dp)
@@ -227,59 +225,12 @@ def plan_mesh(
     # blocks (Llama-70B, pp=8 x tp=8: 6.3 s on 186 blocks, 0.5 s on 95, the same plan), and the
     # forced chain-DP cuts keep the best contiguous split at any block count.
     per_stage = 24 if tp is None else 12
-    graphs: dict[int, BlockGraph] = {}
-    solved: dict[int, tuple[tuple[int, ...], str, float]] = {}
-    candidates: list[_Candidate] = []
-    misses: list[tuple[str, int, InfeasibleMemoryError]] = []
-    simulated: list[tuple[int, str, int]] = []  # (peak bytes, schedule, micro-batches) over limit
-    for kind in options:
-        v = _INTERLEAVE if kind == ScheduleKind.INTERLEAVED else 1
-        if v not in graphs:
-            graphs[v] = coarsen(
-                og, max_blocks=max_blocks or max(64, per_stage * p * v), num_stages=p * v
-            )
-        bg = graphs[v]
-        if len(bg.blocks) < p * v:
-            continue  # too few blocks for this many stages
-        m = options[kind][0]
-        scaled = per_micro_batch(bg, m)
-        in_flight = in_flight_per_stage(kind, p, m, v)
-        reuse = solved.get(v)
-        if reuse is not None and _fits(scaled, reuse[0], in_flight, p, state_per_byte, limit):
-            # GPipe keeps more micro-batches in flight than 1F1B and nothing else differs, so an
-            # optimal 1F1B assignment that also fits GPipe's memory is optimal for GPipe too.
-            stage_of, status, bound_s = reuse
-        else:
-            say(f"solving {p * v} stages for {kind}, {m} micro-batches ({len(bg.blocks)} blocks)")
-            try:
-                sol = solve_stages(
-                    scaled,
-                    p * v,
-                    spec,
-                    in_flight=in_flight,
-                    state_bytes_per_param_byte=state_per_byte,
-                    memory_limit_bytes=limit,
-                    stages_per_device=v,
-                    hint=baselines.chain_dp(scaled, p * v, spec),
-                    time_limit_s=time_limit_s,
-                )
-            except InfeasibleMemoryError as exc:
-                # The most micro-batches is this schedule's leanest count (1F1B keeps min(p - s,
-                # m) of m micro-batches in flight, GPipe all m: a share of the batch that never
-                # grows with m), so no count of it fits: the other schedules may.
-                misses.append((kind, m, exc))
-                continue
-            stage_of, status, bound_s = sol.stage_of, sol.status, sol.objective_bound_s
-            solved[v] = (stage_of, status, bound_s)
-        for mm in options[kind]:
-            timeline = simulate_blocks(bg, stage_of, p, v, spec, kind, mm, state_per_byte)
-            peak = max(timeline.peak_memory_bytes)
-            if peak <= limit:
-                candidates.append(_Candidate(kind, mm, v, bg, stage_of, timeline, status, bound_s))
-            else:
-                simulated.append((int(peak), kind, mm))
+    search = _ScheduleSearch(og, spec, setup, p, per_stage, say)
+    for kind, counts in options.items():
+        search.add(kind, counts)
+    candidates = search.candidates
     if not candidates:
-        raise _no_fit_error(limit, p, misses, simulated)
+        raise _no_fit_error(setup.limit, p, search.misses, search.simulated)
     order = list(options)
     best = min(
         candidates, key=lambda c: (c.timeline.step_time_s, c.micro_batches, order.index(c.schedule))
@@ -300,6 +251,97 @@ def plan_mesh(
     return dataclasses.replace(
         result, mesh=mesh, tp=_tp_section(tp, result, dp) if tp is not None else None
     )
+
+
+class _ScheduleSearch:
+    """Every schedule and micro-batch count of one pipeline: the stage ILP solved once per
+    stages-per-rank count (reused where its assignment fits the next schedule's memory), each
+    count simulated; what fits becomes a candidate, what misses is kept for the error."""
+
+    def __init__(
+        self,
+        og: OpGraph,
+        spec: DeviceSpec,
+        setup: PlanningSetup,
+        p: int,
+        per_stage: int,
+        say: Callable[[str], None],
+    ) -> None:
+        self.og, self.spec, self.setup = og, spec, setup
+        self.p, self.per_stage, self.say = p, per_stage, say
+        self.graphs: dict[int, BlockGraph] = {}
+        self.solved: dict[int, tuple[tuple[int, ...], str, float]] = {}
+        self.candidates: list[_Candidate] = []
+        self.misses: list[tuple[str, int, InfeasibleMemoryError]] = []
+        self.simulated: list[tuple[int, str, int]] = []
+        """(peak bytes, schedule, micro-batches) of the simulations over the limit."""
+
+    def add(self, kind: str, counts: Sequence[int]) -> None:
+        """Simulate ``kind`` at each of ``counts`` (most micro-batches first)."""
+        p, v = self.p, _INTERLEAVE if kind == ScheduleKind.INTERLEAVED else 1
+        bg = self.graph(v)
+        if len(bg.blocks) < p * v:
+            return  # too few blocks for this many stages
+        solved = self.assignment(bg, kind, counts[0], v)
+        if solved is None:
+            return
+        stage_of, status, bound_s = solved
+        limit = self.setup.limit
+        for m in counts:
+            timeline = simulate_blocks(
+                bg, stage_of, p, v, self.spec, kind, m, self.setup.state_per_byte
+            )
+            peak = max(timeline.peak_memory_bytes)
+            if peak <= limit:
+                self.candidates.append(
+                    _Candidate(kind, m, v, bg, stage_of, timeline, status, bound_s)
+                )
+            else:
+                self.simulated.append((int(peak), kind, m))
+
+    def graph(self, v: int) -> BlockGraph:
+        """The coarse graph for ``v`` stages per rank."""
+        if v not in self.graphs:
+            most = self.setup.request.max_blocks or max(64, self.per_stage * self.p * v)
+            self.graphs[v] = coarsen(self.og, max_blocks=most, num_stages=self.p * v)
+        return self.graphs[v]
+
+    def assignment(
+        self, bg: BlockGraph, kind: str, m: int, v: int
+    ) -> tuple[tuple[int, ...], str, float] | None:
+        """(stage of each block, solver status, objective bound) for ``kind`` at ``m``
+        micro-batches; ``None`` (recorded as a miss) where no split fits memory."""
+        p, setup = self.p, self.setup
+        scaled = per_micro_batch(bg, m)
+        in_flight = in_flight_per_stage(kind, p, m, v)
+        reuse = self.solved.get(v)
+        if reuse is not None and _fits(
+            scaled, reuse[0], in_flight, p, setup.state_per_byte, setup.limit
+        ):
+            # GPipe keeps more micro-batches in flight than 1F1B and nothing else differs, so an
+            # optimal 1F1B assignment that also fits GPipe's memory is optimal for GPipe too.
+            return reuse
+        self.say(f"solving {p * v} stages for {kind}, {m} micro-batches ({len(bg.blocks)} blocks)")
+        try:
+            sol = solve_stages(
+                scaled,
+                p * v,
+                self.spec,
+                in_flight=in_flight,
+                state_bytes_per_param_byte=setup.state_per_byte,
+                memory_limit_bytes=setup.limit,
+                stages_per_device=v,
+                hint=baselines.chain_dp(scaled, p * v, self.spec),
+                time_limit_s=setup.request.time_limit_s,
+            )
+        except InfeasibleMemoryError as exc:
+            # The most micro-batches is this schedule's leanest count (1F1B keeps min(p - s, m)
+            # of m micro-batches in flight, GPipe all m: a share of the batch that never grows
+            # with m), so no count of it fits: the other schedules may.
+            self.misses.append((kind, m, exc))
+            return None
+        self.solved[v] = (sol.stage_of, sol.status, sol.objective_bound_s)
+        return self.solved[v]
 
 
 def _no_fit_error(
