@@ -69,6 +69,13 @@ class Optimizer(StrEnum):
         """Tensors the optimizer keeps per parameter: momentum (SGD), exp_avg and exp_avg_sq (Adam)."""
         return _STATES_PER_PARAM[self]
 
+    @property
+    def state_bytes_per_param_byte(self) -> int:
+        """Training state per byte of parameter, in the parameter's dtype: the parameter, its
+        gradient and the optimizer's states. The planner's one factor from parameter bytes to the
+        memory they pin (the stage ILP, the memory bounds, the simulator, the TP ILP)."""
+        return 2 + self.states_per_param
+
 
 _STATES_PER_PARAM = {
     Optimizer.SGD: 0,

@@ -134,7 +134,9 @@ def planning_setup(request: PlanRequest, *, pp: int | None = None) -> PlanningSe
         )
     # Auto compares the two one-stage-per-rank schedules; interleaving is planned when asked for.
     kinds = (ScheduleKind.ONE_F_ONE_B, ScheduleKind.GPIPE) if schedule == AUTO else (schedule,)
-    return PlanningSetup(request, spec, limit, 2 + opt.states_per_param, tuple(map(str, kinds)))
+    return PlanningSetup(
+        request, spec, limit, opt.state_bytes_per_param_byte, tuple(map(str, kinds))
+    )
 
 
 def micro_batch_options(
@@ -475,6 +477,15 @@ def _baselines(scaled: BlockGraph, best: _Candidate, pipe: _Pipeline) -> dict[st
     return base
 
 
+def _state_per_device(
+    bg: BlockGraph, stage_of: Sequence[int], num_stages: int, p: int, state_per_byte: float
+) -> list[float]:
+    """Parameter, gradient and optimizer-state bytes each pipeline rank holds (a parameter shared
+    by several stages counted on each: :meth:`BlockGraph.stage_param_bytes`)."""
+    param_bytes = bg.stage_param_bytes(stage_of, num_stages)
+    return _per_device([nbytes * state_per_byte for nbytes in param_bytes], p)
+
+
 def _per_device(per_stage: Sequence[float], p: int) -> list[float]:
     """Sum per pipeline rank of a per-stage figure (stage ``s`` runs on rank ``s % p``)."""
     return [sum(per_stage[d::p]) for d in range(p)]
@@ -498,17 +509,15 @@ def simulate_plan(plan: Plan) -> Any:
     """The schedule timeline of a plan (for Gantt charts), from the costs it records."""
     p = plan.mesh["pp"]
     spec = pipeline_device(get_device(plan.device), pp=p, tp=plan.mesh.get("tp", 1))
-    state_per_byte = 2 + Optimizer(plan.optimizer).states_per_param
-    static = [0] * p
-    for st in plan.stages:
-        static[st.device] += int(st.param_bytes * state_per_byte)
+    state_per_byte = Optimizer(plan.optimizer).state_bytes_per_param_byte
+    state = [st.param_bytes * state_per_byte for st in plan.stages]
     return simulate(
         build_schedule(plan.schedule, p, plan.micro_batches, plan.stages_per_device),
         [s.forward_s for s in plan.stages],
         [s.backward_s for s in plan.stages],
         comm_s=[p2p_time_s(b, spec) for b in plan.boundary_bytes],
         activation_bytes=[s.activation_bytes for s in plan.stages],
-        static_bytes=static,
+        static_bytes=[int(b) for b in _per_device(state, p)],
     )
 
 
@@ -530,16 +539,15 @@ def simulate_blocks(
         bwd[s] += b.backward_s
         act[s] += b.activation_bytes
     comm = [p2p_time_s(nb, spec) for nb in scaled.boundary_bytes(stage_of, num_stages)]
-    static = [0] * p
-    for s, nbytes in enumerate(bg.stage_param_bytes(stage_of, num_stages)):
-        static[s % p] += int(nbytes * state_per_byte)
     return simulate(
         build_schedule(kind, p, m, v),
         fwd,
         bwd,
         comm_s=comm,
         activation_bytes=act,
-        static_bytes=static,
+        static_bytes=[
+            int(b) for b in _state_per_device(bg, stage_of, num_stages, p, state_per_byte)
+        ],
     )
 
 
@@ -561,10 +569,7 @@ def _fits(
     limit: int,
 ) -> bool:
     """Whether an assignment fits memory under the ILP's own accounting (see stage_ilp)."""
-    num_stages = len(in_flight)
-    per_device = [0.0] * p
-    for s, nbytes in enumerate(bg.stage_param_bytes(stage_of, num_stages)):
-        per_device[s % p] += nbytes * state_per_byte
+    per_device = _state_per_device(bg, stage_of, len(in_flight), p, state_per_byte)
     for b, s in zip(bg.blocks, stage_of):
         per_device[s % p] += in_flight[s] * b.activation_bytes
     return max(per_device) <= limit

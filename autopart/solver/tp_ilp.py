@@ -697,7 +697,7 @@ def _solve(
         device=spec,
         compute=ComputeModel(spec),
         micro_batches=micro_batches,
-        state_factor=2 + opt.states_per_param,
+        state_factor=opt.state_bytes_per_param_byte,
         reduce_scatter=reduce_scatter,
     )
     limit = parse_bytes(memory) if memory is not None else None
