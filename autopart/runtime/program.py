@@ -37,7 +37,13 @@ from torch.distributed.pipelining import (
 )
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from autopart.codegen.templates.run import BindConstants, contiguous_input_grads, contiguous_outputs
+from autopart.codegen.templates.run import (
+    BindConstants,
+    contiguous_input_grads,
+    contiguous_outputs,
+    sync_tied_grads,
+    tied_process_groups,
+)
 from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
 from autopart.planning.plans import Plan, TPSection, parse_mesh
@@ -289,7 +295,6 @@ class ParallelProgram:
         self._device = device
         self._inputs = inputs
         self._pp_rank = _pp_mesh(mesh).get_local_rank()
-        pp = _axis_size(mesh, "pp")
         self._last_rank = dist.get_global_rank(self._group, plan.stages[-1].device)
         self._first_local = any(i.is_first for i in self._local)
         self._last_local = any(i.is_last for i in self._local)
@@ -334,7 +339,7 @@ class ParallelProgram:
             self._schedule = kind(
                 self._pipeline_stages[0], plan.micro_batches, loss_fn=wrapped_loss
             )
-        self._tied = self._tied_groups(pp)
+        self._tied = self._tied_groups()
 
     # -- training --------------------------------------------------------------------------
 
@@ -354,7 +359,7 @@ class ParallelProgram:
             loss_args = {"target": _to(share, self._device), "losses": losses}
         with self._peer_failures("step()"):
             self._schedule.step(*args, **loss_args)
-            self._sync_tied_grads()
+            sync_tied_grads(self._stages, self._tied)
             # The mean over replicas of each replica's mean loss: the last stage of each replica
             # (its first TP rank: all of them hold the same loss) contributes it, every other rank
             # zero.
@@ -478,43 +483,14 @@ class ParallelProgram:
 
     # -- tied parameters --------------------------------------------------------------------
 
-    def _tied_groups(self, pp: int) -> list[tuple[str, Any]]:
-        """One process group per set of ranks that share a parameter; created in the same order on
-        every rank (all ranks see the same plan), as ``new_group`` requires."""
-        holders: dict[str, tuple[int, ...]] = {}
+    def _tied_groups(self) -> list[tuple[str, Any]]:
+        """The process groups of the tied parameters this rank holds (one protocol with the
+        emitted program: :func:`~autopart.codegen.templates.run.tied_process_groups`)."""
+        holders: dict[str, list[int]] = {}
         for info in self._infos.values():
-            for name, stages in sorted(info.shared_params.items()):
-                ranks = tuple(sorted({self.plan.stages[s].device for s in stages}))
-                if len(ranks) > 1:
-                    holders[name] = ranks
-        # Global ranks of every pipeline (one row per (dp, tp) coordinate), the same on every rank.
-        rows = _pipeline_rows(self._mesh)
-        me = dist.get_rank()
-        groups: dict[tuple[int, ...], Any] = {}
-        mine: list[tuple[str, Any]] = []
-        for name in sorted(holders):
-            ranks = holders[name]
-            if ranks not in groups:
-                for row in rows:
-                    group = dist.new_group([row[r] for r in ranks])
-                    if me in row:
-                        groups[ranks] = group
-            if self._pp_rank in ranks:
-                mine.append((name, groups[ranks]))
-        del pp
-        return mine
-
-    def _sync_tied_grads(self) -> None:
-        params: dict[str, list[torch.nn.Parameter]] = {}
-        for stage in self._stages:
-            for name, p in stage.named_parameters():
-                params.setdefault(name, []).append(p)
-        for name, group in self._tied:
-            copies = params[name]
-            grad = sum((p.grad for p in copies if p.grad is not None), torch.zeros_like(copies[0]))
-            dist.all_reduce(grad, group=group)
-            for p in copies:
-                p.grad = grad.clone()
+            for name, stages in info.shared_params.items():
+                holders.setdefault(name, []).extend(self.plan.stages[s].device for s in stages)
+        return tied_process_groups(holders, _pipeline_rows(self._mesh), dist.get_rank())
 
 
 def _axis_size(mesh: DeviceMesh, name: str) -> int:

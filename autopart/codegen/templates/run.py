@@ -29,7 +29,7 @@ import importlib.util
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -162,7 +162,7 @@ def train(config: dict[str, Any], args: argparse.Namespace, device: torch.device
             schedule.step(*(tensors if first else ()), target=target, losses=losses)
         else:
             schedule.step(*(tensors if first else ()))
-        sync_tied_grads(stages, tied)
+        sync_tied_grads(list(stages.values()), tied)
         if optimizer is not None:
             optimizer.step()
         # The mean over replicas of each replica's mean loss: the last stage's first TP rank of
@@ -275,32 +275,48 @@ def load_data(
 
 
 def tied_groups(config: dict[str, Any], place: Place) -> list[tuple[str, Any]]:
-    """(name, process group of the ranks holding a copy, or None for one rank) for the tied
-    parameters this rank holds: per (dp, tp) coordinate, the pipeline ranks whose stages hold a
-    copy. Every rank creates every group in the same order, as new_group requires."""
-    sizes = config["mesh"]
+    """:func:`tied_process_groups` of the tied parameters in ``config``."""
+    sizes, stage_ranks = config["mesh"], config["stage_ranks"]
+    holders = {
+        name: [stage_ranks[s] for s in stages] for name, stages in config["tied_parameters"].items()
+    }
+    rows = [
+        [place.global_rank(dp, pp, tp) for pp in range(sizes["pp"])]
+        for dp in range(sizes["dp"])
+        for tp in range(sizes["tp"])
+    ]
+    return tied_process_groups(holders, rows, dist.get_rank())
+
+
+def tied_process_groups(
+    holders: Mapping[str, Sequence[int]], rows: Sequence[Sequence[int]], me: int
+) -> list[tuple[str, Any]]:
+    """``(name, group)`` for each tied parameter this rank holds a copy of. ``holders`` names the
+    pipeline ranks whose stages read each tied parameter; ``rows`` lists the global ranks of every
+    pipeline (one row of pp ranks per (dp, tp) coordinate), the same on every rank. ``group`` is
+    the process group of this pipeline's holders, or None where this rank holds every copy. Every
+    rank creates every group in the same order, as new_group requires."""
+    pp_rank = next(row.index(me) for row in rows if me in row)
     groups: dict[tuple[int, ...], Any] = {}
     mine = []
-    for name, holders in sorted(config["tied_parameters"].items()):
-        pp_ranks = tuple(sorted({config["stage_ranks"][s] for s in holders}))
-        if len(pp_ranks) > 1 and pp_ranks not in groups:
-            for dp in range(sizes["dp"]):
-                for tp in range(sizes["tp"]):
-                    group = dist.new_group([place.global_rank(dp, p, tp) for p in pp_ranks])
-                    if (dp, tp) == (place.dp_rank, place.tp_rank):
-                        groups[pp_ranks] = group
-        if place.pp_rank in pp_ranks:
-            mine.append((name, groups.get(pp_ranks)))
+    for name in sorted(holders):
+        ranks = tuple(sorted(set(holders[name])))
+        if len(ranks) > 1 and ranks not in groups:
+            for row in rows:
+                group = dist.new_group([row[r] for r in ranks])
+                if me in row:
+                    groups[ranks] = group
+        if pp_rank in ranks:
+            mine.append((name, groups.get(ranks)))
     return mine
 
 
-def sync_tied_grads(stages: dict[int, torch.nn.Module], tied: list[tuple[str, Any]]) -> None:
+def sync_tied_grads(stages: Sequence[torch.nn.Module], tied: list[tuple[str, Any]]) -> None:
+    """Give every copy of each tied parameter the sum of the copies' gradients: over this rank's
+    stages (a copy two stages share is counted once), then over ``group``'s ranks."""
     for name, group in tied:
-        copies = [
-            stage.get_parameter(name)
-            for stage in stages.values()
-            if name in dict(stage.named_parameters())
-        ]
+        found = (dict(stage.named_parameters()).get(name) for stage in stages)
+        copies = list({id(p): p for p in found if p is not None}.values())
         grad = torch.zeros_like(copies[0])
         for p in copies:
             if p.grad is not None:
