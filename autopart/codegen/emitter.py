@@ -84,6 +84,7 @@ from autopart.codegen._source import (
 )
 from autopart.codegen.templates import collectives
 from autopart.planning.plans import Plan
+from autopart.planning.request import PlanRequest
 
 if TYPE_CHECKING:
     from autopart.passes.split_stages import StageInfo
@@ -158,21 +159,20 @@ def emit(
 def emit_model(
     spec: str,
     out_dir: str | PathLike[str],
+    request: PlanRequest | None = None,
     *,
-    mesh: str = "pp=2",
-    micro_batches: int | None = None,
-    schedule: str = "auto",
-    device: str = "cpu",
     batch: int | None = None,
     seq: int | None = None,
     config: str | None = None,
     steps: int = 10,
     lr: float = 0.01,
+    **options: Any,
 ) -> tuple[Plan, Path]:
     """``autopart emit``: build the MODEL string ``spec`` (seed 0), a random target and loss for
-    its example batch (:func:`autopart.runtime.launch.training_batch`), plan it for ``mesh`` with the
-    ``device`` cost model, and :func:`emit` it. Without ``micro_batches``, fewer micro-batches are
-    tried when the model's graph changes at the planned micro-batch size, as :func:`compile` does."""
+    its example batch (:func:`autopart.runtime.launch.training_batch`), plan it as ``request``
+    asks (default: pp=2 on the ``cpu`` cost model, the gloo runtime's; ``options`` replace its
+    fields), and :func:`emit` it. Without ``micro_batches``, fewer micro-batches are tried when the
+    model's graph changes at the planned micro-batch size, as :func:`compile` does."""
     from autopart.capture.tracing import trace
     from autopart.models.model_spec import load_model, parse_config_overrides
     from autopart.passes.annotate import annotate
@@ -182,7 +182,8 @@ def emit_model(
     from autopart.runtime.launch import training_batch
     from autopart.runtime.stage_io import plan_that_runs
 
-    dp = parse_mesh(mesh).get("dp", 1)  # a bad mesh is an error before any tracing
+    req = (request or PlanRequest(device="cpu")).with_options(**options)
+    dp = parse_mesh(req.mesh).get("dp", 1)  # a bad mesh is an error before any tracing
     overrides = parse_config_overrides(config) if config else None
     loaded = load_model(spec, batch=batch, seq=seq, config=overrides, device="cpu", seed=0)
     args, kwargs = tuple(loaded.example_inputs), dict(loaded.example_kwargs)
@@ -191,17 +192,9 @@ def emit_model(
     size = batch_size(tree_flatten((args, kwargs))[0])
 
     def make(m: int | None) -> Plan:
-        return plan_graph(
-            gm,
-            batch=size,
-            mesh=mesh,
-            device=device,
-            micro_batches=m,
-            schedule=schedule,
-            name=loaded.name,
-        )
+        return plan_graph(gm, req, batch=size, micro_batches=m, name=loaded.name)
 
-    plan, _ = plan_that_runs(make, micro_batches, loaded.model, gm, args, kwargs, size, dp)
+    plan, _ = plan_that_runs(make, req.micro_batches, loaded.model, gm, args, kwargs, size, dp)
     out = emit(
         plan,
         out_dir,

@@ -1,0 +1,46 @@
+"""Build, trace and annotate the MODEL a command names, with progress on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from autopart.cli.console import bar, is_quiet, spinner
+
+__all__ = ["load_and_trace"]
+
+
+def load_and_trace(args: argparse.Namespace, *, device: str = "meta") -> tuple[Any, Any, float]:
+    """``(loaded model, annotated GraphModule, seconds taken)`` for the options of
+    :func:`autopart.cli.options.add_model` and :func:`~autopart.cli.options.add_tracing`."""
+    import torch
+
+    from autopart.capture.tracing import trace
+    from autopart.models.model_spec import load_model, parse_config_overrides
+    from autopart.passes.annotate import annotate
+
+    overrides = parse_config_overrides(args.config) if args.config else None
+    start = time.perf_counter()
+    quiet = is_quiet(args)
+    with spinner(f"building {args.model}", quiet):
+        loaded = load_model(
+            args.model,
+            batch=args.batch,
+            seq=args.seq,
+            config=overrides,
+            device=device,
+            dtype=getattr(torch, args.dtype),
+        )
+    with spinner(f"tracing {loaded.name} ({args.trace_method})", quiet):
+        gm = trace(
+            loaded.model,
+            loaded.example_inputs,
+            loaded.example_kwargs,
+            method=args.trace_method,
+            repeat="off" if args.no_repeat else "auto",
+        )
+    with bar(quiet) as progress:
+        task = progress.add_task("annotating", total=len(gm.graph.nodes))
+        annotate(gm, progress=lambda done, _total: progress.update(task, completed=done))
+    return loaded, gm, time.perf_counter() - start

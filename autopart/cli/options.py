@@ -1,0 +1,111 @@
+"""The options several commands share, each declared once, and the planning options as a
+:class:`~autopart.planning.request.PlanRequest`."""
+
+from __future__ import annotations
+
+import argparse
+
+from autopart.planning.request import AUTO, PlanRequest
+from autopart.planning.schedule import ScheduleKind
+
+__all__ = [
+    "add_device",
+    "add_format",
+    "add_model",
+    "add_pipeline",
+    "add_tracing",
+    "plan_request",
+]
+
+# argparse's name of each planning option -> the PlanRequest field it sets
+_REQUEST_FIELDS = {
+    "mesh": "mesh",
+    "devices": "devices",
+    "device": "device",
+    "memory": "memory",
+    "micro_batches": "micro_batches",
+    "schedule": "schedule",
+    "optimizer": "optimizer",
+    "time_limit": "time_limit_s",
+}
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    """MODEL and the options that build it: --batch, --seq, --config."""
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a zoo name (gpt2, llama-7b, mlp, ...; `autopart models` lists them), hf:<model_type>, path/to/file.py:factory or package.module:factory",
+    )
+    p.add_argument("--batch", type=int, default=None, help="batch size of the example inputs")
+    p.add_argument(
+        "--seq", type=int, default=None, help="sequence length of token models' example inputs"
+    )
+    p.add_argument(
+        "--config", default=None, help="config overrides for hf: models, e.g. n_layer=2,n_embd=128"
+    )
+
+
+def add_tracing(p: argparse.ArgumentParser) -> None:
+    """How :func:`autopart.cli.loading.load_and_trace` builds and traces MODEL."""
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="parameter and activation dtype of built-in and hf: models (default float32)",
+    )
+    p.add_argument(
+        "--no-repeat",
+        action="store_true",
+        help="trace every repeated layer instead of tracing three and replicating them",
+    )
+    p.add_argument(
+        "--trace-method",
+        choices=["auto", "export", "fx"],
+        default="auto",
+        help="tracer to use (default: export, then fx)",
+    )
+
+
+def add_pipeline(p: argparse.ArgumentParser, *, search: bool = False) -> None:
+    """--mesh (``search``: also ``auto``), --micro-batches and --schedule."""
+    mesh_help = "mesh spec, e.g. pp=4 or dp=2,pp=2,tp=2 (default pp=2)"
+    if search:
+        mesh_help += (
+            ", or auto: search the dp x pp x tp meshes of --devices devices (tp up to 8, within a "
+            "node) and keep the fastest that fits memory"
+        )
+    p.add_argument("--mesh", default="pp=2", help=mesh_help)
+    p.add_argument(
+        "--micro-batches",
+        type=int,
+        default=None,
+        help="micro-batches per step (default: chosen by simulation)",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=[AUTO, *ScheduleKind],
+        default=AUTO,
+        help="pipeline schedule (default auto: simulate each and keep the fastest that fits memory)",
+    )
+
+
+def add_device(p: argparse.ArgumentParser, *, default: str, why: str = "") -> None:
+    """--device, the device whose cost model the plan is made for."""
+    p.add_argument(
+        "--device",
+        default=default,
+        help=f"device to plan for: h100, h200, a100, cpu (default {default}{why})",
+    )
+
+
+def add_format(p: argparse.ArgumentParser) -> None:
+    """--format: readable tables, or one JSON document on stdout."""
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
+
+def plan_request(args: argparse.Namespace) -> PlanRequest:
+    """The planning options a command declares, as a request (checked: a bad one raises before
+    anything is traced). Options it does not declare keep the request's defaults."""
+    given = {field: getattr(args, dest) for dest, field in _REQUEST_FIELDS.items() if dest in args}
+    return PlanRequest(**given)
