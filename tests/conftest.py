@@ -15,18 +15,20 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
-@pytest.fixture(autouse=True)
-def _one_process_unless_marked(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
     """The fast tier runs in one process: a test that starts ranks must say so with
-    ``@pytest.mark.distributed`` (CI runs that tier second)."""
-    if request.node.get_closest_marker("distributed") is not None:
-        return
+    ``@pytest.mark.distributed`` (CI runs that tier second). Guarded for the whole protocol of
+    the test, so a module- or session-scoped fixture it sets up is refused too."""
+    if item.get_closest_marker("distributed") is not None:
+        return (yield)
 
     def refuse(self: multiprocessing.process.BaseProcess) -> None:
-        raise RuntimeError(
-            f"{request.node.nodeid} starts a process: mark it @pytest.mark.distributed"
-        )
+        raise RuntimeError(f"{item.nodeid} starts a process: mark it @pytest.mark.distributed")
 
-    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+    start = multiprocessing.process.BaseProcess.start
+    multiprocessing.process.BaseProcess.start = refuse  # type: ignore[method-assign]
+    try:
+        return (yield)
+    finally:
+        multiprocessing.process.BaseProcess.start = start  # type: ignore[method-assign]

@@ -120,6 +120,7 @@ def quick_rows() -> list[dict[str, Any]]:
     return rows
 
 
+@pytest.mark.distributed  # quick_rows spawns 2 ranks
 def test_quick_suite_rows_are_sane(quick_rows: list[dict[str, Any]]) -> None:
     assert [r["case"] for r in quick_rows] == list(QUICK_CASES)
     for row in quick_rows:
@@ -144,6 +145,7 @@ def test_quick_suite_rows_are_sane(quick_rows: list[dict[str, Any]]) -> None:
         assert row["autopart_loss"] == pytest.approx(row["hand_loss"], rel=1e-5)
 
 
+@pytest.mark.distributed  # quick_rows spawns 2 ranks
 def test_the_hand_split_has_equal_layers_per_stage(quick_rows: list[dict[str, Any]]) -> None:
     for row in quick_rows:
         per_stage = row["hand_layers_per_stage"]
@@ -152,6 +154,7 @@ def test_the_hand_split_has_equal_layers_per_stage(quick_rows: list[dict[str, An
         assert "head" in row["hand_split"][-1]
 
 
+@pytest.mark.distributed  # quick_rows spawns 2 ranks
 def test_markdown_has_a_row_per_case(quick_rows: list[dict[str, Any]]) -> None:
     text = format_runtime_markdown(quick_rows)
     for row in quick_rows:
