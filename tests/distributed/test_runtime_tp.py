@@ -18,9 +18,10 @@ from torch.fx import GraphModule
 
 from autopart.capture.tracing import trace
 from autopart.models.model_spec import load_model, parse_config_overrides
-from autopart.passes import shard_tp as tp_pass
 from autopart.passes.annotate import annotate
-from autopart.passes.shard_tp import (
+from autopart.passes.split_stages import split_stages
+from autopart.passes.tp import shard as tp_pass
+from autopart.passes.tp.shard import (
     TP_META_KEY,
     ShardError,
     local_shape,
@@ -28,7 +29,6 @@ from autopart.passes.shard_tp import (
     shard_tp,
     unshard_tensor,
 )
-from autopart.passes.split_stages import split_stages
 from autopart.planning.planner import plan_graph
 from autopart.planning.plans import TPSection, parse_mesh
 from autopart.runtime.launch import training_batch
@@ -189,7 +189,7 @@ def _local(x: torch.Tensor, placement: str, rank: int, degree: int) -> torch.Ten
 
 
 def _collectives_worker(rank: int, world: int, store: str, out: str) -> None:
-    from autopart.passes._tp_placements import Placement
+    from autopart.passes.tp.placements import Placement
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)

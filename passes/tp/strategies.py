@@ -81,7 +81,7 @@ from autopart.cost_models.comm import (
 )
 from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
-from autopart.passes._tp_placements import (
+from autopart.passes.tp.placements import (
     NodeStrategies,
     P,
     Placement,
@@ -90,7 +90,7 @@ from autopart.passes._tp_placements import (
     dual,
     shard,
 )
-from autopart.passes._tp_rules import (
+from autopart.passes.tp.rules import (
     WEIGHT_SLOT,
     cache_key,
     node_strategies,

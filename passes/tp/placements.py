@@ -1,5 +1,5 @@
 """Placements of a tensor on the TP ranks and strategies of a node (see
-:mod:`autopart.passes.tp_strategies`, which documents and re-exports them)."""
+:mod:`autopart.passes.tp.strategies`, which documents and re-exports them)."""
 
 from __future__ import annotations
 

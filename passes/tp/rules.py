@@ -1,4 +1,4 @@
-"""The sharding rules of :mod:`autopart.passes.tp_strategies`, one function per family of ops:
+"""The sharding rules of :mod:`autopart.passes.tp.strategies`, one function per family of ops:
 each takes a node (with the candidate placements of its inputs) and returns the sharded strategies
 it supports, recording why a split was refused when the TP degree does not divide a size."""
 
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from autopart.passes._tp_placements import (
+from autopart.passes.tp.placements import (
     NodeStrategies,
     P,
     Placement,

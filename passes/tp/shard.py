@@ -75,8 +75,8 @@ from autopart.codegen.templates.collectives import (
     unshard,
 )
 from autopart.errors import AutopartError
-from autopart.passes._tp_placements import P, Placement, R, dual
-from autopart.passes._tp_rules import op_name
+from autopart.passes.tp.placements import P, Placement, R, dual
+from autopart.passes.tp.rules import op_name
 from autopart.planning.plans import TPSection
 
 __all__ = [
