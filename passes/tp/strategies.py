@@ -90,13 +90,7 @@ from autopart.passes.tp.placements import (
     dual,
     shard,
 )
-from autopart.passes.tp.rules import (
-    WEIGHT_SLOT,
-    cache_key,
-    node_strategies,
-    op_name,
-    weight_param,
-)
+from autopart.passes.tp.rules import cache_key, node_args, node_strategies, op_name
 
 __all__ = [
     "Collective",
@@ -266,6 +260,34 @@ def weight_matmuls(gm: GraphModule) -> dict[str, str]:
     found: dict[str, str] = {}
     for node in gm.graph.nodes:
         op = op_name(node)
-        if op in WEIGHT_SLOT and weight_param(node, WEIGHT_SLOT[op]) is not None:
+        if op in _WEIGHT_SLOT and _weight_param(node, _WEIGHT_SLOT[op]) is not None:
             found[node.name] = op
     return found
+
+
+_WEIGHT_SLOT = {"linear": 1, "addmm": 2, "mm": 1, "matmul": 1, "embedding": 0}
+"""Argument position of the weight of each weight-matmul op."""
+
+
+def _weight_param(node: Node, slot: int) -> Node | None:
+    """The ``get_attr`` parameter that argument ``slot`` of ``node`` is, or is a view of."""
+    arg = node_args(node)[slot] if slot < len(node_args(node)) else None
+    while isinstance(arg, Node) and arg.op == "call_function" and op_name(arg) in _WEIGHT_VIEWS:
+        arg = node_args(arg)[0]
+    if isinstance(arg, Node) and arg.op == "get_attr":
+        owner = arg.graph.owning_module
+        if owner is not None and _is_parameter(owner, str(arg.target)):
+            return arg
+    return None
+
+
+_WEIGHT_VIEWS = frozenset({"t", "transpose", "permute", "alias", "view", "reshape"})
+
+
+def _is_parameter(gm: GraphModule, target: str) -> bool:
+    prefix, _, name = target.rpartition(".")
+    try:
+        owner = gm.get_submodule(prefix) if prefix else gm
+    except AttributeError:
+        return False
+    return name in owner._parameters

@@ -1,4 +1,4 @@
-"""Property tests of every TP sharding rule (``passes/tp/rules.py``), one op at a time.
+"""Property tests of every TP sharding rule (``passes/tp/rules/``), one op at a time.
 
 For a one-op fx graph with Hypothesis-drawn shapes, TP degree and candidate input placements, every
 strategy :func:`node_strategies` offers is simulated rank by rank in one process: each input is
