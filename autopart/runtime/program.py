@@ -446,7 +446,8 @@ class ParallelProgram:
         """:meth:`full_state_dict`, with the stages' persistent buffers too when ``buffers``
         (collective: every rank calls it). With ``to`` only that global rank receives the tensors
         (the others return ``{}``), so the whole model is never held by every rank."""
-        from autopart.passes.tp.shard import TP_META_KEY, unshard_tensor
+        from autopart.passes.tp.local import unshard_tensor
+        from autopart.passes.tp.shard import TP_META_KEY
 
         mine: dict[str, tuple[str, int, torch.Tensor]] = {}
         for stage in self._stages if self._dp_rank == 0 else ():  # replicas hold the same values

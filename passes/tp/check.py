@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from torch.fx import GraphModule, Node
 
+from autopart.errors import ShardError
 from autopart.passes.tp.placements import Placement
-from autopart.passes.tp.shard import ShardError
 from autopart.passes.tp.strategies import tp_strategies
 from autopart.planning.plans import TPSection
 

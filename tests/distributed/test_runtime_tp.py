@@ -17,18 +17,13 @@ import torch.multiprocessing as mp
 from torch.fx import GraphModule
 
 from autopart.capture.tracing import trace
+from autopart.errors import ShardError
 from autopart.models.model_spec import load_model, parse_config_overrides
 from autopart.passes.annotate import annotate
 from autopart.passes.split_stages import split_stages
 from autopart.passes.tp import shard as tp_pass
-from autopart.passes.tp.shard import (
-    TP_META_KEY,
-    ShardError,
-    local_shape,
-    shard_tensor,
-    shard_tp,
-    unshard_tensor,
-)
+from autopart.passes.tp.local import local_shape, shard_tensor, unshard_tensor
+from autopart.passes.tp.shard import TP_META_KEY, shard_tp
 from autopart.planning.planner import plan_graph
 from autopart.planning.plans import TPSection, parse_mesh
 from autopart.runtime.launch import training_batch
