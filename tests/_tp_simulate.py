@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from autopart.passes.tp.strategies import Placement
+from autopart.passes.tp.placements import Placement
 from autopart.solver.tp_ilp import TPPlan
 
 __all__ = ["simulate_tp"]

@@ -87,7 +87,7 @@ from autopart.planning.plans import Plan
 
 if TYPE_CHECKING:
     from autopart.passes.split_stages import StageInfo
-    from autopart.passes.tp.strategies import Placement
+    from autopart.passes.tp.placements import Placement
     from autopart.runtime.program import ParallelProgram
 
 __all__ = ["CONFIG_FORMAT_VERSION", "EmitError", "emit", "emit_model"]

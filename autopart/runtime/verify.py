@@ -28,8 +28,8 @@ from torch.fx import GraphModule, Interpreter, Node
 from autopart.errors import AutopartError
 from autopart.passes.split_stages import stage_info
 from autopart.passes.tp.local import shard_tensor, unshard_tensor
+from autopart.passes.tp.placements import Placement, dual
 from autopart.passes.tp.shard import TP_META_KEY
-from autopart.passes.tp.strategies import Placement, dual
 
 __all__ = ["TPVerificationError", "draws_random_numbers", "record_values", "verify_tp_stage"]
 

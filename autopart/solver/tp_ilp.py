@@ -72,13 +72,9 @@ from autopart.cost_models.devices import DeviceSpec, get_device
 from autopart.cost_models.memory import Optimizer, as_optimizer
 from autopart.cost_models.node_cost import NodeCost
 from autopart.errors import AutopartError
+from autopart.passes.tp.placements import NodeStrategies, P, Placement, R, Strategy
 from autopart.passes.tp.strategies import (
     Collective,
-    NodeStrategies,
-    P,
-    Placement,
-    R,
-    Strategy,
     collective_bytes,
     collective_time_s,
     resharding,

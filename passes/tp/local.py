@@ -1,6 +1,7 @@
 """What one TP rank holds and runs: the local shape and the shard of a tensor under a placement,
 and the call a rank makes for a node (:func:`local_call`), which the TP pass
-(:func:`~autopart.passes.tp.shard.shard_tp`) writes into the stage and the rule tests run directly."""
+(:func:`~autopart.passes.tp.shard.shard_tp`) writes into the stage and the rule tests run
+directly."""
 
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
-"""The sharding rules, one module per family of ops (as DTensor's ``torch/distributed/tensor/_ops/``),
-assembled here into one table, :data:`RULES`, from aten op name to rule. A rule takes a
-:class:`~autopart.passes.tp.rules._common.RuleContext` (the node, the TP degree, the candidate
-placements of its inputs) and returns the sharded strategies it proves, recording why a split was
-refused when the degree does not divide a size; :func:`node_strategies` adds the replicated
-strategy, which every node has. An op with no rule runs replicated.
+"""The sharding rules, one module per family of ops (as DTensor's
+``torch/distributed/tensor/_ops/``), assembled here into one table, :data:`RULES`, from aten op
+name to rule. A rule takes a :class:`~autopart.passes.tp.rules._common.RuleContext` (the node, the
+TP degree, the candidate placements of its inputs) and returns the sharded strategies it proves,
+recording why a split was refused when the degree does not divide a size; :func:`node_strategies`
+adds the replicated strategy, which every node has. An op with no rule runs replicated. Each family
+module ends with its own ``RULES`` dict; a new family is one more argument of :func:`_assemble`,
+which refuses an op registered twice.
 
 - :mod:`._matrix_ops`: linear / addmm (HF ``Conv1D``, weight stored transposed) / mm / matmul with a
   weight: ``col`` (weight split on its output features, input ``R``, output ``S(last)``, its bias

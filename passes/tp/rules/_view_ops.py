@@ -1,8 +1,8 @@
 """Sharding rules of the layout ops of one tensor input (as DTensor's ``_view_ops.py``): view /
 reshape / flatten / unflatten / squeeze / unsqueeze move a split with its dimension when sizes
 divide (hidden -> (heads, head_dim) keeps the split on the heads only if the degree divides the
-heads); expand / transpose / t / permute / slice / narrow / select / roll / repeat_interleave move or
-keep it; split / chunk hand it to every part. ``P`` passes through all of them."""
+heads); expand / transpose / t / permute / slice / narrow / select / roll / repeat_interleave move
+or keep it; split / chunk hand it to every part. ``P`` passes through all of them."""
 
 from __future__ import annotations
 
