@@ -6,6 +6,7 @@ from __future__ import annotations
 __all__ = [
     "AutopartError",
     "ModelSpecError",
+    "ShardError",
     "TraceError",
     "UnknownDeviceError",
 ]
@@ -28,6 +29,10 @@ class TraceError(AutopartError):
 
 class ModelSpecError(AutopartError):
     """A MODEL string (zoo name, ``hf:...``, ``file.py:factory``) could not be resolved."""
+
+
+class ShardError(AutopartError):
+    """A TP plan does not fit the stage it is applied to (made for another graph: plan it again)."""
 
 
 class UnknownDeviceError(AutopartError):

@@ -2,7 +2,7 @@
 :class:`~autopart.solver.tp_ilp.TPPlan`, each rank holding only its shard of every tensor, with the
 collectives played by gathering and summing the ranks' tensors.
 
-It checks the propagation rules of :mod:`autopart.passes.tp_strategies`: every tensor a plan calls
+It checks the propagation rules of :mod:`autopart.passes.tp.strategies`: every tensor a plan calls
 ``R`` must be identical on all ranks, and the outputs must equal the unsharded model's. Ops run on
 local shards with their shape arguments rewritten to the local shapes (a ``view`` to
 ``[2, 16, -1, 16]`` of a head-split tensor becomes ``[2, 16, -1 / d, 16]``), a row-parallel bias is
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from autopart.passes.tp_strategies import Placement
+from autopart.passes.tp.placements import Placement
 from autopart.solver.tp_ilp import TPPlan
 
 __all__ = ["simulate_tp"]

@@ -88,7 +88,7 @@ from autopart.planning.request import PlanRequest
 
 if TYPE_CHECKING:
     from autopart.passes.split_stages import StageInfo
-    from autopart.passes.tp_strategies import Placement
+    from autopart.passes.tp.placements import Placement
     from autopart.runtime.program import ParallelProgram
 
 __all__ = ["CONFIG_FORMAT_VERSION", "EmitError", "emit", "emit_model"]
@@ -245,7 +245,7 @@ def _from_plan(
 ) -> _Program:
     from autopart.capture.tracing import trace
     from autopart.passes.split_stages import split_stages, stage_info
-    from autopart.passes.tp_check import check_tp_plan
+    from autopart.passes.tp.check import check_tp_plan
     from autopart.planning.mesh_plan import batch_size
     from autopart.runtime.stage_io import ProgramInputs, micro_batch_graph, stage_io, value_metas
 
@@ -502,7 +502,7 @@ _RESERVED = ("device", "tp_rank", "tp_group")
 
 def _tp_storage(program: _Program) -> dict[str, Placement] | None:
     """How every parameter and buffer is stored on a TP rank (None without TP)."""
-    from autopart.passes.shard_tp import param_placements
+    from autopart.passes.tp.shard import param_placements
 
     tp = program.plan.tp
     if tp is None or tp.degree == 1:
@@ -511,11 +511,11 @@ def _tp_storage(program: _Program) -> dict[str, Placement] | None:
 
 
 def _tp_template(stage: GraphModule, plan: Plan, storage: Mapping[str, Placement]) -> GraphModule:
-    """``stage`` as every TP rank runs it: :func:`~autopart.passes.shard_tp.shard_tp`'s rewrite
+    """``stage`` as every TP rank runs it: :func:`~autopart.passes.tp.shard.shard_tp`'s rewrite
     (local shapes, collectives) for one rank, with that rank's number and its group's name replaced
     by ``self.tp_rank`` and ``self.tp_group``: the shapes are the same on every rank (the degree
     divides every split size), only the rank and group differ."""
-    from autopart.passes.shard_tp import shard_tp
+    from autopart.passes.tp.shard import shard_tp
 
     assert plan.tp is not None
     template = shard_tp(stage, plan.tp, _TEMPLATE_RANK, _TP_GROUP, storage=storage)

@@ -135,7 +135,7 @@ class TPSection:
     """Bytes each rank sends per training step in TP collectives (forward and backward)."""
     placements: Mapping[str, str] = field(default_factory=dict)
     """Every node -> the placement of its output: ``"R"``, ``"P"``, ``"S(k)"``, ``"S(k,groups=g)"``
-    (see ``autopart.passes.tp_strategies.Placement``)."""
+    (see ``autopart.passes.tp.strategies.Placement``)."""
     input_placements: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     """Every node -> {input node: the placement the node reads it in}; where it differs from the
     input's own placement, a collective (or a local slice) reshards it."""

@@ -10,7 +10,7 @@ summed across the stages that hold them, as Megatron does for its embedding grou
 take the same optimizer step and stay identical.
 
 Tensor parallelism (a ``tp`` mesh dimension): each stage is rewritten for this rank's place in its
-``tp`` group by :func:`autopart.passes.shard_tp.shard_tp` (its shard of every split weight, local
+``tp`` group by :func:`autopart.passes.tp.shard.shard_tp` (its shard of every split weight, local
 shapes, collectives with Megatron's autograd semantics). The mesh is laid out ``(dp, pp, tp)`` with
 ``tp`` innermost; every ``tp`` rank of a stage runs the same schedule, pipeline messages go between
 the ranks of equal ``(dp, tp)`` coordinates, and a tensor crossing a stage boundary travels in the
@@ -101,7 +101,7 @@ def compile(
     from autopart.capture.tracing import trace
     from autopart.passes.annotate import annotate
     from autopart.passes.split_stages import split_stages, stage_info
-    from autopart.passes.tp_check import check_tp_plan
+    from autopart.passes.tp.check import check_tp_plan
     from autopart.planning.mesh_plan import batch_size
 
     dm = _resolve_mesh(mesh)
@@ -216,7 +216,7 @@ def _shard_stages(
 ) -> list[torch.fx.GraphModule]:
     """This rank's stages rewritten for its place in the tp group (new modules: ``stages`` keep the
     unsharded code that autopart.emit writes)."""
-    from autopart.passes.shard_tp import param_placements, shard_tp
+    from autopart.passes.tp.shard import param_placements, shard_tp
 
     if tp.fallbacks and dist.get_rank() == 0:
         first, why = next(iter(tp.fallbacks.items()))
@@ -451,7 +451,8 @@ class ParallelProgram:
         """:meth:`full_state_dict`, with the stages' persistent buffers too when ``buffers``
         (collective: every rank calls it). With ``to`` only that global rank receives the tensors
         (the others return ``{}``), so the whole model is never held by every rank."""
-        from autopart.passes.shard_tp import TP_META_KEY, unshard_tensor
+        from autopart.passes.tp.local import unshard_tensor
+        from autopart.passes.tp.shard import TP_META_KEY
 
         mine: dict[str, tuple[str, int, torch.Tensor]] = {}
         for stage in self._stages if self._dp_rank == 0 else ():  # replicas hold the same values

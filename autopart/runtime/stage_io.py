@@ -47,7 +47,7 @@ def local_meta(
     metas: Mapping[str, torch.Tensor], tp: TPSection | None, name: str, *, whole: bool = False
 ) -> torch.Tensor:
     """The meta tensor of value ``name`` as this rank holds it (its TP shard unless ``whole``)."""
-    from autopart.passes.shard_tp import local_shape
+    from autopart.passes.tp.local import local_shape
 
     meta = metas[name]
     if tp is None or tp.degree == 1 or whole:
@@ -153,8 +153,8 @@ def runnable_graph(
 ) -> torch.fx.GraphModule | None:
     """The micro-batch graph that ``plan`` runs on, if ``plan`` applies to it: the same nodes as
     the planned graph, and (with TP) placements the rules offer at its shapes; else ``None``."""
-    from autopart.passes.shard_tp import ShardError
-    from autopart.passes.tp_check import check_tp_plan
+    from autopart.errors import ShardError
+    from autopart.passes.tp.check import check_tp_plan
 
     run_gm = micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
     if run_gm is None or plan.tp is None:

@@ -26,9 +26,10 @@ import torch.distributed as dist
 from torch.fx import GraphModule, Interpreter, Node
 
 from autopart.errors import AutopartError
-from autopart.passes.shard_tp import TP_META_KEY, shard_tensor, unshard_tensor
 from autopart.passes.split_stages import stage_info
-from autopart.passes.tp_strategies import Placement, dual
+from autopart.passes.tp.local import shard_tensor, unshard_tensor
+from autopart.passes.tp.placements import Placement, dual
+from autopart.passes.tp.shard import TP_META_KEY
 
 __all__ = ["TPVerificationError", "draws_random_numbers", "record_values", "verify_tp_stage"]
 

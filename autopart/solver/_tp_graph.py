@@ -10,7 +10,9 @@ from typing import Any
 
 from torch.fx import GraphModule, Node
 
-from autopart.passes.tp_strategies import Strategy, op_name, weight_matmuls
+from autopart.passes.tp.placements import Strategy
+from autopart.passes.tp.rules import op_name
+from autopart.passes.tp.strategies import weight_matmuls
 from autopart.planning.graph import detect_layers
 
 __all__ = ["Layers", "fallbacks", "layer_of_nodes", "megatron_sharding"]

@@ -4,7 +4,7 @@ bound and the schedule simulation plan a ``pp x tp`` mesh unchanged.
 
 For every computing node, under the strategy the TP plan chose (read back from its placements: a
 node runs sharded, doing ``1 / degree`` of the work, exactly when its output or one of its inputs is
-placed other than ``R``, as in :mod:`autopart.passes.tp_strategies`):
+placed other than ``R``, as in :mod:`autopart.passes.tp.strategies`):
 
 - forward and backward seconds: the roofline of the node's FLOPs and bytes divided by the degree
   (:func:`autopart.solver.tp_ilp.solve_tp` costs a sharded node the same way), plus the seconds of
@@ -20,7 +20,7 @@ a forward resharding to the consumer's forward, a backward one (the gradient goi
 edge) to the consumer's backward, a gradient all-reduce (Megatron's ``f``) to the producer's
 backward. Where that node does not compute (a parameter, a model input, the graph output), the
 charge goes to the other end, or for a parameter to its first computing user. Collective seconds are
-those of :func:`autopart.passes.tp_strategies.collective_time_s` at ``micro_batches`` (the alpha
+those of :func:`autopart.passes.tp.strategies.collective_time_s` at ``micro_batches`` (the alpha
 term once per micro-batch), so they are exact at that micro-batch count and scale linearly with the
 rest of the node's costs otherwise.
 """
@@ -38,7 +38,7 @@ from torch.fx import GraphModule
 from autopart.cost_models.compute import ComputeModel
 from autopart.cost_models.node_cost import NodeCost
 from autopart.errors import AutopartError
-from autopart.passes.tp_strategies import Collective, collective_time_s
+from autopart.passes.tp.strategies import Collective, collective_time_s
 from autopart.planning.graph import OpGraph, OpNode
 from autopart.solver.tp_ilp import TPPlan
 

@@ -1,6 +1,6 @@
 """TP ILP: choose a sharding strategy for every node of a traced graph on ``d`` tensor-parallel ranks.
 
-Data (from :mod:`autopart.passes.tp_strategies` and the cost models; one step = forward + backward):
+Data (from :mod:`autopart.passes.tp.strategies` and the cost models; one step = forward + backward):
   k in K                  decision groups: one node, or the nodes at the same position in identical
                           repeated layers (they share one decision), with multiplicity m_k
   s in S_k                strategies of k: input placements -> output placement out(s), gradient
@@ -11,7 +11,7 @@ Data (from :mod:`autopart.passes.tp_strategies` and the cost models; one step = 
   e = (u, v, i) in E      input i of group v reads group u (edges of identical layers grouped, m_e)
   A_e, B_e                placements u can produce, (requirement, gradient) pairs v can ask for
   r_{e,a,b}               seconds of the collectives turning a into b and bringing the gradient
-                          back (:func:`~autopart.passes.tp_strategies.resharding`); pairs with no
+                          back (:func:`~autopart.passes.tp.strategies.resharding`); pairs with no
                           valid resharding (anything -> P) are absent
   g_u                     seconds of the all-reduce of u's partial gradients (Megatron's ``f``)
 
@@ -45,7 +45,7 @@ as the dual of all-gathers.
 Repeated layers, Megatron's hand-written assignment (:func:`megatron_sharding`, by module names) and
 the explanations of forced replication (``TPPlan.fallbacks``) come from
 :mod:`autopart.solver._tp_graph`; the strategies and resharding rules from
-:mod:`autopart.passes.tp_strategies`.
+:mod:`autopart.passes.tp.strategies`.
 
 The solve is seeded and single-threaded (deterministic) and has a time limit; its status is checked.
 An infeasible memory limit is answered by a second solve that minimizes memory, so the error can
@@ -72,13 +72,9 @@ from autopart.cost_models.devices import DeviceSpec, get_device
 from autopart.cost_models.memory import Optimizer, as_optimizer
 from autopart.cost_models.node_cost import NodeCost
 from autopart.errors import AutopartError
-from autopart.passes.tp_strategies import (
+from autopart.passes.tp.placements import NodeStrategies, P, Placement, R, Strategy
+from autopart.passes.tp.strategies import (
     Collective,
-    NodeStrategies,
-    P,
-    Placement,
-    R,
-    Strategy,
     collective_bytes,
     collective_time_s,
     resharding,

@@ -17,18 +17,13 @@ import torch.multiprocessing as mp
 from torch.fx import GraphModule
 
 from autopart.capture.tracing import trace
+from autopart.errors import ShardError
 from autopart.models.model_spec import load_model, parse_config_overrides
-from autopart.passes import shard_tp as tp_pass
 from autopart.passes.annotate import annotate
-from autopart.passes.shard_tp import (
-    TP_META_KEY,
-    ShardError,
-    local_shape,
-    shard_tensor,
-    shard_tp,
-    unshard_tensor,
-)
 from autopart.passes.split_stages import split_stages
+from autopart.passes.tp import shard as tp_pass
+from autopart.passes.tp.local import local_shape, shard_tensor, unshard_tensor
+from autopart.passes.tp.shard import TP_META_KEY, shard_tp
 from autopart.planning.planner import plan_graph
 from autopart.planning.plans import TPSection, parse_mesh
 from autopart.runtime.launch import training_batch
@@ -189,7 +184,7 @@ def _local(x: torch.Tensor, placement: str, rank: int, degree: int) -> torch.Ten
 
 
 def _collectives_worker(rank: int, world: int, store: str, out: str) -> None:
-    from autopart.passes._tp_placements import Placement
+    from autopart.passes.tp.placements import Placement
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)

@@ -100,10 +100,10 @@ def test_the_checks_see_every_package() -> None:
     """A check that walks nothing proves nothing."""
     assert {
         "autopart.planning.planner",
-        "autopart.passes.shard_tp",
+        "autopart.passes.tp.shard",
         "autopart.cost_models.memory",
     } <= set(MODULES)
     assert any(
-        name == "op_name" or target.endswith("tp_strategies")
-        for target, name, _ in _imports("autopart.passes.tp_check")
+        name == "op_name" or target.endswith("tp.strategies")
+        for target, name, _ in _imports("autopart.passes.tp.check")
     )

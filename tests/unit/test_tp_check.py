@@ -12,10 +12,10 @@ from torch import nn
 from torch.fx import GraphModule
 
 from autopart.capture.tracing import trace
+from autopart.errors import ShardError
 from autopart.models.model_spec import load_model, parse_config_overrides
 from autopart.passes.annotate import annotate
-from autopart.passes.shard_tp import ShardError
-from autopart.passes.tp_check import check_tp_plan
+from autopart.passes.tp.check import check_tp_plan
 from autopart.planning.plans import TPSection
 from autopart.solver.tp_ilp import megatron_plan, solve_tp
 from tests.models import FAST_LINK, HF_CONFIGS

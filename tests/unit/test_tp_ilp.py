@@ -22,15 +22,12 @@ from autopart.capture.tracing import trace
 from autopart.cost_models import ComputeModel, get_device
 from autopart.models.model_spec import load_model
 from autopart.passes.annotate import annotate
-from autopart.passes.tp_strategies import (
+from autopart.passes.tp.placements import P, Placement, R, shard
+from autopart.passes.tp.strategies import (
     Collective,
-    P,
-    Placement,
-    R,
     Resharding,
     collective_bytes,
     resharding,
-    shard,
     tp_strategies,
 )
 from autopart.solver import tp_ilp

@@ -1,9 +1,9 @@
-"""Property tests of every TP sharding rule (``passes/_tp_rules.py``), one op at a time.
+"""Property tests of every TP sharding rule (``passes/tp/rules/``), one op at a time.
 
 For a one-op fx graph with Hypothesis-drawn shapes, TP degree and candidate input placements, every
 strategy :func:`node_strategies` offers is simulated rank by rank in one process: each input is
 given to every rank in the placement the strategy reads it in (``P``: random parts that sum to it),
-each rank runs the call :func:`~autopart.passes.shard_tp.local_call` makes (the code ``shard_tp``
+each rank runs the call :func:`~autopart.passes.tp.local.local_call` makes (the code ``shard_tp``
 emits: local shape arguments, vocabulary-parallel embedding, row-parallel bias), and the ranks'
 outputs, combined by the output placement, must equal the unsharded op. Backward: the output
 gradient is placed as ``dual(output placement)``, every rank runs its local backward, and each
@@ -28,10 +28,11 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
 from autopart.codegen.templates.collectives import shard, unshard
-from autopart.passes._tp_placements import P, Placement, R, Strategy, dual
-from autopart.passes._tp_placements import shard as S
-from autopart.passes._tp_rules import node_strategies, op_name
-from autopart.passes.shard_tp import _Rewriter, local_call, tp_partial_bias
+from autopart.passes.tp.local import local_call
+from autopart.passes.tp.placements import P, Placement, R, Strategy, dual
+from autopart.passes.tp.placements import shard as S
+from autopart.passes.tp.rules import node_strategies, op_name
+from autopart.passes.tp.shard import _Rewriter, tp_partial_bias
 
 aten = torch.ops.aten
 SETTINGS = settings(

@@ -1,6 +1,6 @@
 """Tensor-parallel collectives and shard helpers, on torch alone.
 
-autopart's TP pass (``autopart.passes.shard_tp``) calls these functions from the stage graphs it
+autopart's TP pass (``autopart.passes.tp.shard``) calls these functions from the stage graphs it
 rewrites, and ``autopart.emit`` copies this file next to the stages it writes (as
 ``collectives.py``), so a generated program runs the same code with no autopart installed. It must
 therefore import nothing but torch and the standard library.
@@ -11,8 +11,8 @@ fused QKV weight is 3 groups, each split ``degree`` ways) is seen as ``dim`` of 
 
 Collectives are ``torch.autograd.Function``s over torch's functional collectives
 (``torch.ops._c10d_functional``) on the ``tp`` process group given by name, with Megatron-LM's
-autograd semantics; the table of what each does forward and backward is in ``shard_tp``'s
-docstring.
+autograd semantics; the table of what each does forward and backward is in the docstring of
+``autopart.passes.tp.shard``.
 """
 
 from __future__ import annotations

@@ -1,49 +1,20 @@
 """Tensor-parallel sharding strategies: for every node of a traced graph, the ways it can run on ``d``
 ranks, and what it costs to move a tensor between two placements.
 
-Placements (per tensor, over the ``d`` ranks of the TP group), as in DTensor:
-
-- ``R``: every rank holds the whole tensor (replicate);
-- ``S(k)``: dimension ``k`` is split into ``d`` contiguous pieces, rank ``r`` holds piece ``r``;
-  ``S(k,groups=g)`` first views dimension ``k`` as ``(g, size / g)`` and splits the inner part (the
-  layout of a fused QKV projection whose output is later cut into q, k and v: every rank holds its
-  share of each of the three, so ``split`` gives it its heads of each);
-- ``P``: every rank holds a partial sum; the tensor is the sum over ranks.
-
-A :class:`Strategy` of a node says which placement each input must have, which placement the
-output gets, which placement the *gradient* of each input has (``P`` where the backward produces
-partial sums, e.g. the input of a column-parallel linear: Megatron's ``f`` operator), and whether the
-work is split ``d`` ways. Every node can run replicated (all ``R``), which is always correct;
-sharded strategies are offered by explicit rules only:
-
-- linear / addmm (HF ``Conv1D``, weight stored transposed) / mm / matmul with a weight: ``col``
-  (weight split on its output features, input ``R``, output ``S(last)``, its bias split alike),
-  ``row`` (weight split on its input features, input ``S(last)``, output ``P``, the bias added by one
-  rank only); a column split may use groups when the output is cut into equal parts later (fused QKV);
-- embedding: ``row`` (vocabulary-parallel: each rank looks up its vocabulary range, output ``P``),
-  ``col`` (the embedding dimension split, output ``S(last)``);
-- mm / matmul / bmm of two activations: ``col``/``row`` as above, or a batch dimension (the heads
-  of a hand-written attention) split in both operands;
-- scaled_dot_product_attention: split on the heads (dimension 1), which needs ``d`` to divide the
-  query and the key/value heads (GQA);
-- pointwise ops: the output takes a split of an input (broadcast inputs stay ``R`` and get partial
-  gradients); ``P`` passes through the linear ones (add/sub of partials, mul/div by a replicated
-  factor, neg, casts, copies);
-- view / reshape / flatten / unflatten / squeeze / unsqueeze: a split moves with its dimension when
-  sizes divide (hidden -> (heads, head_dim) keeps the split on the heads only if ``d`` divides the
-  heads); transpose / permute / expand / repeat_interleave / roll / slice / narrow / select / split /
-  chunk / cat / getitem move or keep it; ``P`` passes through all of them;
-- reductions, softmax, layer_norm, rms_norm: any split outside the reduced / normalised dimensions
-  (a norm's weight and bias then get partial gradients); ``sum`` / ``mean`` keep ``P``.
+Placements (``R``, ``S(k)``, ``S(k,groups=g)``, ``P``) and strategies are the values of
+:mod:`autopart.passes.tp.placements`. Every node can run replicated (all ``R``), which is always
+correct; sharded strategies are offered only by the rules of :mod:`autopart.passes.tp.rules` (one
+module per family of ops: weight matmuls and attention, pointwise, views, lists and joins,
+reductions and norms), which :func:`tp_strategies` asks node by node.
 
 Parameters and buffers (``get_attr``) are stored in ``R`` or in any split a consumer asks for, so a
 weight is split once however many nodes read it (a tied embedding and LM head). A split / chunk
 hands its parts on as they are: its list output is never resharded, its parts (``getitem``) are.
 
 Any other op (and ``call_module`` / ``call_method`` nodes) gets the replicated strategy only. Split
-candidates are propagated forward from the sources above, so activations are split only on
-dimensions that come from a weight (features, heads), never on the batch or sequence dimensions.
-When a split is impossible because ``d`` does not divide a size, the node records why
+candidates are propagated forward from the weight matmuls and embeddings, so activations are split
+only on dimensions that come from a weight (features, heads), never on the batch or sequence
+dimensions. When a split is impossible because ``d`` does not divide a size, the node records why
 (:attr:`NodeStrategies.reasons`), so a plan can explain each forced replication.
 
 Moving a tensor from one placement to another (:func:`resharding`), forward and backward:
@@ -81,37 +52,21 @@ from autopart.cost_models.comm import (
 )
 from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
-from autopart.passes._tp_placements import (
+from autopart.passes.tp.placements import (
     NodeStrategies,
-    P,
     Placement,
     R,
     Strategy,
     dual,
-    shard,
 )
-from autopart.passes._tp_rules import (
-    WEIGHT_SLOT,
-    cache_key,
-    node_strategies,
-    op_name,
-    weight_param,
-)
+from autopart.passes.tp.rules import cache_key, node_args, node_strategies, op_name
 
 __all__ = [
     "Collective",
-    "NodeStrategies",
-    "P",
-    "Placement",
-    "R",
     "Resharding",
-    "Strategy",
     "collective_bytes",
     "collective_time_s",
-    "dual",
-    "op_name",
     "resharding",
-    "shard",
     "tp_strategies",
     "weight_matmuls",
 ]
@@ -266,6 +221,34 @@ def weight_matmuls(gm: GraphModule) -> dict[str, str]:
     found: dict[str, str] = {}
     for node in gm.graph.nodes:
         op = op_name(node)
-        if op in WEIGHT_SLOT and weight_param(node, WEIGHT_SLOT[op]) is not None:
+        if op in _WEIGHT_SLOT and _weight_param(node, _WEIGHT_SLOT[op]) is not None:
             found[node.name] = op
     return found
+
+
+_WEIGHT_SLOT = {"linear": 1, "addmm": 2, "mm": 1, "matmul": 1, "embedding": 0}
+"""Argument position of the weight of each weight-matmul op."""
+
+
+def _weight_param(node: Node, slot: int) -> Node | None:
+    """The ``get_attr`` parameter that argument ``slot`` of ``node`` is, or is a view of."""
+    arg = node_args(node)[slot] if slot < len(node_args(node)) else None
+    while isinstance(arg, Node) and arg.op == "call_function" and op_name(arg) in _WEIGHT_VIEWS:
+        arg = node_args(arg)[0]
+    if isinstance(arg, Node) and arg.op == "get_attr":
+        owner = arg.graph.owning_module
+        if owner is not None and _is_parameter(owner, str(arg.target)):
+            return arg
+    return None
+
+
+_WEIGHT_VIEWS = frozenset({"t", "transpose", "permute", "alias", "view", "reshape"})
+
+
+def _is_parameter(gm: GraphModule, target: str) -> bool:
+    prefix, _, name = target.rpartition(".")
+    try:
+        owner = gm.get_submodule(prefix) if prefix else gm
+    except AttributeError:
+        return False
+    return name in owner._parameters

@@ -5,7 +5,7 @@ which it reads each input. It was solved on one graph (the full batch's) and is 
 (one micro-batch's, or the same model traced by another release of its library), and its names
 alone say nothing about whether the placements still hold there: a reshape that merged batch and
 heads at one batch size may group other rows at another. :func:`check_tp_plan` derives the
-strategies the proven rules (:mod:`autopart.passes.tp_strategies`) offer at *this* graph's shapes
+strategies the proven rules (:mod:`autopart.passes.tp.strategies`) offer at *this* graph's shapes
 and accepts the plan only if every node's placement is one of them, so a plan is either applied
 where its rules are exact or rejected with the first node that breaks it, never silently.
 """
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from torch.fx import GraphModule, Node
 
-from autopart.passes._tp_placements import Placement
-from autopart.passes.shard_tp import ShardError
-from autopart.passes.tp_strategies import tp_strategies
+from autopart.errors import ShardError
+from autopart.passes.tp.placements import Placement
+from autopart.passes.tp.strategies import tp_strategies
 from autopart.planning.plans import TPSection
 
 __all__ = ["check_tp_plan"]

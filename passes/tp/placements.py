@@ -1,5 +1,19 @@
-"""Placements of a tensor on the TP ranks and strategies of a node (see
-:mod:`autopart.passes.tp_strategies`, which documents and re-exports them)."""
+"""Placements of a tensor on the ranks of a TP group, and strategies of a node.
+
+Placements (per tensor, over the ``d`` ranks of the TP group), as in DTensor:
+
+- ``R``: every rank holds the whole tensor (replicate);
+- ``S(k)``: dimension ``k`` is split into ``d`` contiguous pieces, rank ``r`` holds piece ``r``;
+  ``S(k,groups=g)`` first views dimension ``k`` as ``(g, size / g)`` and splits the inner part (the
+  layout of a fused QKV projection whose output is later cut into q, k and v: every rank holds its
+  share of each of the three, so ``split`` gives it its heads of each);
+- ``P``: every rank holds a partial sum; the tensor is the sum over ranks.
+
+A :class:`Strategy` of a node says which placement each input must have, which placement the
+output gets, which placement the *gradient* of each input has (``P`` where the backward produces
+partial sums, e.g. the input of a column-parallel linear: Megatron's ``f`` operator), and whether
+the work is split ``d`` ways. The rules that offer them are in :mod:`autopart.passes.tp.rules`.
+"""
 
 from __future__ import annotations
 
