@@ -598,15 +598,15 @@ def _autopart_program(
         micro_batches=micro_batches,
         schedule=schedule,
     )
-    for stage in program._pipeline_stages:
-        clock.instrument(stage)
+    for stage in program.local_stages:
+        clock.instrument(stage.pipeline_stage)
     losses: list[float] = []
 
     def step() -> None:
         mb_losses.clear()
         losses.append(program.step(*inputs, target=target))
 
-    names = [n for s in program._stages for n, _ in s.named_parameters()]
+    names = [n for s in program.local_stages for n, _ in s.module.named_parameters()]
     return _Program(step, list(program.parameters()), clock, losses, names), program.plan
 
 

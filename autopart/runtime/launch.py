@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -173,13 +174,9 @@ class _RunRequest:
 def _rank_main(
     rank: int, world: int, store: str, request: _RunRequest, out: str, timeout_s: float
 ) -> None:
-    import statistics
-
     import torch.distributed as dist
 
-    import autopart
     from autopart.models.model_spec import load_model
-    from autopart.planning.schedule import bubble_closed_form
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -189,37 +186,80 @@ def _rank_main(
         world_size=world,
         timeout=timedelta(seconds=timeout_s),
     )
-    spec, mesh, steps, lr = request.spec, request.mesh, request.steps, request.lr
     try:
         loaded = load_model(
-            spec, batch=request.batch, seq=request.seq, config=request.config, device="cpu", seed=0
+            request.spec,
+            batch=request.batch,
+            seq=request.seq,
+            config=request.config,
+            device="cpu",
+            seed=0,
         )
         reference = copy.deepcopy(loaded.model)
+        program = _compile(loaded, request)
+        clock = _Clock.attach(program)
+        losses = clock.train(program, loaded, request)
+        state = program.full_state_dict()
+        per_rank: list[Any] = [None] * world
+        dist.all_gather_object(per_rank, clock.summary())
+        if rank == 0:
+            check = _Check(reference, state, losses, per_rank)
+            report = _report(loaded, program, request, clock, check)
+            Path(out).write_text(json.dumps(asdict(report)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _compile(loaded: Any, request: _RunRequest) -> Any:
+    import autopart
+
+    _, loss_fn = training_batch(loaded)
+    return autopart.compile(
+        loaded.model,
+        request.mesh,
+        example_inputs=loaded.example_inputs,
+        example_kwargs=dict(loaded.example_kwargs),
+        loss_fn=loss_fn,
+        micro_batches=request.micro_batches,
+        schedule=request.schedule,
+        verify=request.verify,
+    )
+
+
+class _Clock:
+    """Wall times of one rank's training: every step, and each local stage's forward and backward
+    chunks (one per micro-batch)."""
+
+    def __init__(self) -> None:
+        self.forward_s: dict[int, list[float]] = {}
+        self.backward_s: dict[int, list[float]] = {}
+        self.busy: list[float] = []
+        """This rank's forward + backward time in the current step."""
+        self.step_s: list[float] = []
+        self.idle: list[float] = []
+        """Per step: the fraction of the step outside this rank's forward and backward work."""
+
+    @classmethod
+    def attach(cls, program: Any) -> _Clock:
+        clock = cls()
+        for stage in program.local_stages:
+            _time_forward(stage.module, clock.forward_s.setdefault(stage.index, []))
+            _time_chunks(
+                stage.pipeline_stage, clock.busy, clock.backward_s.setdefault(stage.index, [])
+            )
+        return clock
+
+    def train(self, program: Any, loaded: Any, request: _RunRequest) -> list[float]:
+        """``request.steps`` SGD steps on the loaded model's batch, timed; the step losses."""
+        import torch.distributed as dist
+
         x, kw = loaded.example_inputs, dict(loaded.example_kwargs)
-        target, loss_fn = training_batch(loaded)
-        program = autopart.compile(
-            loaded.model,
-            mesh,
-            example_inputs=x,
-            example_kwargs=kw,
-            loss_fn=loss_fn,
-            micro_batches=request.micro_batches,
-            schedule=request.schedule,
-            verify=request.verify,
-        )
-        forward_s: dict[int, list[float]] = {}
-        backward_s: dict[int, list[float]] = {}
-        busy: list[float] = []  # this rank's forward + backward time, per step
-        for stage, pipe_stage, info in zip(
-            program._stages, program._pipeline_stages, program._local
-        ):
-            _time_forward(stage, forward_s.setdefault(info.index, []))
-            _time_chunks(pipe_stage, busy, backward_s.setdefault(info.index, []))
+        target, _ = training_batch(loaded)
         params = list(program.parameters())
-        optimizer = torch.optim.SGD(params, lr=lr) if params else None
-        losses, times, idle = [], [], []
-        for _ in range(steps):
-            busy.clear()
+        optimizer = torch.optim.SGD(params, lr=request.lr) if params else None
+        losses = []
+        for _ in range(request.steps):
+            self.busy.clear()
             start = time.perf_counter()
             if optimizer is not None:
                 optimizer.zero_grad()
@@ -227,52 +267,78 @@ def _rank_main(
             if optimizer is not None:
                 optimizer.step()
             dist.barrier()
-            times.append(time.perf_counter() - start)
-            idle.append(max(0.0, 1.0 - sum(busy) / times[-1]))
-        state = program.full_state_dict()
-        per_stage: list[Any] = [None] * world
-        mine = (  # one call per micro-batch
-            {i: statistics.median(v) if v else 0.0 for i, v in forward_s.items()},
-            {i: statistics.median(v) if v else 0.0 for i, v in backward_s.items()},
-            statistics.median(idle[1:] if len(idle) > 1 else idle),
+            self.step_s.append(time.perf_counter() - start)
+            self.idle.append(max(0.0, 1.0 - sum(self.busy) / self.step_s[-1]))
+        return losses
+
+    def summary(self) -> tuple[dict[int, float], dict[int, float], float]:
+        """(median forward s per local stage, median backward s, median idle fraction), the steps
+        after the first where there are several."""
+        return (
+            {i: statistics.median(v) if v else 0.0 for i, v in self.forward_s.items()},
+            {i: statistics.median(v) if v else 0.0 for i, v in self.backward_s.items()},
+            statistics.median(_after_first(self.idle)),
         )
-        dist.all_gather_object(per_stage, mine)
-        if rank == 0:
-            plan = program.plan
-            # each data-parallel replica pipelines its share of the batch in micro-batches
-            chunks = plan.mesh.get("dp", 1) * plan.micro_batches
-            ref_losses = _reference(reference, x, kw, target, loss_fn, chunks, steps, lr)
-            diff = max(
-                float((state[n] - p.detach()).abs().max() / p.detach().abs().max().clamp_min(1e-12))
-                for n, p in reference.named_parameters()
-            )
-            measured = {k: v for part in per_stage for k, v in part[0].items()}
-            measured_bwd = {k: v for part in per_stage for k, v in part[1].items()}
-            step_s = statistics.median(times[1:] if len(times) > 1 else times)
-            p, m = plan.num_stages // plan.stages_per_device, plan.micro_batches
-            report = RunReport(
-                model=loaded.name,
-                mesh=mesh,
-                schedule=plan.schedule,
-                micro_batches=plan.micro_batches,
-                steps=steps,
-                losses=tuple(losses),
-                reference_losses=tuple(ref_losses),
-                max_param_rel_diff=diff,
-                step_time_s=step_s,
-                predicted_step_time_s=plan.step_time_s,
-                samples_per_s=int(x[0].shape[0]) / step_s,
-                stage_forward_s=tuple(measured[i] for i in range(plan.num_stages)),
-                predicted_stage_forward_s=tuple(s.forward_s for s in plan.stages),
-                stage_backward_s=tuple(measured_bwd[i] for i in range(plan.num_stages)),
-                predicted_stage_backward_s=tuple(s.backward_s for s in plan.stages),
-                bubble_fraction=statistics.fmean(part[2] for part in per_stage),
-                predicted_bubble_fraction=plan.bubble_fraction,
-                closed_form_bubble_fraction=bubble_closed_form(p, m, plan.stages_per_device),
-            )
-            Path(out).write_text(json.dumps(asdict(report)))
-    finally:
-        dist.destroy_process_group()
+
+
+def _after_first(values: list[float]) -> list[float]:
+    """The measurements after the first (warm-up) one, where there are several."""
+    return values[1:] if len(values) > 1 else values
+
+
+@dataclass(frozen=True, slots=True)
+class _Check:
+    """What rank 0 compares: the unpartitioned model (still untrained), the program's trained
+    state, its step losses, and every rank's :meth:`_Clock.summary`."""
+
+    reference: torch.nn.Module
+    state: dict[str, torch.Tensor]
+    losses: list[float]
+    per_rank: list[Any]
+
+
+def _report(
+    loaded: Any, program: Any, request: _RunRequest, clock: _Clock, check: _Check
+) -> RunReport:
+    """Rank 0's report: the reference trained on the same micro-batches, compared, and the
+    measured times beside the plan's."""
+    from autopart.planning.schedule import bubble_closed_form
+
+    plan = program.plan
+    x, kw = loaded.example_inputs, dict(loaded.example_kwargs)
+    target, loss_fn = training_batch(loaded)
+    # each data-parallel replica pipelines its share of the batch in micro-batches
+    chunks = plan.mesh.get("dp", 1) * plan.micro_batches
+    reference = check.reference
+    ref_losses = _reference(reference, x, kw, target, loss_fn, chunks, request.steps, request.lr)
+    diff = max(
+        float((check.state[n] - p.detach()).abs().max() / p.detach().abs().max().clamp_min(1e-12))
+        for n, p in reference.named_parameters()
+    )
+    forward = {k: v for part in check.per_rank for k, v in part[0].items()}
+    backward = {k: v for part in check.per_rank for k, v in part[1].items()}
+    step_s = statistics.median(_after_first(clock.step_s))
+    p, m = plan.num_stages // plan.stages_per_device, plan.micro_batches
+    return RunReport(
+        model=loaded.name,
+        mesh=request.mesh,
+        schedule=plan.schedule,
+        micro_batches=plan.micro_batches,
+        steps=request.steps,
+        losses=tuple(check.losses),
+        reference_losses=tuple(ref_losses),
+        max_param_rel_diff=diff,
+        step_time_s=step_s,
+        predicted_step_time_s=plan.step_time_s,
+        samples_per_s=int(x[0].shape[0]) / step_s,
+        stage_forward_s=tuple(forward[i] for i in range(plan.num_stages)),
+        predicted_stage_forward_s=tuple(s.forward_s for s in plan.stages),
+        stage_backward_s=tuple(backward[i] for i in range(plan.num_stages)),
+        predicted_stage_backward_s=tuple(s.backward_s for s in plan.stages),
+        bubble_fraction=statistics.fmean(part[2] for part in check.per_rank),
+        predicted_bubble_fraction=plan.bubble_fraction,
+        closed_form_bubble_fraction=bubble_closed_form(p, m, plan.stages_per_device),
+    )
 
 
 def _time_forward(stage: torch.nn.Module, sink: list[float]) -> None:

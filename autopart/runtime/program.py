@@ -24,6 +24,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -67,6 +68,18 @@ _SCHEDULES = {
     ScheduleKind.ONE_F_ONE_B: Schedule1F1B,
     ScheduleKind.INTERLEAVED: ScheduleInterleaved1F1B,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class LocalStage:
+    """One pipeline stage this rank runs."""
+
+    index: int
+    """The stage's index in the plan."""
+    module: torch.nn.Module
+    """Its (TP-sharded) GraphModule, wrapped in DDP where there is a dp axis."""
+    pipeline_stage: PipelineStage
+    """The ``torch.distributed.pipelining`` stage the schedule runs it as."""
 
 
 class PeerFailureError(AutopartError):
@@ -432,6 +445,14 @@ class ParallelProgram:
             return x
         size = batch // self._dp
         return x[self._dp_rank * size : (self._dp_rank + 1) * size]
+
+    @property
+    def local_stages(self) -> tuple[LocalStage, ...]:
+        """The stages this rank runs, in plan order (for instrumenting them, e.g. timing)."""
+        return tuple(
+            LocalStage(info.index, module, stage)
+            for info, module, stage in zip(self._local, self._stages, self._pipeline_stages)
+        )
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """This rank's parameters, one per name (tied copies share storage), for any optimizer."""
