@@ -425,6 +425,7 @@ def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float)
                 node_count=sum(len(b.nodes) for b in blocks),
                 forward_s=sum(b.forward_s for b in blocks),
                 backward_s=sum(b.backward_s for b in blocks),
+                backward_weight_s=sum(b.backward_weight_s for b in blocks),
                 predicted_s=times[s],
                 param_bytes=param_bytes[s],
                 peak_memory_bytes=int(best.timeline.peak_memory_bytes[s % p]),
