@@ -73,7 +73,8 @@ from autopart.planning.mesh_plan import (
 )
 from autopart.planning.plans import Plan, format_mesh
 from autopart.planning.request import AUTO, PlanRequest
-from autopart.planning.schedule import ScheduleKind
+from autopart.planning.schedule import SPLIT_BACKWARD, stage_ranks
+from autopart.planning.schedule_choice import ONE_STAGE_KINDS, per_device, split_backward_with_dp
 from autopart.solver import baselines
 from autopart.solver.pipeline_memory import NodeMemory, pipeline_memory_bound
 from autopart.solver.stage_ilp import InfeasibleMemoryError
@@ -90,7 +91,8 @@ __all__ = [
 ]
 
 _TP_DEGREES = (1, 2, 4, 8)
-_INTERLEAVE = 2
+_COARSE_BLOCKS_PER_RANK = 16
+"""Blocks per pipeline rank of the graph the estimates split (several stages per rank each)."""
 _FALLBACK_BUDGET = 6
 """Times the solver's time limit that planning meshes in full may take while none fits."""
 
@@ -399,7 +401,7 @@ class _Search:
             most = max(m.pp for m in self.meshes if m.tp == c.tp and m.options)
             graph = self.og if c.tp == 1 else _tp_of(self.costs, c).costs.op_graph
             self.coarse[c.tp_key] = _drop_op_graph(
-                coarsen(graph, max_blocks=max(64, 8 * _INTERLEAVE * most))
+                coarsen(graph, max_blocks=max(64, _COARSE_BLOCKS_PER_RANK * most))
             )
         return self.coarse[c.tp_key]
 
@@ -482,9 +484,13 @@ def _check_mesh(c: _Mesh, batch: int, setup: PlanningSetup, max_pp: int, layers:
     if batch % c.dp:
         c.status, c.note = MeshStatus.SKIPPED, f"the batch of {batch} does not split over dp={c.dp}"
         return
-    kinds = [k for k in setup.kinds if k != ScheduleKind.INTERLEAVED or c.pp >= 2]
+    kinds = [k for k in setup.kinds if k in ONE_STAGE_KINDS or c.pp >= 2]
     if not kinds:
-        c.status, c.note = MeshStatus.SKIPPED, "the interleaved schedule needs pp >= 2"
+        c.status, c.note = MeshStatus.SKIPPED, f"the {setup.kinds[0]} schedule needs pp >= 2"
+        return
+    kinds = [k for k in kinds if c.dp == 1 or k not in SPLIT_BACKWARD]
+    if not kinds:
+        c.status, c.note = MeshStatus.SKIPPED, split_backward_with_dp(setup.kinds[0], c.dp)
         return
     try:
         c.options = micro_batch_options(batch, c.dp, c.pp, setup.request.micro_batches, kinds)
@@ -566,11 +572,12 @@ def _pipeline_bound_s(work_s: float, p: int, options: Mapping[str, list[int]]) -
     passed the stages before it, works ``m t_s``, and its last backward still has to pass them:
     ``T >= sum_{r<s} t_r + m t_s`` for every ``s``. With ``P_s = t_0 + ... + t_s`` that gives
     ``P_s <= P_{s-1} (1 - 1/m) + T / m``, so ``P_{p-1} = work_s / m <= T (1 - (1 - 1/m)^p)``.
-    Interleaved schedules: the average, ``work_s / p``."""
+    Other schedules (several stages per rank, or a weight gradient deferred past the fill): the
+    average, ``work_s / p``."""
     bounds = []
     for kind, counts in options.items():
         for m in counts:
-            if kind == ScheduleKind.INTERLEAVED:
+            if kind not in ONE_STAGE_KINDS:
                 bounds.append(work_s / p)
             else:
                 bounds.append(work_s / (m * (1 - (1 - 1 / m) ** p)))
@@ -598,15 +605,15 @@ def _estimate(c: _Mesh, coarse: BlockGraph, setup: PlanningSetup) -> None:
     spec = pipeline_device(setup.spec, pp=c.pp, tp=c.tp)
     bg = coarse.scaled(1.0 / c.dp) if c.dp > 1 else coarse
     found: list[tuple[bool, float, int, str, int]] = []
-    for kind, counts in c.options.items():
-        v = _INTERLEAVE if kind == ScheduleKind.INTERLEAVED else 1
+    layouts = [(k, v, ms) for k, ms in c.options.items() for v in setup.stage_counts(k)]
+    for kind, v, counts in layouts:
         if len(bg.blocks) < c.pp * v:
             continue
         stage_of = baselines.chain_dp(per_micro_batch(bg, counts[0]), c.pp * v, spec)
         params = bg.stage_param_bytes(stage_of, c.pp * v)
-        per_device = [sum(params[s] for s in range(d, c.pp * v, c.pp)) for d in range(c.pp)]
         sync_s = max(
-            dp_sync_s(nbytes, dp=c.dp, pp=c.pp, tp=c.tp, spec=setup.spec) for nbytes in per_device
+            dp_sync_s(int(nbytes), dp=c.dp, pp=c.pp, tp=c.tp, spec=setup.spec)
+            for nbytes in per_device(params, stage_ranks(kind, c.pp, v))
         )
         for m in counts:
             tl = simulate_blocks(bg, stage_of, c.pp, v, spec, kind, m, setup.state_per_byte)

@@ -139,6 +139,9 @@ class ScheduleOption:
     """The simulated peak of the fullest device; where no split fits, the least a split needs."""
     fits: bool
     """Whether it fits the plan's memory limit."""
+    estimate: bool = False
+    """Simulated on the best contiguous split (the stage ILP's hint) rather than a solved one:
+    the planner did not solve this layout, as its estimate is too far behind the fastest."""
 
     def __post_init__(self) -> None:
         _check(
