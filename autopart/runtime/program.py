@@ -3,7 +3,8 @@
 This is the only module that touches process groups. Every rank traces, plans and splits the model
 itself; tracing and planning are deterministic, so all ranks agree on the stages without sending
 anything. Each rank then wraps its stage(s) in ``PipelineStage`` and runs the schedule the plan
-chose (``ScheduleGPipe``, ``Schedule1F1B`` or ``ScheduleInterleaved1F1B``).
+chose (``ScheduleGPipe``, ``Schedule1F1B``, ``ScheduleInterleaved1F1B``,
+``ScheduleInterleavedZeroBubble``, ``ScheduleZBVZeroBubble`` or ``ScheduleDualPipeV``).
 
 Parameters used on two stages (tied embeddings) live on both. After backward their gradients are
 summed across the stages that hold them, as Megatron does for its embedding group, so both copies
@@ -33,15 +34,20 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
+    ScheduleDualPipeV,
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
 )
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from autopart.codegen.templates.run import (
     BindConstants,
     contiguous_input_grads,
     contiguous_outputs,
+    no_weight_pass,
     sync_tied_grads,
     tied_process_groups,
 )
@@ -51,7 +57,7 @@ from autopart.planning.plans import Plan, TPSection, parse_mesh
 
 # The emitted launcher's helpers (torch only): the runtime and the programs autopart.emit writes
 # bind non-tensor inputs and make cross-rank tensors contiguous with the same code.
-from autopart.planning.schedule import ScheduleKind
+from autopart.planning.schedule import SPLIT_BACKWARD, ScheduleKind
 from autopart.runtime.stage_io import (
     ProgramInputs,
     RuntimeSetupError,
@@ -60,13 +66,17 @@ from autopart.runtime.stage_io import (
     stage_io,
     value_metas,
 )
+from autopart.runtime.weight_grads import stages_keeping_weight_grads
 
 __all__ = ["ParallelProgram", "PeerFailureError", "RuntimeSetupError", "compile"]
 
-_SCHEDULES = {
+_SCHEDULES: dict[ScheduleKind, type[PipelineScheduleSingle] | type[PipelineScheduleMulti]] = {
     ScheduleKind.GPIPE: ScheduleGPipe,
     ScheduleKind.ONE_F_ONE_B: Schedule1F1B,
     ScheduleKind.INTERLEAVED: ScheduleInterleaved1F1B,
+    ScheduleKind.INTERLEAVED_ZB: ScheduleInterleavedZeroBubble,
+    ScheduleKind.ZBV: ScheduleZBVZeroBubble,
+    ScheduleKind.DUALPIPEV: ScheduleDualPipeV,
 }
 
 
@@ -98,6 +108,7 @@ def compile(
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     micro_batches: int | None = None,
     schedule: str = "auto",
+    stages_per_rank: int | None = None,
     device: str | DeviceSpec | None = None,
     verify: bool = False,
 ) -> ParallelProgram:
@@ -107,7 +118,8 @@ def compile(
     spec such as ``"pp=2"`` or ``"dp=2,pp=2,tp=2"`` resolved against the default process group.
     ``example_inputs`` is one global batch (it fixes the shapes every step must have). ``device``
     names (or is) the cost model used for planning (default: ``cpu`` on a CPU mesh, ``h100`` on
-    CUDA). ``verify=True`` checks each tensor-parallel stage against the unsharded stage on the
+    CUDA). ``stages_per_rank`` fixes the pipeline stages each rank runs (default: planned).
+    ``verify=True`` checks each tensor-parallel stage against the unsharded stage on the
     first micro-batch before returning (:mod:`autopart.runtime.verify`), raising
     :class:`~autopart.runtime.verify.TPVerificationError` naming the first node that differs.
     """
@@ -149,6 +161,7 @@ def compile(
             device=cost_device,
             micro_batches=m,
             schedule=schedule,
+            stages_per_rank=stages_per_rank,
             name=name,
         )
 
@@ -200,6 +213,7 @@ def _plan(
     device: str | DeviceSpec,
     micro_batches: int | None,
     schedule: str,
+    stages_per_rank: int | None,
     name: str,
 ) -> Plan:
     """The plan for ``mesh`` ({"dp", "pp", "tp"} sizes); with ``tp > 1`` its ``tp`` section places
@@ -215,6 +229,7 @@ def _plan(
         memory=None,
         micro_batches=micro_batches,
         schedule=schedule,
+        stages_per_rank=stages_per_rank,
         name=name,
     )
     assert (plan.tp is not None) == (sizes.get("tp", 1) > 1), "the planner ignored the tp axis"
@@ -333,6 +348,7 @@ class ParallelProgram:
         ]
         if self._dp_group is not None:
             submods = [_data_parallel(s, self._dp_group, device) for s in submods]
+        keep = _keeping_weight_grads(plan, stages, self._local, stage_metas)
         self._pipeline_stages = [
             PipelineStage(
                 s,
@@ -342,12 +358,20 @@ class ParallelProgram:
                 input_args=_on(stage_metas[i.index][0], device),
                 output_args=_on(stage_metas[i.index][1], device),
                 group=self._group,
+                dw_builder=no_weight_pass if i.index in keep else None,
             )
             for s, i in zip(submods, self._local)
         ]
         kind = _SCHEDULES[ScheduleKind(plan.schedule)]
-        if plan.stages_per_device > 1:
-            self._schedule = kind(self._pipeline_stages, plan.micro_batches, loss_fn=wrapped_loss)
+        if issubclass(kind, PipelineScheduleMulti):  # takes its stages as a list, even one
+            mine: list[Any] = list(self._pipeline_stages)
+            self._schedule: PipelineScheduleSingle | PipelineScheduleMulti = kind(
+                mine, plan.micro_batches, loss_fn=wrapped_loss
+            )
+            placed = self._schedule.stage_index_to_group_rank
+            assert placed == {s.index: s.device for s in plan.stages}, (
+                f"{kind.__name__} places stages {placed}; the plan {plan.stages}"
+            )
         else:
             self._schedule = kind(
                 self._pipeline_stages[0], plan.micro_batches, loss_fn=wrapped_loss
@@ -513,6 +537,22 @@ class ParallelProgram:
             for name, stages in info.shared_params.items():
                 holders.setdefault(name, []).extend(self.plan.stages[s].device for s in stages)
         return tied_process_groups(holders, _pipeline_rows(self._mesh), dist.get_rank())
+
+
+def _keeping_weight_grads(
+    plan: Plan,
+    stages: list[torch.fx.GraphModule],
+    infos: list[Any],
+    metas: Mapping[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]],
+) -> list[int]:
+    """This rank's stages that compute their weight gradients with their input gradients under a
+    zero-bubble schedule (:mod:`autopart.runtime.weight_grads`); none under the others."""
+    if ScheduleKind(plan.schedule) not in SPLIT_BACKWARD:
+        return []
+    return stages_keeping_weight_grads(
+        {i.index: s for i, s in zip(infos, stages)},
+        {i.index: [m.requires_grad for m in metas[i.index][0]] for i in infos},
+    )
 
 
 def _axis_size(mesh: DeviceMesh, name: str) -> int:

@@ -4,6 +4,7 @@ import xml.etree.ElementTree as ET
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.distributed.pipelining import _utils as torch_utils
@@ -24,6 +25,7 @@ from autopart.planning.schedule import (
     simulate,
     stage_ranks,
 )
+from autopart.runtime.weight_grads import stages_keeping_weight_grads, weight_grads_split_off
 
 F, B = ActionKind.FORWARD, ActionKind.BACKWARD
 V = tuple(str(k) for k in V_SHAPED)
@@ -455,3 +457,33 @@ def test_svg_rejects_wrong_stage_names() -> None:
     timeline = simulate(build_schedule("gpipe", 2, 2), [1.0, 1.0], [1.0, 1.0])
     with pytest.raises(ScheduleError, match="one name per stage"):
         render_svg(timeline, stage_names=["only one"])
+
+
+# torch's split backward ------------------------------------------------------------------------
+
+
+class _EmbedAfterMasks(torch.nn.Module):
+    """A stage whose inputs need no gradient (a mask, token ids): torch's split backward would find
+    no weight gradient for its embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, mask: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.embed(ids) * mask) + hidden
+
+
+def test_stages_whose_weights_miss_torchs_split_keep_them_with_the_input_gradients() -> None:
+    stage = torch.fx.symbolic_trace(_EmbedAfterMasks())
+    # only the mask and the ids: the embedding and the projection would get no gradient
+    assert not weight_grads_split_off(stage, [False, False, False])
+    # the mask meets the embedding's path at the product, and everything after it
+    assert weight_grads_split_off(stage, [True, False, False])
+    # hidden meets the path of both (through the projection) at the add
+    assert weight_grads_split_off(stage, [False, False, True])
+    keep = stages_keeping_weight_grads(
+        {0: stage, 1: stage, 2: stage}, {0: [False] * 3, 1: [False, False, True], 2: [False] * 3}
+    )
+    assert keep == [2]  # the first stage runs its whole backward in W anyway
