@@ -60,10 +60,12 @@ __all__ = [
     "dp_sync_s",
     "in_flight_per_stage",
     "micro_batch_options",
+    "most_stages",
     "per_micro_batch",
     "pipeline_device",
     "plan_mesh",
     "planning_setup",
+    "schedule_layouts",
     "simulate_blocks",
     "simulate_plan",
     "solve_tp_costs",
@@ -304,7 +306,8 @@ class _ScheduleSearch:
         self.infeasible: dict[tuple[int, ...], list[tuple[list[int], InfeasibleMemoryError]]] = {}
         """Per stage layout, the in-flight counts for which no split fits memory."""
         self.estimated: list[_Candidate] = []
-        """The layouts not solved (they cannot win by the margin), on their chain-DP split."""
+        """The layouts on their chain-DP split: those not solved (too far behind), and those whose
+        solve found no split that fits."""
 
     def run(self, options: Mapping[str, Sequence[int]], pipe: _Pipeline) -> None:
         """Estimate every layout (a schedule at a stages-per-rank count) on its best contiguous
@@ -315,8 +318,9 @@ class _ScheduleSearch:
         left out competes on its contiguous split (status ``HINT``)."""
         layouts = [
             (kind, v, counts)
-            for kind, counts in options.items()
-            for v in self.setup.stage_counts(kind)
+            for kind, v, counts in schedule_layouts(
+                options, self.setup, self.p, most_stages(self.og)
+            )
             if len(self.graph(v).blocks) >= self.p * v  # else too few blocks for the stages
         ]
         groups: dict[tuple[int, ...], list[tuple[str, int, Sequence[int]]]] = {}
@@ -334,9 +338,11 @@ class _ScheduleSearch:
             if best is not None and (settled or solves >= _MOST_LAYOUT_SOLVES or not close):
                 self.estimated += estimates[key]
                 continue
-            solves += 1
+            solves, found = solves + 1, len(self.candidates)
             for kind, v, counts in groups[key]:
                 self.add_layout(kind, v, counts)
+            if len(self.candidates) == found:  # no solved split fits: the contiguous one may
+                self.estimated += estimates[key]
             settled = self.solved.get(key, ((), "OPTIMAL", 0.0))[1] != "OPTIMAL"
         # A layout left unsolved competes on its contiguous split: a valid plan too (the stage
         # ILP's hint), simulated as the others are.
@@ -394,12 +400,13 @@ class _ScheduleSearch:
                 self.over.append(candidate)
 
     def graph(self, v: int) -> BlockGraph:
-        """The coarse graph for ``v`` stages per rank: ``per_stage`` blocks per stage up to two
-        stages per rank, fewer beyond (the ILP grows with stages x blocks; the forced chain-DP
-        cuts keep the best contiguous split at any block count)."""
+        """The coarse graph for ``v`` stages per rank, ``per_stage`` blocks a stage, with the cuts
+        of the best contiguous split into ``p * v`` stages; one graph serves every count from two
+        up (cutting the node graph at the best split costs seconds on a 70B model, and the ILP
+        grows with stages x blocks)."""
+        v = min(v, 2)
         if v not in self.graphs:
-            blocks = self.per_stage * self.p * min(v, 2)
-            most = self.setup.request.max_blocks or max(64, blocks)
+            most = self.setup.request.max_blocks or max(64, self.per_stage * self.p * v)
             self.graphs[v] = coarsen(self.og, max_blocks=most, num_stages=self.p * v)
         return self.graphs[v]
 
@@ -500,6 +507,26 @@ def _sync_of(c: _Candidate, pipe: _Pipeline) -> float:
     """The dp gradient all-reduce after ``c``'s pipeline drains."""
     params = c.bg.stage_param_bytes(c.stage_of, len(c.ranks))
     return pipe.sync_s(per_device(params, c.ranks))
+
+
+def most_stages(og: OpGraph) -> int:
+    """The most pipeline stages worth cutting ``og`` into: one per repeated layer (a graph without
+    repeated layers: one per computing node)."""
+    layers = len({n.layer for n in og.nodes.values() if n.layer is not None})
+    return layers if layers >= 2 else len(og.order)
+
+
+def schedule_layouts(
+    options: Mapping[str, Sequence[int]], setup: PlanningSetup, p: int, most: int
+) -> list[tuple[str, int, Sequence[int]]]:
+    """Every (schedule, stages per rank, micro-batch counts) to compare on ``p`` ranks: each
+    schedule at its least stage count, and at more only while every stage can still hold a layer
+    (``p * v <= most``, :func:`most_stages`)."""
+    out = []
+    for kind, counts in options.items():
+        per_rank = setup.stage_counts(kind)
+        out += [(kind, v, counts) for v in per_rank if v == per_rank[0] or p * v <= most]
+    return out
 
 
 def _no_fit_error(

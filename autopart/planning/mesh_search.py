@@ -64,10 +64,12 @@ from autopart.planning.mesh_plan import (
     TPCostsOf,
     dp_sync_s,
     micro_batch_options,
+    most_stages,
     per_micro_batch,
     pipeline_device,
     plan_mesh,
     planning_setup,
+    schedule_layouts,
     simulate_blocks,
     solve_tp_costs,
 )
@@ -276,7 +278,7 @@ class _Search:
         self.gm, self.setup, self.batch, self.say = gm, setup, batch, say
         self.og = og = OpGraph.from_graph_module(gm, setup.spec)
         layers = len({n.layer for n in og.nodes.values() if n.layer is not None})
-        max_pp = layers if layers >= 2 else len(og.order)
+        self.max_pp = max_pp = most_stages(og)
         self.meshes = [
             _Mesh(m["dp"], m["pp"], m["tp"]) for m in mesh_candidates(setup.request.devices)
         ]
@@ -312,7 +314,7 @@ class _Search:
                 if c.status or _beaten(c, best):
                     continue
             self.say(f"estimating {format_mesh(c.mesh)}")
-            _estimate(c, self.coarse_of(c), self.setup)
+            _estimate(c, self.coarse_of(c), self.setup, self.max_pp)
             if c.estimate_fits and c.estimate_s is not None:
                 best = min(best or c.estimate_s, c.estimate_s)
         return best
@@ -601,15 +603,22 @@ def _drop_op_graph(bg: BlockGraph) -> BlockGraph:
     return BlockGraph(bg.blocks, bg.tensors, bg.param_bytes_by_name)
 
 
-def _estimate(c: _Mesh, coarse: BlockGraph, setup: PlanningSetup) -> None:
+def _estimate(c: _Mesh, coarse: BlockGraph, setup: PlanningSetup, most: int) -> None:
     spec = pipeline_device(setup.spec, pp=c.pp, tp=c.tp)
     bg = coarse.scaled(1.0 / c.dp) if c.dp > 1 else coarse
     found: list[tuple[bool, float, int, str, int]] = []
-    layouts = [(k, v, ms) for k, ms in c.options.items() for v in setup.stage_counts(k)]
-    for kind, v, counts in layouts:
+    splits: dict[tuple[int, int], list[int]] = {}  # the chain DP's, per stage count and count
+    # One stage per rank where the request allows it: the estimate ranks meshes, and the full plan
+    # of the best compares every stage count (a chain DP into 2p stages of a 405B model costs
+    # seconds per mesh).
+    layouts = schedule_layouts(c.options, setup, c.pp, most)
+    for kind, v, counts in [lay for lay in layouts if lay[1] == 1] or layouts:
         if len(bg.blocks) < c.pp * v:
             continue
-        stage_of = baselines.chain_dp(per_micro_batch(bg, counts[0]), c.pp * v, spec)
+        key = (c.pp * v, counts[0])
+        if key not in splits:
+            splits[key] = baselines.chain_dp(per_micro_batch(bg, counts[0]), c.pp * v, spec)
+        stage_of = splits[key]
         params = bg.stage_param_bytes(stage_of, c.pp * v)
         sync_s = max(
             dp_sync_s(int(nbytes), dp=c.dp, pp=c.pp, tp=c.tp, spec=setup.spec)

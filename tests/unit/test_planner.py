@@ -98,7 +98,7 @@ def test_auto_schedule_and_micro_batches_are_chosen_by_simulation() -> None:
 
 
 def test_auto_compares_every_schedule_and_keeps_the_fastest_that_fits() -> None:
-    plan = _plan("llama-tiny", 2)
+    plan = _plan("gpt2", 2)  # 12 layers: room for up to 4 stages per rank
     options = plan.schedule_options
     assert {o.schedule for o in options} == {str(k) for k in ScheduleKind}
     assert {o.stages_per_device for o in options if o.schedule == "interleaved"} == {2, 3, 4}
@@ -117,10 +117,13 @@ def test_auto_compares_every_schedule_and_keeps_the_fastest_that_fits() -> None:
         "1f1b",
         "interleaved",
     }
-    # a schedule fixed by the request is planned alone, at each of its stage counts
-    alone = _plan("llama-tiny", 2, schedule="interleaved", micro_batches=4)
+    # a schedule fixed by the request is planned alone, at each of its stage counts while every
+    # stage can hold a layer
+    alone = _plan("gpt2", 2, schedule="interleaved", micro_batches=4)
     assert {(o.schedule, o.micro_batches) for o in alone.schedule_options} == {("interleaved", 4)}
     assert len(alone.schedule_options) == 3
+    two_layers = _plan("llama-tiny", 2, schedule="interleaved", micro_batches=4)
+    assert [o.stages_per_device for o in two_layers.schedule_options] == [2]
 
 
 def test_v_shaped_plans_put_the_first_and_the_last_stage_on_rank_0() -> None:
