@@ -491,3 +491,44 @@ def test_hf_encoder_decoder_is_a_seq2seq_lm_reading_decoder_ids(
         f"hf:{model_type}", config=parse_config_overrides(config), batch=2, seq=8, device="meta"
     )
     assert meta.example_kwargs["decoder_input_ids"].device.type == "meta"
+
+
+def test_list_values_in_config_overrides() -> None:
+    parsed = parse_config_overrides("hidden_sizes=[16,32],depths=[1, 1],layer_type=basic")
+    assert parsed == {"hidden_sizes": "[16,32]", "depths": "[1, 1]", "layer_type": "basic"}
+    assert model_spec._parse_value("[16,32]") == [16, 32]
+    assert model_spec._parse_value("[]") == []
+
+
+def test_hugging_face_heads_and_inputs_by_modality() -> None:
+    # what a user trains from each config: a masked LM for an encoder, an image classifier for a
+    # vision model fed random images of the config's size
+    pytest.importorskip("transformers")
+    from autopart.runtime.launch import training_batch
+
+    small = "num_hidden_layers=1,hidden_size=32,intermediate_size=64,num_attention_heads=2"
+    bert = load_model(
+        "hf:bert", batch=2, seq=8, config=parse_config_overrides(f"{small},vocab_size=64")
+    )
+    assert type(bert.model).__name__ == "BertForMaskedLM"
+    vit = load_model(
+        "hf:vit",
+        batch=2,
+        config=parse_config_overrides(f"{small},image_size=16,patch_size=8"),
+        device="cpu",
+    )
+    assert type(vit.model).__name__ == "ViTForImageClassification"
+    (pixels,) = vit.example_inputs
+    assert pixels.shape == (2, 3, 16, 16) and pixels.dtype == torch.float32
+    target, loss_fn = training_batch(vit)
+    assert target.shape == (2,) and target.dtype == torch.long
+    assert float(loss_fn(vit.model(pixels), target)) > 0
+    resnet = load_model(
+        "hf:resnet",
+        batch=2,
+        config=parse_config_overrides("embedding_size=8,hidden_sizes=[8,16],depths=[1,1]"),
+        device="meta",
+    )
+    assert resnet.example_inputs[0].shape == (2, 3, 32, 32)  # no image_size in its config
+    with pytest.raises(ModelSpecError, match=r"neither token ids .* nor images"):
+        load_model("hf:encodec", device="meta")
