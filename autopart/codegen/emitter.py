@@ -222,7 +222,8 @@ def _sources(program: _Program) -> dict[str, str]:
     files = {"run.py": _launcher_source()}
     files["config.json"] = _config(program)
     files["plan.json"] = plan.to_json() + "\n"
-    files["loss.py"] = loss_file(program.loss_fn, program.infos[-1].output_spec)
+    last = program.infos[-1]
+    files["loss.py"] = loss_file(program.loss_fn, last.output_spec, last.output_constants)
     storage = _tp_storage(program)
     if storage is not None:
         files["collectives.py"] = _collectives_source()

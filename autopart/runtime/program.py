@@ -35,7 +35,6 @@ from torch.distributed.pipelining import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
 )
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from autopart.codegen.templates.run import BindConstants, contiguous_input_grads, contiguous_outputs
 from autopart.cost_models.devices import DeviceSpec
@@ -45,6 +44,7 @@ from autopart.planning.plans import Plan, TPSection, parse_mesh
 # The emitted launcher's helpers (torch only): the runtime and the programs autopart.emit writes
 # bind non-tensor inputs and make cross-rank tensors contiguous with the same code.
 from autopart.planning.schedule import ScheduleKind
+from autopart.runtime.outputs import OutputMerge, OutputMergeError
 from autopart.runtime.stage_io import (
     ProgramInputs,
     RuntimeSetupError,
@@ -166,6 +166,7 @@ def compile(
         torch_device,
         inputs,
         {info.index: stage_io(metas, plan.tp, info) for info in (stage_info(s) for s in local)},
+        OutputMerge.of(gm, run_gm),
     )
     # for autopart.emit, which writes every stage's code and its inputs' and outputs' metadata
     program._all_stages = stages
@@ -266,8 +267,9 @@ class ParallelProgram:
         device: torch.device,
         inputs: ProgramInputs,
         stage_metas: Mapping[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]],
+        merge: OutputMerge,
     ) -> None:
-        from autopart.passes.split_stages import stage_info
+        from autopart.passes.split_stages import rebuild_output, stage_info
 
         self.plan = plan
         self._mesh = mesh
@@ -288,12 +290,13 @@ class ParallelProgram:
         self._loss_fn = loss_fn
         self._device = device
         self._inputs = inputs
+        self._merge = merge  # how program(x) joins micro-batches' and replicas' outputs
         self._pp_rank = _pp_mesh(mesh).get_local_rank()
         pp = _axis_size(mesh, "pp")
         self._last_rank = dist.get_global_rank(self._group, plan.stages[-1].device)
         self._first_local = any(i.is_first for i in self._local)
         self._last_local = any(i.is_last for i in self._local)
-        output_spec = self._infos[plan.num_stages - 1].output_spec
+        last = self._infos[plan.num_stages - 1]
 
         def wrapped_loss(output: Any, target: Any) -> torch.Tensor:
             if self._loss_fn is None:
@@ -301,7 +304,7 @@ class ParallelProgram:
                     "program.step needs a loss: pass loss_fn=... to autopart.compile."
                 )
             out = output if isinstance(output, (tuple, list)) else (output,)
-            return self._loss_fn(tree_unflatten(list(out), output_spec), target)
+            return self._loss_fn(rebuild_output(last, out), target)
 
         # Static metadata: each stage's micro-batch inputs and outputs (shapes, dtypes, which
         # need gradients) from the traced graph. Without it torch infers them by running each
@@ -328,12 +331,12 @@ class ParallelProgram:
             for s, i in zip(submods, self._local)
         ]
         kind = _SCHEDULES[ScheduleKind(plan.schedule)]
-        if plan.stages_per_device > 1:
-            self._schedule = kind(self._pipeline_stages, plan.micro_batches, loss_fn=wrapped_loss)
-        else:
-            self._schedule = kind(
-                self._pipeline_stages[0], plan.micro_batches, loss_fn=wrapped_loss
-            )
+        self._schedule = kind(
+            self._pipeline_stages if plan.stages_per_device > 1 else self._pipeline_stages[0],
+            plan.micro_batches,
+            loss_fn=wrapped_loss,
+            output_merge_spec=merge.spec(plan.micro_batches),
+        )
         self._tied = self._tied_groups(pp)
 
     # -- training --------------------------------------------------------------------------
@@ -353,7 +356,7 @@ class ParallelProgram:
             share = self._replica_share(target, self._inputs.batch)
             loss_args = {"target": _to(share, self._device), "losses": losses}
         with self._peer_failures("step()"):
-            self._schedule.step(*args, **loss_args)
+            self._schedule.step(*args, return_outputs=False, **loss_args)
             self._sync_tied_grads()
             # The mean over replicas of each replica's mean loss: the last stage of each replica
             # (its first TP rank: all of them hold the same loss) contributes it, every other rank
@@ -387,27 +390,34 @@ class ParallelProgram:
             ) from exc
 
     def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
-        """Inference: the model's full output on every rank."""
+        """Inference: the model's full output on every rank (joined over micro-batches and
+        replicas as :mod:`autopart.runtime.outputs` says)."""
+        from autopart.passes.split_stages import rebuild_output
+
         args = self._stage_args(inputs, kwargs)
         # torch's eval() still computes the loss when the schedule has one, which needs a target;
         # inference has none, so the loss is switched off for the forward-only pass.
         loss_fn, self._schedule._loss_fn = self._schedule._loss_fn, None
         try:
             with torch.no_grad(), self._peer_failures("inference"):
-                out = self._schedule.eval(*args)
+                out = self._schedule.eval(*args)  # joins the micro-batches (self._merge)
+        except OutputMergeError as exc:
+            out = exc  # sent on and raised on every rank, so that none waits for the output
         finally:
             self._schedule._loss_fn = loss_fn
         box = [out if self._last_local else None]
         with self._peer_failures("inference"):
             dist.broadcast_object_list(box, src=self._last_rank, group=self._group)
-            result = box[0]
+            shares: list[Any] = box
             if self._dp_group is not None:  # every replica computed its share of the batch
-                shares: list[Any] = [None] * self._dp
-                dist.all_gather_object(shares, result, group=self._dp_group)
-                result = _concat_batch(shares)
-        if isinstance(result, (tuple, list)):
-            result = tree_unflatten(list(result), self._infos[self.plan.num_stages - 1].output_spec)
-        return result
+                shares = [None] * self._dp
+                dist.all_gather_object(shares, box[0], group=self._dp_group)
+        failed = [s for s in shares if isinstance(s, OutputMergeError)]
+        if failed:
+            raise failed[0]
+        result = self._merge.merge(shares) if len(shares) > 1 else shares[0]
+        flat = result if isinstance(result, (tuple, list)) else (result,)
+        return rebuild_output(self._infos[self.plan.num_stages - 1], flat)
 
     def _stage_args(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         """The first stage's positional inputs: the model's inputs flattened as at compile time,
@@ -549,18 +559,6 @@ def _data_parallel(stage: torch.nn.Module, group: Any, device: torch.device) -> 
         return stage
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(stage, device_ids=ids, process_group=group)
-
-
-def _concat_batch(shares: list[Any]) -> Any:
-    """The replicas' outputs (flat tuples or tensors, or pytrees of them) joined along the batch."""
-    first = shares[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(shares) if first.dim() > 0 else first
-    if isinstance(first, (tuple, list)):
-        return type(first)(_concat_batch([s[i] for s in shares]) for i in range(len(first)))
-    flat = [tree_flatten(s) for s in shares]
-    joined = [_concat_batch([f[0][i] for f in flat]) for i in range(len(flat[0][0]))]
-    return tree_unflatten(joined, flat[0][1])
 
 
 def _on(metas: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
