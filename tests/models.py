@@ -126,7 +126,6 @@ HF_CONFIGS = {
     "hf:gpt2": "n_layer=2,n_embd=64,n_head=4,vocab_size=512,n_positions=64,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0",
     "hf:llama": "num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4,num_key_value_heads=2,vocab_size=512",
     "hf:mistral": "num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4,num_key_value_heads=2,vocab_size=128,max_position_embeddings=64",
-    "hf:qwen2": "num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4,num_key_value_heads=2,vocab_size=128,max_position_embeddings=64",
 }
 
 
@@ -251,8 +250,3 @@ def llama_batch4() -> tuple[nn.Module, tuple[torch.Tensor, ...], dict[str, Any]]
 def mistral_batch4() -> tuple[nn.Module, tuple[torch.Tensor, ...], dict[str, Any]]:
     """Factory (``tests.models:mistral_batch4``): HF Mistral (GQA) on a batch of 4 sequences."""
     return _batch_of_four("hf:mistral")
-
-
-def qwen2_batch4() -> tuple[nn.Module, tuple[torch.Tensor, ...], dict[str, Any]]:
-    """Factory (``tests.models:qwen2_batch4``): HF Qwen2 (GQA) on a batch of 4 sequences."""
-    return _batch_of_four("hf:qwen2")

@@ -48,7 +48,6 @@ from autopart.runtime.outputs import OutputMerge, OutputMergeError
 from autopart.runtime.stage_io import (
     ProgramInputs,
     RuntimeSetupError,
-    micro_batch_graph,
     plan_that_runs,
     stage_io,
     value_metas,
@@ -95,7 +94,6 @@ def compile(
     from autopart.capture.tracing import trace
     from autopart.passes.annotate import annotate
     from autopart.passes.split_stages import split_stages, stage_info
-    from autopart.passes.tp_check import check_tp_plan
     from autopart.planning.mesh_plan import batch_size
 
     dm = _resolve_mesh(mesh)
@@ -120,29 +118,21 @@ def compile(
             f"choose a divisor of {replica}."
         )
 
-    def make(m: int | None) -> Plan:
+    def make(graph: torch.fx.GraphModule, graph_batch: int, m: int | None) -> Plan:
         sizes = {"dp": dp, "pp": pp, "tp": tp}
         name = type(model).__name__
         return _plan(
-            gm,
+            graph,
             batch=batch,
             mesh=sizes,
             device=cost_device,
             micro_batches=m,
             schedule=schedule,
             name=name,
+            graph_batch=graph_batch,
         )
 
     plan, run_gm = plan_that_runs(make, micro_batches, model, gm, args, kwargs, batch, dp)
-    if run_gm is None:
-        same = micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
-        if same is not None and plan.tp is not None:
-            check_tp_plan(same, plan.tp)  # raises, naming the node whose placement does not hold
-        raise RuntimeSetupError(
-            f"{type(model).__name__} traces to a different graph at micro-batch size {replica // plan.micro_batches} "
-            f"than at batch size {batch} (its graph depends on the batch size), so the plan cannot be reused; "
-            "choose another micro_batches or make the model's graph independent of the batch size."
-        )
     stages = split_stages(run_gm, plan)
     rank = _pp_mesh(dm).get_local_rank()
     local = [s for s in stages if plan.stages[stage_info(s).index].device == rank]
@@ -183,9 +173,10 @@ def _plan(
     micro_batches: int | None,
     schedule: str,
     name: str,
+    graph_batch: int,
 ) -> Plan:
-    """The plan for ``mesh`` ({"dp", "pp", "tp"} sizes); with ``tp > 1`` its ``tp`` section places
-    every node of ``gm``."""
+    """The plan for ``mesh`` ({"dp", "pp", "tp"} sizes) of ``gm``, traced at ``graph_batch``
+    samples; with ``tp > 1`` its ``tp`` section places every node of ``gm``."""
     from autopart.planning.planner import plan_graph
 
     sizes = {k: v for k, v in mesh.items() if k != "tp" or v > 1}
@@ -198,6 +189,7 @@ def _plan(
         micro_batches=micro_batches,
         schedule=schedule,
         name=name,
+        graph_batch=graph_batch,
     )
     assert (plan.tp is not None) == (sizes.get("tp", 1) > 1), "the planner ignored the tp axis"
     return plan
