@@ -9,8 +9,8 @@ Each stage module owns the parameters and buffers its nodes read, under the mode
   (by an earlier stage or as a model input) and needed by it or by a later stage. A value that skips
   a stage (a U-Net's long skip, a RoPE table sliced on stage 0) is passed through unchanged;
 - stage ``k`` returns the inputs of stage ``k + 1``, in fx node order; the last stage returns the
-  model's outputs flattened, which ``tree_unflatten(out, info.output_spec)`` turns back into the
-  model's output structure.
+  model's tensor outputs flattened, which :func:`rebuild_output` turns back into the model's output
+  structure (with its constant leaves, such as a ``None`` field, put back in place).
 
 A parameter read on two stages (tied embeddings) is copied into both and recorded in
 :attr:`StageInfo.shared_params`, so the runtime can sum the copies' gradients. Stage parameters are
@@ -32,14 +32,14 @@ import inspect
 import operator
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.graph import _PyTreeCodeGen
-from torch.utils._pytree import TreeSpec, tree_flatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from autopart.errors import AutopartError
 from autopart.planning.plans import Plan
@@ -49,6 +49,8 @@ __all__ = [
     "SplitError",
     "StageInfo",
     "attr_at",
+    "model_outputs",
+    "rebuild_output",
     "set_attr_at",
     "split_stages",
     "stage_info",
@@ -86,7 +88,10 @@ class StageInfo:
     model_output_indices: tuple[int, ...]
     """Positions in the flat model outputs of the values this stage computes."""
     output_spec: TreeSpec | None
-    """Pytree spec of the model's outputs (last stage only): ``tree_unflatten(out, output_spec)``."""
+    """Pytree spec of the model's outputs (last stage only; see :func:`rebuild_output`)."""
+    output_constants: Mapping[int, Any] = field(default_factory=dict)
+    """Leaves of the model's flat outputs that the trace made constants (a ``None`` field), by
+    position; the last stage does not return them (pipelining sends and merges tensors only)."""
 
     @property
     def is_first(self) -> bool:
@@ -95,6 +100,17 @@ class StageInfo:
     @property
     def is_last(self) -> bool:
         return self.index == self.num_stages - 1
+
+
+def rebuild_output(info: StageInfo, flat: Sequence[Any]) -> Any:
+    """The model's output, rebuilt from what the last stage (``info``) returns."""
+    assert info.output_spec is not None, "only the last stage returns the model's outputs"
+    tensors = iter(flat)
+    n = info.output_spec.num_leaves
+    leaves = [
+        info.output_constants[i] if i in info.output_constants else next(tensors) for i in range(n)
+    ]
+    return tree_unflatten(leaves, info.output_spec)
 
 
 def stage_info(stage: GraphModule) -> StageInfo:
@@ -117,7 +133,7 @@ def split_stages(gm: GraphModule, plan: Plan) -> list[GraphModule]:
     num_stages = plan.num_stages
     _check_plan(gm, plan.stage_of, num_stages)
     stage = _effective_stages(gm, plan.stage_of)
-    flat_outputs, output_spec = _model_outputs(gm)
+    flat_outputs, output_spec = model_outputs(gm)
     last_use = _last_use(gm, stage, num_stages)
     folded = _foldable(gm, stage, last_use)
     constant = _buffer_derived(gm)
@@ -130,7 +146,9 @@ def split_stages(gm: GraphModule, plan: Plan) -> list[GraphModule]:
     for s in range(num_stages):
         inputs = placeholders if s == 0 else crossing[s - 1]
         is_last = s == num_stages - 1
-        outputs: Sequence[Any] = flat_outputs if is_last else crossing[s]
+        outputs: Sequence[Any] = (
+            [v for v in flat_outputs if isinstance(v, Node)] if is_last else crossing[s]
+        )
         graph = _stage_graph(
             gm, s, stage, inputs, outputs, attr_stages, folded, canonical, constant
         )
@@ -230,7 +248,7 @@ def _effective_stages(gm: GraphModule, stage_of: Mapping[str, int]) -> dict[Node
     return stage
 
 
-def _model_outputs(gm: GraphModule) -> tuple[list[Any], TreeSpec]:
+def model_outputs(gm: GraphModule) -> tuple[list[Any], TreeSpec]:
     """The model's flat outputs (nodes or constants) and the spec that rebuilds their structure."""
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     codegen = gm.graph._codegen
@@ -483,6 +501,7 @@ def _info(
     shared: Mapping[str, tuple[int, ...]],
     output_spec: TreeSpec | None,
 ) -> StageInfo:
+    constants = {i: v for i, v in enumerate(flat_outputs) if not isinstance(v, Node)}
     node_names = tuple(n.name for n, st in stage.items() if st == s and n.op in _COMPUTING)
     read_here = {a.name for n in module.graph.nodes if n.op != "output" for a in n.all_input_nodes}
     out_names = set()
@@ -506,4 +525,5 @@ def _info(
             i for i, v in enumerate(flat_outputs) if isinstance(v, Node) and stage.get(v) == s
         ),
         output_spec=output_spec,
+        output_constants=constants if output_spec is not None else {},
     )

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from autopart.cost_models import get_device
 
@@ -124,6 +125,7 @@ HF_CONFIGS = {
     # Dropout off: random masks would differ between the pipeline and the reference.
     "hf:gpt2": "n_layer=2,n_embd=64,n_head=4,vocab_size=512,n_positions=64,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0",
     "hf:llama": "num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4,num_key_value_heads=2,vocab_size=512",
+    "hf:mistral": "num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4,num_key_value_heads=2,vocab_size=128,max_position_embeddings=64",
 }
 
 
@@ -144,3 +146,107 @@ def gpt2_padded() -> tuple[nn.Module, tuple[torch.Tensor], dict[str, Any]]:
     mask[1, 10:] = 0
     mask[6, 4:] = 0
     return loaded.model, loaded.example_inputs, {"attention_mask": mask}
+
+
+class LogitsAndAux(nn.Module):
+    """Returns ``(logits, aux)``: a router's load-balancing loss (a 0-dim tensor) beside the
+    logits, as mixture-of-experts models do. The aux loss is not linear in the batch (the square
+    of a batch mean), so a pipeline's micro-batches see other values than the whole batch."""
+
+    def __init__(self, dim: int = 16, experts: int = 4, classes: int = 8) -> None:
+        super().__init__()
+        self.experts = experts
+        self.fc = nn.Linear(dim, 32)
+        self.router = nn.Linear(32, experts)
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.fc(x))
+        share = self.router(h).softmax(-1).mean(0)  # each expert's share of this batch
+        return self.head(h), self.experts * (share**2).sum()
+
+
+def logits_and_aux() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """Factory (``tests.models:logits_and_aux``): logits and a scalar auxiliary loss."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LogitsAndAux()
+    return model, (torch.randn(8, 16, generator=torch.Generator().manual_seed(0)),)
+
+
+def logits_and_aux_loss(output: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> Any:
+    """The task loss plus the auxiliary loss, as a mixture-of-experts model trains."""
+    logits, aux = output
+    return nn.functional.mse_loss(logits, target) + 0.1 * aux
+
+
+class DictWithNone(nn.Module):
+    """Returns a dict with a tensor per sample, a 0-dim mean and a ``None`` field."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        h = torch.tanh(self.a(x))
+        return {"y": self.b(h), "h_mean": h.mean(), "cache": None}
+
+
+def dict_with_none() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """Factory (``tests.models:dict_with_none``): a dict output with a scalar and a None field."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = DictWithNone()
+    return model, (torch.randn(8, 8, generator=torch.Generator().manual_seed(0)),)
+
+
+def dict_with_none_loss(output: dict[str, Any], target: torch.Tensor) -> Any:
+    assert output["cache"] is None
+    return nn.functional.mse_loss(output["y"], target) + output["h_mean"] ** 2
+
+
+LOSSES = {
+    "tests.models:logits_and_aux": logits_and_aux_loss,
+    "tests.models:dict_with_none": dict_with_none_loss,
+}
+"""Factories whose loss uses more than one output: name -> loss_fn(output, target)."""
+
+
+def target_and_loss(loaded: Any, seed: int = 0) -> tuple[torch.Tensor, Any]:
+    """A seeded random target and the loss for ``loaded`` (a LoadedModel): for a factory of
+    :data:`LOSSES` its loss and a target shaped like its first output, else the ones
+    ``autopart run`` trains with."""
+    from autopart.runtime.launch import training_batch
+
+    if loaded.name not in LOSSES:
+        return training_batch(loaded, seed)
+    with torch.no_grad():
+        first = tree_leaves(loaded.model(*loaded.example_inputs, **loaded.example_kwargs))[0]
+    target = torch.randn(first.shape, generator=torch.Generator().manual_seed(seed + 1))
+    return target, LOSSES[loaded.name]
+
+
+def _batch_of_four(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...], dict[str, Any]]:
+    """A Hugging Face LM of ``HF_CONFIGS`` on 4 sequences of 16 tokens: on 4 micro-batches each
+    micro-batch is one sequence, whose graph export traces without the batch's no-op expands."""
+    from autopart.models.model_spec import load_model, parse_config_overrides
+
+    config = parse_config_overrides(HF_CONFIGS[name])
+    loaded = load_model(name, batch=4, seq=16, config=config, device="cpu", seed=0)
+    return loaded.model, loaded.example_inputs, dict(loaded.example_kwargs)
+
+
+def gpt2_batch4() -> tuple[nn.Module, tuple[torch.Tensor, ...], dict[str, Any]]:
+    """Factory (``tests.models:gpt2_batch4``): HF GPT-2 on a batch of 4 sequences."""
+    return _batch_of_four("hf:gpt2")
+
+
+def llama_batch4() -> tuple[nn.Module, tuple[torch.Tensor, ...], dict[str, Any]]:
+    """Factory (``tests.models:llama_batch4``): HF LLaMA (GQA) on a batch of 4 sequences."""
+    return _batch_of_four("hf:llama")
+
+
+def mistral_batch4() -> tuple[nn.Module, tuple[torch.Tensor, ...], dict[str, Any]]:
+    """Factory (``tests.models:mistral_batch4``): HF Mistral (GQA) on a batch of 4 sequences."""
+    return _batch_of_four("hf:mistral")

@@ -171,8 +171,9 @@ def emit_model(
     """``autopart emit``: build the MODEL string ``spec`` (seed 0), a random target and loss for
     its example batch (:func:`autopart.runtime.launch.training_batch`), plan it as ``request``
     asks (default: pp=2 on the ``cpu`` cost model, the gloo runtime's; ``options`` replace its
-    fields), and :func:`emit` it. Without ``micro_batches``, fewer micro-batches are tried when the
-    model's graph changes at the planned micro-batch size, as :func:`compile` does."""
+    fields), and :func:`emit` it. When the model's graph changes at the planned micro-batch size,
+    that graph is planned itself, as :func:`compile` does
+    (:func:`autopart.runtime.stage_io.plan_that_runs`)."""
     from autopart.capture.tracing import trace
     from autopart.models.model_spec import load_model, parse_config_overrides
     from autopart.passes.annotate import annotate
@@ -191,8 +192,10 @@ def emit_model(
     gm = annotate(trace(loaded.model, args, kwargs))
     size = batch_size(tree_flatten((args, kwargs))[0])
 
-    def make(m: int | None) -> Plan:
-        return plan_graph(gm, req, batch=size, micro_batches=m, name=loaded.name)
+    def make(graph: GraphModule, graph_batch: int, m: int | None) -> Plan:
+        return plan_graph(
+            graph, req, batch=size, micro_batches=m, name=loaded.name, graph_batch=graph_batch
+        )
 
     plan, _ = plan_that_runs(make, req.micro_batches, loaded.model, gm, args, kwargs, size, dp)
     out = emit(
@@ -215,7 +218,8 @@ def _sources(program: _Program) -> dict[str, str]:
     files = {"run.py": _launcher_source()}
     files["config.json"] = _config(program)
     files["plan.json"] = plan.to_json() + "\n"
-    files["loss.py"] = loss_file(program.loss_fn, program.infos[-1].output_spec)
+    last = program.infos[-1]
+    files["loss.py"] = loss_file(program.loss_fn, last.output_spec, last.output_constants)
     storage = _tp_storage(program)
     if storage is not None:
         files["collectives.py"] = _collectives_source()
@@ -247,7 +251,14 @@ def _from_plan(
     from autopart.passes.split_stages import split_stages, stage_info
     from autopart.passes.tp.check import check_tp_plan
     from autopart.planning.mesh_plan import batch_size
-    from autopart.runtime.stage_io import ProgramInputs, micro_batch_graph, stage_io, value_metas
+    from autopart.runtime.stage_io import (
+        ProgramInputs,
+        micro_batch_graph,
+        plan_made_for,
+        same_nodes,
+        stage_io,
+        value_metas,
+    )
 
     missing = [
         name
@@ -288,11 +299,13 @@ def _from_plan(
         )
     gm = trace(model, args, kwargs)
     run_gm = micro_batch_graph(model, gm, args, kwargs, batch, chunks)
-    if run_gm is None:
+    if not same_nodes(gm, run_gm) and not plan_made_for(plan, run_gm):
         raise EmitError(
             f"{type(model).__name__} traces to a different graph at micro-batch size "
-            f"{batch // chunks} than at batch size {batch}, so the plan's stages cannot "
-            "be reused; plan again with another micro_batches."
+            f"{batch // chunks} than at batch size {batch}, and the plan was made for the whole "
+            "batch's graph, so its stages do not apply; plan the graph traced at one micro-batch "
+            "(plan_graph(..., graph_batch=...)), or use autopart.compile or `autopart emit`, which "
+            "do so."
         )
     if plan.tp is not None:
         check_tp_plan(run_gm, plan.tp)  # a plan for another graph is an error, never applied

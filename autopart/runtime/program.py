@@ -36,7 +36,6 @@ from torch.distributed.pipelining import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
 )
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from autopart.codegen.templates.run import (
     BindConstants,
@@ -52,10 +51,10 @@ from autopart.planning.plans import Plan, TPSection, parse_mesh
 # The emitted launcher's helpers (torch only): the runtime and the programs autopart.emit writes
 # bind non-tensor inputs and make cross-rank tensors contiguous with the same code.
 from autopart.planning.schedule import ScheduleKind
+from autopart.runtime.outputs import OutputMerge, OutputMergeError
 from autopart.runtime.stage_io import (
     ProgramInputs,
     RuntimeSetupError,
-    micro_batch_graph,
     plan_that_runs,
     stage_io,
     value_metas,
@@ -114,7 +113,6 @@ def compile(
     from autopart.capture.tracing import trace
     from autopart.passes.annotate import annotate
     from autopart.passes.split_stages import split_stages, stage_info
-    from autopart.passes.tp.check import check_tp_plan
     from autopart.planning.mesh_plan import batch_size
 
     dm = _resolve_mesh(mesh)
@@ -139,29 +137,21 @@ def compile(
             f"choose a divisor of {replica}."
         )
 
-    def make(m: int | None) -> Plan:
+    def make(graph: torch.fx.GraphModule, graph_batch: int, m: int | None) -> Plan:
         sizes = {"dp": dp, "pp": pp, "tp": tp}
         name = type(model).__name__
         return _plan(
-            gm,
+            graph,
             batch=batch,
             mesh=sizes,
             device=cost_device,
             micro_batches=m,
             schedule=schedule,
             name=name,
+            graph_batch=graph_batch,
         )
 
     plan, run_gm = plan_that_runs(make, micro_batches, model, gm, args, kwargs, batch, dp)
-    if run_gm is None:
-        same = micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
-        if same is not None and plan.tp is not None:
-            check_tp_plan(same, plan.tp)  # raises, naming the node whose placement does not hold
-        raise RuntimeSetupError(
-            f"{type(model).__name__} traces to a different graph at micro-batch size {replica // plan.micro_batches} "
-            f"than at batch size {batch} (its graph depends on the batch size), so the plan cannot be reused; "
-            "choose another micro_batches or make the model's graph independent of the batch size."
-        )
     stages = split_stages(run_gm, plan)
     rank = _pp_mesh(dm).get_local_rank()
     local = [s for s in stages if plan.stages[stage_info(s).index].device == rank]
@@ -185,6 +175,7 @@ def compile(
         torch_device,
         inputs,
         {info.index: stage_io(metas, plan.tp, info) for info in (stage_info(s) for s in local)},
+        OutputMerge.of(gm, run_gm),
     )
     # for autopart.emit, which writes every stage's code and its inputs' and outputs' metadata
     program._all_stages = stages
@@ -201,9 +192,10 @@ def _plan(
     micro_batches: int | None,
     schedule: str,
     name: str,
+    graph_batch: int,
 ) -> Plan:
-    """The plan for ``mesh`` ({"dp", "pp", "tp"} sizes); with ``tp > 1`` its ``tp`` section places
-    every node of ``gm``."""
+    """The plan for ``mesh`` ({"dp", "pp", "tp"} sizes) of ``gm``, traced at ``graph_batch``
+    samples; with ``tp > 1`` its ``tp`` section places every node of ``gm``."""
     from autopart.planning.planner import plan_graph
 
     sizes = {k: v for k, v in mesh.items() if k != "tp" or v > 1}
@@ -216,6 +208,7 @@ def _plan(
         micro_batches=micro_batches,
         schedule=schedule,
         name=name,
+        graph_batch=graph_batch,
     )
     assert (plan.tp is not None) == (sizes.get("tp", 1) > 1), "the planner ignored the tp axis"
     return plan
@@ -285,8 +278,9 @@ class ParallelProgram:
         device: torch.device,
         inputs: ProgramInputs,
         stage_metas: Mapping[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]],
+        merge: OutputMerge,
     ) -> None:
-        from autopart.passes.split_stages import stage_info
+        from autopart.passes.split_stages import rebuild_output, stage_info
 
         self.plan = plan
         self._mesh = mesh
@@ -307,11 +301,12 @@ class ParallelProgram:
         self._loss_fn = loss_fn
         self._device = device
         self._inputs = inputs
+        self._merge = merge  # how program(x) joins micro-batches' and replicas' outputs
         self._pp_rank = _pp_mesh(mesh).get_local_rank()
         self._last_rank = dist.get_global_rank(self._group, plan.stages[-1].device)
         self._first_local = any(i.is_first for i in self._local)
         self._last_local = any(i.is_last for i in self._local)
-        output_spec = self._infos[plan.num_stages - 1].output_spec
+        last = self._infos[plan.num_stages - 1]
 
         def wrapped_loss(output: Any, target: Any) -> torch.Tensor:
             if self._loss_fn is None:
@@ -319,7 +314,7 @@ class ParallelProgram:
                     "program.step needs a loss: pass loss_fn=... to autopart.compile."
                 )
             out = output if isinstance(output, (tuple, list)) else (output,)
-            return self._loss_fn(tree_unflatten(list(out), output_spec), target)
+            return self._loss_fn(rebuild_output(last, out), target)
 
         # Static metadata: each stage's micro-batch inputs and outputs (shapes, dtypes, which
         # need gradients) from the traced graph. Without it torch infers them by running each
@@ -346,12 +341,12 @@ class ParallelProgram:
             for s, i in zip(submods, self._local)
         ]
         kind = _SCHEDULES[ScheduleKind(plan.schedule)]
-        if plan.stages_per_device > 1:
-            self._schedule = kind(self._pipeline_stages, plan.micro_batches, loss_fn=wrapped_loss)
-        else:
-            self._schedule = kind(
-                self._pipeline_stages[0], plan.micro_batches, loss_fn=wrapped_loss
-            )
+        self._schedule = kind(
+            self._pipeline_stages if plan.stages_per_device > 1 else self._pipeline_stages[0],
+            plan.micro_batches,
+            loss_fn=wrapped_loss,
+            output_merge_spec=merge.spec(plan.micro_batches),
+        )
         self._tied = self._tied_groups()
 
     # -- training --------------------------------------------------------------------------
@@ -371,7 +366,7 @@ class ParallelProgram:
             share = self._replica_share(target, self._inputs.batch)
             loss_args = {"target": _to(share, self._device), "losses": losses}
         with self._peer_failures("step()"):
-            self._schedule.step(*args, **loss_args)
+            self._schedule.step(*args, return_outputs=False, **loss_args)
             sync_tied_grads(self._stages, self._tied)
             # The mean over replicas of each replica's mean loss: the last stage of each replica
             # (its first TP rank: all of them hold the same loss) contributes it, every other rank
@@ -405,27 +400,34 @@ class ParallelProgram:
             ) from exc
 
     def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
-        """Inference: the model's full output on every rank."""
+        """Inference: the model's full output on every rank (joined over micro-batches and
+        replicas as :mod:`autopart.runtime.outputs` says)."""
+        from autopart.passes.split_stages import rebuild_output
+
         args = self._stage_args(inputs, kwargs)
         # torch's eval() still computes the loss when the schedule has one, which needs a target;
         # inference has none, so the loss is switched off for the forward-only pass.
         loss_fn, self._schedule._loss_fn = self._schedule._loss_fn, None
         try:
             with torch.no_grad(), self._peer_failures("inference"):
-                out = self._schedule.eval(*args)
+                out = self._schedule.eval(*args)  # joins the micro-batches (self._merge)
+        except OutputMergeError as exc:
+            out = exc  # sent on and raised on every rank, so that none waits for the output
         finally:
             self._schedule._loss_fn = loss_fn
         box = [out if self._last_local else None]
         with self._peer_failures("inference"):
             dist.broadcast_object_list(box, src=self._last_rank, group=self._group)
-            result = box[0]
+            shares: list[Any] = box
             if self._dp_group is not None:  # every replica computed its share of the batch
-                shares: list[Any] = [None] * self._dp
-                dist.all_gather_object(shares, result, group=self._dp_group)
-                result = _concat_batch(shares)
-        if isinstance(result, (tuple, list)):
-            result = tree_unflatten(list(result), self._infos[self.plan.num_stages - 1].output_spec)
-        return result
+                shares = [None] * self._dp
+                dist.all_gather_object(shares, box[0], group=self._dp_group)
+        failed = [s for s in shares if isinstance(s, OutputMergeError)]
+        if failed:
+            raise failed[0]
+        result = self._merge.merge(shares) if len(shares) > 1 else shares[0]
+        flat = result if isinstance(result, (tuple, list)) else (result,)
+        return rebuild_output(self._infos[self.plan.num_stages - 1], flat)
 
     def _stage_args(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         """The first stage's positional inputs: the model's inputs flattened as at compile time,
@@ -547,18 +549,6 @@ def _data_parallel(stage: torch.nn.Module, group: Any, device: torch.device) -> 
         return stage
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(stage, device_ids=ids, process_group=group)
-
-
-def _concat_batch(shares: list[Any]) -> Any:
-    """The replicas' outputs (flat tuples or tensors, or pytrees of them) joined along the batch."""
-    first = shares[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(shares) if first.dim() > 0 else first
-    if isinstance(first, (tuple, list)):
-        return type(first)(_concat_batch([s[i] for s in shares]) for i in range(len(first)))
-    flat = [tree_flatten(s) for s in shares]
-    joined = [_concat_batch([f[0][i] for f in flat]) for i in range(len(flat[0][0]))]
-    return tree_unflatten(joined, flat[0][1])
 
 
 def _on(metas: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -29,9 +29,9 @@ from autopart.models.model_spec import load_model, parse_config_overrides
 from autopart.passes.split_stages import split_stages, stage_info
 from autopart.planning.planner import plan_graph
 from autopart.planning.plans import Plan
-from autopart.runtime.launch import spawn_ranks, training_batch
+from autopart.runtime.launch import spawn_ranks
 from autopart.runtime.stage_io import stage_io, value_metas
-from tests.models import FAST_LINK, HF_CONFIGS, locked_version
+from tests.models import FAST_LINK, HF_CONFIGS, locked_version, target_and_loss
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "emit"
 UPDATE = os.environ.get("AUTOPART_UPDATE_GOLDEN") == "1"
@@ -57,7 +57,7 @@ def _setup(name: str) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any], torch
         loaded = load_model(name, device="cpu", seed=0)
     else:
         loaded = load_model(name, device="cpu", batch=8, seq=16, seed=0)
-    target, loss_fn = training_batch(loaded)
+    target, loss_fn = target_and_loss(loaded)
     return loaded.model, loaded.example_inputs, dict(loaded.example_kwargs), target, loss_fn
 
 
@@ -227,6 +227,8 @@ def _check_against_model(
         ("hf:llama", 2),  # rotary embeddings under no_grad: a higher-order op's subgraph
         ("tests.models:two_in_two_out", 2),  # two inputs, a tuple of two outputs
         ("tests.models:keyword_inputs", 2),  # inputs by keyword
+        ("tests.models:logits_and_aux", 2),  # a 0-dim auxiliary loss beside the logits
+        ("tests.models:dict_with_none", 2),  # a dict with a 0-dim mean and a None field
     ],
 )
 def test_emitted_stages_compute_the_models_loss_and_gradients(

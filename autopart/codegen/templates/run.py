@@ -158,10 +158,14 @@ def train(config: dict[str, Any], args: argparse.Namespace, device: torch.device
         if optimizer is not None:
             optimizer.zero_grad()
         losses: list[torch.Tensor] = []
+        # The loss is computed per micro-batch on its whole output (return_outputs=False: the
+        # outputs are not joined, which a 0-dim output such as an auxiliary loss could not be).
         if last:
-            schedule.step(*(tensors if first else ()), target=target, losses=losses)
+            schedule.step(
+                *(tensors if first else ()), target=target, losses=losses, return_outputs=False
+            )
         else:
-            schedule.step(*(tensors if first else ()))
+            schedule.step(*(tensors if first else ()), return_outputs=False)
         sync_tied_grads(list(stages.values()), tied)
         if optimizer is not None:
             optimizer.step()
