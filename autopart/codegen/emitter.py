@@ -361,7 +361,7 @@ def _emit_program(
     )
     sources = _sources(emitted)  # every rank: a mistake raises everywhere, nobody waits
     # Every rank's parameters and buffers, TP shards joined back into whole tensors.
-    state = program._gather_state(buffers=True, to=0)  # rank 0 writes
+    state = program._gather_state(to=0)  # rank 0 writes
     status: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
