@@ -30,7 +30,7 @@ from autopart.passes.split_stages import split_stages, stage_info
 from autopart.planning.planner import plan_graph
 from autopart.planning.plans import Plan
 from autopart.runtime.launch import spawn_ranks, training_batch
-from autopart.runtime.stage_io import stage_io, value_metas
+from autopart.runtime.stage_io import StateLayout, stage_io, value_metas
 from tests.models import FAST_LINK, HF_CONFIGS, locked_version
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "emit"
@@ -288,6 +288,7 @@ def _fx_program(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> _Pro
         steps=1,
         lr=0.1,
         io={i.index: stage_io(metas, None, i) for i in infos},
+        layout=StateLayout.of(model, gm, stages),
     )
 
 
