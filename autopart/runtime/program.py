@@ -21,6 +21,7 @@ are summed per ``(dp, tp)`` coordinate; data parallelism stays torch's DDP over 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -373,6 +374,8 @@ class ParallelProgram:
         Gradients accumulate into :meth:`parameters`; call the optimizer after."""
         losses: list[torch.Tensor] = []
         args = self._stage_args(inputs, kwargs)
+        if target is None:  # on every rank, so that none waits for a last stage that failed
+            _check_loss_of_output(self._loss_fn)
         loss_args: dict[str, Any] = {}
         if self._last_local:
             self._without_target = target is None
@@ -578,6 +581,22 @@ class ParallelProgram:
             dist.all_reduce(grad, group=group)
             for p in copies:
                 p.grad = grad.clone()
+
+
+def _check_loss_of_output(loss_fn: Callable[..., torch.Tensor] | None) -> None:
+    """Raise unless ``loss_fn(output)`` is a valid call (a step without a target makes it)."""
+    if loss_fn is None:
+        return  # the step says that compile needs a loss
+    try:
+        inspect.signature(loss_fn).bind(None)
+    except ValueError:  # no signature to read (a builtin): the call itself will tell
+        return
+    except TypeError as exc:
+        raise RuntimeSetupError(
+            f"program.step() got no target, so the loss is called as loss_fn(output), but "
+            f"{getattr(loss_fn, '__name__', type(loss_fn).__name__)} takes other arguments "
+            f"({exc}); pass target=..., or compile with a loss of the output alone."
+        ) from None
 
 
 def _axis_size(mesh: DeviceMesh, name: str) -> int:

@@ -208,7 +208,19 @@ def _no_target(mesh: str, _name: str, _path: str) -> dict[str, Any]:
         optimizer.zero_grad()
         losses.append(program.step(*x))  # no target: the loss is loss_fn(output)
         optimizer.step()
-    return {"losses": losses, "state": program.full_state_dict()}
+    state = program.full_state_dict()
+    import autopart.runtime.program as runtime
+
+    model, _, _, _, _ = _denoiser()
+    needs_target = runtime.compile(
+        model, mesh, example_inputs=x, loss_fn=torch.nn.functional.mse_loss, micro_batches=1
+    )
+    try:
+        needs_target.step(*x)
+        refused = "no error"
+    except runtime.RuntimeSetupError as exc:  # on every rank: none is left waiting
+        refused = str(exc)
+    return {"losses": losses, "state": state, "refused": refused}
 
 
 # -- spawns --------------------------------------------------------------------------------------
@@ -238,6 +250,14 @@ def resumed_same_mesh(
     return got
 
 
+TEST_OF_KIND = {
+    "round-trip": "test_full_state_dict_is_the_models_state_dict",
+    "tp-round-trip": "test_tp_shards_round_trip_through_dcp",
+    "no-target": "test_step_without_a_target",
+    "resume": "test_resume_on_another_mesh_continues_from_the_same_weights",
+}
+"""The test that reads each kind of 2-rank case (a case runs when its test is selected)."""
+
 TWO_RANKS: list[Case] = [
     *[("round-trip", "pp=2", name, "") for name in ROUND_TRIP],
     ("tp-round-trip", "tp=2", "hf:gpt2", "gpt2-tp"),
@@ -254,7 +274,7 @@ def two_ranks(
     wanted = {
         item.originalname for item in request.session.items if isinstance(item, pytest.Function)
     }
-    todo = [c for c in TWO_RANKS if _test_of[c[0]] in wanted]
+    todo = [c for c in TWO_RANKS if TEST_OF_KIND[c[0]] in wanted]
     if any(c[0] == "resume" for c in todo):
         request.getfixturevalue("saved")  # the checkpoint it resumes from
     cases = [(k, m, n, str(checkpoint_dir / p) if p else "") for k, m, n, p in todo]
@@ -267,14 +287,6 @@ def two_ranks(
         return result
 
     return get
-
-
-_test_of = {
-    "round-trip": "test_full_state_dict_is_the_models_state_dict",
-    "tp-round-trip": "test_tp_shards_round_trip_through_dcp",
-    "no-target": "test_step_without_a_target",
-    "resume": "test_resume_on_another_mesh_continues_from_the_same_weights",
-}
 
 
 # -- tests ---------------------------------------------------------------------------------------
@@ -358,6 +370,9 @@ def test_step_without_a_target(two_ranks: Callable[[str, str], dict[str, Any]]) 
     want_losses, want_state = reference(_denoiser, _sgd, "", "", 4, STEPS)
     assert got["losses"] == pytest.approx(want_losses, rel=1e-5)
     _assert_close(got["state"], want_state)
+    # a loss that needs a target, called without one: the cause and the fix, on every rank
+    assert "got no target" in got["refused"] and "mse_loss takes other arguments" in got["refused"]
+    assert "pass target=" in got["refused"]
 
 
 def test_a_state_dict_of_another_model_is_a_clear_error() -> None:
