@@ -49,6 +49,7 @@ __all__ = [
     "SplitError",
     "StageInfo",
     "attr_at",
+    "canonical_targets",
     "model_outputs",
     "rebuild_output",
     "set_attr_at",
@@ -139,7 +140,7 @@ def split_stages(gm: GraphModule, plan: Plan) -> list[GraphModule]:
     constant = _buffer_derived(gm)
     crossing = _crossing(gm, stage, last_use, {**folded, **dict.fromkeys(constant)}, num_stages)
     attr_stages = _attr_stages(gm, stage, num_stages)
-    canonical = _canonical_targets(gm)
+    canonical = canonical_targets(gm)
     shared = _shared_params(gm, attr_stages, canonical)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     stages = []
@@ -354,7 +355,7 @@ def _attr_stages(
     return result
 
 
-def _canonical_targets(gm: GraphModule) -> dict[str, str]:
+def canonical_targets(gm: GraphModule) -> dict[str, str]:
     """Every parameter or buffer name of ``gm`` -> the one name a stage registers it under: the
     model's first name for it (``lm_head.weight`` tied to the embedding is ``transformer.wte.weight``),
     so a tied tensor has one name in every stage and in ``model.named_parameters()``."""

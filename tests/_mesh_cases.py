@@ -108,22 +108,35 @@ def results(
             mesh = case[1]
             todo = [c for c in cases if c[1] == mesh and c in selected]
             tmp = tmp_path_factory.mktemp("mesh")
-            args = (str(tmp / "store"), todo, str(tmp), run_case, per_case_s, keep_going)
-            spawn_error = ""
-            try:
-                _spawn(world(mesh), args, per_case_s * (1 + len(todo)))
-            except (Exception, pytest.fail.Exception) as e:  # recorded once, not respawned per case
-                spawn_error = f"the ranks of {mesh} failed: {e}"
-            for i, c in enumerate(todo):
-                f = tmp / f"{i}.pt"
-                done[c] = (
-                    torch.load(f)
-                    if f.exists()
-                    else {"error": spawn_error or f"not run: an earlier case on {mesh} failed"}
-                )
+            got = run_spawn(world(mesh), todo, run_case, tmp, per_case_s, keep_going)
+            done.update(zip(todo, got))
         return done[case]
 
     return get
+
+
+def run_spawn(
+    ranks: int,
+    cases: list[Case],
+    run_case: Callable[..., dict[str, Any]],
+    tmp: Path,
+    per_case_s: float,
+    keep_going: bool = False,
+) -> list[dict[str, Any]]:
+    """Run ``cases`` one after another in one spawn of ``ranks`` gloo ranks; each case's result
+    (what ``run_case`` returned on rank 0), or ``{"error": ...}``."""
+    args = (str(tmp / "store"), cases, str(tmp), run_case, per_case_s, keep_going)
+    spawn_error = ""
+    try:
+        _spawn(ranks, args, per_case_s * (1 + len(cases)))
+    except (Exception, pytest.fail.Exception) as e:  # recorded once, not respawned per case
+        spawn_error = f"the {ranks} ranks failed: {e}"
+    return [
+        torch.load(tmp / f"{i}.pt")
+        if (tmp / f"{i}.pt").exists()
+        else {"error": spawn_error or "not run: an earlier case of the spawn failed"}
+        for i in range(len(cases))
+    ]
 
 
 def chunk(value: Any, n: int) -> list[Any]:
@@ -141,9 +154,10 @@ def reference(
     steps: int,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """The unpartitioned model trained the way a pipeline trains: the gradient of the batch's mean
-    loss, accumulated over the same micro-batches (every replica's, in replica order). A single
-    full-batch backward sums in a different order, and Adam's normalisation magnifies that
-    last-bit difference on near-zero gradients."""
+    loss, accumulated over the same micro-batches (every replica's, in replica order); the losses
+    and the model's state dict after. A single full-batch backward sums in a different order, and
+    Adam's normalisation magnifies that last-bit difference on near-zero gradients. A ``None``
+    target means a loss of the output alone, ``loss_fn(output)``."""
     model, x, kw, target, loss_fn = setup(name)
     model = copy.deepcopy(model)
     optim = optimizer(model.parameters(), opt)
@@ -155,9 +169,10 @@ def reference(
         step_losses = []
         for i in range(micro_batches):
             *xs, tgt = (c[i] for c in chunks)
-            loss = loss_fn(model(*xs, **{k: v[i] for k, v in kw_chunks.items()}), tgt)
+            out = model(*xs, **{k: v[i] for k, v in kw_chunks.items()})
+            loss = loss_fn(out) if target is None else loss_fn(out, tgt)
             (loss / micro_batches).backward()
             step_losses.append(float(loss.detach()))
         optim.step()
         losses.append(sum(step_losses) / micro_batches)
-    return losses, {n: p.detach() for n, p in model.named_parameters()}
+    return losses, model.state_dict()

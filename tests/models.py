@@ -250,3 +250,90 @@ def llama_batch4() -> tuple[nn.Module, tuple[torch.Tensor, ...], dict[str, Any]]
 def mistral_batch4() -> tuple[nn.Module, tuple[torch.Tensor, ...], dict[str, Any]]:
     """Factory (``tests.models:mistral_batch4``): HF Mistral (GQA) on a batch of 4 sequences."""
     return _batch_of_four("hf:mistral")
+
+
+class ViTLogits(nn.Module):
+    """A small ``transformers`` vision transformer classifier that returns its logits."""
+
+    def __init__(self) -> None:
+        from transformers import ViTConfig, ViTForImageClassification
+
+        super().__init__()
+        config = ViTConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+            num_labels=10,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        self.vit = ViTForImageClassification(config)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vit(pixel_values).logits
+
+
+def vit() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """Factory (``tests.models:vit``): on four pipeline ranks the cost model would leave three of
+    them without parameters (it keeps nearly all of this tiny model on one stage)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ViTLogits()
+    return model, (torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)),)
+
+
+class Denoiser(nn.Module):
+    """Computes its own loss: each sample's error reconstructing ``x`` from ``x + noise``."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.encode = nn.Linear(dim, 32)
+        self.decode = nn.Linear(32, dim)
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        restored = self.decode(torch.relu(self.encode(x + noise)))
+        return ((restored - x) ** 2).mean(dim=-1)
+
+
+def denoiser() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """Factory (``tests.models:denoiser``): a self-supervised objective, trained without a target."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Denoiser()
+    return model, (torch.randn(8, 16, generator=gen), 0.1 * torch.randn(8, 16, generator=gen))
+
+
+class BatchNormCNN(nn.Module):
+    """Convolutions with BatchNorm (running statistics and ``num_batches_tracked`` buffers) and a
+    persistent buffer that no operation reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+        self.register_buffer("version", torch.tensor([1, 0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = torch.relu(self.bn2(self.conv2(h)))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def bn_cnn() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """Factory (``tests.models:bn_cnn``): a BatchNorm CNN in eval mode, with running statistics
+    that differ from their initial values."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = BatchNormCNN()
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.num_batches_tracked.fill_(7)
+    return model.eval(), (torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)),)

@@ -7,13 +7,15 @@ program run with torchrun.
                     every model): torchrun --nproc-per-node N run.py [--steps S] [--lr LR]
     config.json     what run.py reads: the mesh, schedule, micro-batches, stage -> pipeline rank,
                     tied parameters, the batch's shapes, each stage's micro-batch inputs and outputs
-                    (local TP shapes), default steps and learning rate
+                    (local TP shapes), default steps and learning rate, and which stage tensor
+                    holds each key of the model's state_dict() (``--save-weights`` writes those)
     plan.json       the plan the stages come from (for reference; run.py does not read it)
     stage_K.py      one file per pipeline stage: class ``StageK(torch.nn.Module)``; with tp > 1 the
                     code every TP rank of the stage runs (``SHARDED`` names the split tensors)
     collectives.py  (tp > 1) the TP collectives, copied from autopart/codegen/templates/collectives.py
     loss.py         the loss: the user's loss function as source, wrapped for the last stage
-    weights.pt      every parameter and buffer, whole, under the model's own names (torch.save)
+    weights.pt      every parameter and buffer, whole, under the model's own names (torch.save),
+                    and the model's state-dict entries that no stage reads
     data.pt         the batch the program trains on: {"inputs": [...], "target": tensor}
 
 The program needs torch only: no autopart and no planning at run time.
@@ -90,10 +92,11 @@ if TYPE_CHECKING:
     from autopart.passes.split_stages import StageInfo
     from autopart.passes.tp.placements import Placement
     from autopart.runtime.program import ParallelProgram
+    from autopart.runtime.stage_io import StateLayout
 
 __all__ = ["CONFIG_FORMAT_VERSION", "EmitError", "emit", "emit_model"]
 
-CONFIG_FORMAT_VERSION = 2
+CONFIG_FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +115,8 @@ class _Program:
     io: Mapping[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]
     """Stage -> meta tensors of one micro-batch's tensor inputs and outputs as a rank sends and
     receives them (local TP shapes); run.py gives them to ``PipelineStage``."""
+    layout: StateLayout
+    """Which stage tensor holds each key of the model's state dict (run.py's ``--save-weights``)."""
 
 
 def emit(
@@ -253,6 +258,7 @@ def _from_plan(
     from autopart.planning.mesh_plan import batch_size
     from autopart.runtime.stage_io import (
         ProgramInputs,
+        StateLayout,
         micro_batch_graph,
         plan_made_for,
         same_nodes,
@@ -322,6 +328,7 @@ def _from_plan(
         steps=steps,
         lr=lr,
         io={i.index: stage_io(metas, plan.tp, i) for i in infos},
+        layout=StateLayout.of(model, run_gm, stages),
     )
 
 
@@ -364,10 +371,11 @@ def _emit_program(
         steps=steps,
         lr=lr,
         io=program._all_metas,
+        layout=program._state.layout,
     )
     sources = _sources(emitted)  # every rank: a mistake raises everywhere, nobody waits
     # Every rank's parameters and buffers, TP shards joined back into whole tensors.
-    state = program._gather_state(buffers=True, to=0)  # rank 0 writes
+    state = program._gather_state(to=0)  # rank 0 writes
     status: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
@@ -423,7 +431,10 @@ def _write(
     for name, text in files.items():
         (out / name).write_text(text)
     # clone(): a tensor that views a larger storage would otherwise save all of it.
-    weights = {name: t.detach().cpu().clone() for name, t in state.items()}
+    weights = {
+        name: _cpu(t).clone() if isinstance(t, torch.Tensor) else t
+        for name, t in {**state, **program.layout.constants}.items()
+    }
     torch.save(weights, out / "weights.pt")
     data = {
         "inputs": [_cpu(x).clone() if isinstance(x, torch.Tensor) else x for x in program.inputs],
@@ -468,6 +479,8 @@ def _config(program: _Program) -> str:
         ],
         "steps": program.steps,
         "lr": program.lr,
+        # the model's state_dict() keys, in order -> the stage tensor (or weights.pt entry) holding it
+        "state_dict": dict(program.layout.sources),
     }
     text = json.dumps(config, indent=1)
     # Lists of numbers on one line: shapes read [8, 16], not one number a line.

@@ -21,6 +21,7 @@ are summed per ``(dp, tp)`` coordinate; data parallelism stays torch's DDP over 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -51,16 +52,18 @@ from autopart.planning.plans import Plan, TPSection, parse_mesh
 # The emitted launcher's helpers (torch only): the runtime and the programs autopart.emit writes
 # bind non-tensor inputs and make cross-rank tensors contiguous with the same code.
 from autopart.planning.schedule import ScheduleKind
+from autopart.runtime.checkpoint import CheckpointError, ShardedState
 from autopart.runtime.outputs import OutputMerge, OutputMergeError
 from autopart.runtime.stage_io import (
     ProgramInputs,
     RuntimeSetupError,
+    StateLayout,
     plan_that_runs,
     stage_io,
     value_metas,
 )
 
-__all__ = ["ParallelProgram", "PeerFailureError", "RuntimeSetupError", "compile"]
+__all__ = ["CheckpointError", "ParallelProgram", "PeerFailureError", "RuntimeSetupError", "compile"]
 
 _SCHEDULES = {
     ScheduleKind.GPIPE: ScheduleGPipe,
@@ -94,7 +97,7 @@ def compile(
     *,
     example_inputs: Any,
     example_kwargs: Mapping[str, Any] | None = None,
-    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
     micro_batches: int | None = None,
     schedule: str = "auto",
     device: str | DeviceSpec | None = None,
@@ -155,6 +158,7 @@ def compile(
     stages = split_stages(run_gm, plan)
     rank = _pp_mesh(dm).get_local_rank()
     local = [s for s in stages if plan.stages[stage_info(s).index].device == rank]
+    _warn_without_parameters(local, rank, plan)
     if plan.tp is not None and plan.tp.degree > 1:
         local = _shard_stages(stages, local, plan.tp, dm)
     local = [s.to(torch_device) for s in local]
@@ -176,6 +180,7 @@ def compile(
         inputs,
         {info.index: stage_io(metas, plan.tp, info) for info in (stage_info(s) for s in local)},
         OutputMerge.of(gm, run_gm),
+        layout=StateLayout.of(model, run_gm, stages),
     )
     # for autopart.emit, which writes every stage's code and its inputs' and outputs' metadata
     program._all_stages = stages
@@ -212,6 +217,20 @@ def _plan(
     )
     assert (plan.tp is not None) == (sizes.get("tp", 1) > 1), "the planner ignored the tp axis"
     return plan
+
+
+def _warn_without_parameters(local: list[torch.fx.GraphModule], rank: int, plan: Plan) -> None:
+    """The planner gives every pipeline rank a parameter when the model has a parameter-holding
+    block per stage; a model with fewer (two linears on four ranks) leaves some rank without."""
+    if any(True for stage in local for _ in stage.parameters()):
+        return
+    warnings.warn(
+        f"pipeline rank {rank} holds no parameters: the model has fewer parameter-holding "
+        f"blocks than the plan's {plan.num_stages} stages, so program.parameters() is empty "
+        "there and torch optimizers refuse an empty list. Build the optimizer only where "
+        "program.parameters() is not empty, or use fewer pipeline stages.",
+        stacklevel=3,
+    )
 
 
 def _shard_stages(
@@ -274,11 +293,13 @@ class ParallelProgram:
         mesh: DeviceMesh,
         stages: list[torch.fx.GraphModule],
         infos: list[Any],
-        loss_fn: Callable[[Any, Any], torch.Tensor] | None,
+        loss_fn: Callable[..., torch.Tensor] | None,
         device: torch.device,
         inputs: ProgramInputs,
         stage_metas: Mapping[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]],
         merge: OutputMerge,
+        *,
+        layout: StateLayout,
     ) -> None:
         from autopart.passes.split_stages import rebuild_output, stage_info
 
@@ -290,6 +311,9 @@ class ParallelProgram:
         self._dp_rank = mesh["dp"].get_local_rank() if self._dp > 1 else 0
         self._tp_rank = mesh["tp"].get_local_rank() if _axis_size(mesh, "tp") > 1 else 0
         self._stages = stages
+        self._state = ShardedState(
+            stages, layout, mesh["tp"] if _axis_size(mesh, "tp") > 1 else None
+        )
         # Every stage of the pipeline (compile sets it; other ranks' stages hold this rank's
         # untrained copy of their weights): autopart.emit writes their code.
         self._all_stages: list[torch.fx.GraphModule] = list(stages)
@@ -307,6 +331,7 @@ class ParallelProgram:
         self._first_local = any(i.is_first for i in self._local)
         self._last_local = any(i.is_last for i in self._local)
         last = self._infos[plan.num_stages - 1]
+        self._without_target = False  # this step's loss is loss_fn(output), without a target
 
         def wrapped_loss(output: Any, target: Any) -> torch.Tensor:
             if self._loss_fn is None:
@@ -314,7 +339,10 @@ class ParallelProgram:
                     "program.step needs a loss: pass loss_fn=... to autopart.compile."
                 )
             out = output if isinstance(output, (tuple, list)) else (output,)
-            return self._loss_fn(rebuild_output(last, out), target)
+            model_output = rebuild_output(last, out)
+            if self._without_target:
+                return self._loss_fn(model_output)
+            return self._loss_fn(model_output, target)
 
         # Static metadata: each stage's micro-batch inputs and outputs (shapes, dtypes, which
         # need gradients) from the traced graph. Without it torch infers them by running each
@@ -353,17 +381,24 @@ class ParallelProgram:
 
     def step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> float:
         """One training step over all micro-batches; returns the mean loss (the same float on
-        every rank). Inputs are passed as to the model itself (keyword inputs included).
+        every rank). Inputs are passed as to the model itself (keyword inputs included). Each
+        micro-batch's loss is ``loss_fn(output, target)``, or ``loss_fn(output)`` when no
+        ``target`` is given (a loss the model computes itself, a self-supervised objective).
         Gradients accumulate into :meth:`parameters`; call the optimizer after."""
         losses: list[torch.Tensor] = []
         args = self._stage_args(inputs, kwargs)
+        if target is None:  # on every rank, so that none waits for a last stage that failed
+            _check_loss_of_output(self._loss_fn)
         loss_args: dict[str, Any] = {}
         if self._last_local:
-            if target is None:
-                raise RuntimeSetupError(
-                    "program.step(..., target=...) needs the target on the last stage's rank."
-                )
-            share = self._replica_share(target, self._inputs.batch)
+            self._without_target = target is None
+            # torch's schedules hand each micro-batch its slice of a target; without one, each
+            # gets a row of a placeholder that the loss never sees.
+            share = (
+                torch.zeros(self.plan.micro_batches)
+                if target is None
+                else self._replica_share(target, self._inputs.batch)
+            )
             loss_args = {"target": _to(share, self._device), "losses": losses}
         with self._peer_failures("step()"):
             self._schedule.step(*args, return_outputs=False, **loss_args)
@@ -457,23 +492,55 @@ class ParallelProgram:
         )
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
-        """This rank's parameters, one per name (tied copies share storage), for any optimizer."""
-        seen: set[str] = set()
+        """This rank's parameters, one per name (tied copies share storage), for any optimizer.
+        The planner gives every pipeline rank at least one (see ``_warn_without_parameters``)."""
+        yield from self._named_parameters().values()
+
+    def _named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        named: dict[str, torch.nn.Parameter] = {}
         for stage in self._stages:
             for name, p in stage.named_parameters():
-                if name not in seen:
-                    seen.add(name)
-                    yield p
+                named.setdefault(name, p)
+        return named
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter of the model under its own name, on every rank (CPU tensors); the
-        shards of a TP-split parameter are joined back into the whole tensor."""
-        return self._gather_state(buffers=False)
+    # -- checkpoints (autopart.runtime.checkpoint) ----------------------------------------------
 
-    def _gather_state(self, *, buffers: bool, to: int | None = None) -> dict[str, torch.Tensor]:
-        """:meth:`full_state_dict`, with the stages' persistent buffers too when ``buffers``
-        (collective: every rank calls it). With ``to`` only that global rank receives the tensors
-        (the others return ``{}``), so the whole model is never held by every rank."""
+    def full_state_dict(self) -> dict[str, Any]:
+        """The model's ``state_dict()`` on every rank (CPU tensors): the same keys in the same
+        order (tied aliases and persistent buffers included, non-persistent buffers not), the
+        shards of a TP-split tensor joined whole. Collective: every rank calls it."""
+        return self._state.whole(self._gather_state())
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's entries of the model's state dict for ``torch.distributed.checkpoint``:
+        ``dcp.save(program.state_dict(), checkpoint_id=...)`` on every rank writes each tensor
+        once, a TP shard as a ``DTensor``; the values alias the program's tensors, so
+        ``dcp.load(sd := program.state_dict(), ...)`` fills them (then ``load_state_dict(sd)``
+        for tensors saved whole, see :mod:`autopart.runtime.checkpoint`). Collective."""
+        return self._state.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], *, strict: bool = True) -> None:
+        """Load the model's state dict (whole tensors, e.g. ``model.state_dict()`` or
+        :meth:`full_state_dict`, or :meth:`state_dict`'s form after ``dcp.load``): every rank
+        copies the tensors of its stages, its shard of TP-split ones. ``strict`` as torch's:
+        missing or unexpected keys raise :class:`CheckpointError`."""
+        self._state.load_state_dict(state_dict, strict=strict)
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """``optimizer``'s state (an optimizer over :meth:`parameters`) keyed by parameter names,
+        for ``torch.distributed.checkpoint``; loads on another mesh too."""
+        return self._state.optimizer_state_dict(optimizer, self._named_parameters())
+
+    def load_optimizer_state_dict(
+        self, optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]
+    ) -> None:
+        """Load :meth:`optimizer_state_dict`'s form (after ``dcp.load``) into ``optimizer``."""
+        self._state.load_optimizer_state_dict(optimizer, self._named_parameters(), state_dict)
+
+    def _gather_state(self, *, to: int | None = None) -> dict[str, torch.Tensor]:
+        """Every stage's parameters and buffers by stage name, whole (collective: every rank
+        calls it). With ``to`` only that global rank receives the tensors (the others return
+        ``{}``), so the whole model is never held by every rank."""
         from autopart.passes.tp.local import unshard_tensor
         from autopart.passes.tp.shard import TP_META_KEY
 
@@ -481,8 +548,7 @@ class ParallelProgram:
         for stage in self._stages if self._dp_rank == 0 else ():  # replicas hold the same values
             info = stage.meta.get(TP_META_KEY)
             stored = info.param_placements if info is not None else {}
-            tensors = stage.state_dict().items() if buffers else stage.named_parameters()
-            for name, t in tensors:
+            for name, t in stage.state_dict().items():
                 mine.setdefault(name, (stored.get(name, "R"), self._tp_rank, t.detach().cpu()))
         gathered: list[Any] = [None] * dist.get_world_size()
         if to is None:
@@ -515,6 +581,22 @@ class ParallelProgram:
             for name, stages in info.shared_params.items():
                 holders.setdefault(name, []).extend(self.plan.stages[s].device for s in stages)
         return tied_process_groups(holders, _pipeline_rows(self._mesh), dist.get_rank())
+
+
+def _check_loss_of_output(loss_fn: Callable[..., torch.Tensor] | None) -> None:
+    """Raise unless ``loss_fn(output)`` is a valid call (a step without a target makes it)."""
+    if loss_fn is None:
+        return  # the step says that compile needs a loss
+    try:
+        inspect.signature(loss_fn).bind(None)
+    except ValueError:  # no signature to read (a builtin): the call itself will tell
+        return
+    except TypeError as exc:
+        raise RuntimeSetupError(
+            f"program.step() got no target, so the loss is called as loss_fn(output), but "
+            f"{getattr(loss_fn, '__name__', type(loss_fn).__name__)} takes other arguments "
+            f"({exc}); pass target=..., or compile with a loss of the output alone."
+        ) from None
 
 
 def _axis_size(mesh: DeviceMesh, name: str) -> int:

@@ -1,12 +1,14 @@
 """What the runtime and the code generator share between splitting a plan into stages and running or
 writing them: the model's flat inputs (:class:`ProgramInputs`), the micro-batch graph the stages run
 (:func:`micro_batch_graph`, and :func:`plan_that_runs`, which plans it when the whole batch's plan
-does not apply to it), and each stage's input and output metadata as a rank sends and receives it
-(:func:`stage_io`)."""
+does not apply to it), each stage's input and output metadata as a rank sends and receives it
+(:func:`stage_io`), and where each entry of the model's ``state_dict()`` lives among the stages
+(:class:`StateLayout`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ from autopart.planning.plans import Plan, TPSection
 __all__ = [
     "ProgramInputs",
     "RuntimeSetupError",
+    "StateLayout",
     "local_meta",
     "micro_batch_graph",
     "plan_made_for",
@@ -56,6 +59,62 @@ def local_meta(
         return meta
     shape = local_shape(meta.shape, tp.placements[name], tp.degree)
     return torch.empty(shape, dtype=meta.dtype, device="meta").requires_grad_(meta.requires_grad)
+
+
+@dataclass(frozen=True, slots=True)
+class StateLayout:
+    """Where each entry of ``model.state_dict()`` lives in the split program.
+
+    A stage registers a tensor under one name (:func:`~autopart.passes.split_stages.canonical_targets`:
+    ``lm_head.weight`` tied to the embedding is held as ``transformer.wte.weight``), holds the
+    non-persistent buffers it reads too, and does not hold what no node reads (an unused buffer or
+    parameter). ``sources`` maps every key of the model's state dict, in its order, to the stage
+    tensor holding its value; a key no stage holds maps to itself and its value is in ``constants``
+    (nothing changes it in training)."""
+
+    sources: Mapping[str, str]
+    constants: Mapping[str, Any]
+
+    @classmethod
+    def of(
+        cls,
+        model: torch.nn.Module,
+        gm: torch.fx.GraphModule,
+        stages: Sequence[torch.fx.GraphModule],
+    ) -> StateLayout:
+        """The layout of ``stages`` split from ``gm``, a trace of ``model`` (which shares its
+        tensors: a key is matched to the stage name of the same tensor)."""
+        from autopart.passes.split_stages import canonical_targets
+
+        canonical = canonical_targets(gm)
+        named = [
+            *gm.named_parameters(remove_duplicate=False),
+            *gm.named_buffers(remove_duplicate=False),
+        ]
+        by_tensor: dict[int, str] = {}
+        for name, tensor in named:
+            by_tensor.setdefault(id(tensor), canonical[name])
+        held = {name for stage in stages for name in stage.state_dict()}
+        sources: dict[str, str] = {}
+        constants: dict[str, Any] = {}
+        for key, value in model.state_dict(keep_vars=True).items():
+            source = by_tensor.get(id(value), canonical.get(key, key))
+            if source in held:
+                sources[key] = source
+            else:
+                sources[key] = key
+                constants[key] = (
+                    value.detach().clone() if isinstance(value, torch.Tensor) else value
+                )
+        return cls(sources, constants)
+
+    def assemble(self, held: Mapping[str, Any], constants: Mapping[str, Any]) -> dict[str, Any]:
+        """The model's state dict, in its order, from the stage tensors ``held`` (by stage name)
+        and ``constants``, the current values of the keys no stage holds."""
+        return {
+            key: constants[key] if key in self.constants else held[source]
+            for key, source in self.sources.items()
+        }
 
 
 class ProgramInputs:
