@@ -437,6 +437,17 @@ class ParallelProgram:
                     seen.add(name)
                     yield p
 
+    def named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """This rank's buffers under the model's own names (BatchNorm's running statistics are
+        written by the stage that runs the BatchNorm; with data parallelism each replica keeps
+        its own, see README "Buffers")."""
+        seen: set[str] = set()
+        for stage in self._stages:
+            for name, b in stage.named_buffers():
+                if name not in seen:
+                    seen.add(name)
+                    yield name, b
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter of the model under its own name, on every rank (CPU tensors); the
         shards of a TP-split parameter are joined back into the whole tensor."""

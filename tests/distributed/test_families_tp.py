@@ -160,7 +160,7 @@ def test_family_matches_the_unpartitioned_model(
     # for a logit of 0.009 on tp=2, the all-reduce summing in another order)
     scale = max(1.0, float(expected.abs().max()))
     torch.testing.assert_close(got["inference"], expected, rtol=1e-5, atol=1e-6 * scale)
-    want_losses, want_state = reference(
+    want = reference(
         _setup,
         optimizer_for,
         name,
@@ -168,10 +168,10 @@ def test_family_matches_the_unpartitioned_model(
         parse_mesh(mesh).get("dp", 1) * micro_batches_for(mesh),
         STEPS,
     )
-    for a, b in zip(got["losses"], want_losses, strict=True):
+    for a, b in zip(got["losses"], want.losses, strict=True):
         assert a == pytest.approx(b, rel=1e-5)
-    assert set(got["state"]) == set(want_state)  # every parameter, whole, under its own name
+    assert set(got["state"]) == set(want.params)  # every parameter, whole, under its own name
     for n, t in got["state"].items():
         torch.testing.assert_close(
-            t, want_state[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}"
+            t, want.params[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}"
         )
