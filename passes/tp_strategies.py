@@ -88,6 +88,7 @@ from autopart.passes._tp_placements import (
     R,
     Strategy,
     dual,
+    replicated,
     shard,
 )
 from autopart.passes._tp_rules import (
@@ -97,6 +98,7 @@ from autopart.passes._tp_rules import (
     op_name,
     weight_param,
 )
+from autopart.passes.mutations import mutation_groups, written_inputs
 
 __all__ = [
     "Collective",
@@ -225,9 +227,14 @@ def tp_strategies(gm: GraphModule, degree: int) -> dict[str, NodeStrategies]:
     result: dict[str, NodeStrategies] = {}
     attrs: list[Node] = []
     cache: dict[Any, NodeStrategies] = {}  # the 80 layers of a Llama-70B derive one layer's worth
+    writing = _touch_written(gm)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             attrs.append(node)
+            cands[node] = [R]
+            continue
+        if node in writing:
+            result[node.name] = NodeStrategies((replicated(node),), (_WRITES,))
             cands[node] = [R]
             continue
         try:
@@ -257,6 +264,20 @@ def tp_strategies(gm: GraphModule, degree: int) -> dict[str, NodeStrategies]:
             )
         )
     return {n.name: result[n.name] for n in gm.graph.nodes}
+
+
+_WRITES = (
+    "it writes a tensor in place or touches one before the write, so it runs replicated: a "
+    "collective would make a copy, and the write would miss the tensor other nodes read"
+)
+
+
+def _touch_written(gm: GraphModule) -> set[Node]:
+    """Nodes that write a tensor in place or belong to a mutation group
+    (:func:`autopart.passes.mutations.mutation_groups`): they run replicated on their inputs'
+    whole values, so every rank writes its whole copy as the model does."""
+    nodes = {n for group in mutation_groups(gm) for n in group}
+    return nodes | {n for n in gm.graph.nodes if written_inputs(n)}
 
 
 def weight_matmuls(gm: GraphModule) -> dict[str, str]:

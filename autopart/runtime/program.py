@@ -216,8 +216,9 @@ def _shard_stages(
         first, why = next(iter(tp.fallbacks.items()))
         warnings.warn(
             f"tensor parallelism: {len(tp.fallbacks)} node(s) run replicated on the {tp.degree} TP "
-            f"ranks because the degree does not divide a size they would split, e.g. {first!r}: "
-            f"{why}. The result is exact; program.plan.tp.fallbacks lists every node and why.",
+            f"ranks because the degree does not divide a size they would split (or they write a "
+            f"tensor in place), e.g. {first!r}: {why}. The result is exact; "
+            "program.plan.tp.fallbacks lists every node and why.",
             stacklevel=3,
         )
     # one layout per parameter across all stages, so the copies of a tied weight are the same shard

@@ -2,10 +2,11 @@
 plain PyTorch CNN with BatchNorm, a model written with in-place ops (``y += h``, ``relu_``,
 ``div_``, ``copy_`` into slices, a running mean kept in a buffer), a ``transformers`` ResNet
 (BatchNorm, ``hidden += residual``) and ``transformers`` Falcon (``mlp_output +=
-attention_output``). After two optimizer steps and one inference call, the loss, the output, every
-parameter and every buffer of every data-parallel replica equal the unpartitioned model's (rtol
-1e-5) when it runs the same micro-batches in the same order (see :func:`tests._mesh_cases.reference`:
-BatchNorm's statistics are those of each micro-batch, not of the whole batch)."""
+attention_output``), on pp=2, dp=2 x pp=2 and tp=2. After two optimizer steps and one inference
+call, the loss, the output, every parameter and every buffer of every data-parallel replica equal
+the unpartitioned model's (rtol 1e-5) when it runs the same micro-batches in the same order (see
+:func:`tests._mesh_cases.reference`: BatchNorm's statistics are those of each micro-batch, not of
+the whole batch)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from tests._mesh_cases import (
     replica_buffers,
     results,
 )
+from tests.models import FAST_LINK
 
 STEPS = 2
 FALCON = "num_hidden_layers=2,hidden_size=64,num_attention_heads=4,vocab_size=128"
@@ -68,6 +70,7 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
     import autopart.runtime.program as runtime
 
     model, x, kw, target, loss_fn = _setup(name)
+    tp = "tp" in parse_mesh(mesh)
     program = runtime.compile(
         model,
         mesh,
@@ -76,6 +79,8 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
         loss_fn=loss_fn,
         schedule=schedule,
         micro_batches=_micro_batches(mesh),
+        device=FAST_LINK if tp else None,  # links nearly free: the TP plan really splits
+        verify=tp,
     )
     optimizer = _optimizer(list(program.parameters()), opt)
     losses = []
@@ -92,6 +97,7 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
         "buffers": replica_buffers(program, mesh),
         "holders": holders,
         "stages": program.plan.num_stages,
+        "sharding": dict(program.plan.tp.sharding) if program.plan.tp is not None else {},
         "inference": getattr(inference, "logits", inference),
     }
 
@@ -105,6 +111,9 @@ CASES = [
     ("tests.models:batchnorm_cnn", "dp=2,pp=2", "gpipe", "sgd"),
     ("tests.models:inplace_residual", "dp=2,pp=2", "1f1b", "sgd"),
     ("tests.models:hf_resnet", "dp=2,pp=2", "1f1b", "sgd"),
+    # tensor parallelism: nodes that write a tensor in place (or touch it before) run replicated
+    ("tests.models:inplace_residual", "tp=2", "gpipe", "sgd"),
+    ("hf:falcon", "tp=2", "gpipe", "sgd"),
 ]
 
 
@@ -134,7 +143,10 @@ def test_inplace_program_matches_the_unpartitioned_model(
 ) -> None:
     got = inplace_results((name, mesh, schedule, opt))
     assert "error" not in got, got.get("error")
-    assert got["stages"] == 2
+    sizes = parse_mesh(mesh)
+    assert got["stages"] == sizes.get("pp", 1)
+    if "tp" in sizes:  # the plan splits matmuls, around the ones that write in place
+        assert {"col", "row"} <= set(got["sharding"].values()), got["sharding"]
     model, x, kw, _, _ = _setup(name)
     dp = parse_mesh(mesh).get("dp", 1)
     want = reference(
@@ -152,5 +164,5 @@ def test_inplace_program_matches_the_unpartitioned_model(
         assert any("running_mean" in n or "feature_mean" in n for n in read)
     assert_buffers_match(got["buffers"], want.buffers, read)
     torch.testing.assert_close(got["inference"], want.output, rtol=1e-5, atol=1e-5)
-    if "running_mean" in " ".join(read):  # BatchNorm statistics are written on both stages
+    if "running_mean" in " ".join(read) and "tp" not in sizes:  # written on both stages
         assert all(any("running_mean" in n for n in names) for names in got["holders"])
