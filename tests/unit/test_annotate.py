@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autopart.capture.tracing import trace
 from autopart.cost_models.node_cost import NodeCost
-from autopart.models.model_spec import load_model
+from autopart.models.model_spec import load_model, parse_config_overrides
 from autopart.passes.annotate import annotate, node_cost
 from tests.models import Tied, TwoLayer
 
@@ -233,3 +233,23 @@ def test_copy_into_a_fresh_tensor_and_into_a_buffer_is_annotated() -> None:
     assert node_cost(into_buffer).bytes_written == 16 * 4
     linear = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default)
     assert node_cost(linear).backward_flops == 2 * 8 * 16 * 16  # the weight's gradient
+
+
+def test_mixture_of_experts_with_in_place_routing_annotates() -> None:
+    """HF Mixtral normalises its top-k routing weights in place (``div_``) and fills a fresh
+    tensor with ``index_put_``: the annotation pass used to stop at the ``div_``."""
+    pytest.importorskip("transformers")
+    config = (
+        "num_hidden_layers=2,hidden_size=64,intermediate_size=64,num_attention_heads=4,"
+        "num_key_value_heads=2,vocab_size=128,num_local_experts=4,num_experts_per_tok=2"
+    )
+    loaded = load_model(
+        "hf:mixtral", device="cpu", batch=2, seq=8, config=parse_config_overrides(config)
+    )
+    loaded.model.train()
+    gm = annotate(trace(loaded.model, loaded.example_inputs, loaded.example_kwargs))
+    targets = [str(n.target) for n in gm.graph.nodes]
+    assert targets.count("aten.div_.Tensor") == targets.count("aten.index_put_.default") == 2
+    for node in gm.graph.nodes:
+        if str(node.target) == "aten.div_.Tensor":  # weights that carry gradients, written
+            assert node_cost(node).requires_grad and not node_cost(node).is_view
