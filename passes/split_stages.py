@@ -24,6 +24,13 @@ concrete Python scalar is folded into the stage that reads it, anything else rai
 
 Graphs from the ``torch.fx`` fallback may contain ``call_module`` nodes; their submodules are shared
 by reference with the traced graph, not copied.
+
+In-place writes (``hidden += residual``, BatchNorm's running statistics) run as the model wrote
+them: every node that touches a storage written in place must be on one stage
+(:func:`autopart.passes.mutations.mutation_groups`; the planner keeps them together), so that
+stage runs them in graph order on the same tensors, and a buffer written in place (``running_mean``,
+``num_batches_tracked``) is held, and updated, by that one stage. It is state, never recomputed
+on another stage.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from torch.fx.graph import _PyTreeCodeGen
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from autopart.errors import AutopartError
+from autopart.passes.mutations import mutation_groups, written_inputs
 from autopart.planning.plans import Plan
 
 __all__ = [
@@ -134,6 +142,7 @@ def split_stages(gm: GraphModule, plan: Plan) -> list[GraphModule]:
     num_stages = plan.num_stages
     _check_plan(gm, plan.stage_of, num_stages)
     stage = _effective_stages(gm, plan.stage_of)
+    _check_mutations(gm, stage)
     flat_outputs, output_spec = model_outputs(gm)
     last_use = _last_use(gm, stage, num_stages)
     folded = _foldable(gm, stage, last_use)
@@ -207,6 +216,19 @@ def _check_plan(gm: GraphModule, stage_of: Mapping[str, int], num_stages: int) -
             f"stage(s) {empty} of the plan's {num_stages} stages have no nodes of this graph: the "
             "plan does not match the graph. Plan this graph again, or with fewer stages."
         )
+
+
+def _check_mutations(gm: GraphModule, stage: Mapping[Node, int]) -> None:
+    for group in mutation_groups(gm):
+        stages = sorted({stage[n] for n in group})
+        if len(stages) > 1:
+            writer = next(n for n in group if written_inputs(n))
+            raise SplitError(
+                f"node {writer.name!r}{_where(writer)} writes a tensor in place, and the nodes that "
+                f"touch that tensor ({_few([n.name for n in group])}) are on stages {stages}: a "
+                "stage would see a copy that misses the write. They must share a stage; plan the "
+                "graph with autopart.planning.planner.plan_graph, which keeps them together."
+            )
 
 
 def _few(names: Sequence[str]) -> str:
@@ -304,8 +326,14 @@ def _buffer_derived(gm: GraphModule) -> set[Node]:
     random op), e.g. RoPE's cos/sin tables or a causal mask. A later stage that reads one computes
     it again instead of receiving it: it costs a few cheap ops instead of a send per micro-batch."""
     params = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+    changing = {n for group in mutation_groups(gm) for n in group}
+    for node in gm.graph.nodes:
+        if written_inputs(node):
+            changing.update((node, *written_inputs(node)))
     derived: set[Node] = set()
     for node in gm.graph.nodes:
+        if node in changing:
+            continue  # state written in place (a running statistic): never computed twice
         if node.op == "get_attr":
             if str(node.target) not in params and isinstance(
                 attr_at(gm, str(node.target)), torch.Tensor

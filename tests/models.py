@@ -307,7 +307,7 @@ def denoiser() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     return model, (torch.randn(8, 16, generator=gen), 0.1 * torch.randn(8, 16, generator=gen))
 
 
-class BatchNormCNN(nn.Module):
+class EvalBatchNormCNN(nn.Module):
     """Convolutions with BatchNorm (running statistics and ``num_batches_tracked`` buffers) and a
     persistent buffer that no operation reads."""
 
@@ -331,9 +331,97 @@ def bn_cnn() -> tuple[nn.Module, tuple[torch.Tensor]]:
     that differ from their initial values."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = BatchNormCNN()
+        model = EvalBatchNormCNN()
         for bn in (model.bn1, model.bn2):
             bn.running_mean.uniform_(-1, 1)
             bn.running_var.uniform_(0.5, 2)
             bn.num_batches_tracked.fill_(7)
     return model.eval(), (torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)),)
+
+
+class BatchNormCNN(nn.Module):
+    """A plain PyTorch CNN with BatchNorm2d in every block: in train mode each forward writes
+    every BatchNorm's running statistics and its batch count in place. (No BatchNorm1d on the
+    pooled features: over micro-batches of 2 samples it divides differences of two values by
+    about sqrt(eps), which turns float32 noise into visible differences.)"""
+
+    def __init__(self, channels: int = 8, classes: int = 5) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c_out in (channels, channels, 2 * channels):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def batchnorm_cnn() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """Factory (``tests.models:batchnorm_cnn``): three BatchNorm2d, images in."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = BatchNormCNN()
+    return model, (torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0)),)
+
+
+class InplaceResidual(nn.Module):
+    """Residual blocks written with in-place ops, as real models write them: ``y += h``, an
+    in-place activation, gate weights normalised in place (``div_``), halves written into a fresh
+    tensor through views (``copy_`` into slices), and a running mean kept in a buffer (``mul_``,
+    ``add_``)."""
+
+    def __init__(self, dim: int = 16, layers: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(dim, dim)
+        self.blocks = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+        self.gate = nn.Linear(dim, 2)
+        self.experts = nn.ModuleList(nn.Linear(dim, dim // 2) for _ in range(2))
+        self.out = nn.Linear(dim, dim)
+        self.register_buffer("feature_mean", torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            y = block(h)
+            y += h  # the in-place residual of ResNet and Falcon
+            h = y.relu_()
+        weights = self.gate(h) ** 2
+        weights /= weights.sum(-1, keepdim=True)  # routing weights normalised in place
+        mixed = torch.zeros_like(h)
+        half = h.shape[-1] // 2
+        mixed[:, :half] = self.experts[0](h) * weights[:, :1]  # written through a view
+        mixed[:, half:].copy_(self.experts[1](h) * weights[:, 1:])
+        with torch.no_grad():
+            self.feature_mean.mul_(0.9).add_(0.1 * h.mean(0))
+        return self.out(mixed + h)
+
+
+def inplace_residual() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """Factory (``tests.models:inplace_residual``): in-place ops on activations and a buffer."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = InplaceResidual()
+    return model, (torch.randn(8, 16, generator=torch.Generator().manual_seed(0)),)
+
+
+def hf_resnet() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """Factory (``tests.models:hf_resnet``): a small ``transformers`` ResNet image classifier with
+    random weights (nothing downloaded): BatchNorm after every convolution, ``hidden += residual``
+    in place."""
+    import transformers
+
+    config = transformers.ResNetConfig(
+        num_channels=3,
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        layer_type="basic",
+        num_labels=5,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = transformers.ResNetForImageClassification(config)
+    return model, (torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)),)

@@ -247,8 +247,9 @@ def _shard_stages(
         first, why = next(iter(tp.fallbacks.items()))
         warnings.warn(
             f"tensor parallelism: {len(tp.fallbacks)} node(s) run replicated on the {tp.degree} TP "
-            f"ranks because the degree does not divide a size they would split, e.g. {first!r}: "
-            f"{why}. The result is exact; program.plan.tp.fallbacks lists every node and why.",
+            f"ranks because the degree does not divide a size they would split (or they write a "
+            f"tensor in place), e.g. {first!r}: {why}. The result is exact; "
+            "program.plan.tp.fallbacks lists every node and why.",
             stacklevel=3,
         )
     # one layout per parameter across all stages, so the copies of a tied weight are the same shard
@@ -502,6 +503,17 @@ class ParallelProgram:
             for name, p in stage.named_parameters():
                 named.setdefault(name, p)
         return named
+
+    def named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """This rank's buffers under the model's own names (BatchNorm's running statistics are
+        written by the stage that runs the BatchNorm; with data parallelism each replica keeps
+        its own, see README "Buffers")."""
+        seen: set[str] = set()
+        for stage in self._stages:
+            for name, b in stage.named_buffers():
+                if name not in seen:
+                    seen.add(name)
+                    yield name, b
 
     # -- checkpoints (autopart.runtime.checkpoint) ----------------------------------------------
 

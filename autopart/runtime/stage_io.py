@@ -7,7 +7,8 @@ does not apply to it), each stage's input and output metadata as a rank sends an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "ProgramInputs",
     "RuntimeSetupError",
     "StateLayout",
+    "buffers_kept",
     "local_meta",
     "micro_batch_graph",
     "plan_made_for",
@@ -280,6 +282,21 @@ def value_metas(gm: torch.fx.GraphModule, flat_inputs: list[Any]) -> dict[str, t
                 metas[n.name].requires_grad_(out.requires_grad)
             return out
 
-    with FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad():
+    # Fake mode still runs an op whose inputs are all real: BatchNorm's add_ on its real batch
+    # counter would count this run.
+    with buffers_kept(gm), FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad():
         _Prop(gm).run(*flat_inputs)
     return metas
+
+
+@contextlib.contextmanager
+def buffers_kept(module: torch.nn.Module) -> Iterator[None]:
+    """Put back every buffer of ``module`` (running statistics, batch counts) that what runs
+    inside changed: a run that only measures must not count as a training step."""
+    saved = {name: b.detach().clone() for name, b in module.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                b.copy_(saved[name])

@@ -311,9 +311,9 @@ def test_resume_on_the_same_mesh_is_bit_exact(
 ) -> None:
     assert {"col", "row"} <= set(saved["sharding"].values())  # TP really splits the model
     # the uninterrupted run trains like one process (4 micro-batches of 2 per step)
-    want_losses, want_state = reference(_llama, _sgd, "", "", 4, 2 * STEPS)
-    assert saved["losses"] == pytest.approx(want_losses, rel=1e-5)
-    _assert_close(saved["state"], want_state)
+    want = reference(_llama, _sgd, "", "", 4, 2 * STEPS)
+    assert saved["losses"] == pytest.approx(want.losses, rel=1e-5)
+    _assert_close(saved["state"], want.state)
     _assert_equal(saved["reloaded"], saved["saved"])  # load_state_dict(whole) on the 8 ranks
     got = resumed_same_mesh
     assert "error" not in got, got["error"]
@@ -330,9 +330,9 @@ def test_resume_on_another_mesh_continues_from_the_same_weights(
     got = two_ranks("resume", "hf:llama")
     _assert_equal(got["loaded"], saved["saved"])  # DCP re-cut the TP shards into whole tensors
     # and the momentum carried over: the next two steps are those of one process's 4 steps
-    want_losses, want_state = reference(_llama, _sgd, "", "", 4, 2 * STEPS)
-    assert got["losses"] == pytest.approx(want_losses[STEPS:], rel=1e-5)
-    _assert_close(got["state"], want_state)
+    want = reference(_llama, _sgd, "", "", 4, 2 * STEPS)
+    assert got["losses"] == pytest.approx(want.losses[STEPS:], rel=1e-5)
+    _assert_close(got["state"], want.state)
 
 
 @pytest.mark.distributed
@@ -367,9 +367,9 @@ def test_tp_shards_round_trip_through_dcp(two_ranks: Callable[[str, str], dict[s
 @pytest.mark.timeout(600)
 def test_step_without_a_target(two_ranks: Callable[[str, str], dict[str, Any]]) -> None:
     got = two_ranks("no-target", "tests.models:denoiser")
-    want_losses, want_state = reference(_denoiser, _sgd, "", "", 4, STEPS)
-    assert got["losses"] == pytest.approx(want_losses, rel=1e-5)
-    _assert_close(got["state"], want_state)
+    want = reference(_denoiser, _sgd, "", "", 4, STEPS)
+    assert got["losses"] == pytest.approx(want.losses, rel=1e-5)
+    _assert_close(got["state"], want.state)
     # a loss that needs a target, called without one: the cause and the fix, on every rank
     assert "got no target" in got["refused"] and "mse_loss takes other arguments" in got["refused"]
     assert "pass target=" in got["refused"]

@@ -1,5 +1,5 @@
 """The runtime on spawned gloo ranks (CPU) against the unpartitioned model: the same loss, and the
-same parameters after two optimizer steps."""
+same parameters and buffers after two optimizer steps."""
 
 from __future__ import annotations
 
@@ -15,7 +15,15 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from autopart.models.model_spec import load_model, parse_config_overrides
 from autopart.planning.plans import parse_mesh
-from tests._mesh_cases import Case, chunk, reference, results
+from tests._mesh_cases import (
+    Case,
+    assert_buffers_match,
+    chunk,
+    read_buffers,
+    reference,
+    replica_buffers,
+    results,
+)
 from tests.models import HF_CONFIGS, LOSSES, target_and_loss
 
 STEPS = 2
@@ -81,6 +89,7 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
     return {
         "losses": losses,
         "state": program.full_state_dict(),
+        "buffers": replica_buffers(program, mesh),
         "schedule": program.plan.schedule,
         "stages": program.plan.num_stages,
         "inference": inference,
@@ -198,20 +207,23 @@ def test_pipeline_matches_the_unpartitioned_model(
     expected = getattr(expected, "logits", expected)
     torch.testing.assert_close(got["inference"], expected, rtol=1e-5, atol=1e-6)
     # The reference accumulates over every replica's micro-batches, in replica order.
-    want_losses, want_state = reference(
-        _setup, _optimizer, name, opt, sizes.get("dp", 1) * _micro_batches(mesh, schedule), STEPS
+    dp = sizes.get("dp", 1)
+    want = reference(
+        _setup, _optimizer, name, opt, dp * _micro_batches(mesh, schedule), STEPS, replicas=dp
     )
     assert got["schedule"] == schedule
     assert got["every_rank_has_parameters"] == ((name, mesh) not in WITHOUT_PARAMETERS)
     assert got["stages"] == sizes["pp"] * (2 if schedule == "interleaved" else 1)
     if name not in LOSSES:  # the batch's own loss (those of LOSSES square a batch mean)
         assert got["losses"][0] == pytest.approx(_full_batch_loss(name), rel=1e-5)
-    for a, b in zip(got["losses"], want_losses, strict=True):
+    for a, b in zip(got["losses"], want.losses, strict=True):
         assert a == pytest.approx(b, rel=1e-5)
     for n, t in got["state"].items():
-        torch.testing.assert_close(t, want_state[n], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(t, want.state[n], rtol=1e-5, atol=1e-6)
     # the model's state dict: its keys in its order (tied aliases, persistent buffers), whole
-    assert list(got["state"]) == list(want_state)
+    assert list(got["state"]) == list(want.state)
+    model, x, kw, _, _ = _setup(name)
+    assert_buffers_match(got["buffers"], want.buffers, read_buffers(model, x, kw))
 
 
 def test_no_process_group_is_a_clear_error() -> None:

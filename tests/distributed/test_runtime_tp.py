@@ -351,16 +351,16 @@ def test_tp_program_matches_the_unpartitioned_model(
         expected = getattr(model(*x, **kw), "logits", model(*x, **kw))
     torch.testing.assert_close(got["inference"], expected, rtol=1e-5, atol=1e-6)
     sizes = parse_mesh(mesh)
-    want_losses, want_state = reference(
+    want = reference(
         _setup, optimizer_for, name, opt, sizes.get("dp", 1) * micro_batches_for(mesh), STEPS
     )
-    for a, b in zip(got["losses"], want_losses, strict=True):
+    for a, b in zip(got["losses"], want.losses, strict=True):
         assert a == pytest.approx(b, rel=1e-5)
     # the model's state dict: its keys in its order (tied aliases, persistent buffers), whole
-    assert list(got["state"]) == list(want_state)
+    assert list(got["state"]) == list(want.state)
     for n, t in got["state"].items():
         torch.testing.assert_close(
-            t, want_state[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}"
+            t, want.state[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}"
         )
 
 

@@ -413,6 +413,10 @@ def _torchrun(
     [
         ("gpt2-tiny", "1f1b"),  # the embedding is tied to the output layer across the two ranks
         pytest.param("llama-tiny", "interleaved", marks=pytest.mark.slow),  # 2 stages a rank
+        # BatchNorm's running statistics and batch counts, written on both stages
+        ("tests.models:batchnorm_cnn", "1f1b"),
+        # y += h, relu_, div_, copy_ into slices, a running mean in a buffer
+        ("tests.models:inplace_residual", "gpipe"),
     ],
 )
 def test_torchrun_trains_like_the_unpartitioned_model(

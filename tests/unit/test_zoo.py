@@ -268,7 +268,12 @@ def test_hf_models_build_run_and_export(model_type: str) -> None:
     pytest.importorskip("transformers")
     loaded = _load_small(f"hf:{model_type}", config=HF_SMALL[model_type])
     assert (loaded.name, loaded.source) == (f"hf:{model_type}", "hf")
-    expected_class = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertModel"}
+    # what a user trains: causal LMs for decoders, a masked LM for an encoder
+    expected_class = {
+        "gpt2": "GPT2LMHeadModel",
+        "llama": "LlamaForCausalLM",
+        "bert": "BertForMaskedLM",
+    }
     assert type(loaded.model).__name__ == expected_class[model_type]
     model: Any = loaded.model
     assert model.config.use_cache is False
@@ -277,8 +282,7 @@ def test_hf_models_build_run_and_export(model_type: str) -> None:
     loaded.model.eval()
     out = loaded.model(*loaded.example_inputs)
     exported = torch.export.export(loaded.model, loaded.example_inputs, strict=False)
-    key = "logits" if model_type != "bert" else "last_hidden_state"
-    torch.testing.assert_close(exported.module()(*loaded.example_inputs)[key], out[key])
+    torch.testing.assert_close(exported.module()(*loaded.example_inputs)["logits"], out["logits"])
 
 
 def test_hf_config_values_are_parsed_and_weights_are_seeded() -> None:
