@@ -161,7 +161,7 @@ def compile(
     _warn_without_parameters(local, rank, plan)
     if plan.tp is not None and plan.tp.degree > 1:
         local = _shard_stages(stages, local, plan.tp, dm)
-    local = [s.to(torch_device) for s in local]
+    local = _share_tied_copies([s.to(torch_device) for s in local])
     if verify and plan.tp is not None and plan.tp.degree > 1:
         _verify_tp(run_gm, inputs.micro_batch(batch, dp * plan.micro_batches), stages, local, dm)
     for stage in local:
@@ -231,6 +231,28 @@ def _warn_without_parameters(local: list[torch.fx.GraphModule], rank: int, plan:
         "program.parameters() is not empty, or use fewer pipeline stages.",
         stacklevel=3,
     )
+
+
+def _share_tied_copies(stages: list[torch.fx.GraphModule]) -> list[torch.fx.GraphModule]:
+    """Make a parameter that several of this rank's stages read one tensor again (the TP pass
+    gives each stage its own shard of it): one copy for the optimizer and the checkpoint, whose
+    gradient accumulates from every stage that reads it."""
+    from autopart.passes.split_stages import set_attr_at
+
+    first: dict[str, torch.nn.Parameter] = {}
+    for stage in stages:
+        for name, param in list(stage.named_parameters()):
+            kept = first.setdefault(name, param)
+            if kept is param:
+                continue
+            if kept.shape != param.shape:
+                raise RuntimeSetupError(
+                    f"parameter {name!r} is held by two stages of this rank with different "
+                    f"shapes {tuple(kept.shape)} and {tuple(param.shape)} (sharded differently); "
+                    "plan with schedule='1f1b' (one stage per rank) or without tensor parallelism."
+                )
+            set_attr_at(stage, name, kept)
+    return stages
 
 
 def _shard_stages(
@@ -493,7 +515,8 @@ class ParallelProgram:
         )
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
-        """This rank's parameters, one per name (tied copies share storage), for any optimizer.
+        """This rank's parameters, one per name (a parameter several of its stages read is one
+        tensor: ``_share_tied_copies``), for any optimizer.
         The planner gives every pipeline rank at least one (see ``_warn_without_parameters``)."""
         yield from self._named_parameters().values()
 
