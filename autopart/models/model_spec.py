@@ -302,6 +302,7 @@ def _hf_config(transformers: Any, model_type: str, config: Mapping[str, str]) ->
     default = transformers.AutoConfig.for_model(model_type)
     valid = {k for k in default.to_dict() if not k.startswith("_")}
     valid |= set(getattr(default, "attribute_map", {}))
+    valid |= {"num_labels"}  # a property of every config (it sizes id2label), not a dict key
     for key in config:
         if key not in valid:
             close = difflib.get_close_matches(key, sorted(valid), n=1)
