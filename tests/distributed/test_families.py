@@ -29,7 +29,8 @@ transformers = pytest.importorskip("transformers")
 
 STEPS = 2
 BATCH = 4
-"""Samples per step: the pp=2 cases run it as 4 micro-batches of one sample."""
+"""Samples per step (the factories of tests.models bring their own): the pp=2 cases run a step as
+micro-batches of one sample."""
 _SMALL = "num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4"
 MORE_FAMILIES = {
     # rotary embeddings, GQA, SwiGLU: the reference decoder
@@ -76,6 +77,8 @@ def _setup(
             config=parse_config_overrides(config),
             seed=seed,
         )
+    elif ":" in name:  # a factory: its own batch
+        loaded = load_model(name, device="cpu", seed=seed)
     else:
         loaded = load_model(name, device="cpu", batch=BATCH, seed=seed)
     loaded.model.train()
@@ -87,7 +90,7 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
     import autopart.runtime.program as runtime
 
     model, x, kw, target, loss_fn = _setup(name)
-    tp = "tp" in mesh
+    tp, batch = "tp" in mesh, int(x[0].shape[0])
     program = runtime.compile(
         model,
         mesh,
@@ -95,7 +98,7 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
         example_kwargs=kw,
         loss_fn=loss_fn,
         schedule=schedule,
-        micro_batches=2 if tp else BATCH,  # pp=2: micro-batches of one sample
+        micro_batches=2 if tp else batch,  # pp=2: micro-batches of one sample
         device=FAST_LINK,
         verify=tp,
     )
@@ -116,6 +119,7 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
         "losses": losses,
         "state": state,
         "micro_batches": program.plan.micro_batches,
+        "batch": batch,
         "zeroed": all(not v.any() for v in zeroed.values()),
         "round_trip": list(again) == list(state)
         and all(torch.equal(again[k], v) for k, v in state.items()),
@@ -153,7 +157,7 @@ def test_family_trains_and_round_trips(
     got = matrix_results((name, mesh, schedule, opt))
     assert "error" not in got, got.get("error")
     tp = "tp" in mesh
-    assert got["micro_batches"] == (2 if tp else BATCH)
+    assert got["micro_batches"] == (2 if tp else got["batch"])
     want = reference(
         _setup,
         lambda params, _: torch.optim.SGD(params, lr=0.1),
