@@ -140,6 +140,18 @@ def run_spawn(
     ]
 
 
+def assert_trained_like(got: dict[str, Any], want: Reference) -> None:
+    """The program's step losses and its state dict (the model's keys in the model's order, every
+    parameter and persistent buffer) equal the reference's, rtol 1e-5."""
+    for a, b in zip(got["losses"], want.losses, strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+    assert list(got["state"]) == list(want.state)
+    for n, t in got["state"].items():
+        torch.testing.assert_close(
+            t, want.state[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}"
+        )
+
+
 def chunk(value: Any, n: int) -> list[Any]:
     if isinstance(value, torch.Tensor) and value.dim() > 0:
         return list(torch.chunk(value, n))

@@ -23,7 +23,7 @@ import torch
 from autopart.models.model_spec import load_model, parse_config_overrides
 from autopart.planning.plans import parse_mesh
 from autopart.runtime.launch import training_batch
-from tests._mesh_cases import Case, reference, results
+from tests._mesh_cases import Case, assert_trained_like, reference, results
 from tests.distributed.test_runtime_tp import (
     STEPS,
     micro_batches_for,
@@ -172,11 +172,4 @@ def test_family_matches_the_unpartitioned_model(
         parse_mesh(mesh).get("dp", 1) * micro_batches_for(mesh),
         STEPS,
     )
-    for a, b in zip(got["losses"], want.losses, strict=True):
-        assert a == pytest.approx(b, rel=1e-5)
-    # the model's state dict: its keys in its order (tied aliases, persistent buffers), whole
-    assert list(got["state"]) == list(want.state)
-    for n, t in got["state"].items():
-        torch.testing.assert_close(
-            t, want.state[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}"
-        )
+    assert_trained_like(got, want)

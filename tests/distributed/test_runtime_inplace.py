@@ -23,6 +23,7 @@ from autopart.runtime.launch import training_batch
 from tests._mesh_cases import (
     Case,
     assert_buffers_match,
+    assert_trained_like,
     read_buffers,
     reference,
     replica_buffers,
@@ -152,13 +153,7 @@ def test_inplace_program_matches_the_unpartitioned_model(
     want = reference(
         _setup, _optimizer, name, opt, dp * _micro_batches(mesh), STEPS, replicas=dp, infer=True
     )
-    for a, b in zip(got["losses"], want.losses, strict=True):
-        assert a == pytest.approx(b, rel=1e-5)
-    assert list(got["state"]) == list(want.state)  # the model's state dict, in its order
-    for n, t in got["state"].items():
-        torch.testing.assert_close(
-            t, want.state[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}"
-        )
+    assert_trained_like(got, want)
     read = read_buffers(model, x, kw)
     if name != "hf:falcon":  # Falcon's only buffer is its rotary table
         assert any("running_mean" in n or "feature_mean" in n for n in read)
