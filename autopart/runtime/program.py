@@ -47,7 +47,8 @@ from autopart.codegen.templates.run import (
 )
 from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
-from autopart.planning.plans import Plan, TPSection, parse_mesh
+from autopart.planning.plans import Plan, TPSection, format_mesh, parse_mesh
+from autopart.planning.request import PlanRequest
 
 # The emitted launcher's helpers (torch only): the runtime and the programs autopart.emit writes
 # bind non-tensor inputs and make cross-rank tensors contiguous with the same code.
@@ -98,8 +99,9 @@ def compile(
     example_inputs: Any,
     example_kwargs: Mapping[str, Any] | None = None,
     loss_fn: Callable[..., torch.Tensor] | None = None,
+    request: PlanRequest | None = None,
     micro_batches: int | None = None,
-    schedule: str = "auto",
+    schedule: str | None = None,
     device: str | DeviceSpec | None = None,
     verify: bool = False,
 ) -> ParallelProgram:
@@ -109,7 +111,10 @@ def compile(
     spec such as ``"pp=2"`` or ``"dp=2,pp=2,tp=2"`` resolved against the default process group.
     ``example_inputs`` is one global batch (it fixes the shapes every step must have). ``device``
     names (or is) the cost model used for planning (default: ``cpu`` on a CPU mesh, ``h100`` on
-    CUDA). ``verify=True`` checks each tensor-parallel stage against the unsharded stage on the
+    CUDA). ``request`` (a :class:`~autopart.planning.request.PlanRequest`) sets the other planning
+    options (``memory``, ``optimizer``, ``time_limit_s``, ...); its mesh is ``mesh``'s, and
+    ``micro_batches``, ``schedule`` and ``device``, when given, replace its fields.
+    ``verify=True`` checks each tensor-parallel stage against the unsharded stage on the
     first micro-batch before returning (:mod:`autopart.runtime.verify`), raising
     :class:`~autopart.runtime.verify.TPVerificationError` naming the first node that differs.
     """
@@ -121,7 +126,7 @@ def compile(
     dm = _resolve_mesh(mesh)
     dp, pp, tp = _axis_size(dm, "dp"), _axis_size(dm, "pp"), _axis_size(dm, "tp")
     torch_device = _torch_device(dm)
-    cost_device = device or ("h100" if torch_device.type == "cuda" else "cpu")
+    req = _compile_request(request, micro_batches, schedule, device, torch_device)
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     inputs = ProgramInputs.of(args, kwargs)
@@ -134,27 +139,20 @@ def compile(
             f"that is a multiple of {dp}."
         )
     replica = batch // dp  # each data-parallel replica pipelines its share of the batch
-    if micro_batches is not None and (micro_batches < 1 or replica % micro_batches):
+    if req.micro_batches is not None and replica % req.micro_batches:
         raise RuntimeSetupError(
-            f"a batch of {replica} per replica does not split into {micro_batches} equal micro-batches; "
-            f"choose a divisor of {replica}."
+            f"a batch of {replica} per replica does not split into {req.micro_batches} equal "
+            f"micro-batches; choose a divisor of {replica}."
         )
 
     def make(graph: torch.fx.GraphModule, graph_batch: int, m: int | None) -> Plan:
         sizes = {"dp": dp, "pp": pp, "tp": tp}
-        name = type(model).__name__
+        name = req.name or type(model).__name__
         return _plan(
-            graph,
-            batch=batch,
-            mesh=sizes,
-            device=cost_device,
-            micro_batches=m,
-            schedule=schedule,
-            name=name,
-            graph_batch=graph_batch,
+            graph, req, batch=batch, mesh=sizes, micro_batches=m, name=name, graph_batch=graph_batch
         )
 
-    plan, run_gm = plan_that_runs(make, micro_batches, model, gm, args, kwargs, batch, dp)
+    plan, run_gm = plan_that_runs(make, req.micro_batches, model, gm, args, kwargs, batch, dp)
     stages = split_stages(run_gm, plan)
     rank = _pp_mesh(dm).get_local_rank()
     local = [s for s in stages if plan.stages[stage_info(s).index].device == rank]
@@ -188,14 +186,29 @@ def compile(
     return program
 
 
+def _compile_request(
+    request: PlanRequest | None,
+    micro_batches: int | None,
+    schedule: str | None,
+    device: str | DeviceSpec | None,
+    torch_device: torch.device,
+) -> PlanRequest:
+    """``request`` with the keywords given to :func:`compile`; the cost model defaults to the
+    device the program runs on (``cpu`` on a CPU mesh, ``h100`` on CUDA)."""
+    given = {"micro_batches": micro_batches, "schedule": schedule, "device": device}
+    options = {k: v for k, v in given.items() if v is not None}
+    if request is None and device is None:
+        options["device"] = "h100" if torch_device.type == "cuda" else "cpu"
+    return PlanRequest.of(request, options)
+
+
 def _plan(
     gm: torch.fx.GraphModule,
+    request: PlanRequest,
     *,
     batch: int,
     mesh: Mapping[str, int],
-    device: str | DeviceSpec,
     micro_batches: int | None,
-    schedule: str,
     name: str,
     graph_batch: int,
 ) -> Plan:
@@ -204,16 +217,9 @@ def _plan(
     from autopart.planning.planner import plan_graph
 
     sizes = {k: v for k, v in mesh.items() if k != "tp" or v > 1}
+    fixed = request.with_options(mesh=format_mesh(sizes), devices=None)
     plan = plan_graph(
-        gm,
-        batch=batch,
-        mesh=sizes,
-        device=device,
-        memory=None,
-        micro_batches=micro_batches,
-        schedule=schedule,
-        name=name,
-        graph_batch=graph_batch,
+        gm, fixed, batch=batch, micro_batches=micro_batches, name=name, graph_batch=graph_batch
     )
     assert (plan.tp is not None) == (sizes.get("tp", 1) > 1), "the planner ignored the tp axis"
     return plan
