@@ -15,7 +15,12 @@ How each number is obtained: every computing node is *replayed* on meta tensors 
   backward; saved tensors are matched to the node's inputs and output by storage, so the memory model
   can count a tensor saved by two consumers once;
 - bytes: every distinct input read once, every output written once; an output that aliases an input
-  (a view) moves nothing.
+  (a view) moves nothing, while an in-place op (``add_``, ``div_``, ``index_put_``) reads its inputs
+  and writes its output like its out-of-place twin.
+
+Inputs that need gradients are replayed as non-leaf tensors (a leaf cloned, which adds no FLOPs),
+because autograd refuses an in-place op on a leaf that requires grad while the model runs it
+on values computed from parameters; the backward is measured with respect to the leaves.
 
 Replays are cached by op and argument signature, so the 80 identical layers of a Llama-70B cost one
 layer's worth of replays. Fused attention (``scaled_dot_product_attention``) replays on meta through
@@ -39,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autopart.cost_models.node_cost import NodeCost
 from autopart.errors import AutopartError
+from autopart.passes.mutations import written_inputs
 
 __all__ = [
     "AnnotationError",
@@ -86,6 +92,8 @@ class _Replay:
     saves_output: bool
     private_saved_bytes: int
     view_of: int | None
+    """The input whose storage the output shares (a view, or the tensor an in-place op writes)."""
+    is_view: bool
 
 
 def node_cost(node: Node) -> NodeCost:
@@ -250,7 +258,7 @@ def _annotate_node(
         saved_from=tuple(dict.fromkeys(n.name for n in saved)),
         private_saved_bytes=replay.private_saved_bytes,
         requires_grad=requires_grad[node],
-        is_view=replay.view_of is not None,
+        is_view=replay.is_view,
         dtype=dtype,
         module=module,
         module_type=module_type,
@@ -293,11 +301,15 @@ def _replay(
     params: Mapping[str, torch.nn.Parameter],
 ) -> _Replay:
     values: dict[Node, Any] = {}
+    leaves: list[list[torch.Tensor]] = []  # per input: the tensors gradients are taken for
     for n, grad in zip(inputs, needs_grad):
+        leaves.append([])
         if n.op == "get_attr" and not isinstance(n.meta.get("val"), torch.Tensor):
             values[n] = _fetch_attr(gm, str(n.target))  # submodule argument of a higher-order op
         else:
-            values[n] = _materialize(n.meta.get("val"), grad)
+            leaf = _materialize(n.meta.get("val"), grad)
+            leaves[-1] = [t for t in tree_flatten(leaf)[0] if isinstance(t, torch.Tensor)]
+            values[n] = _non_leaf(leaf)
     args = torch.fx.node.map_arg(node.args, lambda n: values[n])
     kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: values[n])
     call, module_state = _callable(node, modules)
@@ -321,11 +333,11 @@ def _replay(
     }  # a module's own weights: not activations
 
     grad_outputs = [t for t in outs if t.requires_grad]
-    weight_inputs = [flat_inputs[i] for i in weights if needs_grad[i]]
+    weight_inputs = [t for i in weights for t in leaves[i] if t.requires_grad]
     weight_inputs += [t for t in module_state if t.requires_grad]
     # the weight gradient first: the full backward below may then free the graph
     backward_weight_flops = _grad_flops(grad_outputs, weight_inputs, retain_graph=True)
-    grad_inputs = [v for v, g in zip(flat_inputs, needs_grad) if g]
+    grad_inputs = [t for ts in leaves for t in ts if t.requires_grad]
     grad_inputs += [t for t in module_state if t.requires_grad]
     backward_flops = _grad_flops(grad_outputs, grad_inputs, retain_graph=False)
 
@@ -349,7 +361,7 @@ def _replay(
     if node.op == "call_function" and node.target in _SDPA and outs:
         private_bytes = _lse_bytes(outs[0])  # fused kernels keep only log-sum-exp per row
 
-    is_view = view_of is not None
+    is_view = view_of is not None and not written_inputs(node)
     read = (
         0 if is_view else sum(_tensor_bytes(v) for v in flat_inputs if _storage_key(v) is not None)
     )
@@ -367,6 +379,7 @@ def _replay(
         saves_output=saves_output,
         private_saved_bytes=private_bytes,
         view_of=view_of,
+        is_view=is_view,
     )
 
 
@@ -427,6 +440,16 @@ def _materialize(val: Any, requires_grad: bool) -> Any:
     if isinstance(val, (list, tuple)):
         return type(val)(_materialize(v, requires_grad) for v in val)
     return val
+
+
+def _non_leaf(value: Any) -> Any:
+    """``value`` with every tensor that requires grad replaced by a clone of it: a non-leaf, on
+    which an in-place op is allowed, and whose storage is the one the op sees."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.requires_grad else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_non_leaf(v) for v in value)
+    return value
 
 
 class _OnMeta(TorchDispatchMode):

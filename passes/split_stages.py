@@ -9,8 +9,8 @@ Each stage module owns the parameters and buffers its nodes read, under the mode
   (by an earlier stage or as a model input) and needed by it or by a later stage. A value that skips
   a stage (a U-Net's long skip, a RoPE table sliced on stage 0) is passed through unchanged;
 - stage ``k`` returns the inputs of stage ``k + 1``, in fx node order; the last stage returns the
-  model's outputs flattened, which ``tree_unflatten(out, info.output_spec)`` turns back into the
-  model's output structure.
+  model's tensor outputs flattened, which :func:`rebuild_output` turns back into the model's output
+  structure (with its constant leaves, such as a ``None`` field, put back in place).
 
 A parameter read on two stages (tied embeddings) is copied into both and recorded in
 :attr:`StageInfo.shared_params`, so the runtime can sum the copies' gradients. Stage parameters are
@@ -24,6 +24,13 @@ concrete Python scalar is folded into the stage that reads it, anything else rai
 
 Graphs from the ``torch.fx`` fallback may contain ``call_module`` nodes; their submodules are shared
 by reference with the traced graph, not copied.
+
+In-place writes (``hidden += residual``, BatchNorm's running statistics) run as the model wrote
+them: every node that touches a storage written in place must be on one stage
+(:func:`autopart.passes.mutations.mutation_groups`; the planner keeps them together), so that
+stage runs them in graph order on the same tensors, and a buffer written in place (``running_mean``,
+``num_batches_tracked``) is held, and updated, by that one stage. It is state, never recomputed
+on another stage.
 """
 
 from __future__ import annotations
@@ -32,16 +39,17 @@ import inspect
 import operator
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.graph import _PyTreeCodeGen
-from torch.utils._pytree import TreeSpec, tree_flatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from autopart.errors import AutopartError
+from autopart.passes.mutations import mutation_groups, written_inputs
 from autopart.planning.plans import Plan
 
 __all__ = [
@@ -49,6 +57,9 @@ __all__ = [
     "SplitError",
     "StageInfo",
     "attr_at",
+    "canonical_targets",
+    "model_outputs",
+    "rebuild_output",
     "set_attr_at",
     "split_stages",
     "stage_info",
@@ -86,7 +97,10 @@ class StageInfo:
     model_output_indices: tuple[int, ...]
     """Positions in the flat model outputs of the values this stage computes."""
     output_spec: TreeSpec | None
-    """Pytree spec of the model's outputs (last stage only): ``tree_unflatten(out, output_spec)``."""
+    """Pytree spec of the model's outputs (last stage only; see :func:`rebuild_output`)."""
+    output_constants: Mapping[int, Any] = field(default_factory=dict)
+    """Leaves of the model's flat outputs that the trace made constants (a ``None`` field), by
+    position; the last stage does not return them (pipelining sends and merges tensors only)."""
 
     @property
     def is_first(self) -> bool:
@@ -95,6 +109,17 @@ class StageInfo:
     @property
     def is_last(self) -> bool:
         return self.index == self.num_stages - 1
+
+
+def rebuild_output(info: StageInfo, flat: Sequence[Any]) -> Any:
+    """The model's output, rebuilt from what the last stage (``info``) returns."""
+    assert info.output_spec is not None, "only the last stage returns the model's outputs"
+    tensors = iter(flat)
+    n = info.output_spec.num_leaves
+    leaves = [
+        info.output_constants[i] if i in info.output_constants else next(tensors) for i in range(n)
+    ]
+    return tree_unflatten(leaves, info.output_spec)
 
 
 def stage_info(stage: GraphModule) -> StageInfo:
@@ -117,20 +142,23 @@ def split_stages(gm: GraphModule, plan: Plan) -> list[GraphModule]:
     num_stages = plan.num_stages
     _check_plan(gm, plan.stage_of, num_stages)
     stage = _effective_stages(gm, plan.stage_of)
-    flat_outputs, output_spec = _model_outputs(gm)
+    _check_mutations(gm, stage)
+    flat_outputs, output_spec = model_outputs(gm)
     last_use = _last_use(gm, stage, num_stages)
     folded = _foldable(gm, stage, last_use)
     constant = _buffer_derived(gm)
     crossing = _crossing(gm, stage, last_use, {**folded, **dict.fromkeys(constant)}, num_stages)
     attr_stages = _attr_stages(gm, stage, num_stages)
-    canonical = _canonical_targets(gm)
+    canonical = canonical_targets(gm)
     shared = _shared_params(gm, attr_stages, canonical)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     stages = []
     for s in range(num_stages):
         inputs = placeholders if s == 0 else crossing[s - 1]
         is_last = s == num_stages - 1
-        outputs: Sequence[Any] = flat_outputs if is_last else crossing[s]
+        outputs: Sequence[Any] = (
+            [v for v in flat_outputs if isinstance(v, Node)] if is_last else crossing[s]
+        )
         graph = _stage_graph(
             gm, s, stage, inputs, outputs, attr_stages, folded, canonical, constant
         )
@@ -190,6 +218,19 @@ def _check_plan(gm: GraphModule, stage_of: Mapping[str, int], num_stages: int) -
         )
 
 
+def _check_mutations(gm: GraphModule, stage: Mapping[Node, int]) -> None:
+    for group in mutation_groups(gm):
+        stages = sorted({stage[n] for n in group})
+        if len(stages) > 1:
+            writer = next(n for n in group if written_inputs(n))
+            raise SplitError(
+                f"node {writer.name!r}{_where(writer)} writes a tensor in place, and the nodes that "
+                f"touch that tensor ({_few([n.name for n in group])}) are on stages {stages}: a "
+                "stage would see a copy that misses the write. They must share a stage; plan the "
+                "graph with autopart.planning.planner.plan_graph, which keeps them together."
+            )
+
+
 def _few(names: Sequence[str]) -> str:
     shown = ", ".join(repr(n) for n in names[:3])
     return shown + (", ..." if len(names) > 3 else "")
@@ -230,7 +271,7 @@ def _effective_stages(gm: GraphModule, stage_of: Mapping[str, int]) -> dict[Node
     return stage
 
 
-def _model_outputs(gm: GraphModule) -> tuple[list[Any], TreeSpec]:
+def model_outputs(gm: GraphModule) -> tuple[list[Any], TreeSpec]:
     """The model's flat outputs (nodes or constants) and the spec that rebuilds their structure."""
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     codegen = gm.graph._codegen
@@ -285,8 +326,14 @@ def _buffer_derived(gm: GraphModule) -> set[Node]:
     random op), e.g. RoPE's cos/sin tables or a causal mask. A later stage that reads one computes
     it again instead of receiving it: it costs a few cheap ops instead of a send per micro-batch."""
     params = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+    changing = {n for group in mutation_groups(gm) for n in group}
+    for node in gm.graph.nodes:
+        if written_inputs(node):
+            changing.update((node, *written_inputs(node)))
     derived: set[Node] = set()
     for node in gm.graph.nodes:
+        if node in changing:
+            continue  # state written in place (a running statistic): never computed twice
         if node.op == "get_attr":
             if str(node.target) not in params and isinstance(
                 attr_at(gm, str(node.target)), torch.Tensor
@@ -336,7 +383,7 @@ def _attr_stages(
     return result
 
 
-def _canonical_targets(gm: GraphModule) -> dict[str, str]:
+def canonical_targets(gm: GraphModule) -> dict[str, str]:
     """Every parameter or buffer name of ``gm`` -> the one name a stage registers it under: the
     model's first name for it (``lm_head.weight`` tied to the embedding is ``transformer.wte.weight``),
     so a tied tensor has one name in every stage and in ``model.named_parameters()``."""
@@ -483,6 +530,7 @@ def _info(
     shared: Mapping[str, tuple[int, ...]],
     output_spec: TreeSpec | None,
 ) -> StageInfo:
+    constants = {i: v for i, v in enumerate(flat_outputs) if not isinstance(v, Node)}
     node_names = tuple(n.name for n, st in stage.items() if st == s and n.op in _COMPUTING)
     read_here = {a.name for n in module.graph.nodes if n.op != "output" for a in n.all_input_nodes}
     out_names = set()
@@ -506,4 +554,5 @@ def _info(
             i for i, v in enumerate(flat_outputs) if isinstance(v, Node) and stage.get(v) == s
         ),
         output_spec=output_spec,
+        output_constants=constants if output_spec is not None else {},
     )

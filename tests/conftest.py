@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import multiprocessing.process
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -9,6 +10,24 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _covered_ops_are_checked(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A TP rule test marked ``covers(op, ...)`` must have simulated a node of every op it names:
+    the coverage test (test_tp_rules_coverage.py) counts a rule as tested by these marks."""
+    declared = {name for mark in request.node.iter_markers("covers") for name in mark.args}
+    if not declared:
+        yield
+        return
+    from tests._tp_rule_check import TESTED
+
+    TESTED.clear()
+    yield
+    missing = sorted(declared - TESTED)
+    assert not missing, (
+        f"{request.node.nodeid} is marked covers({missing}) but checked no such node"
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -15,7 +15,7 @@ import inspect
 import sys
 import textwrap
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -121,9 +121,15 @@ def _resolves(module_name: str, qualname: str, obj: Any) -> bool:
 # -- loss ------------------------------------------------------------------------------------------
 
 
-def loss_file(loss_fn: Callable[[Any, Any], torch.Tensor], spec: TreeSpec | None) -> str:
+def loss_file(
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    spec: TreeSpec | None,
+    constants: Mapping[int, Any] | None = None,
+) -> str:
+    """loss.py: the loss and how the model's output is rebuilt from the last stage's flat tensor
+    outputs (``spec``; ``constants``: the flat leaves the trace fixed, by position)."""
     imports, definitions, call_name = _loss_definition(loss_fn)
-    shim_imports, shims, expr = _rebuild(spec)
+    shim_imports, shims, expr = _rebuild(spec, constants or {})
     block = import_block(["from typing import Any", "import torch", *imports, *shim_imports])
     blocks = [
         '"""The training loss, written by autopart.emit.\n\n'
@@ -236,17 +242,36 @@ def _is_constant(value: Any) -> bool:
     return value is None or type(value) in (bool, int, float, str)
 
 
-def _rebuild(spec: TreeSpec | None) -> tuple[list[str], list[str], str]:
+def _literal(value: Any) -> str:
+    """``value`` as Python source (a constant leaf of the model's output, e.g. ``None``)."""
+    text = repr(value)
+    try:
+        same = ast.literal_eval(text) == value or value is None
+    except (ValueError, SyntaxError):
+        same = False
+    if not same:
+        raise EmitError(
+            f"the model's output holds the constant {text}, which the emitted loss cannot write "
+            "as a literal; return tensors, None or numbers."
+        )
+    return text
+
+
+def _rebuild(
+    spec: TreeSpec | None, constants: Mapping[int, Any]
+) -> tuple[list[str], list[str], str]:
     """Imports and class definitions the rebuild needs, and an expression of ``flat`` that rebuilds
-    the structure ``spec`` describes."""
+    the structure ``spec`` describes, with the leaves in ``constants`` written as literals."""
     if spec is None:
         return [], [], "flat[0] if len(flat) == 1 else flat"
     shims: dict[str, str] = {}
-    counter = iter(range(spec.num_leaves))
+    leaves = iter(range(spec.num_leaves))
+    tensors = iter(range(spec.num_leaves))
 
     def build(node: TreeSpec) -> str:
         if node.is_leaf():
-            return f"flat[{next(counter)}]"
+            i = next(leaves)
+            return _literal(constants[i]) if i in constants else f"flat[{next(tensors)}]"
         children = [build(node.child(i)) for i in range(node.num_children)]
         kind = node.type
         if kind is tuple:

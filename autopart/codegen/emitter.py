@@ -7,13 +7,15 @@ program run with torchrun.
                     every model): torchrun --nproc-per-node N run.py [--steps S] [--lr LR]
     config.json     what run.py reads: the mesh, schedule, micro-batches, stage -> pipeline rank,
                     tied parameters, the batch's shapes, each stage's micro-batch inputs and outputs
-                    (local TP shapes), default steps and learning rate
+                    (local TP shapes), default steps and learning rate, and which stage tensor
+                    holds each key of the model's state_dict() (``--save-weights`` writes those)
     plan.json       the plan the stages come from (for reference; run.py does not read it)
     stage_K.py      one file per pipeline stage: class ``StageK(torch.nn.Module)``; with tp > 1 the
                     code every TP rank of the stage runs (``SHARDED`` names the split tensors)
     collectives.py  (tp > 1) the TP collectives, copied from autopart/codegen/templates/collectives.py
     loss.py         the loss: the user's loss function as source, wrapped for the last stage
-    weights.pt      every parameter and buffer, whole, under the model's own names (torch.save)
+    weights.pt      every parameter and buffer, whole, under the model's own names (torch.save),
+                    and the model's state-dict entries that no stage reads
     data.pt         the batch the program trains on: {"inputs": [...], "target": tensor}
 
 The program needs torch only: no autopart and no planning at run time.
@@ -92,10 +94,11 @@ if TYPE_CHECKING:
     from autopart.passes.split_stages import StageInfo
     from autopart.passes.tp.placements import Placement
     from autopart.runtime.program import ParallelProgram
+    from autopart.runtime.stage_io import StateLayout
 
 __all__ = ["CONFIG_FORMAT_VERSION", "EmitError", "emit", "emit_model"]
 
-CONFIG_FORMAT_VERSION = 2
+CONFIG_FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +117,8 @@ class _Program:
     io: Mapping[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]
     """Stage -> meta tensors of one micro-batch's tensor inputs and outputs as a rank sends and
     receives them (local TP shapes); run.py gives them to ``PipelineStage``."""
+    layout: StateLayout
+    """Which stage tensor holds each key of the model's state dict (run.py's ``--save-weights``)."""
 
 
 def emit(
@@ -173,8 +178,9 @@ def emit_model(
     """``autopart emit``: build the MODEL string ``spec`` (seed 0), a random target and loss for
     its example batch (:func:`autopart.runtime.launch.training_batch`), plan it as ``request``
     asks (default: pp=2 on the ``cpu`` cost model, the gloo runtime's; ``options`` replace its
-    fields), and :func:`emit` it. Without ``micro_batches``, fewer micro-batches are tried when the
-    model's graph changes at the planned micro-batch size, as :func:`compile` does."""
+    fields), and :func:`emit` it. When the model's graph changes at the planned micro-batch size,
+    that graph is planned itself, as :func:`compile` does
+    (:func:`autopart.runtime.stage_io.plan_that_runs`)."""
     from autopart.capture.tracing import trace
     from autopart.models.model_spec import load_model, parse_config_overrides
     from autopart.passes.annotate import annotate
@@ -193,8 +199,10 @@ def emit_model(
     gm = annotate(trace(loaded.model, args, kwargs))
     size = batch_size(tree_flatten((args, kwargs))[0])
 
-    def make(m: int | None) -> Plan:
-        return plan_graph(gm, req, batch=size, micro_batches=m, name=loaded.name)
+    def make(graph: GraphModule, graph_batch: int, m: int | None) -> Plan:
+        return plan_graph(
+            graph, req, batch=size, micro_batches=m, name=loaded.name, graph_batch=graph_batch
+        )
 
     plan, _ = plan_that_runs(make, req.micro_batches, loaded.model, gm, args, kwargs, size, dp)
     out = emit(
@@ -217,7 +225,8 @@ def _sources(program: _Program) -> dict[str, str]:
     files = {"run.py": _launcher_source()}
     files["config.json"] = _config(program)
     files["plan.json"] = plan.to_json() + "\n"
-    files["loss.py"] = loss_file(program.loss_fn, program.infos[-1].output_spec)
+    last = program.infos[-1]
+    files["loss.py"] = loss_file(program.loss_fn, last.output_spec, last.output_constants)
     storage = _tp_storage(program)
     if storage is not None:
         files["collectives.py"] = _collectives_source()
@@ -249,7 +258,15 @@ def _from_plan(
     from autopart.passes.split_stages import split_stages, stage_info
     from autopart.passes.tp.check import check_tp_plan
     from autopart.planning.mesh_plan import batch_size
-    from autopart.runtime.stage_io import ProgramInputs, micro_batch_graph, stage_io, value_metas
+    from autopart.runtime.stage_io import (
+        ProgramInputs,
+        StateLayout,
+        micro_batch_graph,
+        plan_made_for,
+        same_nodes,
+        stage_io,
+        value_metas,
+    )
 
     missing = [
         name
@@ -290,11 +307,13 @@ def _from_plan(
         )
     gm = trace(model, args, kwargs)
     run_gm = micro_batch_graph(model, gm, args, kwargs, batch, chunks)
-    if run_gm is None:
+    if not same_nodes(gm, run_gm) and not plan_made_for(plan, run_gm):
         raise EmitError(
             f"{type(model).__name__} traces to a different graph at micro-batch size "
-            f"{batch // chunks} than at batch size {batch}, so the plan's stages cannot "
-            "be reused; plan again with another micro_batches."
+            f"{batch // chunks} than at batch size {batch}, and the plan was made for the whole "
+            "batch's graph, so its stages do not apply; plan the graph traced at one micro-batch "
+            "(plan_graph(..., graph_batch=...)), or use autopart.compile or `autopart emit`, which "
+            "do so."
         )
     if plan.tp is not None:
         check_tp_plan(run_gm, plan.tp)  # a plan for another graph is an error, never applied
@@ -311,6 +330,7 @@ def _from_plan(
         steps=steps,
         lr=lr,
         io={i.index: stage_io(metas, plan.tp, i) for i in infos},
+        layout=StateLayout.of(model, run_gm, stages),
     )
 
 
@@ -353,10 +373,11 @@ def _emit_program(
         steps=steps,
         lr=lr,
         io=program._all_metas,
+        layout=program._state.layout,
     )
     sources = _sources(emitted)  # every rank: a mistake raises everywhere, nobody waits
     # Every rank's parameters and buffers, TP shards joined back into whole tensors.
-    state = program._gather_state(buffers=True, to=0)  # rank 0 writes
+    state = program._gather_state(to=0)  # rank 0 writes
     status: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
@@ -412,7 +433,10 @@ def _write(
     for name, text in files.items():
         (out / name).write_text(text)
     # clone(): a tensor that views a larger storage would otherwise save all of it.
-    weights = {name: t.detach().cpu().clone() for name, t in state.items()}
+    weights = {
+        name: _cpu(t).clone() if isinstance(t, torch.Tensor) else t
+        for name, t in {**state, **program.layout.constants}.items()
+    }
     torch.save(weights, out / "weights.pt")
     data = {
         "inputs": [_cpu(x).clone() if isinstance(x, torch.Tensor) else x for x in program.inputs],
@@ -457,6 +481,8 @@ def _config(program: _Program) -> str:
         ],
         "steps": program.steps,
         "lr": program.lr,
+        # the model's state_dict() keys, in order -> the stage tensor (or weights.pt entry) holding it
+        "state_dict": dict(program.layout.sources),
     }
     if plan.schedule in SPLIT_BACKWARD:  # only then, so other programs' config is unchanged
         config["weight_grads_with_input_grads"] = stages_keeping_weight_grads(

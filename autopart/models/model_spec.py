@@ -25,6 +25,9 @@ from autopart.errors import ModelSpecError
 from autopart.models._factory import load_factory
 from autopart.models.zoo import DEFAULT_BATCH, DEFAULT_SEQ, ZOO, list_models, seeded_build
 
+_DEFAULT_IMAGE_SIZE = 32
+"""Image side for vision configs that do not fix one (ResNets take any size)."""
+
 __all__ = ["LoadedModel", "list_models", "load_model", "parse_config_overrides"]
 
 _FORMS = (
@@ -48,9 +51,10 @@ class LoadedModel:
 
 
 def parse_config_overrides(text: str) -> dict[str, str]:
-    """Parse ``"n_layer=2,n_embd=64"`` into ``{"n_layer": "2", "n_embd": "64"}``."""
+    """Parse ``"n_layer=2,n_embd=64"`` into ``{"n_layer": "2", "n_embd": "64"}``; a list value is
+    written in brackets (``"hidden_sizes=[16,32]"``)."""
     overrides: dict[str, str] = {}
-    for item in (part.strip() for part in text.split(",")):
+    for item in (part.strip() for part in _split_top_level(text)):
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key or not value:
@@ -62,6 +66,18 @@ def parse_config_overrides(text: str) -> dict[str, str]:
             raise ModelSpecError(f"config key {key!r} is given twice in {text!r}; keep one of them")
         overrides[key] = value
     return overrides
+
+
+def _split_top_level(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
 
 
 def load_model(
@@ -197,18 +213,44 @@ def _load_hf(
             "run pip install 'autopart[hf]'"
         ) from e
     cfg = _hf_config(transformers, model_type, config)
+    if isinstance(getattr(cfg, "vocab_size", None), int):
+        build = _hf_token_inputs(transformers, model_type, cfg, batch, seq, dtype, seed)
+    elif isinstance(getattr(cfg, "num_channels", None), int):
+        build = _hf_image_inputs(transformers, cfg, batch, dtype, seed)
+    else:
+        raise ModelSpecError(
+            f"hf:{model_type} takes neither token ids (no vocab_size) nor images (no "
+            "num_channels); autopart builds example inputs for those two only here: write a "
+            "path/to/file.py:factory instead"
+        )
+    model, inputs, kwargs = _build_on(_resolve_device(device), build)
+    description = (
+        f"transformers {type(model).__name__} from the {model_type} config, random weights"
+    )
+    return LoadedModel(f"hf:{model_type}", model, inputs, kwargs, "hf", description)
+
+
+_Build = Callable[[torch.device], tuple[nn.Module, tuple[Any, ...], dict[str, Any]]]
+
+
+def _hf_token_inputs(
+    transformers: Any,
+    model_type: str,
+    cfg: Any,
+    batch: int | None,
+    seq: int | None,
+    dtype: torch.dtype,
+    seed: int,
+) -> _Build:
+    """A builder of a token model and a random batch of ``batch x seq`` token ids (and decoder
+    ids, by keyword, for an encoder-decoder)."""
+    vocab_size = cfg.vocab_size
     context = getattr(cfg, "max_position_embeddings", None) or DEFAULT_SEQ
     batch, seq = batch or DEFAULT_BATCH, seq or min(DEFAULT_SEQ, context)
     if seq > context:
         raise ModelSpecError(
             f"hf:{model_type} has max_position_embeddings={context} but seq={seq} was asked for; "
             f"pass --seq {context} or less, or raise it with --config max_position_embeddings=..."
-        )
-    vocab_size = getattr(cfg, "vocab_size", None)
-    if not isinstance(vocab_size, int):
-        raise ModelSpecError(
-            f"hf:{model_type} has no vocab_size, so it does not take token ids; autopart builds "
-            "example inputs only for token models here: write a path/to/file.py:factory instead"
         )
 
     def build(on: torch.device) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]]:
@@ -224,11 +266,27 @@ def _load_hf(
         kwargs = {"decoder_input_ids": torch.randint(0, vocab_size, (batch, seq), generator=gen)}
         return model, (ids.to(on),), ({k: v.to(on) for k, v in kwargs.items()} if decoder else {})
 
-    model, inputs, kwargs = _build_on(_resolve_device(device), build)
-    description = (
-        f"transformers {type(model).__name__} from the {model_type} config, random weights"
-    )
-    return LoadedModel(f"hf:{model_type}", model, inputs, kwargs, "hf", description)
+    return build
+
+
+def _hf_image_inputs(
+    transformers: Any, cfg: Any, batch: int | None, dtype: torch.dtype, seed: int
+) -> _Build:
+    """A builder of an image model and a random batch of ``num_channels x image_size^2`` images
+    (``image_size`` from the config; 32 where it has none, as ResNets)."""
+    batch = batch or DEFAULT_BATCH
+    size = getattr(cfg, "image_size", None) or _DEFAULT_IMAGE_SIZE
+    shape = (batch, cfg.num_channels, size, size)
+
+    def build(on: torch.device) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]]:
+        with seeded_build(on, seed):
+            model = _hf_model(transformers, cfg).to(dtype)
+        if on.type == "meta":
+            return model, (torch.empty(shape, dtype=dtype, device=on),), {}
+        gen = torch.Generator().manual_seed(seed)
+        return model, (torch.randn(shape, generator=gen).to(dtype).to(on),), {}
+
+    return build
 
 
 def _hf_config(transformers: Any, model_type: str, config: Mapping[str, str]) -> Any:
@@ -244,6 +302,7 @@ def _hf_config(transformers: Any, model_type: str, config: Mapping[str, str]) ->
     default = transformers.AutoConfig.for_model(model_type)
     valid = {k for k in default.to_dict() if not k.startswith("_")}
     valid |= set(getattr(default, "attribute_map", {}))
+    valid |= {"num_labels"}  # a property of every config (it sizes id2label), not a dict key
     for key in config:
         if key not in valid:
             close = difflib.get_close_matches(key, sorted(valid), n=1)
@@ -264,20 +323,29 @@ def _hf_config(transformers: Any, model_type: str, config: Mapping[str, str]) ->
 
 
 def _hf_model(transformers: Any, cfg: Any) -> nn.Module:
-    """A causal LM where the architecture is one (gpt2, llama), a sequence-to-sequence LM for an
-    encoder-decoder (t5, bart), else the bare model (bert)."""
+    """The model a user trains from this config: a sequence-to-sequence LM for an encoder-decoder
+    (t5, bart), a masked LM for an encoder (bert), a causal LM for a decoder (gpt2, llama), an
+    image classifier for a vision model (vit, resnet); else the bare model."""
     from transformers.models.auto import modeling_auto
 
     config_class = type(cfg)
-    causal = (
-        config_class in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING
-        and config_class not in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING  # encoders such as bert
-    )
+    masked = config_class in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING
     seq2seq = getattr(cfg, "is_encoder_decoder", False) and (
         config_class in modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
     )
-    auto_classes = [transformers.AutoModelForSeq2SeqLM] if seq2seq else []
-    auto_classes += [transformers.AutoModelForCausalLM] if causal and not seq2seq else []
+    heads = (
+        (seq2seq, transformers.AutoModelForSeq2SeqLM),
+        (masked and not seq2seq, transformers.AutoModelForMaskedLM),
+        (
+            config_class in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING and not (masked or seq2seq),
+            transformers.AutoModelForCausalLM,
+        ),
+        (
+            config_class in modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING,
+            transformers.AutoModelForImageClassification,
+        ),
+    )
+    auto_classes = [auto for applies, auto in heads if applies]
     auto_classes.append(transformers.AutoModel)
     errors = []
     for auto_class in auto_classes:
@@ -295,7 +363,11 @@ def _hf_model(transformers: Any, cfg: Any) -> nn.Module:
 
 
 def _parse_value(text: str) -> Any:
-    """``"2"`` -> 2, ``"0.1"`` -> 0.1, ``"true"`` -> True, ``"none"`` -> None, else the string."""
+    """``"2"`` -> 2, ``"0.1"`` -> 0.1, ``"true"`` -> True, ``"none"`` -> None, ``"[16,32]"`` ->
+    ``[16, 32]``, else the string."""
+    if text.startswith("[") and text.endswith("]"):
+        inner = text[1:-1].strip()
+        return [_parse_value(part.strip()) for part in _split_top_level(inner)] if inner else []
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"

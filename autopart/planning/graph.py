@@ -8,6 +8,9 @@ coarsening into blocks (:class:`BlockGraph`) that the stage solvers assign to pi
   order: a pipeline returns its outputs from the last stage, so such a tensor travels there.
 - Blocks are contiguous intervals of the fx topological order, so each block is convex and any
   assignment of blocks to stages that never decreases along a tensor is a valid pipeline.
+- Nodes that touch a tensor written in place (:func:`autopart.passes.mutations.mutation_groups`)
+  must share a stage: every node from the first to the last of such a group is marked
+  ``keep_with_previous`` but the first, and :func:`coarsen` never cuts before a marked node.
 - Repeated layers are module paths ``<prefix>.<int>`` whose siblings (at least two) share the
   prefix and the module type, e.g. ``transformer.h.3`` or ``model.layers.3``; the outermost one
   containing a node is that node's layer.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +35,7 @@ from autopart.cost_models.devices import DeviceSpec
 from autopart.cost_models.memory import param_table
 from autopart.errors import AutopartError
 from autopart.passes.annotate import node_cost
+from autopart.passes.mutations import mutation_groups
 from autopart.planning.blocks import Block, BlockGraph, CrossTensor, PartitionError
 from autopart.planning.cuts import best_split_cuts, choose_cuts, crossing_bytes, merge_cuts
 
@@ -77,6 +82,9 @@ class OpNode:
     backward_weight_s: float = 0.0
     """The part of ``backward_s`` that computes parameter gradients (``W`` in a zero-bubble
     schedule); the rest, :attr:`backward_input_s`, computes input gradients (``B``)."""
+    keep_with_previous: bool = False
+    """No stage boundary may fall right before this node: it lies inside a run of nodes that
+    touch one tensor written in place, which must run on one stage (see the module docstring)."""
 
     def __post_init__(self) -> None:
         for name in ("forward_s", "backward_s", "flops", "output_bytes", "backward_flops"):
@@ -165,6 +173,7 @@ class OpGraph:
         table = {name: nbytes for name, (_, nbytes, _) in param_table(gm).items()}
         layer_of = _node_layers(gm)
         solver = [n for n in gm.graph.nodes if n.op not in _NON_SOLVER_OPS]
+        kept = _kept_with_previous(gm, [n.name for n in solver])
         outputs = {a.name for n in gm.graph.nodes if n.op == "output" for a in n.all_input_nodes}
         nodes: dict[str, OpNode] = {}
         values: dict[str, int] = {}
@@ -191,6 +200,7 @@ class OpGraph:
                 layer=layer_of.get(n.name),
                 is_output=n.name in outputs,
                 backward_weight_s=compute.backward_weight_s(n.name, cost),
+                keep_with_previous=n.name in kept,
             )
         return cls(
             nodes, table, {k: v for k, v in values.items() if k not in table}, compute.device
@@ -218,6 +228,16 @@ class OpGraph:
         nodes = {name: _scale_node(n, factor) for name, n in self.nodes.items()}
         values = {k: round(v * factor) for k, v in self.value_bytes.items()}
         return OpGraph(nodes, self.param_bytes_by_name, values, self.device)
+
+
+def _kept_with_previous(gm: GraphModule, order: Sequence[str]) -> set[str]:
+    """Nodes inside (not first in) the run of ``order`` spanned by a mutation group."""
+    pos = {name: i for i, name in enumerate(order)}
+    kept: set[str] = set()
+    for group in mutation_groups(gm):
+        span = [pos[n.name] for n in group]
+        kept.update(order[min(span) + 1 : max(span) + 1])
+    return kept
 
 
 def detect_layers(module_types: Mapping[str, str]) -> set[str]:
@@ -306,6 +326,7 @@ def coarsen(op_graph: OpGraph, *, max_blocks: int, num_stages: int | None = None
     nbytes = [op_graph.nodes[name].output_bytes for name in order]
     crossing = crossing_bytes(list(range(len(order))), last, nbytes, len(order))
     weights = [op_graph.nodes[name].compute_s for name in order]
+    kept = {k for k, name in enumerate(order) if op_graph.nodes[name].keep_with_previous}
     forced: list[int] = []
     if num_stages is not None and num_stages > 1:
         if num_stages > max_blocks:
@@ -318,11 +339,13 @@ def coarsen(op_graph: OpGraph, *, max_blocks: int, num_stages: int | None = None
                 "use fewer stages"
             )
         device = op_graph.device
+        comm_s = [p2p_time_s(x, device) if device else 0.0 for x in crossing]
         forced = best_split_cuts(
-            weights, [p2p_time_s(x, device) if device else 0.0 for x in crossing], num_stages
+            weights, [math.inf if k in kept else c for k, c in enumerate(comm_s)], num_stages
         )
     cuts = choose_cuts(weights, crossing, _boundary_rank(op_graph), max_blocks - len(forced))
-    bounds = [0, *merge_cuts(weights, cuts, forced), len(order)]
+    merged = [k for k in merge_cuts(weights, cuts, forced) if k not in kept]
+    bounds = [0, *merged, len(order)]
     return group_blocks(op_graph, [order[a:b] for a, b in itertools.pairwise(bounds)])
 
 

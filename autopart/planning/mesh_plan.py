@@ -221,17 +221,20 @@ def plan_mesh(
     options: Mapping[str, list[int]],
     progress: Callable[[str], None] | None = None,
     start_s: float | None = None,
+    graph_batch: int | None = None,
 ) -> Plan:
-    """Plan the pipeline of one ``dp x pp x tp`` mesh on ``og_full`` (the graph at the global
-    ``batch``; without ``tp`` the plain costs, with it ``og_full`` is ignored for the TP-adjusted
-    graph): each replica plans on its share of the batch."""
+    """Plan the pipeline of one ``dp x pp x tp`` mesh on ``og_full`` (the graph traced at
+    ``graph_batch`` samples, by default the global ``batch``; without ``tp`` the plain costs, with
+    it ``og_full`` is ignored for the TP-adjusted graph): each replica plans on its share of the
+    batch. A graph traced at one micro-batch is costed at the shapes it runs with."""
     say = progress or (lambda _msg: None)
     start = time.perf_counter() if start_s is None else start_s
     p, degree = pp, (tp.plan.degree if tp is not None else 1)
     spec = pipeline_device(setup.spec, pp=p, tp=degree)
     og = tp.costs.op_graph if tp is not None else og_full
-    if dp > 1:  # the graph was traced at the global batch
-        og = og.scaled(1.0 / dp)
+    traced = graph_batch or batch
+    if traced * dp != batch:  # costs for one replica's share of the batch
+        og = og.scaled(batch / (dp * traced))
     if spec is not og.device:
         og = dataclasses.replace(og, device=spec)
     # Blocks per stage: with TP the stage ILP takes far longer to prove optimality on as many
@@ -268,7 +271,9 @@ def plan_mesh(
         return result
     mesh = {"dp": dp, "pp": p} if tp is None else {"dp": dp, "pp": p, "tp": degree}
     return dataclasses.replace(
-        result, mesh=mesh, tp=_tp_section(tp, result, dp) if tp is not None else None
+        result,
+        mesh=mesh,
+        tp=_tp_section(tp, result, batch, dp * traced) if tp is not None else None,
     )
 
 
@@ -560,14 +565,17 @@ def _no_fit_error(
     )
 
 
-def _tp_section(tp: TPCostsOf, plan: Plan, dp: int) -> TPSection:
+def _tp_section(tp: TPCostsOf, plan: Plan, batch: int, per_replica: int) -> TPSection:
     """The plan's ``tp`` section; ``comm_bytes_per_step`` is what the busiest rank sends: the
-    collectives of its stages, on its replica's share of the batch."""
+    collectives of its stages, on its replica's share of the batch (``batch / per_replica`` times
+    the traced graph's)."""
     p = plan.mesh["pp"]
     sent = [0] * p
     for node, nbytes in tp.costs.comm_bytes_by_node.items():
         sent[plan.stages[plan.stage_of[node]].device] += nbytes
-    return dataclasses.replace(TPSection.from_tp_plan(tp.plan), comm_bytes_per_step=max(sent) // dp)
+    return dataclasses.replace(
+        TPSection.from_tp_plan(tp.plan), comm_bytes_per_step=max(sent) * batch // per_replica
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from autopart.errors import AutopartError
 from autopart.planning.graph import OpGraph
 from autopart.planning.mesh_plan import (
     MEMORY_ERRORS,
@@ -69,9 +70,15 @@ def plan_graph(
     *,
     batch: int,
     progress: Callable[[str], None] | None = None,
+    graph_batch: int | None = None,
     **options: Any,
 ) -> Plan:
     """Plan an already annotated graph, traced at the global ``batch`` (see :func:`plan`).
+
+    ``gm`` was traced at ``graph_batch`` samples (default: the global ``batch``). Costs scale
+    linearly from there to one micro-batch, so a graph traced at one micro-batch's shapes
+    (``graph_batch = batch / (dp * micro_batches)``, the graph the pipeline runs) is costed at the
+    shapes it runs with.
 
     With a ``tp`` axis above 1, the TP ILP shards every node over the TP ranks
     (:func:`autopart.solver.tp_ilp.solve_tp`, solved once on the whole graph) and the stages are
@@ -84,6 +91,11 @@ def plan_graph(
     if req.is_auto:
         from autopart.planning.mesh_search import search_mesh
 
+        if graph_batch not in (None, batch):
+            raise AutopartError(
+                "mesh='auto' plans a graph traced at the global batch; trace the model at the "
+                f"batch of {batch} (not {graph_batch}) or name the mesh."
+            )
         return search_mesh(gm, req, batch=batch, progress=progress).plan
     axes = req.axes
     dp, p, tp = axes["dp"], axes["pp"], axes["tp"]
@@ -105,12 +117,16 @@ def plan_graph(
             options=mb_options,
             progress=say,
             start_s=start,
+            graph_batch=graph_batch,
         )
 
     if tp == 1:
         return plan_with(None)
-    # Collective latency is paid once per micro-batch: exact for the most micro-batches.
-    m_tp = dp * max(counts[0] for counts in mb_options.values())
+    # Collective latency is paid once per micro-batch: exact for the most micro-batches (the
+    # micro-batches of the traced graph's batch: one for a graph traced at one micro-batch).
+    m_tp = max(
+        1, dp * max(counts[0] for counts in mb_options.values()) * (graph_batch or batch) // batch
+    )
     say(f"solving tensor parallelism over {tp} ranks")
     fastest = solve_tp_costs(gm, og, tp, setup, micro_batches=m_tp)
     try:

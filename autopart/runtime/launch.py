@@ -60,8 +60,9 @@ class RunReport:
 
 
 def training_batch(loaded: Any, seed: int = 0) -> tuple[Any, Callable[[Any, Any], torch.Tensor]]:
-    """A seeded random target for ``loaded``'s example batch and a loss: next-token cross-entropy
-    for token models, mean squared error (summed over several outputs) otherwise."""
+    """A seeded random target for ``loaded``'s example batch and a loss: cross-entropy over the
+    last dimension for models with logits (token models, image classifiers), mean squared error
+    (summed over several outputs) otherwise."""
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         out = loaded.model(*loaded.example_inputs, **loaded.example_kwargs)
@@ -72,8 +73,9 @@ def training_batch(loaded: Any, seed: int = 0) -> tuple[Any, Callable[[Any, Any]
             return sum(torch.nn.functional.mse_loss(o, tgt) for o in outs)  # type: ignore[return-value]
 
         return target, several
-    if loaded.example_inputs[0].dtype == torch.long:
-        logits = getattr(out, "logits", out)  # Hugging Face models return a ModelOutput
+    logits = getattr(out, "logits", None)  # Hugging Face models return a ModelOutput
+    if logits is not None or loaded.example_inputs[0].dtype == torch.long:
+        logits = out if logits is None else logits
         target = torch.randint(0, logits.shape[-1], tuple(logits.shape[:-1]), generator=gen)
 
         def tokens(output: Any, tgt: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ are summed per ``(dp, tp)`` coordinate; data parallelism stays torch's DDP over 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -41,7 +42,6 @@ from torch.distributed.pipelining import (
     ScheduleZBVZeroBubble,
 )
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from autopart.codegen.templates.run import (
     BindConstants,
@@ -53,22 +53,25 @@ from autopart.codegen.templates.run import (
 )
 from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
-from autopart.planning.plans import Plan, TPSection, parse_mesh
+from autopart.planning.plans import Plan, TPSection, format_mesh, parse_mesh
+from autopart.planning.request import PlanRequest
 
 # The emitted launcher's helpers (torch only): the runtime and the programs autopart.emit writes
 # bind non-tensor inputs and make cross-rank tensors contiguous with the same code.
 from autopart.planning.schedule import SPLIT_BACKWARD, ScheduleKind
+from autopart.runtime.checkpoint import CheckpointError, ShardedState
+from autopart.runtime.outputs import OutputMerge, OutputMergeError
 from autopart.runtime.stage_io import (
     ProgramInputs,
     RuntimeSetupError,
-    micro_batch_graph,
+    StateLayout,
     plan_that_runs,
     stage_io,
     value_metas,
 )
 from autopart.runtime.weight_grads import stages_keeping_weight_grads
 
-__all__ = ["ParallelProgram", "PeerFailureError", "RuntimeSetupError", "compile"]
+__all__ = ["CheckpointError", "ParallelProgram", "PeerFailureError", "RuntimeSetupError", "compile"]
 
 _SCHEDULES: dict[ScheduleKind, type[PipelineScheduleSingle] | type[PipelineScheduleMulti]] = {
     ScheduleKind.GPIPE: ScheduleGPipe,
@@ -105,9 +108,10 @@ def compile(
     *,
     example_inputs: Any,
     example_kwargs: Mapping[str, Any] | None = None,
-    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    request: PlanRequest | None = None,
     micro_batches: int | None = None,
-    schedule: str = "auto",
+    schedule: str | None = None,
     stages_per_rank: int | None = None,
     device: str | DeviceSpec | None = None,
     verify: bool = False,
@@ -118,7 +122,10 @@ def compile(
     spec such as ``"pp=2"`` or ``"dp=2,pp=2,tp=2"`` resolved against the default process group.
     ``example_inputs`` is one global batch (it fixes the shapes every step must have). ``device``
     names (or is) the cost model used for planning (default: ``cpu`` on a CPU mesh, ``h100`` on
-    CUDA). ``stages_per_rank`` fixes the pipeline stages each rank runs (default: planned).
+    CUDA). ``request`` (a :class:`~autopart.planning.request.PlanRequest`) sets the other planning
+    options (``memory``, ``optimizer``, ``time_limit_s``, ...); its mesh is ``mesh``'s, and
+    ``micro_batches``, ``schedule``, ``stages_per_rank`` (the pipeline stages each rank runs)
+    and ``device``, when given, replace its fields.
     ``verify=True`` checks each tensor-parallel stage against the unsharded stage on the
     first micro-batch before returning (:mod:`autopart.runtime.verify`), raising
     :class:`~autopart.runtime.verify.TPVerificationError` naming the first node that differs.
@@ -126,13 +133,12 @@ def compile(
     from autopart.capture.tracing import trace
     from autopart.passes.annotate import annotate
     from autopart.passes.split_stages import split_stages, stage_info
-    from autopart.passes.tp.check import check_tp_plan
     from autopart.planning.mesh_plan import batch_size
 
     dm = _resolve_mesh(mesh)
     dp, pp, tp = _axis_size(dm, "dp"), _axis_size(dm, "pp"), _axis_size(dm, "tp")
     torch_device = _torch_device(dm)
-    cost_device = device or ("h100" if torch_device.type == "cuda" else "cpu")
+    req = _compile_request(request, micro_batches, schedule, stages_per_rank, device, torch_device)
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     inputs = ProgramInputs.of(args, kwargs)
@@ -145,42 +151,27 @@ def compile(
             f"that is a multiple of {dp}."
         )
     replica = batch // dp  # each data-parallel replica pipelines its share of the batch
-    if micro_batches is not None and (micro_batches < 1 or replica % micro_batches):
+    if req.micro_batches is not None and replica % req.micro_batches:
         raise RuntimeSetupError(
-            f"a batch of {replica} per replica does not split into {micro_batches} equal micro-batches; "
-            f"choose a divisor of {replica}."
+            f"a batch of {replica} per replica does not split into {req.micro_batches} equal "
+            f"micro-batches; choose a divisor of {replica}."
         )
 
-    def make(m: int | None) -> Plan:
+    def make(graph: torch.fx.GraphModule, graph_batch: int, m: int | None) -> Plan:
         sizes = {"dp": dp, "pp": pp, "tp": tp}
-        name = type(model).__name__
+        name = req.name or type(model).__name__
         return _plan(
-            gm,
-            batch=batch,
-            mesh=sizes,
-            device=cost_device,
-            micro_batches=m,
-            schedule=schedule,
-            stages_per_rank=stages_per_rank,
-            name=name,
+            graph, req, batch=batch, mesh=sizes, micro_batches=m, name=name, graph_batch=graph_batch
         )
 
-    plan, run_gm = plan_that_runs(make, micro_batches, model, gm, args, kwargs, batch, dp)
-    if run_gm is None:
-        same = micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
-        if same is not None and plan.tp is not None:
-            check_tp_plan(same, plan.tp)  # raises, naming the node whose placement does not hold
-        raise RuntimeSetupError(
-            f"{type(model).__name__} traces to a different graph at micro-batch size {replica // plan.micro_batches} "
-            f"than at batch size {batch} (its graph depends on the batch size), so the plan cannot be reused; "
-            "choose another micro_batches or make the model's graph independent of the batch size."
-        )
+    plan, run_gm = plan_that_runs(make, req.micro_batches, model, gm, args, kwargs, batch, dp)
     stages = split_stages(run_gm, plan)
     rank = _pp_mesh(dm).get_local_rank()
     local = [s for s in stages if plan.stages[stage_info(s).index].device == rank]
+    _warn_without_parameters(local, rank, plan)
     if plan.tp is not None and plan.tp.degree > 1:
         local = _shard_stages(stages, local, plan.tp, dm)
-    local = [s.to(torch_device) for s in local]
+    local = _share_tied_copies([s.to(torch_device) for s in local])
     if verify and plan.tp is not None and plan.tp.degree > 1:
         _verify_tp(run_gm, inputs.micro_batch(batch, dp * plan.micro_batches), stages, local, dm)
     for stage in local:
@@ -198,6 +189,8 @@ def compile(
         torch_device,
         inputs,
         {info.index: stage_io(metas, plan.tp, info) for info in (stage_info(s) for s in local)},
+        OutputMerge.of(gm, run_gm),
+        layout=StateLayout.of(model, run_gm, stages),
     )
     # for autopart.emit, which writes every stage's code and its inputs' and outputs' metadata
     program._all_stages = stages
@@ -205,35 +198,85 @@ def compile(
     return program
 
 
+def _compile_request(
+    request: PlanRequest | None,
+    micro_batches: int | None,
+    schedule: str | None,
+    stages_per_rank: int | None,
+    device: str | DeviceSpec | None,
+    torch_device: torch.device,
+) -> PlanRequest:
+    """``request`` with the keywords given to :func:`compile`; the cost model defaults to the
+    device the program runs on (``cpu`` on a CPU mesh, ``h100`` on CUDA)."""
+    given = {
+        "micro_batches": micro_batches,
+        "schedule": schedule,
+        "stages_per_rank": stages_per_rank,
+        "device": device,
+    }
+    options = {k: v for k, v in given.items() if v is not None}
+    if request is None and device is None:
+        options["device"] = "h100" if torch_device.type == "cuda" else "cpu"
+    return PlanRequest.of(request, options)
+
+
 def _plan(
     gm: torch.fx.GraphModule,
+    request: PlanRequest,
     *,
     batch: int,
     mesh: Mapping[str, int],
-    device: str | DeviceSpec,
     micro_batches: int | None,
-    schedule: str,
-    stages_per_rank: int | None,
     name: str,
+    graph_batch: int,
 ) -> Plan:
-    """The plan for ``mesh`` ({"dp", "pp", "tp"} sizes); with ``tp > 1`` its ``tp`` section places
-    every node of ``gm``."""
+    """The plan for ``mesh`` ({"dp", "pp", "tp"} sizes) of ``gm``, traced at ``graph_batch``
+    samples; with ``tp > 1`` its ``tp`` section places every node of ``gm``."""
     from autopart.planning.planner import plan_graph
 
     sizes = {k: v for k, v in mesh.items() if k != "tp" or v > 1}
+    fixed = request.with_options(mesh=format_mesh(sizes), devices=None)
     plan = plan_graph(
-        gm,
-        batch=batch,
-        mesh=sizes,
-        device=device,
-        memory=None,
-        micro_batches=micro_batches,
-        schedule=schedule,
-        stages_per_rank=stages_per_rank,
-        name=name,
+        gm, fixed, batch=batch, micro_batches=micro_batches, name=name, graph_batch=graph_batch
     )
     assert (plan.tp is not None) == (sizes.get("tp", 1) > 1), "the planner ignored the tp axis"
     return plan
+
+
+def _warn_without_parameters(local: list[torch.fx.GraphModule], rank: int, plan: Plan) -> None:
+    """The planner gives every pipeline rank a parameter when the model has a parameter-holding
+    block per stage; a model with fewer (two linears on four ranks) leaves some rank without."""
+    if any(True for stage in local for _ in stage.parameters()):
+        return
+    warnings.warn(
+        f"pipeline rank {rank} holds no parameters: the model has fewer parameter-holding "
+        f"blocks than the plan's {plan.num_stages} stages, so program.parameters() is empty "
+        "there and torch optimizers refuse an empty list. Build the optimizer only where "
+        "program.parameters() is not empty, or use fewer pipeline stages.",
+        stacklevel=3,
+    )
+
+
+def _share_tied_copies(stages: list[torch.fx.GraphModule]) -> list[torch.fx.GraphModule]:
+    """Make a parameter that several of this rank's stages read one tensor again (the TP pass
+    gives each stage its own shard of it): one copy for the optimizer and the checkpoint, whose
+    gradient accumulates from every stage that reads it."""
+    from autopart.passes.split_stages import set_attr_at
+
+    first: dict[str, torch.nn.Parameter] = {}
+    for stage in stages:
+        for name, param in list(stage.named_parameters()):
+            kept = first.setdefault(name, param)
+            if kept is param:
+                continue
+            if kept.shape != param.shape:
+                raise RuntimeSetupError(
+                    f"parameter {name!r} is held by two stages of this rank with different "
+                    f"shapes {tuple(kept.shape)} and {tuple(param.shape)} (sharded differently); "
+                    "plan with schedule='1f1b' (one stage per rank) or without tensor parallelism."
+                )
+            set_attr_at(stage, name, kept)
+    return stages
 
 
 def _shard_stages(
@@ -250,8 +293,9 @@ def _shard_stages(
         first, why = next(iter(tp.fallbacks.items()))
         warnings.warn(
             f"tensor parallelism: {len(tp.fallbacks)} node(s) run replicated on the {tp.degree} TP "
-            f"ranks because the degree does not divide a size they would split, e.g. {first!r}: "
-            f"{why}. The result is exact; program.plan.tp.fallbacks lists every node and why.",
+            f"ranks because the degree does not divide a size they would split (or they write a "
+            f"tensor in place), e.g. {first!r}: {why}. The result is exact; "
+            "program.plan.tp.fallbacks lists every node and why.",
             stacklevel=3,
         )
     # one layout per parameter across all stages, so the copies of a tied weight are the same shard
@@ -296,12 +340,15 @@ class ParallelProgram:
         mesh: DeviceMesh,
         stages: list[torch.fx.GraphModule],
         infos: list[Any],
-        loss_fn: Callable[[Any, Any], torch.Tensor] | None,
+        loss_fn: Callable[..., torch.Tensor] | None,
         device: torch.device,
         inputs: ProgramInputs,
         stage_metas: Mapping[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]],
+        merge: OutputMerge,
+        *,
+        layout: StateLayout,
     ) -> None:
-        from autopart.passes.split_stages import stage_info
+        from autopart.passes.split_stages import rebuild_output, stage_info
 
         self.plan = plan
         self._mesh = mesh
@@ -311,6 +358,9 @@ class ParallelProgram:
         self._dp_rank = mesh["dp"].get_local_rank() if self._dp > 1 else 0
         self._tp_rank = mesh["tp"].get_local_rank() if _axis_size(mesh, "tp") > 1 else 0
         self._stages = stages
+        self._state = ShardedState(
+            stages, layout, mesh["tp"] if _axis_size(mesh, "tp") > 1 else None
+        )
         # Every stage of the pipeline (compile sets it; other ranks' stages hold this rank's
         # untrained copy of their weights): autopart.emit writes their code.
         self._all_stages: list[torch.fx.GraphModule] = list(stages)
@@ -322,11 +372,13 @@ class ParallelProgram:
         self._loss_fn = loss_fn
         self._device = device
         self._inputs = inputs
+        self._merge = merge  # how program(x) joins micro-batches' and replicas' outputs
         self._pp_rank = _pp_mesh(mesh).get_local_rank()
         self._last_rank = dist.get_global_rank(self._group, plan.stages[-1].device)
         self._first_local = any(i.is_first for i in self._local)
         self._last_local = any(i.is_last for i in self._local)
-        output_spec = self._infos[plan.num_stages - 1].output_spec
+        last = self._infos[plan.num_stages - 1]
+        self._without_target = False  # this step's loss is loss_fn(output), without a target
 
         def wrapped_loss(output: Any, target: Any) -> torch.Tensor:
             if self._loss_fn is None:
@@ -334,7 +386,10 @@ class ParallelProgram:
                     "program.step needs a loss: pass loss_fn=... to autopart.compile."
                 )
             out = output if isinstance(output, (tuple, list)) else (output,)
-            return self._loss_fn(tree_unflatten(list(out), output_spec), target)
+            model_output = rebuild_output(last, out)
+            if self._without_target:
+                return self._loss_fn(model_output)
+            return self._loss_fn(model_output, target)
 
         # Static metadata: each stage's micro-batch inputs and outputs (shapes, dtypes, which
         # need gradients) from the traced graph. Without it torch infers them by running each
@@ -363,10 +418,11 @@ class ParallelProgram:
             for s, i in zip(submods, self._local)
         ]
         kind = _SCHEDULES[ScheduleKind(plan.schedule)]
+        spec = merge.spec(plan.micro_batches)
         if issubclass(kind, PipelineScheduleMulti):  # takes its stages as a list, even one
             mine: list[Any] = list(self._pipeline_stages)
             self._schedule: PipelineScheduleSingle | PipelineScheduleMulti = kind(
-                mine, plan.micro_batches, loss_fn=wrapped_loss
+                mine, plan.micro_batches, loss_fn=wrapped_loss, output_merge_spec=spec
             )
             placed = self._schedule.stage_index_to_group_rank
             assert placed == {s.index: s.device for s in plan.stages}, (
@@ -374,7 +430,10 @@ class ParallelProgram:
             )
         else:
             self._schedule = kind(
-                self._pipeline_stages[0], plan.micro_batches, loss_fn=wrapped_loss
+                self._pipeline_stages[0],
+                plan.micro_batches,
+                loss_fn=wrapped_loss,
+                output_merge_spec=spec,
             )
         self._tied = self._tied_groups()
 
@@ -382,20 +441,27 @@ class ParallelProgram:
 
     def step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> float:
         """One training step over all micro-batches; returns the mean loss (the same float on
-        every rank). Inputs are passed as to the model itself (keyword inputs included).
+        every rank). Inputs are passed as to the model itself (keyword inputs included). Each
+        micro-batch's loss is ``loss_fn(output, target)``, or ``loss_fn(output)`` when no
+        ``target`` is given (a loss the model computes itself, a self-supervised objective).
         Gradients accumulate into :meth:`parameters`; call the optimizer after."""
         losses: list[torch.Tensor] = []
         args = self._stage_args(inputs, kwargs)
+        if target is None:  # on every rank, so that none waits for a last stage that failed
+            _check_loss_of_output(self._loss_fn)
         loss_args: dict[str, Any] = {}
         if self._last_local:
-            if target is None:
-                raise RuntimeSetupError(
-                    "program.step(..., target=...) needs the target on the last stage's rank."
-                )
-            share = self._replica_share(target, self._inputs.batch)
+            self._without_target = target is None
+            # torch's schedules hand each micro-batch its slice of a target; without one, each
+            # gets a row of a placeholder that the loss never sees.
+            share = (
+                torch.zeros(self.plan.micro_batches)
+                if target is None
+                else self._replica_share(target, self._inputs.batch)
+            )
             loss_args = {"target": _to(share, self._device), "losses": losses}
         with self._peer_failures("step()"):
-            self._schedule.step(*args, **loss_args)
+            self._schedule.step(*args, return_outputs=False, **loss_args)
             sync_tied_grads(self._stages, self._tied)
             # The mean over replicas of each replica's mean loss: the last stage of each replica
             # (its first TP rank: all of them hold the same loss) contributes it, every other rank
@@ -429,27 +495,34 @@ class ParallelProgram:
             ) from exc
 
     def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
-        """Inference: the model's full output on every rank."""
+        """Inference: the model's full output on every rank (joined over micro-batches and
+        replicas as :mod:`autopart.runtime.outputs` says)."""
+        from autopart.passes.split_stages import rebuild_output
+
         args = self._stage_args(inputs, kwargs)
         # torch's eval() still computes the loss when the schedule has one, which needs a target;
         # inference has none, so the loss is switched off for the forward-only pass.
         loss_fn, self._schedule._loss_fn = self._schedule._loss_fn, None
         try:
             with torch.no_grad(), self._peer_failures("inference"):
-                out = self._schedule.eval(*args)
+                out = self._schedule.eval(*args)  # joins the micro-batches (self._merge)
+        except OutputMergeError as exc:
+            out = exc  # sent on and raised on every rank, so that none waits for the output
         finally:
             self._schedule._loss_fn = loss_fn
         box = [out if self._last_local else None]
         with self._peer_failures("inference"):
             dist.broadcast_object_list(box, src=self._last_rank, group=self._group)
-            result = box[0]
+            shares: list[Any] = box
             if self._dp_group is not None:  # every replica computed its share of the batch
-                shares: list[Any] = [None] * self._dp
-                dist.all_gather_object(shares, result, group=self._dp_group)
-                result = _concat_batch(shares)
-        if isinstance(result, (tuple, list)):
-            result = tree_unflatten(list(result), self._infos[self.plan.num_stages - 1].output_spec)
-        return result
+                shares = [None] * self._dp
+                dist.all_gather_object(shares, box[0], group=self._dp_group)
+        failed = [s for s in shares if isinstance(s, OutputMergeError)]
+        if failed:
+            raise failed[0]
+        result = self._merge.merge(shares) if len(shares) > 1 else shares[0]
+        flat = result if isinstance(result, (tuple, list)) else (result,)
+        return rebuild_output(self._infos[self.plan.num_stages - 1], flat)
 
     def _stage_args(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         """The first stage's positional inputs: the model's inputs flattened as at compile time,
@@ -479,23 +552,67 @@ class ParallelProgram:
         )
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
-        """This rank's parameters, one per name (tied copies share storage), for any optimizer."""
-        seen: set[str] = set()
+        """This rank's parameters, one per name (a parameter several of its stages read is one
+        tensor: ``_share_tied_copies``), for any optimizer.
+        The planner gives every pipeline rank at least one (see ``_warn_without_parameters``)."""
+        yield from self._named_parameters().values()
+
+    def _named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        named: dict[str, torch.nn.Parameter] = {}
         for stage in self._stages:
             for name, p in stage.named_parameters():
+                named.setdefault(name, p)
+        return named
+
+    def named_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """This rank's buffers under the model's own names (BatchNorm's running statistics are
+        written by the stage that runs the BatchNorm; with data parallelism each replica keeps
+        its own, see README "Buffers")."""
+        seen: set[str] = set()
+        for stage in self._stages:
+            for name, b in stage.named_buffers():
                 if name not in seen:
                     seen.add(name)
-                    yield p
+                    yield name, b
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter of the model under its own name, on every rank (CPU tensors); the
-        shards of a TP-split parameter are joined back into the whole tensor."""
-        return self._gather_state(buffers=False)
+    # -- checkpoints (autopart.runtime.checkpoint) ----------------------------------------------
 
-    def _gather_state(self, *, buffers: bool, to: int | None = None) -> dict[str, torch.Tensor]:
-        """:meth:`full_state_dict`, with the stages' persistent buffers too when ``buffers``
-        (collective: every rank calls it). With ``to`` only that global rank receives the tensors
-        (the others return ``{}``), so the whole model is never held by every rank."""
+    def full_state_dict(self) -> dict[str, Any]:
+        """The model's ``state_dict()`` on every rank (CPU tensors): the same keys in the same
+        order (tied aliases and persistent buffers included, non-persistent buffers not), the
+        shards of a TP-split tensor joined whole. Collective: every rank calls it."""
+        return self._state.whole(self._gather_state())
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's entries of the model's state dict for ``torch.distributed.checkpoint``:
+        ``dcp.save(program.state_dict(), checkpoint_id=...)`` on every rank writes each tensor
+        once, a TP shard as a ``DTensor``; the values alias the program's tensors, so
+        ``dcp.load(sd := program.state_dict(), ...)`` fills them (then ``load_state_dict(sd)``
+        for tensors saved whole, see :mod:`autopart.runtime.checkpoint`). Collective."""
+        return self._state.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], *, strict: bool = True) -> None:
+        """Load the model's state dict (whole tensors, e.g. ``model.state_dict()`` or
+        :meth:`full_state_dict`, or :meth:`state_dict`'s form after ``dcp.load``): every rank
+        copies the tensors of its stages, its shard of TP-split ones. ``strict`` as torch's:
+        missing or unexpected keys raise :class:`CheckpointError`."""
+        self._state.load_state_dict(state_dict, strict=strict)
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """``optimizer``'s state (an optimizer over :meth:`parameters`) keyed by parameter names,
+        for ``torch.distributed.checkpoint``; loads on another mesh too."""
+        return self._state.optimizer_state_dict(optimizer, self._named_parameters())
+
+    def load_optimizer_state_dict(
+        self, optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]
+    ) -> None:
+        """Load :meth:`optimizer_state_dict`'s form (after ``dcp.load``) into ``optimizer``."""
+        self._state.load_optimizer_state_dict(optimizer, self._named_parameters(), state_dict)
+
+    def _gather_state(self, *, to: int | None = None) -> dict[str, torch.Tensor]:
+        """Every stage's parameters and buffers by stage name, whole (collective: every rank
+        calls it). With ``to`` only that global rank receives the tensors (the others return
+        ``{}``), so the whole model is never held by every rank."""
         from autopart.passes.tp.local import unshard_tensor
         from autopart.passes.tp.shard import TP_META_KEY
 
@@ -503,8 +620,7 @@ class ParallelProgram:
         for stage in self._stages if self._dp_rank == 0 else ():  # replicas hold the same values
             info = stage.meta.get(TP_META_KEY)
             stored = info.param_placements if info is not None else {}
-            tensors = stage.state_dict().items() if buffers else stage.named_parameters()
-            for name, t in tensors:
+            for name, t in stage.state_dict().items():
                 mine.setdefault(name, (stored.get(name, "R"), self._tp_rank, t.detach().cpu()))
         gathered: list[Any] = [None] * dist.get_world_size()
         if to is None:
@@ -555,6 +671,22 @@ def _keeping_weight_grads(
     )
 
 
+def _check_loss_of_output(loss_fn: Callable[..., torch.Tensor] | None) -> None:
+    """Raise unless ``loss_fn(output)`` is a valid call (a step without a target makes it)."""
+    if loss_fn is None:
+        return  # the step says that compile needs a loss
+    try:
+        inspect.signature(loss_fn).bind(None)
+    except ValueError:  # no signature to read (a builtin): the call itself will tell
+        return
+    except TypeError as exc:
+        raise RuntimeSetupError(
+            f"program.step() got no target, so the loss is called as loss_fn(output), but "
+            f"{getattr(loss_fn, '__name__', type(loss_fn).__name__)} takes other arguments "
+            f"({exc}); pass target=..., or compile with a loss of the output alone."
+        ) from None
+
+
 def _axis_size(mesh: DeviceMesh, name: str) -> int:
     names = mesh.mesh_dim_names or ()
     return (
@@ -587,18 +719,6 @@ def _data_parallel(stage: torch.nn.Module, group: Any, device: torch.device) -> 
         return stage
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(stage, device_ids=ids, process_group=group)
-
-
-def _concat_batch(shares: list[Any]) -> Any:
-    """The replicas' outputs (flat tuples or tensors, or pytrees of them) joined along the batch."""
-    first = shares[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(shares) if first.dim() > 0 else first
-    if isinstance(first, (tuple, list)):
-        return type(first)(_concat_batch([s[i] for s in shares]) for i in range(len(first)))
-    flat = [tree_flatten(s) for s in shares]
-    joined = [_concat_batch([f[0][i] for f in flat]) for i in range(len(flat[0][0]))]
-    return tree_unflatten(joined, flat[0][1])
 
 
 def _on(metas: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:

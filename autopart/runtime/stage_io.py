@@ -1,11 +1,15 @@
 """What the runtime and the code generator share between splitting a plan into stages and running or
 writing them: the model's flat inputs (:class:`ProgramInputs`), the micro-batch graph the stages run
-(:func:`micro_batch_graph`, and :func:`runnable_graph`, which also checks a TP plan on it), and
-each stage's input and output metadata as a rank sends and receives it (:func:`stage_io`)."""
+(:func:`micro_batch_graph`, and :func:`plan_that_runs`, which plans it when the whole batch's plan
+does not apply to it), each stage's input and output metadata as a rank sends and receives it
+(:func:`stage_io`), and where each entry of the model's ``state_dict()`` lives among the stages
+(:class:`StateLayout`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,10 +21,13 @@ from autopart.planning.plans import Plan, TPSection
 __all__ = [
     "ProgramInputs",
     "RuntimeSetupError",
+    "StateLayout",
+    "buffers_kept",
     "local_meta",
     "micro_batch_graph",
+    "plan_made_for",
     "plan_that_runs",
-    "runnable_graph",
+    "same_nodes",
     "stage_io",
     "value_metas",
 ]
@@ -54,6 +61,62 @@ def local_meta(
         return meta
     shape = local_shape(meta.shape, tp.placements[name], tp.degree)
     return torch.empty(shape, dtype=meta.dtype, device="meta").requires_grad_(meta.requires_grad)
+
+
+@dataclass(frozen=True, slots=True)
+class StateLayout:
+    """Where each entry of ``model.state_dict()`` lives in the split program.
+
+    A stage registers a tensor under one name (:func:`~autopart.passes.split_stages.canonical_targets`:
+    ``lm_head.weight`` tied to the embedding is held as ``transformer.wte.weight``), holds the
+    non-persistent buffers it reads too, and does not hold what no node reads (an unused buffer or
+    parameter). ``sources`` maps every key of the model's state dict, in its order, to the stage
+    tensor holding its value; a key no stage holds maps to itself and its value is in ``constants``
+    (nothing changes it in training)."""
+
+    sources: Mapping[str, str]
+    constants: Mapping[str, Any]
+
+    @classmethod
+    def of(
+        cls,
+        model: torch.nn.Module,
+        gm: torch.fx.GraphModule,
+        stages: Sequence[torch.fx.GraphModule],
+    ) -> StateLayout:
+        """The layout of ``stages`` split from ``gm``, a trace of ``model`` (which shares its
+        tensors: a key is matched to the stage name of the same tensor)."""
+        from autopart.passes.split_stages import canonical_targets
+
+        canonical = canonical_targets(gm)
+        named = [
+            *gm.named_parameters(remove_duplicate=False),
+            *gm.named_buffers(remove_duplicate=False),
+        ]
+        by_tensor: dict[int, str] = {}
+        for name, tensor in named:
+            by_tensor.setdefault(id(tensor), canonical[name])
+        held = {name for stage in stages for name in stage.state_dict()}
+        sources: dict[str, str] = {}
+        constants: dict[str, Any] = {}
+        for key, value in model.state_dict(keep_vars=True).items():
+            source = by_tensor.get(id(value), canonical.get(key, key))
+            if source in held:
+                sources[key] = source
+            else:
+                sources[key] = key
+                constants[key] = (
+                    value.detach().clone() if isinstance(value, torch.Tensor) else value
+                )
+        return cls(sources, constants)
+
+    def assemble(self, held: Mapping[str, Any], constants: Mapping[str, Any]) -> dict[str, Any]:
+        """The model's state dict, in its order, from the stage tensors ``held`` (by stage name)
+        and ``constants``, the current values of the keys no stage holds."""
+        return {
+            key: constants[key] if key in self.constants else held[source]
+            for key, source in self.sources.items()
+        }
 
 
 class ProgramInputs:
@@ -117,7 +180,7 @@ class ProgramInputs:
 
 
 def plan_that_runs(
-    make: Callable[[int | None], Plan],
+    make: Callable[[torch.fx.GraphModule, int, int | None], Plan],
     micro_batches: int | None,
     model: torch.nn.Module,
     gm: torch.fx.GraphModule,
@@ -125,47 +188,55 @@ def plan_that_runs(
     kwargs: dict[str, Any],
     batch: int,
     dp: int,
-) -> tuple[Plan, torch.fx.GraphModule | None]:
-    """``make(micro_batches)`` and the graph its stages run (:func:`runnable_graph`; ``None``: no
-    plan runs). Export specializes dimensions of size 1, so a micro-batch of one sample can trace
-    to another graph, or to shapes where a TP placement no longer holds; when ``micro_batches`` is
-    not fixed, fewer, larger micro-batches are tried (one micro-batch runs the planned graph)."""
-    plan = make(micro_batches)
-    run_gm = runnable_graph(model, gm, args, kwargs, batch, dp, plan)
-    fewer = [m for m in range(plan.micro_batches - 1, 0, -1) if (batch // dp) % m == 0]
-    while run_gm is None and micro_batches is None and fewer:
-        try:
-            plan = make(fewer.pop(0))
-        except AutopartError:
-            continue
-        run_gm = runnable_graph(model, gm, args, kwargs, batch, dp, plan)
+) -> tuple[Plan, torch.fx.GraphModule]:
+    """The plan and the graph its stages run: ``make(graph, graph_batch, micro_batches)`` plans
+    ``gm`` (the whole batch's graph, annotated), which picks the schedule and micro-batch count;
+    the stages run the graph traced at one micro-batch's shapes (:func:`micro_batch_graph`). When
+    that graph has other nodes (export specializes dimensions of size 1, so a micro-batch of one
+    sample can drop no-op ops), or the TP plan's placements do not hold at its shapes, the
+    micro-batch graph is planned itself at the same count, costed at the shapes it runs with."""
+    from autopart.passes.annotate import annotate
+
+    plan = make(gm, batch, micro_batches)
+    chunks = dp * plan.micro_batches
+    run_gm = micro_batch_graph(model, gm, args, kwargs, batch, chunks)
+    if same_nodes(gm, run_gm) and _tp_holds(run_gm, plan, strict=run_gm is gm):
+        return plan, run_gm
+    plan = make(annotate(run_gm), batch // chunks, plan.micro_batches)
+    _tp_holds(run_gm, plan, strict=True)
     return plan, run_gm
 
 
-def runnable_graph(
-    model: torch.nn.Module,
-    gm: torch.fx.GraphModule,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    batch: int,
-    dp: int,
-    plan: Plan,
-) -> torch.fx.GraphModule | None:
-    """The micro-batch graph that ``plan`` runs on, if ``plan`` applies to it: the same nodes as
-    the planned graph, and (with TP) placements the rules offer at its shapes; else ``None``."""
+def _tp_holds(run_gm: torch.fx.GraphModule, plan: Plan, *, strict: bool) -> bool:
+    """Whether the plan's TP placements are ones the rules offer at ``run_gm``'s shapes (``strict``:
+    raise, naming the node, when not: the plan was made for this graph)."""
     from autopart.errors import ShardError
     from autopart.passes.tp.check import check_tp_plan
 
-    run_gm = micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
-    if run_gm is None or plan.tp is None:
-        return run_gm
+    if plan.tp is None:
+        return True
     try:
         check_tp_plan(run_gm, plan.tp)
     except ShardError:
-        if run_gm is gm:
+        if strict:
             raise
-        return None
-    return run_gm
+        return False
+    return True
+
+
+def same_nodes(a: torch.fx.GraphModule, b: torch.fx.GraphModule) -> bool:
+    """Whether ``a`` and ``b`` have the same nodes (names, kinds and targets, in order), so that a
+    plan of one applies to the other."""
+    return [(n.name, n.op, str(n.target)) for n in a.graph.nodes] == [
+        (n.name, n.op, str(n.target)) for n in b.graph.nodes
+    ]
+
+
+def plan_made_for(plan: Plan, gm: torch.fx.GraphModule) -> bool:
+    """Whether ``plan`` places exactly the computing nodes of ``gm`` (it was made for ``gm``, or
+    for a graph with the same nodes)."""
+    computing = {n.name for n in gm.graph.nodes if n.op.startswith("call_")}
+    return set(plan.stage_of) == computing
 
 
 def micro_batch_graph(
@@ -174,28 +245,25 @@ def micro_batch_graph(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     batch: int,
-    micro_batches: int,
-) -> torch.fx.GraphModule | None:
-    """The graph the stages run: traced with one micro-batch's shapes, because export bakes static
-    shapes (e.g. ``view(x, [batch, seq, 3 * hidden])``) into the graph. The plan was made on the
-    full batch's graph, so both must have the same nodes for its stage assignment to carry over."""
+    chunks: int,
+) -> torch.fx.GraphModule:
+    """The graph the stages run: ``model`` traced at one of ``chunks`` equal parts of the batch
+    (``gm``, the whole batch's graph, when ``chunks`` is 1), because export bakes static shapes
+    (e.g. ``view(x, [batch, seq, 3 * hidden])``) into the graph."""
     from autopart.capture.tracing import trace
 
-    if micro_batches == 1:
+    if chunks == 1:
         return gm
-    size = batch // micro_batches
+    size = batch // chunks
 
     def slice_batch(a: Any) -> Any:
         return (
             a[:size] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else a
         )
 
-    run = trace(
+    return trace(
         model, tuple(slice_batch(a) for a in args), {k: slice_batch(v) for k, v in kwargs.items()}
     )
-    want = [(n.name, n.op, str(n.target)) for n in gm.graph.nodes]
-    got = [(n.name, n.op, str(n.target)) for n in run.graph.nodes]
-    return run if want == got else None
 
 
 def value_metas(gm: torch.fx.GraphModule, flat_inputs: list[Any]) -> dict[str, torch.Tensor]:
@@ -214,6 +282,21 @@ def value_metas(gm: torch.fx.GraphModule, flat_inputs: list[Any]) -> dict[str, t
                 metas[n.name].requires_grad_(out.requires_grad)
             return out
 
-    with FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad():
+    # Fake mode still runs an op whose inputs are all real: BatchNorm's add_ on its real batch
+    # counter would count this run.
+    with buffers_kept(gm), FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad():
         _Prop(gm).run(*flat_inputs)
     return metas
+
+
+@contextlib.contextmanager
+def buffers_kept(module: torch.nn.Module) -> Iterator[None]:
+    """Put back every buffer of ``module`` (running statistics, batch counts) that what runs
+    inside changed: a run that only measures must not count as a training step."""
+    saved = {name: b.detach().clone() for name, b in module.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                b.copy_(saved[name])

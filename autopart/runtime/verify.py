@@ -17,7 +17,6 @@ per node) runs only when something differs.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeGuard
 
@@ -26,10 +25,12 @@ import torch.distributed as dist
 from torch.fx import GraphModule, Interpreter, Node
 
 from autopart.errors import AutopartError
+from autopart.passes.mutations import mutation_groups
 from autopart.passes.split_stages import stage_info
 from autopart.passes.tp.local import shard_tensor, unshard_tensor
 from autopart.passes.tp.placements import Placement, dual
 from autopart.passes.tp.shard import TP_META_KEY
+from autopart.runtime.stage_io import buffers_kept
 
 __all__ = ["TPVerificationError", "draws_random_numbers", "record_values", "verify_tp_stage"]
 
@@ -49,15 +50,21 @@ class TPVerificationError(AutopartError):
 
 
 def record_values(gm: GraphModule, flat_inputs: Sequence[Any]) -> dict[str, Any]:
-    """Every node's value when ``gm`` runs on ``flat_inputs``, by node name (no gradients)."""
+    """Every node's value when ``gm`` runs on ``flat_inputs``, by node name (no gradients).
+    Buffers written in place (BatchNorm's running statistics, which the stages share with ``gm``)
+    are put back afterwards."""
     values: dict[str, Any] = {}
+    # values that a later in-place op overwrites are kept as they were when computed
+    overwritten = {n for group in mutation_groups(gm) for n in group}
 
     class _Recorder(Interpreter):
         def run_node(self, n: Node) -> Any:
             values[n.name] = result = super().run_node(n)
+            if n in overwritten and isinstance(result, torch.Tensor):
+                values[n.name] = result.clone()
             return result
 
-    with torch.no_grad():
+    with torch.no_grad(), buffers_kept(gm):
         _Recorder(gm).run(*flat_inputs)
     return values
 
@@ -73,7 +80,7 @@ def verify_tp_stage(
     ``values`` (:func:`record_values` of the whole model) holds; raise :class:`TPVerificationError`
     naming the first node that differs (module docstring)."""
     check = _Check(full, sharded, values, group, device)
-    with _buffers_kept(full), _buffers_kept(sharded):
+    with buffers_kept(full), buffers_kept(sharded):
         bad = check.stage()
         if _anywhere(bad is not None, group):
             node = check.first_bad_node() or bad or "?"
@@ -96,18 +103,6 @@ def _samples(node: Node) -> bool:
 
 
 _RANDOM_OPS = ("rand", "bernoulli", "multinomial", "normal", "uniform", "exponential")
-
-
-@contextlib.contextmanager
-def _buffers_kept(module: torch.nn.Module) -> Iterator[None]:
-    """Put back every buffer (running statistics, caches) that the check's forward changed."""
-    saved = {name: b.detach().clone() for name, b in module.named_buffers()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, b in module.named_buffers():
-                b.copy_(saved[name])
 
 
 class _Check:

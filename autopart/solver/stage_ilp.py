@@ -18,6 +18,9 @@ Variables:
 Constraints:
   one stage per block:    sum_s x[b,s] = 1                                  (_add_assignment)
   no empty stage:         sum_b x[b,s] >= 1                                 (_add_assignment)
+  parameters everywhere:  sum_{s on d} sum_{b in Q} x[b,s] >= 1 for every device d, where Q are
+                          the blocks that use a parameter, when |Q| >= p (always feasible then);
+                          so every rank can build an optimizer               (_add_assignment)
   precedence:             stage(u_t) <= stage(v) for v in C_t, stage(b) = sum_s s x[b,s]
                                                                             (_add_precedence)
   crossing:               c[t,k] >= L[u_t,k] - L[v,k] for v in C_t, where L[b,k] = sum_{s<=k} x[b,s]
@@ -110,6 +113,9 @@ class _Data:
     state_mib: tuple[int, ...]
     shared_mib: dict[str, int]
     in_flight: tuple[int, ...]
+    param_blocks: tuple[int, ...]
+    """Blocks that use a parameter, of which every device needs one; empty (no such constraint)
+    when there are fewer than stages."""
     alpha: int
     byte_time: float
     """time units per byte on a link"""
@@ -161,6 +167,8 @@ def solve_stages(
             for k in range(num_stages):
                 model.add_hint(x[b, k], int(k == s))
     status, solver, elapsed = _solve(model, time_limit_s, seed)
+    if hint is not None and not _holds_parameters(data, hint):
+        hint = None  # a plan of the model without the constraint: no fallback, no memory bound
     if status == cp_model.INFEASIBLE:
         assert memory_limit_bytes is not None, "without a memory limit every split is feasible"
         if not explain:
@@ -248,6 +256,7 @@ def _build_data(
     unit_s = max(total_s, 1e-12) / _TIME_UNITS
     alpha_s = p2p_time_s(1, device)
     per_byte_s = (p2p_time_s(1 << 20, device) - alpha_s) / ((1 << 20) - 1)
+    param_blocks = tuple(b.index for b in bg.blocks if b.params)
     return _Data(
         bg=bg,
         num_stages=num_stages,
@@ -260,6 +269,7 @@ def _build_data(
             for q in bg.shared_params
         },
         in_flight=tuple(in_flight),
+        param_blocks=param_blocks if len(param_blocks) >= num_stages else (),
         alpha=round(alpha_s / unit_s),
         byte_time=per_byte_s / unit_s,
         unit_s=unit_s,
@@ -277,7 +287,20 @@ def _add_assignment(model: cp_model.CpModel, d: _Data) -> dict[tuple[int, int], 
         model.add_exactly_one(x[b, s] for s in range(p)).with_name(f"one_stage[{b}]")
     for s in range(p):
         model.add(sum(x[b, s] for b in range(n)) >= 1).with_name(f"non_empty[{s}]")
+    # A rank without parameters cannot build a torch optimizer (an empty parameter list raises).
+    for dev in sorted(set(d.device_of_stage)) if d.param_blocks else ():
+        stages = [s for s in range(p) if d.device_of_stage[s] == dev]
+        model.add(sum(x[b, s] for b in d.param_blocks for s in stages) >= 1).with_name(
+            f"holds_parameters[{dev}]"
+        )
     return x
+
+
+def _holds_parameters(d: _Data, stage_of: Sequence[int]) -> bool:
+    """Whether ``stage_of`` meets the parameters-everywhere constraint (the hint may not)."""
+    return not d.param_blocks or {d.device_of_stage[stage_of[b]] for b in d.param_blocks} == set(
+        d.device_of_stage
+    )
 
 
 def _stage_expr(d: _Data, x: dict[tuple[int, int], cp_model.IntVar], b: int) -> Any:

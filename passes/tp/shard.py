@@ -81,6 +81,7 @@ from autopart.planning.plans import TPSection
 __all__ = [
     "TP_META_KEY",
     "TPStageInfo",
+    "grad_placement",
     "param_placements",
     "shard_tp",
     "tp_all_gather",
@@ -166,6 +167,18 @@ def shard_tp(
     module.graph.lint()
     module.recompile()
     return module
+
+
+def grad_placement(node: Node, u: Node, read_as: Placement, out_p: Placement) -> Placement:
+    """The placement of the gradient that ``node``'s backward gives its input ``u``, read as
+    ``read_as`` by a node whose output is placed ``out_p`` (module docstring): the dual of the
+    placement read, but partial for an input read ``R`` by a node whose output is not ``R``, except
+    the bias of a row-parallel linear."""
+    if read_as != R or out_p == R:
+        return dual(read_as)
+    if out_p.kind == "P" and bias_of_row_linear(node) is u:
+        return R  # tp_partial_bias gives the whole gradient on every rank
+    return P
 
 
 def _group_name(group_or_mesh: Any) -> str:
@@ -256,19 +269,11 @@ class _Rewriter:
                     "made for another graph; plan this graph again."
                 )
             dst = Placement.parse(text)
-            return self._read(u, node, dst, self._grad(node, u, dst, out_p))
+            return self._read(u, node, dst, grad_placement(node, u, dst, out_p))
 
         args = map_arg(node.args, read)
         kwargs = dict(map_arg(node.kwargs, read))
         return self._emit(node, args, kwargs, out_p)
-
-    def _grad(self, node: Node, u: Node, dst: Placement, out_p: Placement) -> Placement:
-        """The placement of the gradient ``node``'s backward gives ``u`` (module docstring)."""
-        if dst != R or out_p == R:
-            return dual(dst)
-        if out_p.kind == "P" and bias_of_row_linear(node) is u:
-            return R  # tp_partial_bias gives the whole gradient on every rank
-        return P
 
     # -- conversions -----------------------------------------------------------------------------
 

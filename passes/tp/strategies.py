@@ -52,12 +52,14 @@ from autopart.cost_models.comm import (
 )
 from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
+from autopart.passes.mutations import mutation_groups, written_inputs
 from autopart.passes.tp.placements import (
     NodeStrategies,
     Placement,
     R,
     Strategy,
     dual,
+    replicated,
 )
 from autopart.passes.tp.rules import cache_key, node_args, node_strategies, op_name
 
@@ -180,9 +182,14 @@ def tp_strategies(gm: GraphModule, degree: int) -> dict[str, NodeStrategies]:
     result: dict[str, NodeStrategies] = {}
     attrs: list[Node] = []
     cache: dict[Any, NodeStrategies] = {}  # the 80 layers of a Llama-70B derive one layer's worth
+    writing = _touch_written(gm)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             attrs.append(node)
+            cands[node] = [R]
+            continue
+        if node in writing:
+            result[node.name] = NodeStrategies((replicated(node),), (_WRITES,))
             cands[node] = [R]
             continue
         try:
@@ -212,6 +219,20 @@ def tp_strategies(gm: GraphModule, degree: int) -> dict[str, NodeStrategies]:
             )
         )
     return {n.name: result[n.name] for n in gm.graph.nodes}
+
+
+_WRITES = (
+    "it writes a tensor in place or touches one before the write, so it runs replicated: a "
+    "collective would make a copy, and the write would miss the tensor other nodes read"
+)
+
+
+def _touch_written(gm: GraphModule) -> set[Node]:
+    """Nodes that write a tensor in place or belong to a mutation group
+    (:func:`autopart.passes.mutations.mutation_groups`): they run replicated on their inputs'
+    whole values, so every rank writes its whole copy as the model does."""
+    nodes = {n for group in mutation_groups(gm) for n in group}
+    return nodes | {n for n in gm.graph.nodes if written_inputs(n)}
 
 
 def weight_matmuls(gm: GraphModule) -> dict[str, str]:

@@ -23,7 +23,7 @@ import torch
 from autopart.models.model_spec import load_model, parse_config_overrides
 from autopart.planning.plans import parse_mesh
 from autopart.runtime.launch import training_batch
-from tests._mesh_cases import Case, reference, results
+from tests._mesh_cases import Case, assert_trained_like, reference, results
 from tests.distributed.test_runtime_tp import (
     STEPS,
     micro_batches_for,
@@ -82,15 +82,19 @@ FAMILIES = {
     ),
 }
 MESHES = ("tp=2", "pp=2,tp=2")
-SPLITS = {  # family -> (col, row) weight matmuls and embeddings in the plan, at the locked transformers
-    "bloom": (6, 4),  # its (batch x heads) scores run replicated: only an outermost factor splits
-    "gpt_neox": (9, 1),
-    "mistral": (9, 7),
-    "qwen2": (9, 7),
+# family -> (col, row) weight matmuls and embeddings in the plan, at the locked transformers. Several
+# shardings of these models predict the same step time (to 1e-10); the ILP's choice among them moves
+# when the rules' strategy set does (e.g. GPT-2 was (6, 5) before the pointwise rule stopped offering
+# partial sums through integer inputs: the same predicted step).
+SPLITS = {
+    "bloom": (7, 3),  # its (batch x heads) scores run replicated: only an outermost factor splits
+    "gpt_neox": (7, 3),
+    "mistral": (10, 6),
+    "qwen2": (8, 8),
     "opt": (14, 1),
-    "phi": (12, 2),
+    "phi": (10, 4),
     "gemma": (15, 1),
-    "gpt2": (6, 5),
+    "gpt2": (8, 3),
     "t5": (23, 14),
     "bart": (23, 14),
 }
@@ -160,7 +164,7 @@ def test_family_matches_the_unpartitioned_model(
     # for a logit of 0.009 on tp=2, the all-reduce summing in another order)
     scale = max(1.0, float(expected.abs().max()))
     torch.testing.assert_close(got["inference"], expected, rtol=1e-5, atol=1e-6 * scale)
-    want_losses, want_state = reference(
+    want = reference(
         _setup,
         optimizer_for,
         name,
@@ -168,10 +172,4 @@ def test_family_matches_the_unpartitioned_model(
         parse_mesh(mesh).get("dp", 1) * micro_batches_for(mesh),
         STEPS,
     )
-    for a, b in zip(got["losses"], want_losses, strict=True):
-        assert a == pytest.approx(b, rel=1e-5)
-    assert set(got["state"]) == set(want_state)  # every parameter, whole, under its own name
-    for n, t in got["state"].items():
-        torch.testing.assert_close(
-            t, want_state[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}"
-        )
+    assert_trained_like(got, want)

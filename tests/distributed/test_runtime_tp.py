@@ -28,7 +28,7 @@ from autopart.planning.planner import plan_graph
 from autopart.planning.plans import TPSection, parse_mesh
 from autopart.runtime.launch import training_batch
 from autopart.solver.tp_ilp import megatron_plan, solve_tp
-from tests._mesh_cases import Case, Setup, reference, results
+from tests._mesh_cases import Case, Setup, assert_trained_like, reference, results
 from tests.models import FAST_LINK, HF_CONFIGS
 
 STEPS = 2
@@ -351,16 +351,10 @@ def test_tp_program_matches_the_unpartitioned_model(
         expected = getattr(model(*x, **kw), "logits", model(*x, **kw))
     torch.testing.assert_close(got["inference"], expected, rtol=1e-5, atol=1e-6)
     sizes = parse_mesh(mesh)
-    want_losses, want_state = reference(
+    want = reference(
         _setup, optimizer_for, name, opt, sizes.get("dp", 1) * micro_batches_for(mesh), STEPS
     )
-    for a, b in zip(got["losses"], want_losses, strict=True):
-        assert a == pytest.approx(b, rel=1e-5)
-    assert set(got["state"]) == set(want_state)  # every parameter, whole, under its own name
-    for n, t in got["state"].items():
-        torch.testing.assert_close(
-            t, want_state[n], rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}"
-        )
+    assert_trained_like(got, want)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from autopart.capture.tracing import trace
 from autopart.cost_models.node_cost import NodeCost
-from autopart.models.model_spec import load_model
+from autopart.models.model_spec import load_model, parse_config_overrides
 from autopart.passes.annotate import annotate, node_cost
 from tests.models import Tied, TwoLayer
 
@@ -187,3 +187,101 @@ def test_llama_70b_traces_and_annotates_on_meta() -> None:
     matmul = 2 * tokens * (totals.params - 128256 * hidden)
     attention = layers * 2 * 2 * tokens * tokens * hidden
     assert totals.flops == pytest.approx(matmul + attention, rel=1e-3)
+
+
+# -- in-place ops: replayed on non-leaf values, costed like their out-of-place twins ------------
+
+
+class _Residual(torch.nn.Module):
+    """``y += h`` (ResNet, Falcon), an in-place ReLU and routing weights normalised in place, or
+    the same written out of place."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.inplace = inplace
+        self.block = torch.nn.Linear(16, 16)
+        self.gate = torch.nn.Linear(16, 4)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        y = self.block(h)
+        weights = torch.topk(self.gate(h), 2).values
+        if self.inplace:
+            y += h
+            y = y.relu_()
+            weights /= weights.sum(-1, keepdim=True)
+        else:
+            y = (y + h).relu()
+            weights = weights / weights.sum(-1, keepdim=True)
+        return y[:, :2] * weights
+
+
+class _CopyInto(torch.nn.Module):
+    """Values written with ``copy_``: into a fresh tensor (expert outputs) and into a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expert = torch.nn.Linear(16, 16)
+        self.register_buffer("last_mean", torch.zeros(16))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(h)
+        out.copy_(self.expert(h))
+        self.last_mean.copy_(h.detach().mean(0))
+        return out * 2
+
+
+def test_in_place_ops_on_values_that_need_grad_are_costed_like_their_twins() -> None:
+    x = torch.randn(8, 16)
+    inplace = annotate(trace(_Residual(inplace=True), (x,)))
+    twin = annotate(trace(_Residual(inplace=False), (x,)))
+    got, want = inplace.meta["autopart_totals"], twin.meta["autopart_totals"]
+    assert (got.flops, got.backward_flops, got.params) == (
+        want.flops,
+        want.backward_flops,
+        want.params,
+    )
+    assert got.backward_flops > 0
+    for name, twin_name in (("add_", "add"), ("relu_", "relu"), ("div_", "div")):
+        node = next(n for n in inplace.graph.nodes if n.name == name)
+        twin_node = next(n for n in twin.graph.nodes if n.name == twin_name)
+        cost, twin_cost = node_cost(node), node_cost(twin_node)
+        assert not cost.is_view and cost.requires_grad
+        assert (cost.bytes_read, cost.bytes_written) == (
+            twin_cost.bytes_read,
+            twin_cost.bytes_written,
+        )
+    # the relu writes the linear's storage: what backward keeps is that one tensor
+    relu = next(n for n in inplace.graph.nodes if n.name == "relu_")
+    assert node_cost(relu).saved_from == ("linear",)
+
+
+def test_copy_into_a_fresh_tensor_and_into_a_buffer_is_annotated() -> None:
+    gm = annotate(trace(_CopyInto(), (torch.randn(8, 16),)))
+    copies = [n for n in gm.graph.nodes if n.target == torch.ops.aten.copy_.default]
+    assert len(copies) == 2
+    into_fresh, into_buffer = copies
+    assert node_cost(into_fresh).requires_grad and not node_cost(into_fresh).is_view
+    assert node_cost(into_fresh).bytes_written == 8 * 16 * 4
+    assert node_cost(into_buffer).bytes_written == 16 * 4
+    linear = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default)
+    assert node_cost(linear).backward_flops == 2 * 8 * 16 * 16  # the weight's gradient
+
+
+def test_mixture_of_experts_with_in_place_routing_annotates() -> None:
+    """HF Mixtral normalises its top-k routing weights in place (``div_``) and fills a fresh
+    tensor with ``index_put_``: the annotation pass used to stop at the ``div_``."""
+    pytest.importorskip("transformers")
+    config = (
+        "num_hidden_layers=2,hidden_size=64,intermediate_size=64,num_attention_heads=4,"
+        "num_key_value_heads=2,vocab_size=128,num_local_experts=4,num_experts_per_tok=2"
+    )
+    loaded = load_model(
+        "hf:mixtral", device="cpu", batch=2, seq=8, config=parse_config_overrides(config)
+    )
+    loaded.model.train()
+    gm = annotate(trace(loaded.model, loaded.example_inputs, loaded.example_kwargs))
+    targets = [str(n.target) for n in gm.graph.nodes]
+    assert targets.count("aten.div_.Tensor") == targets.count("aten.index_put_.default") == 2
+    for node in gm.graph.nodes:
+        if str(node.target) == "aten.div_.Tensor":  # weights that carry gradients, written
+            assert node_cost(node).requires_grad and not node_cost(node).is_view

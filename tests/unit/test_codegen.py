@@ -29,9 +29,9 @@ from autopart.models.model_spec import load_model, parse_config_overrides
 from autopart.passes.split_stages import split_stages, stage_info
 from autopart.planning.planner import plan_graph
 from autopart.planning.plans import Plan
-from autopart.runtime.launch import spawn_ranks, training_batch
-from autopart.runtime.stage_io import stage_io, value_metas
-from tests.models import FAST_LINK, HF_CONFIGS, locked_version
+from autopart.runtime.launch import spawn_ranks
+from autopart.runtime.stage_io import StateLayout, stage_io, value_metas
+from tests.models import FAST_LINK, HF_CONFIGS, locked_version, target_and_loss
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "emit"
 UPDATE = os.environ.get("AUTOPART_UPDATE_GOLDEN") == "1"
@@ -57,7 +57,7 @@ def _setup(name: str) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any], torch
         loaded = load_model(name, device="cpu", seed=0)
     else:
         loaded = load_model(name, device="cpu", batch=8, seq=16, seed=0)
-    target, loss_fn = training_batch(loaded)
+    target, loss_fn = target_and_loss(loaded)
     return loaded.model, loaded.example_inputs, dict(loaded.example_kwargs), target, loss_fn
 
 
@@ -229,6 +229,8 @@ def _check_against_model(
         ("hf:llama", 2),  # rotary embeddings under no_grad: a higher-order op's subgraph
         ("tests.models:two_in_two_out", 2),  # two inputs, a tuple of two outputs
         ("tests.models:keyword_inputs", 2),  # inputs by keyword
+        ("tests.models:logits_and_aux", 2),  # a 0-dim auxiliary loss beside the logits
+        ("tests.models:dict_with_none", 2),  # a dict with a 0-dim mean and a None field
     ],
 )
 def test_emitted_stages_compute_the_models_loss_and_gradients(
@@ -290,6 +292,7 @@ def _fx_program(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> _Pro
         steps=1,
         lr=0.1,
         io={i.index: stage_io(metas, None, i) for i in infos},
+        layout=StateLayout.of(model, gm, stages),
     )
 
 
@@ -358,7 +361,7 @@ def _reference(
     name: str, micro_batches: int, steps: int, lr: float
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """The unpartitioned model trained on the same micro-batches (gradient accumulation): the
-    losses, and its parameters and buffers afterwards."""
+    losses, and its state dict afterwards."""
     model, args, kwargs, target, loss_fn = _setup(name)
     assert not kwargs
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
@@ -374,8 +377,7 @@ def _reference(
             total += float(loss.detach())
         optimizer.step()
         losses.append(total / micro_batches)
-    state = {n: b.detach() for n, b in model.named_buffers()}  # non-persistent ones too
-    return losses, {**state, **{n: p.detach() for n, p in model.named_parameters()}}
+    return losses, model.state_dict()
 
 
 def _torchrun(
@@ -415,6 +417,10 @@ def _torchrun(
         pytest.param("llama-tiny", "interleaved", marks=pytest.mark.slow),  # 2 stages a rank
         # a V: the tied embedding's two stages (the first and the last) both on rank 0
         ("tests.models:tied_deep", "zbv"),
+        # BatchNorm's running statistics and batch counts, written on both stages
+        ("tests.models:batchnorm_cnn", "1f1b"),
+        # y += h, relu_, div_, copy_ into slices, a running mean in a buffer
+        ("tests.models:inplace_residual", "gpipe"),
     ],
 )
 def test_torchrun_trains_like_the_unpartitioned_model(
@@ -444,9 +450,10 @@ def test_torchrun_trains_like_the_unpartitioned_model(
     want_losses, want_state = _reference(name, plan.micro_batches, steps, lr=0.1)
     assert losses == pytest.approx(want_losses, rel=1e-5)
     trained = torch.load(out / "trained.pt", weights_only=True)
-    assert set(trained) == set(want_state)  # parameters and buffers, under the model's own names
+    assert list(trained) == list(want_state)  # the model's state dict: its keys, in its order
     for n, t in trained.items():
         torch.testing.assert_close(t, want_state[n], rtol=1e-5, atol=1e-6)
+    _setup(name)[0].load_state_dict(trained)  # strict: the tied lm_head.weight included
 
 
 @pytest.mark.distributed
@@ -491,13 +498,12 @@ def test_torchrun_trains_dp_and_tp_meshes_like_the_unpartitioned_model(
     want_losses, want_state = _reference(name, sizes["dp"] * plan.micro_batches, 2, lr=0.1)
     assert losses == pytest.approx(want_losses, rel=1e-5)
     trained = torch.load(out / "trained.pt", weights_only=True)
-    # Whole tensors under the model's own names: every parameter, and the buffers the graph reads
-    # (HF LLaMA's unused rotary_emb.original_inv_freq is not part of the program).
-    model = _setup(name)[0]
-    assert {n for n, _ in model.named_parameters()} <= set(trained) <= set(want_state)
-    assert set(want_state) - set(trained) <= {n for n, _ in model.named_buffers()}
+    # Whole tensors: the model's state dict, its keys in its order (tied aliases included, HF
+    # LLaMA's non-persistent rotary buffers not)
+    assert list(trained) == list(want_state)
     for n, t in trained.items():
         torch.testing.assert_close(t, want_state[n], rtol=1e-5, atol=1e-6)
+    _setup(name)[0].load_state_dict(trained)  # strict
 
 
 def test_run_py_outside_torchrun_says_how_to_launch(
@@ -561,10 +567,12 @@ def test_emit_of_a_program_gathers_the_trained_weights(
     out = tmp_path / "program"
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     weights = torch.load(out / "weights.pt", weights_only=True)
-    assert set(state) <= set(weights)  # every parameter, and the buffers
+    config = json.loads((out / "config.json").read_text())
+    assert list(config["state_dict"]) == list(state)  # the model's keys -> the tensor holding each
     for n, t in state.items():
-        assert torch.equal(weights[n], t), n  # the trained weights, not the initial ones
-    assert json.loads((out / "config.json").read_text())["steps"] == 3
+        # the trained weights, not the initial ones
+        assert torch.equal(weights[config["state_dict"][n]], t), n
+    assert config["steps"] == 3
     # The same sources as emitting the program's plan from the model.
     plan = Plan.from_json((out / "plan.json").read_text())
     again = _emit(name, plan, tmp_path / "again", steps=3)

@@ -1,323 +1,54 @@
-"""Property tests of every TP sharding rule (``passes/tp/rules/``), one op at a time.
-
-For a one-op fx graph with Hypothesis-drawn shapes, TP degree and candidate input placements, every
-strategy :func:`node_strategies` offers is simulated rank by rank in one process: each input is
-given to every rank in the placement the strategy reads it in (``P``: random parts that sum to it),
-each rank runs the call :func:`~autopart.passes.tp.local.local_call` makes (the code ``shard_tp``
-emits: local shape arguments, vocabulary-parallel embedding, row-parallel bias), and the ranks'
-outputs, combined by the output placement, must equal the unsharded op. Backward: the output
-gradient is placed as ``dual(output placement)``, every rank runs its local backward, and each
-input's gradient, combined by the placement the runtime gives it (``_Rewriter._grad``: partial
-for an input read ``R`` by a node whose output is not ``R``), must equal the unsharded gradient.
-Every split the strategy uses must be divisible by the degree (otherwise no sharded strategy may
-be offered), and for reshapes a strategy chosen at one batch size must stay exact at another (the
-plan is made on the full batch and run on micro-batches).
+"""Property tests of the TP sharding rules (``passes/tp/rules/``) other than the pointwise family
+(``test_tp_rules_pointwise.py``), one op at a time, by the one-process simulation of
+``tests/_tp_rule_check.py``: Hypothesis draws shapes, degrees 2 and 4 and the candidate placements
+of the inputs, and every strategy the rule offers must give the unsharded op's output and input
+gradients. For reshapes, a strategy chosen at one batch size must stay exact at another (the plan
+is made on the full batch and run on micro-batches). Each test declares the ops it checks
+(``covers``); ``test_tp_rules_coverage.py`` requires every registered rule to be declared.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from torch.fx import Graph, GraphModule, Node
-from torch.fx.node import map_arg
+from torch.fx import Graph, Node
 
-from autopart.codegen.templates.collectives import shard, unshard
-from autopart.passes.tp.local import local_call
-from autopart.passes.tp.placements import P, Placement, R, Strategy, dual
+from autopart.passes.tp.placements import P, Placement, R
 from autopart.passes.tp.placements import shard as S
-from autopart.passes.tp.rules import node_strategies, op_name
-from autopart.passes.tp.shard import _Rewriter, tp_partial_bias
+from autopart.passes.tp.rules import node_strategies
+from tests._tp_rule_check import (
+    DEGREES,
+    FEW,
+    SEEDS,
+    SETTINGS,
+    SIZES,
+    SMALL,
+    In,
+    broadcast_shape,
+    build,
+    check,
+    covers,
+    divisible,
+    only_replicated,
+    plausible,
+    rand,
+    sharded,
+    simulate,
+)
 
 aten = torch.ops.aten
-SETTINGS = settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-FEW = settings(SETTINGS, max_examples=8)
-"""For tests parametrized by op: every op is checked."""
-DEGREES = st.sampled_from([2, 4])
-TESTED: set[str] = set()
-"""Op names checked by a property test (for the coverage test at the end)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# one-op graphs
-
-
-class In:
-    """Marks argument positions holding the ``i``-th input tensor of a one-op graph."""
-
-    def __init__(self, i: int) -> None:
-        self.i = i
-
-
-def build(
-    target: Any,
-    inputs: Sequence[torch.Tensor],
-    args: Sequence[Any],
-    kwargs: dict[str, Any] | None = None,
-    then: Callable[[Graph, Node], list[Node]] | None = None,
-) -> tuple[GraphModule, Node, list[Node]]:
-    """The graph ``target(*args, **kwargs)`` of placeholders, plus the users ``then`` adds; every
-    node's ``meta["val"]`` is its real value."""
-    g = Graph()
-    phs = [g.placeholder(f"x{i}") for i in range(len(inputs))]
-
-    def sub(a: Any) -> Any:
-        if isinstance(a, In):
-            return phs[a.i]
-        if isinstance(a, (list, tuple)):
-            return type(a)(sub(x) for x in a)
-        return a
-
-    node = g.call_function(
-        target, tuple(sub(a) for a in args), {k: sub(v) for k, v in (kwargs or {}).items()}
-    )
-    extra = then(g, node) if then is not None else []
-    g.output((node, *extra))
-    gm = GraphModule(torch.nn.Module(), g)
-    env: dict[Node, Any] = {}
-    feed = iter(inputs)
-    for n in g.nodes:
-        if n.op == "placeholder":
-            env[n] = next(feed)
-        elif n.op == "call_function":
-            env[n] = n.target(
-                *map_arg(n.args, env.__getitem__), **map_arg(n.kwargs, env.__getitem__)
-            )
-        else:
-            continue
-        n.meta["val"] = env[n]
-    return gm, node, extra
-
-
-# ---------------------------------------------------------------------------------------------
-# placements of values on the simulated ranks
-
-
-def _is_float(v: Any) -> bool:
-    if isinstance(v, (list, tuple)):
-        return all(_is_float(x) for x in v)
-    return isinstance(v, torch.Tensor) and v.is_floating_point()
-
-
-def _first(v: Any) -> torch.Tensor:
-    return v[0] if isinstance(v, (list, tuple)) else v
-
-
-def _divisible(v: Any, p: Placement, d: int) -> bool:
-    if not p.is_shard:
-        return True
-    return all(
-        x.ndim > p.dim and x.shape[p.dim] % (p.groups * d) == 0
-        for x in (v if isinstance(v, (list, tuple)) else [v])
-    )
-
-
-def _place(v: Any, p: Placement, d: int, gen: torch.Generator) -> list[Any]:
-    """Every rank's piece of the whole value ``v`` (a tensor or a list of tensors)."""
-    if isinstance(v, (list, tuple)):
-        per = [_place(x, p, d, gen) for x in v]
-        return [type(v)(x[r] for x in per) for r in range(d)]
-    if p == R:
-        return [v.clone() for _ in range(d)]
-    if p == P:
-        parts = [torch.randn(v.shape, generator=gen, dtype=v.dtype) for _ in range(d - 1)]
-        return [*parts, v - sum(parts, torch.zeros_like(v))]
-    return [shard(v, p.dim, p.groups, d, r) for r in range(d)]
-
-
-def _combine(pieces: list[Any], p: Placement, full: Any, what: str) -> Any:
-    """The whole value of the ranks' ``pieces`` placed ``p``; ``R`` pieces must all equal ``full``."""
-    if isinstance(full, (list, tuple)):
-        return [
-            _combine([x[i] for x in pieces], p, full[i], f"{what}[{i}]") for i in range(len(full))
-        ]
-    if p == R:
-        for r, x in enumerate(pieces):
-            torch.testing.assert_close(
-                x,
-                full,
-                atol=1e-9,
-                rtol=1e-9,
-                msg=lambda m, r=r: f"{what}: rank {r} differs from the whole ({p}): {m}",
-            )
-        return pieces[0]
-    if p == P:
-        return sum(pieces[1:], pieces[0])
-    return unshard(pieces, p.dim, p.groups)
-
-
-def _leaf(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return type(v)(_leaf(x) for x in v)
-    v = v.detach().clone()
-    return v.requires_grad_(True) if v.is_floating_point() else v
-
-
-def _tensors(v: Any) -> list[torch.Tensor]:
-    return list(v) if isinstance(v, (list, tuple)) else [v]
-
-
-def _grads(outs: Any, gouts: Any, leaves: list[Any]) -> list[Any]:
-    """The gradient of every input (``None`` for integer ones)."""
-    flat_leaves = [t for v in leaves for t in _tensors(v) if t.requires_grad]
-    outs_l = [o for o in _tensors(outs) if o.requires_grad]
-    gouts_l = [g for o, g in zip(_tensors(outs), _tensors(gouts)) if o.requires_grad]
-    got: Sequence[Any] = [None] * len(flat_leaves)
-    if outs_l and flat_leaves:
-        got = torch.autograd.grad(outs_l, flat_leaves, gouts_l, allow_unused=True)
-    it = iter(got)
-    res = []
-    for v in leaves:
-        ts = _tensors(v)
-        gs = [(next(it) if t.requires_grad else None) for t in ts]
-        gs = [torch.zeros_like(t) if g is None and t.requires_grad else g for t, g in zip(ts, gs)]
-        res.append(gs if isinstance(v, (list, tuple)) else gs[0])
-    return res
-
-
-# ---------------------------------------------------------------------------------------------
-# the check
-
-
-def plausible(v: Any, d: int, groups: Sequence[int] = (1,)) -> list[Placement]:
-    """The placements a producer could give ``v``: ``R``, ``P`` (floating point), and every
-    divisible split."""
-    t = _first(v)
-    found = [R] + ([P] if _is_float(v) else [])
-    for k in range(t.ndim):
-        for g in groups:
-            if _divisible(v, S(k, g), d):
-                found.append(S(k, g))
-    return found
-
-
-def check(
-    node: Node,
-    d: int,
-    cands: dict[Node, list[Placement]] | None = None,
-    *,
-    seed: int = 0,
-    groups: Sequence[int] = (1,),
-    run_on: Node | None = None,
-) -> list[Strategy]:
-    """Simulate every strategy of ``node`` on ``d`` ranks (module docstring); return them.
-    ``run_on``: the same op in a graph of another batch size, to run the strategies on."""
-    TESTED.add(op_name(node))
-    if cands is None:
-        cands = {u: plausible(u.meta["val"], d, groups) for u in node.all_input_nodes}
-    strategies = node_strategies(node, d, cands).strategies
-    assert strategies[0].label == "replicate"
-    target = run_on if run_on is not None else node
-    for strategy in strategies:
-        _simulate(target, strategy, d, seed)
-    return list(strategies)
-
-
-def _simulate(node: Node, st_: Strategy, d: int, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    inputs = node.all_input_nodes
-    full_in = [_leaf(u.meta["val"]) for u in inputs]
-    label = f"{node.format_node()} under {st_}"
-    for u, p in zip(inputs, st_.inputs):
-        assert _divisible(u.meta["val"], p, d), (
-            f"{label}: input {u} read as {p} is not divisible by {d}"
-        )
-        assert p != P or _is_float(u.meta["val"]), f"{label}: integer input read as P"
-    full_env = dict(zip(inputs, full_in))
-    full_out = node.target(
-        *map_arg(node.args, full_env.__getitem__), **map_arg(node.kwargs, full_env.__getitem__)
-    )
-    assert _divisible(full_out, st_.output, d), f"{label}: output {st_.output} not divisible by {d}"
-    gout = [
-        torch.randn(t.shape, generator=gen, dtype=t.dtype) if t.is_floating_point() else None
-        for t in _tensors(full_out)
-    ]
-    gout = gout if isinstance(full_out, (list, tuple)) else gout[0]
-    full_grads = _grads(full_out, gout, full_in)
-
-    placed = {
-        u: _place(v.detach() if isinstance(v, torch.Tensor) else [x.detach() for x in v], p, d, gen)
-        for u, v, p in zip(inputs, full_in, st_.inputs)
-    }
-    read_as = dict(zip(inputs, st_.inputs))
-    outs, local_grads = [], []
-    for r in range(d):
-        env = {u: _leaf(placed[u][r]) for u in inputs}
-        args = map_arg(node.args, env.__getitem__)
-        kwargs = dict(map_arg(node.kwargs, env.__getitem__))
-        call = local_call(node, args, kwargs, st_.output, lambda u: read_as.get(u), d, r)
-        out = call.target(*call.args, **call.kwargs)
-        if call.row_bias is not None:
-            out = tp_partial_bias(out, *call.row_bias)
-        outs.append(out)
-        g_p = dual(st_.output)
-        g_local = gout if g_p == R else _place_grad(gout, g_p, d, r)
-        local_grads.append(_grads(out, g_local, [env[u] for u in inputs]))
-    got = _combine(
-        outs,
-        st_.output,
-        full_out.detach() if isinstance(full_out, torch.Tensor) else [x.detach() for x in full_out],
-        f"{label}: output",
-    )
-    _close(got, full_out, f"{label}: output")
-    for i, u in enumerate(inputs):
-        if full_grads[i] is None or not _is_float(u.meta["val"]):
-            continue
-        eff = _Rewriter._grad(None, node, u, st_.inputs[i], st_.output)  # type: ignore[arg-type]
-        # the ILP costs the gradient the strategy declares: it must be the one the runtime makes
-        assert st_.grads[i] == eff, (
-            f"{label}: gradient of {u} declared {st_.grads[i]}, runtime {eff}"
-        )
-        pieces = [lg[i] for lg in local_grads]
-        g = _combine(pieces, eff, full_grads[i], f"{label}: gradient of {u} ({eff})")
-        _close(g, full_grads[i], f"{label}: gradient of input {u} combined as {eff}")
-
-
-def _place_grad(g: Any, p: Placement, d: int, r: int) -> Any:
-    if isinstance(g, (list, tuple)):
-        return [None if x is None else shard(x, p.dim, p.groups, d, r) for x in g]
-    return shard(g, p.dim, p.groups, d, r)
-
-
-def _close(got: Any, want: Any, what: str) -> None:
-    for i, (a, b) in enumerate(zip(_tensors(got), _tensors(want))):
-        torch.testing.assert_close(
-            a.detach(), b.detach(), atol=1e-8, rtol=1e-8, msg=lambda m, i=i: f"{what} [{i}]: {m}"
-        )
-
-
-def _sharded(strategies: list[Strategy]) -> list[Strategy]:
-    return [s for s in strategies if s.label != "replicate"]
-
-
-def rand(gen_seed: int, *shape: int) -> torch.Tensor:
-    return torch.randn(
-        shape, generator=torch.Generator().manual_seed(gen_seed), dtype=torch.float64
-    )
-
-
-SIZES = st.sampled_from([1, 2, 3, 4, 6, 8, 12])
-SMALL = st.sampled_from([1, 2, 3, 4])
-SEEDS = st.integers(0, 2**16)
-
-
-def _only_replicated(strategies: list[Strategy]) -> bool:
-    return not _sharded(strategies)
-
 
 # ---------------------------------------------------------------------------------------------
 # weight matmuls
 
 
+@covers("linear")
 @SETTINGS
 @given(
     d=DEGREES,
@@ -346,6 +77,7 @@ def test_linear(d: int, b: int, s: int, k: int, n: int, bias: bool, fused: bool,
         assert any(s_.output == S(2, 3) for s_ in found)
 
 
+@covers("addmm")
 @SETTINGS
 @given(d=DEGREES, m=SIZES, k=SIZES, n=SIZES, seed=SEEDS)
 def test_addmm(d: int, m: int, k: int, n: int, seed: int) -> None:
@@ -357,10 +89,16 @@ def test_addmm(d: int, m: int, k: int, n: int, seed: int) -> None:
     )
 
 
-@SETTINGS
+@pytest.mark.parametrize(
+    "op",
+    [
+        pytest.param(op, marks=covers(name))
+        for op, name in [("mm", "mm"), ("matmul3", "matmul"), ("matmul4", "matmul"), ("bmm", "bmm")]
+    ],
+)
+@FEW
 @given(
     d=DEGREES,
-    op=st.sampled_from(["mm", "matmul3", "matmul4", "bmm"]),
     b=SIZES,
     m=SMALL,
     k=SIZES,
@@ -382,9 +120,10 @@ def test_matmuls(d: int, op: str, b: int, m: int, k: int, n: int, seed: int) -> 
         dim = 1 if op == "matmul4" else 0
         assert any(s_.output == S(dim) for s_ in found), "batch-dimension (heads) shard missing"
     if n % d and k % d and (op in ("mm", "matmul3") or b % d):
-        assert _only_replicated(found)
+        assert only_replicated(found)
 
 
+@covers("embedding")
 @SETTINGS
 @given(d=DEGREES, v=SIZES, e=SIZES, b=SMALL, s=SMALL, pad=st.booleans(), seed=SEEDS)
 def test_embedding(d: int, v: int, e: int, b: int, s: int, pad: bool, seed: int) -> None:
@@ -400,6 +139,7 @@ def test_embedding(d: int, v: int, e: int, b: int, s: int, pad: bool, seed: int)
 # attention
 
 
+@covers("scaled_dot_product_attention")
 @SETTINGS
 @given(
     d=DEGREES,
@@ -432,112 +172,7 @@ def test_sdpa(
         aten.scaled_dot_product_attention.default, ins, [In(0), In(1), In(2)], kwargs
     )
     found = check(node, d, seed=seed)
-    assert (not _only_replicated(found)) == (h % d == 0 and hkv % d == 0)
-
-
-# ---------------------------------------------------------------------------------------------
-# pointwise
-
-UNARY = [
-    (aten.relu.default, ()),
-    (aten.gelu.default, ()),
-    (aten.exp.default, ()),
-    (aten.tanh.default, ()),
-    (aten.neg.default, ()),
-    (aten.sigmoid.default, ()),
-    (aten.silu.default, ()),
-    (aten.sin.default, ()),
-    (aten.erf.default, ()),
-    (aten.square.default, ()),
-    (aten.clone.default, ()),
-    (aten.alias.default, ()),
-    (aten.detach.default, ()),
-    (aten.mul.Scalar, (2.5,)),
-    (aten.div.Scalar, (4.0,)),
-    (aten.add.Tensor, (1.5,)),
-    (aten.pow.Tensor_Scalar, (2,)),
-    (aten.clamp.default, (-0.5, 0.5)),
-    (aten.leaky_relu.default, (0.1,)),
-    (aten.dropout.default, (0.0, False)),
-    (aten._to_copy.default, ()),
-]
-BINARY = [aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.maximum.default]
-
-
-def _broadcast_shape(draw: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """``shape`` with some dimensions 1 and maybe some leading ones dropped."""
-    out = tuple(1 if draw(st.booleans()) else s for s in shape)
-    return out[draw(st.integers(0, len(out))) :]
-
-
-@pytest.mark.parametrize("op", UNARY, ids=lambda o: str(o[0]))
-@FEW
-@given(d=DEGREES, shape=st.lists(SIZES, min_size=1, max_size=3), seed=SEEDS)
-def test_pointwise_unary(d: int, shape: list[int], op: Any, seed: int) -> None:
-    target, extra = op
-    _, node, _ = build(target, [rand(seed, *shape)], [In(0), *extra])
-    check(node, d, seed=seed)
-
-
-@pytest.mark.parametrize("op", BINARY, ids=str)
-@FEW
-@given(
-    d=DEGREES,
-    data=st.data(),
-    shape=st.lists(SIZES, min_size=1, max_size=4),
-    swap=st.booleans(),
-    seed=SEEDS,
-)
-def test_pointwise_binary_broadcasting(
-    d: int, data: Any, shape: list[int], op: Any, swap: bool, seed: int
-) -> None:
-    other = _broadcast_shape(data.draw, tuple(shape))
-    a, b = rand(seed, *shape), rand(seed + 1, *other)
-    if op is aten.div.Tensor:
-        b = b.exp() + 0.5
-    ins = [b, a] if swap and op is not aten.div.Tensor else [a, b]
-    _, node, _ = build(op, ins, [In(0), In(1)])
-    check(node, d, seed=seed)
-
-
-@SETTINGS
-@given(d=DEGREES, b=SMALL, h=SIZES, s=SIZES, bias=st.sampled_from(["h11", "1s", "hss"]), seed=SEEDS)
-def test_alibi_bias_added_to_head_split_scores(
-    d: int, b: int, h: int, s: int, bias: str, seed: int
-) -> None:
-    shape = {"h11": (h, 1, 1), "1s": (1, s), "hss": (h, s, s)}[bias]
-    _, node, _ = build(
-        aten.add.Tensor, [rand(seed, b, h, s, s), rand(seed + 1, *shape)], [In(0), In(1)]
-    )
-    x = node.all_input_nodes[0]
-    found = check(node, d, {x: [R, S(1), P], node.all_input_nodes[1]: [R]}, seed=seed)
-    if h % d == 0:
-        assert any(s_.output == S(1) for s_ in found)
-
-
-@pytest.mark.parametrize("op", ["where", "masked_fill", "addcmul", "lerp"])
-@FEW
-@given(d=DEGREES, shape=st.lists(SIZES, min_size=1, max_size=3), data=st.data(), seed=SEEDS)
-def test_pointwise_ternary(d: int, shape: list[int], data: Any, op: str, seed: int) -> None:
-    other = _broadcast_shape(data.draw, tuple(shape))
-    x = rand(seed, *shape)
-    cond = torch.rand(other, generator=torch.Generator().manual_seed(seed)) > 0.5
-    if op == "where":
-        _, node, _ = build(
-            aten.where.self, [cond, x, rand(seed + 1, *other)], [In(0), In(1), In(2)]
-        )
-    elif op == "masked_fill":
-        _, node, _ = build(aten.masked_fill.Scalar, [x, cond], [In(0), In(1), -1.0])
-    elif op == "addcmul":
-        _, node, _ = build(
-            aten.addcmul.default,
-            [x, rand(seed + 1, *other), rand(seed + 2, *shape)],
-            [In(0), In(1), In(2)],
-            {"value": 0.5},
-        )
-    else:
-        _, node, _ = build(aten.lerp.Scalar, [x, rand(seed + 1, *other)], [In(0), In(1), 0.25])
-    check(node, d, seed=seed)
+    assert (not only_replicated(found)) == (h % d == 0 and hkv % d == 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,11 +206,13 @@ def _shape(atoms: list[int], lens: list[int]) -> list[int]:
     return out
 
 
-@SETTINGS
+@pytest.mark.parametrize(
+    "op", [pytest.param(op, marks=covers(op)) for op in ["view", "reshape", "_unsafe_view"]]
+)
+@FEW
 @given(
     d=DEGREES,
     case=regroupings(),
-    op=st.sampled_from(["view", "reshape", "_unsafe_view"]),
     b2=SIZES,
     ones=st.booleans(),
     seed=SEEDS,
@@ -602,11 +239,12 @@ def test_reshapes(d: int, case: Any, op: str, b2: int, ones: bool, seed: int) ->
     if atoms[0] == 1:
         return  # a plan made at batch 1 runs at batch 1 only
     other = graph(b2)
-    for st_ in _sharded(node_strategies(node, d, cands).strategies):
-        if all(_divisible(u.meta["val"], p, d) for u, p in zip(other.all_input_nodes, st_.inputs)):
-            _simulate(other, st_, d, seed)
+    for st_ in sharded(node_strategies(node, d, cands).strategies):
+        if all(divisible(u.meta["val"], p, d) for u, p in zip(other.all_input_nodes, st_.inputs)):
+            simulate(other, st_, d, seed)
 
 
+@covers("view")
 @SETTINGS
 @given(
     d=DEGREES,
@@ -630,6 +268,7 @@ def test_alibi_merge_of_batch_and_heads_is_not_sharded(
     assert (S(0) in [s_.output for s_ in found]) == (h % d == 0)
 
 
+@covers("flatten", "unflatten", "unsqueeze", "squeeze")
 @SETTINGS
 @given(d=DEGREES, shape=st.lists(SIZES, min_size=2, max_size=4), data=st.data(), seed=SEEDS)
 def test_flatten_unflatten_squeeze_unsqueeze(
@@ -658,10 +297,11 @@ def test_flatten_unflatten_squeeze_unsqueeze(
     check(node, d, seed=seed)
 
 
+@covers("expand")
 @SETTINGS
 @given(d=DEGREES, shape=st.lists(SIZES, min_size=1, max_size=3), data=st.data(), seed=SEEDS)
 def test_expand(d: int, shape: list[int], data: Any, seed: int) -> None:
-    small = _broadcast_shape(data.draw, tuple(shape))
+    small = broadcast_shape(data.draw, tuple(shape))
     sizes = [
         (-1 if data.draw(st.booleans()) and s == small[i - len(shape) + len(small)] else s)
         if i >= len(shape) - len(small)
@@ -672,6 +312,7 @@ def test_expand(d: int, shape: list[int], data: Any, seed: int) -> None:
     check(node, d, seed=seed)
 
 
+@covers("transpose", "permute", "t")
 @SETTINGS
 @given(d=DEGREES, shape=st.lists(SIZES, min_size=2, max_size=4), data=st.data(), seed=SEEDS)
 def test_transpose_t_permute(d: int, shape: list[int], data: Any, seed: int) -> None:
@@ -685,6 +326,7 @@ def test_transpose_t_permute(d: int, shape: list[int], data: Any, seed: int) -> 
     check(node, d, seed=seed)
 
 
+@covers("slice", "narrow", "select", "roll")
 @SETTINGS
 @given(d=DEGREES, shape=st.lists(SIZES, min_size=1, max_size=3), data=st.data(), seed=SEEDS)
 def test_slice_narrow_select_roll(d: int, shape: list[int], data: Any, seed: int) -> None:
@@ -708,6 +350,7 @@ def test_slice_narrow_select_roll(d: int, shape: list[int], data: Any, seed: int
     check(node, d, seed=seed)
 
 
+@covers("repeat_interleave")
 @SETTINGS
 @given(
     d=DEGREES,
@@ -738,12 +381,15 @@ def _getitems(n: int) -> Callable[[Graph, Node], list[Node]]:
     return lambda g, node: [g.call_function(operator.getitem, (node, i)) for i in range(n)]
 
 
-@SETTINGS
+@pytest.mark.parametrize(
+    "op", [pytest.param(op, marks=covers(op)) for op in ["split", "split_with_sizes", "chunk"]]
+)
+@covers("getitem")
+@FEW
 @given(
     d=DEGREES,
     shape=st.lists(SIZES, min_size=1, max_size=3),
     data=st.data(),
-    op=st.sampled_from(["split", "split_with_sizes", "chunk"]),
     seed=SEEDS,
 )
 def test_split_chunk_getitem(d: int, shape: list[int], data: Any, op: str, seed: int) -> None:
@@ -777,6 +423,7 @@ def test_split_chunk_getitem(d: int, shape: list[int], data: Any, op: str, seed:
     check(items[-1], d, {node: sorted(outs)}, seed=seed)
 
 
+@covers("linear", "view")
 @SETTINGS
 @given(
     d=DEGREES,
@@ -821,6 +468,7 @@ def test_fused_qkv_both_layouts(
         assert S(head_dim) in sharded, (layout, places)
 
 
+@covers("cat")
 @SETTINGS
 @given(
     d=DEGREES,
@@ -861,7 +509,9 @@ REDUCTIONS = [
 ]
 
 
-@pytest.mark.parametrize("op", REDUCTIONS)
+@pytest.mark.parametrize(
+    "op", [pytest.param(op, marks=covers(op.removesuffix("_all"))) for op in REDUCTIONS]
+)
 @FEW
 @given(d=DEGREES, shape=st.lists(SIZES, min_size=1, max_size=3), data=st.data(), seed=SEEDS)
 def test_reductions(d: int, shape: list[int], data: Any, op: str, seed: int) -> None:
@@ -884,12 +534,18 @@ def test_reductions(d: int, shape: list[int], data: Any, op: str, seed: int) -> 
     check(node, d, seed=seed, groups=(1, 3))
 
 
-@SETTINGS
+@pytest.mark.parametrize(
+    "op",
+    [
+        pytest.param(op, marks=covers(op.removesuffix("_no_affine")))
+        for op in ["layer_norm", "layer_norm_no_affine", "rms_norm"]
+    ],
+)
+@FEW
 @given(
     d=DEGREES,
     shape=st.lists(SIZES, min_size=2, max_size=3),
     normed=st.sampled_from([1, 2]),
-    op=st.sampled_from(["layer_norm", "layer_norm_no_affine", "rms_norm"]),
     seed=SEEDS,
 )
 def test_norms(d: int, shape: list[int], normed: int, op: str, seed: int) -> None:
@@ -904,4 +560,4 @@ def test_norms(d: int, shape: list[int], normed: int, op: str, seed: int) -> Non
         _, node, _ = build(aten.rms_norm.default, [x, w], [In(0), ns, In(1), 1e-6])
     found = check(node, d, seed=seed)
     if any(s % d == 0 for s in shape[:-normed]):
-        assert _sharded(found)
+        assert sharded(found)

@@ -268,7 +268,12 @@ def test_hf_models_build_run_and_export(model_type: str) -> None:
     pytest.importorskip("transformers")
     loaded = _load_small(f"hf:{model_type}", config=HF_SMALL[model_type])
     assert (loaded.name, loaded.source) == (f"hf:{model_type}", "hf")
-    expected_class = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertModel"}
+    # what a user trains: causal LMs for decoders, a masked LM for an encoder
+    expected_class = {
+        "gpt2": "GPT2LMHeadModel",
+        "llama": "LlamaForCausalLM",
+        "bert": "BertForMaskedLM",
+    }
     assert type(loaded.model).__name__ == expected_class[model_type]
     model: Any = loaded.model
     assert model.config.use_cache is False
@@ -277,8 +282,7 @@ def test_hf_models_build_run_and_export(model_type: str) -> None:
     loaded.model.eval()
     out = loaded.model(*loaded.example_inputs)
     exported = torch.export.export(loaded.model, loaded.example_inputs, strict=False)
-    key = "logits" if model_type != "bert" else "last_hidden_state"
-    torch.testing.assert_close(exported.module()(*loaded.example_inputs)[key], out[key])
+    torch.testing.assert_close(exported.module()(*loaded.example_inputs)["logits"], out["logits"])
 
 
 def test_hf_config_values_are_parsed_and_weights_are_seeded() -> None:
@@ -491,3 +495,44 @@ def test_hf_encoder_decoder_is_a_seq2seq_lm_reading_decoder_ids(
         f"hf:{model_type}", config=parse_config_overrides(config), batch=2, seq=8, device="meta"
     )
     assert meta.example_kwargs["decoder_input_ids"].device.type == "meta"
+
+
+def test_list_values_in_config_overrides() -> None:
+    parsed = parse_config_overrides("hidden_sizes=[16,32],depths=[1, 1],layer_type=basic")
+    assert parsed == {"hidden_sizes": "[16,32]", "depths": "[1, 1]", "layer_type": "basic"}
+    assert model_spec._parse_value("[16,32]") == [16, 32]
+    assert model_spec._parse_value("[]") == []
+
+
+def test_hugging_face_heads_and_inputs_by_modality() -> None:
+    # what a user trains from each config: a masked LM for an encoder, an image classifier for a
+    # vision model fed random images of the config's size
+    pytest.importorskip("transformers")
+    from autopart.runtime.launch import training_batch
+
+    small = "num_hidden_layers=1,hidden_size=32,intermediate_size=64,num_attention_heads=2"
+    bert = load_model(
+        "hf:bert", batch=2, seq=8, config=parse_config_overrides(f"{small},vocab_size=64")
+    )
+    assert type(bert.model).__name__ == "BertForMaskedLM"
+    vit = load_model(
+        "hf:vit",
+        batch=2,
+        config=parse_config_overrides(f"{small},image_size=16,patch_size=8"),
+        device="cpu",
+    )
+    assert type(vit.model).__name__ == "ViTForImageClassification"
+    (pixels,) = vit.example_inputs
+    assert pixels.shape == (2, 3, 16, 16) and pixels.dtype == torch.float32
+    target, loss_fn = training_batch(vit)
+    assert target.shape == (2,) and target.dtype == torch.long
+    assert float(loss_fn(vit.model(pixels), target)) > 0
+    resnet = load_model(
+        "hf:resnet",
+        batch=2,
+        config=parse_config_overrides("embedding_size=8,hidden_sizes=[8,16],depths=[1,1]"),
+        device="meta",
+    )
+    assert resnet.example_inputs[0].shape == (2, 3, 32, 32)  # no image_size in its config
+    with pytest.raises(ModelSpecError, match=r"neither token ids .* nor images"):
+        load_model("hf:encodec", device="meta")

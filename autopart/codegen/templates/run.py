@@ -88,9 +88,9 @@ def parse_args(argv: Sequence[str] | None, config: dict[str, Any]) -> argparse.N
     parser.add_argument(
         "--save-weights",
         type=Path,
-        help="write the trained parameters and buffers here (torch.save, the model's own names, "
-        "whole tensors; load with model.load_state_dict(..., strict=False): non-persistent "
-        "buffers are included)",
+        help="write the trained model's state dict here (torch.save: the keys of the model's "
+        "state_dict() in its order, tied aliases and persistent buffers included, whole tensors; "
+        "load with model.load_state_dict(torch.load(path)))",
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return parser.parse_args(argv)
@@ -172,10 +172,14 @@ def train(config: dict[str, Any], args: argparse.Namespace, device: torch.device
         if optimizer is not None:
             optimizer.zero_grad()
         losses: list[torch.Tensor] = []
+        # The loss is computed per micro-batch on its whole output (return_outputs=False: the
+        # outputs are not joined, which a 0-dim output such as an auxiliary loss could not be).
         if last:
-            schedule.step(*(tensors if first else ()), target=target, losses=losses)
+            schedule.step(
+                *(tensors if first else ()), target=target, losses=losses, return_outputs=False
+            )
         else:
-            schedule.step(*(tensors if first else ()))
+            schedule.step(*(tensors if first else ()), return_outputs=False)
         sync_tied_grads(list(stages.values()), tied)
         if optimizer is not None:
             optimizer.step()
@@ -191,7 +195,7 @@ def train(config: dict[str, Any], args: argparse.Namespace, device: torch.device
     if args.losses_out is not None and dist.get_rank() == 0:
         args.losses_out.write_text(json.dumps(history) + "\n")
     if args.save_weights is not None:
-        save_weights(stages, sharded, place, args.save_weights)
+        save_weights(stages, sharded, place, config["state_dict"], args.save_weights)
 
 
 def build_stages(
@@ -345,10 +349,13 @@ def save_weights(
     stages: dict[int, torch.nn.Module],
     sharded: dict[str, tuple[int, int]],
     place: Place,
+    keys: dict[str, str],
     path: Path,
 ) -> None:
     """Gather every stage's parameters and buffers to rank 0, join TP shards (``sharded``, from
-    :func:`build_stages`) back into whole tensors, and save them under the model's names."""
+    :func:`build_stages`) back into whole tensors, and save the model's state dict: each of its
+    ``keys`` (config "state_dict") from the stage tensor named beside it, or from weights.pt
+    where no stage holds it (a buffer nothing reads)."""
     mine: dict[str, tuple[Any, int, torch.Tensor]] = {}
     for stage in stages.values():
         for name, t in stage.state_dict().items():
@@ -371,7 +378,9 @@ def save_weights(
             from collectives import unshard
 
             state[name] = unshard([by_rank[r] for r in sorted(by_rank)], *split[name])
-    torch.save(dict(sorted(state.items())), path)
+    weights = torch.load(HERE / "weights.pt", map_location="cpu", weights_only=True, mmap=True)
+    model_state = {key: state[src] if src in state else weights[src] for key, src in keys.items()}
+    torch.save(model_state, path)
 
 
 def no_weight_pass() -> Any:

@@ -54,8 +54,10 @@ from autopart.passes.tp.rules._common import (
     tensor_val,
 )
 from autopart.passes.tp.rules._matrix_ops import fused_groups
+from autopart.passes.tp.rules._pointwise_ops import POINTWISE
 
 __all__ = [
+    "POINTWISE",
     "RULES",
     "Rule",
     "RuleContext",

@@ -101,7 +101,6 @@ POINTWISE = frozenset(
         "__and__",
         "__or__",
         "__xor__",
-        "__invert__",
         "zeros_like",
         "ones_like",
         "full_like",
@@ -145,14 +144,16 @@ def _pointwise(ctx: RuleContext) -> list[Strategy]:
 
 
 def _partial_pointwise(ctx: RuleContext, out: torch.Tensor) -> list[Strategy]:
-    """Strategies that keep partial sums: the op must be linear in its partial input(s)."""
+    """Strategies that keep partial sums: the op must be linear in its partial input(s), and each
+    input read as ``P`` must be able to be partial (an integer tensor never is)."""
     node, op = ctx.node, op_name(ctx.node)
-    if not out.is_floating_point() or not any(P in ctx.input_cands(t) for t in ctx.inputs):
+    partial = [P in ctx.input_cands(t) for t in ctx.inputs]
+    if not out.is_floating_point() or not any(partial):
         return []
     n = len(ctx.inputs)
     if op in _PARTIAL_UNARY and n == 1:
         return [ctx.strategy("partial", P, {0: P})]
-    if op in ("add", "sub") and overload_name(node) == "Tensor" and n == 2:
+    if op in ("add", "sub") and overload_name(node) == "Tensor" and n == 2 and all(partial):
         a, b = node_args(node)[0], node_args(node)[1]
         if isinstance(a, Node) and isinstance(b, Node):
             return [ctx.strategy("partial", P, {0: P, 1: P})]
@@ -162,7 +163,7 @@ def _partial_pointwise(ctx: RuleContext, out: torch.Tensor) -> list[Strategy]:
         found = []
         for pos in options:
             arg, other = (a, b) if pos == 0 else (b, a)
-            if not isinstance(arg, Node):
+            if not isinstance(arg, Node) or not partial[ctx.slot(arg)]:
                 continue
             req = {ctx.slot(arg): P}
             grads: dict[int, Placement] = {}
