@@ -417,24 +417,7 @@ class ParallelProgram:
             )
             for s, i in zip(submods, self._local)
         ]
-        kind = _SCHEDULES[ScheduleKind(plan.schedule)]
-        spec = merge.spec(plan.micro_batches)
-        if issubclass(kind, PipelineScheduleMulti):  # takes its stages as a list, even one
-            mine: list[Any] = list(self._pipeline_stages)
-            self._schedule: PipelineScheduleSingle | PipelineScheduleMulti = kind(
-                mine, plan.micro_batches, loss_fn=wrapped_loss, output_merge_spec=spec
-            )
-            placed = self._schedule.stage_index_to_group_rank
-            assert placed == {s.index: s.device for s in plan.stages}, (
-                f"{kind.__name__} places stages {placed}; the plan {plan.stages}"
-            )
-        else:
-            self._schedule = kind(
-                self._pipeline_stages[0],
-                plan.micro_batches,
-                loss_fn=wrapped_loss,
-                output_merge_spec=spec,
-            )
+        self._schedule = _schedule(plan, self._pipeline_stages, wrapped_loss, merge)
         self._tied = self._tied_groups()
 
     # -- training --------------------------------------------------------------------------
@@ -653,6 +636,27 @@ class ParallelProgram:
             for name, stages in info.shared_params.items():
                 holders.setdefault(name, []).extend(self.plan.stages[s].device for s in stages)
         return tied_process_groups(holders, _pipeline_rows(self._mesh), dist.get_rank())
+
+
+def _schedule(
+    plan: Plan,
+    stages: list[PipelineStage],
+    loss_fn: Callable[..., torch.Tensor],
+    merge: OutputMerge,
+) -> PipelineScheduleSingle | PipelineScheduleMulti:
+    """torch's schedule class for ``plan.schedule`` over this rank's ``stages``; a class that runs
+    several stages per rank must place them where the plan does."""
+    kind = _SCHEDULES[ScheduleKind(plan.schedule)]
+    spec = merge.spec(plan.micro_batches)
+    if not issubclass(kind, PipelineScheduleMulti):
+        return kind(stages[0], plan.micro_batches, loss_fn=loss_fn, output_merge_spec=spec)
+    mine: list[Any] = list(stages)  # a list even of one
+    schedule = kind(mine, plan.micro_batches, loss_fn=loss_fn, output_merge_spec=spec)
+    placed = schedule.stage_index_to_group_rank
+    assert placed == {s.index: s.device for s in plan.stages}, (
+        f"{kind.__name__} places stages {placed}; the plan {plan.stages}"
+    )
+    return schedule
 
 
 def _keeping_weight_grads(
