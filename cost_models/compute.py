@@ -18,6 +18,13 @@ reads the saved input and the output gradient again and writes a tensor the size
 sizes, matching the usual 2x backward FLOPs (Kaplan et al. 2020, "Scaling laws for neural language
 models", section 2.1: ~6N FLOPs per token for training vs 2N forward).
 
+Zero-bubble pipeline schedules run the two halves apart: ``B`` (input gradients) as soon as the
+next stage's gradient arrives, ``W`` (weight gradients) later, to fill the bubble. The share of a
+node's backward that is ``W`` (:func:`backward_weight_fraction`) is the roofline time of its own
+FLOPs (``NodeCost.backward_weight_flops``, measured by replay) and bytes
+(:func:`backward_weight_bytes`) over that of both halves; a backward time, measured or predicted,
+splits in that ratio, so ``B + W`` is always the backward time the planner used before.
+
 Two costs of training that the 2x rule misses, both proportional to the parameters rather than to
 the tokens (so they weigh most on small micro-batches and on large tables):
 
@@ -46,7 +53,15 @@ from autopart.cost_models.devices import DeviceSpec
 from autopart.cost_models.node_cost import NodeCost
 from autopart.errors import AutopartError
 
-__all__ = ["ComputeModel", "backward_bytes", "forward_bytes", "is_lookup", "node_time_s"]
+__all__ = [
+    "ComputeModel",
+    "backward_bytes",
+    "backward_weight_bytes",
+    "backward_weight_fraction",
+    "forward_bytes",
+    "is_lookup",
+    "node_time_s",
+]
 
 _BACKWARD_BYTES_FACTOR = 2
 """Backward memory traffic per forward byte (see the module docstring)."""
@@ -92,6 +107,67 @@ def backward_bytes(cost: NodeCost) -> int:
     return gradient + _GRAD_ACCUMULATION_BYTES_FACTOR * cost.param_bytes
 
 
+def backward_weight_bytes(cost: NodeCost) -> int:
+    """The part of :func:`backward_bytes` that computing the parameter gradients moves: the
+    accumulation into ``param.grad``, a lookup's whole table-sized gradient, and of the rest (the
+    gradient kernels' reads and writes) the weight gradient's share of the backward FLOPs, or half
+    when a node with parameters does no counted arithmetic (a norm's scale: its weight gradient
+    reads the saved input and the output gradient again, as its input gradient does)."""
+    total = backward_bytes(cost)
+    if total == 0 or (cost.param_bytes == 0 and cost.backward_weight_flops == 0):
+        return 0
+    if is_lookup(cost):
+        return total  # the gradient of the indices is not computed: all of it is the table's
+    accumulation = _GRAD_ACCUMULATION_BYTES_FACTOR * cost.param_bytes
+    share = cost.backward_weight_flops / cost.backward_flops if cost.backward_flops else 0.5
+    return accumulation + round((total - accumulation) * share)
+
+
+def backward_weight_fraction(
+    cost: NodeCost, device: DeviceSpec, *, allow_tf32: bool = False, **efficiency: float | None
+) -> float:
+    """The share of the node's backward time that computes parameter gradients (``W`` of a
+    zero-bubble schedule; the rest, ``B``, computes input gradients): the roofline time of its
+    FLOPs (``backward_weight_flops``) and bytes (:func:`backward_weight_bytes`) over that of both
+    parts, so that a measured backward splits in the same ratio. 0 for a node without parameters.
+    ``efficiency``: ``compute_efficiency`` / ``memory_efficiency`` overrides, as for
+    :func:`node_time_s`."""
+    if cost.is_view or not cost.requires_grad:
+        return 0.0
+    weight_bytes = backward_weight_bytes(cost)
+    weight_s = _roofline_s(
+        cost, device, cost.backward_weight_flops, weight_bytes, allow_tf32, **efficiency
+    )
+    input_s = _roofline_s(
+        cost,
+        device,
+        cost.backward_input_flops,
+        backward_bytes(cost) - weight_bytes,
+        allow_tf32,
+        **efficiency,
+    )
+    return weight_s / (weight_s + input_s) if weight_s > 0 else 0.0
+
+
+def _roofline_s(
+    cost: NodeCost,
+    device: DeviceSpec,
+    flops: int,
+    nbytes: int,
+    allow_tf32: bool,
+    compute_efficiency: float | None = None,
+    memory_efficiency: float | None = None,
+) -> float:
+    """Seconds of ``flops`` and ``nbytes`` at the device's achievable peaks (no launch cost)."""
+    compute_eff = device.compute_efficiency if compute_efficiency is None else compute_efficiency
+    memory_eff = device.memory_efficiency if memory_efficiency is None else memory_efficiency
+    peak = device.peak_flops_per_s(cost.dtype, allow_tf32=allow_tf32)
+    return max(
+        flops / (peak * compute_eff),
+        nbytes / (device.memory_bandwidth_bytes_per_s * memory_eff),
+    )
+
+
 def node_time_s(
     cost: NodeCost,
     device: DeviceSpec,
@@ -115,12 +191,10 @@ def node_time_s(
         flops, nbytes = cost.flops, forward_bytes(cost)
     if flops == 0 and nbytes == 0:
         return 0.0
-    compute_eff = device.compute_efficiency if compute_efficiency is None else compute_efficiency
-    memory_eff = device.memory_efficiency if memory_efficiency is None else memory_efficiency
-    peak = device.peak_flops_per_s(cost.dtype, allow_tf32=allow_tf32)
-    compute_s = flops / (peak * compute_eff)
-    memory_s = nbytes / (device.memory_bandwidth_bytes_per_s * memory_eff)
-    return max(compute_s, memory_s) + device.kernel_launch_s
+    efficiency = {"compute_efficiency": compute_efficiency, "memory_efficiency": memory_efficiency}
+    return (
+        _roofline_s(cost, device, flops, nbytes, allow_tf32, **efficiency) + device.kernel_launch_s
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +245,19 @@ class ComputeModel:
         if node_name in self.measured_backward_s:
             return self.measured_backward_s[node_name]
         return self._predict(cost, backward=True)
+
+    def backward_weight_s(self, node_name: str, cost: NodeCost) -> float:
+        """The part of :meth:`backward_s` that computes parameter gradients (zero-bubble schedules
+        run it apart, as ``W``): the backward time in the roofline's weight-gradient ratio
+        (:func:`backward_weight_fraction`), measured or predicted alike."""
+        fraction = backward_weight_fraction(
+            cost,
+            self.device,
+            allow_tf32=self.allow_tf32,
+            compute_efficiency=self.compute_efficiency,
+            memory_efficiency=self.memory_efficiency,
+        )
+        return self.backward_s(node_name, cost) * fraction if fraction else 0.0
 
     def _predict(self, cost: NodeCost, *, backward: bool) -> float:
         return node_time_s(

@@ -43,6 +43,14 @@ class NodeCost:
     """Path of the innermost module that created the node (``""`` for the root module)."""
     module_type: str
     """Class name of that module, e.g. ``"Linear"``."""
+    backward_weight_flops: int = 0
+    """The part of ``backward_flops`` that computes parameter gradients (``dW = X^T dY`` of a
+    linear); the rest computes the input gradients (``dX = dY W^T``). 0 without parameters."""
+
+    @property
+    def backward_input_flops(self) -> int:
+        """The part of ``backward_flops`` that computes the gradients of the node's inputs."""
+        return self.backward_flops - self.backward_weight_flops
 
     @property
     def bytes(self) -> int:

@@ -6,7 +6,11 @@ How each number is obtained: every computing node is *replayed* on meta tensors 
 - forward FLOPs: the replay runs under ``torch.utils.flop_counter.FlopCounterMode``, so counts follow
   the very dispatch (decompositions included) that ``FlopCounterMode`` sees on the eager model;
 - backward FLOPs: ``torch.autograd.grad`` of the replay's outputs with respect to the inputs that
-  require grad (parameters and everything computed from them), again under the flop counter;
+  require grad (parameters and everything computed from them), again under the flop counter; the
+  weight-gradient part (``backward_weight_flops``: for a linear ``dW = X^T dY``, against the input
+  gradient ``dX = dY W^T``) is the same with respect to the parameters alone (an input whose view
+  chain starts at a parameter counts as one), so schedules that defer it (zero bubble) can be
+  costed;
 - saved activations: ``torch.autograd.graph.saved_tensors_hooks`` records what autograd keeps for
   backward; saved tensors are matched to the node's inputs and output by storage, so the memory model
   can count a tensor saved by two consumers once;
@@ -80,6 +84,7 @@ class _Replay:
 
     flops: int
     backward_flops: int
+    backward_weight_flops: int
     bytes_read: int
     bytes_written: int
     output_bytes: int
@@ -207,10 +212,11 @@ def _annotate_node(
         alias_root[node] = alias_root[inputs[0]]
         return _zero_cost(out_bytes, dtype, module, module_type, is_view=True)
 
-    key = _signature(node, inputs, needs_grad, modules)
+    weights = _weight_positions(inputs, alias_root, aliases)
+    key = (_signature(node, inputs, needs_grad, modules), weights)
     replay = cache.get(key)
     if replay is None:
-        replay = _replay(node, gm, inputs, needs_grad, modules, params)
+        replay = _replay(node, gm, inputs, needs_grad, weights, modules, params)
         cache[key] = replay
     requires_grad[node] = any(needs_grad) and _is_float(val)
 
@@ -242,6 +248,7 @@ def _annotate_node(
     return NodeCost(
         flops=replay.flops,
         backward_flops=replay.backward_flops,
+        backward_weight_flops=replay.backward_weight_flops,
         bytes_read=replay.bytes_read,
         bytes_written=replay.bytes_written,
         output_bytes=out_bytes,
@@ -289,17 +296,19 @@ def _replay(
     gm: GraphModule,
     inputs: list[Node],
     needs_grad: list[bool],
+    weights: tuple[int, ...],
     modules: Mapping[str, torch.nn.Module],
     params: Mapping[str, torch.nn.Parameter],
 ) -> _Replay:
     values: dict[Node, Any] = {}
-    leaves: list[torch.Tensor] = []
+    leaves: list[list[torch.Tensor]] = []  # per input: the tensors gradients are taken for
     for n, grad in zip(inputs, needs_grad):
+        leaves.append([])
         if n.op == "get_attr" and not isinstance(n.meta.get("val"), torch.Tensor):
             values[n] = _fetch_attr(gm, str(n.target))  # submodule argument of a higher-order op
         else:
             leaf = _materialize(n.meta.get("val"), grad)
-            leaves += [t for t in tree_flatten(leaf)[0] if isinstance(t, torch.Tensor)]
+            leaves[-1] = [t for t in tree_flatten(leaf)[0] if isinstance(t, torch.Tensor)]
             values[n] = _non_leaf(leaf)
     args = torch.fx.node.map_arg(node.args, lambda n: values[n])
     kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: values[n])
@@ -323,20 +332,14 @@ def _replay(
         _storage_key(t) for t in module_state
     }  # a module's own weights: not activations
 
-    backward_flops = 0
-    grad_inputs = [t for t in leaves if t.requires_grad]
-    grad_inputs += [t for t in module_state if t.requires_grad]
     grad_outputs = [t for t in outs if t.requires_grad]
-    if grad_inputs and grad_outputs:
-        counter = FlopCounterMode(display=False)
-        with counter, _OnMeta():
-            torch.autograd.grad(
-                grad_outputs,
-                grad_inputs,
-                grad_outputs=[torch.ones_like(t) for t in grad_outputs],
-                allow_unused=True,
-            )
-        backward_flops = counter.get_total_flops()
+    weight_inputs = [t for i in weights for t in leaves[i] if t.requires_grad]
+    weight_inputs += [t for t in module_state if t.requires_grad]
+    # the weight gradient first: the full backward below may then free the graph
+    backward_weight_flops = _grad_flops(grad_outputs, weight_inputs, retain_graph=True)
+    grad_inputs = [t for ts in leaves for t in ts if t.requires_grad]
+    grad_inputs += [t for t in module_state if t.requires_grad]
+    backward_flops = _grad_flops(grad_outputs, grad_inputs, retain_graph=False)
 
     view_of = next(
         (i for i, s in enumerate(in_storages) if s is not None and s in out_storages), None
@@ -368,6 +371,7 @@ def _replay(
     return _Replay(
         flops=int(flops),
         backward_flops=int(backward_flops),
+        backward_weight_flops=int(backward_weight_flops),
         bytes_read=read,
         bytes_written=written,
         output_bytes=sum(_tensor_bytes(t) for t in outs),
@@ -376,6 +380,35 @@ def _replay(
         private_saved_bytes=private_bytes,
         view_of=view_of,
         is_view=is_view,
+    )
+
+
+def _grad_flops(
+    outputs: list[torch.Tensor], inputs: list[torch.Tensor], *, retain_graph: bool
+) -> int:
+    """FLOPs of the gradients of ``outputs`` (seeded with ones) with respect to ``inputs``."""
+    if not outputs or not inputs:
+        return 0
+    counter = FlopCounterMode(display=False)
+    with counter, _OnMeta():
+        torch.autograd.grad(
+            outputs,
+            inputs,
+            grad_outputs=[torch.ones_like(t) for t in outputs],
+            allow_unused=True,
+            retain_graph=retain_graph,
+        )
+    return int(counter.get_total_flops())
+
+
+def _weight_positions(
+    inputs: list[Node], alias_root: Mapping[Node, Node], aliases: Mapping[str, str]
+) -> tuple[int, ...]:
+    """Positions of the inputs that are parameters, or views of one (a transposed weight)."""
+    return tuple(
+        i
+        for i, n in enumerate(inputs)
+        if alias_root[n].op == "get_attr" and str(alias_root[n].target) in aliases
     )
 
 

@@ -25,6 +25,7 @@ _REQUEST_FIELDS = {
     "memory": "memory",
     "micro_batches": "micro_batches",
     "schedule": "schedule",
+    "stages_per_rank": "stages_per_rank",
     "optimizer": "optimizer",
     "time_limit": "time_limit_s",
 }
@@ -87,6 +88,13 @@ def add_pipeline(p: argparse.ArgumentParser, *, search: bool = False) -> None:
         choices=[AUTO, *ScheduleKind],
         default=AUTO,
         help="pipeline schedule (default auto: simulate each and keep the fastest that fits memory)",
+    )
+    p.add_argument(
+        "--stages-per-rank",
+        type=int,
+        default=None,
+        help="pipeline stages on each rank (default: compare 1 to 4 where the schedule allows; "
+        "gpipe and 1f1b run 1, zbv and dualpipev 2)",
     )
 
 

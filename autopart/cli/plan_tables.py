@@ -12,7 +12,7 @@ from autopart.cli.console import out
 from autopart.planning.plans import format_mesh
 from autopart.units import format_bytes, format_seconds
 
-__all__ = ["compress_modules", "print_plan"]
+__all__ = ["compress_modules", "print_plan", "schedule_reason", "schedule_table"]
 
 
 def print_plan(plan: Any, elapsed_s: float) -> None:
@@ -27,6 +27,81 @@ def print_plan(plan: Any, elapsed_s: float) -> None:
     if plan.tp is not None:
         _print_tp(plan.tp)
     out.print(_baseline_table(plan))
+    if len(plan.schedule_options) > 1:
+        out.print(schedule_table(plan))
+        out.print(schedule_reason(plan))
+
+
+def _best_per_layout(plan: Any) -> list[Any]:
+    """The best option of each (schedule, stages per rank): the fastest that fits, else the
+    leanest; fitting ones first, fastest first."""
+    best: dict[tuple[str, int], Any] = {}
+    for o in plan.schedule_options:  # fastest fitting first, then leanest
+        best.setdefault((o.schedule, o.stages_per_device), o)
+    return list(best.values())
+
+
+def schedule_table(plan: Any) -> Table:
+    """The schedules compared: for each schedule and stages per rank, its best micro-batch count
+    (the plan's JSON ``schedule_options`` lists every count)."""
+    table = Table(
+        title="schedules compared (simulated; the best micro-batch count of each; split: the "
+        "stage ILP's, or the best contiguous one for a layout the search did not solve, its "
+        "estimate too far behind)",
+        title_justify="left",
+    )
+    for col in (
+        "schedule",
+        "stages / rank",
+        "micro-batches",
+        "step",
+        "vs chosen",
+        "peak memory",
+        "split",
+    ):
+        table.add_column(col, justify="left" if col in ("schedule", "split") else "right")
+    for o in _best_per_layout(plan):
+        chosen = (o.schedule, o.stages_per_device, o.micro_batches) == (
+            plan.schedule,
+            plan.stages_per_device,
+            plan.micro_batches,
+        )
+        ratio = o.step_time_s / plan.step_time_s - 1 if plan.step_time_s and o.fits else None
+        table.add_row(
+            o.schedule + (" (chosen)" if chosen else ""),
+            str(o.stages_per_device),
+            str(o.micro_batches),
+            format_seconds(o.step_time_s) if o.fits else "",
+            f"{ratio:+.1%}" if ratio is not None else "does not fit",
+            format_bytes(o.peak_memory_bytes)
+            if o.step_time_s
+            else f">= {format_bytes(o.peak_memory_bytes)}",
+            "contiguous" if o.estimate else "stage ILP",
+        )
+    return table
+
+
+def schedule_reason(plan: Any) -> str:
+    """Why the plan's schedule won, in a sentence."""
+    rows = _best_per_layout(plan)
+    others = [o for o in rows if o.fits and o.schedule != plan.schedule]
+    misses = [o for o in rows if not o.fits]
+    limit = format_bytes(plan.memory_limit_bytes) if plan.memory_limit_bytes else "the memory"
+    text = (
+        f"chose {plan.schedule} ({plan.stages_per_device} stage(s) per rank, "
+        f"{plan.micro_batches} micro-batches): its predicted step, "
+        f"{format_seconds(plan.step_time_s)}, is the fastest that fits {limit} per device"
+    )
+    if others:
+        o = others[0]
+        text += (
+            f"; the next best schedule, {o.schedule} ({o.stages_per_device} per rank, "
+            f"{o.micro_batches} micro-batches), takes {format_seconds(o.step_time_s)} "
+            f"({o.step_time_s / plan.step_time_s - 1:+.1%})"
+        )
+    if misses:
+        text += f"; {len(misses)} schedule layout(s) do not fit memory"
+    return text + "."
 
 
 def _stage_table(plan: Any) -> Table:

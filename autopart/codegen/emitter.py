@@ -87,6 +87,8 @@ from autopart.codegen._source import (
 from autopart.codegen.templates import collectives
 from autopart.planning.plans import Plan
 from autopart.planning.request import PlanRequest
+from autopart.planning.schedule import SPLIT_BACKWARD
+from autopart.runtime.weight_grads import stages_keeping_weight_grads
 
 if TYPE_CHECKING:
     from autopart.passes.split_stages import StageInfo
@@ -482,6 +484,11 @@ def _config(program: _Program) -> str:
         # the model's state_dict() keys, in order -> the stage tensor (or weights.pt entry) holding it
         "state_dict": dict(program.layout.sources),
     }
+    if plan.schedule in SPLIT_BACKWARD:  # only then, so other programs' config is unchanged
+        config["weight_grads_with_input_grads"] = stages_keeping_weight_grads(
+            {i.index: s for i, s in zip(program.infos, program.stages)},
+            {i.index: [m.requires_grad for m in program.io[i.index][0]] for i in program.infos},
+        )
     text = json.dumps(config, indent=1)
     # Lists of numbers on one line: shapes read [8, 16], not one number a line.
     return re.sub(r"\[\s+(-?\d+(?:,\s+-?\d+)*)\s+\]", _one_line, text) + "\n"

@@ -43,13 +43,31 @@ class Block:
     """Bytes saved for backward per step by this block's nodes (each saved value once)."""
     layer: str | None
     """The repeated layer holding most of this block's compute; ``None`` outside layers."""
+    backward_weight_s: float = 0.0
+    """The part of ``backward_s`` that computes parameter gradients (``W``)."""
+    weight_grad_bytes: int = 0
+    """Output gradients a deferred weight gradient keeps until it runs: the outputs of the nodes
+    that have one (torch's split backward holds them between ``I`` and ``W``)."""
 
     def __post_init__(self) -> None:
         if not self.nodes:
             raise AutopartError(f"Block {self.index} has no nodes")
-        for name in ("forward_s", "backward_s", "flops", "param_bytes", "activation_bytes"):
+        for name in (
+            "forward_s",
+            "backward_s",
+            "backward_weight_s",
+            "flops",
+            "param_bytes",
+            "activation_bytes",
+            "weight_grad_bytes",
+        ):
             if not getattr(self, name) >= 0:
                 raise AutopartError(f"Block {self.index}: {name} must be >= 0")
+
+    @property
+    def backward_input_s(self) -> float:
+        """The part of ``backward_s`` that computes input gradients (``B``)."""
+        return self.backward_s - self.backward_weight_s
 
     @property
     def compute_s(self) -> float:
@@ -196,9 +214,11 @@ class BlockGraph:
                 b,
                 forward_s=b.forward_s * factor,
                 backward_s=b.backward_s * factor,
+                backward_weight_s=b.backward_weight_s * factor,
                 flops=round(b.flops * factor),
                 backward_flops=round(b.backward_flops * factor),
                 activation_bytes=round(b.activation_bytes * factor),
+                weight_grad_bytes=round(b.weight_grad_bytes * factor),
             )
             for b in self.blocks
         )

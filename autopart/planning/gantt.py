@@ -1,6 +1,7 @@
 """SVG Gantt chart of a simulated pipeline step: one row per device, one bar per action.
 
-Forward bars are blue, backward bars orange, darker for earlier micro-batches; the grey row behind
+Forward bars are blue, backward bars orange (input gradients alone too), weight gradients run apart
+green, darker for earlier micro-batches; the grey row behind
 the bars is the device's idle time. Output is deterministic: coordinates are rounded and elements
 are written in the timeline's order, so the same timeline gives the same bytes.
 """
@@ -18,7 +19,18 @@ __all__ = ["render_svg"]
 
 _PLOT_PX, _ROW_PX, _BAR_PX, _CHAR_PX = 960, 30, 22, 7
 _TOP_PX, _RIGHT_PX = 40, 80
-_HUE = {ActionKind.FORWARD: 212, ActionKind.BACKWARD: 28}
+_HUE = {
+    ActionKind.FORWARD: 212,
+    ActionKind.BACKWARD: 28,
+    ActionKind.BACKWARD_INPUT: 28,
+    ActionKind.BACKWARD_WEIGHT: 130,
+}
+_VERB = {
+    ActionKind.FORWARD: "forward",
+    ActionKind.BACKWARD: "backward",
+    ActionKind.BACKWARD_INPUT: "input gradients",
+    ActionKind.BACKWARD_WEIGHT: "weight gradients",
+}
 _IDLE = "#e4e4e4"
 
 
@@ -65,7 +77,7 @@ def _bar(event: Event, x0: float, px_per_s: float, y: float, m: int, multi: bool
     action = event.action
     x, width = x0 + event.start_s * px_per_s, (event.end_s - event.start_s) * px_per_s
     light = _lightness(action.micro_batch, m)
-    verb = "forward" if action.kind is ActionKind.FORWARD else "backward"
+    verb = _VERB[action.kind]
     tip = (
         f"{action}: stage {action.stage} {verb} of micro-batch {action.micro_batch}, "
         f"{format_seconds(event.start_s)} to {format_seconds(event.end_s)}"

@@ -79,6 +79,9 @@ class OpNode:
     """The repeated layer (e.g. ``"transformer.h.3"``) this node belongs to, if any."""
     is_output: bool = False
     """Whether the graph's output reads this node's value."""
+    backward_weight_s: float = 0.0
+    """The part of ``backward_s`` that computes parameter gradients (``W`` in a zero-bubble
+    schedule); the rest, :attr:`backward_input_s`, computes input gradients (``B``)."""
     keep_with_previous: bool = False
     """No stage boundary may fall right before this node: it lies inside a run of nodes that
     touch one tensor written in place, which must run on one stage (see the module docstring)."""
@@ -90,6 +93,16 @@ class OpNode:
                     f"OpNode {self.name!r}: {name} and private_saved_bytes must be >= 0, got "
                     f"{getattr(self, name)!r} and {self.private_saved_bytes!r}"
                 )
+        if not 0 <= self.backward_weight_s <= self.backward_s * (1 + 1e-9):
+            raise AutopartError(
+                f"OpNode {self.name!r}: backward_weight_s ({self.backward_weight_s!r}) must lie in "
+                f"[0, backward_s = {self.backward_s!r}]: it is the weight-gradient part of it"
+            )
+
+    @property
+    def backward_input_s(self) -> float:
+        """The part of ``backward_s`` that computes input gradients."""
+        return self.backward_s - self.backward_weight_s
 
     @property
     def compute_s(self) -> float:
@@ -186,6 +199,7 @@ class OpGraph:
                 module_type=cost.module_type,
                 layer=layer_of.get(n.name),
                 is_output=n.name in outputs,
+                backward_weight_s=compute.backward_weight_s(n.name, cost),
                 keep_with_previous=n.name in kept,
             )
         return cls(
@@ -280,6 +294,7 @@ def _scale_node(n: OpNode, factor: float) -> OpNode:
         n,
         forward_s=n.forward_s * factor,
         backward_s=n.backward_s * factor,
+        backward_weight_s=n.backward_weight_s * factor,
         flops=round(n.flops * factor),
         backward_flops=round(n.backward_flops * factor),
         output_bytes=round(n.output_bytes * factor),
@@ -403,6 +418,8 @@ def _make_block(
         activation_bytes=sum(og.value_bytes_of(s) for s in saved)
         + sum(n.private_saved_bytes for n in nodes),
         layer=layer,
+        backward_weight_s=sum(n.backward_weight_s for n in nodes),
+        weight_grad_bytes=sum(n.output_bytes for n in nodes if n.backward_weight_s > 0),
     )
 
 

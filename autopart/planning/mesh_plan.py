@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,17 +24,24 @@ from autopart.planning.graph import BlockGraph, OpGraph, coarsen
 from autopart.planning.plans import (
     BaselineResult,
     Plan,
+    ScheduleOption,
     SolverInfo,
     StagePlan,
     TPSection,
 )
-from autopart.planning.request import AUTO, PlanRequest
+from autopart.planning.request import PlanRequest
 from autopart.planning.schedule import (
     ScheduleError,
-    ScheduleKind,
     build_schedule,
     in_flight_micro_batches,
     simulate,
+    stage_ranks,
+)
+from autopart.planning.schedule_choice import (
+    ONE_STAGE_KINDS,
+    per_device,
+    schedule_kinds,
+    stage_counts,
 )
 from autopart.solver import baselines
 from autopart.solver.cost import lower_bound_s, stage_times_s
@@ -52,16 +60,16 @@ __all__ = [
     "dp_sync_s",
     "in_flight_per_stage",
     "micro_batch_options",
+    "most_stages",
     "per_micro_batch",
     "pipeline_device",
     "plan_mesh",
     "planning_setup",
+    "schedule_layouts",
     "simulate_blocks",
     "simulate_plan",
     "solve_tp_costs",
 ]
-
-_INTERLEAVE = 2  # stages per rank for the interleaved schedule (Megatron's virtual pipeline)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +82,10 @@ class _Candidate:
     timeline: Any
     status: str
     bound_s: float
+    ranks: tuple[int, ...]
+    """The pipeline rank of each stage (looped, or V-shaped)."""
+    estimate: bool = False
+    """Simulated on the best contiguous split (the chain DP), not on a stage ILP solution."""
 
 
 class NoScheduleFitsError(AutopartError):
@@ -100,7 +112,12 @@ class PlanningSetup:
     state_per_byte: float
     """Bytes of parameter + gradient + optimizer state per parameter byte."""
     kinds: tuple[str, ...]
-    """The schedules compared (auto: 1F1B and GPipe)."""
+    """The schedules compared (auto: every kind torch runs,
+    :data:`~autopart.planning.schedule_choice.AUTO_KINDS`)."""
+
+    def stage_counts(self, kind: str) -> tuple[int, ...]:
+        """The stages per rank ``kind`` is planned at."""
+        return stage_counts(kind, self.request.stages_per_rank)
 
     @property
     def optimizer(self) -> str:
@@ -119,24 +136,18 @@ class TPCostsOf:
     costs: TPCosts
 
 
-def planning_setup(request: PlanRequest, *, pp: int | None = None) -> PlanningSetup:
+def planning_setup(
+    request: PlanRequest, *, pp: int | None = None, dp: int | None = None
+) -> PlanningSetup:
     """Resolve the request's device, memory, optimizer and schedules (before any tracing or
-    solving); ``pp`` checks the schedule against a fixed pipeline size."""
+    solving); ``pp`` and ``dp`` check the schedule against a fixed mesh."""
     from autopart.units import parse_bytes
 
     spec = get_device(request.device)
     limit = parse_bytes(request.memory) if request.memory is not None else spec.memory_bytes
     opt = as_optimizer(request.optimizer)
-    schedule = request.schedule
-    if schedule == ScheduleKind.INTERLEAVED and pp is not None and pp < 2:
-        raise AutopartError(
-            "the interleaved schedule needs at least 2 pipeline ranks; use --mesh pp=2 or more."
-        )
-    # Auto compares the two one-stage-per-rank schedules; interleaving is planned when asked for.
-    kinds = (ScheduleKind.ONE_F_ONE_B, ScheduleKind.GPIPE) if schedule == AUTO else (schedule,)
-    return PlanningSetup(
-        request, spec, limit, opt.state_bytes_per_param_byte, tuple(map(str, kinds))
-    )
+    kinds = schedule_kinds(request.schedule, pp, request.stages_per_rank, dp)
+    return PlanningSetup(request, spec, limit, opt.state_bytes_per_param_byte, kinds)
 
 
 def micro_batch_options(
@@ -230,16 +241,6 @@ def plan_mesh(
     # blocks (Llama-70B, pp=8 x tp=8: 6.3 s on 186 blocks, 0.5 s on 95, the same plan), and the
     # forced chain-DP cuts keep the best contiguous split at any block count.
     per_stage = 24 if tp is None else 12
-    search = _ScheduleSearch(og, spec, setup, p, per_stage, say)
-    for kind, counts in options.items():
-        search.add(kind, counts)
-    candidates = search.candidates
-    if not candidates:
-        raise _no_fit_error(setup.limit, p, search.misses, search.simulated)
-    order = list(options)
-    best = min(
-        candidates, key=lambda c: (c.timeline.step_time_s, c.micro_batches, order.index(c.schedule))
-    )
 
     # Data parallelism: after the pipeline drains, each rank all-reduces its stages' gradients
     # with its dp peers; the baselines pay it too.
@@ -249,7 +250,23 @@ def plan_mesh(
             for nbytes in param_bytes_per_device
         )
 
-    result = _make_plan(best, og, _Pipeline(setup, spec, p, sync_s), time.perf_counter() - start)
+    pipe = _Pipeline(setup, spec, p, sync_s)
+    search = _ScheduleSearch(og, spec, setup, p, per_stage, say)
+    search.run(options, pipe)
+    candidates = search.candidates
+    if not candidates and search.failed and not search.misses and not search.simulated:
+        raise search.failed[0]
+    if not candidates:
+        raise _no_fit_error(setup.limit, p, search.misses, search.simulated)
+    order = list(options)
+
+    def rank(c: _Candidate) -> tuple[float, int, int, int]:
+        step_s = c.timeline.step_time_s + _sync_of(c, pipe)
+        return (step_s, c.micro_batches, order.index(c.schedule), c.stages_per_device)
+
+    best = min(candidates, key=rank)
+    result = _make_plan(best, og, pipe, time.perf_counter() - start)
+    result = dataclasses.replace(result, schedule_options=search.options(pipe))
     if dp == 1 and tp is None:
         return result
     mesh = {"dp": dp, "pp": p} if tp is None else {"dp": dp, "pp": p, "tp": degree}
@@ -261,9 +278,10 @@ def plan_mesh(
 
 
 class _ScheduleSearch:
-    """Every schedule and micro-batch count of one pipeline: the stage ILP solved once per
-    stages-per-rank count (reused where its assignment fits the next schedule's memory), each
-    count simulated; what fits becomes a candidate, what misses is kept for the error."""
+    """Every schedule, stages-per-rank count and micro-batch count of one pipeline: the stage ILP
+    solved once per stage layout (stages per rank and their ranks; reused where its assignment
+    fits the next schedule's memory), each count simulated; what fits becomes a candidate, what
+    misses is kept for the error and the table of options."""
 
     def __init__(
         self,
@@ -277,19 +295,99 @@ class _ScheduleSearch:
         self.og, self.spec, self.setup = og, spec, setup
         self.p, self.per_stage, self.say = p, per_stage, say
         self.graphs: dict[int, BlockGraph] = {}
-        self.solved: dict[int, tuple[tuple[int, ...], str, float]] = {}
+        self.solved: dict[tuple[int, ...], tuple[tuple[int, ...], str, float]] = {}
+        """Per stage layout (the rank of each stage): stage of each block, status, bound."""
         self.candidates: list[_Candidate] = []
         self.misses: list[tuple[str, int, InfeasibleMemoryError]] = []
+        self.missed: list[tuple[str, int, int, int]] = []
+        """(schedule, stages per rank, micro-batches, least bytes) of each stage solve that found
+        no split within the memory limit."""
         self.simulated: list[tuple[int, str, int]] = []
         """(peak bytes, schedule, micro-batches) of the simulations over the limit."""
+        self.over: list[_Candidate] = []
+        """The simulations over the limit, for the table of options."""
+        self.failed: list[AutopartError] = []
+        """Stage solves that found no split within their time limit."""
+        self.infeasible: dict[tuple[int, ...], list[tuple[list[int], InfeasibleMemoryError]]] = {}
+        """Per stage layout, the in-flight counts for which no split fits memory."""
+        self.estimated: list[_Candidate] = []
+        """The layouts on their chain-DP split: those not solved (too far behind), and those whose
+        solve found no split that fits."""
 
-    def add(self, kind: str, counts: Sequence[int]) -> None:
-        """Simulate ``kind`` at each of ``counts`` (most micro-batches first)."""
-        p, v = self.p, _INTERLEAVE if kind == ScheduleKind.INTERLEAVED else 1
+    def run(self, options: Mapping[str, Sequence[int]], pipe: _Pipeline) -> None:
+        """Estimate every layout (a schedule at a stages-per-rank count) on its best contiguous
+        split, then solve the stage ILP for the stage layouts (the rank of each stage) in order of
+        their best estimate: every one while none fits memory, else up to
+        :data:`_MOST_LAYOUT_SOLVES` within :data:`_LAYOUT_SLACK` of the fastest found, and none
+        after a solve that stopped at its time limit (the others, as large, would too). A layout
+        left out competes on its contiguous split (status ``HINT``)."""
+        layouts = [
+            (kind, v, counts)
+            for kind, v, counts in schedule_layouts(
+                options, self.setup, self.p, most_stages(self.og)
+            )
+            if len(self.graph(v).blocks) >= self.p * v  # else too few blocks for the stages
+        ]
+        groups: dict[tuple[int, ...], list[tuple[str, int, Sequence[int]]]] = {}
+        for kind, v, counts in layouts:
+            groups.setdefault(stage_ranks(kind, self.p, v), []).append((kind, v, counts))
+        estimates = {key: self.estimate(group, pipe) for key, group in groups.items()}
+        solves, settled = 0, False
+        for key in sorted(groups, key=lambda k: _best_first(estimates[k], pipe)):
+            best = self.fastest(pipe)
+            fits = [c for c in estimates[key] if max(c.timeline.peak_memory_bytes) <= self.limit]
+            close = best is not None and any(
+                c.timeline.step_time_s + _sync_of(c, pipe) <= best * (1 + _LAYOUT_SLACK)
+                for c in fits
+            )
+            if best is not None and (settled or solves >= _MOST_LAYOUT_SOLVES or not close):
+                self.estimated += estimates[key]
+                continue
+            solves, found = solves + 1, len(self.candidates)
+            for kind, v, counts in groups[key]:
+                self.add_layout(kind, v, counts)
+            if len(self.candidates) == found:  # no solved split fits: the contiguous one may
+                self.estimated += estimates[key]
+            settled = self.solved.get(key, ((), "OPTIMAL", 0.0))[1] != "OPTIMAL"
+        # A layout left unsolved competes on its contiguous split: a valid plan too (the stage
+        # ILP's hint), simulated as the others are.
+        for c in self.estimated:
+            fits = max(c.timeline.peak_memory_bytes) <= self.limit
+            (self.candidates if fits else self.over).append(c)
+
+    @property
+    def limit(self) -> int:
+        return self.setup.limit
+
+    def estimate(
+        self, group: Sequence[tuple[str, int, Sequence[int]]], pipe: _Pipeline
+    ) -> list[_Candidate]:
+        """Each layout of ``group`` simulated at each count on its chain-DP split."""
+        out = []
+        for kind, v, counts in group:
+            bg, ranks = self.graph(v), stage_ranks(kind, self.p, v)
+            stage_of = tuple(
+                baselines.chain_dp(per_micro_batch(bg, counts[0]), self.p * v, self.spec)
+            )
+            for m in counts:
+                tl = simulate_blocks(
+                    bg, stage_of, self.p, v, self.spec, kind, m, self.setup.state_per_byte
+                )
+                out.append(_Candidate(kind, m, v, bg, stage_of, tl, "HINT", 0.0, ranks, True))
+        return out
+
+    def fastest(self, pipe: _Pipeline) -> float | None:
+        """The fastest step among the candidates that fit (``None`` while none does)."""
+        steps = [c.timeline.step_time_s + _sync_of(c, pipe) for c in self.candidates]
+        return min(steps, default=None)
+
+    def add_layout(self, kind: str, v: int, counts: Sequence[int]) -> None:
+        """Solve (or reuse) the stage ILP for ``kind`` at ``v`` stages per rank and simulate
+        every count of ``counts`` (micro-batches, most first) on it."""
+        p = self.p
         bg = self.graph(v)
-        if len(bg.blocks) < p * v:
-            return  # too few blocks for this many stages
-        solved = self.assignment(bg, kind, counts[0], v)
+        ranks = stage_ranks(kind, p, v)
+        solved = self.assignment(bg, kind, counts[0], v, ranks)
         if solved is None:
             return
         stage_of, status, bound_s = solved
@@ -298,36 +396,49 @@ class _ScheduleSearch:
             timeline = simulate_blocks(
                 bg, stage_of, p, v, self.spec, kind, m, self.setup.state_per_byte
             )
+            candidate = _Candidate(kind, m, v, bg, stage_of, timeline, status, bound_s, ranks)
             peak = max(timeline.peak_memory_bytes)
             if peak <= limit:
-                self.candidates.append(
-                    _Candidate(kind, m, v, bg, stage_of, timeline, status, bound_s)
-                )
+                self.candidates.append(candidate)
             else:
                 self.simulated.append((int(peak), kind, m))
+                self.over.append(candidate)
 
     def graph(self, v: int) -> BlockGraph:
-        """The coarse graph for ``v`` stages per rank."""
+        """The coarse graph for ``v`` stages per rank, ``per_stage`` blocks a stage, with the cuts
+        of the best contiguous split into ``p * v`` stages; one graph serves every count from two
+        up (cutting the node graph at the best split costs seconds on a 70B model, and the ILP
+        grows with stages x blocks)."""
+        v = min(v, 2)
         if v not in self.graphs:
             most = self.setup.request.max_blocks or max(64, self.per_stage * self.p * v)
             self.graphs[v] = coarsen(self.og, max_blocks=most, num_stages=self.p * v)
         return self.graphs[v]
 
     def assignment(
-        self, bg: BlockGraph, kind: str, m: int, v: int
+        self, bg: BlockGraph, kind: str, m: int, v: int, ranks: tuple[int, ...]
     ) -> tuple[tuple[int, ...], str, float] | None:
         """(stage of each block, solver status, objective bound) for ``kind`` at ``m``
         micro-batches; ``None`` (recorded as a miss) where no split fits memory."""
         p, setup = self.p, self.setup
         scaled = per_micro_batch(bg, m)
         in_flight = in_flight_per_stage(kind, p, m, v)
-        reuse = self.solved.get(v)
+        reuse = self.solved.get(ranks)
         if reuse is not None and _fits(
-            scaled, reuse[0], in_flight, p, setup.state_per_byte, setup.limit
+            scaled, reuse[0], in_flight, ranks, setup.state_per_byte, setup.limit
         ):
             # GPipe keeps more micro-batches in flight than 1F1B and nothing else differs, so an
-            # optimal 1F1B assignment that also fits GPipe's memory is optimal for GPipe too.
+            # optimal 1F1B assignment that also fits GPipe's memory is optimal for GPipe too; the
+            # same holds between any two schedules of one stage layout.
             return reuse
+        for failed, exc in self.infeasible.get(ranks, []):
+            if all(a >= b for a, b in zip(in_flight, failed)):
+                # the same model with at least as many activations in flight: no split fits
+                self.missed.append((kind, v, m, exc.minimum_bytes))
+                return None
+        # The least memory a split needs is found (a second solve) for the one-stage layout; the
+        # others only say they miss, unless the request has no one-stage schedule to explain.
+        explain = ranks == tuple(range(p)) or not any(k in ONE_STAGE_KINDS for k in setup.kinds)
         self.say(f"solving {p * v} stages for {kind}, {m} micro-batches ({len(bg.blocks)} blocks)")
         try:
             sol = solve_stages(
@@ -338,17 +449,89 @@ class _ScheduleSearch:
                 state_bytes_per_param_byte=setup.state_per_byte,
                 memory_limit_bytes=setup.limit,
                 stages_per_device=v,
+                device_of_stage=ranks,
                 hint=baselines.chain_dp(scaled, p * v, self.spec),
                 time_limit_s=setup.request.time_limit_s,
+                explain=explain,
             )
         except InfeasibleMemoryError as exc:
             # The most micro-batches is this schedule's leanest count (1F1B keeps min(p - s, m)
             # of m micro-batches in flight, GPipe all m: a share of the batch that never grows
             # with m), so no count of it fits: the other schedules may.
-            self.misses.append((kind, m, exc))
+            if explain:
+                self.misses.append((kind, m, exc))
+            self.missed.append((kind, v, m, exc.minimum_bytes))
+            self.infeasible.setdefault(ranks, []).append((in_flight, exc))
             return None
-        self.solved[v] = (sol.stage_of, sol.status, sol.objective_bound_s)
-        return self.solved[v]
+        except AutopartError as exc:  # no split within the time limit: the other layouts may
+            self.failed.append(exc)
+            return None
+        self.solved[ranks] = (sol.stage_of, sol.status, sol.objective_bound_s)
+        return self.solved[ranks]
+
+    def options(self, pipe: _Pipeline) -> tuple[ScheduleOption, ...]:
+        """Every schedule compared, fastest first, then those that do not fit (leanest first)."""
+        rows = [
+            ScheduleOption(
+                c.schedule,
+                c.stages_per_device,
+                c.micro_batches,
+                c.timeline.step_time_s + _sync_of(c, pipe),
+                int(max(c.timeline.peak_memory_bytes)),
+                int(max(c.timeline.peak_memory_bytes)) <= self.limit,
+                estimate=c.estimate,
+            )
+            for c in (*self.candidates, *self.over)
+        ]
+        rows += [ScheduleOption(k, v, m, 0.0, need, False) for k, v, m, need in self.missed]
+        return tuple(
+            sorted(
+                rows, key=lambda o: (not o.fits, o.step_time_s if o.fits else o.peak_memory_bytes)
+            )
+        )
+
+
+_LAYOUT_SLACK = 0.10
+"""A stage layout is solved when its estimate is within this of the fastest plan found (the ILP
+rarely beats the chain DP's split by more where memory does not bind)."""
+
+_MOST_LAYOUT_SOLVES = 3
+"""Stage layouts solved at most once one fits (each solve may take the time limit)."""
+
+
+def _best_first(estimates: Sequence[_Candidate], pipe: _Pipeline) -> tuple[bool, float]:
+    """Sort key of a stage layout: fitting ones by their fastest estimate, then by the leanest."""
+    limit = pipe.setup.limit
+    fits = [c for c in estimates if max(c.timeline.peak_memory_bytes) <= limit]
+    if fits:
+        return (False, min(c.timeline.step_time_s + _sync_of(c, pipe) for c in fits))
+    return (True, min((max(c.timeline.peak_memory_bytes) for c in estimates), default=0))
+
+
+def _sync_of(c: _Candidate, pipe: _Pipeline) -> float:
+    """The dp gradient all-reduce after ``c``'s pipeline drains."""
+    params = c.bg.stage_param_bytes(c.stage_of, len(c.ranks))
+    return pipe.sync_s(per_device(params, c.ranks))
+
+
+def most_stages(og: OpGraph) -> int:
+    """The most pipeline stages worth cutting ``og`` into: one per repeated layer (a graph without
+    repeated layers: one per computing node)."""
+    layers = len({n.layer for n in og.nodes.values() if n.layer is not None})
+    return layers if layers >= 2 else len(og.order)
+
+
+def schedule_layouts(
+    options: Mapping[str, Sequence[int]], setup: PlanningSetup, p: int, most: int
+) -> list[tuple[str, int, Sequence[int]]]:
+    """Every (schedule, stages per rank, micro-batch counts) to compare on ``p`` ranks: each
+    schedule at its least stage count, and at more only while every stage can still hold a layer
+    (``p * v <= most``, :func:`most_stages`)."""
+    out = []
+    for kind, counts in options.items():
+        per_rank = setup.stage_counts(kind)
+        out += [(kind, v, counts) for v in per_rank if v == per_rank[0] or p * v <= most]
+    return out
 
 
 def _no_fit_error(
@@ -389,7 +572,7 @@ def _tp_section(tp: TPCostsOf, plan: Plan, batch: int, per_replica: int) -> TPSe
     p = plan.mesh["pp"]
     sent = [0] * p
     for node, nbytes in tp.costs.comm_bytes_by_node.items():
-        sent[plan.stage_of[node] % p] += nbytes
+        sent[plan.stages[plan.stage_of[node]].device] += nbytes
     return dataclasses.replace(
         TPSection.from_tp_plan(tp.plan), comm_bytes_per_step=max(sent) * batch // per_replica
     )
@@ -413,13 +596,13 @@ class _Pipeline:
 
 def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float) -> Plan:
     """The plan of ``best``."""
-    p, spec = pipe.p, pipe.spec
+    p, spec, ranks = pipe.p, pipe.spec, best.ranks
     m, v, bg = best.micro_batches, best.stages_per_device, best.bg
     num_stages = p * v
     scaled = per_micro_batch(bg, m)
-    times = stage_times_s(scaled, best.stage_of, num_stages, spec)
-    bottleneck = max(_per_device(times, p))
-    bound = _device_lower_bound_s(scaled, og.scaled(1.0 / m), p, v, spec)
+    times = stage_times_s(scaled, best.stage_of, num_stages, spec, ranks=ranks)
+    bottleneck = max(per_device(times, ranks))
+    bound = _device_lower_bound_s(scaled, og.scaled(1.0 / m), ranks, spec)
     stage_of_node = {n: s for blk, s in zip(bg.blocks, best.stage_of) for n in blk.nodes}
     param_bytes = bg.stage_param_bytes(best.stage_of, num_stages)
     stages = []
@@ -428,14 +611,15 @@ def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float)
         stages.append(
             StagePlan(
                 index=s,
-                device=s % p,
+                device=ranks[s],
                 modules=_summarize_modules([mod for b in blocks for mod in b.modules]),
                 node_count=sum(len(b.nodes) for b in blocks),
                 forward_s=sum(b.forward_s for b in blocks),
                 backward_s=sum(b.backward_s for b in blocks),
+                backward_weight_s=sum(b.backward_weight_s for b in blocks),
                 predicted_s=times[s],
                 param_bytes=param_bytes[s],
-                peak_memory_bytes=int(best.timeline.peak_memory_bytes[s % p]),
+                peak_memory_bytes=int(best.timeline.peak_memory_bytes[ranks[s]]),
                 activation_bytes=sum(b.activation_bytes for b in blocks),
             )
         )
@@ -452,7 +636,7 @@ def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float)
         bottleneck_s=bottleneck,
         lower_bound_s=bound,
         gap=bottleneck / bound - 1 if bound > 0 else 0.0,
-        step_time_s=best.timeline.step_time_s + pipe.sync_s(_per_device(param_bytes, p)),
+        step_time_s=best.timeline.step_time_s + _sync_of(best, pipe),
         bubble_fraction=best.timeline.bubble_fraction,
         solver=SolverInfo(
             status=best.status,
@@ -470,7 +654,7 @@ def _baselines(scaled: BlockGraph, best: _Candidate, pipe: _Pipeline) -> dict[st
     """The equal-layers and equal-parameters splits under ``best``'s schedule, on ``scaled``
     (``best``'s block graph at one micro-batch)."""
     p, spec, bg, v, m = pipe.p, pipe.spec, best.bg, best.stages_per_device, best.micro_batches
-    num_stages = p * v
+    num_stages, ranks = p * v, best.ranks
     base = {}
     for label, fn in (
         ("equal_layers", baselines.equal_layers),
@@ -478,54 +662,58 @@ def _baselines(scaled: BlockGraph, best: _Candidate, pipe: _Pipeline) -> dict[st
     ):
         stage_of = fn(scaled, num_stages)
         tl = simulate_blocks(bg, stage_of, p, v, spec, best.schedule, m, pipe.setup.state_per_byte)
-        t = stage_times_s(scaled, stage_of, num_stages, spec)
+        t = stage_times_s(scaled, stage_of, num_stages, spec, ranks=ranks)
         params = bg.stage_param_bytes(stage_of, num_stages)
-        sync = pipe.sync_s(_per_device(params, p))
-        base[label] = BaselineResult(max(_per_device(t, p)), tl.step_time_s + sync)
+        sync = pipe.sync_s(per_device(params, ranks))
+        base[label] = BaselineResult(max(per_device(t, ranks)), tl.step_time_s + sync)
     return base
 
 
 def _state_per_device(
-    bg: BlockGraph, stage_of: Sequence[int], num_stages: int, p: int, state_per_byte: float
+    bg: BlockGraph, stage_of: Sequence[int], ranks: Sequence[int], state_per_byte: float
 ) -> list[float]:
     """Parameter, gradient and optimizer-state bytes each pipeline rank holds (a parameter shared
     by several stages counted on each: :meth:`BlockGraph.stage_param_bytes`)."""
-    param_bytes = bg.stage_param_bytes(stage_of, num_stages)
-    return _per_device([nbytes * state_per_byte for nbytes in param_bytes], p)
+    param_bytes = bg.stage_param_bytes(stage_of, len(ranks))
+    return per_device([nbytes * state_per_byte for nbytes in param_bytes], ranks)
 
 
-def _per_device(per_stage: Sequence[float], p: int) -> list[float]:
-    """Sum per pipeline rank of a per-stage figure (stage ``s`` runs on rank ``s % p``)."""
-    return [sum(per_stage[d::p]) for d in range(p)]
-
-
-def _device_lower_bound_s(bg: BlockGraph, og: OpGraph, p: int, v: int, spec: DeviceSpec) -> float:
+def _device_lower_bound_s(
+    bg: BlockGraph, og: OpGraph, ranks: Sequence[int], spec: DeviceSpec
+) -> float:
     """A true lower bound on the slowest device's time per micro-batch. With one stage per device
-    it is the stage bound of :func:`autopart.solver.cost.lower_bound_s`. With ``v`` stages per
-    device, a device's time is a sum of ``v`` stage times, so it is at least the stage bound for
-    ``p * v`` stages, and at least the average device load: all compute plus, for each of the
-    ``p * v - 1`` boundaries, two messages of at least the smallest tensor's transfer time."""
-    if v == 1:
+    it is the stage bound of :func:`autopart.solver.cost.lower_bound_s`. With several stages per
+    device, a device's time is a sum of stage times, so it is at least the stage bound for all
+    the stages (a stage at a V's turn hands one boundary over locally, but shares its device with
+    the stage across it, which pays at least as much on its other side), and at least the average
+    device load: all compute plus, for each boundary between two devices, two messages of at
+    least the smallest tensor's transfer time."""
+    p, num_stages = max(ranks) + 1, len(ranks)
+    if num_stages == p:
         return lower_bound_s(bg, p, spec, og)
-    stage_bound = lower_bound_s(bg, p * v, spec, og)
+    stage_bound = lower_bound_s(bg, num_stages, spec, og)
     smallest = min((t.nbytes for t in bg.tensors), default=0)
-    average = (bg.total_compute_s + 2 * (p * v - 1) * p2p_time_s(smallest, spec)) / p
+    crossings = sum(a != b for a, b in itertools.pairwise(ranks))
+    average = (bg.total_compute_s + 2 * crossings * p2p_time_s(smallest, spec)) / p
     return max(stage_bound, average)
 
 
 def simulate_plan(plan: Plan) -> Any:
-    """The schedule timeline of a plan (for Gantt charts), from the costs it records."""
+    """The schedule timeline of a plan (for Gantt charts), from the costs it records (without
+    the output gradients a deferred weight gradient keeps, which a plan does not record)."""
     p = plan.mesh["pp"]
     spec = pipeline_device(get_device(plan.device), pp=p, tp=plan.mesh.get("tp", 1))
     state_per_byte = Optimizer(plan.optimizer).state_bytes_per_param_byte
     state = [st.param_bytes * state_per_byte for st in plan.stages]
+    ranks = [st.device for st in plan.stages]
     return simulate(
         build_schedule(plan.schedule, p, plan.micro_batches, plan.stages_per_device),
         [s.forward_s for s in plan.stages],
         [s.backward_s for s in plan.stages],
+        backward_weight_s=[s.backward_weight_s for s in plan.stages],
         comm_s=[p2p_time_s(b, spec) for b in plan.boundary_bytes],
         activation_bytes=[s.activation_bytes for s in plan.stages],
-        static_bytes=[int(b) for b in _per_device(state, p)],
+        static_bytes=[int(b) for b in per_device(state, ranks)],
     )
 
 
@@ -540,22 +728,25 @@ def simulate_blocks(
     state_per_byte: float,
 ) -> Any:
     scaled = per_micro_batch(bg, m)
-    num_stages = p * v
-    fwd, bwd, act = [0.0] * num_stages, [0.0] * num_stages, [0] * num_stages
+    num_stages, ranks = p * v, stage_ranks(kind, p, v)
+    fwd, bwd, weight = [0.0] * num_stages, [0.0] * num_stages, [0.0] * num_stages
+    act, grads = [0] * num_stages, [0] * num_stages
     for b, s in zip(scaled.blocks, stage_of):
         fwd[s] += b.forward_s
         bwd[s] += b.backward_s
+        weight[s] += b.backward_weight_s
         act[s] += b.activation_bytes
+        grads[s] += b.weight_grad_bytes
     comm = [p2p_time_s(nb, spec) for nb in scaled.boundary_bytes(stage_of, num_stages)]
     return simulate(
         build_schedule(kind, p, m, v),
         fwd,
         bwd,
+        backward_weight_s=[min(w, b) for w, b in zip(weight, bwd)],
         comm_s=comm,
         activation_bytes=act,
-        static_bytes=[
-            int(b) for b in _state_per_device(bg, stage_of, num_stages, p, state_per_byte)
-        ],
+        weight_grad_bytes=grads,
+        static_bytes=[int(b) for b in _state_per_device(bg, stage_of, ranks, state_per_byte)],
     )
 
 
@@ -572,27 +763,28 @@ def _fits(
     bg: BlockGraph,
     stage_of: Sequence[int],
     in_flight: Sequence[int],
-    p: int,
+    ranks: Sequence[int],
     state_per_byte: float,
     limit: int,
 ) -> bool:
     """Whether an assignment fits memory under the ILP's own accounting (see stage_ilp)."""
-    per_device = _state_per_device(bg, stage_of, len(in_flight), p, state_per_byte)
+    held = _state_per_device(bg, stage_of, ranks, state_per_byte)
     for b, s in zip(bg.blocks, stage_of):
-        per_device[s % p] += in_flight[s] * b.activation_bytes
-    return max(per_device) <= limit
+        held[ranks[s]] += in_flight[s] * b.activation_bytes
+    return max(held) <= limit
 
 
 def in_flight_per_stage(kind: str, p: int, m: int, v: int) -> list[int]:
     """Micro-batches whose activations each stage keeps (DESIGN.md: 1F1B keeps p - s on stage s,
-    GPipe all m). Interleaved ranks hold up to the simulated count of (stage, micro-batch) pairs,
-    spread over their v stages."""
+    GPipe all m). Ranks of several stages hold up to the simulated count of (stage, micro-batch)
+    pairs (:func:`~autopart.planning.schedule.in_flight_micro_batches`), spread over their v
+    stages."""
     if kind == "gpipe":
         return [m] * p
     if kind == "1f1b":
         return [min(p - s, m) for s in range(p)]
     per_rank = [in_flight_micro_batches(kind, p, m, r, v) for r in range(p)]
-    return [math.ceil(per_rank[s % p] / v) for s in range(p * v)]
+    return [math.ceil(per_rank[r] / v) for r in stage_ranks(kind, p, v)]
 
 
 def _micro_batch_options(
@@ -617,7 +809,7 @@ def _micro_batch_options(
         valid = []
         for m in sorted(counts, reverse=True):
             try:
-                build_schedule(kind, p, m, _INTERLEAVE if kind == ScheduleKind.INTERLEAVED else 1)
+                build_schedule(kind, p, m, stage_counts(kind)[0])
                 valid.append(m)
             except ScheduleError as exc:
                 errors.append(str(exc))

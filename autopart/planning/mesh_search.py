@@ -64,16 +64,19 @@ from autopart.planning.mesh_plan import (
     TPCostsOf,
     dp_sync_s,
     micro_batch_options,
+    most_stages,
     per_micro_batch,
     pipeline_device,
     plan_mesh,
     planning_setup,
+    schedule_layouts,
     simulate_blocks,
     solve_tp_costs,
 )
 from autopart.planning.plans import Plan, format_mesh
 from autopart.planning.request import AUTO, PlanRequest
-from autopart.planning.schedule import ScheduleKind
+from autopart.planning.schedule import SPLIT_BACKWARD, stage_ranks
+from autopart.planning.schedule_choice import ONE_STAGE_KINDS, per_device, split_backward_with_dp
 from autopart.solver import baselines
 from autopart.solver.pipeline_memory import NodeMemory, pipeline_memory_bound
 from autopart.solver.stage_ilp import InfeasibleMemoryError
@@ -90,7 +93,8 @@ __all__ = [
 ]
 
 _TP_DEGREES = (1, 2, 4, 8)
-_INTERLEAVE = 2
+_COARSE_BLOCKS_PER_RANK = 16
+"""Blocks per pipeline rank of the graph the estimates split (several stages per rank each)."""
 _FALLBACK_BUDGET = 6
 """Times the solver's time limit that planning meshes in full may take while none fits."""
 
@@ -274,7 +278,7 @@ class _Search:
         self.gm, self.setup, self.batch, self.say = gm, setup, batch, say
         self.og = og = OpGraph.from_graph_module(gm, setup.spec)
         layers = len({n.layer for n in og.nodes.values() if n.layer is not None})
-        max_pp = layers if layers >= 2 else len(og.order)
+        self.max_pp = max_pp = most_stages(og)
         self.meshes = [
             _Mesh(m["dp"], m["pp"], m["tp"]) for m in mesh_candidates(setup.request.devices)
         ]
@@ -310,7 +314,7 @@ class _Search:
                 if c.status or _beaten(c, best):
                     continue
             self.say(f"estimating {format_mesh(c.mesh)}")
-            _estimate(c, self.coarse_of(c), self.setup)
+            _estimate(c, self.coarse_of(c), self.setup, self.max_pp)
             if c.estimate_fits and c.estimate_s is not None:
                 best = min(best or c.estimate_s, c.estimate_s)
         return best
@@ -399,7 +403,7 @@ class _Search:
             most = max(m.pp for m in self.meshes if m.tp == c.tp and m.options)
             graph = self.og if c.tp == 1 else _tp_of(self.costs, c).costs.op_graph
             self.coarse[c.tp_key] = _drop_op_graph(
-                coarsen(graph, max_blocks=max(64, 8 * _INTERLEAVE * most))
+                coarsen(graph, max_blocks=max(64, _COARSE_BLOCKS_PER_RANK * most))
             )
         return self.coarse[c.tp_key]
 
@@ -482,9 +486,13 @@ def _check_mesh(c: _Mesh, batch: int, setup: PlanningSetup, max_pp: int, layers:
     if batch % c.dp:
         c.status, c.note = MeshStatus.SKIPPED, f"the batch of {batch} does not split over dp={c.dp}"
         return
-    kinds = [k for k in setup.kinds if k != ScheduleKind.INTERLEAVED or c.pp >= 2]
+    kinds = [k for k in setup.kinds if k in ONE_STAGE_KINDS or c.pp >= 2]
     if not kinds:
-        c.status, c.note = MeshStatus.SKIPPED, "the interleaved schedule needs pp >= 2"
+        c.status, c.note = MeshStatus.SKIPPED, f"the {setup.kinds[0]} schedule needs pp >= 2"
+        return
+    kinds = [k for k in kinds if c.dp == 1 or k not in SPLIT_BACKWARD]
+    if not kinds:
+        c.status, c.note = MeshStatus.SKIPPED, split_backward_with_dp(setup.kinds[0], c.dp)
         return
     try:
         c.options = micro_batch_options(batch, c.dp, c.pp, setup.request.micro_batches, kinds)
@@ -566,11 +574,12 @@ def _pipeline_bound_s(work_s: float, p: int, options: Mapping[str, list[int]]) -
     passed the stages before it, works ``m t_s``, and its last backward still has to pass them:
     ``T >= sum_{r<s} t_r + m t_s`` for every ``s``. With ``P_s = t_0 + ... + t_s`` that gives
     ``P_s <= P_{s-1} (1 - 1/m) + T / m``, so ``P_{p-1} = work_s / m <= T (1 - (1 - 1/m)^p)``.
-    Interleaved schedules: the average, ``work_s / p``."""
+    Other schedules (several stages per rank, or a weight gradient deferred past the fill): the
+    average, ``work_s / p``."""
     bounds = []
     for kind, counts in options.items():
         for m in counts:
-            if kind == ScheduleKind.INTERLEAVED:
+            if kind not in ONE_STAGE_KINDS:
                 bounds.append(work_s / p)
             else:
                 bounds.append(work_s / (m * (1 - (1 - 1 / m) ** p)))
@@ -594,19 +603,26 @@ def _drop_op_graph(bg: BlockGraph) -> BlockGraph:
     return BlockGraph(bg.blocks, bg.tensors, bg.param_bytes_by_name)
 
 
-def _estimate(c: _Mesh, coarse: BlockGraph, setup: PlanningSetup) -> None:
+def _estimate(c: _Mesh, coarse: BlockGraph, setup: PlanningSetup, most: int) -> None:
     spec = pipeline_device(setup.spec, pp=c.pp, tp=c.tp)
     bg = coarse.scaled(1.0 / c.dp) if c.dp > 1 else coarse
     found: list[tuple[bool, float, int, str, int]] = []
-    for kind, counts in c.options.items():
-        v = _INTERLEAVE if kind == ScheduleKind.INTERLEAVED else 1
+    splits: dict[tuple[int, int], list[int]] = {}  # the chain DP's, per stage count and count
+    # One stage per rank where the request allows it: the estimate ranks meshes, and the full plan
+    # of the best compares every stage count (a chain DP into 2p stages of a 405B model costs
+    # seconds per mesh).
+    layouts = schedule_layouts(c.options, setup, c.pp, most)
+    for kind, v, counts in [lay for lay in layouts if lay[1] == 1] or layouts:
         if len(bg.blocks) < c.pp * v:
             continue
-        stage_of = baselines.chain_dp(per_micro_batch(bg, counts[0]), c.pp * v, spec)
+        key = (c.pp * v, counts[0])
+        if key not in splits:
+            splits[key] = baselines.chain_dp(per_micro_batch(bg, counts[0]), c.pp * v, spec)
+        stage_of = splits[key]
         params = bg.stage_param_bytes(stage_of, c.pp * v)
-        per_device = [sum(params[s] for s in range(d, c.pp * v, c.pp)) for d in range(c.pp)]
         sync_s = max(
-            dp_sync_s(nbytes, dp=c.dp, pp=c.pp, tp=c.tp, spec=setup.spec) for nbytes in per_device
+            dp_sync_s(int(nbytes), dp=c.dp, pp=c.pp, tp=c.tp, spec=setup.spec)
+            for nbytes in per_device(params, stage_ranks(kind, c.pp, v))
         )
         for m in counts:
             tl = simulate_blocks(bg, stage_of, c.pp, v, spec, kind, m, setup.state_per_byte)

@@ -99,7 +99,7 @@ def plan_graph(
         return search_mesh(gm, req, batch=batch, progress=progress).plan
     axes = req.axes
     dp, p, tp = axes["dp"], axes["pp"], axes["tp"]
-    setup = planning_setup(req, pp=p)
+    setup = planning_setup(req, pp=p, dp=dp)
     mb_options = micro_batch_options(batch, dp, p, req.micro_batches, setup.kinds)
     say = progress or (lambda _msg: None)
     start = time.perf_counter()

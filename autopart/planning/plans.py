@@ -22,6 +22,7 @@ __all__ = [
     "MeshAxis",
     "Plan",
     "PlanError",
+    "ScheduleOption",
     "SolverInfo",
     "StagePlan",
     "TPSection",
@@ -92,12 +93,19 @@ class StagePlan:
     """Peak memory of the device that runs this stage under the plan's schedule."""
     activation_bytes: int = 0
     """Bytes saved for backward per micro-batch."""
+    backward_weight_s: float = 0.0
+    """The part of ``backward_s`` that computes parameter gradients (``W`` of a zero-bubble
+    schedule). Written to JSON only when not 0."""
 
     def __post_init__(self) -> None:
         _check(self.index >= 0 and self.device >= 0, "stage index and device must be >= 0")
         _check(self.node_count >= 0, f"stage {self.index}: node_count must be >= 0")
-        for name in ("forward_s", "backward_s", "predicted_s"):
+        for name in ("forward_s", "backward_s", "predicted_s", "backward_weight_s"):
             _check_nonneg(getattr(self, name), f"stages[{self.index}].{name}")
+        _check(
+            self.backward_weight_s <= self.backward_s * (1 + 1e-9),
+            f"stages[{self.index}].backward_weight_s exceeds backward_s (it is a part of it)",
+        )
         _check(
             self.param_bytes >= 0 and self.peak_memory_bytes >= 0,
             f"stage {self.index}: byte counts must be >= 0",
@@ -116,6 +124,36 @@ class SolverInfo:
 class BaselineResult:
     bottleneck_s: float
     step_time_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleOption:
+    """One schedule the planner compared (``Plan.schedule_options``): why the plan's schedule won."""
+
+    schedule: str
+    stages_per_device: int
+    micro_batches: int
+    step_time_s: float
+    """The simulated step (with the dp gradient all-reduce); 0 where no split fits memory."""
+    peak_memory_bytes: int
+    """The simulated peak of the fullest device; where no split fits, the least a split needs."""
+    fits: bool
+    """Whether it fits the plan's memory limit."""
+    estimate: bool = False
+    """Simulated on the best contiguous split (the stage ILP's hint) rather than a solved one:
+    the planner did not solve this layout, as its estimate is too far behind the fastest."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.schedule in tuple(ScheduleKind),
+            f"schedule_options: unknown schedule {self.schedule!r}",
+        )
+        _check(
+            self.stages_per_device >= 1 and self.micro_batches >= 1,
+            "schedule_options: stages_per_device and micro_batches must be >= 1",
+        )
+        _check_nonneg(self.step_time_s, "schedule_options[].step_time_s")
+        _check(self.peak_memory_bytes >= 0, "schedule_options[].peak_memory_bytes must be >= 0")
 
 
 _SHARDINGS = ("replicate", "col", "row")
@@ -199,6 +237,9 @@ class Plan:
     """Bytes sent forward across each stage boundary per micro-batch (the same come back as gradients)."""
     tp: TPSection | None = None
     """Tensor parallelism within each stage (None: no ``tp`` axis, or ``tp=1``)."""
+    schedule_options: tuple[ScheduleOption, ...] = ()
+    """Every schedule, stages per rank and micro-batch count compared, with its simulated step and
+    peak memory (fastest first). Written to JSON only when not empty."""
 
     def __post_init__(self) -> None:
         mesh = parse_mesh(dict(self.mesh))
@@ -206,7 +247,7 @@ class Plan:
         num_stages = mesh.get("pp", 1) * self.stages_per_device
         _check(
             self.schedule in tuple(ScheduleKind),
-            f"schedule must be gpipe, 1f1b or interleaved, got {self.schedule!r}",
+            f"schedule must be one of {', '.join(ScheduleKind)}, got {self.schedule!r}",
         )
         _check(self.micro_batches >= 1, f"micro_batches must be >= 1, got {self.micro_batches}")
         _check(self.stages_per_device >= 1, "stages_per_device must be >= 1")
@@ -257,8 +298,10 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["format_version"] = PLAN_FORMAT_VERSION
-        d["stages"] = [asdict(s) for s in self.stages]
-        return d
+        # Fields added after the format's first release are written only where set, so the file
+        # of a plan that does not use them is unchanged.
+        d["stages"] = [_drop_unset(asdict(s), backward_weight_s=0.0) for s in self.stages]
+        return _drop_unset(d, schedule_options=())
 
     def to_json(self, *, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
@@ -306,6 +349,9 @@ class Plan:
                 optimizer=str(raw.get("optimizer", "adamw")),
                 boundary_bytes=tuple(raw.get("boundary_bytes", ())),
                 tp=TPSection(**raw["tp"]) if raw.get("tp") is not None else None,
+                schedule_options=tuple(
+                    ScheduleOption(**o) for o in raw.get("schedule_options", ())
+                ),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, PlanError):
@@ -313,6 +359,11 @@ class Plan:
             raise PlanError(
                 f"plan file is malformed: {type(exc).__name__}: {exc}; re-create it with `autopart plan --out`."
             ) from exc
+
+
+def _drop_unset(d: dict[str, Any], **defaults: Any) -> dict[str, Any]:
+    """``d`` without the keys of ``defaults`` whose value is the default."""
+    return {k: v for k, v in d.items() if k not in defaults or v != defaults[k]}
 
 
 def _check(ok: bool, message: str) -> None:

@@ -41,7 +41,11 @@ class PlanRequest:
     micro_batches: int | None = None
     """Micro-batches per replica; chosen by simulation when ``None``."""
     schedule: str = AUTO
-    """A :class:`ScheduleKind` value, or ``"auto"`` to compare 1F1B and GPipe."""
+    """A :class:`ScheduleKind` value, or ``"auto"`` to compare every kind."""
+    stages_per_rank: int | None = None
+    """Pipeline stages on each rank (1 for GPipe and 1F1B, 2 for the V-shaped kinds); compared
+    over each schedule's counts when ``None``
+    (:func:`~autopart.planning.schedule_choice.stage_counts`)."""
     optimizer: str = "adamw"
     time_limit_s: float = 10.0
     """Time limit of each ILP solve."""
@@ -61,7 +65,7 @@ class PlanRequest:
         schedules = (AUTO, *(k.value for k in ScheduleKind))
         if self.schedule not in schedules:
             raise AutopartError(f"unknown schedule {self.schedule!r}; use {', '.join(schedules)}.")
-        for field in ("devices", "micro_batches", "max_blocks"):
+        for field in ("devices", "micro_batches", "max_blocks", "stages_per_rank"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise AutopartError(f"{field} must be a whole number >= 1, got {value!r}.")

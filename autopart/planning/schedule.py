@@ -1,30 +1,52 @@
 """Pipeline schedules as data, and a simulator that turns one into a timeline.
 
-A schedule is one ordered list of actions per device (rank). An action is (stage, forward or
-backward, micro-batch) and prints as ``1F0``; stages are global indices. The builders reproduce the
-compute order that ``torch.distributed.pipelining`` runs (``ScheduleGPipe``, ``Schedule1F1B``,
-``ScheduleInterleaved1F1B``), so a simulated timeline describes the program the runtime executes.
+A schedule is one ordered list of actions per device (rank). An action is (stage, kind,
+micro-batch) and prints as ``1F0``; stages are global indices. Kinds: ``F`` forward, ``B`` the
+whole backward, or the backward split as zero-bubble schedules run it, ``I`` (input gradients, sent
+to the previous stage) then later ``W`` (weight gradients). The builders reproduce the compute order
+that ``torch.distributed.pipelining`` runs for every kind (:mod:`autopart.planning.pipeline_orders`),
+so a simulated timeline describes the program the runtime executes.
 
 Simulation model: a device runs its list strictly in order, one action at a time. ``F`` of stage s,
 micro-batch i starts once ``F`` of stage s-1, micro-batch i has ended and its activation has crossed
-the boundary (``comm_s[s-1]``); ``B`` of stage s waits for its own ``F`` and for ``B`` of stage s+1 plus
-``comm_s[s]`` (the gradient crossing back). Transfers overlap compute (asynchronous send/recv), so
-they delay the receiver but never occupy a device. A stage keeps ``activation_bytes[s]`` per
-micro-batch from the start of its ``F`` to the end of its ``B``.
+the boundary (``comm_s[s-1]``); ``B`` or ``I`` of stage s waits for its own ``F`` and for ``B`` or
+``I`` of stage s+1 plus ``comm_s[s]`` (the gradient crossing back); ``W`` waits for its ``I``. A
+boundary between two stages of one device costs nothing (torch hands the tensor over locally, as
+V-shaped schedules do at their turn). Transfers overlap compute (asynchronous send/recv), so they
+delay the receiver but never occupy a device. ``I`` takes ``backward_s - backward_weight_s`` and
+``W`` ``backward_weight_s``, except on the first stage, where torch's ``I`` computes nothing (there
+is no input gradient to send) and its ``W`` runs the whole backward.
+
+Memory: a stage keeps ``activation_bytes[s]`` per micro-batch from the start of its ``F`` to the
+end of its ``B``, or of its ``W``: torch's split backward keeps the autograd graph, and with it the
+saved activations, until the weight gradients are computed; between ``I`` and ``W`` it also keeps
+the output gradients of the nodes with weights (``weight_grad_bytes[s]``).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from autopart._compat import StrEnum
-from autopart.errors import AutopartError
+from autopart.planning.pipeline_orders import check_counts, rank_orders, warmup_forwards
+from autopart.planning.schedule_types import (
+    SPLIT_BACKWARD,
+    V_SHAPED,
+    Action,
+    ActionKind,
+    Schedule,
+    ScheduleError,
+    ScheduleKind,
+    format_schedule,
+    parse_schedule,
+    stage_ranks,
+)
 
 __all__ = [
+    "SPLIT_BACKWARD",
+    "V_SHAPED",
     "Action",
     "ActionKind",
     "Event",
@@ -38,147 +60,21 @@ __all__ = [
     "in_flight_micro_batches",
     "parse_schedule",
     "simulate",
+    "stage_ranks",
 ]
 
-
-class ScheduleError(AutopartError):
-    """A pipeline schedule cannot be built, parsed, simulated or fitted in memory."""
-
-
-class ActionKind(StrEnum):
-    FORWARD = "F"
-    BACKWARD = "B"
-
-
-class ScheduleKind(StrEnum):
-    GPIPE = "gpipe"
-    ONE_F_ONE_B = "1f1b"
-    INTERLEAVED = "interleaved"
-
-
 F, B = ActionKind.FORWARD, ActionKind.BACKWARD
-_ACTION = re.compile(r"(\d+)([FB])(\d+)")
-
-
-@dataclass(frozen=True, slots=True)
-class Action:
-    """One compute step: ``Action(1, ActionKind.FORWARD, 0)`` prints and parses as ``"1F0"``."""
-
-    stage: int
-    kind: ActionKind
-    micro_batch: int
-
-    def __post_init__(self) -> None:
-        if self.stage < 0 or self.micro_batch < 0:
-            raise ScheduleError(f"{self!r}: stage and micro_batch must be >= 0 (they are indices)")
-        object.__setattr__(self, "kind", ActionKind(self.kind))
-
-    def __str__(self) -> str:
-        return f"{self.stage}{self.kind}{self.micro_batch}"
-
-    @classmethod
-    def parse(cls, text: str) -> Action:
-        match = _ACTION.fullmatch(text.strip())
-        if match is None:
-            raise ScheduleError(
-                f"cannot read {text!r} as a pipeline action: write STAGE, F (forward) or B "
-                "(backward), MICRO_BATCH, e.g. '1F0' for stage 1's forward of micro-batch 0"
-            )
-        return cls(int(match.group(1)), ActionKind(match.group(2)), int(match.group(3)))
-
-
-Schedule = tuple[tuple[Action, ...], ...]
-"""One ordered tuple of actions per device (rank)."""
-
-
-def format_schedule(schedule: Schedule) -> list[list[str]]:
-    return [[str(action) for action in actions] for actions in schedule]
-
-
-def parse_schedule(rows: Sequence[Sequence[str]]) -> Schedule:
-    return tuple(tuple(Action.parse(text) for text in row) for row in rows)
-
-
-def _check_counts(kind: ScheduleKind, p: int, m: int, v: int) -> None:
-    if p < 1 or m < 1:
-        raise ScheduleError(f"num_devices={p}, micro_batches={m}: both must be >= 1")
-    if kind is not ScheduleKind.INTERLEAVED and v != 1:
-        raise ScheduleError(
-            f"{kind} places one stage per device, got stages_per_device={v}: pass 1, or use "
-            "the 'interleaved' schedule for several stages per device"
-        )
-    if kind is ScheduleKind.ONE_F_ONE_B and m < p:
-        raise ScheduleError(
-            f"1f1b needs micro_batches >= num_devices (torch's Schedule1F1B rejects fewer), got "
-            f"{m} < {p}: use at least {p} micro-batches, or the 'gpipe' schedule"
-        )
-    if kind is ScheduleKind.INTERLEAVED:
-        if v < 2:
-            raise ScheduleError(
-                f"interleaved needs stages_per_device >= 2, got {v}: pass 2 or more, or use '1f1b'"
-            )
-        if m % max(1, m // p):
-            raise ScheduleError(
-                f"interleaved splits micro-batches into max(1, m // p) = {m // p} equal rounds "
-                f"(torch's ScheduleInterleaved1F1B), which {m} is not: use a multiple of {p}"
-            )
+I, W = ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD_WEIGHT  # noqa: E741 (torch's letters)
 
 
 def build_schedule(
     kind: ScheduleKind | str, num_devices: int, micro_batches: int, stages_per_device: int = 1
 ) -> Schedule:
-    """The per-rank compute order that ``torch.distributed.pipelining`` runs for ``kind``.
-
-    Interleaved places stages looped: device r holds stages r, r+p, r+2p, ...
-    """
+    """The per-rank compute order that ``torch.distributed.pipelining`` runs for ``kind``; which
+    rank holds which stage is :func:`stage_ranks` (looped, or V-shaped)."""
     kind = ScheduleKind(kind)
-    p, m, v = num_devices, micro_batches, stages_per_device
-    _check_counts(kind, p, m, v)
-    if kind is ScheduleKind.GPIPE:
-        return tuple(
-            tuple(Action(r, F, i) for i in range(m)) + tuple(Action(r, B, i) for i in range(m))
-            for r in range(p)
-        )
-    if kind is ScheduleKind.ONE_F_ONE_B:
-        return tuple(_one_f_one_b(r, p, m) for r in range(p))
-    return tuple(_interleaved(r, p, m, v) for r in range(p))
-
-
-def _one_f_one_b(rank: int, p: int, m: int) -> tuple[Action, ...]:
-    # Schedule1F1B._step_microbatches: p - rank warm-up forwards, then B/F pairs, then the rest B.
-    # (Its _get_pipeline_order, used only for display, numbers the last rank's forwards from 1.)
-    warmup = min(m, p - rank)
-    actions = [Action(rank, F, i) for i in range(warmup)]
-    for i in range(m):
-        actions.append(Action(rank, B, i))
-        if warmup + i < m:
-            actions.append(Action(rank, F, warmup + i))
-    return tuple(actions)
-
-
-def _interleaved_warmup(rank: int, p: int, m: int, v: int) -> int:
-    per_round = m // max(1, m // p)
-    return min((v - 1) * per_round + 2 * (p - 1 - rank), m * v)
-
-
-def _interleaved(rank: int, p: int, m: int, v: int) -> tuple[Action, ...]:
-    # ScheduleInterleaved1F1B._calculate_single_rank_operations with its idle slots dropped: op k
-    # runs the forward of step k (after warm-up, forward then backward), then the remaining backwards.
-    per_round, warmup = m // max(1, m // p), _interleaved_warmup(rank, p, m, v)
-    next_mb: dict[tuple[int, ActionKind], int] = defaultdict(int)
-
-    def take(local: int, kind: ActionKind) -> Action:
-        stage = local * p + rank
-        next_mb[stage, kind] += 1
-        return Action(stage, kind, next_mb[stage, kind] - 1)
-
-    actions = []
-    for op in range(m * v + warmup):
-        if op < m * v:
-            actions.append(take((op // per_round) % v, F))
-        if op >= warmup:
-            actions.append(take(v - 1 - ((op - warmup) // per_round) % v, B))
-    return tuple(actions)
+    check_counts(kind, num_devices, micro_batches, stages_per_device)
+    return rank_orders(kind, num_devices, micro_batches, stages_per_device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,8 +108,9 @@ class Timeline:
         return len(self.busy_s)
 
 
-def _check_schedule(schedule: Schedule) -> int:
-    """The number of stages, after checking each runs F and B once per micro-batch on one device."""
+def _check_schedule(schedule: Schedule) -> tuple[int, dict[int, int]]:
+    """The number of stages and each stage's device, after checking that every stage runs on one
+    device, and runs for each micro-batch ``F`` once and either ``B`` once or ``I`` and ``W``."""
     device_of: dict[int, int] = {}
     for device, action in ((d, a) for d, actions in enumerate(schedule) for a in actions):
         if device_of.setdefault(action.stage, device) != device:
@@ -223,14 +120,21 @@ def _check_schedule(schedule: Schedule) -> int:
             )
     got = Counter(a for actions in schedule for a in actions)
     n, m = len(device_of), sum(a.stage == 0 and a.kind is F for a in got)
-    want = {Action(s, k, i) for s in range(n) for k in ActionKind for i in range(m)}
+    split = {(a.stage, a.micro_batch) for a in got if a.kind is I}
+    want = {
+        Action(s, k, i)
+        for s in range(n)
+        for i in range(m)
+        for k in ((F, I, W) if (s, i) in split else (F, B))
+    }
     if n == 0 or got.keys() != want or max(got.values()) > 1:
         odd = sorted(str(a) for a in (got.keys() ^ want) | {a for a, c in got.items() if c > 1})
         raise ScheduleError(
             f"the schedule has {n} stages and {m} micro-batches but lacks or repeats {odd[:6]}: "
-            "every stage 0..n-1 must run F and B exactly once for each micro-batch 0..m-1"
+            "every stage 0..n-1 must run, for each micro-batch 0..m-1, F exactly once and either "
+            "B once or I and W once each"
         )
-    return n
+    return n, device_of
 
 
 def _per(name: str, values: Sequence[float] | None, count: int, per: str) -> tuple[float, ...]:
@@ -241,21 +145,64 @@ def _per(name: str, values: Sequence[float] | None, count: int, per: str) -> tup
     return tuple(values)
 
 
+@dataclass(frozen=True, slots=True)
+class _Costs:
+    """Per-stage seconds of each kind of action, and per-boundary transfer seconds."""
+
+    seconds: dict[ActionKind, tuple[float, ...]]
+    comm: tuple[float, ...]
+    device_of: dict[int, int]
+
+    def of(self, action: Action) -> float:
+        return self.seconds[action.kind][action.stage]
+
+    def lag(self, boundary: int) -> float:
+        """Transfer time across ``boundary`` (none between two stages of one device)."""
+        local = self.device_of[boundary] == self.device_of[boundary + 1]
+        return 0.0 if local else self.comm[boundary]
+
+
+def _costs(
+    n: int,
+    device_of: dict[int, int],
+    forward_s: Sequence[float],
+    backward_s: Sequence[float],
+    backward_weight_s: Sequence[float] | None,
+    comm_s: Sequence[float] | None,
+) -> _Costs:
+    fwd, bwd = _per("forward_s", forward_s, n, "stage"), _per("backward_s", backward_s, n, "stage")
+    weight = _per("backward_weight_s", backward_weight_s, n, "stage")
+    if any(w > b * (1 + 1e-9) for w, b in zip(weight, bwd)):
+        raise ScheduleError(
+            f"backward_weight_s {weight!r} exceeds backward_s {bwd!r} on some stage: it is the "
+            "weight-gradient part of the backward"
+        )
+    # torch's first stage has no input gradient to compute: its I is empty, its W the whole backward
+    inputs = tuple(0.0 if s == 0 else b - w for s, (b, w) in enumerate(zip(bwd, weight)))
+    weights = (bwd[0], *weight[1:]) if n else ()
+    seconds = {F: fwd, B: bwd, I: inputs, W: weights}
+    return _Costs(seconds, _per("comm_s", comm_s, n - 1, "stage boundary"), device_of)
+
+
 def simulate(
     schedule: Schedule,
     forward_s: Sequence[float],
     backward_s: Sequence[float],
     *,
+    backward_weight_s: Sequence[float] | None = None,
     comm_s: Sequence[float] | None = None,
     activation_bytes: Sequence[int] | None = None,
+    weight_grad_bytes: Sequence[int] | None = None,
     static_bytes: Sequence[int] | None = None,
 ) -> Timeline:
-    """Run ``schedule`` on ideal devices; per-stage costs are for one micro-batch (module docstring)."""
-    n, p = _check_schedule(schedule), len(schedule)
-    fwd, bwd = _per("forward_s", forward_s, n, "stage"), _per("backward_s", backward_s, n, "stage")
-    comm = _per("comm_s", comm_s, n - 1, "stage boundary")
+    """Run ``schedule`` on ideal devices; per-stage costs are for one micro-batch (module docstring).
+    ``backward_weight_s`` (default 0) is the part of ``backward_s`` that ``W`` runs."""
+    (n, device_of), p = _check_schedule(schedule), len(schedule)
+    costs = _costs(n, device_of, forward_s, backward_s, backward_weight_s, comm_s)
     act = _per("activation_bytes", activation_bytes, n, "stage")
+    grads = _per("weight_grad_bytes", weight_grad_bytes, n, "stage")
     static = _per("static_bytes", static_bytes, p, "device")
+    gradient_of = {(a.stage, a.micro_batch): a for row in schedule for a in row if a.kind in (B, I)}
 
     end: dict[Action, float] = {}
     events: list[Event] = []
@@ -268,13 +215,13 @@ def simulate(
         actions = schedule[device]
         while position[device] < len(actions):
             action = actions[position[device]]
-            deps = _deps(action, comm, n)
+            deps = _deps(action, costs, gradient_of, n)
             missing = next((dep for dep, _ in deps if dep not in end), None)
             if missing is not None:
                 asleep[missing].append(device)
                 break
             start_s = max([free_s[device], *(end[dep] + lag_s for dep, lag_s in deps)])
-            cost_s = (fwd if action.kind is F else bwd)[action.stage]
+            cost_s = costs.of(action)
             end[action] = free_s[device] = start_s + cost_s
             busy[device] += cost_s
             events.append(Event(device, action, start_s, start_s + cost_s))
@@ -285,48 +232,69 @@ def simulate(
         waits = "; ".join(f"device {d} waits at {a}" for d, a in stuck)
         raise ScheduleError(
             f"the schedule deadlocks ({waits}): each device runs its list in order, so put every "
-            "action after the actions it depends on (F of the previous stage, B of the next), "
-            "e.g. start from build_schedule()"
+            "action after the actions it depends on (F of the previous stage, B or I of the "
+            "next, I before its W), e.g. start from build_schedule()"
         )
 
     step_s = max((e.end_s for e in events), default=0.0)
     idle = tuple(max(0.0, step_s - b) for b in busy)
     bubble = math.fsum(i / step_s for i in idle) / p if step_s > 0 else 0.0
-    peak, in_flight = _memory(schedule, act, static, n)
+    peak, in_flight = _memory(schedule, act, grads, static, n)
     events.sort(key=lambda e: (e.device, e.start_s))
     return Timeline(step_s, tuple(events), tuple(busy), idle, min(bubble, 1.0), peak, in_flight)
 
 
-def _deps(action: Action, comm: Sequence[float], n: int) -> list[tuple[Action, float]]:
+def _deps(
+    action: Action, costs: _Costs, gradient_of: dict[tuple[int, int], Action], n: int
+) -> list[tuple[Action, float]]:
     """The actions whose results ``action`` consumes, each with the transfer time after it."""
     s, i = action.stage, action.micro_batch
     if action.kind is F:
-        return [(Action(s - 1, F, i), comm[s - 1])] if s > 0 else []
-    return [(Action(s, F, i), 0.0)] + ([(Action(s + 1, B, i), comm[s])] if s < n - 1 else [])
+        return [(Action(s - 1, F, i), costs.lag(s - 1))] if s > 0 else []
+    if action.kind is W:
+        return [(Action(s, I, i), 0.0)]
+    deps = [(Action(s, F, i), 0.0)]
+    if s < n - 1:
+        deps.append((gradient_of[s + 1, i], costs.lag(s)))
+    return deps
 
 
 def _memory(
-    schedule: Schedule, act: Sequence[float], static: Sequence[float], n: int
+    schedule: Schedule,
+    act: Sequence[float],
+    grads: Sequence[float],
+    static: Sequence[float],
+    n: int,
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     # Each device runs one action at a time, so memory depends only on the order: an F allocates
-    # its stage's activation when it starts and the matching B frees it when it ends.
+    # its stage's activation when it starts, the matching B (or W) frees it when it ends; an I
+    # (on a stage that computes one) holds the output gradients its W needs.
     peak: list[int] = []
     live, most = [0] * n, [0] * n
     for device, actions in enumerate(schedule):
         held = highest = 0.0
         for a in actions:
+            kept = grads[a.stage] if a.stage > 0 else 0.0
             if a.kind is F:
                 held += act[a.stage]
                 live[a.stage] += 1
-                highest, most[a.stage] = max(highest, held), max(most[a.stage], live[a.stage])
+                most[a.stage] = max(most[a.stage], live[a.stage])
+            elif a.kind is I:
+                held += kept
             else:
-                held -= act[a.stage]
+                held -= act[a.stage] + (kept if a.kind is W else 0.0)
                 live[a.stage] -= 1
+            highest = max(highest, held)
         peak.append(round(static[device] + highest))
     return tuple(peak), tuple(most)
 
 
-def bubble_closed_form(num_devices: int, micro_batches: int, stages_per_device: int = 1) -> float:
+def bubble_closed_form(
+    num_devices: int,
+    micro_batches: int,
+    stages_per_device: int = 1,
+    kind: ScheduleKind | str = ScheduleKind.ONE_F_ONE_B,
+) -> float:
     """Idle fraction of a step with equal stages and free communication: (p-1)/(v*m + p-1).
 
     GPipe (Huang et al. 2019) and 1F1B have v = 1; interleaved 1F1B divides the fill and drain by v
@@ -334,8 +302,16 @@ def bubble_closed_form(num_devices: int, micro_batches: int, stages_per_device: 
     That needs m >= p. torch also runs interleaved with m < p, where a micro-batch returns to rank 0
     for its next stage before rank 0 has work: the step is (v*p + m - 1) slots of v*m busy ones, i.e.
     (v*(p-m) + m-1)/(v*p + m-1), which this returns (the two agree at m = p and for v = 1).
+
+    The kinds that split the backward (:data:`SPLIT_BACKWARD`) are given for equal forward, input-
+    gradient and weight-gradient times (Qi et al. 2024, "Zero Bubble Pipeline Parallelism": ZB-H1
+    idles (p-1)(T_F + T_B - T_W) per device, T_B the input gradient): a device works 3vm of them
+    and idles p-1, so (p-1)/(3vm + p-1). torch's orders reach it for interleaved zero bubble once
+    m >= p, for ZBV once m >= 2p - 1 and for DualPipeV at every count it runs (m >= 2p).
     """
     p, m, v = num_devices, micro_batches, stages_per_device
+    if ScheduleKind(kind) in SPLIT_BACKWARD:
+        return (p - 1) / (3 * v * m + p - 1)
     full = min(m, p)
     return (v * (p - full) + full - 1) / (v * max(m, p) + full - 1)
 
@@ -354,14 +330,20 @@ def in_flight_micro_batches(
     w = min((v-1) * m_round + 2 * (p-1-rank), v*m) forwards (m_round = m // max(1, m // p), i.e. p
     when p divides m), then alternates F before B, so the peak is min(w + 1, v*m). Once p divides m
     and v*m >= v*p + p - 1, rank 0 holds v*p + p - 1 chunks: p + (p-1)/v micro-batches' worth of
-    activations, against p for 1F1B (Narayanan et al. 2021, section 2.2.2).
+    activations, against p for 1F1B (Narayanan et al. 2021, section 2.2.2). The zero-bubble kinds
+    hold a chunk from its F to its W (the autograd graph lives until then): counted on the
+    schedule itself.
     """
     kind, p, m, v = ScheduleKind(kind), num_devices, micro_batches, stages_per_device
-    _check_counts(kind, p, m, v)
+    check_counts(kind, p, m, v)
     if not 0 <= stage_rank < p:
         raise ScheduleError(f"stage_rank={stage_rank} must lie in 0..{p - 1} (num_devices={p})")
     if kind is ScheduleKind.GPIPE:
         return m
     if kind is ScheduleKind.ONE_F_ONE_B:
         return min(p - stage_rank, m)
-    return min(_interleaved_warmup(stage_rank, p, m, v) + 1, v * m)
+    if kind is ScheduleKind.INTERLEAVED:
+        return min(warmup_forwards(stage_rank, p, m, v) + 1, v * m)
+    schedule = rank_orders(kind, p, m, v)
+    ones = [1.0] * (p * v)
+    return _memory(schedule, ones, [0.0] * (p * v), [0.0] * p, p * v)[0][stage_rank]

@@ -94,6 +94,7 @@ def run_local(
     steps: int = 3,
     micro_batches: int | None = None,
     schedule: str = "auto",
+    stages_per_rank: int | None = None,
     batch: int | None = None,
     seq: int | None = None,
     config: dict[str, str] | None = None,
@@ -111,7 +112,17 @@ def run_local(
     with tempfile.TemporaryDirectory(prefix="autopart-run-") as tmp:
         out = Path(tmp) / "report.json"
         request = _RunRequest(
-            spec, mesh, steps, micro_batches, schedule, batch, seq, config, lr, verify
+            spec,
+            mesh,
+            steps,
+            micro_batches,
+            schedule,
+            batch,
+            seq,
+            config,
+            lr,
+            verify,
+            stages_per_rank,
         )
         args = (world, str(Path(tmp) / "store"), request, str(out), timeout_s)
         spawn_ranks(_rank_main, args, world, timeout_s=timeout_s, what="the run")
@@ -171,6 +182,7 @@ class _RunRequest:
     config: dict[str, str] | None
     lr: float
     verify: bool
+    stages_per_rank: int | None = None
 
 
 def _rank_main(
@@ -224,6 +236,7 @@ def _compile(loaded: Any, request: _RunRequest) -> Any:
         loss_fn=loss_fn,
         micro_batches=request.micro_batches,
         schedule=request.schedule,
+        stages_per_rank=request.stages_per_rank,
         verify=request.verify,
     )
 
@@ -235,6 +248,8 @@ class _Clock:
     def __init__(self) -> None:
         self.forward_s: dict[int, list[float]] = {}
         self.backward_s: dict[int, list[float]] = {}
+        self.weight_s: dict[int, list[float]] = {}
+        """Weight-gradient chunks (zero-bubble schedules run them apart from the backward)."""
         self.busy: list[float] = []
         """This rank's forward + backward time in the current step."""
         self.step_s: list[float] = []
@@ -247,7 +262,10 @@ class _Clock:
         for stage in program.local_stages:
             _time_forward(stage.module, clock.forward_s.setdefault(stage.index, []))
             _time_chunks(
-                stage.pipeline_stage, clock.busy, clock.backward_s.setdefault(stage.index, [])
+                stage.pipeline_stage,
+                clock.busy,
+                clock.backward_s.setdefault(stage.index, []),
+                clock.weight_s.setdefault(stage.index, []),
             )
         return clock
 
@@ -278,9 +296,19 @@ class _Clock:
         after the first where there are several."""
         return (
             {i: statistics.median(v) if v else 0.0 for i, v in self.forward_s.items()},
-            {i: statistics.median(v) if v else 0.0 for i, v in self.backward_s.items()},
+            {i: _backward_s(v, self.weight_s[i]) for i, v in self.backward_s.items()},
             statistics.median(_after_first(self.idle)),
         )
+
+
+def _backward_s(backward: list[float], weight: list[float]) -> float:
+    """A stage's backward time per micro-batch: the median chunk, or where weight gradients ran
+    apart (in W chunks after some of the B chunks), the mean of both over the micro-batches."""
+    if not backward:
+        return 0.0
+    if not weight:
+        return statistics.median(backward)
+    return (sum(backward) + sum(weight)) / len(backward)
 
 
 def _after_first(values: list[float]) -> list[float]:
@@ -339,7 +367,7 @@ def _report(
         predicted_stage_backward_s=tuple(s.backward_s for s in plan.stages),
         bubble_fraction=statistics.fmean(part[2] for part in check.per_rank),
         predicted_bubble_fraction=plan.bubble_fraction,
-        closed_form_bubble_fraction=bubble_closed_form(p, m, plan.stages_per_device),
+        closed_form_bubble_fraction=bubble_closed_form(p, m, plan.stages_per_device, plan.schedule),
     )
 
 
@@ -350,10 +378,11 @@ def _time_forward(stage: torch.nn.Module, sink: list[float]) -> None:
     stage.register_forward_hook(lambda *_: sink.append(time.perf_counter() - started.pop()))
 
 
-def _time_chunks(stage: Any, busy: list[float], backward: list[float]) -> None:
-    """Record the time a ``PipelineStage`` spends in each forward and backward chunk (its work on
-    one micro-batch, without waiting for its neighbours): ``busy`` gets both, ``backward`` the
-    backward chunks. Wraps the instance's methods, which torch's schedules call per micro-batch."""
+def _time_chunks(stage: Any, busy: list[float], backward: list[float], weight: list[float]) -> None:
+    """Record the time a ``PipelineStage`` spends in each forward, backward and weight-gradient
+    chunk (its work on one micro-batch, without waiting for its neighbours): ``busy`` gets all,
+    ``backward`` the backward chunks, ``weight`` the weight-gradient ones. Wraps the instance's
+    methods, which torch's schedules call per micro-batch."""
 
     def timed(method: Callable[..., Any], sink: list[float] | None) -> Callable[..., Any]:
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -370,6 +399,7 @@ def _time_chunks(stage: Any, busy: list[float], backward: list[float]) -> None:
 
     stage.forward_one_chunk = timed(stage.forward_one_chunk, None)
     stage.backward_one_chunk = timed(stage.backward_one_chunk, backward)
+    stage.backward_weight_one_chunk = timed(stage.backward_weight_one_chunk, weight)
 
 
 def _reference(

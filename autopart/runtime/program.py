@@ -3,7 +3,8 @@
 This is the only module that touches process groups. Every rank traces, plans and splits the model
 itself; tracing and planning are deterministic, so all ranks agree on the stages without sending
 anything. Each rank then wraps its stage(s) in ``PipelineStage`` and runs the schedule the plan
-chose (``ScheduleGPipe``, ``Schedule1F1B`` or ``ScheduleInterleaved1F1B``).
+chose (``ScheduleGPipe``, ``Schedule1F1B``, ``ScheduleInterleaved1F1B``,
+``ScheduleInterleavedZeroBubble``, ``ScheduleZBVZeroBubble`` or ``ScheduleDualPipeV``).
 
 Parameters used on two stages (tied embeddings) live on both. After backward their gradients are
 summed across the stages that hold them, as Megatron does for its embedding group, so both copies
@@ -34,14 +35,19 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
+    ScheduleDualPipeV,
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
 )
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 
 from autopart.codegen.templates.run import (
     BindConstants,
     contiguous_input_grads,
     contiguous_outputs,
+    no_weight_pass,
     sync_tied_grads,
     tied_process_groups,
 )
@@ -52,7 +58,7 @@ from autopart.planning.request import PlanRequest
 
 # The emitted launcher's helpers (torch only): the runtime and the programs autopart.emit writes
 # bind non-tensor inputs and make cross-rank tensors contiguous with the same code.
-from autopart.planning.schedule import ScheduleKind
+from autopart.planning.schedule import SPLIT_BACKWARD, ScheduleKind
 from autopart.runtime.checkpoint import CheckpointError, ShardedState
 from autopart.runtime.outputs import OutputMerge, OutputMergeError
 from autopart.runtime.stage_io import (
@@ -63,13 +69,17 @@ from autopart.runtime.stage_io import (
     stage_io,
     value_metas,
 )
+from autopart.runtime.weight_grads import stages_keeping_weight_grads
 
 __all__ = ["CheckpointError", "ParallelProgram", "PeerFailureError", "RuntimeSetupError", "compile"]
 
-_SCHEDULES = {
+_SCHEDULES: dict[ScheduleKind, type[PipelineScheduleSingle] | type[PipelineScheduleMulti]] = {
     ScheduleKind.GPIPE: ScheduleGPipe,
     ScheduleKind.ONE_F_ONE_B: Schedule1F1B,
     ScheduleKind.INTERLEAVED: ScheduleInterleaved1F1B,
+    ScheduleKind.INTERLEAVED_ZB: ScheduleInterleavedZeroBubble,
+    ScheduleKind.ZBV: ScheduleZBVZeroBubble,
+    ScheduleKind.DUALPIPEV: ScheduleDualPipeV,
 }
 
 
@@ -102,6 +112,7 @@ def compile(
     request: PlanRequest | None = None,
     micro_batches: int | None = None,
     schedule: str | None = None,
+    stages_per_rank: int | None = None,
     device: str | DeviceSpec | None = None,
     verify: bool = False,
 ) -> ParallelProgram:
@@ -113,7 +124,8 @@ def compile(
     names (or is) the cost model used for planning (default: ``cpu`` on a CPU mesh, ``h100`` on
     CUDA). ``request`` (a :class:`~autopart.planning.request.PlanRequest`) sets the other planning
     options (``memory``, ``optimizer``, ``time_limit_s``, ...); its mesh is ``mesh``'s, and
-    ``micro_batches``, ``schedule`` and ``device``, when given, replace its fields.
+    ``micro_batches``, ``schedule``, ``stages_per_rank`` (the pipeline stages each rank runs)
+    and ``device``, when given, replace its fields.
     ``verify=True`` checks each tensor-parallel stage against the unsharded stage on the
     first micro-batch before returning (:mod:`autopart.runtime.verify`), raising
     :class:`~autopart.runtime.verify.TPVerificationError` naming the first node that differs.
@@ -126,7 +138,7 @@ def compile(
     dm = _resolve_mesh(mesh)
     dp, pp, tp = _axis_size(dm, "dp"), _axis_size(dm, "pp"), _axis_size(dm, "tp")
     torch_device = _torch_device(dm)
-    req = _compile_request(request, micro_batches, schedule, device, torch_device)
+    req = _compile_request(request, micro_batches, schedule, stages_per_rank, device, torch_device)
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     inputs = ProgramInputs.of(args, kwargs)
@@ -190,12 +202,18 @@ def _compile_request(
     request: PlanRequest | None,
     micro_batches: int | None,
     schedule: str | None,
+    stages_per_rank: int | None,
     device: str | DeviceSpec | None,
     torch_device: torch.device,
 ) -> PlanRequest:
     """``request`` with the keywords given to :func:`compile`; the cost model defaults to the
     device the program runs on (``cpu`` on a CPU mesh, ``h100`` on CUDA)."""
-    given = {"micro_batches": micro_batches, "schedule": schedule, "device": device}
+    given = {
+        "micro_batches": micro_batches,
+        "schedule": schedule,
+        "stages_per_rank": stages_per_rank,
+        "device": device,
+    }
     options = {k: v for k, v in given.items() if v is not None}
     if request is None and device is None:
         options["device"] = "h100" if torch_device.type == "cuda" else "cpu"
@@ -385,6 +403,7 @@ class ParallelProgram:
         ]
         if self._dp_group is not None:
             submods = [_data_parallel(s, self._dp_group, device) for s in submods]
+        keep = _keeping_weight_grads(plan, stages, self._local, stage_metas)
         self._pipeline_stages = [
             PipelineStage(
                 s,
@@ -394,16 +413,11 @@ class ParallelProgram:
                 input_args=_on(stage_metas[i.index][0], device),
                 output_args=_on(stage_metas[i.index][1], device),
                 group=self._group,
+                dw_builder=no_weight_pass if i.index in keep else None,
             )
             for s, i in zip(submods, self._local)
         ]
-        kind = _SCHEDULES[ScheduleKind(plan.schedule)]
-        self._schedule = kind(
-            self._pipeline_stages if plan.stages_per_device > 1 else self._pipeline_stages[0],
-            plan.micro_batches,
-            loss_fn=wrapped_loss,
-            output_merge_spec=merge.spec(plan.micro_batches),
-        )
+        self._schedule = _schedule(plan, self._pipeline_stages, wrapped_loss, merge)
         self._tied = self._tied_groups()
 
     # -- training --------------------------------------------------------------------------
@@ -622,6 +636,43 @@ class ParallelProgram:
             for name, stages in info.shared_params.items():
                 holders.setdefault(name, []).extend(self.plan.stages[s].device for s in stages)
         return tied_process_groups(holders, _pipeline_rows(self._mesh), dist.get_rank())
+
+
+def _schedule(
+    plan: Plan,
+    stages: list[PipelineStage],
+    loss_fn: Callable[..., torch.Tensor],
+    merge: OutputMerge,
+) -> PipelineScheduleSingle | PipelineScheduleMulti:
+    """torch's schedule class for ``plan.schedule`` over this rank's ``stages``; a class that runs
+    several stages per rank must place them where the plan does."""
+    kind = _SCHEDULES[ScheduleKind(plan.schedule)]
+    spec = merge.spec(plan.micro_batches)
+    if not issubclass(kind, PipelineScheduleMulti):
+        return kind(stages[0], plan.micro_batches, loss_fn=loss_fn, output_merge_spec=spec)
+    mine: list[Any] = list(stages)  # a list even of one
+    schedule = kind(mine, plan.micro_batches, loss_fn=loss_fn, output_merge_spec=spec)
+    placed = schedule.stage_index_to_group_rank
+    assert placed == {s.index: s.device for s in plan.stages}, (
+        f"{kind.__name__} places stages {placed}; the plan {plan.stages}"
+    )
+    return schedule
+
+
+def _keeping_weight_grads(
+    plan: Plan,
+    stages: list[torch.fx.GraphModule],
+    infos: list[Any],
+    metas: Mapping[int, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]],
+) -> list[int]:
+    """This rank's stages that compute their weight gradients with their input gradients under a
+    zero-bubble schedule (:mod:`autopart.runtime.weight_grads`); none under the others."""
+    if ScheduleKind(plan.schedule) not in SPLIT_BACKWARD:
+        return []
+    return stages_keeping_weight_grads(
+        {i.index: s for i, s in zip(infos, stages)},
+        {i.index: [m.requires_grad for m in metas[i.index][0]] for i in infos},
+    )
 
 
 def _check_loss_of_output(loss_fn: Callable[..., torch.Tensor] | None) -> None:

@@ -48,14 +48,23 @@ def check_num_stages(bg: BlockGraph, num_stages: int) -> None:
 
 
 def stage_times_s(
-    bg: BlockGraph, stage_of: Sequence[int], num_stages: int, device: DeviceSpec
+    bg: BlockGraph,
+    stage_of: Sequence[int],
+    num_stages: int,
+    device: DeviceSpec,
+    *,
+    ranks: Sequence[int] | None = None,
 ) -> list[float]:
-    """Seconds of one micro-batch (forward + backward + receives) on each stage."""
+    """Seconds of one micro-batch (forward + backward + receives) on each stage. With ``ranks``
+    (the device of each stage), a boundary between two stages of one device is free: torch hands
+    the tensor over locally (the turn of a V-shaped schedule)."""
     boundary = bg.boundary_bytes(stage_of, num_stages)  # validates stage_of
     times = [0.0] * num_stages
     for b, s in zip(bg.blocks, stage_of):
         times[s] += b.forward_s + b.backward_s
     for k, nbytes in enumerate(boundary):
+        if ranks is not None and ranks[k] == ranks[k + 1]:
+            continue
         comm_s = p2p_time_s(nbytes, device)
         times[k] += comm_s  # stage k receives gradients across boundary k
         times[k + 1] += comm_s  # stage k + 1 receives activations across it

@@ -87,8 +87,9 @@ def pipeline_memory_bound(
     best: tuple[int, str, int] | None = None
     for kind, counts in options.items():
         for m in counts:
-            if kind == ScheduleKind.INTERLEAVED:
-                # chunks of a rank's stages need not peak together: count its state only
+            if kind not in (ScheduleKind.GPIPE, ScheduleKind.ONE_F_ONE_B):
+                # chunks of a rank's stages need not peak together (and a weight gradient
+                # deferred keeps them longer): count its state only
                 in_flight = [0] * pp
             else:
                 in_flight = [in_flight_micro_batches(kind, pp, m, d) for d in range(pp)]

@@ -6,6 +6,7 @@ Data (per micro-batch, integers after scaling):
   a_b, m_b                activation bytes block b saves for backward; its unshared parameter state bytes
   m_q                     state bytes of a parameter q shared by several blocks (tied embeddings)
   f_s                     micro-batches in flight on stage s under the schedule (1F1B: min(p-s, m))
+  d(s)                    the device of stage s: looped (s mod devices) or any map, e.g. V-shaped
   alpha, beta             point-to-point latency and bandwidth (alpha-beta model)
 
 Variables:
@@ -29,13 +30,15 @@ Constraints:
   memory per device d:    sum_{s on d} [ sum_b x[b,s] (m_b + f_s a_b) + sum_q y[q,s] m_q ] <= limit
                                                                             (_add_memory)
   stage time:             T_s = sum_b w_b x[b,s] + [s>0](alpha + B_{s-1}/beta) + [s<p-1](alpha + B_s/beta),
-                          B_k = sum_t n_t c[t,k]
+                          B_k = sum_t n_t c[t,k]; a boundary between two stages of one device
+                          (the turn of a V-shaped schedule) is handed over locally and costs 0
   bottleneck:             z >= sum_{s on d} T_s for every device d          (_add_bottleneck)
 
 Objective: minimize z, then (tie-breaker, weighted so it never trades against z) the bytes sent
 between stages sum_k B_k.                                                   (_add_objective)
 
-The solve is seeded and single-threaded (deterministic), has a time limit, and starts from a hint
+The solve is seeded, single-threaded and limited in CP-SAT's deterministic time (so deterministic
+even when it stops at its limit), and starts from a hint
 (the exact chain DP over contiguous splits). Status is checked; an infeasible memory limit is
 answered by a second solve that minimizes the peak memory per device, so the error can say the
 minimum a plan needs.
@@ -61,6 +64,7 @@ __all__ = ["InfeasibleMemoryError", "StageSolution", "solve_stages"]
 
 _TIME_UNITS = 200_000  # the largest stage time maps to this many integer units
 _BYTE_UNIT = 1 << 20  # memory in MiB (rounded up, so feasibility is never overstated)
+_WALL_BACKSTOP = 4  # wall-clock seconds per second of deterministic time allowed at most
 
 
 class InfeasibleMemoryError(AutopartError):
@@ -127,15 +131,27 @@ def solve_stages(
     state_bytes_per_param_byte: float,
     memory_limit_bytes: int | None,
     stages_per_device: int = 1,
+    device_of_stage: Sequence[int] | None = None,
     hint: Sequence[int] | None = None,
     time_limit_s: float = 10.0,
     seed: int = 0,
+    explain: bool = True,
 ) -> StageSolution:
     """Solve the stage ILP (see the module docstring). ``in_flight[s]`` is the number of
     micro-batches whose activations stage ``s`` keeps; ``state_bytes_per_param_byte`` scales
-    parameter bytes to parameter + gradient + optimizer bytes (e.g. 4 for Adam)."""
+    parameter bytes to parameter + gradient + optimizer bytes (e.g. 4 for Adam).
+    ``device_of_stage`` places the stages on devices (default: looped, stage ``s`` on device
+    ``s mod (num_stages / stages_per_device)``). ``explain=False`` skips the second solve that
+    finds the least memory a split needs when none fits: the error then only says it is more
+    than the limit."""
     data = _build_data(
-        bg, num_stages, device, in_flight, state_bytes_per_param_byte, stages_per_device
+        bg,
+        num_stages,
+        device,
+        in_flight,
+        state_bytes_per_param_byte,
+        stages_per_device,
+        device_of_stage,
     )
     model = cp_model.CpModel()
     x = _add_assignment(model, data)
@@ -155,6 +171,15 @@ def solve_stages(
         hint = None  # a plan of the model without the constraint: no fallback, no memory bound
     if status == cp_model.INFEASIBLE:
         assert memory_limit_bytes is not None, "without a memory limit every split is feasible"
+        if not explain:
+            over = (memory_limit_bytes // _BYTE_UNIT + 1) * _BYTE_UNIT
+            need = MemoryNeed(over, None, time_limit_s)
+            raise InfeasibleMemoryError(
+                f"no split into {num_stages} stages fits {_gib(memory_limit_bytes)} per device.",
+                over,
+                need=need,
+                reason=f"a plan {need.needs(_gib_up)}",
+            )
         raise _infeasible_memory(data, memory_limit_bytes, hint, time_limit_s, seed)
     hint_fits = hint is not None and (
         memory_limit_bytes is None
@@ -199,11 +224,25 @@ def _build_data(
     in_flight: Sequence[int],
     state_per_byte: float,
     stages_per_device: int,
+    device_of_stage: Sequence[int] | None,
 ) -> _Data:
     if num_stages < 1 or stages_per_device < 1 or num_stages % stages_per_device:
         raise AutopartError(
             f"{num_stages} stages cannot be spread {stages_per_device} per device; use a positive "
             "stage count that is a multiple of a positive stages_per_device."
+        )
+    num_devices = num_stages // stages_per_device
+    devices = tuple(
+        device_of_stage
+        if device_of_stage is not None
+        else (s % num_devices for s in range(num_stages))
+    )
+    if len(devices) != num_stages or sorted(devices) != sorted(
+        d for d in range(num_devices) for _ in range(stages_per_device)
+    ):
+        raise AutopartError(
+            f"device_of_stage {devices} must give each of the {num_devices} devices exactly "
+            f"{stages_per_device} of the {num_stages} stages."
         )
     if num_stages > len(bg.blocks):
         raise AutopartError(
@@ -217,12 +256,11 @@ def _build_data(
     unit_s = max(total_s, 1e-12) / _TIME_UNITS
     alpha_s = p2p_time_s(1, device)
     per_byte_s = (p2p_time_s(1 << 20, device) - alpha_s) / ((1 << 20) - 1)
-    num_devices = num_stages // stages_per_device
     param_blocks = tuple(b.index for b in bg.blocks if b.params)
     return _Data(
         bg=bg,
         num_stages=num_stages,
-        device_of_stage=tuple(s % num_devices for s in range(num_stages)),
+        device_of_stage=devices,
         work=tuple(round((b.forward_s + b.backward_s) / unit_s) for b in bg.blocks),
         act_mib=tuple(math.ceil(b.activation_bytes / _BYTE_UNIT) for b in bg.blocks),
         state_mib=tuple(math.ceil(b.param_bytes * state_per_byte / _BYTE_UNIT) for b in bg.blocks),
@@ -349,9 +387,9 @@ def _add_bottleneck(
         stage_times = []
         for s in (s for s in range(p) if d.device_of_stage[s] == dev):
             comm: Any = 0
-            if s > 0:
+            if s > 0 and d.device_of_stage[s - 1] != dev:
                 comm += d.alpha + boundary[s - 1]
-            if s < p - 1:
+            if s < p - 1 and d.device_of_stage[s + 1] != dev:
                 comm += d.alpha + boundary[s]
             stage_times.append(sum(d.work[b] * x[b, s] for b in range(n)) + comm)
         model.add(z >= sum(stage_times)).with_name(f"bottleneck[{dev}]")
@@ -382,7 +420,11 @@ def _solve(
     model: cp_model.CpModel, time_limit_s: float, seed: int
 ) -> tuple[Any, cp_model.CpSolver, float]:
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = time_limit_s
+    # The limit is on CP-SAT's deterministic time (its unit close to a second), so a solve that
+    # reaches it stops at the same point however loaded the machine is: same inputs, same plan.
+    # The wall-clock limit is only a backstop for a very slow machine.
+    solver.parameters.max_deterministic_time = time_limit_s
+    solver.parameters.max_time_in_seconds = _WALL_BACKSTOP * time_limit_s
     solver.parameters.random_seed = seed
     solver.parameters.num_workers = 1  # deterministic: the same inputs give the same plan
     start = time.perf_counter()
@@ -470,7 +512,7 @@ def _device_bottleneck(d: _Data, device: DeviceSpec, stage_of: Sequence[int]) ->
     """The slowest device's time per micro-batch, by the reporting cost model."""
     from autopart.solver.cost import stage_times_s
 
-    times = stage_times_s(d.bg, stage_of, d.num_stages, device)
+    times = stage_times_s(d.bg, stage_of, d.num_stages, device, ranks=d.device_of_stage)
     per_device = [0.0] * (max(d.device_of_stage) + 1)
     for s, t in enumerate(times):
         per_device[d.device_of_stage[s]] += t

@@ -121,10 +121,14 @@ def tp_costs(
             else:
                 forward_s, backward_s = forward_s / d, backward_s / d
             flops, backward_flops, private = flops // d, backward_flops // d, private // d
+        # The weight gradient keeps its share of the compute; backward collectives (Megatron's f)
+        # carry input gradients.
+        weight_share = n.backward_weight_s / n.backward_s if n.backward_s > 0 else 0.0
         adjusted[name] = dataclasses.replace(
             n,
             forward_s=forward_s + forward_comm.get(name, 0.0),
             backward_s=backward_s + backward_comm.get(name, 0.0),
+            backward_weight_s=min(backward_s * weight_share, backward_s),
             flops=flops,
             backward_flops=backward_flops,
             output_bytes=n.output_bytes // d if split_output(name) else n.output_bytes,

@@ -70,6 +70,7 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
         example_kwargs=kw,
         loss_fn=loss_fn,
         schedule=schedule,
+        stages_per_rank=2 if schedule == "interleaved" else None,
         micro_batches=_micro_batches(mesh, schedule),
     )
     inference = program(*x, **kw)  # before training: the model's own output on every rank

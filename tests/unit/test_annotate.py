@@ -107,6 +107,38 @@ def test_linear_costs_by_hand() -> None:
     assert gm.meta["autopart_totals"].activation_bytes == 8 * 32 * 4 + 8 * 16 * 4  # relu out + x
 
 
+def test_backward_splits_into_input_and_weight_gradients() -> None:
+    gm = annotate(trace(TwoLayer(16, 32, 4), (torch.randn(8, 16),)))
+    by_params = {node_cost(n).params: node_cost(n) for n in gm.graph.nodes}
+    fc1, fc2 = by_params["fc1.weight", "fc1.bias"], by_params["fc2.weight", "fc2.bias"]
+    # fc1's input needs no gradient: all of its backward is dW = X^T dY
+    assert fc1.backward_weight_flops == fc1.backward_flops == 2 * 8 * 16 * 32
+    assert fc1.backward_input_flops == 0
+    # fc2: dX = dY W^T and dW = X^T dY, one matmul each of the forward's size
+    assert fc2.backward_weight_flops == fc2.backward_input_flops == 2 * 8 * 32 * 4
+    relu = next(n for n in gm.graph.nodes if n.name == "relu")
+    assert node_cost(relu).backward_weight_flops == 0  # no parameters: all input gradient
+
+
+class _TransposedWeight(torch.nn.Module):
+    """A matmul with a parameter seen through a view: its gradient is still a weight gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(16))
+        self.w = torch.nn.Parameter(torch.randn(32, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.scale) @ self.w.t()
+
+
+def test_a_view_of_a_parameter_counts_as_a_weight() -> None:
+    gm = annotate(trace(_TransposedWeight(), (torch.randn(8, 16),)))
+    mm = next(n for n in gm.graph.nodes if node_cost(n).flops > 8 * 16)
+    cost = node_cost(mm)
+    assert cost.backward_weight_flops == cost.backward_input_flops == 2 * 8 * 16 * 32
+
+
 def test_tied_parameters_counted_once() -> None:
     model = Tied()
     gm = annotate(trace(model, (torch.randint(0, 32, (2, 5)),)))

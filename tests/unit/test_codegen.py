@@ -69,6 +69,7 @@ def _plan(
     *,
     mesh: str | None = None,
     device: Any = "cpu",
+    stages_per_rank: int | None = None,
 ) -> Plan:
     model, args, kwargs, _, _ = _setup(name)
     gm = autopart.annotate(autopart.trace(model, args, kwargs))
@@ -78,6 +79,7 @@ def _plan(
         batch=batch,
         mesh=mesh or f"pp={pp}",
         device=device,
+        stages_per_rank=stages_per_rank,
         micro_batches=micro_batches,
         schedule=schedule,
         name=name,
@@ -413,6 +415,8 @@ def _torchrun(
     [
         ("gpt2-tiny", "1f1b"),  # the embedding is tied to the output layer across the two ranks
         pytest.param("llama-tiny", "interleaved", marks=pytest.mark.slow),  # 2 stages a rank
+        # a V: the tied embedding's two stages (the first and the last) both on rank 0
+        ("tests.models:tied_deep", "zbv"),
         # BatchNorm's running statistics and batch counts, written on both stages
         ("tests.models:batchnorm_cnn", "1f1b"),
         # y += h, relu_, div_, copy_ into slices, a running mean in a buffer
@@ -422,7 +426,11 @@ def _torchrun(
 def test_torchrun_trains_like_the_unpartitioned_model(
     tmp_path: Path, name: str, schedule: str
 ) -> None:
-    plan = _golden_plan(name) if name in GOLDEN_CASES else _plan(name, schedule)
+    plan = (
+        _golden_plan(name)
+        if name in GOLDEN_CASES
+        else _plan(name, schedule, stages_per_rank=2 if schedule == "interleaved" else None)
+    )
     assert plan.schedule == schedule and plan.micro_batches == 4
     out = _emit(name, plan, tmp_path / "program", lr=0.1)
     steps = 2

@@ -27,7 +27,13 @@ from autopart.cost_models import (
     param_table,
     reduce_scatter_time_s,
 )
-from autopart.cost_models.compute import backward_bytes, forward_bytes, is_lookup
+from autopart.cost_models.compute import (
+    backward_bytes,
+    backward_weight_bytes,
+    backward_weight_fraction,
+    forward_bytes,
+    is_lookup,
+)
 from autopart.errors import AutopartError, UnknownDeviceError
 from autopart.units import format_bytes, format_flops, format_seconds, parse_bytes
 
@@ -239,6 +245,23 @@ def test_lookup_reads_its_rows_and_its_backward_writes_a_dense_table_gradient() 
     )
     # the backward costs the table, whatever the tokens: 80x the forward here
     assert node_time_s(EMBEDDING, CPU, backward=True) > 50 * node_time_s(EMBEDDING, CPU)
+
+
+def test_backward_weight_share_follows_the_roofline_of_each_part() -> None:
+    # a linear with a trainable weight: half the backward FLOPs are dW, plus the accumulation
+    linear = dataclasses.replace(
+        MATMUL, backward_weight_flops=2 * N**3, param_bytes=N * N * 2, params=("w",)
+    )
+    fraction = backward_weight_fraction(linear, H100)
+    assert fraction == pytest.approx(0.5)  # both halves compute-bound, at equal FLOPs
+    weight = backward_weight_bytes(linear)
+    assert weight == 3 * N * N * 2 + (backward_bytes(linear) - 3 * N * N * 2) // 2
+    # a lookup's backward is all weight gradient; a node without parameters has none
+    assert backward_weight_fraction(EMBEDDING, CPU) == 1.0
+    assert backward_weight_fraction(dataclasses.replace(ADD, requires_grad=True), H100) == 0.0
+    model = ComputeModel(H100, measured_backward_s={"lin": 1e-3})
+    assert model.backward_weight_s("lin", linear) == pytest.approx(1e-3 * fraction)
+    assert model.backward_weight_s("add", ADD) == 0.0
 
 
 def test_elementwise_ops_on_parameters_are_not_lookups() -> None:

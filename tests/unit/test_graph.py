@@ -58,6 +58,9 @@ def check_blocks(og: OpGraph, bg: BlockGraph, max_blocks: int) -> None:
     assert sum(b.backward_s for b in bg.blocks) == pytest.approx(sum(n.backward_s for n in nodes))
     assert sum(b.flops for b in bg.blocks) == sum(n.flops for n in nodes)
     assert sum(b.backward_flops for b in bg.blocks) == sum(n.backward_flops for n in nodes)
+    assert sum(b.backward_weight_s for b in bg.blocks) == pytest.approx(
+        sum(n.backward_weight_s for n in nodes)
+    )
     for t in bg.tensors:
         assert t.consumers and min(t.consumers) > t.producer
 
@@ -77,6 +80,22 @@ def test_op_graph_of_gpt2() -> None:
     assert {n.layer for n in og.nodes.values()} == {None} | {
         f"transformer.h.{i}" for i in range(12)
     }
+
+
+def test_backward_splits_into_input_and_weight_gradients() -> None:
+    _, og = zoo_graph("gpt2")
+    nodes = list(og.nodes.values())
+    for n in nodes:
+        assert n.backward_input_s + n.backward_weight_s == pytest.approx(n.backward_s, abs=1e-15)
+    matmuls = [n for n in nodes if n.module_type == "Linear" or n.module == "lm_head"]
+    assert matmuls and all(0.3 < n.backward_weight_s / n.backward_s < 0.7 for n in matmuls)
+    assert all(n.backward_weight_s == 0 for n in nodes if not n.params)
+    bg = coarsen(og, max_blocks=16)
+    total = sum(n.backward_weight_s for n in nodes)
+    assert sum(b.backward_weight_s for b in bg.blocks) == pytest.approx(total)
+    assert sum(b.backward_weight_s for b in bg.scaled(0.25).blocks) == pytest.approx(total / 4)
+    with pytest.raises(autopart.AutopartError, match="backward_weight_s"):
+        OpNode("bad", 1.0, 1.0, 0, 0, backward_weight_s=2.0)
 
 
 def test_detect_layers() -> None:

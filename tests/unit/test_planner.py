@@ -9,12 +9,13 @@ import pytest
 
 import autopart
 from autopart.cli.main import main
+from autopart.cost_models import Optimizer, get_device, p2p_time_s
 from autopart.errors import AutopartError
 from autopart.models.model_spec import load_model
 from autopart.planning.mesh_plan import simulate_plan
 from autopart.planning.planner import plan_graph
 from autopart.planning.plans import Plan
-from autopart.planning.schedule import bubble_closed_form
+from autopart.planning.schedule import SPLIT_BACKWARD, ScheduleKind, bubble_closed_form
 from autopart.solver.stage_ilp import InfeasibleMemoryError
 
 _GRAPHS: dict[tuple[str, int], tuple[object, int]] = {}
@@ -87,13 +88,77 @@ def test_plan_json_round_trips() -> None:
 
 def test_auto_schedule_and_micro_batches_are_chosen_by_simulation() -> None:
     plan = _plan("llama-tiny", 2)
-    assert plan.schedule in ("gpipe", "1f1b", "interleaved")
+    assert plan.schedule in tuple(ScheduleKind)
     assert 8 % plan.micro_batches == 0
     timeline = simulate_plan(plan)
     assert timeline.step_time_s == pytest.approx(plan.step_time_s, rel=1e-9)
     # Balanced stages and small comm: the bubble is close to the closed form.
-    closed = bubble_closed_form(2, plan.micro_batches, plan.stages_per_device)
+    closed = bubble_closed_form(2, plan.micro_batches, plan.stages_per_device, plan.schedule)
     assert plan.bubble_fraction >= closed * 0.5
+
+
+def test_auto_compares_every_schedule_and_keeps_the_fastest_that_fits() -> None:
+    plan = _plan("gpt2", 2)  # 12 layers: room for up to 4 stages per rank
+    options = plan.schedule_options
+    assert {o.schedule for o in options} == {str(k) for k in ScheduleKind}
+    assert {o.stages_per_device for o in options if o.schedule == "interleaved"} == {2, 3, 4}
+    assert {o.stages_per_device for o in options if o.schedule == "zbv"} == {2}
+    assert {o.micro_batches for o in options if o.schedule == "dualpipev"} == {4, 8}  # >= 2p
+    fastest = min(o.step_time_s for o in options if o.fits)
+    assert plan.step_time_s == pytest.approx(fastest, rel=1e-12)
+    chosen = (plan.schedule, plan.stages_per_device, plan.micro_batches)
+    assert chosen in {(o.schedule, o.stages_per_device, o.micro_batches) for o in options}
+    assert Plan.from_json(plan.to_json()) == plan  # the table round-trips
+    # with data parallelism, auto leaves out the schedules that split the backward
+    gm, batch = _graph("llama-tiny")
+    replicas = plan_graph(gm, batch=batch, mesh="dp=2,pp=2", device="h100")
+    assert {o.schedule for o in replicas.schedule_options} == {
+        "gpipe",
+        "1f1b",
+        "interleaved",
+    }
+    # a schedule fixed by the request is planned alone, at each of its stage counts while every
+    # stage can hold a layer
+    alone = _plan("gpt2", 2, schedule="interleaved", micro_batches=4)
+    assert {(o.schedule, o.micro_batches) for o in alone.schedule_options} == {("interleaved", 4)}
+    assert len(alone.schedule_options) == 3
+    two_layers = _plan("llama-tiny", 2, schedule="interleaved", micro_batches=4)
+    assert [o.stages_per_device for o in two_layers.schedule_options] == [2]
+
+
+def test_v_shaped_plans_put_the_first_and_the_last_stage_on_rank_0() -> None:
+    plan = _plan("llama-tiny", 2, schedule="zbv", micro_batches=8)
+    assert plan.stages_per_device == 2
+    assert [s.device for s in plan.stages] == [0, 1, 1, 0]
+    # both stages of a rank count in its peak, and the turn (stages 1 -> 2) costs no transfer
+    state = Optimizer("adamw").state_bytes_per_param_byte
+    rank_0 = (plan.stages[0].param_bytes + plan.stages[3].param_bytes) * state
+    assert plan.stages[0].peak_memory_bytes == plan.stages[3].peak_memory_bytes > rank_0
+    assert plan.stages[1].predicted_s == pytest.approx(
+        plan.stages[1].forward_s
+        + plan.stages[1].backward_s
+        + p2p_time_s(plan.boundary_bytes[0], get_device("h100"))
+    )
+    assert simulate_plan(plan).step_time_s == pytest.approx(plan.step_time_s, rel=1e-9)
+    assert Plan.from_json(plan.to_json()) == plan
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"schedule": "zbv", "stages_per_rank": 3}, r"V-shaped.*--stages-per-rank 2"),
+        ({"schedule": "gpipe", "stages_per_rank": 2}, "one stage per rank.*interleaved"),
+        ({"schedule": "interleaved", "stages_per_rank": 1}, "at least two stages per rank"),
+        ({"schedule": "dualpipev", "micro_batches": 2}, "use at least 4 micro-batches"),
+        ({"schedule": "zbv", "mesh": "pp=1"}, "needs at least 2 pipeline ranks"),
+        ({"stages_per_rank": 0}, "stages_per_rank must be a whole number >= 1"),
+        ({"schedule": "zbv", "mesh": "dp=2,pp=2"}, "DistributedDataParallel.*use 1f1b"),
+    ],
+)
+def test_schedules_that_cannot_run_are_clear_errors(kw: dict[str, object], match: str) -> None:
+    gm, batch = _graph("llama-tiny")
+    with pytest.raises(AutopartError, match=match):
+        plan_graph(gm, batch=batch, **{"mesh": "pp=2", "device": "h100", **kw})  # type: ignore[arg-type]
 
 
 def test_tight_memory_switches_to_a_schedule_that_fits() -> None:
@@ -129,10 +194,14 @@ def test_cli_plan_table_json_out_and_svg(
     assert main(["plan", "gpt2-tiny", "--mesh", "pp=2", "--out", str(out), "--svg", str(svg)]) == 0
     text = capsys.readouterr().out
     assert "equal layers" in text and "gap" in text and "lower bound" in text
+    assert "schedules compared" in text and f"chose {_first_word(text, 'chose ')}" in text
     plan = Plan.from_json(out.read_text())
     root = ET.fromstring(svg.read_text())
     rects = [e for e in root.iter() if e.get("class") == "action"]
-    assert len(rects) == 2 * plan.micro_batches * plan.num_stages  # one bar per F and B
+    # one bar per action: F and B, or F, I and W where the backward is split
+    split = plan.schedule in SPLIT_BACKWARD
+    assert len(rects) == len(simulate_plan(plan).events) >= 2 * plan.micro_batches * plan.num_stages
+    assert split or len(rects) == 2 * plan.micro_batches * plan.num_stages
     assert main(["plan", "gpt2-tiny", "--mesh", "pp=2", "--format", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     for key in (
@@ -148,6 +217,7 @@ def test_cli_plan_table_json_out_and_svg(
         "bubble_fraction",
         "solver",
         "baselines",
+        "schedule_options",
     ):
         assert key in doc, key
     for key in (
@@ -165,6 +235,10 @@ def test_cli_plan_table_json_out_and_svg(
     assert set(doc["baselines"]["equal_layers"]) == {"bottleneck_s", "step_time_s"}
 
 
+def _first_word(text: str, after: str) -> str:
+    return text.split(after, 1)[1].split()[0]
+
+
 def test_cli_plan_memory_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "gpt2-tiny", "--mesh", "pp=2", "--memory", "1KiB"]) == 2
     assert "needs at least" in capsys.readouterr().err
@@ -178,7 +252,12 @@ def test_llama_70b_plans_into_8_stages_on_meta() -> None:
     # bf16 weights, gradients and Adam state: 8 bytes per parameter, as trained without TP/ZeRO.
     loaded = load_model("llama-70b", device="meta", batch=8, seq=128, dtype=torch.bfloat16)
     plan = autopart.plan(
-        loaded.model, loaded.example_inputs, mesh="pp=8", device="h100", memory="80GiB"
+        loaded.model,
+        loaded.example_inputs,
+        mesh="pp=8",
+        device="h100",
+        memory="80GiB",
+        stages_per_rank=1,
     )
     elapsed = time.perf_counter() - start
     assert plan.num_stages == 8

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from autopart.cost_models import get_device
+from autopart.errors import AutopartError
 from autopart.planning.blocks import Block, BlockGraph, CrossTensor
 from autopart.solver import baselines
 from autopart.solver.cost import lower_bound_s, stage_times_s
@@ -262,3 +263,53 @@ def test_bad_stage_counts_are_clear_errors() -> None:
                 memory_limit_bytes=None,
                 stages_per_device=per_device,
             )
+
+
+def _device_bottleneck_by_brute_force(bg: BlockGraph, ranks: tuple[int, ...]) -> float:
+    n, best = len(ranks), float("inf")
+    for stage_of in itertools.product(range(n), repeat=len(bg.blocks)):
+        if len(set(stage_of)) != n or any(
+            stage_of[c] < stage_of[t.producer] for t in bg.tensors for c in t.consumers
+        ):
+            continue
+        times = stage_times_s(bg, stage_of, n, DEVICE, ranks=ranks)
+        best = min(best, max(sum(t for t, r in zip(times, ranks) if r == d) for d in set(ranks)))
+    return best
+
+
+def test_a_v_shaped_layout_is_optimal_and_hands_its_turn_over_for_free() -> None:
+    # 2 devices, 4 stages in a V: device 0 runs stages 0 and 3, device 1 stages 1 and 2, whose
+    # boundary is local: the optimum over the device times counts no transfer there.
+    bg = _graph(
+        [1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3],
+        [(0, (1,), MIB), (1, (2,), MIB), (2, (3,), 512 * MIB), (3, (4,), MIB), (4, (5,), MIB)],
+        [0] * 6,
+    )
+    ranks = (0, 1, 1, 0)
+    solution = solve_stages(
+        bg,
+        4,
+        DEVICE,
+        in_flight=[1] * 4,
+        state_bytes_per_param_byte=STATE,
+        memory_limit_bytes=None,
+        stages_per_device=2,
+        device_of_stage=ranks,
+    )
+    stage_of = solution.stage_of
+    boundary = bg.boundary_bytes(stage_of, 4)
+    assert boundary[0] < 512 * MIB and boundary[2] < 512 * MIB  # never between devices
+    times = stage_times_s(bg, stage_of, 4, DEVICE, ranks=ranks)
+    device = [times[0] + times[3], times[1] + times[2]]
+    assert max(device) == pytest.approx(_device_bottleneck_by_brute_force(bg, ranks), rel=1e-3)
+    with pytest.raises(AutopartError, match="exactly 2"):
+        solve_stages(
+            bg,
+            4,
+            DEVICE,
+            in_flight=[1] * 4,
+            state_bytes_per_param_byte=STATE,
+            memory_limit_bytes=None,
+            stages_per_device=2,
+            device_of_stage=(0, 0, 0, 1),
+        )

@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
             mesh=request.mesh,
             micro_batches=request.micro_batches,
             schedule=request.schedule,
+            stages_per_rank=request.stages_per_rank,
             steps=args.steps,
             batch=args.batch,
             seq=args.seq,

@@ -8,7 +8,8 @@ the pipeline stages config.json gives its pp coordinate (stage_K.py, class Stage
 GPU per rank with NCCL when CUDA is available, else the CPU with gloo), copies their parameters from
 weights.pt (its own shard of each tensor a stage lists in SHARDED, with tensor parallelism), wraps
 them in torch.distributed.pipelining's PipelineStage over the mesh's pp group and runs the plan's
-schedule (GPipe, 1F1B or interleaved 1F1B) for S steps of SGD. Each data-parallel replica trains on
+schedule (GPipe, 1F1B, interleaved 1F1B, interleaved zero bubble, ZBV or DualPipeV) for S steps
+of SGD. Each data-parallel replica trains on
 its share of the batch in data.pt, split into the plan's micro-batches; with dp > 1 each stage runs
 under torch's DistributedDataParallel over the dp group. Rank 0 prints the mean loss of every step.
 
@@ -40,13 +41,24 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
+    ScheduleDualPipeV,
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
 )
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti
 from torch.nn.parallel import DistributedDataParallel
 
 HERE = Path(__file__).resolve().parent
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
+SCHEDULES = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved": ScheduleInterleaved1F1B,
+    "interleaved-zb": ScheduleInterleavedZeroBubble,
+    "zbv": ScheduleZBVZeroBubble,
+    "dualpipev": ScheduleDualPipeV,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -125,6 +137,7 @@ def train(config: dict[str, Any], args: argparse.Namespace, device: torch.device
     inputs, target = load_data(args.data, config, device, place)
     constants = {i: x for i, x in enumerate(inputs) if not isinstance(x, torch.Tensor)}
     pipeline = []
+    weights_with_inputs = set(config.get("weight_grads_with_input_grads", []))
     for k in mine:
         module: torch.nn.Module = stages[k]
         if k == 0 and constants:  # PipelineStage passes tensors only
@@ -142,11 +155,12 @@ def train(config: dict[str, Any], args: argparse.Namespace, device: torch.device
                 input_args=examples(io["inputs"], device),
                 output_args=examples(io["outputs"], device),
                 group=place.pp_group,
+                dw_builder=no_weight_pass if k in weights_with_inputs else None,
             )
         )
     loss_fn = load_module("loss").pipeline_loss
     kind = SCHEDULES[config["schedule"]]
-    many = config["stages_per_rank"] > 1
+    many = issubclass(kind, PipelineScheduleMulti)  # takes its stages as a list, even one
     schedule = kind(pipeline if many else pipeline[0], config["micro_batches"], loss_fn=loss_fn)
     tied = tied_groups(config, place)
     params = [p for k in mine for p in stages[k].parameters()]
@@ -369,6 +383,13 @@ def save_weights(
     torch.save(model_state, path)
 
 
+def no_weight_pass() -> Any:
+    """``PipelineStage``'s ``dw_builder`` for a stage of a zero-bubble schedule whose weight
+    gradients torch's split backward would miss (config.json's "weight_grads_with_input_grads"):
+    its backward computes them with the input gradients, and its W pass has nothing left to do."""
+    return lambda: None
+
+
 # BindConstants and the contiguous hooks below are also autopart's runtime's (autopart.runtime.program
 # imports them), so a compiled program and an emitted one run the same code around their stages.
 
@@ -409,9 +430,18 @@ def contiguous_input_grads(module: torch.nn.Module, args: tuple[Any, ...]) -> tu
 
 
 def contiguous_outputs(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
+    """Stage outputs as contiguous tensors of their own: a view is copied, as zero-bubble
+    schedules detach a stage's outputs in place once its input gradients are computed, which a
+    view does not allow."""
     if isinstance(output, tuple):
-        return tuple(t.contiguous() if isinstance(t, torch.Tensor) else t for t in output)
-    return output.contiguous() if isinstance(output, torch.Tensor) else output
+        return tuple(_own(t) for t in output)
+    return _own(output)
+
+
+def _own(t: Any) -> Any:
+    if not isinstance(t, torch.Tensor):
+        return t
+    return t.clone(memory_format=torch.contiguous_format) if t._base is not None else t.contiguous()
 
 
 if __name__ == "__main__":
