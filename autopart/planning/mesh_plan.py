@@ -61,6 +61,7 @@ __all__ = [
     "in_flight_per_stage",
     "micro_batch_options",
     "most_stages",
+    "op_graph_of",
     "per_micro_batch",
     "pipeline_device",
     "plan_mesh",
@@ -150,6 +151,20 @@ def planning_setup(
     opt = as_optimizer(request.optimizer)
     kinds = schedule_kinds(request.schedule, pp, request.stages_per_rank, dp)
     return PlanningSetup(request, spec, limit, opt.state_bytes_per_param_byte, kinds)
+
+
+def op_graph_of(
+    gm: torch.fx.GraphModule, setup: PlanningSetup, say: Callable[[str], None]
+) -> tuple[OpGraph, float | None]:
+    """The solver's graph of ``gm`` on the request's device: on the cost model, or with
+    ``profile`` on times measured on this machine (with the seconds that took, else ``None``)."""
+    if not setup.request.profile:
+        return OpGraph.from_graph_module(gm, setup.spec), None
+    from autopart.cost_models.profiling import profiled_compute
+
+    say(f"profiling the graph's ops for {setup.spec.name}")
+    compute, profile_s = profiled_compute(gm, setup.spec)
+    return OpGraph.from_graph_module(gm, setup.spec, compute=compute), profile_s
 
 
 def micro_batch_options(
