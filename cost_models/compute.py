@@ -41,6 +41,14 @@ the tokens (so they weigh most on small micro-batches and on large tables):
   hidden 256, 128 tokens per micro-batch, gradients accumulated over 8): 5.7 ms of CPU time per
   micro-batch for forward and backward, of which the forward took 0.03 ms. The rules before
   charged the forward a read of the whole table and the backward twice that.
+
+**The fixed part** (:func:`fixed_time_s`): what a node costs whatever the micro-batch size. The
+FLOPs and the activation traffic grow with the tokens; the kernel launch (PyTorch's dispatch on
+CPU), reading the weights, writing their gradient, accumulating it into ``param.grad`` and a
+lookup's table-sized gradient do not. The planner costs one micro-batch as ``fixed + (time -
+fixed) x size / traced size`` (:meth:`autopart.planning.graph.OpGraph.scaled`), which is exact at
+the traced size and at zero tokens (a roofline is the max of two lines, so in between it is an
+upper bound), so a step of ``m`` micro-batches pays the fixed part ``m`` times, as it runs.
 """
 
 from __future__ import annotations
@@ -58,6 +66,8 @@ __all__ = [
     "backward_bytes",
     "backward_weight_bytes",
     "backward_weight_fraction",
+    "fixed_bytes",
+    "fixed_time_s",
     "forward_bytes",
     "is_lookup",
     "node_time_s",
@@ -197,6 +207,37 @@ def node_time_s(
     )
 
 
+def fixed_bytes(cost: NodeCost, *, backward: bool = False) -> int:
+    """The part of the node's forward (or backward) traffic that does not grow with the tokens:
+    reading the weights (a lookup reads only its rows: none), and in backward reading them again
+    for the input gradient, writing their gradient (a lookup: its whole table) and accumulating it
+    (see the module docstring). Never more than the traffic it is part of."""
+    if cost.is_view or (backward and not cost.requires_grad):
+        return 0
+    if not backward:
+        return 0 if is_lookup(cost) else min(cost.param_bytes, forward_bytes(cost))
+    weight_reads = 0 if is_lookup(cost) else _BACKWARD_BYTES_FACTOR * cost.param_bytes
+    gradient = cost.param_bytes + weight_reads if is_lookup(cost) else weight_reads
+    return min(gradient + _GRAD_ACCUMULATION_BYTES_FACTOR * cost.param_bytes, backward_bytes(cost))
+
+
+def fixed_time_s(
+    cost: NodeCost,
+    device: DeviceSpec,
+    *,
+    backward: bool = False,
+    memory_efficiency: float | None = None,
+) -> float:
+    """Seconds of the node's forward (or backward) that a micro-batch of any size pays: the
+    kernel launch plus :func:`fixed_bytes` at the achievable bandwidth (the roofline's limit as
+    the tokens go to zero). 0 for a node without that pass."""
+    if node_time_s(cost, device, backward=backward) == 0.0:
+        return 0.0
+    efficiency = device.memory_efficiency if memory_efficiency is None else memory_efficiency
+    nbytes = fixed_bytes(cost, backward=backward)
+    return device.kernel_launch_s + nbytes / (device.memory_bandwidth_bytes_per_s * efficiency)
+
+
 @dataclass(frozen=True, slots=True)
 class ComputeModel:
     """Node times on one device: measured where profiling measured them, predicted elsewhere.
@@ -245,6 +286,17 @@ class ComputeModel:
         if node_name in self.measured_backward_s:
             return self.measured_backward_s[node_name]
         return self._predict(cost, backward=True)
+
+    def fixed_s(self, node_name: str, cost: NodeCost, *, backward: bool = False) -> float:
+        """The part of :meth:`forward_s` (or :meth:`backward_s`) that does not shrink with the
+        micro-batch (:func:`fixed_time_s`), never more than that time: for a measured node, the
+        model's fixed part (calibrated: ``kernel_launch_s`` and the efficiencies are fitted to
+        the measurements) capped at the measurement."""
+        whole = self.backward_s(node_name, cost) if backward else self.forward_s(node_name, cost)
+        fixed = fixed_time_s(
+            cost, self.device, backward=backward, memory_efficiency=self.memory_efficiency
+        )
+        return min(fixed, whole)
 
     def backward_weight_s(self, node_name: str, cost: NodeCost) -> float:
         """The part of :meth:`backward_s` that computes parameter gradients (zero-bubble schedules

@@ -33,11 +33,21 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.utils._pytree import tree_flatten
 
-from autopart.cost_models.compute import forward_bytes
+from autopart.cost_models.compute import ComputeModel, forward_bytes
 from autopart.cost_models.devices import DeviceSpec
 from autopart.cost_models.node_cost import NodeCost
+from autopart.errors import AutopartError
 
-__all__ = ["Measurement", "ProfileCache", "calibrate", "local_device_key", "profile_graph"]
+__all__ = [
+    "Measurement",
+    "ProfileCache",
+    "calibrate",
+    "local_device_key",
+    "profile_graph",
+    "profile_key",
+    "profiled_compute",
+    "profiling_device",
+]
 
 _COMPUTE_OPS = ("call_function", "call_method", "call_module")
 
@@ -97,7 +107,7 @@ def profile_graph(
 ) -> dict[str, Measurement]:
     """Measure every computing node of an annotated ``gm`` on ``device`` (default: CUDA if
     available, else CPU). Returns ``{node_name: Measurement}`` for the nodes measured."""
-    from autopart.passes.annotate import node_cost, op_signature
+    from autopart.passes.annotate import node_cost
 
     dev = (
         torch.device(device)
@@ -113,7 +123,7 @@ def profile_graph(
         cost = node_cost(node)
         if cost.is_view or _footprint(node, cost) > max_bytes:
             continue
-        signature = op_signature(node)
+        signature = profile_key(node)
         m = cache.get(key, signature)
         if m is None:
             m = _measure(node, gm, modules, dev, repeats=repeats, warmup=warmup)
@@ -125,6 +135,56 @@ def profile_graph(
             progress(i + 1, len(nodes))
     cache.save()
     return result
+
+
+def profile_key(node: Node) -> str:
+    """What a measurement of ``node`` is cached under (with the device's
+    :func:`local_device_key`): its op signature (op, shapes, strides, dtypes of its arguments)
+    and which of its inputs take part in autograd, which decides what its backward computes."""
+    from autopart.passes.annotate import node_cost, op_signature
+
+    grads = tuple(node_cost(a).requires_grad for a in node.all_input_nodes)
+    return f"{op_signature(node)}|grad={grads}"
+
+
+def profiling_device(spec: DeviceSpec) -> torch.device:
+    """Where measurements for a plan on ``spec`` are taken: the CPU for the ``cpu`` model, else
+    this machine's GPU (an error without one: CPU times would be read as a GPU's)."""
+    if spec.name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise AutopartError(
+            f"profiling measures on this machine, which has no CUDA device, but the plan is for "
+            f"{spec.name!r}; plan with --device cpu (device='cpu') to profile the CPU, or drop "
+            "--profile to plan on the cost model."
+        )
+    return torch.device("cuda")
+
+
+def profiled_compute(
+    gm: GraphModule,
+    spec: DeviceSpec,
+    *,
+    cache: ProfileCache | None = None,
+    max_bytes: int = 1 << 30,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[ComputeModel, float]:
+    """The compute model of an annotated ``gm`` on measured times: every computing node measured
+    on :func:`profiling_device` (each op signature once, cached), ``spec`` calibrated to the
+    measurements for the nodes that are not (too large, or not runnable alone) and for each node's
+    fixed part; with the seconds profiling took."""
+    from autopart.passes.annotate import node_cost
+
+    start = time.perf_counter()
+    dev = profiling_device(spec)
+    measured = profile_graph(gm, device=dev, cache=cache, max_bytes=max_bytes, progress=progress)
+    costs = {n.name: node_cost(n) for n in gm.graph.nodes if n.op in _COMPUTE_OPS}
+    model = ComputeModel(
+        calibrate(spec, costs, measured),
+        measured_forward_s={n: m.forward_s for n, m in measured.items()},
+        measured_backward_s={n: m.backward_s for n, m in measured.items()},
+    )
+    return model, time.perf_counter() - start
 
 
 def calibrate(

@@ -28,6 +28,7 @@ _REQUEST_FIELDS = {
     "stages_per_rank": "stages_per_rank",
     "optimizer": "optimizer",
     "time_limit": "time_limit_s",
+    "profile": "profile",
 }
 
 
@@ -69,7 +70,8 @@ def add_tracing(p: argparse.ArgumentParser) -> None:
 
 
 def add_pipeline(p: argparse.ArgumentParser, *, search: bool = False) -> None:
-    """--mesh (``search``: also ``auto``), --micro-batches and --schedule."""
+    """--mesh (``search``: also ``auto``), --micro-batches, --schedule, --stages-per-rank and
+    --profile."""
     mesh_help = "mesh spec, e.g. pp=4 or dp=2,pp=2,tp=2 (default pp=2)"
     if search:
         mesh_help += (
@@ -95,6 +97,13 @@ def add_pipeline(p: argparse.ArgumentParser, *, search: bool = False) -> None:
         default=None,
         help="pipeline stages on each rank (default: compare 1 to 4 where the schedule allows; "
         "gpipe and 1f1b run 1, zbv and dualpipev 2)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="plan on measured times: run each distinct op forward and backward on this machine "
+        "(--device cpu: the CPU, else CUDA), cached by signature, dtype and device under "
+        "$AUTOPART_CACHE_DIR (default ~/.cache/autopart)",
     )
 
 

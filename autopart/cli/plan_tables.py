@@ -24,6 +24,11 @@ def print_plan(plan: Any, elapsed_s: float) -> None:
         f"bubble {plan.bubble_fraction:.1%}; solver {plan.solver.status} on {plan.solver.blocks} blocks; "
         f"planned in {elapsed_s:.2f} s"
     )
+    if plan.profile_s is not None:
+        out.print(
+            f"planned on measured times: the graph's ops were profiled on this machine in "
+            f"{plan.profile_s:.2f} s (cached by op signature, dtype and device)"
+        )
     if plan.tp is not None:
         _print_tp(plan.tp)
     out.print(_baseline_table(plan))

@@ -204,7 +204,9 @@ def emit_model(
             graph, req, batch=size, micro_batches=m, name=loaded.name, graph_batch=graph_batch
         )
 
-    plan, _ = plan_that_runs(make, req.micro_batches, loaded.model, gm, args, kwargs, size, dp)
+    plan, _ = plan_that_runs(
+        make, req.micro_batches, loaded.model, gm, args, kwargs, size, dp, profile=req.profile
+    )
     out = emit(
         plan,
         out_dir,

@@ -14,11 +14,40 @@ import networkx as nx
 from autopart.errors import AutopartError
 from autopart.planning.cuts import crossing_bytes
 
-__all__ = ["Block", "BlockGraph", "CrossTensor", "PartitionError"]
+__all__ = [
+    "Block",
+    "BlockGraph",
+    "CrossTensor",
+    "PartitionError",
+    "check_fixed_s",
+    "scaled_time_s",
+    "scaled_weight_s",
+]
 
 
 class PartitionError(AutopartError):
     """A stage assignment or a partitioning request is not valid."""
+
+
+def scaled_time_s(time_s: float, fixed_s: float, factor: float) -> float:
+    """``time_s`` of a pass at ``factor`` times the samples it was costed at: its fixed part once,
+    the rest in proportion. The one rule by which nodes and blocks are costed at a micro-batch."""
+    return fixed_s + (time_s - fixed_s) * factor
+
+
+def scaled_weight_s(weight_s: float, backward_s: float, scaled_backward_s: float) -> float:
+    """A backward's weight-gradient part after scaling: the same share of the scaled backward
+    (``B + W`` stays the backward)."""
+    return weight_s * scaled_backward_s / backward_s if backward_s > 0 else 0.0
+
+
+def check_fixed_s(owner: str, fixed_s: float, whole_s: float) -> None:
+    """Raise unless ``fixed_s`` is a part of ``whole_s``."""
+    if not 0 <= fixed_s <= whole_s * (1 + 1e-9) + 1e-15:
+        raise AutopartError(
+            f"{owner}: a fixed part ({fixed_s!r} s) must lie in [0, the time it is part of = "
+            f"{whole_s!r} s]"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +77,11 @@ class Block:
     weight_grad_bytes: int = 0
     """Output gradients a deferred weight gradient keeps until it runs: the outputs of the nodes
     that have one (torch's split backward holds them between ``I`` and ``W``)."""
+    fixed_forward_s: float = 0.0
+    """The part of ``forward_s`` every micro-batch pays whatever its size (its nodes' fixed
+    parts: launches, weight reads); :meth:`BlockGraph.scaled` keeps it."""
+    fixed_backward_s: float = 0.0
+    """The same for ``backward_s``."""
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -63,6 +97,8 @@ class Block:
         ):
             if not getattr(self, name) >= 0:
                 raise AutopartError(f"Block {self.index}: {name} must be >= 0")
+        check_fixed_s(f"Block {self.index}", self.fixed_forward_s, self.forward_s)
+        check_fixed_s(f"Block {self.index}", self.fixed_backward_s, self.backward_s)
 
     @property
     def backward_input_s(self) -> float:
@@ -208,22 +244,25 @@ class BlockGraph:
 
     def scaled(self, factor: float) -> BlockGraph:
         """Per-sample costs (times, activations, tensor bytes) times ``factor``, e.g. ``1 /
-        micro_batches``; parameters unchanged."""
-        blocks = tuple(
-            dataclasses.replace(
-                b,
-                forward_s=b.forward_s * factor,
-                backward_s=b.backward_s * factor,
-                backward_weight_s=b.backward_weight_s * factor,
-                flops=round(b.flops * factor),
-                backward_flops=round(b.backward_flops * factor),
-                activation_bytes=round(b.activation_bytes * factor),
-                weight_grad_bytes=round(b.weight_grad_bytes * factor),
-            )
-            for b in self.blocks
-        )
+        micro_batches``; parameters and the fixed part of each time unchanged
+        (:func:`scaled_time_s`)."""
+        blocks = tuple(_scale_block(b, factor) for b in self.blocks)
         tensors = tuple(
             dataclasses.replace(t, nbytes=round(t.nbytes * factor)) for t in self.tensors
         )
         og = self.op_graph.scaled(factor) if self.op_graph is not None else None
         return BlockGraph(blocks, tensors, self.param_bytes_by_name, og)
+
+
+def _scale_block(b: Block, factor: float) -> Block:
+    backward_s = scaled_time_s(b.backward_s, b.fixed_backward_s, factor)
+    return dataclasses.replace(
+        b,
+        forward_s=scaled_time_s(b.forward_s, b.fixed_forward_s, factor),
+        backward_s=backward_s,
+        backward_weight_s=scaled_weight_s(b.backward_weight_s, b.backward_s, backward_s),
+        flops=round(b.flops * factor),
+        backward_flops=round(b.backward_flops * factor),
+        activation_bytes=round(b.activation_bytes * factor),
+        weight_grad_bytes=round(b.weight_grad_bytes * factor),
+    )

@@ -36,7 +36,15 @@ from autopart.cost_models.memory import param_table
 from autopart.errors import AutopartError
 from autopart.passes.annotate import node_cost
 from autopart.passes.mutations import mutation_groups
-from autopart.planning.blocks import Block, BlockGraph, CrossTensor, PartitionError
+from autopart.planning.blocks import (
+    Block,
+    BlockGraph,
+    CrossTensor,
+    PartitionError,
+    check_fixed_s,
+    scaled_time_s,
+    scaled_weight_s,
+)
 from autopart.planning.cuts import best_split_cuts, choose_cuts, crossing_bytes, merge_cuts
 
 __all__ = [
@@ -85,6 +93,12 @@ class OpNode:
     keep_with_previous: bool = False
     """No stage boundary may fall right before this node: it lies inside a run of nodes that
     touch one tensor written in place, which must run on one stage (see the module docstring)."""
+    fixed_forward_s: float = 0.0
+    """The part of ``forward_s`` paid by every micro-batch whatever its size (kernel launch,
+    weight reads: :func:`~autopart.cost_models.compute.fixed_time_s`); :meth:`OpGraph.scaled`
+    keeps it and scales the rest."""
+    fixed_backward_s: float = 0.0
+    """The same for ``backward_s`` (launch, weight gradient and its accumulation)."""
 
     def __post_init__(self) -> None:
         for name in ("forward_s", "backward_s", "flops", "output_bytes", "backward_flops"):
@@ -98,6 +112,8 @@ class OpNode:
                 f"OpNode {self.name!r}: backward_weight_s ({self.backward_weight_s!r}) must lie in "
                 f"[0, backward_s = {self.backward_s!r}]: it is the weight-gradient part of it"
             )
+        check_fixed_s(f"OpNode {self.name!r}", self.fixed_forward_s, self.forward_s)
+        check_fixed_s(f"OpNode {self.name!r}", self.fixed_backward_s, self.backward_s)
 
     @property
     def backward_input_s(self) -> float:
@@ -201,6 +217,8 @@ class OpGraph:
                 is_output=n.name in outputs,
                 backward_weight_s=compute.backward_weight_s(n.name, cost),
                 keep_with_previous=n.name in kept,
+                fixed_forward_s=compute.fixed_s(n.name, cost),
+                fixed_backward_s=compute.fixed_s(n.name, cost, backward=True),
             )
         return cls(
             nodes, table, {k: v for k, v in values.items() if k not in table}, compute.device
@@ -224,7 +242,8 @@ class OpGraph:
         return readers
 
     def scaled(self, factor: float) -> OpGraph:
-        """Per-sample costs times ``factor`` (e.g. ``1 / micro_batches``); parameters unchanged."""
+        """Per-sample costs times ``factor`` (e.g. ``1 / micro_batches``); parameters and the
+        fixed part of each time unchanged (:func:`scaled_time_s`)."""
         nodes = {name: _scale_node(n, factor) for name, n in self.nodes.items()}
         values = {k: round(v * factor) for k, v in self.value_bytes.items()}
         return OpGraph(nodes, self.param_bytes_by_name, values, self.device)
@@ -290,11 +309,12 @@ def _node_layers(gm: GraphModule) -> dict[str, str]:
 
 
 def _scale_node(n: OpNode, factor: float) -> OpNode:
+    backward_s = scaled_time_s(n.backward_s, n.fixed_backward_s, factor)
     return dataclasses.replace(
         n,
-        forward_s=n.forward_s * factor,
-        backward_s=n.backward_s * factor,
-        backward_weight_s=n.backward_weight_s * factor,
+        forward_s=scaled_time_s(n.forward_s, n.fixed_forward_s, factor),
+        backward_s=backward_s,
+        backward_weight_s=scaled_weight_s(n.backward_weight_s, n.backward_s, backward_s),
         flops=round(n.flops * factor),
         backward_flops=round(n.backward_flops * factor),
         output_bytes=round(n.output_bytes * factor),
@@ -420,6 +440,8 @@ def _make_block(
         layer=layer,
         backward_weight_s=sum(n.backward_weight_s for n in nodes),
         weight_grad_bytes=sum(n.output_bytes for n in nodes if n.backward_weight_s > 0),
+        fixed_forward_s=sum(n.fixed_forward_s for n in nodes),
+        fixed_backward_s=sum(n.fixed_backward_s for n in nodes),
     )
 
 

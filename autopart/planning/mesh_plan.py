@@ -20,7 +20,7 @@ from autopart.cost_models.comm import all_reduce_time_s, p2p_time_s
 from autopart.cost_models.devices import DeviceSpec, get_device
 from autopart.cost_models.memory import Optimizer, as_optimizer
 from autopart.errors import AutopartError
-from autopart.planning.graph import BlockGraph, OpGraph, coarsen
+from autopart.planning.graph import BlockGraph, OpGraph, coarsen, group_blocks
 from autopart.planning.plans import (
     BaselineResult,
     Plan,
@@ -61,6 +61,7 @@ __all__ = [
     "in_flight_per_stage",
     "micro_batch_options",
     "most_stages",
+    "op_graph_of",
     "per_micro_batch",
     "pipeline_device",
     "plan_mesh",
@@ -86,6 +87,8 @@ class _Candidate:
     """The pipeline rank of each stage (looped, or V-shaped)."""
     estimate: bool = False
     """Simulated on the best contiguous split (the chain DP), not on a stage ILP solution."""
+    solved_at: int = 0
+    """The micro-batch count the split was solved at (0: this candidate's own)."""
 
 
 class NoScheduleFitsError(AutopartError):
@@ -148,6 +151,20 @@ def planning_setup(
     opt = as_optimizer(request.optimizer)
     kinds = schedule_kinds(request.schedule, pp, request.stages_per_rank, dp)
     return PlanningSetup(request, spec, limit, opt.state_bytes_per_param_byte, kinds)
+
+
+def op_graph_of(
+    gm: torch.fx.GraphModule, setup: PlanningSetup, say: Callable[[str], None]
+) -> tuple[OpGraph, float | None]:
+    """The solver's graph of ``gm`` on the request's device: on the cost model, or with
+    ``profile`` on times measured on this machine (with the seconds that took, else ``None``)."""
+    if not setup.request.profile:
+        return OpGraph.from_graph_module(gm, setup.spec), None
+    from autopart.cost_models.profiling import profiled_compute
+
+    say(f"profiling the graph's ops for {setup.spec.name}")
+    compute, profile_s = profiled_compute(gm, setup.spec)
+    return OpGraph.from_graph_module(gm, setup.spec, compute=compute), profile_s
 
 
 def micro_batch_options(
@@ -265,6 +282,9 @@ def plan_mesh(
         return (step_s, c.micro_batches, order.index(c.schedule), c.stages_per_device)
 
     best = min(candidates, key=rank)
+    redone = search.refined(best)
+    if redone is not None and rank(redone) < rank(best):
+        best = redone
     result = _make_plan(best, og, pipe, time.perf_counter() - start)
     result = dataclasses.replace(result, schedule_options=search.options(pipe))
     if dp == 1 and tp is None:
@@ -294,7 +314,7 @@ class _ScheduleSearch:
     ) -> None:
         self.og, self.spec, self.setup = og, spec, setup
         self.p, self.per_stage, self.say = p, per_stage, say
-        self.graphs: dict[int, BlockGraph] = {}
+        self.graphs: dict[tuple[int, int], BlockGraph] = {}
         self.solved: dict[tuple[int, ...], tuple[tuple[int, ...], str, float]] = {}
         """Per stage layout (the rank of each stage): stage of each block, status, bound."""
         self.candidates: list[_Candidate] = []
@@ -310,6 +330,8 @@ class _ScheduleSearch:
         """Stage solves that found no split within their time limit."""
         self.infeasible: dict[tuple[int, ...], list[tuple[list[int], InfeasibleMemoryError]]] = {}
         """Per stage layout, the in-flight counts for which no split fits memory."""
+        self.most_micro_batches = 1
+        """The most micro-batches compared: the size the layouts are cut and solved at."""
         self.estimated: list[_Candidate] = []
         """The layouts on their chain-DP split: those not solved (too far behind), and those whose
         solve found no split that fits."""
@@ -321,6 +343,7 @@ class _ScheduleSearch:
         :data:`_MOST_LAYOUT_SOLVES` within :data:`_LAYOUT_SLACK` of the fastest found, and none
         after a solve that stopped at its time limit (the others, as large, would too). A layout
         left out competes on its contiguous split (status ``HINT``)."""
+        self.most_micro_batches = max(max(counts) for counts in options.values())
         layouts = [
             (kind, v, counts)
             for kind, v, counts in schedule_layouts(
@@ -373,7 +396,9 @@ class _ScheduleSearch:
                 tl = simulate_blocks(
                     bg, stage_of, self.p, v, self.spec, kind, m, self.setup.state_per_byte
                 )
-                out.append(_Candidate(kind, m, v, bg, stage_of, tl, "HINT", 0.0, ranks, True))
+                out.append(
+                    _Candidate(kind, m, v, bg, stage_of, tl, "HINT", 0.0, ranks, True, counts[0])
+                )
         return out
 
     def fastest(self, pipe: _Pipeline) -> float | None:
@@ -396,7 +421,9 @@ class _ScheduleSearch:
             timeline = simulate_blocks(
                 bg, stage_of, p, v, self.spec, kind, m, self.setup.state_per_byte
             )
-            candidate = _Candidate(kind, m, v, bg, stage_of, timeline, status, bound_s, ranks)
+            candidate = _Candidate(
+                kind, m, v, bg, stage_of, timeline, status, bound_s, ranks, solved_at=counts[0]
+            )
             peak = max(timeline.peak_memory_bytes)
             if peak <= limit:
                 self.candidates.append(candidate)
@@ -404,16 +431,39 @@ class _ScheduleSearch:
                 self.simulated.append((int(peak), kind, m))
                 self.over.append(candidate)
 
-    def graph(self, v: int) -> BlockGraph:
+    def graph(self, v: int, m: int | None = None) -> BlockGraph:
         """The coarse graph for ``v`` stages per rank, ``per_stage`` blocks a stage, with the cuts
-        of the best contiguous split into ``p * v`` stages; one graph serves every count from two
-        up (cutting the node graph at the best split costs seconds on a 70B model, and the ILP
-        grows with stages x blocks)."""
-        v = min(v, 2)
-        if v not in self.graphs:
-            most = self.setup.request.max_blocks or max(64, self.per_stage * self.p * v)
-            self.graphs[v] = coarsen(self.og, max_blocks=most, num_stages=self.p * v)
-        return self.graphs[v]
+        of the best contiguous split into ``p * v`` stages of one of ``m`` micro-batches (by
+        default the most compared: costs with a fixed part balance differently at each size);
+        one graph serves every count from two up (cutting the node graph at the best split costs
+        seconds on a 70B model, and the ILP grows with stages x blocks)."""
+        key = (min(v, 2), m or self.most_micro_batches)
+        if key not in self.graphs:
+            most = self.setup.request.max_blocks or max(64, self.per_stage * self.p * key[0])
+            cut = coarsen(self.og.scaled(1 / key[1]), max_blocks=most, num_stages=self.p * key[0])
+            self.graphs[key] = group_blocks(self.og, [b.nodes for b in cut.blocks])
+        return self.graphs[key]
+
+    def refined(self, best: _Candidate) -> _Candidate | None:
+        """``best`` solved again at its own micro-batch count, when its split was solved at
+        another (the fixed part of each node weighs more on smaller micro-batches, so the best
+        split depends on the count); ``None`` when there is nothing to redo or no split fits."""
+        if best.estimate or best.micro_batches == (best.solved_at or best.micro_batches):
+            return None
+        kind, v, m = best.schedule, best.stages_per_device, best.micro_batches
+        bg, p = self.graph(v, m), self.p
+        if len(bg.blocks) < p * v:
+            return None
+        solved = self.solve(bg, kind, m, v, best.ranks, explain=False)
+        if solved is None:
+            return None
+        stage_of, status, bound_s = solved
+        tl = simulate_blocks(bg, stage_of, p, v, self.spec, kind, m, self.setup.state_per_byte)
+        if max(tl.peak_memory_bytes) > self.limit:
+            return None
+        candidate = _Candidate(kind, m, v, bg, stage_of, tl, status, bound_s, best.ranks)
+        self.candidates.append(candidate)
+        return candidate
 
     def assignment(
         self, bg: BlockGraph, kind: str, m: int, v: int, ranks: tuple[int, ...]
@@ -439,21 +489,8 @@ class _ScheduleSearch:
         # The least memory a split needs is found (a second solve) for the one-stage layout; the
         # others only say they miss, unless the request has no one-stage schedule to explain.
         explain = ranks == tuple(range(p)) or not any(k in ONE_STAGE_KINDS for k in setup.kinds)
-        self.say(f"solving {p * v} stages for {kind}, {m} micro-batches ({len(bg.blocks)} blocks)")
         try:
-            sol = solve_stages(
-                scaled,
-                p * v,
-                self.spec,
-                in_flight=in_flight,
-                state_bytes_per_param_byte=setup.state_per_byte,
-                memory_limit_bytes=setup.limit,
-                stages_per_device=v,
-                device_of_stage=ranks,
-                hint=baselines.chain_dp(scaled, p * v, self.spec),
-                time_limit_s=setup.request.time_limit_s,
-                explain=explain,
-            )
+            sol = self.solve_or_raise(bg, kind, m, v, ranks, explain=explain)
         except InfeasibleMemoryError as exc:
             # The most micro-batches is this schedule's leanest count (1F1B keeps min(p - s, m)
             # of m micro-batches in flight, GPipe all m: a share of the batch that never grows
@@ -466,8 +503,39 @@ class _ScheduleSearch:
         except AutopartError as exc:  # no split within the time limit: the other layouts may
             self.failed.append(exc)
             return None
-        self.solved[ranks] = (sol.stage_of, sol.status, sol.objective_bound_s)
+        self.solved[ranks] = sol
         return self.solved[ranks]
+
+    def solve_or_raise(
+        self, bg: BlockGraph, kind: str, m: int, v: int, ranks: tuple[int, ...], *, explain: bool
+    ) -> tuple[tuple[int, ...], str, float]:
+        """The stage ILP for ``kind`` at ``m`` micro-batches: (stage of each block, status,
+        objective bound); raises where no split fits or none is found in time."""
+        p, setup, scaled = self.p, self.setup, per_micro_batch(bg, m)
+        self.say(f"solving {p * v} stages for {kind}, {m} micro-batches ({len(bg.blocks)} blocks)")
+        sol = solve_stages(
+            scaled,
+            p * v,
+            self.spec,
+            in_flight=in_flight_per_stage(kind, p, m, v),
+            state_bytes_per_param_byte=setup.state_per_byte,
+            memory_limit_bytes=setup.limit,
+            stages_per_device=v,
+            device_of_stage=ranks,
+            hint=baselines.chain_dp(scaled, p * v, self.spec),
+            time_limit_s=setup.request.time_limit_s,
+            explain=explain,
+        )
+        return sol.stage_of, sol.status, sol.objective_bound_s
+
+    def solve(
+        self, bg: BlockGraph, kind: str, m: int, v: int, ranks: tuple[int, ...], *, explain: bool
+    ) -> tuple[tuple[int, ...], str, float] | None:
+        """:meth:`solve_or_raise`, ``None`` where it finds no split."""
+        try:
+            return self.solve_or_raise(bg, kind, m, v, ranks, explain=explain)
+        except AutopartError:
+            return None
 
     def options(self, pipe: _Pipeline) -> tuple[ScheduleOption, ...]:
         """Every schedule compared, fastest first, then those that do not fit (leanest first)."""

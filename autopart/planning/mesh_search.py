@@ -65,6 +65,7 @@ from autopart.planning.mesh_plan import (
     dp_sync_s,
     micro_batch_options,
     most_stages,
+    op_graph_of,
     per_micro_batch,
     pipeline_device,
     plan_mesh,
@@ -254,7 +255,8 @@ def search_mesh(
     best = min(fitting, key=lambda c: (_plan_of(c).step_time_s, c.pp, c.tp, c.dp))
     best.status = MeshStatus.CHOSEN
     return MeshSearch(
-        plan=dataclasses.replace(_plan_of(best), mesh=best.mesh),  # every axis, sizes 1 too
+        # every axis, sizes 1 too
+        plan=dataclasses.replace(_plan_of(best), mesh=best.mesh, profile_s=search.profile_s),
         devices=req.devices,
         candidates=tuple(_record(c) for c in sorted(search.meshes, key=_table_order)),
         reason=_reason(best, search.meshes, search.setup),
@@ -276,7 +278,8 @@ class _Search:
     ) -> None:
         assert setup.request.devices is not None
         self.gm, self.setup, self.batch, self.say = gm, setup, batch, say
-        self.og = og = OpGraph.from_graph_module(gm, setup.spec)
+        self.og, self.profile_s = op_graph_of(gm, setup, say)
+        og = self.og
         layers = len({n.layer for n in og.nodes.values() if n.layer is not None})
         self.max_pp = max_pp = most_stages(og)
         self.meshes = [

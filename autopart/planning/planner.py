@@ -2,8 +2,11 @@
 stage ILP -> simulate -> Plan.
 
 Costs are measured once for the example batch and scaled to one micro-batch (``batch / (dp m)``
-samples): compute, activations and boundary bytes are linear in the micro-batch size, parameters
-are not. The schedule (GPipe or 1F1B) and the micro-batch count are chosen by simulating every
+samples): activations and boundary bytes are linear in the micro-batch size, parameters are not,
+and each node's time is a fixed part that every micro-batch pays (launch, weight reads, gradient
+accumulation) plus a part linear in the samples (:func:`autopart.planning.blocks.scaled_time_s`).
+With ``profile`` the times are measured on this machine instead of predicted.
+The schedule (GPipe or 1F1B) and the micro-batch count are chosen by simulating every
 candidate on the solved stages and keeping the fastest one that fits memory.
 
 Meshes: ``dp`` replicas each pipeline ``batch / dp`` samples and all-reduce their gradients after
@@ -16,6 +19,7 @@ network once they leave a node. ``mesh="auto"`` searches the meshes (:mod:`autop
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -23,12 +27,12 @@ from typing import Any
 import torch
 
 from autopart.errors import AutopartError
-from autopart.planning.graph import OpGraph
 from autopart.planning.mesh_plan import (
     MEMORY_ERRORS,
     TPCostsOf,
     batch_size,
     micro_batch_options,
+    op_graph_of,
     plan_mesh,
     planning_setup,
     solve_tp_costs,
@@ -104,10 +108,10 @@ def plan_graph(
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     say("building the op graph")
-    og = OpGraph.from_graph_module(gm, setup.spec)
+    og, profile_s = op_graph_of(gm, setup, say)
 
     def plan_with(tp_costs: TPCostsOf | None) -> Plan:
-        return plan_mesh(
+        plan = plan_mesh(
             og,
             tp_costs,
             setup,
@@ -119,6 +123,7 @@ def plan_graph(
             start_s=start,
             graph_batch=graph_batch,
         )
+        return dataclasses.replace(plan, profile_s=profile_s) if profile_s is not None else plan
 
     if tp == 1:
         return plan_with(None)

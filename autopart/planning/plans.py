@@ -240,6 +240,9 @@ class Plan:
     schedule_options: tuple[ScheduleOption, ...] = ()
     """Every schedule, stages per rank and micro-batch count compared, with its simulated step and
     peak memory (fastest first). Written to JSON only when not empty."""
+    profile_s: float | None = None
+    """Seconds spent measuring the graph's ops when the plan was made on measured times
+    (``--profile``); ``None`` for a plan on the cost model. Written to JSON only when set."""
 
     def __post_init__(self) -> None:
         mesh = parse_mesh(dict(self.mesh))
@@ -263,6 +266,8 @@ class Plan:
         _check(not bad, f"stage_of gives an invalid stage to node(s) {bad[:3]}")
         for name in ("bottleneck_s", "lower_bound_s", "step_time_s"):
             _check_nonneg(getattr(self, name), name)
+        if self.profile_s is not None:
+            _check_nonneg(self.profile_s, "profile_s")
         _check(
             0.0 <= self.bubble_fraction < 1.0,
             f"bubble_fraction must be in [0, 1), got {self.bubble_fraction}",
@@ -301,7 +306,7 @@ class Plan:
         # Fields added after the format's first release are written only where set, so the file
         # of a plan that does not use them is unchanged.
         d["stages"] = [_drop_unset(asdict(s), backward_weight_s=0.0) for s in self.stages]
-        return _drop_unset(d, schedule_options=())
+        return _drop_unset(d, schedule_options=(), profile_s=None)
 
     def to_json(self, *, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
@@ -352,6 +357,7 @@ class Plan:
                 schedule_options=tuple(
                     ScheduleOption(**o) for o in raw.get("schedule_options", ())
                 ),
+                profile_s=None if raw.get("profile_s") is None else float(raw["profile_s"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, PlanError):

@@ -53,6 +53,10 @@ class PlanRequest:
     """The model's name in the plan (the model's class name when ``None``)."""
     max_blocks: int | None = None
     """Blocks the stage ILP plans on at most (a default that grows with the stage count)."""
+    profile: bool = False
+    """Plan on measured times: every distinct op signature is run forward and backward on this
+    machine (the ``device``'s kind: CPU for ``"cpu"``, else CUDA) at the graph's shapes, cached
+    by signature, dtype and device (:func:`autopart.cost_models.profiling.profiled_compute`)."""
 
     def __post_init__(self) -> None:
         mesh: Any = self.mesh

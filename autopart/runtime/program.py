@@ -65,6 +65,7 @@ from autopart.runtime.stage_io import (
     ProgramInputs,
     RuntimeSetupError,
     StateLayout,
+    micro_batch_graph,
     plan_that_runs,
     stage_io,
     value_metas,
@@ -115,6 +116,7 @@ def compile(
     stages_per_rank: int | None = None,
     device: str | DeviceSpec | None = None,
     verify: bool = False,
+    profile: bool | None = None,
 ) -> ParallelProgram:
     """Plan ``model`` for ``mesh`` and build this rank's part of the pipeline program.
 
@@ -129,6 +131,9 @@ def compile(
     ``verify=True`` checks each tensor-parallel stage against the unsharded stage on the
     first micro-batch before returning (:mod:`autopart.runtime.verify`), raising
     :class:`~autopart.runtime.verify.TPVerificationError` naming the first node that differs.
+    ``profile=True`` plans on times measured on this machine (the graph that runs, at its
+    micro-batch shapes; ``PlanRequest.profile``), and ``program.plan.profile_s`` says how long
+    measuring took.
     """
     from autopart.capture.tracing import trace
     from autopart.passes.annotate import annotate
@@ -138,7 +143,9 @@ def compile(
     dm = _resolve_mesh(mesh)
     dp, pp, tp = _axis_size(dm, "dp"), _axis_size(dm, "pp"), _axis_size(dm, "tp")
     torch_device = _torch_device(dm)
-    req = _compile_request(request, micro_batches, schedule, stages_per_rank, device, torch_device)
+    req = _compile_request(
+        request, micro_batches, schedule, stages_per_rank, device, torch_device, profile
+    )
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     inputs = ProgramInputs.of(args, kwargs)
@@ -164,7 +171,14 @@ def compile(
             graph, req, batch=batch, mesh=sizes, micro_batches=m, name=name, graph_batch=graph_batch
         )
 
-    plan, run_gm = plan_that_runs(make, req.micro_batches, model, gm, args, kwargs, batch, dp)
+    if req.profile and dist.is_initialized() and dist.get_world_size() > 1:
+        plan, run_gm = _plan_on_rank_zero(
+            make, req.micro_batches, model, gm, args, kwargs, batch, dp
+        )
+    else:
+        plan, run_gm = plan_that_runs(
+            make, req.micro_batches, model, gm, args, kwargs, batch, dp, profile=req.profile
+        )
     stages = split_stages(run_gm, plan)
     rank = _pp_mesh(dm).get_local_rank()
     local = [s for s in stages if plan.stages[stage_info(s).index].device == rank]
@@ -198,6 +212,35 @@ def compile(
     return program
 
 
+def _plan_on_rank_zero(
+    make: Callable[[torch.fx.GraphModule, int, int | None], Plan],
+    micro_batches: int | None,
+    model: torch.nn.Module,
+    gm: torch.fx.GraphModule,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    batch: int,
+    dp: int,
+) -> tuple[Plan, torch.fx.GraphModule]:
+    """The profiled plan, made once: measurements differ from rank to rank (and from run to run),
+    so the ranks cannot each plan for themselves as they do on the cost model. Rank 0 measures and
+    plans, the plan is broadcast, and every other rank traces the graph that runs at its count."""
+    from autopart.passes.annotate import annotate
+
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        plan, run_gm = plan_that_runs(
+            make, micro_batches, model, gm, args, kwargs, batch, dp, profile=True
+        )
+        box = [plan.to_json()]
+    dist.broadcast_object_list(box, src=0)
+    if dist.get_rank() == 0:
+        return plan, run_gm
+    plan = Plan.from_json(box[0])
+    run_gm = micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
+    return plan, (run_gm if run_gm is gm else annotate(run_gm))
+
+
 def _compile_request(
     request: PlanRequest | None,
     micro_batches: int | None,
@@ -205,6 +248,7 @@ def _compile_request(
     stages_per_rank: int | None,
     device: str | DeviceSpec | None,
     torch_device: torch.device,
+    profile: bool | None = None,
 ) -> PlanRequest:
     """``request`` with the keywords given to :func:`compile`; the cost model defaults to the
     device the program runs on (``cpu`` on a CPU mesh, ``h100`` on CUDA)."""
@@ -213,6 +257,7 @@ def _compile_request(
         "schedule": schedule,
         "stages_per_rank": stages_per_rank,
         "device": device,
+        "profile": profile,
     }
     options = {k: v for k, v in given.items() if v is not None}
     if request is None and device is None:

@@ -188,19 +188,32 @@ def plan_that_runs(
     kwargs: dict[str, Any],
     batch: int,
     dp: int,
+    *,
+    profile: bool = False,
 ) -> tuple[Plan, torch.fx.GraphModule]:
     """The plan and the graph its stages run: ``make(graph, graph_batch, micro_batches)`` plans
     ``gm`` (the whole batch's graph, annotated), which picks the schedule and micro-batch count;
     the stages run the graph traced at one micro-batch's shapes (:func:`micro_batch_graph`). When
     that graph has other nodes (export specializes dimensions of size 1, so a micro-batch of one
     sample can drop no-op ops), or the TP plan's placements do not hold at its shapes, the
-    micro-batch graph is planned itself at the same count, costed at the shapes it runs with."""
+    micro-batch graph is planned itself at the same count, costed at the shapes it runs with.
+    With ``profile`` (the plan is made on measured times) the micro-batch graph is always the one
+    planned, so its ops are measured at the shapes they run with; at once when the count is
+    given, else after the whole batch's plan has chosen it."""
     from autopart.passes.annotate import annotate
 
+    if profile and micro_batches is not None:
+        chunks = dp * micro_batches
+        run_gm = micro_batch_graph(model, gm, args, kwargs, batch, chunks)
+        graph = run_gm if run_gm is gm else annotate(run_gm)
+        plan = make(graph, batch // chunks, micro_batches)
+        _tp_holds(run_gm, plan, strict=True)
+        return plan, run_gm
     plan = make(gm, batch, micro_batches)
     chunks = dp * plan.micro_batches
     run_gm = micro_batch_graph(model, gm, args, kwargs, batch, chunks)
-    if same_nodes(gm, run_gm) and _tp_holds(run_gm, plan, strict=run_gm is gm):
+    remeasure = profile and run_gm is not gm
+    if not remeasure and same_nodes(gm, run_gm) and _tp_holds(run_gm, plan, strict=run_gm is gm):
         return plan, run_gm
     plan = make(annotate(run_gm), batch // chunks, plan.micro_batches)
     _tp_holds(run_gm, plan, strict=True)

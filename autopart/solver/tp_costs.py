@@ -129,6 +129,9 @@ def tp_costs(
             forward_s=forward_s + forward_comm.get(name, 0.0),
             backward_s=backward_s + backward_comm.get(name, 0.0),
             backward_weight_s=min(backward_s * weight_share, backward_s),
+            # a sharded node's fixed part is at most its share's time (collectives scale with m)
+            fixed_forward_s=min(n.fixed_forward_s, forward_s),
+            fixed_backward_s=min(n.fixed_backward_s, backward_s),
             flops=flops,
             backward_flops=backward_flops,
             output_bytes=n.output_bytes // d if split_output(name) else n.output_bytes,

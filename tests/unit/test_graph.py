@@ -12,6 +12,8 @@ from torch.fx import GraphModule
 
 import autopart
 from autopart.cost_models import get_device
+from autopart.cost_models.compute import is_lookup
+from autopart.passes.annotate import node_cost
 from autopart.planning.graph import (
     BlockGraph,
     OpGraph,
@@ -93,7 +95,10 @@ def test_backward_splits_into_input_and_weight_gradients() -> None:
     bg = coarsen(og, max_blocks=16)
     total = sum(n.backward_weight_s for n in nodes)
     assert sum(b.backward_weight_s for b in bg.blocks) == pytest.approx(total)
-    assert sum(b.backward_weight_s for b in bg.scaled(0.25).blocks) == pytest.approx(total / 4)
+    for b, q in zip(bg.blocks, bg.scaled(0.25).blocks):  # W keeps its share of the backward
+        assert q.backward_weight_s * b.backward_s == pytest.approx(
+            b.backward_weight_s * q.backward_s
+        )
     with pytest.raises(autopart.AutopartError, match="backward_weight_s"):
         OpNode("bad", 1.0, 1.0, 0, 0, backward_weight_s=2.0)
 
@@ -237,17 +242,55 @@ def test_activation_and_memory_accounting() -> None:
         stage_memory(bg, stage_of, 2, in_flight=[1])
 
 
-def test_scaled_divides_per_sample_costs() -> None:
+def test_scaled_divides_per_sample_costs_and_keeps_the_fixed_part() -> None:
     _, og = zoo_graph("llama-tiny")
     bg = coarsen(og, max_blocks=16)
     half = bg.scaled(0.5)
-    assert half.blocks[3].forward_s == pytest.approx(bg.blocks[3].forward_s / 2)
+    b, h = bg.blocks[3], half.blocks[3]
+    assert 0 < b.fixed_forward_s < b.forward_s
+    assert h.forward_s == pytest.approx(b.fixed_forward_s + (b.forward_s - b.fixed_forward_s) / 2)
+    assert h.fixed_forward_s == b.fixed_forward_s
     assert [t.nbytes for t in half.tensors] == [round(t.nbytes / 2) for t in bg.tensors]
     assert half.param_bytes_by_name == bg.param_bytes_by_name
     assert half.op_graph is not None
+    fixed = sum(n.fixed_forward_s + n.fixed_backward_s for n in og.nodes.values())
     assert sum(n.compute_s for n in half.op_graph.nodes.values()) == pytest.approx(
-        bg.total_compute_s / 2
+        fixed + (bg.total_compute_s - fixed) / 2
     )
+
+
+def test_m_micro_batches_pay_the_fixed_part_m_times() -> None:
+    # One node: 1 ms fixed (a launch, a weight read) + 3 ms that grows with the samples.
+    node = OpNode("n", 4e-3, 8e-3, 10, 10, fixed_forward_s=1e-3, fixed_backward_s=2e-3)
+    og = OpGraph({"n": node}, {})
+    for m in (1, 2, 4, 8):
+        per_micro_batch = og.scaled(1 / m).nodes["n"]
+        assert m * per_micro_batch.forward_s == pytest.approx(m * 1e-3 + 3e-3)
+        assert m * per_micro_batch.backward_s == pytest.approx(m * 2e-3 + 6e-3)
+        block = coarsen(og, max_blocks=1).scaled(1 / m).blocks[0]
+        assert m * block.compute_s == pytest.approx(m * 3e-3 + 9e-3)
+    with pytest.raises(autopart.AutopartError, match="fixed part"):
+        OpNode("bad", 1.0, 1.0, 0, 0, fixed_forward_s=2.0)
+
+
+def test_fixed_part_is_launch_and_parameter_traffic() -> None:
+    gm, og = zoo_graph("llama-tiny")
+    spec = get_device("h100")
+    for n in gm.graph.nodes:
+        if n.name not in og.nodes or og.nodes[n.name].forward_s == 0:
+            continue
+        cost = node_cost(n)
+        node = og.nodes[n.name]
+        weights_s = cost.param_bytes / (spec.memory_bandwidth_bytes_per_s * spec.memory_efficiency)
+        if not is_lookup(cost):
+            assert node.fixed_forward_s == pytest.approx(
+                min(spec.kernel_launch_s + weights_s, node.forward_s)
+            )
+        assert node.fixed_forward_s >= min(spec.kernel_launch_s, node.forward_s)
+        if node.backward_s > 0 and cost.param_bytes:
+            # weight reads, the weight gradient and its accumulation: 5 x the parameter bytes
+            expected = spec.kernel_launch_s + (5 if not is_lookup(cost) else 4) * weights_s
+            assert node.fixed_backward_s == pytest.approx(min(expected, node.backward_s))
 
 
 @settings(max_examples=80, deadline=None)

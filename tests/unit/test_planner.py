@@ -69,8 +69,13 @@ def test_zoo_plans_are_within_two_percent_of_the_lower_bound(name: str, pp: int)
 
 
 def test_heavy_head_beats_equal_layers() -> None:
-    plan = _plan("heavy-head", 2)
+    # Each micro-batch pays every node's fixed part (launches, weight reads), so at a batch of 8
+    # the best plan of this small model on an H100 is launch-bound and runs few micro-batches,
+    # where any split costs about the same; the balance is compared where a pipeline runs.
+    plan = _plan("heavy-head", 2, micro_batches=8)
     assert plan.baselines["equal_layers"].step_time_s / plan.step_time_s > 1.2
+    free = _plan("heavy-head", 2)
+    assert free.step_time_s <= free.baselines["equal_layers"].step_time_s
 
 
 def test_same_inputs_same_plan_json() -> None:
