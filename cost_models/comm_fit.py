@@ -33,6 +33,7 @@ __all__ = [
     "AlphaBeta",
     "CommCache",
     "CommFits",
+    "cached_device",
     "comm_key",
     "fit_alpha_beta",
     "measured_device",
@@ -134,7 +135,7 @@ class CommCache:
         except (KeyError, TypeError, ValueError):
             return None  # an entry of an older layout is measured again
 
-    def keys(self) -> list[str]:
+    def measured_keys(self) -> list[str]:
         return sorted(self._data)
 
     def put(self, fits: CommFits) -> None:
@@ -158,3 +159,23 @@ def measured_device(spec: DeviceSpec, fits: CommFits) -> DeviceSpec:
         pipeline_action_s=max(fits.pipeline_action_s, 1e-9),
         sources=(*spec.sources, f"measured: {fits.key}"),
     )
+
+
+def cached_device(spec: DeviceSpec, world: int, cache: CommCache | None = None) -> DeviceSpec:
+    """``spec`` with the measurement cached for it (:func:`measured_device`): gloo on ``cpu``, NCCL
+    on a GPU whose name contains the spec's (``h100`` in ``NVIDIA H100 80GB HBM3``), at ``world``
+    ranks. No such entry is an error saying how to make one."""
+    cache = cache if cache is not None else CommCache()
+    prefix = (
+        comm_key("gloo", world, "cpu") if spec.name == "cpu" else comm_key("nccl", world, "cuda:")
+    )
+    found = [k for k in cache.measured_keys() if k.startswith(prefix) and spec.name in k.lower()]
+    fits = cache.get(found[0]) if found else None
+    if fits is None:
+        have = ", ".join(cache.measured_keys()) or "none"
+        raise AutopartError(
+            f"no measured communication for {spec.name} at {world} ranks in {cache.path} (it has: "
+            f"{have}); run `autopart run MODEL --mesh pp={world}` on such a machine first (it "
+            "measures and caches), or plan without --comm-cache"
+        )
+    return measured_device(spec, fits)
