@@ -77,7 +77,7 @@ def measure_comm(
     *,
     key: str,
     sizes_bytes: Sequence[int] = _SIZES_BYTES,
-    repeats: int = 7,
+    repeats: int = 11,
     micro_batches: int = 8,
 ) -> CommFits:
     """Measure and fit on the default group (all ranks call it); rank 0's fits, broadcast."""
