@@ -36,6 +36,7 @@ from autopart.cost_models.comm_fit import (
     comm_key,
     fit_alpha_beta,
 )
+from autopart.errors import AutopartError
 
 __all__ = ["device_key", "fit_action_overhead_s", "measure_comm", "measured_comm"]
 
@@ -92,9 +93,17 @@ def measure_comm(
             collectives[name] = [float(t) for t in times if t is not None]
     fits: list[Any] = [None]
     if dist.get_rank() == 0:
-        link = fit_alpha_beta(sizes_bytes, p2p) if p2p else _no_link()
-        fits[0] = (link, {k: fit_alpha_beta(sizes_bytes, v) for k, v in collectives.items()})
+        try:
+            link = fit_alpha_beta(sizes_bytes, p2p) if p2p else _no_link()
+            fits[0] = (link, {k: fit_alpha_beta(sizes_bytes, v) for k, v in collectives.items()})
+        except AutopartError as exc:  # every rank stops with rank 0's reason, none hangs
+            fits[0] = str(exc)
     dist.broadcast_object_list(fits, src=0)
+    if isinstance(fits[0], str):
+        raise AutopartError(
+            f"measuring this group's communication failed: {fits[0]} (a busy machine); run "
+            "again, or plan on the device table with --comm table"
+        )
     link, fitted = fits[0]
     action_s = _pipeline_action_s(device, link, micro_batches, repeats)
     return CommFits(key, link, fitted, action_s)
