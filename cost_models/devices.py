@@ -35,6 +35,14 @@ __all__ = ["DEVICES", "DeviceSpec", "get_device"]
 
 _GiB = 2**30
 
+# The pipeline runtime's cost per action is Python on the host: the schedule's bookkeeping, the
+# stage's input and output handling, posting and waiting on its sends and receives. On GPU hosts it
+# is an estimate (not measured for this project: a fast host core runs this Python several times
+# quicker than the shared 2-core CPU host below, where it measured 1.8-1.9 ms with gloo);
+# benchmarks/device_check.sh measures it (autopart.runtime.measure).
+PIPELINE_ACTION_HOST_S = 100e-6
+CPU_PIPELINE_ACTION_S = 1.8e-3
+
 
 @dataclass(frozen=True, slots=True)
 class DeviceSpec:
@@ -68,6 +76,11 @@ class DeviceSpec:
     """Inter-node per-message latency in seconds."""
     kernel_launch_s: float
     """Fixed cost of one kernel (launch plus framework dispatch) in seconds."""
+    pipeline_action_s: float
+    """Fixed cost in seconds of one action (a stage's forward, backward or weight-gradient step on
+    one micro-batch) of ``torch.distributed.pipelining``'s schedule beyond the stage's own kernels:
+    its Python bookkeeping, posting the sends and receives, waiting on them. The simulator adds it
+    to every action (:func:`autopart.planning.schedule.simulate`)."""
     compute_efficiency: float
     """Fraction of peak FLOP/s that well-shaped kernels reach (0, 1]."""
     memory_efficiency: float
@@ -137,6 +150,7 @@ _H100 = DeviceSpec(
     network_bandwidth_bytes_per_s=50e9,  # ConnectX-7 NDR 400 Gb/s per GPU (DGX H100)
     network_latency_s=10e-6,  # NCCL hwLat network ring Simple: 9.6 us per step
     kernel_launch_s=5e-6,  # CUDA launch plus PyTorch eager dispatch
+    pipeline_action_s=PIPELINE_ACTION_HOST_S,
     compute_efficiency=0.75,  # cuBLAS BF16 GEMMs reach ~700-800 of 989 TFLOPS at the 700 W limit
     memory_efficiency=0.9,  # ~3.0-3.1 TB/s sustained device-to-device copy of 3.35 TB/s
     link_efficiency=0.8,  # NCCL all-reduce bus bandwidth ~360 GB/s of 450 GB/s without NVLS
@@ -179,6 +193,7 @@ _A100 = DeviceSpec(
     network_bandwidth_bytes_per_s=25e9,  # ConnectX-6 HDR 200 Gb/s per GPU (DGX A100)
     network_latency_s=10e-6,
     kernel_launch_s=5e-6,
+    pipeline_action_s=PIPELINE_ACTION_HOST_S,
     compute_efficiency=0.8,  # A100 runs closer to its (lower) peak clock than H100
     memory_efficiency=0.85,
     link_efficiency=0.78,  # NCCL caps sm_80 ring bus bandwidth at 235 of 300 GB/s
@@ -221,6 +236,7 @@ _CPU = DeviceSpec(
     network_bandwidth_bytes_per_s=1.25e9,  # 10 GbE between hosts, should anyone run CPU multi-node
     network_latency_s=50e-6,
     kernel_launch_s=4e-6,  # PyTorch eager dispatch of a tiny op measured 3.9 us
+    pipeline_action_s=CPU_PIPELINE_ACTION_S,
     compute_efficiency=0.45,  # fp32 2048^3 matmul measured 52-73 GFLOP/s of 156.8
     memory_efficiency=0.9,
     link_efficiency=1.0,  # the link numbers above are already measured, not line rates

@@ -15,7 +15,7 @@ from xml.sax.saxutils import escape, quoteattr
 from autopart.planning.schedule import ActionKind, Event, ScheduleError, Timeline
 from autopart.units import format_seconds
 
-__all__ = ["render_svg"]
+__all__ = ["render_comparison", "render_svg"]
 
 _PLOT_PX, _ROW_PX, _BAR_PX, _CHAR_PX = 960, 30, 22, 7
 _TOP_PX, _RIGHT_PX = 40, 80
@@ -98,13 +98,19 @@ def _bar(event: Event, x0: float, px_per_s: float, y: float, m: int, multi: bool
 
 
 def render_svg(
-    timeline: Timeline, *, title: str = "", stage_names: Sequence[str] | None = None
+    timeline: Timeline,
+    *,
+    title: str = "",
+    stage_names: Sequence[str] | None = None,
+    axis_s: float | None = None,
 ) -> str:
-    """A self-contained SVG document (UTF-8 text) drawing ``timeline``."""
+    """A self-contained SVG document (UTF-8 text) drawing ``timeline``; the time axis spans
+    ``axis_s`` (default: the step), so several charts can share one scale."""
     labels = _row_labels(timeline, stage_names)
     p, step_s = timeline.num_devices, timeline.step_time_s
+    span_s = max(axis_s or 0.0, step_s)
     x0 = max(len(label) for label in labels) * _CHAR_PX + 16
-    px_per_s = _PLOT_PX / step_s if step_s > 0 else 0.0
+    px_per_s = _PLOT_PX / span_s if span_s > 0 else 0.0
     m = 1 + max((e.action.micro_batch for e in timeline.events), default=0)
     multi = any(
         len({e.action.stage for e in timeline.events if e.device == d}) > 1 for d in range(p)
@@ -126,7 +132,8 @@ def render_svg(
         parts += [
             f'<text x="{x0 - 8}" y="{y + _BAR_PX / 2 + 4:.0f}" text-anchor="end">'
             f"{escape(label)}</text>",
-            f'<rect class="idle" x="{x0}" y="{y}" width="{_PLOT_PX}" height="{_BAR_PX}" '
+            f'<rect class="idle" x="{x0}" y="{y}" width="{_num(step_s * px_per_s)}" '
+            f'height="{_BAR_PX}" '
             f'fill="{_IDLE}"><title>device {d} idle {format_seconds(timeline.idle_s[d])}'
             "</title></rect>",
             f'<text x="{x0 + _PLOT_PX + 8}" y="{y + _BAR_PX / 2 + 4:.0f}">idle {idle:.0%}</text>',
@@ -134,7 +141,7 @@ def render_svg(
     parts += [
         _bar(e, x0, px_per_s, _TOP_PX + e.device * _ROW_PX, m, multi) for e in timeline.events
     ]
-    ticks, scale, unit = _ticks(step_s)
+    ticks, scale, unit = _ticks(span_s)
     parts.append(
         f'<line x1="{x0}" y1="{axis_y}" x2="{x0 + _PLOT_PX}" y2="{axis_y}" stroke="black"/>'
     )
@@ -166,3 +173,38 @@ def render_svg(
     )
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
+
+
+def render_comparison(
+    predicted: Timeline,
+    measured: Timeline,
+    *,
+    title: str = "",
+    stage_names: Sequence[str] | None = None,
+) -> str:
+    """One SVG document: the predicted timeline above the measured one, on one time scale."""
+    axis_s = max(predicted.step_time_s, measured.step_time_s)
+    charts = [
+        render_svg(tl, title=f"{title} {what}".strip(), stage_names=stage_names, axis_s=axis_s)
+        for what, tl in (("predicted", predicted), ("measured", measured))
+    ]
+    sizes = [_size(chart) for chart in charts]
+    width, height = max(w for w, _ in sizes), sum(h for _, h in sizes)
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}">'
+    ]
+    y = 0
+    for chart, (_, h) in zip(charts, sizes):
+        parts.append(chart.replace("<svg ", f'<svg y="{y}" ', 1).rstrip("\n"))
+        y += h
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def _size(chart: str) -> tuple[int, int]:
+    """The width and height :func:`render_svg` wrote on its root element."""
+    head = chart.split(">", 1)[0]
+    width = head.split('width="', 1)[1].split('"', 1)[0]
+    height = head.split('height="', 1)[1].split('"', 1)[0]
+    return int(width), int(height)

@@ -766,11 +766,12 @@ def _device_lower_bound_s(
     return max(stage_bound, average)
 
 
-def simulate_plan(plan: Plan) -> Any:
+def simulate_plan(plan: Plan, device: DeviceSpec | None = None) -> Any:
     """The schedule timeline of a plan (for Gantt charts), from the costs it records (without
-    the output gradients a deferred weight gradient keeps, which a plan does not record)."""
+    the output gradients a deferred weight gradient keeps, which a plan does not record).
+    ``device`` is the spec it was planned on where that is not the table's (measured links)."""
     p = plan.mesh["pp"]
-    spec = pipeline_device(get_device(plan.device), pp=p, tp=plan.mesh.get("tp", 1))
+    spec = pipeline_device(device or get_device(plan.device), pp=p, tp=plan.mesh.get("tp", 1))
     state_per_byte = Optimizer(plan.optimizer).state_bytes_per_param_byte
     state = [st.param_bytes * state_per_byte for st in plan.stages]
     ranks = [st.device for st in plan.stages]
@@ -782,6 +783,7 @@ def simulate_plan(plan: Plan) -> Any:
         comm_s=[p2p_time_s(b, spec) for b in plan.boundary_bytes],
         activation_bytes=[s.activation_bytes for s in plan.stages],
         static_bytes=[int(b) for b in per_device(state, ranks)],
+        action_overhead_s=spec.pipeline_action_s,
     )
 
 
@@ -815,6 +817,7 @@ def simulate_blocks(
         activation_bytes=act,
         weight_grad_bytes=grads,
         static_bytes=[int(b) for b in _state_per_device(bg, stage_of, ranks, state_per_byte)],
+        action_overhead_s=spec.pipeline_action_s,
     )
 
 

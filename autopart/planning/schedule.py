@@ -13,7 +13,8 @@ the boundary (``comm_s[s-1]``); ``B`` or ``I`` of stage s waits for its own ``F`
 ``I`` of stage s+1 plus ``comm_s[s]`` (the gradient crossing back); ``W`` waits for its ``I``. A
 boundary between two stages of one device costs nothing (torch hands the tensor over locally, as
 V-shaped schedules do at their turn). Transfers overlap compute (asynchronous send/recv), so they
-delay the receiver but never occupy a device. ``I`` takes ``backward_s - backward_weight_s`` and
+delay the receiver but never occupy a device. The runtime's own cost per action
+(``action_overhead_s``) occupies the device before each action's work and counts as idle time. ``I`` takes ``backward_s - backward_weight_s`` and
 ``W`` ``backward_weight_s``, except on the first stage, where torch's ``I`` computes nothing (there
 is no input gradient to send) and its ``W`` runs the whole backward.
 
@@ -194,9 +195,15 @@ def simulate(
     activation_bytes: Sequence[int] | None = None,
     weight_grad_bytes: Sequence[int] | None = None,
     static_bytes: Sequence[int] | None = None,
+    action_overhead_s: float = 0.0,
 ) -> Timeline:
     """Run ``schedule`` on ideal devices; per-stage costs are for one micro-batch (module docstring).
-    ``backward_weight_s`` (default 0) is the part of ``backward_s`` that ``W`` runs."""
+    ``backward_weight_s`` (default 0) is the part of ``backward_s`` that ``W`` runs.
+    ``action_overhead_s`` is the pipeline runtime's own cost per action (``DeviceSpec.
+    pipeline_action_s``): it occupies the device before each action's work, is not work (it
+    counts in the bubble), and delays what waits on the action."""
+    if not action_overhead_s >= 0:
+        raise ScheduleError(f"action_overhead_s must be >= 0 seconds, got {action_overhead_s!r}")
     (n, device_of), p = _check_schedule(schedule), len(schedule)
     costs = _costs(n, device_of, forward_s, backward_s, backward_weight_s, comm_s)
     act = _per("activation_bytes", activation_bytes, n, "stage")
@@ -220,7 +227,8 @@ def simulate(
             if missing is not None:
                 asleep[missing].append(device)
                 break
-            start_s = max([free_s[device], *(end[dep] + lag_s for dep, lag_s in deps)])
+            ready_s = max([free_s[device], *(end[dep] + lag_s for dep, lag_s in deps)])
+            start_s = ready_s + action_overhead_s
             cost_s = costs.of(action)
             end[action] = free_s[device] = start_s + cost_s
             busy[device] += cost_s

@@ -10,6 +10,7 @@ error names the failing rank.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -24,9 +25,25 @@ from typing import Any
 
 import torch
 
+from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
+from autopart.runtime.step_clock import (
+    RankSummary,
+    StepClock,
+    after_first,
+    measured_timeline,
+    timeline_from_json,
+    timeline_to_json,
+)
 
-__all__ = ["RunReport", "run_local", "spawn_ranks", "training_batch"]
+__all__ = [
+    "RunReport",
+    "run_local",
+    "spawn_ranks",
+    "timeline_from_json",
+    "timeline_to_json",
+    "training_batch",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +74,22 @@ class RunReport:
     """The plan's simulated bubble."""
     closed_form_bubble_fraction: float = 0.0
     """(p - 1) / (m + p - 1): the bubble of balanced stages with free communication."""
+    predicted_samples_per_s: float = 0.0
+    stage_peak_memory_bytes: tuple[int, ...] = ()
+    """Measured peak memory of the rank that runs each stage (the highest over its replicas), on
+    the first step (:mod:`autopart.runtime.peak_memory`: ``max_memory_allocated`` on CUDA, the
+    rank's parameters, buffers and state plus the profiler's allocation events on CPU)."""
+    predicted_stage_peak_memory_bytes: tuple[int, ...] = ()
+    """The plan's simulated peak of the device that runs each stage."""
+    comm: str = "table"
+    """Where the plan's link and per-action costs came from: ``measured`` on this group
+    (:mod:`autopart.runtime.measure`, cached) or the device ``table``."""
+    pipeline_action_s: float = 0.0
+    """The pipeline runtime's cost per action the plan was simulated with."""
+    predicted_timeline: dict[str, Any] | None = None
+    """The plan's simulated step (:func:`timeline_to_json`)."""
+    measured_timeline: dict[str, Any] | None = None
+    """The last measured step, one event per stage action, in the same form."""
 
 
 def training_batch(loaded: Any, seed: int = 0) -> tuple[Any, Callable[[Any, Any], torch.Tensor]]:
@@ -101,14 +134,19 @@ def run_local(
     lr: float = 0.01,
     timeout_s: float = 600.0,
     verify: bool = True,
+    comm: str = "measured",
 ) -> RunReport:
     """Spawn the ranks ``mesh`` needs, train ``spec`` for ``steps`` steps, check and time it.
-    ``verify`` checks tensor-parallel stages against unsharded ones first (:mod:`autopart.runtime.verify`)."""
+    ``verify`` checks tensor-parallel stages against unsharded ones first (:mod:`autopart.runtime.verify`).
+    ``comm="measured"`` plans on the link and pipeline costs measured on the ranks' group
+    (:func:`autopart.runtime.measure.measured_comm`, cached), ``"table"`` on the device table's."""
     from autopart.planning.plans import parse_mesh
 
     world = math.prod(parse_mesh(mesh).values())  # dp x pp x tp ranks
     if steps < 1:
         raise AutopartError(f"--steps must be >= 1, got {steps}.")
+    if comm not in _COMM_SOURCES:
+        raise AutopartError(f"comm must be one of {', '.join(_COMM_SOURCES)}, got {comm!r}.")
     with tempfile.TemporaryDirectory(prefix="autopart-run-") as tmp:
         out = Path(tmp) / "report.json"
         request = _RunRequest(
@@ -123,6 +161,7 @@ def run_local(
             lr,
             verify,
             stages_per_rank,
+            comm,
         )
         args = (world, str(Path(tmp) / "store"), request, str(out), timeout_s)
         spawn_ranks(_rank_main, args, world, timeout_s=timeout_s, what="the run")
@@ -183,6 +222,10 @@ class _RunRequest:
     lr: float
     verify: bool
     stages_per_rank: int | None = None
+    comm: str = "measured"
+
+
+_COMM_SOURCES = ("measured", "table")
 
 
 def _rank_main(
@@ -210,30 +253,48 @@ def _rank_main(
             seed=0,
         )
         reference = copy.deepcopy(loaded.model)
-        program = _compile(loaded, request)
-        clock = _Clock.attach(program)
-        losses = clock.train(program, loaded, request)
+        spec = _planning_device(request)
+        program = _compile(loaded, request, spec)
+        clock = StepClock.attach(program)
+        losses = _train(clock, program, loaded, request)
         state = program.full_state_dict()
         per_rank: list[Any] = [None] * world
         dist.all_gather_object(per_rank, clock.summary())
         if rank == 0:
             check = _Check(reference, state, losses, per_rank)
-            report = _report(loaded, program, request, clock, check)
+            report = _report(loaded, program, request, clock, check, spec)
             Path(out).write_text(json.dumps(asdict(report)))
     finally:
         dist.destroy_process_group()
 
 
-def _compile(loaded: Any, request: _RunRequest) -> Any:
+def _planning_device(request: _RunRequest) -> DeviceSpec:
+    """The cpu cost model, with the link and pipeline costs measured on this group where the
+    request asks for them (every rank calls this together)."""
+    from autopart.cost_models.comm_fit import measured_device
+    from autopart.cost_models.devices import get_device
+    from autopart.runtime.measure import measured_comm
+
+    spec = get_device("cpu")
+    if request.comm == "table":
+        return spec
+    return measured_device(spec, measured_comm(torch.device("cpu")))
+
+
+def _compile(loaded: Any, request: _RunRequest, spec: DeviceSpec) -> Any:
     import autopart
+    from autopart.planning.request import PlanRequest
 
     _, loss_fn = training_batch(loaded)
+    # planned for what the run does: SGD without momentum (parameters and gradients, no state)
+    plan_request = PlanRequest(mesh=request.mesh, device=spec, optimizer="sgd")
     return autopart.compile(
         loaded.model,
         request.mesh,
         example_inputs=loaded.example_inputs,
         example_kwargs=dict(loaded.example_kwargs),
         loss_fn=loss_fn,
+        request=plan_request,
         micro_batches=request.micro_batches,
         schedule=request.schedule,
         stages_per_rank=request.stages_per_rank,
@@ -241,97 +302,62 @@ def _compile(loaded: Any, request: _RunRequest) -> Any:
     )
 
 
-class _Clock:
-    """Wall times of one rank's training: every step, and each local stage's forward and backward
-    chunks (one per micro-batch)."""
+def _train(clock: StepClock, program: Any, loaded: Any, request: _RunRequest) -> list[float]:
+    """``request.steps`` SGD steps on the loaded model's batch, timed, the first also measured
+    for peak memory (:func:`autopart.runtime.peak_memory.measure_peak`); the step losses."""
+    import torch.distributed as dist
 
-    def __init__(self) -> None:
-        self.forward_s: dict[int, list[float]] = {}
-        self.backward_s: dict[int, list[float]] = {}
-        self.weight_s: dict[int, list[float]] = {}
-        """Weight-gradient chunks (zero-bubble schedules run them apart from the backward)."""
-        self.busy: list[float] = []
-        """This rank's forward + backward time in the current step."""
-        self.step_s: list[float] = []
-        self.idle: list[float] = []
-        """Per step: the fraction of the step outside this rank's forward and backward work."""
+    from autopart.runtime.peak_memory import measure_peak
 
-    @classmethod
-    def attach(cls, program: Any) -> _Clock:
-        clock = cls()
-        for stage in program.local_stages:
-            _time_forward(stage.module, clock.forward_s.setdefault(stage.index, []))
-            _time_chunks(
-                stage.pipeline_stage,
-                clock.busy,
-                clock.backward_s.setdefault(stage.index, []),
-                clock.weight_s.setdefault(stage.index, []),
-            )
-        return clock
-
-    def train(self, program: Any, loaded: Any, request: _RunRequest) -> list[float]:
-        """``request.steps`` SGD steps on the loaded model's batch, timed; the step losses."""
-        import torch.distributed as dist
-
-        x, kw = loaded.example_inputs, dict(loaded.example_kwargs)
-        target, _ = training_batch(loaded)
-        params = list(program.parameters())
-        optimizer = torch.optim.SGD(params, lr=request.lr) if params else None
-        losses = []
-        for _ in range(request.steps):
-            self.busy.clear()
-            start = time.perf_counter()
+    x, kw = loaded.example_inputs, dict(loaded.example_kwargs)
+    target, _ = training_batch(loaded)
+    params = list(program.parameters())
+    optimizer = torch.optim.SGD(params, lr=request.lr) if params else None
+    held = [
+        t for st in program.local_stages for t in (*st.module.parameters(), *st.module.buffers())
+    ]
+    losses = []
+    for step in range(request.steps):
+        clock.start_step()
+        with (
+            measure_peak(torch.device("cpu"), held)
+            if step == 0
+            else contextlib.nullcontext() as peak
+        ):
             if optimizer is not None:
                 optimizer.zero_grad()
             losses.append(program.step(*x, target=target, **kw))
             if optimizer is not None:
                 optimizer.step()
-            dist.barrier()
-            self.step_s.append(time.perf_counter() - start)
-            self.idle.append(max(0.0, 1.0 - sum(self.busy) / self.step_s[-1]))
-        return losses
-
-    def summary(self) -> tuple[dict[int, float], dict[int, float], float]:
-        """(median forward s per local stage, median backward s, median idle fraction), the steps
-        after the first where there are several."""
-        return (
-            {i: statistics.median(v) if v else 0.0 for i, v in self.forward_s.items()},
-            {i: _backward_s(v, self.weight_s[i]) for i, v in self.backward_s.items()},
-            statistics.median(_after_first(self.idle)),
-        )
-
-
-def _backward_s(backward: list[float], weight: list[float]) -> float:
-    """A stage's backward time per micro-batch: the median chunk, or where weight gradients ran
-    apart (in W chunks after some of the B chunks), the mean of both over the micro-batches."""
-    if not backward:
-        return 0.0
-    if not weight:
-        return statistics.median(backward)
-    return (sum(backward) + sum(weight)) / len(backward)
-
-
-def _after_first(values: list[float]) -> list[float]:
-    """The measurements after the first (warm-up) one, where there are several."""
-    return values[1:] if len(values) > 1 else values
+        dist.barrier()
+        clock.end_step()
+        if peak is not None:
+            clock.peak_memory_bytes = peak.peak_bytes
+    return losses
 
 
 @dataclass(frozen=True, slots=True)
 class _Check:
     """What rank 0 compares: the unpartitioned model (still untrained), the program's trained
-    state, its step losses, and every rank's :meth:`_Clock.summary`."""
+    state, its step losses, and every rank's :meth:`StepClock.summary`."""
 
     reference: torch.nn.Module
     state: dict[str, torch.Tensor]
     losses: list[float]
-    per_rank: list[Any]
+    per_rank: list[RankSummary]
 
 
 def _report(
-    loaded: Any, program: Any, request: _RunRequest, clock: _Clock, check: _Check
+    loaded: Any,
+    program: Any,
+    request: _RunRequest,
+    clock: StepClock,
+    check: _Check,
+    spec: DeviceSpec,
 ) -> RunReport:
     """Rank 0's report: the reference trained on the same micro-batches, compared, and the
-    measured times beside the plan's."""
+    measured times and memory beside the plan's."""
+    from autopart.planning.mesh_plan import simulate_plan
     from autopart.planning.schedule import bubble_closed_form
 
     plan = program.plan
@@ -345,10 +371,13 @@ def _report(
         float((check.state[n] - p.detach()).abs().max() / p.detach().abs().max().clamp_min(1e-12))
         for n, p in reference.named_parameters()
     )
-    forward = {k: v for part in check.per_rank for k, v in part[0].items()}
-    backward = {k: v for part in check.per_rank for k, v in part[1].items()}
-    step_s = statistics.median(_after_first(clock.step_s))
+    forward = {k: v for part in check.per_rank for k, v in part.forward_s.items()}
+    backward = {k: v for part in check.per_rank for k, v in part.backward_s.items()}
+    step_s = statistics.median(after_first(clock.step_s))
     p, m = plan.num_stages // plan.stages_per_device, plan.micro_batches
+    device_of = [st.device for st in plan.stages]
+    measured = measured_timeline(check.per_rank, device_of, clock.step_s[-1])
+    samples = int(x[0].shape[0])
     return RunReport(
         model=loaded.name,
         mesh=request.mesh,
@@ -360,46 +389,22 @@ def _report(
         max_param_rel_diff=diff,
         step_time_s=step_s,
         predicted_step_time_s=plan.step_time_s,
-        samples_per_s=int(x[0].shape[0]) / step_s,
+        samples_per_s=samples / step_s,
         stage_forward_s=tuple(forward[i] for i in range(plan.num_stages)),
         predicted_stage_forward_s=tuple(s.forward_s for s in plan.stages),
         stage_backward_s=tuple(backward[i] for i in range(plan.num_stages)),
         predicted_stage_backward_s=tuple(s.backward_s for s in plan.stages),
-        bubble_fraction=statistics.fmean(part[2] for part in check.per_rank),
+        bubble_fraction=statistics.fmean(part.idle_fraction for part in check.per_rank),
         predicted_bubble_fraction=plan.bubble_fraction,
         closed_form_bubble_fraction=bubble_closed_form(p, m, plan.stages_per_device, plan.schedule),
+        predicted_samples_per_s=samples / plan.step_time_s if plan.step_time_s > 0 else 0.0,
+        stage_peak_memory_bytes=tuple(measured.peak_memory_bytes[d] for d in device_of),
+        predicted_stage_peak_memory_bytes=tuple(s.peak_memory_bytes for s in plan.stages),
+        comm=request.comm,
+        pipeline_action_s=spec.pipeline_action_s,
+        predicted_timeline=timeline_to_json(simulate_plan(plan, spec)),
+        measured_timeline=timeline_to_json(measured),
     )
-
-
-def _time_forward(stage: torch.nn.Module, sink: list[float]) -> None:
-    """Record the wall time of every forward call of ``stage`` (one call per micro-batch)."""
-    started: list[float] = []
-    stage.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
-    stage.register_forward_hook(lambda *_: sink.append(time.perf_counter() - started.pop()))
-
-
-def _time_chunks(stage: Any, busy: list[float], backward: list[float], weight: list[float]) -> None:
-    """Record the time a ``PipelineStage`` spends in each forward, backward and weight-gradient
-    chunk (its work on one micro-batch, without waiting for its neighbours): ``busy`` gets all,
-    ``backward`` the backward chunks, ``weight`` the weight-gradient ones. Wraps the instance's
-    methods, which torch's schedules call per micro-batch."""
-
-    def timed(method: Callable[..., Any], sink: list[float] | None) -> Callable[..., Any]:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                took = time.perf_counter() - start
-                busy.append(took)
-                if sink is not None:
-                    sink.append(took)
-
-        return run
-
-    stage.forward_one_chunk = timed(stage.forward_one_chunk, None)
-    stage.backward_one_chunk = timed(stage.backward_one_chunk, backward)
-    stage.backward_weight_one_chunk = timed(stage.backward_weight_one_chunk, weight)
 
 
 def _reference(

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +11,19 @@ from autopart.cli.main import main
 from autopart.errors import AutopartError
 from autopart.runtime.launch import run_local
 from tests.models import HF_CONFIGS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _comm_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One communication cache for this file's runs (measured once per group size), not the
+    user's."""
+    before = os.environ.get("AUTOPART_CACHE_DIR")
+    os.environ["AUTOPART_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if before is None:
+        del os.environ["AUTOPART_CACHE_DIR"]
+    else:
+        os.environ["AUTOPART_CACHE_DIR"] = before
 
 
 @pytest.mark.distributed
@@ -31,13 +47,34 @@ def test_run_local_spawns_every_rank_of_a_dp_mesh() -> None:
 
 
 @pytest.mark.distributed
-def test_cli_run_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert (
-        main(["run", "mlp", "--mesh", "pp=2", "--steps", "1", "--batch", "4", "--format", "json"])
-        == 0
-    )
+def test_cli_run_reports_predicted_and_measured(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    svg = tmp_path / "step.svg"
+    # one micro-batch: from the second on, torch adds each weight gradient to .grad through a
+    # temporary the size of the weight, which the plan's memory model does not count
+    # (docs/decisions.md, "Measured memory")
+    argv = ["run", "mlp", "--mesh", "pp=2", "--steps", "2", "--batch", "8", "--micro-batches", "1"]
+    argv += ["--schedule", "gpipe", "--svg", str(svg), "--format", "json"]
+    assert main(argv) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["matches"] is True and doc["max_loss_rel_diff"] <= 1e-5
+    assert doc["comm"] == "measured"
+    cache = json.loads((Path(os.environ["AUTOPART_CACHE_DIR"]) / "comm.json").read_text())
+    fitted = cache["gloo:world2:cpu"]["pipeline_action_s"]  # planned on (at least 1 ns)
+    assert doc["pipeline_action_s"] == pytest.approx(fitted, abs=1e-9)
+    # memory is counted, not timed: the CPU count (parameters, gradients, activations of the
+    # first step) lands within 10% of the plan's simulated peak on every stage
+    measured, predicted = doc["stage_peak_memory_bytes"], doc["predicted_stage_peak_memory_bytes"]
+    assert len(measured) == len(predicted) == 2
+    assert all(abs(a - b) <= 0.1 * b for a, b in zip(measured, predicted))
+    # the measured timeline has each stage's forward and backward, in the planned order
+    for timeline in (doc["measured_timeline"], doc["predicted_timeline"]):
+        actions = [(d, a) for d, a, _, _ in timeline["events"]]
+        assert actions == [(0, "0F0"), (0, "0B0"), (1, "1F0"), (1, "1B0")]
+        assert timeline["step_time_s"] > 0 and 0 <= timeline["bubble_fraction"] < 1
+    text = svg.read_text()
+    assert "mlp on pp=2: gpipe, m=1 predicted" in text and "m=1 measured" in text
 
 
 @pytest.mark.distributed

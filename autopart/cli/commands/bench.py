@@ -24,9 +24,12 @@ def add_parser(subparsers: Any) -> None:
         "models and synthetic DAGs. runtime: step time of the autopart pipeline against the same model "
         "split by hand into equal layers per stage, on local gloo ranks (one thread each). tp: TP "
         "solve time, all-reduces per block, communication volume and predicted step time of the TP "
-        "ILP's sharding against Megatron-LM's, on GPT-2, Llama-7B and Llama-70B shapes at tp 2, 4, 8.",
+        "ILP's sharding against Megatron-LM's, on GPT-2, Llama-7B and Llama-70B shapes at tp 2, 4, 8. "
+        "fidelity: predicted against measured (autopart run) per-stage forward, backward and peak "
+        "memory and per-step time, bubble and throughput of the zoo on 2 and 4 gloo ranks, per "
+        "planning variant; the median and worst error of each figure.",
     )
-    p.add_argument("--suite", choices=["solver", "runtime", "tp"], default="solver")
+    p.add_argument("--suite", choices=["solver", "runtime", "tp", "fidelity"], default="solver")
     p.add_argument("--quick", action="store_true", help="a small grid (seconds instead of minutes)")
     add_format(p)
     p.set_defaults(run=run)
@@ -39,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
             rows = [{k: _none_if_nan(v) for k, v in r.items()} for r in rows]
         print_json(rows)
         return 0
-    table = {"solver": _solver_table, "runtime": _runtime_table, "tp": _tp_table}[args.suite]
+    tables = {"solver": _solver_table, "runtime": _runtime_table, "tp": _tp_table}
+    table = tables.get(args.suite, _fidelity_table)
     out.print(table(rows))
     return 0
 
@@ -64,6 +68,10 @@ def _suite(name: str) -> Callable[..., list[dict[str, Any]]]:
         from autopart.bench.runtime import runtime_suite
 
         return runtime_suite
+    if name == "fidelity":
+        from autopart.bench.fidelity import fidelity_suite
+
+        return fidelity_suite
     if name == "tp":
         from autopart.bench.tp import tp_suite
 
@@ -180,6 +188,29 @@ def _tp_table(rows: list[dict[str, Any]]) -> Table:
             _seconds_or_no_fit(r["plan_step_s"]),
             _seconds_or_no_fit(r["megatron_plan_step_s"]),
         )
+    return table
+
+
+def _fidelity_table(rows: list[dict[str, Any]]) -> Table:
+    from autopart.bench.fidelity import FIGURES, summarize
+
+    table = _table(
+        "fidelity: |predicted / measured - 1| over the stages and steps of the zoo runs, "
+        "median (worst)",
+        ("variant", *FIGURES),
+        left=("variant",),
+    )
+    for variant, figures in summarize(rows).items():
+        cells = [
+            f"{figures[f + '_median']:.0%} ({figures[f + '_worst']:.0%})"
+            if f + "_median" in figures
+            else "-"
+            for f in FIGURES
+        ]
+        table.add_row(variant, *cells)
+    failed = [f"{r['case']} pp={r['ranks']} {r['variant']}" for r in rows if "error" in r]
+    if failed:
+        table.caption = f"did not run: {', '.join(failed)}"
     return table
 
 

@@ -46,6 +46,12 @@ def add_parser(subparsers: Any) -> None:
     )
     add_device(p, default="h100")
     p.add_argument(
+        "--comm-cache",
+        action="store_true",
+        help="plan on the link latency, bandwidth and pipeline cost per action that `autopart run` "
+        "measured on this kind of machine at this mesh's size ($AUTOPART_CACHE_DIR/comm.json)",
+    )
+    p.add_argument(
         "--memory", default=None, help="memory per device, e.g. 80GiB (default: the device's)"
     )
     p.add_argument("--optimizer", choices=["sgd", "sgd_momentum", "adam", "adamw"], default="adamw")
@@ -64,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     from autopart.planning.mesh_plan import planning_setup
 
     request = plan_request(args)  # bad input fails before tracing
+    if args.comm_cache:
+        request = _with_measured_comm(request)
     if request.is_auto and request.devices is None:
         raise AutopartError(
             "--mesh auto searches the meshes of a number of devices: add --devices N (e.g. --devices 64)."
@@ -145,3 +153,16 @@ def _print_mesh_search(search: Any) -> None:
     out.print(table)
     solves = ", ".join(f"{k} {v:.2f} s" for k, v in search.tp_solve_s.items()) or "none"
     out.print(f"{search.reason} TP solves: {solves}; search {search.elapsed_s:.2f} s.")
+
+
+def _with_measured_comm(request: PlanRequest) -> PlanRequest:
+    """``request`` planned on the cached measurement for its device and mesh size."""
+    from autopart.cost_models.comm_fit import cached_device
+    from autopart.cost_models.devices import get_device
+
+    if request.is_auto:
+        raise AutopartError(
+            "--comm-cache needs a fixed mesh (a measurement is for one group size); give "
+            "--mesh pp=N, or drop --comm-cache"
+        )
+    return request.with_options(device=cached_device(get_device(request.device), request.size))
