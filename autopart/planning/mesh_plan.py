@@ -33,6 +33,7 @@ from autopart.planning.plans import (
     SolverInfo,
     StagePlan,
     TPSection,
+    replica_label,
 )
 from autopart.planning.request import PlanRequest
 from autopart.planning.schedule import (
@@ -70,7 +71,6 @@ __all__ = [
     "pipeline_device",
     "plan_mesh",
     "planning_setup",
-    "replica_label",
     "schedule_layouts",
     "simulate_blocks",
     "simulate_plan",
@@ -166,11 +166,6 @@ def planning_setup(
     kinds = schedule_kinds(request.schedule, pp, request.stages_per_rank, dp, fsdp=fsdp)
     setup = PlanningSetup(request, spec, limit, opt.state_bytes_per_param_byte, kinds)
     return setup.with_fsdp(fsdp)
-
-
-def replica_label(dp: int, fsdp: int) -> str:
-    """The data-parallel axes of a mesh as a spec (``"dp=2,fsdp=2"``), for messages."""
-    return ",".join(f"{k}={v}" for k, v in (("dp", dp), ("fsdp", fsdp)) if v > 1 or k == "dp")
 
 
 def micro_batch_options(

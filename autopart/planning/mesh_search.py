@@ -73,12 +73,11 @@ from autopart.planning.mesh_plan import (
     pipeline_device,
     plan_mesh,
     planning_setup,
-    replica_label,
     schedule_layouts,
     simulate_blocks,
     solve_tp_costs,
 )
-from autopart.planning.plans import Plan, format_mesh
+from autopart.planning.plans import Plan, format_mesh, replica_label
 from autopart.planning.request import AUTO, PlanRequest
 from autopart.planning.schedule import SPLIT_BACKWARD, stage_ranks
 from autopart.planning.schedule_choice import ONE_STAGE_KINDS, per_device, split_backward_with_dp

@@ -28,6 +28,7 @@ __all__ = [
     "TPSection",
     "format_mesh",
     "parse_mesh",
+    "replica_label",
     "replicas",
 ]
 
@@ -78,6 +79,11 @@ def parse_mesh(spec: str | Mapping[str, int]) -> dict[str, int]:
 
 def format_mesh(mesh: Mapping[str, int]) -> str:
     return ",".join(f"{k}={v}" for k, v in mesh.items())
+
+
+def replica_label(dp: int, fsdp: int) -> str:
+    """The data-parallel axes of a mesh as a spec (``"dp=2,fsdp=2"``), for messages."""
+    return ",".join(f"{k}={v}" for k, v in (("dp", dp), ("fsdp", fsdp)) if v > 1 or k == "dp")
 
 
 def replicas(mesh: Mapping[str, int]) -> int:
