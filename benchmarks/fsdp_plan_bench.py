@@ -58,9 +58,7 @@ def plan_all() -> dict[str, Any]:
         print(f"planning {mesh} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
-            rows.append(
-                _row(mesh, plan_graph(gm, batch=SHAPE["batch"], mesh=mesh, **common), 0.0)
-            )
+            rows.append(_row(mesh, plan_graph(gm, batch=SHAPE["batch"], mesh=mesh, **common), 0.0))
             rows[-1]["plan_s"] = time.perf_counter() - start
         except AutopartError as exc:
             rows.append({"asked": mesh, "error": exc.reason, "plan_s": time.perf_counter() - start})
@@ -90,7 +88,9 @@ def render(record: dict[str, Any]) -> str:
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['asked']} | no plan: {r['error']} | | | | | | | {r['plan_s']:.1f} s |")
+            lines.append(
+                f"| {r['asked']} | no plan: {r['error']} | | | | | | | {r['plan_s']:.1f} s |"
+            )
             continue
         mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
         lines.append(
@@ -98,8 +98,13 @@ def render(record: dict[str, Any]) -> str:
             f"{r['step_s'] * 1e3:.0f} ms | {r['step_s'] / auto['step_s'] - 1:+.1%} | "
             f"{r['bubble']:.1%} | {r['peak_bytes'] / 2**30:.1f} GiB | {r['plan_s']:.1f} s |"
         )
-    lines += ["", f"Search: {record['results']['reason']}", "", "| mesh | status | step | "
-              "estimate | memory | note |", "|---|---|---:|---:|---:|---|"]
+    lines += [
+        "",
+        f"Search: {record['results']['reason']}",
+        "",
+        "| mesh | status | step | estimate | memory | note |",
+        "|---|---|---:|---:|---:|---|",
+    ]
     for c in record["results"]["candidates"]:
         mesh = ",".join(f"{k}={v}" for k, v in c["mesh"].items())
         step = f"{c['step_time_s'] * 1e3:.0f} ms" if c["step_time_s"] else ""

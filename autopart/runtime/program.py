@@ -779,7 +779,8 @@ def _sharded_data_parallel(stage: torch.nn.Module, mesh: DeviceMesh) -> torch.nn
     if not any(p.requires_grad for p in stage.parameters()):
         return stage
     shard_mesh = mesh["dp", "fsdp"] if _axis_size(mesh, "dp") > 1 else mesh["fsdp"]
-    return fully_shard(stage, mesh=shard_mesh, reshard_after_forward=False)
+    fully_shard(stage, mesh=shard_mesh, reshard_after_forward=False)  # in place: an FSDPModule
+    return stage
 
 
 def _replica_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
