@@ -14,6 +14,13 @@ state, buffers and the activations kept for backward. All sizes are integer byte
   micro-batches the schedule keeps in flight (1F1B keeps up to ``p - s`` on stage ``s``, GPipe all
   ``m``). The annotation pass already resolves views to the tensor they alias and leaves parameters
   out of ``saved_from``, so deduplicating by name counts each storage once.
+- Sharded data parallelism (``fsdp`` ranks, torch's FSDP2, one unit per pipeline stage):
+  each rank keeps ``1 / fsdp`` of the parameters, gradients and optimizer state, and during a
+  step the stage's whole parameters (all-gathered for its forward, kept by torch's pipelining
+  until the step's gradient reduction: ``set_reshard_after_backward(False)``) and its whole
+  gradients (accumulated unsharded over the micro-batches, reduce-scattered once at the end:
+  ``set_requires_gradient_sync(False)``). Both are counted over the whole step, an upper bound
+  (:func:`state_bytes_per_param_byte`).
 - Buffers: the sum of ``NodeCost.buffer_bytes``; a buffer read by several nodes is counted for each,
   so this is an upper bound.
 
@@ -34,6 +41,7 @@ from autopart.cost_models.node_cost import NodeCost
 from autopart.errors import AutopartError
 
 __all__ = [
+    "UNSHARDED_BYTES_PER_PARAM_BYTE",
     "MemoryBreakdown",
     "NodeSet",
     "Optimizer",
@@ -43,6 +51,7 @@ __all__ = [
     "memory_of",
     "node_costs",
     "param_table",
+    "state_bytes_per_param_byte",
 ]
 
 ParamSize: TypeAlias = int | tuple[int, int, str]
@@ -75,6 +84,23 @@ class Optimizer(StrEnum):
         gradient and the optimizer's states. The planner's one factor from parameter bytes to the
         memory they pin (the stage ILP, the memory bounds, the simulator, the TP ILP)."""
         return 2 + self.states_per_param
+
+
+UNSHARDED_BYTES_PER_PARAM_BYTE = 2
+"""What an FSDP rank holds whole during a step, per parameter byte: the unsharded parameter and
+its unsharded accumulated gradient (module docstring)."""
+
+
+def state_bytes_per_param_byte(optimizer: Optimizer | str, *, fsdp: int = 1) -> float:
+    """Training state one device holds per parameter byte of its stages: the optimizer's
+    :attr:`~Optimizer.state_bytes_per_param_byte`, divided by ``fsdp`` where FSDP shards it over
+    ``fsdp`` ranks, plus the unsharded parameter and gradient a step holds
+    (:data:`UNSHARDED_BYTES_PER_PARAM_BYTE`). Sharding saves memory only where the optimizer's
+    state outweighs that: Adam (4 bytes per byte) from ``fsdp=3``, plain SGD never."""
+    if not isinstance(fsdp, int) or fsdp < 1:
+        raise AutopartError(f"fsdp must be a whole number >= 1, got {fsdp!r}")
+    full = as_optimizer(optimizer).state_bytes_per_param_byte
+    return float(full) if fsdp == 1 else full / fsdp + UNSHARDED_BYTES_PER_PARAM_BYTE
 
 
 _STATES_PER_PARAM = {

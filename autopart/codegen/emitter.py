@@ -147,6 +147,12 @@ def emit(
     if steps < 1 or not (math.isfinite(lr) and lr > 0):
         raise EmitError(f"steps must be >= 1 and lr a positive number, got steps={steps}, lr={lr}.")
     out = Path(out_dir)
+    if isinstance(plan_or_program, (Plan, ParallelProgram)):
+        _check_no_fsdp(
+            plan_or_program.plan
+            if isinstance(plan_or_program, ParallelProgram)
+            else plan_or_program
+        )
     if isinstance(plan_or_program, ParallelProgram):
         return _emit_program(
             plan_or_program, out, example_inputs, example_kwargs, target, loss_fn, steps, lr
@@ -192,6 +198,8 @@ def emit_model(
 
     req = (request or PlanRequest(device="cpu")).with_options(**options)
     dp = parse_mesh(req.mesh).get("dp", 1)  # a bad mesh is an error before any tracing
+    if parse_mesh(req.mesh).get("fsdp", 1) > 1:
+        raise EmitError(_NO_FSDP)
     overrides = parse_config_overrides(config) if config else None
     loaded = load_model(spec, batch=batch, seq=seq, config=overrides, device="cpu", seed=0)
     args, kwargs = tuple(loaded.example_inputs), dict(loaded.example_kwargs)
@@ -390,6 +398,17 @@ def _emit_program(
     if status[0] is not None:
         raise EmitError(str(status[0]))
     return out
+
+
+_NO_FSDP = (
+    "emit does not write programs with an fsdp mesh axis yet (the emitted launcher runs DDP): "
+    "run the plan with autopart.compile / `autopart run`, or plan with dp in place of fsdp."
+)
+
+
+def _check_no_fsdp(plan: Plan) -> None:
+    if plan.mesh.get("fsdp", 1) > 1:
+        raise EmitError(_NO_FSDP)
 
 
 def _check_target(target: Any, batch: int, micro_batches: int) -> None:

@@ -16,9 +16,14 @@ from typing import Any
 
 import torch
 
-from autopart.cost_models.comm import all_reduce_time_s, p2p_time_s
+from autopart.cost_models.comm import (
+    all_gather_time_s,
+    all_reduce_time_s,
+    p2p_time_s,
+    reduce_scatter_time_s,
+)
 from autopart.cost_models.devices import DeviceSpec, get_device
-from autopart.cost_models.memory import Optimizer, as_optimizer
+from autopart.cost_models.memory import as_optimizer, state_bytes_per_param_byte
 from autopart.errors import AutopartError
 from autopart.planning.graph import BlockGraph, OpGraph, coarsen, group_blocks
 from autopart.planning.plans import (
@@ -28,6 +33,7 @@ from autopart.planning.plans import (
     SolverInfo,
     StagePlan,
     TPSection,
+    replica_label,
 )
 from autopart.planning.request import PlanRequest
 from autopart.planning.schedule import (
@@ -113,10 +119,20 @@ class PlanningSetup:
     limit: int
     """Memory per device in bytes."""
     state_per_byte: float
-    """Bytes of parameter + gradient + optimizer state per parameter byte."""
+    """Bytes of parameter + gradient + optimizer state per parameter byte (on one of ``fsdp``
+    ranks that shard it: :func:`~autopart.cost_models.memory.state_bytes_per_param_byte`)."""
     kinds: tuple[str, ...]
     """The schedules compared (auto: every kind torch runs,
     :data:`~autopart.planning.schedule_choice.AUTO_KINDS`)."""
+    fsdp: int = 1
+    """The FSDP ranks ``state_per_byte`` is sharded over."""
+
+    def with_fsdp(self, fsdp: int) -> PlanningSetup:
+        """This setup for a mesh whose ``fsdp`` ranks shard the training state."""
+        if fsdp == self.fsdp:
+            return self
+        factor = state_bytes_per_param_byte(self.request.optimizer, fsdp=fsdp)
+        return dataclasses.replace(self, state_per_byte=factor, fsdp=fsdp)
 
     def stage_counts(self, kind: str) -> tuple[int, ...]:
         """The stages per rank ``kind`` is planned at."""
@@ -140,17 +156,19 @@ class TPCostsOf:
 
 
 def planning_setup(
-    request: PlanRequest, *, pp: int | None = None, dp: int | None = None
+    request: PlanRequest, *, pp: int | None = None, dp: int | None = None, fsdp: int = 1
 ) -> PlanningSetup:
     """Resolve the request's device, memory, optimizer and schedules (before any tracing or
-    solving); ``pp`` and ``dp`` check the schedule against a fixed mesh."""
+    solving); ``pp``, ``dp`` and ``fsdp`` check the schedule against a fixed mesh (and set the
+    state's sharding)."""
     from autopart.units import parse_bytes
 
     spec = get_device(request.device)
     limit = parse_bytes(request.memory) if request.memory is not None else spec.memory_bytes
     opt = as_optimizer(request.optimizer)
-    kinds = schedule_kinds(request.schedule, pp, request.stages_per_rank, dp)
-    return PlanningSetup(request, spec, limit, opt.state_bytes_per_param_byte, kinds)
+    kinds = schedule_kinds(request.schedule, pp, request.stages_per_rank, dp, fsdp=fsdp)
+    setup = PlanningSetup(request, spec, limit, opt.state_bytes_per_param_byte, kinds)
+    return setup.with_fsdp(fsdp)
 
 
 def op_graph_of(
@@ -168,16 +186,25 @@ def op_graph_of(
 
 
 def micro_batch_options(
-    batch: int, dp: int, p: int, micro_batches: int | None, kinds: Sequence[str]
+    batch: int,
+    dp: int,
+    p: int,
+    micro_batches: int | None,
+    kinds: Sequence[str],
+    *,
+    fsdp: int = 1,
 ) -> dict[str, list[int]]:
-    """Valid micro-batch counts per schedule for each of ``dp`` replicas (most first)."""
-    if batch % dp:
+    """Valid micro-batch counts per schedule for each of the ``dp x fsdp`` replicas (most
+    first)."""
+    replicas = dp * fsdp
+    if batch % replicas:
+        axes = replica_label(dp, fsdp)
         raise AutopartError(
-            f"a batch of {batch} does not split across dp={dp} data-parallel replicas; use a batch "
-            f"that is a multiple of {dp}.",
-            reason=f"the batch of {batch} does not split over dp={dp}",
+            f"a batch of {batch} does not split across the {replicas} data-parallel replicas of "
+            f"{axes}; use a batch that is a multiple of {replicas}, or other {axes} sizes.",
+            reason=f"the batch of {batch} does not split over {axes}",
         )
-    return _micro_batch_options(batch // dp, p, micro_batches, kinds)
+    return _micro_batch_options(batch // replicas, p, micro_batches, kinds)
 
 
 def solve_tp_costs(
@@ -218,13 +245,26 @@ def pipeline_device(spec: DeviceSpec, *, pp: int, tp: int = 1) -> DeviceSpec:
     )
 
 
-def dp_sync_s(param_bytes_per_device: int, *, dp: int, pp: int, tp: int, spec: DeviceSpec) -> float:
-    """Seconds of the data-parallel gradient all-reduce of one device's parameter shard (DDP's
-    buckets after the pipeline drains, counted without overlap: an upper bound)."""
-    if dp == 1:
-        return 0.0
-    inter_node = dp * pp * tp > GPUS_PER_NODE
-    return all_reduce_time_s(param_bytes_per_device, dp, spec, inter_node=inter_node)
+def dp_sync_s(
+    param_bytes_per_device: int, *, dp: int, pp: int, tp: int, spec: DeviceSpec, fsdp: int = 1
+) -> float:
+    """Seconds of a step's data-parallel communication of one device's parameters, counted
+    without overlap (an upper bound): DDP's gradient all-reduce over ``dp`` after the pipeline
+    drains; with ``fsdp`` ranks (FSDP2, one unit per stage) the all-gather of the stage's
+    parameters before its first forward (kept whole for the step: ``reshard_after_forward=False``)
+    and the reduce-scatter of its gradients after the last backward, then the all-reduce of the
+    gradient shard over ``dp`` (HSDP). Ranks are laid out ``(dp, fsdp, pp, tp)``: an fsdp group
+    stays in a node while ``fsdp * pp * tp`` does."""
+    seconds = 0.0
+    if fsdp > 1:
+        across = fsdp * pp * tp > GPUS_PER_NODE
+        seconds += all_gather_time_s(param_bytes_per_device, fsdp, spec, inter_node=across)
+        seconds += reduce_scatter_time_s(param_bytes_per_device, fsdp, spec, inter_node=across)
+    if dp > 1:
+        inter_node = dp * fsdp * pp * tp > GPUS_PER_NODE
+        shard = param_bytes_per_device // fsdp
+        seconds += all_reduce_time_s(shard, dp, spec, inter_node=inter_node)
+    return seconds
 
 
 def plan_mesh(
@@ -239,19 +279,23 @@ def plan_mesh(
     progress: Callable[[str], None] | None = None,
     start_s: float | None = None,
     graph_batch: int | None = None,
+    fsdp: int = 1,
 ) -> Plan:
-    """Plan the pipeline of one ``dp x pp x tp`` mesh on ``og_full`` (the graph traced at
+    """Plan the pipeline of one ``dp x fsdp x pp x tp`` mesh on ``og_full`` (the graph traced at
     ``graph_batch`` samples, by default the global ``batch``; without ``tp`` the plain costs, with
-    it ``og_full`` is ignored for the TP-adjusted graph): each replica plans on its share of the
-    batch. A graph traced at one micro-batch is costed at the shapes it runs with."""
+    it ``og_full`` is ignored for the TP-adjusted graph): each of the ``dp x fsdp`` replicas
+    plans on its share of the batch, holding ``1 / fsdp`` of its state. A graph traced at one
+    micro-batch is costed at the shapes it runs with."""
     say = progress or (lambda _msg: None)
     start = time.perf_counter() if start_s is None else start_s
+    setup = setup.with_fsdp(fsdp)
     p, degree = pp, (tp.plan.degree if tp is not None else 1)
     spec = pipeline_device(setup.spec, pp=p, tp=degree)
     og = tp.costs.op_graph if tp is not None else og_full
     traced = graph_batch or batch
-    if traced * dp != batch:  # costs for one replica's share of the batch
-        og = og.scaled(batch / (dp * traced))
+    replicas = dp * fsdp
+    if traced * replicas != batch:  # costs for one replica's share of the batch
+        og = og.scaled(batch / (replicas * traced))
     if spec is not og.device:
         og = dataclasses.replace(og, device=spec)
     # Blocks per stage: with TP the stage ILP takes far longer to prove optimality on as many
@@ -263,7 +307,7 @@ def plan_mesh(
     # with its dp peers; the baselines pay it too.
     def sync_s(param_bytes_per_device: Sequence[float]) -> float:
         return max(
-            dp_sync_s(int(nbytes), dp=dp, pp=p, tp=degree, spec=setup.spec)
+            dp_sync_s(int(nbytes), dp=dp, pp=p, tp=degree, spec=setup.spec, fsdp=fsdp)
             for nbytes in param_bytes_per_device
         )
 
@@ -287,13 +331,15 @@ def plan_mesh(
         best = redone
     result = _make_plan(best, og, pipe, time.perf_counter() - start)
     result = dataclasses.replace(result, schedule_options=search.options(pipe))
-    if dp == 1 and tp is None:
+    if replicas == 1 and tp is None:
         return result
-    mesh = {"dp": dp, "pp": p} if tp is None else {"dp": dp, "pp": p, "tp": degree}
+    mesh = {"dp": dp, **({"fsdp": fsdp} if fsdp > 1 else {}), "pp": p}
+    if tp is not None:
+        mesh["tp"] = degree
     return dataclasses.replace(
         result,
         mesh=mesh,
-        tp=_tp_section(tp, result, batch, dp * traced) if tp is not None else None,
+        tp=_tp_section(tp, result, batch, replicas * traced) if tp is not None else None,
     )
 
 
@@ -772,7 +818,7 @@ def simulate_plan(plan: Plan, device: DeviceSpec | None = None) -> Any:
     ``device`` is the spec it was planned on where that is not the table's (measured links)."""
     p = plan.mesh["pp"]
     spec = pipeline_device(device or get_device(plan.device), pp=p, tp=plan.mesh.get("tp", 1))
-    state_per_byte = Optimizer(plan.optimizer).state_bytes_per_param_byte
+    state_per_byte = state_bytes_per_param_byte(plan.optimizer, fsdp=plan.mesh.get("fsdp", 1))
     state = [st.param_bytes * state_per_byte for st in plan.stages]
     ranks = [st.device for st in plan.stages]
     return simulate(

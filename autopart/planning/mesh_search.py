@@ -1,12 +1,16 @@
-"""Joint mesh search (``--mesh auto --devices N``): the ``dp x pp x tp`` mesh, schedule and
-micro-batch count of ``N`` devices with the fastest predicted training step that fits memory.
+"""Joint mesh search (``--mesh auto --devices N``): the ``dp x fsdp x pp x tp`` mesh, schedule
+and micro-batch count of ``N`` devices with the fastest predicted training step that fits memory.
 
 Candidates:
   tp    a power of two up to ``min(8, N)`` dividing ``N``: TP's collectives run in every layer, so a
         TP group stays inside one node's NVLink domain (:data:`~autopart.planning.planner.GPUS_PER_NODE`);
   pp    a divisor of ``N / tp``, at most the number of repeated layers (a stage holds at least one
         layer; a graph without repeated layers: at most its computing nodes);
-  dp    ``N / (tp pp)``, which must divide the batch.
+  fsdp  of the ``R = N / (tp pp)`` replicas, 1 (DDP), all ``R`` (every replica shards its state)
+        and, between them, the most that stay in one node (HSDP: sharded within a node,
+        replicated across nodes); sharding's communication moves the bytes DDP's all-reduce
+        does, so these three are where its memory and link speed change;
+  dp    ``R / fsdp``; ``dp x fsdp`` must divide the batch.
 
 Per TP degree the TP ILP is solved once, on the whole graph, at the smallest micro-batch any
 candidate of that degree could run (where collective latency weighs most), and turned into
@@ -74,7 +78,7 @@ from autopart.planning.mesh_plan import (
     simulate_blocks,
     solve_tp_costs,
 )
-from autopart.planning.plans import Plan, format_mesh
+from autopart.planning.plans import Plan, format_mesh, replica_label
 from autopart.planning.request import AUTO, PlanRequest
 from autopart.planning.schedule import SPLIT_BACKWARD, stage_ranks
 from autopart.planning.schedule_choice import ONE_STAGE_KINDS, per_device, split_backward_with_dp
@@ -183,7 +187,9 @@ class MeshSearch:
 
 def mesh_candidates(devices: int, *, max_pp: int | None = None) -> list[dict[str, int]]:
     """Every ``{"dp", "pp", "tp"}`` of ``devices`` devices with ``tp`` a power of two up to
-    ``min(8, devices)`` and ``pp <= max_pp``, ordered by tp, then pp (dp is what is left)."""
+    ``min(8, devices)`` and ``pp <= max_pp``, ordered by tp, then pp (dp is what is left), and
+    beside each the same mesh with its replicas sharding the state (``"fsdp"``, the module
+    docstring's sizes; the key is present only where it is above 1)."""
     if not isinstance(devices, int) or devices < 1:
         raise AutopartError(f"devices must be a positive integer, got {devices!r}")
     out = []
@@ -193,8 +199,21 @@ def mesh_candidates(devices: int, *, max_pp: int | None = None) -> list[dict[str
         rest = devices // tp
         for pp in range(1, rest + 1):
             if rest % pp == 0 and (max_pp is None or pp <= max_pp):
-                out.append({"dp": rest // pp, "pp": pp, "tp": tp})
+                for fsdp in _fsdp_sizes(rest // pp, pp * tp):
+                    dp = {"dp": rest // (pp * fsdp)}
+                    out.append(
+                        {**dp, "fsdp": fsdp, "pp": pp, "tp": tp}
+                        if fsdp > 1
+                        else {**dp, "pp": pp, "tp": tp}
+                    )
     return out
+
+
+def _fsdp_sizes(replicas: int, per_replica: int) -> list[int]:
+    """The fsdp sizes tried for ``replicas`` replicas of ``per_replica`` devices each: 1, the
+    most that stay in a node, and all of them."""
+    in_node = math.gcd(replicas, max(1, GPUS_PER_NODE // per_replica))
+    return sorted({1, in_node, replicas})
 
 
 @dataclass(slots=True)
@@ -204,6 +223,7 @@ class _Mesh:
     dp: int
     pp: int
     tp: int
+    fsdp: int = 1
     status: MeshStatus = MeshStatus.PENDING
     options: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     memory_bound: int = 0
@@ -222,7 +242,13 @@ class _Mesh:
 
     @property
     def mesh(self) -> dict[str, int]:
-        return {"dp": self.dp, "pp": self.pp, "tp": self.tp}
+        fsdp = {"fsdp": self.fsdp} if self.fsdp > 1 else {}
+        return {"dp": self.dp, **fsdp, "pp": self.pp, "tp": self.tp}
+
+    @property
+    def replicas(self) -> int:
+        """Data-parallel replicas, each pipelining its share of the batch: ``dp x fsdp``."""
+        return self.dp * self.fsdp
 
 
 def search_mesh(
@@ -252,7 +278,7 @@ def search_mesh(
     fitting = [c for c in search.meshes if c.plan is not None]
     if not fitting:
         raise _infeasible(search.meshes, req.devices, search.setup)
-    best = min(fitting, key=lambda c: (_plan_of(c).step_time_s, c.pp, c.tp, c.dp))
+    best = min(fitting, key=lambda c: (_plan_of(c).step_time_s, c.pp, c.tp, c.fsdp, c.dp))
     best.status = MeshStatus.CHOSEN
     return MeshSearch(
         # every axis, sizes 1 too
@@ -283,7 +309,8 @@ class _Search:
         layers = len({n.layer for n in og.nodes.values() if n.layer is not None})
         self.max_pp = max_pp = most_stages(og)
         self.meshes = [
-            _Mesh(m["dp"], m["pp"], m["tp"]) for m in mesh_candidates(setup.request.devices)
+            _Mesh(m["dp"], m["pp"], m["tp"], m.get("fsdp", 1))
+            for m in mesh_candidates(setup.request.devices)
         ]
         for c in self.meshes:
             _check_mesh(c, batch, setup, max_pp, layers)
@@ -303,7 +330,8 @@ class _Search:
         degrees = {c.tp for c in self.meshes}
         owned = {tp: NodeMemory.of(self.og, self.setup.state_per_byte, shard=tp) for tp in degrees}
         for c in _alive(self.meshes):
-            _split_bound(c, owned[c.tp], self.batch, self.setup, before_tp=c.tp > 1)
+            mine = _sharded(owned[c.tp], c, self.setup)
+            _split_bound(c, mine, self.batch, self.setup, before_tp=c.tp > 1)
 
     def estimate_all(self) -> float | None:
         """Steps 2 and 3: estimate the meshes in order of their step bound, skipping those whose
@@ -376,7 +404,7 @@ class _Search:
             return self.costs[key]
         degree, limit = key
         of_degree = [c for c in self.meshes if c.tp == degree and c.options]
-        m_tp = max(c.dp * max(n[0] for n in c.options.values()) for c in of_degree)
+        m_tp = max(c.replicas * max(n[0] for n in c.options.values()) for c in of_degree)
         label = f"tp={degree}" + (f" within {format_bytes(limit)}" if limit else "")
         self.say(f"solving tensor parallelism, {label}")
         t0 = time.perf_counter()
@@ -415,7 +443,7 @@ class _Search:
         c.status, c.note, c.tp_key = MeshStatus.PENDING, "", key
         _bound(c, self.totals[key], self.setup, shard=1)
         if not c.status:
-            _split_bound(c, self.owned_of(key), self.batch, self.setup)
+            _split_bound(c, _sharded(self.owned_of(key), c, self.setup), self.batch, self.setup)
 
     def shard(self, c: _Mesh) -> None:
         """Give a TP mesh its TP plan: the fastest, or, where that cannot fit, one sharded so a
@@ -429,7 +457,8 @@ class _Search:
         lean = self.tp_costs_of(lean_key)
         if lean is None:
             least = self.tp_minimum[lean_key]
-            any_sharding = (self.plain.state_bytes / c.tp + self.plain.sample_bytes) / c.pp
+            state = self.plain.state_bytes * _state_ratio(c, self.setup)
+            any_sharding = (state / c.tp + self.plain.sample_bytes) / c.pp
             c.memory_bound = int(max(c.memory_bound, any_sharding, least / c.pp))
             c.note = (
                 f"no sharding over {c.tp} ranks fits: the leanest holds {format_bytes(least)} of "
@@ -461,8 +490,26 @@ class _Search:
 
     def plan_mesh(self, c: _Mesh, tp: TPCostsOf | None) -> Plan:
         return plan_mesh(
-            self.og, tp, self.setup, batch=self.batch, dp=c.dp, pp=c.pp, options=c.options
+            self.og,
+            tp,
+            self.setup,
+            batch=self.batch,
+            dp=c.dp,
+            pp=c.pp,
+            options=c.options,
+            fsdp=c.fsdp,
         )
+
+
+def _state_ratio(c: _Mesh, setup: PlanningSetup) -> float:
+    """The mesh's training state per parameter byte over the unsharded one (below 1 where its
+    fsdp ranks shard an optimizer state larger than what a step holds whole)."""
+    return setup.with_fsdp(c.fsdp).state_per_byte / setup.state_per_byte
+
+
+def _sharded(owned: NodeMemory, c: _Mesh, setup: PlanningSetup) -> NodeMemory:
+    """What each node owns on one of the mesh's fsdp ranks."""
+    return owned if c.fsdp == 1 else owned.with_state_scaled(_state_ratio(c, setup))
 
 
 def _not_planned(c: _Mesh, best_estimate: float | None) -> str:
@@ -486,19 +533,23 @@ def _check_mesh(c: _Mesh, batch: int, setup: PlanningSetup, max_pp: int, layers:
         what = f"{layers} repeated layers" if layers >= 2 else f"{max_pp} computing nodes"
         c.status, c.note = MeshStatus.SKIPPED, f"pp={c.pp} is more stages than the model's {what}"
         return
-    if batch % c.dp:
-        c.status, c.note = MeshStatus.SKIPPED, f"the batch of {batch} does not split over dp={c.dp}"
+    if batch % c.replicas:
+        axes = replica_label(c.dp, c.fsdp)
+        c.status, c.note = MeshStatus.SKIPPED, f"the batch of {batch} does not split over {axes}"
         return
     kinds = [k for k in setup.kinds if k in ONE_STAGE_KINDS or c.pp >= 2]
     if not kinds:
         c.status, c.note = MeshStatus.SKIPPED, f"the {setup.kinds[0]} schedule needs pp >= 2"
         return
-    kinds = [k for k in kinds if c.dp == 1 or k not in SPLIT_BACKWARD]
+    kinds = [k for k in kinds if c.replicas == 1 or k not in SPLIT_BACKWARD]
     if not kinds:
-        c.status, c.note = MeshStatus.SKIPPED, split_backward_with_dp(setup.kinds[0], c.dp)
+        why = split_backward_with_dp(setup.kinds[0], c.replicas, sharded=c.fsdp > 1)
+        c.status, c.note = MeshStatus.SKIPPED, why
         return
     try:
-        c.options = micro_batch_options(batch, c.dp, c.pp, setup.request.micro_batches, kinds)
+        c.options = micro_batch_options(
+            batch, c.dp, c.pp, setup.request.micro_batches, kinds, fsdp=c.fsdp
+        )
     except AutopartError as exc:
         c.status, c.note = MeshStatus.SKIPPED, exc.reason
 
@@ -534,7 +585,8 @@ def _bound(c: _Mesh, totals: _Totals, setup: PlanningSetup, *, shard: int) -> No
     """Lower bounds on the mesh's memory per device and step time, from ``totals`` divided by
     ``shard`` (the TP degree before the TP solve, when sharding can at best divide them; 1 after,
     from the TP-adjusted graph)."""
-    memory = (totals.state_bytes / shard + totals.sample_bytes) / c.pp
+    state = totals.state_bytes * _state_ratio(c, setup)
+    memory = (state / shard + totals.sample_bytes) / c.pp
     c.memory_bound = int(memory)
     if memory > setup.limit:
         c.status = MeshStatus.OVER_MEMORY
@@ -543,9 +595,14 @@ def _bound(c: _Mesh, totals: _Totals, setup: PlanningSetup, *, shard: int) -> No
             "gradient and optimizer state and of one sample's activations)"
         )
         return
-    work_s = totals.compute_s / shard / c.dp
+    work_s = totals.compute_s / shard / c.replicas
     sync_s = dp_sync_s(
-        totals.param_bytes // (shard * c.pp), dp=c.dp, pp=c.pp, tp=c.tp, spec=setup.spec
+        totals.param_bytes // (shard * c.pp),
+        dp=c.dp,
+        pp=c.pp,
+        tp=c.tp,
+        spec=setup.spec,
+        fsdp=c.fsdp,
     )
     c.step_bound_s = _pipeline_bound_s(work_s, c.pp, c.options) + sync_s
 
@@ -557,7 +614,9 @@ def _split_bound(
     activations at its schedules' least in-flight counts) exceeds the limit: a valid lower bound
     on every split the stage ILP or the simulation could take (:mod:`~autopart.solver.\
 _pipeline_memory`), so no mesh that could fit is dropped."""
-    need, kind, m = pipeline_memory_bound(owned, batch=batch, dp=c.dp, pp=c.pp, options=c.options)
+    need, kind, m = pipeline_memory_bound(
+        owned, batch=batch, dp=c.replicas, pp=c.pp, options=c.options
+    )
     c.memory_bound = max(c.memory_bound, need)
     if need <= setup.limit:
         return
@@ -608,7 +667,8 @@ def _drop_op_graph(bg: BlockGraph) -> BlockGraph:
 
 def _estimate(c: _Mesh, coarse: BlockGraph, setup: PlanningSetup, most: int) -> None:
     spec = pipeline_device(setup.spec, pp=c.pp, tp=c.tp)
-    bg = coarse.scaled(1.0 / c.dp) if c.dp > 1 else coarse
+    bg = coarse.scaled(1.0 / c.replicas) if c.replicas > 1 else coarse
+    state_per_byte = setup.with_fsdp(c.fsdp).state_per_byte
     found: list[tuple[bool, float, int, str, int]] = []
     splits: dict[tuple[int, int], list[int]] = {}  # the chain DP's, per stage count and count
     # One stage per rank where the request allows it: the estimate ranks meshes, and the full plan
@@ -624,11 +684,11 @@ def _estimate(c: _Mesh, coarse: BlockGraph, setup: PlanningSetup, most: int) -> 
         stage_of = splits[key]
         params = bg.stage_param_bytes(stage_of, c.pp * v)
         sync_s = max(
-            dp_sync_s(int(nbytes), dp=c.dp, pp=c.pp, tp=c.tp, spec=setup.spec)
+            dp_sync_s(int(nbytes), dp=c.dp, pp=c.pp, tp=c.tp, spec=setup.spec, fsdp=c.fsdp)
             for nbytes in per_device(params, stage_ranks(kind, c.pp, v))
         )
         for m in counts:
-            tl = simulate_blocks(bg, stage_of, c.pp, v, spec, kind, m, setup.state_per_byte)
+            tl = simulate_blocks(bg, stage_of, c.pp, v, spec, kind, m, state_per_byte)
             peak = int(max(tl.peak_memory_bytes))
             found.append((peak <= setup.limit, tl.step_time_s + sync_s, peak, kind, m))
     if not found:
@@ -698,8 +758,7 @@ def _infeasible(meshes: list[_Mesh], devices: int, setup: PlanningSetup) -> Infe
         "(parameters, gradients, optimizer state and in-flight activations). Raise --memory to "
         f"{format_bytes_up(least)} or more, or use more --devices"
         + (f"; {open_text}" if open_text else "")
-        + f" (autopart does not yet shard optimizer state over dp (FSDP/ZeRO) or recompute "
-        f"activations, which would need less). {listing}",
+        + f" (autopart does not yet recompute activations, which would need less). {listing}",
         least,
     )
 

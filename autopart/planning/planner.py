@@ -102,9 +102,9 @@ def plan_graph(
             )
         return search_mesh(gm, req, batch=batch, progress=progress).plan
     axes = req.axes
-    dp, p, tp = axes["dp"], axes["pp"], axes["tp"]
-    setup = planning_setup(req, pp=p, dp=dp)
-    mb_options = micro_batch_options(batch, dp, p, req.micro_batches, setup.kinds)
+    dp, fsdp, p, tp = axes["dp"], axes["fsdp"], axes["pp"], axes["tp"]
+    setup = planning_setup(req, pp=p, dp=dp, fsdp=fsdp)
+    mb_options = micro_batch_options(batch, dp, p, req.micro_batches, setup.kinds, fsdp=fsdp)
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     say("building the op graph")
@@ -122,6 +122,7 @@ def plan_graph(
             progress=say,
             start_s=start,
             graph_batch=graph_batch,
+            fsdp=fsdp,
         )
         return dataclasses.replace(plan, profile_s=profile_s) if profile_s is not None else plan
 
@@ -130,7 +131,12 @@ def plan_graph(
     # Collective latency is paid once per micro-batch: exact for the most micro-batches (the
     # micro-batches of the traced graph's batch: one for a graph traced at one micro-batch).
     m_tp = max(
-        1, dp * max(counts[0] for counts in mb_options.values()) * (graph_batch or batch) // batch
+        1,
+        dp
+        * fsdp
+        * max(counts[0] for counts in mb_options.values())
+        * (graph_batch or batch)
+        // batch,
     )
     say(f"solving tensor parallelism over {tp} ranks")
     fastest = solve_tp_costs(gm, og, tp, setup, micro_batches=m_tp)

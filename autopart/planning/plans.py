@@ -28,6 +28,8 @@ __all__ = [
     "TPSection",
     "format_mesh",
     "parse_mesh",
+    "replica_label",
+    "replicas",
 ]
 
 PLAN_FORMAT_VERSION = 1
@@ -39,12 +41,14 @@ class PlanError(AutopartError):
 
 class MeshAxis(StrEnum):
     DP = "dp"
+    FSDP = "fsdp"
+    """Data parallelism with parameters, gradients and optimizer state sharded (torch's FSDP2)."""
     PP = "pp"
     TP = "tp"
 
 
 def parse_mesh(spec: str | Mapping[str, int]) -> dict[str, int]:
-    """``"pp=4,tp=2"`` -> ``{"pp": 4, "tp": 2}`` (axes in dp, pp, tp order)."""
+    """``"pp=4,tp=2"`` -> ``{"pp": 4, "tp": 2}`` (axes in dp, fsdp, pp, tp order)."""
     if isinstance(spec, Mapping):
         items = [(str(k), v) for k, v in spec.items()]
     else:
@@ -75,6 +79,16 @@ def parse_mesh(spec: str | Mapping[str, int]) -> dict[str, int]:
 
 def format_mesh(mesh: Mapping[str, int]) -> str:
     return ",".join(f"{k}={v}" for k, v in mesh.items())
+
+
+def replica_label(dp: int, fsdp: int) -> str:
+    """The data-parallel axes of a mesh as a spec (``"dp=2,fsdp=2"``), for messages."""
+    return ",".join(f"{k}={v}" for k, v in (("dp", dp), ("fsdp", fsdp)) if v > 1 or k == "dp")
+
+
+def replicas(mesh: Mapping[str, int]) -> int:
+    """Data-parallel replicas of a mesh: ``dp x fsdp`` (each pipelines its share of the batch)."""
+    return mesh.get("dp", 1) * mesh.get("fsdp", 1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ keyword overrides of its fields, or both (:meth:`PlanRequest.with_options`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ class PlanRequest:
     """The planning options of one request."""
 
     mesh: str = "pp=2"
-    """``"dp=2,pp=2,tp=2"``-style axes (a mapping is accepted and normalised), or ``"auto"``."""
+    """``"dp=2,fsdp=2,pp=2,tp=2"``-style axes (a mapping is accepted and normalised), or ``"auto"``."""
     devices: int | None = None
     """Devices to search with ``mesh="auto"``; with a fixed mesh, a check of its size."""
     device: str | DeviceSpec = "h100"
@@ -88,16 +89,16 @@ class PlanRequest:
 
     @property
     def axes(self) -> dict[str, int]:
-        """The fixed mesh's axes, ``dp``, ``pp`` and ``tp`` always present (1 when absent)."""
+        """The fixed mesh's axes, ``dp``, ``fsdp``, ``pp`` and ``tp`` always present (1 when
+        absent)."""
         if self.is_auto:
             raise AutopartError("mesh 'auto' has no fixed axes; plan it to get a mesh.")
-        return {"dp": 1, "pp": 1, "tp": 1, **parse_mesh(self.mesh)}
+        return {"dp": 1, "fsdp": 1, "pp": 1, "tp": 1, **parse_mesh(self.mesh)}
 
     @property
     def size(self) -> int:
         """Devices the fixed mesh uses."""
-        axes = self.axes
-        return axes["dp"] * axes["pp"] * axes["tp"]
+        return math.prod(self.axes.values())
 
     def with_options(self, **options: Any) -> PlanRequest:
         """This request with ``options`` (field names) replaced; an unknown name is an error that

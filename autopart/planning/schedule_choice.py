@@ -60,12 +60,19 @@ def stage_counts(kind: str, stages_per_rank: int | None = None) -> tuple[int, ..
 
 
 def schedule_kinds(
-    schedule: str, pp: int | None, stages_per_rank: int | None, dp: int | None = None
+    schedule: str,
+    pp: int | None,
+    stages_per_rank: int | None,
+    dp: int | None = None,
+    *,
+    fsdp: int = 1,
 ) -> tuple[str, ...]:
     """The kinds ``schedule`` (a kind or ``"auto"``) compares on ``pp`` pipeline ranks and ``dp``
-    data-parallel replicas (``None``: not known yet), each able to run ``stages_per_rank`` stages
-    per rank when that is given; raises :class:`AutopartError` naming what works where a named
-    schedule cannot."""
+    (DDP) x ``fsdp`` (FSDP) data-parallel replicas (``dp=None``: not known yet), each able to run
+    ``stages_per_rank`` stages per rank when that is given; raises :class:`AutopartError` naming
+    what works where a named schedule cannot."""
+    if fsdp > 1:
+        dp = (dp or 1) * fsdp
     if stages_per_rank is not None and stages_per_rank < 1:
         raise AutopartError(f"stages_per_rank must be >= 1, got {stages_per_rank}.")
     if schedule == "auto":
@@ -89,12 +96,19 @@ def schedule_kinds(
     if not stage_counts(kind, stages_per_rank):
         raise AutopartError(_count_error(kind, stages_per_rank))
     if kind in SPLIT_BACKWARD and dp is not None and dp > 1:
-        raise AutopartError(split_backward_with_dp(kind, dp))
+        raise AutopartError(split_backward_with_dp(kind, dp, sharded=fsdp > 1))
     return (str(kind),)
 
 
-def split_backward_with_dp(kind: str, dp: int) -> str:
-    """Why a zero-bubble schedule does not run with data parallelism, and what does."""
+def split_backward_with_dp(kind: str, dp: int, *, sharded: bool = False) -> str:
+    """Why a zero-bubble schedule does not run with data parallelism (DDP, or FSDP where
+    ``sharded``), and what does."""
+    if sharded:
+        return (
+            f"the {kind} schedule computes each weight gradient apart from its backward, which "
+            f"autopart has not proven against FSDP's gradient reduction over {dp} replicas; with "
+            "an fsdp axis use 1f1b, gpipe or interleaved, or drop the fsdp axis."
+        )
     return (
         f"the {kind} schedule computes each weight gradient apart from its backward, and torch's "
         f"DistributedDataParallel over dp={dp} replicas then reduces wrong gradients (checked on "

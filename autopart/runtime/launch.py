@@ -358,13 +358,14 @@ def _report(
     """Rank 0's report: the reference trained on the same micro-batches, compared, and the
     measured times and memory beside the plan's."""
     from autopart.planning.mesh_plan import simulate_plan
+    from autopart.planning.plans import replicas
     from autopart.planning.schedule import bubble_closed_form
 
     plan = program.plan
     x, kw = loaded.example_inputs, dict(loaded.example_kwargs)
     target, loss_fn = training_batch(loaded)
     # each data-parallel replica pipelines its share of the batch in micro-batches
-    chunks = plan.mesh.get("dp", 1) * plan.micro_batches
+    chunks = replicas(plan.mesh) * plan.micro_batches
     reference = check.reference
     ref_losses = _reference(reference, x, kw, target, loss_fn, chunks, request.steps, request.lr)
     diff = max(

@@ -17,6 +17,13 @@ shapes, collectives with Megatron's autograd semantics). The mesh is laid out ``
 the ranks of equal ``(dp, tp)`` coordinates, and a tensor crossing a stage boundary travels in the
 plan's placement (a shard or a partial sum travels as this rank's local tensor). Tied parameters
 are summed per ``(dp, tp)`` coordinate; data parallelism stays torch's DDP over ``dp``.
+
+Sharded data parallelism (an ``fsdp`` mesh dimension, laid out ``(dp, fsdp, pp, tp)``): each
+stage module, after the TP pass, is wrapped in torch's FSDP2 (``fully_shard``) over ``fsdp``, or
+over ``(dp, fsdp)`` as HSDP when both are there, in place of DDP, as torchtitan wraps its pipeline
+stages; ``PipelineStage`` then defers FSDP's gradient reduce-scatter to the step's last backward.
+One FSDP unit per stage: a stage is a GraphModule that reads its parameters itself rather than
+calling its layers' modules, so per-layer units would never see their forward hooks.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ from autopart.codegen.templates.run import (
 )
 from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
-from autopart.planning.plans import Plan, TPSection, format_mesh, parse_mesh
+from autopart.planning.plans import Plan, TPSection, format_mesh, parse_mesh, replica_label
 from autopart.planning.request import PlanRequest
 
 # The emitted launcher's helpers (torch only): the runtime and the programs autopart.emit writes
@@ -73,6 +80,9 @@ from autopart.runtime.stage_io import (
 from autopart.runtime.weight_grads import stages_keeping_weight_grads
 
 __all__ = ["CheckpointError", "ParallelProgram", "PeerFailureError", "RuntimeSetupError", "compile"]
+
+_MESH_DIMS = ("dp", "fsdp", "pp", "tp")
+"""The mesh's dimensions, outermost first."""
 
 _SCHEDULES: dict[ScheduleKind, type[PipelineScheduleSingle] | type[PipelineScheduleMulti]] = {
     ScheduleKind.GPIPE: ScheduleGPipe,
@@ -120,8 +130,9 @@ def compile(
 ) -> ParallelProgram:
     """Plan ``model`` for ``mesh`` and build this rank's part of the pipeline program.
 
-    ``mesh`` is a DeviceMesh with a ``"pp"`` dimension (and optionally ``"dp"`` and ``"tp"``) or a
-    spec such as ``"pp=2"`` or ``"dp=2,pp=2,tp=2"`` resolved against the default process group.
+    ``mesh`` is a DeviceMesh with a ``"pp"`` dimension (and optionally ``"dp"``, ``"fsdp"`` and
+    ``"tp"``) or a spec such as ``"pp=2"``, ``"fsdp=2,pp=2"`` or ``"dp=2,pp=2,tp=2"`` resolved
+    against the default process group.
     ``example_inputs`` is one global batch (it fixes the shapes every step must have). ``device``
     names (or is) the cost model used for planning (default: ``cpu`` on a CPU mesh, ``h100`` on
     CUDA). ``request`` (a :class:`~autopart.planning.request.PlanRequest`) sets the other planning
@@ -141,7 +152,9 @@ def compile(
     from autopart.planning.mesh_plan import batch_size
 
     dm = _resolve_mesh(mesh)
-    dp, pp, tp = _axis_size(dm, "dp"), _axis_size(dm, "pp"), _axis_size(dm, "tp")
+    dp, fsdp = _axis_size(dm, "dp"), _axis_size(dm, "fsdp")
+    pp, tp = _axis_size(dm, "pp"), _axis_size(dm, "tp")
+    replicas = dp * fsdp
     torch_device = _torch_device(dm)
     req = _compile_request(
         request, micro_batches, schedule, stages_per_rank, device, torch_device, profile
@@ -152,12 +165,13 @@ def compile(
     gm = annotate(trace(model, args, kwargs))
     inputs.check_graph(gm)
     batch = batch_size(inputs.flat)
-    if batch % dp:
+    if batch % replicas:
+        axes = replica_label(dp, fsdp)
         raise RuntimeSetupError(
-            f"a batch of {batch} does not split across dp={dp} data-parallel replicas; use a batch "
-            f"that is a multiple of {dp}."
+            f"a batch of {batch} does not split across the {replicas} data-parallel replicas of "
+            f"{axes}; use a batch that is a multiple of {replicas}, or other {axes} sizes."
         )
-    replica = batch // dp  # each data-parallel replica pipelines its share of the batch
+    replica = batch // replicas  # each data-parallel replica pipelines its share of the batch
     if req.micro_batches is not None and replica % req.micro_batches:
         raise RuntimeSetupError(
             f"a batch of {replica} per replica does not split into {req.micro_batches} equal "
@@ -165,7 +179,7 @@ def compile(
         )
 
     def make(graph: torch.fx.GraphModule, graph_batch: int, m: int | None) -> Plan:
-        sizes = {"dp": dp, "pp": pp, "tp": tp}
+        sizes = {"dp": dp, "fsdp": fsdp, "pp": pp, "tp": tp}
         name = req.name or type(model).__name__
         return _plan(
             graph, req, batch=batch, mesh=sizes, micro_batches=m, name=name, graph_batch=graph_batch
@@ -173,11 +187,11 @@ def compile(
 
     if req.profile and dist.is_initialized() and dist.get_world_size() > 1:
         plan, run_gm = _plan_on_rank_zero(
-            make, req.micro_batches, model, gm, args, kwargs, batch, dp
+            make, req.micro_batches, model, gm, args, kwargs, batch, replicas
         )
     else:
         plan, run_gm = plan_that_runs(
-            make, req.micro_batches, model, gm, args, kwargs, batch, dp, profile=req.profile
+            make, req.micro_batches, model, gm, args, kwargs, batch, replicas, profile=req.profile
         )
     stages = split_stages(run_gm, plan)
     rank = _pp_mesh(dm).get_local_rank()
@@ -187,13 +201,14 @@ def compile(
         local = _shard_stages(stages, local, plan.tp, dm)
     local = _share_tied_copies([s.to(torch_device) for s in local])
     if verify and plan.tp is not None and plan.tp.degree > 1:
-        _verify_tp(run_gm, inputs.micro_batch(batch, dp * plan.micro_batches), stages, local, dm)
+        chunks = replicas * plan.micro_batches
+        _verify_tp(run_gm, inputs.micro_batch(batch, chunks), stages, local, dm)
     for stage in local:
         # Tensors cross ranks through contiguous buffers (gloo and NCCL require it); a stage
         # output that is a strided view (e.g. a permute feeding a skip connection) is copied.
         stage.register_forward_hook(contiguous_outputs)
         stage.register_forward_pre_hook(contiguous_input_grads)  # the same for gradients sent back
-    metas = value_metas(run_gm, inputs.micro_batch(batch, dp * plan.micro_batches))
+    metas = value_metas(run_gm, inputs.micro_batch(batch, replicas * plan.micro_batches))
     program = ParallelProgram(
         plan,
         dm,
@@ -275,11 +290,11 @@ def _plan(
     name: str,
     graph_batch: int,
 ) -> Plan:
-    """The plan for ``mesh`` ({"dp", "pp", "tp"} sizes) of ``gm``, traced at ``graph_batch``
-    samples; with ``tp > 1`` its ``tp`` section places every node of ``gm``."""
+    """The plan for ``mesh`` ({"dp", "fsdp", "pp", "tp"} sizes) of ``gm``, traced at
+    ``graph_batch`` samples; with ``tp > 1`` its ``tp`` section places every node of ``gm``."""
     from autopart.planning.planner import plan_graph
 
-    sizes = {k: v for k, v in mesh.items() if k != "tp" or v > 1}
+    sizes = {k: v for k, v in mesh.items() if k not in ("tp", "fsdp") or v > 1}
     fixed = request.with_options(mesh=format_mesh(sizes), devices=None)
     plan = plan_graph(
         gm, fixed, batch=batch, micro_batches=micro_batches, name=name, graph_batch=graph_batch
@@ -398,9 +413,12 @@ class ParallelProgram:
         self.plan = plan
         self._mesh = mesh
         self._group = _pp_mesh(mesh).get_group()
-        self._dp = _axis_size(mesh, "dp")
-        self._dp_group = mesh["dp"].get_group() if self._dp > 1 else None
-        self._dp_rank = mesh["dp"].get_local_rank() if self._dp > 1 else 0
+        # the data-parallel replicas (dp x fsdp): each pipelines its share of the batch
+        replica_mesh = _replica_mesh(mesh)
+        self._dp = replica_mesh.size() if replica_mesh is not None else 1
+        self._dp_group = replica_mesh.get_group() if replica_mesh is not None else None
+        self._dp_rank = replica_mesh.get_local_rank() if replica_mesh is not None else 0
+        self._fsdp = _axis_size(mesh, "fsdp")
         self._tp_rank = mesh["tp"].get_local_rank() if _axis_size(mesh, "tp") > 1 else 0
         self._stages = stages
         self._state = ShardedState(
@@ -446,7 +464,9 @@ class ParallelProgram:
             BindConstants(s, inputs.constants, _arity(s)) if i.is_first and inputs.constants else s
             for s, i in zip(stages, self._local)
         ]
-        if self._dp_group is not None:
+        if self._fsdp > 1:
+            submods = [_sharded_data_parallel(s, mesh) for s in submods]
+        elif self._dp_group is not None:
             submods = [_data_parallel(s, self._dp_group, device) for s in submods]
         keep = _keeping_weight_grads(plan, stages, self._local, stage_metas)
         self._pipeline_stages = [
@@ -617,6 +637,7 @@ class ParallelProgram:
         once, a TP shard as a ``DTensor``; the values alias the program's tensors, so
         ``dcp.load(sd := program.state_dict(), ...)`` fills them (then ``load_state_dict(sd)``
         for tensors saved whole, see :mod:`autopart.runtime.checkpoint`). Collective."""
+        self._without_fsdp("state_dict()")
         return self._state.state_dict()
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *, strict: bool = True) -> None:
@@ -624,18 +645,31 @@ class ParallelProgram:
         :meth:`full_state_dict`, or :meth:`state_dict`'s form after ``dcp.load``): every rank
         copies the tensors of its stages, its shard of TP-split ones. ``strict`` as torch's:
         missing or unexpected keys raise :class:`CheckpointError`."""
+        self._without_fsdp("load_state_dict()")
         self._state.load_state_dict(state_dict, strict=strict)
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """``optimizer``'s state (an optimizer over :meth:`parameters`) keyed by parameter names,
         for ``torch.distributed.checkpoint``; loads on another mesh too."""
+        self._without_fsdp("optimizer_state_dict()")
         return self._state.optimizer_state_dict(optimizer, self._named_parameters())
 
     def load_optimizer_state_dict(
         self, optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]
     ) -> None:
         """Load :meth:`optimizer_state_dict`'s form (after ``dcp.load``) into ``optimizer``."""
+        self._without_fsdp("load_optimizer_state_dict()")
         self._state.load_optimizer_state_dict(optimizer, self._named_parameters(), state_dict)
+
+    def _without_fsdp(self, what: str) -> None:
+        """Raise :class:`CheckpointError` for a checkpoint method FSDP's shards do not support."""
+        if self._fsdp > 1:
+            raise CheckpointError(
+                f"program.{what} is not supported with an fsdp mesh axis yet: its parameters are "
+                "FSDP's DTensor shards, which the checkpoint layout does not map. Save "
+                "program.full_state_dict() (whole tensors, on every rank) instead, or plan "
+                "with dp in place of fsdp."
+            )
 
     def _gather_state(self, *, to: int | None = None) -> dict[str, torch.Tensor]:
         """Every stage's parameters and buffers by stage name, whole (collective: every rank
@@ -645,11 +679,13 @@ class ParallelProgram:
         from autopart.passes.tp.shard import TP_META_KEY
 
         mine: dict[str, tuple[str, int, torch.Tensor]] = {}
-        for stage in self._stages if self._dp_rank == 0 else ():  # replicas hold the same values
+        # replicas hold the same values; FSDP's shards are joined by every rank that holds one
+        for stage in self._stages if self._dp_rank == 0 or self._fsdp > 1 else ():
             info = stage.meta.get(TP_META_KEY)
             stored = info.param_placements if info is not None else {}
-            for name, t in stage.state_dict().items():
-                mine.setdefault(name, (stored.get(name, "R"), self._tp_rank, t.detach().cpu()))
+            for name, t in _whole_of_fsdp(stage.state_dict()).items():
+                if self._dp_rank == 0:
+                    mine.setdefault(name, (stored.get(name, "R"), self._tp_rank, t.cpu()))
         gathered: list[Any] = [None] * dist.get_world_size()
         if to is None:
             dist.all_gather_object(gathered, mine)
@@ -770,6 +806,43 @@ def _data_parallel(stage: torch.nn.Module, group: Any, device: torch.device) -> 
     return DistributedDataParallel(stage, device_ids=ids, process_group=group)
 
 
+def _whole_of_fsdp(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """``state`` (a stage's state dict) with FSDP's sharded ``DTensor`` values joined whole
+    (collective over the fsdp group: every rank of it calls this in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        name: (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+        for name, t in state.items()
+    }
+
+
+def _sharded_data_parallel(stage: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:
+    """``stage`` under torch's FSDP2 over the mesh's ``fsdp`` dimension (HSDP over ``(dp, fsdp)``
+    where there is a ``dp`` one too). The whole stage is one unit, gathered for the step: torch's
+    pipelining keeps it unsharded from the first backward to the gradient reduction anyway
+    (``set_reshard_after_backward(False)``), so resharding after each forward would only add
+    all-gathers (decisions.md, "Sharded data parallelism")."""
+    from torch.distributed.fsdp import fully_shard
+
+    if not any(p.requires_grad for p in stage.parameters()):
+        return stage
+    shard_mesh = mesh["dp", "fsdp"] if _axis_size(mesh, "dp") > 1 else mesh["fsdp"]
+    fully_shard(stage, mesh=shard_mesh, reshard_after_forward=False)  # in place: an FSDPModule
+    return stage
+
+
+def _replica_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
+    """The data-parallel replicas (``dp`` and ``fsdp`` as one dimension, dp-major), or ``None``
+    without data parallelism."""
+    axes = [a for a in ("dp", "fsdp") if _axis_size(mesh, a) > 1]
+    if not axes:
+        return None
+    if len(axes) == 1:
+        return mesh[axes[0]]
+    return mesh["dp", "fsdp"]._flatten("dp_fsdp")
+
+
 def _on(metas: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
     """Example tensors for ``PipelineStage``: empty, on ``device``, with the metas' flags."""
     return tuple(
@@ -786,11 +859,11 @@ def _resolve_mesh(mesh: DeviceMesh | str) -> DeviceMesh:
                 f"the DeviceMesh has dims {names}; autopart needs one named 'pp' (of size 1 "
                 "for no pipeline), beside optional 'dp' and 'tp'."
             )
-        extra = [n for n in names if n not in ("dp", "pp", "tp")]
+        extra = [n for n in names if n not in _MESH_DIMS]
         if extra:
             raise RuntimeSetupError(
-                f"mesh dims {extra} are not autopart's; name the dims dp (data), pp (pipeline) "
-                "and tp (tensor parallelism)."
+                f"mesh dims {extra} are not autopart's; name the dims dp (data), fsdp (sharded "
+                "data), pp (pipeline) and tp (tensor parallelism)."
             )
         return mesh
     sizes = parse_mesh(mesh)
@@ -808,8 +881,8 @@ def _resolve_mesh(mesh: DeviceMesh | str) -> DeviceMesh:
             f"(torchrun --nproc-per-node {wanted}) or use a mesh of {world}."
         )
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    # (dp, pp, tp), tp innermost: a TP group's ranks are neighbours (one node's fast links)
-    names = tuple(n for n in ("dp", "pp", "tp") if n == "pp" or sizes.get(n, 1) > 1)
+    # (dp, fsdp, pp, tp), tp innermost: a TP group's ranks are neighbours (one node's fast links)
+    names = tuple(n for n in _MESH_DIMS if n == "pp" or sizes.get(n, 1) > 1)
     return init_device_mesh(
         device_type, tuple(sizes.get(n, 1) for n in names), mesh_dim_names=names
     )

@@ -77,6 +77,11 @@ class NodeMemory:
             slack,
         )
 
+    def with_state_scaled(self, factor: float) -> NodeMemory:
+        """These nodes with every state size times ``factor`` (another optimizer or sharding of
+        the training state: the state is linear in the bytes per parameter byte)."""
+        return NodeMemory(self.state * factor, self.activation, self.count, self.slack_bytes)
+
 
 def pipeline_memory_bound(
     nodes: NodeMemory, *, batch: int, dp: int, pp: int, options: Mapping[str, Sequence[int]]

@@ -144,7 +144,8 @@ def test_devices_must_match_an_explicit_mesh() -> None:
 def test_mesh_candidates_keep_tp_in_a_node() -> None:
     meshes = mesh_candidates(64)
     assert {m["tp"] for m in meshes} == {1, 2, 4, 8}
-    assert all(m["dp"] * m["pp"] * m["tp"] == 64 for m in meshes)
+    assert all(math.prod(m.values()) == 64 for m in meshes)
+    assert {m.get("fsdp", 1) for m in meshes} == {1, 2, 4, 8, 16, 32, 64}
     assert len(meshes) == len({tuple(m.values()) for m in meshes})
     assert {m["tp"] for m in mesh_candidates(2)} == {1, 2}
     assert mesh_candidates(1) == [{"dp": 1, "pp": 1, "tp": 1}]

@@ -53,7 +53,7 @@ def test_no_mesh_fits_ends_quickly_naming_each_mesh_bound() -> None:
     assert "Per mesh (memory per device):" in text
     for label in ("dp=1,pp=8,tp=2", "dp=2,pp=4,tp=2", "dp=16,pp=1,tp=1"):
         assert f"{label} >= " in text, label
-    assert "--memory" in text and "--devices" in text and "FSDP" in text
+    assert "--memory" in text and "--devices" in text and "recompute" in text
     assert "Traceback" not in text and err.value.minimum_bytes > 4 << 20
 
 

@@ -15,7 +15,11 @@ from autopart.planning.request import PlanRequest
 
 def test_a_mapping_mesh_is_normalised_and_the_request_is_frozen() -> None:
     req = PlanRequest(mesh={"dp": 2, "pp": 2})  # type: ignore[arg-type]
-    assert req.mesh == "dp=2,pp=2" and req.axes == {"dp": 2, "pp": 2, "tp": 1} and req.size == 4
+    assert (
+        req.mesh == "dp=2,pp=2"
+        and req.axes == {"dp": 2, "fsdp": 1, "pp": 2, "tp": 1}
+        and req.size == 4
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         req.mesh = "pp=4"  # type: ignore[misc]
 

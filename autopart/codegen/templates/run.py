@@ -48,6 +48,7 @@ from torch.distributed.pipelining import (
     ScheduleZBVZeroBubble,
 )
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 HERE = Path(__file__).resolve().parent
@@ -340,7 +341,8 @@ def sync_tied_grads(stages: Sequence[torch.nn.Module], tied: list[tuple[str, Any
             if p.grad is not None:
                 grad += p.grad
         if group is not None:
-            dist.all_reduce(grad, group=group)
+            # an FSDP shard (a DTensor): the tied copies hold the same shard on this group's ranks
+            dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=group)
         for p in copies:
             p.grad = grad.clone()
 

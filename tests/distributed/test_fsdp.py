@@ -1,0 +1,187 @@
+"""Sharded data parallelism (an ``fsdp`` mesh axis, torch's FSDP2): the runtime on spawned gloo
+ranks against the unpartitioned model (the same losses, and every parameter after two optimizer
+steps, rtol 1e-5) composed with pipelining and tensor parallelism, one spawn per mesh; and, in one
+process, the memory and communication model, the mesh parsing and the errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from autopart.cost_models.comm import all_gather_time_s, all_reduce_time_s
+from autopart.cost_models.devices import get_device
+from autopart.cost_models.memory import Optimizer, state_bytes_per_param_byte
+from autopart.errors import AutopartError
+from autopart.planning.mesh_plan import dp_sync_s, planning_setup
+from autopart.planning.mesh_search import mesh_candidates
+from autopart.planning.plans import PlanError, parse_mesh, replicas
+from autopart.planning.request import PlanRequest
+from autopart.runtime.checkpoint import CheckpointError
+from tests._mesh_cases import Case, assert_trained_like, reference, results
+from tests.distributed.test_runtime_tp import _setup, optimizer_for
+from tests.models import FAST_LINK
+
+STEPS = 2
+MICRO_BATCHES = 2
+"""Per replica: 2 micro-batches of 2 samples on each of the 2 replicas (batch 8)."""
+
+MESHES = ("fsdp=2", "fsdp=2,pp=2", "fsdp=2,tp=2", "fsdp=2,pp=2,tp=2", "dp=2,fsdp=2")
+# SGD for the language models, Adam for the MLP (see test_runtime_tp.optimizer_for)
+MODELS = (("mlp", "adam"), ("hf:llama", "sgd"), ("hf:gpt2", "sgd"))
+CASES: list[Case] = [
+    (name, mesh, "1f1b" if "pp" in mesh else "gpipe", opt)
+    for mesh in MESHES
+    for name, opt in MODELS
+    if mesh != "dp=2,fsdp=2" or name == "mlp"  # HSDP: DDP x FSDP on one small model
+]
+
+
+def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    import autopart.runtime.program as runtime
+
+    model, x, kw, target, loss_fn = _setup(name)
+    program = runtime.compile(
+        model,
+        mesh,
+        example_inputs=x,
+        example_kwargs=kw,
+        loss_fn=loss_fn,
+        schedule=schedule,
+        micro_batches=MICRO_BATCHES,
+        device=FAST_LINK,
+    )
+    params = list(program.parameters())
+    sharded = all(isinstance(p, DTensor) for p in params)
+    local_numel = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    optimizer = optimizer_for(params, opt)
+    losses = []
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        losses.append(program.step(*x, target=target, **kw))
+        optimizer.step()
+    try:
+        program.state_dict()
+        refused = ""
+    except CheckpointError as exc:
+        refused = str(exc)
+    return {
+        "losses": losses,
+        "state": program.full_state_dict(),
+        "sharded": sharded,
+        "local_numel": local_numel,
+        "mesh": dict(program.plan.mesh),
+        "refused": refused,
+    }
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[Case], dict[str, Any]]:
+    return results(
+        request,
+        tmp_path_factory,
+        "test_fsdp_program_matches_the_unpartitioned_model",
+        CASES,
+        _run_case,
+        120.0,
+    )
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)  # the first case of a mesh spawns every case of it
+@pytest.mark.parametrize(("name", "mesh", "schedule", "opt"), CASES)
+def test_fsdp_program_matches_the_unpartitioned_model(
+    fsdp_results: Callable[[Case], dict[str, Any]], name: str, mesh: str, schedule: str, opt: str
+) -> None:
+    got = fsdp_results((name, mesh, schedule, opt))
+    assert "error" not in got, got.get("error")
+    sizes = parse_mesh(mesh)
+    assert got["mesh"]["fsdp"] == 2
+    # every parameter is an FSDP shard: a rank holds at most half of the model (TP and the
+    # pipeline take more off), give or take FSDP's padding of an odd first dimension
+    model = _setup(name)[0]
+    whole = sum(p.numel() for p in model.parameters())
+    assert got["sharded"]
+    assert got["local_numel"] <= whole // 2 + 64 * len(list(model.parameters()))
+    assert "full_state_dict()" in got["refused"]
+    want = reference(_setup, optimizer_for, name, opt, replicas(sizes) * MICRO_BATCHES, STEPS)
+    assert_trained_like(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# one process: the model of memory and time, the mesh, the errors
+
+
+def test_fsdp_divides_the_state_and_holds_the_stage_whole_for_a_step() -> None:
+    adam = Optimizer.ADAMW.state_bytes_per_param_byte  # 4: parameter, gradient, two moments
+    assert state_bytes_per_param_byte("adamw") == adam
+    # 1/8 of the state, plus the whole parameter and gradient a step holds
+    assert state_bytes_per_param_byte("adamw", fsdp=8) == pytest.approx(adam / 8 + 2)
+    assert state_bytes_per_param_byte("adamw", fsdp=2) == pytest.approx(adam)  # break-even
+    assert state_bytes_per_param_byte("sgd", fsdp=4) > state_bytes_per_param_byte("sgd")
+    with pytest.raises(AutopartError, match="fsdp must be"):
+        state_bytes_per_param_byte("adamw", fsdp=0)
+    setup = planning_setup(PlanRequest(mesh="fsdp=8"), pp=1, dp=1, fsdp=8)
+    assert setup.fsdp == 8 and setup.state_per_byte == pytest.approx(2.5)
+    assert setup.with_fsdp(1).state_per_byte == adam and setup.with_fsdp(8) is setup
+
+
+def test_fsdp_communication_is_an_all_gather_and_a_reduce_scatter() -> None:
+    spec, nbytes = get_device("h100"), 1 << 30
+    ddp = dp_sync_s(nbytes, dp=8, pp=1, tp=1, spec=spec)
+    assert ddp == pytest.approx(all_reduce_time_s(nbytes, 8, spec))
+    fsdp = dp_sync_s(nbytes, dp=1, fsdp=8, pp=1, tp=1, spec=spec)
+    assert fsdp == pytest.approx(2 * all_gather_time_s(nbytes, 8, spec))  # = an all-reduce
+    assert fsdp == pytest.approx(ddp)
+    # HSDP: sharded in the node, the shard all-reduced across nodes
+    hsdp = dp_sync_s(nbytes, dp=2, fsdp=8, pp=1, tp=1, spec=spec)
+    across = all_reduce_time_s(nbytes // 8, 2, spec, inter_node=True)
+    assert hsdp == pytest.approx(fsdp + across)
+
+
+def test_the_fsdp_axis_parses_and_orders() -> None:
+    assert parse_mesh("pp=2,fsdp=2,dp=2") == {"dp": 2, "fsdp": 2, "pp": 2}
+    req = PlanRequest(mesh="fsdp=2,tp=2")
+    assert req.axes == {"dp": 1, "fsdp": 2, "pp": 1, "tp": 2} and req.size == 4
+    assert replicas({"dp": 2, "fsdp": 4, "pp": 2}) == 8
+    with pytest.raises(PlanError, match="the axes are dp, fsdp, pp, tp"):
+        parse_mesh("zero=2")
+    meshes = mesh_candidates(8)
+    assert {"dp": 1, "fsdp": 8, "pp": 1, "tp": 1} in meshes
+    assert {"dp": 8, "pp": 1, "tp": 1} in meshes
+
+
+def test_fsdp_that_does_not_divide_the_batch_is_a_clear_error() -> None:
+    from autopart.planning.planner import plan
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    with pytest.raises(AutopartError, match="replicas of dp=1,fsdp=3") as err:
+        plan(model, (torch.randn(8, 4),), mesh="fsdp=3", device="cpu")
+    assert "multiple of 3" in str(err.value)
+
+
+def test_zero_bubble_with_fsdp_is_a_clear_error() -> None:
+    with pytest.raises(AutopartError, match="with an fsdp axis use 1f1b"):
+        planning_setup(PlanRequest(mesh="fsdp=2,pp=2", schedule="zbv"), pp=2, dp=1, fsdp=2)
+    setup = planning_setup(PlanRequest(mesh="fsdp=2,pp=2"), pp=2, dp=1, fsdp=2)
+    assert "zbv" not in setup.kinds and "1f1b" in setup.kinds
+
+
+def test_a_plan_with_fsdp_shards_the_state() -> None:
+    from autopart.planning.planner import plan
+
+    model = torch.nn.Sequential(*(torch.nn.Linear(256, 256) for _ in range(4)))
+    x = (torch.randn(8, 256),)
+    ddp = plan(model, x, mesh="dp=4", device="h100")
+    fsdp = plan(model, x, mesh="fsdp=4", device="h100")
+    assert fsdp.mesh == {"dp": 1, "fsdp": 4, "pp": 1}
+    params = sum(p.numel() * 4 for p in model.parameters())
+    held = [max(s.peak_memory_bytes for s in p.stages) for p in (ddp, fsdp)]
+    # state: 4 bytes per parameter byte under DDP, 4/4 + 2 under FSDP; activations alike
+    assert held[0] - held[1] == pytest.approx(params * (4 - 3), abs=1024)
