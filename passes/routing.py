@@ -47,6 +47,7 @@ __all__ = [
     "expect_routing",
     "expected_val",
     "grouped_mm_formulas",
+    "moe_layers",
     "routing_of",
 ]
 
@@ -157,6 +158,47 @@ def _number(expr: sympy.Expr, val: Any) -> int | float:
             "no expected value for; trace with static example shapes."
         )
     return float(expr) if isinstance(val, torch.SymFloat) else int(expr)
+
+
+def moe_layers(gm: GraphModule) -> list[tuple[Node, ...]]:
+    """Each MoE layer of ``gm`` as the run of nodes (graph order) of the smallest module holding
+    its router's top-k and its experts (per-expert sizes, grouped matmuls): what one pipeline
+    stage keeps whole, so no value sized by the routing crosses a stage boundary."""
+    formulas = grouped_mm_formulas()
+    members: dict[Node, list[Node]] = {}
+    for node in gm.graph.nodes:
+        if defines_sizes(node) or _packet(node) in formulas:
+            topk = _routing_topk(node)
+            if topk is not None:
+                members.setdefault(topk, [topk]).append(node)
+    order = list(gm.graph.nodes)
+    layers = []
+    for nodes in members.values():
+        prefix = _common_module(nodes)
+        inside = [i for i, n in enumerate(order) if prefix and _within(n, prefix)]
+        span = inside or [order.index(n) for n in nodes]
+        layers.append(tuple(order[min(span) : max(span) + 1]))
+    return layers
+
+
+def _module_path(node: Node) -> str:
+    ref = node.meta.get("autopart_module")
+    return ref.path if ref is not None else ""
+
+
+def _within(node: Node, prefix: str) -> bool:
+    path = _module_path(node)
+    return path == prefix or path.startswith(prefix + ".")
+
+
+def _common_module(nodes: list[Node]) -> str:
+    paths = [_module_path(n).split(".") for n in nodes]
+    common = []
+    for parts in zip(*paths):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)
 
 
 def _expected_tokens(node: Node, imbalance: float) -> int:
