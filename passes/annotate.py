@@ -30,6 +30,7 @@ statistics, and that is what is recorded.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -45,6 +46,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from autopart.cost_models.node_cost import NodeCost
 from autopart.errors import AutopartError
 from autopart.passes.mutations import written_inputs
+from autopart.passes.routing import (
+    DEFAULT_IMBALANCE,
+    defines_sizes,
+    expect_routing,
+    expected_val,
+    grouped_mm_formulas,
+)
 
 __all__ = [
     "AnnotationError",
@@ -110,13 +118,17 @@ def annotate(
     gm: GraphModule,
     *,
     progress: Callable[[int, int], None] | None = None,
+    expert_imbalance: float = DEFAULT_IMBALANCE,
 ) -> GraphModule:
     """Annotate every node of ``gm`` (from :func:`autopart.trace`) with a :class:`NodeCost`.
 
     Also sets ``gm.meta["autopart_params"]`` ({name: (numel, nbytes, dtype)}) and
     ``gm.meta["autopart_totals"]`` (:class:`GraphTotals`). ``progress(done, total)`` is called as
-    nodes are processed. Returns ``gm`` (annotated in place).
+    nodes are processed. Sizes known only at run time (tokens routed to each expert) are charged
+    at the expected routing times ``expert_imbalance`` (:mod:`autopart.passes.routing`). Returns
+    ``gm`` (annotated in place).
     """
+    expect_routing(gm, expert_imbalance)
     params = dict(gm.named_parameters())
     canonical = {id(p): name for name, p in params.items()}
     # Tied parameters are reachable under several names; each is reported under its first name.
@@ -188,7 +200,7 @@ def _annotate_node(
 ) -> NodeCost:
     ref = node.meta.get("autopart_module")
     module, module_type = (ref.path, ref.type_name) if ref is not None else ("", "")
-    val = node.meta.get("val")
+    val = expected_val(node)
     out_bytes = _tensor_bytes(val)
     dtype = _first_dtype(val)
     alias_root[node] = node
@@ -205,12 +217,19 @@ def _annotate_node(
         return _zero_cost(out_bytes, dtype, module, module_type, is_view=False)
 
     inputs = _unique_input_nodes(node)
-    needs_grad = [requires_grad.get(n, False) and _is_float(n.meta.get("val")) for n in inputs]
+    needs_grad = [requires_grad.get(n, False) and _is_float(expected_val(n)) for n in inputs]
     if node.op == "call_function" and node.target is operator.getitem:
         # Picks one output of a multi-output node: an alias, never a computation.
         requires_grad[node] = any(needs_grad) and _is_float(val)
         alias_root[node] = alias_root[inputs[0]]
         return _zero_cost(out_bytes, dtype, module, module_type, is_view=True)
+    if defines_sizes(node):
+        # which rows are routed where (integer indices, no gradient): no meta kernel can say how
+        # many, so what it moves is charged at the expected count
+        requires_grad[node] = False
+        cost = _zero_cost(out_bytes, dtype, module, module_type, is_view=False)
+        read = sum(_tensor_bytes(expected_val(n)) for n in inputs)
+        return dataclasses.replace(cost, bytes_read=read, bytes_written=out_bytes)
 
     weights = _weight_positions(inputs, alias_root, aliases)
     key = (_signature(node, inputs, needs_grad, modules), weights)
@@ -226,7 +245,7 @@ def _annotate_node(
         if n.op == "get_attr" and n.target in aliases:
             param_names.append(aliases[str(n.target)])
         elif n.op == "get_attr" and n.target in buffers:
-            buffer_bytes += _tensor_bytes(n.meta.get("val"))
+            buffer_bytes += _tensor_bytes(expected_val(n))
     if node.op == "call_module":
         prefix = f"{node.target}."
         sub = modules[str(node.target)]
@@ -307,7 +326,7 @@ def _replay(
         if n.op == "get_attr" and not isinstance(n.meta.get("val"), torch.Tensor):
             values[n] = _fetch_attr(gm, str(n.target))  # submodule argument of a higher-order op
         else:
-            leaf = _materialize(n.meta.get("val"), grad)
+            leaf = _materialize(expected_val(n), grad)
             leaves[-1] = [t for t in tree_flatten(leaf)[0] if isinstance(t, torch.Tensor)]
             values[n] = _non_leaf(leaf)
     args = torch.fx.node.map_arg(node.args, lambda n: values[n])
@@ -322,7 +341,7 @@ def _replay(
         saved.append(t)
         return t
 
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=grouped_mm_formulas())
     with counter, _OnMeta(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = call(*args, **kwargs)
     flops = counter.get_total_flops()
@@ -389,7 +408,7 @@ def _grad_flops(
     """FLOPs of the gradients of ``outputs`` (seeded with ones) with respect to ``inputs``."""
     if not outputs or not inputs:
         return 0
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=grouped_mm_formulas())
     with counter, _OnMeta():
         torch.autograd.grad(
             outputs,
@@ -506,7 +525,7 @@ def _signature(
 
     def spec(a: Any) -> Any:
         if isinstance(a, Node):
-            val = a.meta.get("val")
+            val = expected_val(a)
             if a.op == "get_attr" and not isinstance(val, torch.Tensor):
                 sub = modules.get(str(a.target))
                 return ("module", sub.code if isinstance(sub, GraphModule) else str(a.target))

@@ -10,7 +10,8 @@ coarsening into blocks (:class:`BlockGraph`) that the stage solvers assign to pi
   assignment of blocks to stages that never decreases along a tensor is a valid pipeline.
 - Nodes that touch a tensor written in place (:func:`autopart.passes.mutations.mutation_groups`)
   must share a stage: every node from the first to the last of such a group is marked
-  ``keep_with_previous`` but the first, and :func:`coarsen` never cuts before a marked node.
+  ``keep_with_previous`` but the first, and :func:`coarsen` never cuts before a marked node. So
+  are the nodes of a mixture-of-experts layer (:func:`autopart.passes.routing.moe_layers`).
 - Repeated layers are module paths ``<prefix>.<int>`` whose siblings (at least two) share the
   prefix and the module type, e.g. ``transformer.h.3`` or ``model.layers.3``; the outermost one
   containing a node is that node's layer.
@@ -36,6 +37,7 @@ from autopart.cost_models.memory import param_table
 from autopart.errors import AutopartError
 from autopart.passes.annotate import node_cost
 from autopart.passes.mutations import mutation_groups
+from autopart.passes.routing import moe_layers
 from autopart.planning.blocks import (
     Block,
     BlockGraph,
@@ -250,11 +252,12 @@ class OpGraph:
 
 
 def _kept_with_previous(gm: GraphModule, order: Sequence[str]) -> set[str]:
-    """Nodes inside (not first in) the run of ``order`` spanned by a mutation group."""
+    """Nodes inside (not first in) the run of ``order`` spanned by a mutation group or an MoE
+    layer."""
     pos = {name: i for i, name in enumerate(order)}
     kept: set[str] = set()
-    for group in mutation_groups(gm):
-        span = [pos[n.name] for n in group]
+    for group in [*mutation_groups(gm), *moe_layers(gm)]:
+        span = [pos[n.name] for n in group if n.name in pos]
         kept.update(order[min(span) + 1 : max(span) + 1])
     return kept
 

@@ -284,20 +284,23 @@ def value_metas(gm: torch.fx.GraphModule, flat_inputs: list[Any]) -> dict[str, t
     dtype and ``requires_grad``. Runs under fake tensors (no compute, no memory), with autograd on so
     that ``requires_grad`` says which values carry gradients back across a stage boundary."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv, has_free_unbacked_symbols
 
     metas: dict[str, torch.Tensor] = {}
 
     class _Prop(torch.fx.Interpreter):
         def run_node(self, n: torch.fx.Node) -> Any:
             out = super().run_node(n)
-            if isinstance(out, torch.Tensor):
+            # a size known only at run time (tokens routed to one expert) stays inside its stage
+            if isinstance(out, torch.Tensor) and not has_free_unbacked_symbols(out.shape):
                 metas[n.name] = torch.empty(out.shape, dtype=out.dtype, device="meta")
                 metas[n.name].requires_grad_(out.requires_grad)
             return out
 
     # Fake mode still runs an op whose inputs are all real: BatchNorm's add_ on its real batch
     # counter would count this run.
-    with buffers_kept(gm), FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad():
+    fake = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    with buffers_kept(gm), fake, torch.enable_grad():
         _Prop(gm).run(*flat_inputs)
     return metas
 

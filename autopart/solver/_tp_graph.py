@@ -131,6 +131,11 @@ class Layers:
         return keys
 
 
+def _shape_key(val: Any) -> tuple[Any, ...]:
+    # a size known only at run time (u0: tokens routed to an expert) by name: SymInts never hash
+    return tuple(str(d) for d in getattr(val, "shape", ()))
+
+
 def _layer_signature(nodes: list[Node], path: str) -> tuple[Any, ...]:
     """What a layer computes, with its own nodes by position (so layer 5 and layer 6 read alike)
     and outside inputs by shape."""
@@ -141,7 +146,7 @@ def _layer_signature(nodes: list[Node], path: str) -> tuple[Any, ...]:
             if a in pos:
                 return ("in", pos[a])
             val = a.meta.get("val")
-            return ("out", tuple(getattr(val, "shape", ())), str(getattr(val, "dtype", "")))
+            return ("out", _shape_key(val), str(getattr(val, "dtype", "")))
         if isinstance(a, (list, tuple)):
             return tuple(ref(x) for x in a)
         if isinstance(a, dict):
@@ -152,7 +157,7 @@ def _layer_signature(nodes: list[Node], path: str) -> tuple[Any, ...]:
     for n in nodes:
         val = n.meta.get("val")
         target = str(n.target)[len(path) :] if n.op == "get_attr" else str(n.target)
-        shape = tuple(getattr(val, "shape", ())) if val is not None else ()
+        shape = _shape_key(val)
         items.append((n.op, target, shape, ref(n.args), ref(n.kwargs)))
     return tuple(items)
 

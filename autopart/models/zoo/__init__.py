@@ -22,6 +22,7 @@ from autopart.models.zoo._common import (
 )
 from autopart.models.zoo.gpt2 import GPT2, GPT2Config, build_gpt2
 from autopart.models.zoo.llama import Llama, LlamaConfig, build_llama
+from autopart.models.zoo.moe import MoEConfig, MoELlama, build_moe
 from autopart.models.zoo.vision import MLP, UNet, build_cnn, build_mlp
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "GPT2Config",
     "Llama",
     "LlamaConfig",
+    "MoEConfig",
+    "MoELlama",
     "UNet",
     "ZooBuilder",
     "ZooEntry",
@@ -61,6 +64,10 @@ def _gpt2(name: str, description: str, cfg: GPT2Config) -> ZooEntry:
 
 def _llama(name: str, description: str, cfg: LlamaConfig) -> ZooEntry:
     return ZooEntry(name, description, partial(build_llama, name, cfg), cfg.max_seq)
+
+
+def _moe(name: str, description: str, cfg: MoEConfig) -> ZooEntry:
+    return ZooEntry(name, description, partial(build_moe, name, cfg), cfg.base.max_seq)
 
 
 _LLAMA_7B = LlamaConfig(32, 4096, 32, 32, 11008, 32000, max_seq=4096)
@@ -96,6 +103,12 @@ _ENTRIES = [
         "heavy-head",
         "Llama-style LM whose 65,536-way output head dominates: 4 layers, hidden 256, untied",
         LlamaConfig(4, 256, 4, 4, 1024, 65536, max_seq=1024),
+    ),
+    _moe(
+        "moe-tiny",
+        "mixture of experts for tests: llama-tiny whose MLPs route each token to 2 of 4 SwiGLU "
+        "experts (torch.topk + index ops)",
+        MoEConfig(LlamaConfig(2, 64, 4, 2, 64, 256, max_seq=128), experts=4, top_k=2),
     ),
 ]
 
