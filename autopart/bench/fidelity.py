@@ -29,6 +29,7 @@ RANKS = (2, 4)
 VARIANTS: Mapping[str, Mapping[str, Any]] = {
     "analytic": {"comm": "measured"},
     "table": {"comm": "table"},
+    "profile": {"comm": "measured", "profile": True},
 }
 STAGE_FIGURES = ("forward", "backward", "peak_memory")
 STEP_FIGURES = ("step", "bubble", "throughput")

@@ -86,6 +86,8 @@ class RunReport:
     (:mod:`autopart.runtime.measure`, cached) or the device ``table``."""
     pipeline_action_s: float = 0.0
     """The pipeline runtime's cost per action the plan was simulated with."""
+    profile_s: float | None = None
+    """With ``profile``: the seconds rank 0 spent measuring op times before planning."""
     predicted_timeline: dict[str, Any] | None = None
     """The plan's simulated step (:func:`timeline_to_json`)."""
     measured_timeline: dict[str, Any] | None = None
@@ -135,11 +137,13 @@ def run_local(
     timeout_s: float = 600.0,
     verify: bool = True,
     comm: str = "measured",
+    profile: bool = False,
 ) -> RunReport:
     """Spawn the ranks ``mesh`` needs, train ``spec`` for ``steps`` steps, check and time it.
     ``verify`` checks tensor-parallel stages against unsharded ones first (:mod:`autopart.runtime.verify`).
     ``comm="measured"`` plans on the link and pipeline costs measured on the ranks' group
-    (:func:`autopart.runtime.measure.measured_comm`, cached), ``"table"`` on the device table's."""
+    (:func:`autopart.runtime.measure.measured_comm`, cached), ``"table"`` on the device table's.
+    ``profile=True`` plans on op times rank 0 measures (:mod:`autopart.cost_models.profiling`)."""
     from autopart.planning.plans import parse_mesh
 
     world = math.prod(parse_mesh(mesh).values())  # dp x pp x tp ranks
@@ -162,6 +166,7 @@ def run_local(
             verify,
             stages_per_rank,
             comm,
+            profile,
         )
         args = (world, str(Path(tmp) / "store"), request, str(out), timeout_s)
         spawn_ranks(_rank_main, args, world, timeout_s=timeout_s, what="the run")
@@ -223,6 +228,7 @@ class _RunRequest:
     verify: bool
     stages_per_rank: int | None = None
     comm: str = "measured"
+    profile: bool = False
 
 
 _COMM_SOURCES = ("measured", "table")
@@ -298,6 +304,7 @@ def _compile(loaded: Any, request: _RunRequest, spec: DeviceSpec) -> Any:
         micro_batches=request.micro_batches,
         schedule=request.schedule,
         stages_per_rank=request.stages_per_rank,
+        profile=request.profile,
         verify=request.verify,
     )
 
@@ -403,6 +410,7 @@ def _report(
         predicted_stage_peak_memory_bytes=tuple(s.peak_memory_bytes for s in plan.stages),
         comm=request.comm,
         pipeline_action_s=spec.pipeline_action_s,
+        profile_s=plan.profile_s,
         predicted_timeline=timeline_to_json(simulate_plan(plan, spec)),
         measured_timeline=timeline_to_json(measured),
     )

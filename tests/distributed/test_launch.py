@@ -38,6 +38,19 @@ def test_run_local_trains_and_matches_one_process() -> None:
 
 
 @pytest.mark.distributed
+def test_run_local_plans_on_op_times_measured_on_rank_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # rank 0 profiles and plans, the others receive the plan: every rank runs the same stages
+    monkeypatch.setenv("AUTOPART_CACHE_DIR", str(tmp_path))
+    report = run_local("mlp", mesh="pp=2", steps=2, batch=4, comm="table", profile=True)
+    assert report.profile_s is not None and report.profile_s > 0
+    assert (tmp_path / "profile.json").exists()
+    assert report.losses == pytest.approx(report.reference_losses, rel=1e-5)
+    assert report.max_param_rel_diff <= 1e-5
+
+
+@pytest.mark.distributed
 def test_run_local_spawns_every_rank_of_a_dp_mesh() -> None:
     # 4 ranks; each replica trains on half the batch, so the reference accumulates 2 x 2 chunks
     report = run_local("gpt2-tiny", mesh="dp=2,pp=2", steps=2, batch=8, seq=16, micro_batches=2)

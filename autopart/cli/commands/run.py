@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
             config=parse_config_overrides(args.config) if args.config else None,
             verify=args.verify,
             comm=args.comm,
+            profile=request.profile,
         )
     loss_diff = max(
         abs(a - b) / max(abs(b), 1e-12) for a, b in zip(report.losses, report.reference_losses)
