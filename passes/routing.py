@@ -36,18 +36,25 @@ from typing import Any
 import sympy  # type: ignore[import-untyped]
 import torch
 from torch.fx import GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, has_free_unbacked_symbols
 
 from autopart.errors import AutopartError
 
 __all__ = [
     "DEFAULT_IMBALANCE",
+    "ExpertGroup",
     "ExpertRouting",
     "RoutingError",
+    "check_imbalance",
+    "costed_experts",
     "defines_sizes",
     "expect_routing",
     "expected_val",
+    "expert_groups",
     "grouped_mm_formulas",
+    "imbalance_of",
     "moe_layers",
+    "routed",
     "routing_of",
 ]
 
@@ -89,6 +96,25 @@ class ExpertRouting:
             )
         return "; ".join(parts) if parts else "no experts"
 
+    @property
+    def routes(self) -> bool:
+        """Whether the graph has routed experts at all (a plan then says how it costed them)."""
+        return bool(self.tokens_per_expert or self.grouped_calls)
+
+
+def check_imbalance(value: object) -> float:
+    """``value`` as an expert imbalance factor: a finite number >= 1. Below 1 every expert would
+    be charged less than its mean share, so the experts together would get fewer than the
+    ``T * k`` rows that every routing sends them: a plan too optimistic for any batch."""
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if number is None or not (math.isfinite(number) and number >= 1.0):
+        raise RoutingError(
+            f"the expert imbalance factor must be >= 1 and finite (1 charges each expert "
+            f"its mean share T*k/E of the routed tokens, 2 twice that), got {value!r}; use "
+            "--expert-imbalance 1 or more."
+        )
+    return float(number)
+
 
 def defines_sizes(node: Node) -> bool:
     """Whether ``node`` computes a size known only at run time (``torch.where(mask)``, ...)."""
@@ -98,11 +124,7 @@ def defines_sizes(node: Node) -> bool:
 def expect_routing(gm: GraphModule, imbalance: float = DEFAULT_IMBALANCE) -> ExpertRouting:
     """Record the expected value of every unbacked size of ``gm`` in ``gm.meta["autopart_sizes"]``
     and the summary in ``gm.meta["autopart_routing"]``; returns the summary."""
-    if not imbalance >= 1.0:
-        raise RoutingError(
-            f"the expert imbalance factor must be >= 1 (1 charges each expert its mean share of "
-            f"the routed tokens), got {imbalance!r}."
-        )
+    imbalance = check_imbalance(imbalance)
     sizes: dict[sympy.Symbol, int] = {}
     for node in gm.graph.nodes:
         for symbol in node.meta.get("unbacked_bindings") or {}:
@@ -119,6 +141,29 @@ def routing_of(gm: GraphModule) -> ExpertRouting | None:
     """The routing summary :func:`expect_routing` recorded (None: never run on ``gm``)."""
     routing = gm.meta.get("autopart_routing")
     return routing if isinstance(routing, ExpertRouting) else None
+
+
+def imbalance_of(gm: GraphModule) -> float:
+    """The imbalance factor ``gm`` was annotated with (the default when it never was): a graph
+    traced again from the same model (one micro-batch's) is annotated with the same."""
+    routing = routing_of(gm)
+    return routing.imbalance if routing is not None else DEFAULT_IMBALANCE
+
+
+def costed_experts(gm: GraphModule, imbalance: float) -> str:
+    """What a plan of ``gm`` says about its experts (:meth:`ExpertRouting.describe`; empty when
+    the model routes none). Raises :class:`RoutingError` when ``gm``'s per-expert sizes were
+    charged at another imbalance factor than the plan is asked for."""
+    routing = routing_of(gm)
+    if routing is None or not routing.routes:
+        return ""
+    if routing.tokens_per_expert and routing.imbalance != imbalance:
+        raise RoutingError(
+            f"the graph's experts were costed at imbalance {routing.imbalance:g}, but the plan "
+            f"asks for {imbalance:g}; annotate the graph with "
+            f"annotate(gm, expert_imbalance={imbalance:g}) before planning it."
+        )
+    return routing.describe()
 
 
 def expected_val(node: Node) -> Any:
@@ -179,6 +224,68 @@ def moe_layers(gm: GraphModule) -> list[tuple[Node, ...]]:
         span = inside or [order.index(n) for n in nodes]
         layers.append(tuple(order[min(span) : max(span) + 1]))
     return layers
+
+
+def routed(node: Node) -> bool:
+    """Whether ``node`` computes, carries or reads a size known only at run time (an expert's
+    tokens)."""
+    values = [node, *node.all_input_nodes]
+    return defines_sizes(node) or any(has_free_unbacked_symbols(n.meta.get("val")) for n in values)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertGroup:
+    """The per-expert nodes of one MoE layer: the experts' own modules, the ops that pick and
+    scatter back each expert's tokens, and what feeds only them."""
+
+    module: str
+    """``model.layers.0.mlp.experts.*`` (the experts' module list), or the layer's module."""
+    experts: int
+    nodes: tuple[Node, ...]
+    """In graph order."""
+
+
+def expert_groups(gm: GraphModule) -> list[ExpertGroup]:
+    """One :class:`ExpertGroup` per MoE layer that runs its experts one by one (a per-expert loop;
+    a grouped matmul is one node already), in graph order. A node is one expert's when it lies in
+    an expert module (``experts.3``), touches that expert's routed size, or feeds only that
+    expert (the mask ``indices == 3``); the router and what all experts share are not."""
+    groups = []
+    for layer in moe_layers(gm):
+        prefix = _common_module(list(layer))
+        lists = {n: _expert_list(_module_path(n), prefix) for n in layer}
+        owner = {n: _expert_of(n, lists[n]) for n in layer if lists[n] is not None or routed(n)}
+        for node in reversed(layer):
+            users = {owner.get(u) for u in node.users}
+            if node not in owner and len(users) == 1 and None not in users:
+                owner[node] = users.pop()
+        if not owner:
+            continue
+        found = {found for n in layer if (found := lists[n]) is not None}
+        experts = len(found) or len({o for o in owner.values()})
+        module = f"{min(found)[0]}.*" if found else prefix
+        groups.append(ExpertGroup(module, experts, tuple(n for n in layer if n in owner)))
+    return groups
+
+
+def _expert_of(node: Node, expert: tuple[str, int] | None) -> Any:
+    """Which expert ``node`` works for: its expert module, else the routed sizes it touches."""
+    if expert is not None:
+        return expert
+    values = [node.meta.get("val"), *(n.meta.get("val") for n in node.all_input_nodes)]
+    return frozenset(str(s) for v in values for s in free_unbacked_symbols(v))
+
+
+def _expert_list(path: str, prefix: str) -> tuple[str, int] | None:
+    """``(module list, index)`` of an expert module under the layer ``prefix``
+    (``model.layers.0.mlp.experts.3.up_proj`` -> ``("model.layers.0.mlp.experts", 3)``)."""
+    if not prefix or not path.startswith(prefix + "."):
+        return None
+    parts = path[len(prefix) + 1 :].split(".")
+    for i, part in enumerate(parts[1:], start=1):
+        if part.isdigit():
+            return ".".join([prefix, *parts[:i]]), int(part)
+    return None
 
 
 def _module_path(node: Node) -> str:

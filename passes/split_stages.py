@@ -50,6 +50,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from autopart.errors import AutopartError
 from autopart.passes.mutations import mutation_groups, written_inputs
+from autopart.passes.routing import moe_layers
 from autopart.planning.plans import Plan
 
 __all__ = [
@@ -137,12 +138,15 @@ def split_stages(gm: GraphModule, plan: Plan) -> list[GraphModule]:
 
     Raises :class:`SplitError` when ``plan.stage_of`` does not match ``gm`` (a computing node
     without a stage, a name the graph lacks, a node on an earlier stage than one of its inputs, a
-    stage with no nodes) or when a non-tensor value would have to cross a stage boundary.
+    stage with no nodes), when it cuts an in-place group or a mixture-of-experts layer
+    (:func:`autopart.passes.routing.moe_layers`), or when a non-tensor value would have to cross
+    a stage boundary.
     """
     num_stages = plan.num_stages
     _check_plan(gm, plan.stage_of, num_stages)
     stage = _effective_stages(gm, plan.stage_of)
     _check_mutations(gm, stage)
+    _check_moe_layers(gm, stage)
     flat_outputs, output_spec = model_outputs(gm)
     last_use = _last_use(gm, stage, num_stages)
     folded = _foldable(gm, stage, last_use)
@@ -228,6 +232,20 @@ def _check_mutations(gm: GraphModule, stage: Mapping[Node, int]) -> None:
                 f"touch that tensor ({_few([n.name for n in group])}) are on stages {stages}: a "
                 "stage would see a copy that misses the write. They must share a stage; plan the "
                 "graph with autopart.planning.planner.plan_graph, which keeps them together."
+            )
+
+
+def _check_moe_layers(gm: GraphModule, stage: Mapping[Node, int]) -> None:
+    for layer in moe_layers(gm):
+        stages = sorted({stage[n] for n in layer if n.op in _COMPUTING})
+        if len(stages) > 1:
+            ref = layer[0].meta.get("autopart_module")
+            where = f"the mixture-of-experts layer {ref.path!r}" if ref else "a mixture of experts"
+            raise SplitError(
+                f"the plan cuts {where} (nodes {_few([layer[0].name, layer[-1].name])}) across "
+                f"stages {stages}: its per-expert sizes are known only when it runs, so they "
+                "cannot cross a pipeline boundary. A layer must stay on one stage; plan the graph "
+                "with autopart.planning.planner.plan_graph, which keeps each one whole."
             )
 
 

@@ -93,10 +93,13 @@ def results(
     run_case: Callable[..., dict[str, Any]],
     per_case_s: float,
     keep_going: bool = False,
+    by_world: bool = False,
 ) -> Callable[[Case], dict[str, Any]]:
     """The result of a case of ``test_name``, running every selected case of its mesh in one spawn
-    on first use. ``run_case`` must be a module-level function (spawned ranks import it). With
-    ``keep_going`` a failed case does not stop the later ones (see :func:`_worker`)."""
+    on first use (``by_world``: of every mesh of as many ranks, e.g. ``pp=2`` and ``tp=2``: each
+    case resolves its mesh against the same group). ``run_case`` must be a module-level function
+    (spawned ranks import it). With ``keep_going`` a failed case does not stop the later ones
+    (see :func:`_worker`)."""
     selected = [
         tuple(item.callspec.params[k] for k in ("name", "mesh", "schedule", "opt"))
         for item in request.session.items
@@ -104,12 +107,14 @@ def results(
     ]
     done: dict[Case, dict[str, Any]] = {}
 
+    def key(mesh: str) -> object:
+        return world(mesh) if by_world else mesh
+
     def get(case: Case) -> dict[str, Any]:
         if case not in done:
-            mesh = case[1]
-            todo = [c for c in cases if c[1] == mesh and c in selected]
+            todo = [c for c in cases if key(c[1]) == key(case[1]) and c in selected]
             tmp = tmp_path_factory.mktemp("mesh")
-            got = run_spawn(world(mesh), todo, run_case, tmp, per_case_s, keep_going)
+            got = run_spawn(world(case[1]), todo, run_case, tmp, per_case_s, keep_going)
             done.update(zip(todo, got))
         return done[case]
 

@@ -11,6 +11,7 @@ from torch.fx import GraphModule, Node
 
 from autopart.cost_models.devices import DeviceSpec
 from autopart.passes.annotate import node_cost
+from autopart.passes.routing import ExpertGroup, expert_groups, routing_of
 
 __all__ = ["inspect_rows", "inspect_summary", "node_row"]
 
@@ -53,46 +54,89 @@ def inspect_rows(
     measured: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Table rows: one per computing node (``by="node"``) or per module (``by="module"``), in graph
-    order. Module rows sum their nodes; ``depth`` truncates module paths (``model.layers.0``)."""
+    order. Module rows sum their nodes; ``depth`` truncates module paths (``model.layers.0``).
+    The per-expert nodes of an MoE layer that runs its experts one by one are one row
+    (``model.layers.0.mlp.experts.*``, with ``experts``: how many) in either view
+    (:func:`autopart.passes.routing.expert_groups`)."""
+    if by not in ("node", "module"):
+        raise ValueError(f"by must be 'node' or 'module', got {by!r}")
+    groups = {n: g for g in expert_groups(gm) for n in g.nodes}
     nodes = [n for n in gm.graph.nodes if n.op not in _HIDDEN_OPS]
     if by == "node":
-        return [node_row(n, device, measured) for n in nodes]
-    if by != "module":
-        raise ValueError(f"by must be 'node' or 'module', got {by!r}")
-    groups: dict[str, dict[str, Any]] = {}
-    seen_params: dict[str, set[str]] = {}
+        rows: dict[Any, dict[str, Any]] = {}
+        for n in nodes:
+            group = groups.get(n)
+            if group is None:
+                rows[n] = node_row(n, device, measured)
+                continue
+            if group not in rows:
+                rows[group] = _sum_row(group.module, group, measured)
+                rows[group].update(
+                    name=f"{group.experts} experts", op="experts", target=f"{len(group.nodes)} ops"
+                )
+            _add(rows[group], gm, n, device, measured)
+        return list(rows.values())
+    by_path: dict[str, dict[str, Any]] = {}
     for n in nodes:
-        cost = node_cost(n)
-        path = cost.module if depth is None else ".".join(cost.module.split(".")[:depth])
-        g = groups.get(path)
-        if g is None:
-            g = groups[path] = {
-                "module": path,
-                "module_type": cost.module_type if depth is None or path == cost.module else "",
-                "nodes": 0,
-                "shape": "",
-                "dtype": "",
-                "flops": 0,
-                "backward_flops": 0,
-                "bytes": 0,
-                "param_bytes": 0,
-                "time_s": 0.0,
-                "measured_s": 0.0 if measured is not None else None,
-            }
-            seen_params[path] = set()
-        g["nodes"] += 1
-        g["flops"] += cost.flops
-        g["backward_flops"] += cost.backward_flops
-        g["bytes"] += cost.bytes
-        g["shape"], g["dtype"] = _shape(n.meta.get("val")), cost.dtype  # the module's last output
-        new = [p for p in cost.params if p not in seen_params[path]]
-        seen_params[path].update(new)
-        g["param_bytes"] += _param_bytes(gm, new)
-        if device is not None:
-            g["time_s"] += _time_s(cost, device)
-        if measured is not None and n.name in measured:
-            g["measured_s"] += measured[n.name].forward_s
-    return list(groups.values())
+        cost, group = node_cost(n), groups.get(n)
+        module = group.module if group is not None else cost.module
+        path = module if depth is None else ".".join(module.split(".")[:depth])
+        if path not in by_path:
+            by_path[path] = _sum_row(path, group, measured)
+            if depth is None or path == module:
+                by_path[path]["module_type"] = (
+                    f"{group.experts} experts" if group else cost.module_type
+                )
+        _add(by_path[path], gm, n, device, measured)
+    return list(by_path.values())
+
+
+def _sum_row(
+    path: str, group: ExpertGroup | None, measured: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """An empty row that sums nodes (:func:`_add`): a module's, or an expert group's."""
+    row: dict[str, Any] = {
+        "module": path,
+        "module_type": "",
+        "nodes": 0,
+        "shape": "",
+        "dtype": "",
+        "flops": 0,
+        "backward_flops": 0,
+        "bytes": 0,
+        "output_bytes": 0,
+        "param_bytes": 0,
+        "params": [],
+        "time_s": 0.0,
+        "measured_s": 0.0 if measured is not None else None,
+    }
+    if group is not None:
+        row["experts"] = group.experts
+    return row
+
+
+def _add(
+    row: dict[str, Any],
+    gm: GraphModule,
+    n: Node,
+    device: DeviceSpec | None,
+    measured: Mapping[str, Any] | None,
+) -> None:
+    """Add node ``n`` to the summed ``row`` (its parameters once)."""
+    cost = node_cost(n)
+    row["nodes"] += 1
+    row["flops"] += cost.flops
+    row["backward_flops"] += cost.backward_flops
+    row["bytes"] += cost.bytes
+    row["output_bytes"] += cost.output_bytes
+    row["shape"], row["dtype"] = _shape(n.meta.get("val")), cost.dtype  # the last node's output
+    new = [p for p in cost.params if p not in row["params"]]
+    row["params"].extend(new)
+    row["param_bytes"] += _param_bytes(gm, new)
+    if device is not None:
+        row["time_s"] += _time_s(cost, device)
+    if measured is not None and n.name in measured:
+        row["measured_s"] += measured[n.name].forward_s
 
 
 def inspect_summary(
@@ -103,7 +147,9 @@ def inspect_summary(
     measured: Mapping[str, Any] | None = None,
     elapsed_s: float | None = None,
 ) -> dict[str, Any]:
-    """The ``--format json`` document: model, totals and every node."""
+    """The ``--format json`` document: model, totals and every node; for a mixture of experts also
+    how its experts were costed (``experts``) and each layer's per-expert nodes
+    (``expert_groups``)."""
     totals = gm.meta["autopart_totals"]
     info = gm.meta["autopart_trace"]
     nodes = [node_row(n, device, measured) for n in gm.graph.nodes]
@@ -123,6 +169,13 @@ def inspect_summary(
         },
         "nodes": nodes,
     }
+    routing = routing_of(gm)
+    if routing is not None and routing.routes:
+        summary["experts"] = routing.describe()
+        summary["expert_groups"] = [
+            {"module": g.module, "experts": g.experts, "nodes": [n.name for n in g.nodes]}
+            for g in expert_groups(gm)
+        ]
     if device is not None:
         summary["device"] = device.name
         summary["totals"]["forward_time_s"] = sum(r["time_s"] for r in nodes)

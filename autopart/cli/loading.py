@@ -13,13 +13,16 @@ __all__ = ["load_and_trace"]
 
 def load_and_trace(args: argparse.Namespace, *, device: str = "meta") -> tuple[Any, Any, float]:
     """``(loaded model, annotated GraphModule, seconds taken)`` for the options of
-    :func:`autopart.cli.options.add_model` and :func:`~autopart.cli.options.add_tracing`."""
+    :func:`autopart.cli.options.add_model` and :func:`~autopart.cli.options.add_tracing` (which
+    declares ``--expert-imbalance``)."""
     import torch
 
     from autopart.capture.tracing import trace
     from autopart.models.model_spec import load_model, parse_config_overrides
     from autopart.passes.annotate import annotate
+    from autopart.passes.routing import check_imbalance
 
+    check_imbalance(args.expert_imbalance)  # a bad factor fails before building the model
     overrides = parse_config_overrides(args.config) if args.config else None
     start = time.perf_counter()
     quiet = is_quiet(args)
@@ -42,5 +45,9 @@ def load_and_trace(args: argparse.Namespace, *, device: str = "meta") -> tuple[A
         )
     with bar(quiet) as progress:
         task = progress.add_task("annotating", total=len(gm.graph.nodes))
-        annotate(gm, progress=lambda done, _total: progress.update(task, completed=done))
+        annotate(
+            gm,
+            progress=lambda done, _total: progress.update(task, completed=done),
+            expert_imbalance=args.expert_imbalance,
+        )
     return loaded, gm, time.perf_counter() - start

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 
+from autopart.passes.routing import DEFAULT_IMBALANCE
 from autopart.planning.request import AUTO, PlanRequest
 from autopart.planning.schedule import ScheduleKind
 
 __all__ = [
     "add_device",
+    "add_expert_imbalance",
     "add_format",
     "add_model",
     "add_pipeline",
@@ -29,6 +31,7 @@ _REQUEST_FIELDS = {
     "optimizer": "optimizer",
     "time_limit": "time_limit_s",
     "profile": "profile",
+    "expert_imbalance": "expert_imbalance",
 }
 
 
@@ -104,6 +107,20 @@ def add_pipeline(p: argparse.ArgumentParser, *, search: bool = False) -> None:
         help="plan on measured times: run each distinct op forward and backward on this machine "
         "(--device cpu: the CPU, else CUDA), cached by signature, dtype and device under "
         "$AUTOPART_CACHE_DIR (default ~/.cache/autopart)",
+    )
+
+
+def add_expert_imbalance(p: argparse.ArgumentParser) -> None:
+    """--expert-imbalance: how many times its mean share of the routed tokens each expert of a
+    mixture of experts is charged."""
+    p.add_argument(
+        "--expert-imbalance",
+        type=float,
+        default=DEFAULT_IMBALANCE,
+        metavar="F",
+        help="mixture-of-experts models: charge each expert F times its mean share T*k/E of the "
+        "routed tokens (at most every token), F >= 1 (default 1: the mean; 1.5 leaves headroom "
+        "for skewed routing)",
     )
 
 

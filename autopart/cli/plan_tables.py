@@ -29,6 +29,8 @@ def print_plan(plan: Any, elapsed_s: float) -> None:
             f"planned on measured times: the graph's ops were profiled on this machine in "
             f"{plan.profile_s:.2f} s (cached by op signature, dtype and device)"
         )
+    if plan.experts:
+        out.print(f"experts: {plan.experts}")
     if plan.tp is not None:
         _print_tp(plan.tp)
     out.print(_baseline_table(plan))

@@ -204,7 +204,7 @@ def emit_model(
     loaded = load_model(spec, batch=batch, seq=seq, config=overrides, device="cpu", seed=0)
     args, kwargs = tuple(loaded.example_inputs), dict(loaded.example_kwargs)
     target, loss_fn = training_batch(loaded)
-    gm = annotate(trace(loaded.model, args, kwargs))
+    gm = annotate(trace(loaded.model, args, kwargs), expert_imbalance=req.expert_imbalance)
     size = batch_size(tree_flatten((args, kwargs))[0])
 
     def make(graph: GraphModule, graph_batch: int, m: int | None) -> Plan:

@@ -59,6 +59,7 @@ import torch
 
 from autopart._compat import StrEnum
 from autopart.errors import AutopartError
+from autopart.passes.routing import costed_experts
 from autopart.planning.blocks import BlockGraph
 from autopart.planning.graph import OpGraph, coarsen
 from autopart.planning.mesh_plan import (
@@ -270,6 +271,7 @@ def search_mesh(
             "mesh 'auto' needs the number of devices to search: pass --devices N (devices=N)."
         )
     start = time.perf_counter()
+    experts = costed_experts(gm, req.expert_imbalance)  # a mismatched graph fails before solving
     search = _Search(gm, planning_setup(req), batch, progress or (lambda _msg: None))
     search.bound_all()
     best_estimate = search.estimate_all()
@@ -282,7 +284,9 @@ def search_mesh(
     best.status = MeshStatus.CHOSEN
     return MeshSearch(
         # every axis, sizes 1 too
-        plan=dataclasses.replace(_plan_of(best), mesh=best.mesh, profile_s=search.profile_s),
+        plan=dataclasses.replace(
+            _plan_of(best), mesh=best.mesh, profile_s=search.profile_s, experts=experts
+        ),
         devices=req.devices,
         candidates=tuple(_record(c) for c in sorted(search.meshes, key=_table_order)),
         reason=_reason(best, search.meshes, search.setup),

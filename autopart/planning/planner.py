@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from autopart.errors import AutopartError
+from autopart.passes.routing import costed_experts
 from autopart.planning.mesh_plan import (
     MEMORY_ERRORS,
     TPCostsOf,
@@ -64,7 +65,9 @@ def plan(
     req = PlanRequest.of(request, options)  # bad options fail before tracing
     if req.name is None:
         req = req.with_options(name=type(model).__name__)
-    gm = annotate(trace(model, example_inputs, example_kwargs))
+    gm = annotate(
+        trace(model, example_inputs, example_kwargs), expert_imbalance=req.expert_imbalance
+    )
     return plan_graph(gm, req, batch=batch_size(example_inputs))
 
 
@@ -90,8 +93,11 @@ def plan_graph(
     section holds the placement of every node of ``gm``. ``mesh="auto"`` searches the meshes of
     ``devices`` devices and returns the fastest plan that fits memory
     (:func:`autopart.planning.mesh_search.search_mesh`, which also reports the alternatives).
+    A mixture of experts must have been annotated with the request's ``expert_imbalance``; the
+    plan's ``experts`` says how its experts were costed.
     """
     req = PlanRequest.of(request, options)
+    experts = costed_experts(gm, req.expert_imbalance)  # a mismatched graph fails before solving
     if req.is_auto:
         from autopart.planning.mesh_search import search_mesh
 
@@ -124,7 +130,7 @@ def plan_graph(
             graph_batch=graph_batch,
             fsdp=fsdp,
         )
-        return dataclasses.replace(plan, profile_s=profile_s) if profile_s is not None else plan
+        return dataclasses.replace(plan, profile_s=profile_s, experts=experts)
 
     if tp == 1:
         return plan_with(None)

@@ -257,6 +257,10 @@ class Plan:
     profile_s: float | None = None
     """Seconds spent measuring the graph's ops when the plan was made on measured times
     (``--profile``); ``None`` for a plan on the cost model. Written to JSON only when set."""
+    experts: str = ""
+    """How the mixture-of-experts layers were costed (tokens charged per expert, ``T*k/E``, the
+    imbalance factor; :meth:`autopart.passes.routing.ExpertRouting.describe`); empty for a model
+    that routes nothing, and then not written to JSON."""
 
     def __post_init__(self) -> None:
         mesh = parse_mesh(dict(self.mesh))
@@ -282,6 +286,7 @@ class Plan:
             _check_nonneg(getattr(self, name), name)
         if self.profile_s is not None:
             _check_nonneg(self.profile_s, "profile_s")
+        _check(isinstance(self.experts, str), f"experts must be a string, got {self.experts!r}")
         _check(
             0.0 <= self.bubble_fraction < 1.0,
             f"bubble_fraction must be in [0, 1), got {self.bubble_fraction}",
@@ -320,7 +325,7 @@ class Plan:
         # Fields added after the format's first release are written only where set, so the file
         # of a plan that does not use them is unchanged.
         d["stages"] = [_drop_unset(asdict(s), backward_weight_s=0.0) for s in self.stages]
-        return _drop_unset(d, schedule_options=(), profile_s=None)
+        return _drop_unset(d, schedule_options=(), profile_s=None, experts="")
 
     def to_json(self, *, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
@@ -372,6 +377,7 @@ class Plan:
                     ScheduleOption(**o) for o in raw.get("schedule_options", ())
                 ),
                 profile_s=None if raw.get("profile_s") is None else float(raw["profile_s"]),
+                experts=str(raw.get("experts", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, PlanError):

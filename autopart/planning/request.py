@@ -17,6 +17,7 @@ from typing import Any
 
 from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
+from autopart.passes.routing import DEFAULT_IMBALANCE, check_imbalance
 from autopart.planning.plans import format_mesh, parse_mesh
 from autopart.planning.schedule import ScheduleKind
 
@@ -58,6 +59,10 @@ class PlanRequest:
     """Plan on measured times: every distinct op signature is run forward and backward on this
     machine (the ``device``'s kind: CPU for ``"cpu"``, else CUDA) at the graph's shapes, cached
     by signature, dtype and device (:func:`autopart.cost_models.profiling.profiled_compute`)."""
+    expert_imbalance: float = DEFAULT_IMBALANCE
+    """Mixture-of-experts models: each expert is charged this many times its mean share of the
+    routed tokens (``T * k / E``; at most ``T``), >= 1 (:mod:`autopart.passes.routing`). The graph
+    is annotated with it; planning a graph annotated with another factor is an error."""
 
     def __post_init__(self) -> None:
         mesh: Any = self.mesh
@@ -74,6 +79,7 @@ class PlanRequest:
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise AutopartError(f"{field} must be a whole number >= 1, got {value!r}.")
+        object.__setattr__(self, "expert_imbalance", check_imbalance(self.expert_imbalance))
         if not self.time_limit_s > 0:
             raise AutopartError(f"time_limit_s must be > 0 seconds, got {self.time_limit_s!r}.")
         if not self.is_auto and self.devices is not None and self.size != self.devices:

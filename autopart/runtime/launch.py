@@ -27,6 +27,7 @@ import torch
 
 from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
+from autopart.passes.routing import DEFAULT_IMBALANCE, check_imbalance
 from autopart.runtime.step_clock import (
     RankSummary,
     StepClock,
@@ -138,12 +139,14 @@ def run_local(
     verify: bool = True,
     comm: str = "measured",
     profile: bool = False,
+    expert_imbalance: float = DEFAULT_IMBALANCE,
 ) -> RunReport:
     """Spawn the ranks ``mesh`` needs, train ``spec`` for ``steps`` steps, check and time it.
     ``verify`` checks tensor-parallel stages against unsharded ones first (:mod:`autopart.runtime.verify`).
     ``comm="measured"`` plans on the link and pipeline costs measured on the ranks' group
     (:func:`autopart.runtime.measure.measured_comm`, cached), ``"table"`` on the device table's.
-    ``profile=True`` plans on op times rank 0 measures (:mod:`autopart.cost_models.profiling`)."""
+    ``profile=True`` plans on op times rank 0 measures (:mod:`autopart.cost_models.profiling`).
+    ``expert_imbalance`` is the planning option of that name (mixtures of experts)."""
     from autopart.planning.plans import parse_mesh
 
     world = math.prod(parse_mesh(mesh).values())  # dp x pp x tp ranks
@@ -167,6 +170,7 @@ def run_local(
             stages_per_rank,
             comm,
             profile,
+            check_imbalance(expert_imbalance),  # a bad factor fails before any rank starts
         )
         args = (world, str(Path(tmp) / "store"), request, str(out), timeout_s)
         spawn_ranks(_rank_main, args, world, timeout_s=timeout_s, what="the run")
@@ -229,6 +233,7 @@ class _RunRequest:
     stages_per_rank: int | None = None
     comm: str = "measured"
     profile: bool = False
+    expert_imbalance: float = DEFAULT_IMBALANCE
 
 
 _COMM_SOURCES = ("measured", "table")
@@ -293,7 +298,12 @@ def _compile(loaded: Any, request: _RunRequest, spec: DeviceSpec) -> Any:
 
     _, loss_fn = training_batch(loaded)
     # planned for what the run does: SGD without momentum (parameters and gradients, no state)
-    plan_request = PlanRequest(mesh=request.mesh, device=spec, optimizer="sgd")
+    plan_request = PlanRequest(
+        mesh=request.mesh,
+        device=spec,
+        optimizer="sgd",
+        expert_imbalance=request.expert_imbalance,
+    )
     return autopart.compile(
         loaded.model,
         request.mesh,

@@ -162,7 +162,7 @@ def compile(
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     inputs = ProgramInputs.of(args, kwargs)
-    gm = annotate(trace(model, args, kwargs))
+    gm = annotate(trace(model, args, kwargs), expert_imbalance=req.expert_imbalance)
     inputs.check_graph(gm)
     batch = batch_size(inputs.flat)
     if batch % replicas:
@@ -241,6 +241,7 @@ def _plan_on_rank_zero(
     so the ranks cannot each plan for themselves as they do on the cost model. Rank 0 measures and
     plans, the plan is broadcast, and every other rank traces the graph that runs at its count."""
     from autopart.passes.annotate import annotate
+    from autopart.passes.routing import imbalance_of
 
     box: list[Any] = [None]
     if dist.get_rank() == 0:
@@ -253,7 +254,7 @@ def _plan_on_rank_zero(
         return plan, run_gm
     plan = Plan.from_json(box[0])
     run_gm = micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
-    return plan, (run_gm if run_gm is gm else annotate(run_gm))
+    return plan, (run_gm if run_gm is gm else annotate(run_gm, expert_imbalance=imbalance_of(gm)))
 
 
 def _compile_request(

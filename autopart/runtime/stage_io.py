@@ -199,13 +199,17 @@ def plan_that_runs(
     micro-batch graph is planned itself at the same count, costed at the shapes it runs with.
     With ``profile`` (the plan is made on measured times) the micro-batch graph is always the one
     planned, so its ops are measured at the shapes they run with; at once when the count is
-    given, else after the whole batch's plan has chosen it."""
+    given, else after the whole batch's plan has chosen it. The micro-batch graph's experts are
+    costed at ``gm``'s imbalance factor."""
     from autopart.passes.annotate import annotate
+    from autopart.passes.routing import imbalance_of
+
+    imbalance = imbalance_of(gm)
 
     if profile and micro_batches is not None:
         chunks = dp * micro_batches
         run_gm = micro_batch_graph(model, gm, args, kwargs, batch, chunks)
-        graph = run_gm if run_gm is gm else annotate(run_gm)
+        graph = run_gm if run_gm is gm else annotate(run_gm, expert_imbalance=imbalance)
         plan = make(graph, batch // chunks, micro_batches)
         _tp_holds(run_gm, plan, strict=True)
         return plan, run_gm
@@ -215,7 +219,8 @@ def plan_that_runs(
     remeasure = profile and run_gm is not gm
     if not remeasure and same_nodes(gm, run_gm) and _tp_holds(run_gm, plan, strict=run_gm is gm):
         return plan, run_gm
-    plan = make(annotate(run_gm), batch // chunks, plan.micro_batches)
+    graph = annotate(run_gm, expert_imbalance=imbalance)
+    plan = make(graph, batch // chunks, plan.micro_batches)
     _tp_holds(run_gm, plan, strict=True)
     return plan, run_gm
 

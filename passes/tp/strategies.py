@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch.fx import GraphModule, Node
-from torch.fx.experimental.symbolic_shapes import has_free_unbacked_symbols
 
 from autopart._compat import StrEnum
 from autopart.cost_models.comm import (
@@ -54,7 +53,7 @@ from autopart.cost_models.comm import (
 from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
 from autopart.passes.mutations import mutation_groups, written_inputs
-from autopart.passes.routing import defines_sizes
+from autopart.passes.routing import routed
 from autopart.passes.tp.placements import (
     NodeStrategies,
     Placement,
@@ -190,7 +189,7 @@ def tp_strategies(gm: GraphModule, degree: int) -> dict[str, NodeStrategies]:
             attrs.append(node)
             cands[node] = [R]
             continue
-        if node in writing or _routed(node):
+        if node in writing or routed(node):
             reason = _WRITES if node in writing else _ROUTED
             result[node.name] = NodeStrategies((replicated(node),), (reason,))
             cands[node] = [R]
@@ -234,13 +233,6 @@ _ROUTED = (
     "its size is known only at run time (the tokens routed to one expert), so it runs "
     "replicated: every rank routes all tokens and runs the expert whole"
 )
-
-
-def _routed(node: Node) -> bool:
-    """Whether ``node`` computes, carries or reads a size known only at run time (an expert's
-    tokens)."""
-    values = [node, *node.all_input_nodes]
-    return defines_sizes(node) or any(has_free_unbacked_symbols(n.meta.get("val")) for n in values)
 
 
 def _touch_written(gm: GraphModule) -> set[Node]:

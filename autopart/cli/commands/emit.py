@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from autopart.cli.console import is_quiet, out, print_json, spinner
-from autopart.cli.options import add_device, add_format, add_model, add_pipeline, plan_request
+from autopart.cli.options import (
+    add_device,
+    add_expert_imbalance,
+    add_format,
+    add_model,
+    add_pipeline,
+    plan_request,
+)
 from autopart.cli.plan_tables import print_plan
 
 __all__ = ["add_parser", "run"]
@@ -25,6 +32,7 @@ def add_parser(subparsers: Any) -> None:
         "`torchrun --nproc-per-node N run.py` (only torch needed).",
     )
     add_model(p)
+    add_expert_imbalance(p)
     add_pipeline(p)
     add_device(p, default="cpu", why=": the gloo runtime's")
     p.add_argument("--out", required=True, help="folder to write the program into")

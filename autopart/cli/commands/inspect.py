@@ -9,7 +9,7 @@ from rich.table import Table
 
 from autopart.cli.console import bar, err, is_quiet, out, print_json
 from autopart.cli.loading import load_and_trace
-from autopart.cli.options import add_format, add_model, add_tracing
+from autopart.cli.options import add_expert_imbalance, add_format, add_model, add_tracing
 from autopart.units import format_bytes, format_flops, format_seconds
 
 __all__ = ["add_parser", "run"]
@@ -22,6 +22,7 @@ def add_parser(subparsers: Any) -> None:
         description="Trace MODEL and print its graph: op, shape, FLOPs, bytes and parameters per node.",
     )
     add_model(p)
+    add_expert_imbalance(p)
     add_tracing(p)
     p.add_argument(
         "--by",
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         print_json(summary)
         return 0
     rows = inspect_rows(gm, by=args.by, depth=args.depth, device=device, measured=measured)
-    _print_table(summary, rows, limit=args.limit, device=device)
+    _print_table(summary, rows, limit=args.limit, device=device, by_module=args.by == "module")
     return 0
 
 
@@ -102,9 +103,13 @@ def _profile(args: argparse.Namespace, gm: Any, device: Any) -> tuple[Any, Any]:
 
 
 def _print_table(
-    summary: dict[str, Any], rows: list[dict[str, Any]], *, limit: int | None, device: Any
+    summary: dict[str, Any],
+    rows: list[dict[str, Any]],
+    *,
+    limit: int | None,
+    device: Any,
+    by_module: bool,
 ) -> None:
-    by_module = bool(rows) and "nodes" in rows[0]
     profiled = "measured_forward_s" in summary["totals"]
     table = _table(summary, by_module=by_module, device=device, profiled=profiled)
     for r in rows if limit is None else rows[:limit]:
@@ -121,6 +126,8 @@ def _print_table(
         f"activations saved for backward {format_bytes(t['activation_bytes'])}   "
         f"{t['nodes']} nodes   traced and annotated in {summary['elapsed_s']:.2f} s"
     )
+    if "experts" in summary:
+        out.print(f"experts: {summary['experts']}")
 
 
 def _table(summary: dict[str, Any], *, by_module: bool, device: Any, profiled: bool) -> Table:

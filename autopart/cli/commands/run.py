@@ -9,7 +9,13 @@ from typing import Any
 from rich.table import Table
 
 from autopart.cli.console import is_quiet, out, print_json, spinner
-from autopart.cli.options import add_format, add_model, add_pipeline, plan_request
+from autopart.cli.options import (
+    add_expert_imbalance,
+    add_format,
+    add_model,
+    add_pipeline,
+    plan_request,
+)
 from autopart.units import format_bytes, format_seconds
 
 __all__ = ["add_parser", "run"]
@@ -26,6 +32,7 @@ def add_parser(subparsers: Any) -> None:
         "and parameters against the unpartitioned model, and print throughput and stage times beside the plan.",
     )
     add_model(p)
+    add_expert_imbalance(p)
     add_pipeline(p)
     p.add_argument("--steps", type=int, default=3, help="training steps (default 3)")
     p.add_argument(
@@ -70,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
             verify=args.verify,
             comm=args.comm,
             profile=request.profile,
+            expert_imbalance=request.expert_imbalance,
         )
     loss_diff = max(
         abs(a - b) / max(abs(b), 1e-12) for a, b in zip(report.losses, report.reference_losses)
