@@ -393,8 +393,11 @@ class _ScheduleSearch:
         """The simulations over the limit, for the table of options."""
         self.failed: list[AutopartError] = []
         """Stage solves that found no split within their time limit."""
-        self.infeasible: dict[tuple[int, ...], list[tuple[list[int], InfeasibleMemoryError]]] = {}
-        """Per stage layout, the in-flight counts for which no split fits memory."""
+        self.infeasible: dict[
+            tuple[int, ...], list[tuple[list[int], bool, InfeasibleMemoryError]]
+        ] = {}
+        """Per stage layout, the in-flight counts for which no split fits memory (and whether
+        recomputation was offered)."""
         self.most_micro_batches = 1
         """The most micro-batches compared: the size the layouts are cut and solved at."""
         self.estimated: list[_Candidate] = []
@@ -543,7 +546,7 @@ class _ScheduleSearch:
         reuse = self.solved.get(ranks)
         if (
             reuse is not None
-            and self.may_recompute(kind) >= bool(reuse.bg.recomputed)
+            and (kind not in SPLIT_BACKWARD or not reuse.bg.recomputed)
             and _fits(
                 per_micro_batch(reuse.bg, m),
                 reuse.stage_of,
@@ -557,8 +560,10 @@ class _ScheduleSearch:
             # optimal 1F1B assignment that also fits GPipe's memory is optimal for GPipe too; the
             # same holds between any two schedules of one stage layout.
             return reuse
-        for failed, exc in self.infeasible.get(ranks, []):
-            if all(a >= b for a, b in zip(in_flight, failed)):
+        for failed, offered, exc in self.infeasible.get(ranks, []):
+            if offered >= self.may_recompute(kind) and all(
+                a >= b for a, b in zip(in_flight, failed)
+            ):
                 # the same model with at least as many activations in flight: no split fits
                 self.missed.append((kind, v, m, exc.minimum_bytes))
                 return None
@@ -574,7 +579,8 @@ class _ScheduleSearch:
             if explain:
                 self.misses.append((kind, m, exc))
             self.missed.append((kind, v, m, exc.minimum_bytes))
-            self.infeasible.setdefault(ranks, []).append((in_flight, exc))
+            offered = self.may_recompute(kind)
+            self.infeasible.setdefault(ranks, []).append((in_flight, offered, exc))
             return None
         except AutopartError as exc:  # no split within the time limit: the other layouts may
             self.failed.append(exc)
@@ -721,15 +727,18 @@ def _no_fit_error(
         kind, m, exc = min(misses, key=lambda miss: miss[2].minimum_bytes)
         need = exc.need
         fewer = "" if any(k == "1f1b" for k, _, _ in misses) else ", or use the 1f1b schedule"
+        kept = "in-flight activations"
+        if exc.recomputed:
+            kept += ", with every layer recomputed where that saves memory"
         return InfeasibleMemoryError(
             f"no schedule fits {format_bytes(limit)} per device on {p} pipeline stages: the "
             f"leanest, {kind} with {m} micro-batches, {need.needs(format_bytes_up)} (parameters, "
-            "gradients, optimizer state, shared parameters on every stage that uses them, and "
-            f"in-flight activations). {need.raise_to(format_bytes_up)}, add devices (more "
-            f"stages){fewer}.",
+            f"gradients, optimizer state, shared parameters on every stage that uses them, and "
+            f"{kept}). {need.raise_to(format_bytes_up)}, add devices (more stages){fewer}.",
             exc.minimum_bytes,
             need=need,
             reason=f"the leanest, {kind} with {m} micro-batches, {need.needs(format_bytes_up)}",
+            recomputed=exc.recomputed,
         )
     peak, kind, m = min(simulated)
     return NoScheduleFitsError(

@@ -90,10 +90,13 @@ class InfeasibleMemoryError(AutopartError):
         *,
         need: MemoryNeed | None = None,
         reason: str | None = None,
+        recomputed: bool = False,
     ) -> None:
         super().__init__(message, reason=reason)
         self.minimum_bytes = minimum_bytes
         """Proven: every split needs at least this much per device."""
+        self.recomputed = recomputed
+        """Whether the minimum lets layers recompute (where that saves memory)."""
         self.need = need or MemoryNeed(minimum_bytes, minimum_bytes, 0.0)
         """What the memory search proved and found (see :class:`MemoryNeed`)."""
 
@@ -567,6 +570,7 @@ def _infeasible_memory(
         need.least_bytes,
         need=need,
         reason=f"a plan {need.needs(_gib_up)}",
+        recomputed=bool(d.may_recompute),
     )
 
 

@@ -228,3 +228,31 @@ def test_checkpointed_stages_compute_the_same_and_keep_less() -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
     # each layer kept its input and its linear's output; recomputed, only its input
     assert kept2 * 2 == kept
+
+
+def test_the_plan_table_shows_what_recomputes_and_what_it_costs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from autopart.cli.main import main
+
+    argv = ["plan", "mlp", "--batch", "2048", "--mesh", "pp=2", "--schedule", "1f1b"]
+    assert main([*argv, "--micro-batches", "2", "--recompute", "full"]) == 0
+    out = capsys.readouterr().out
+    assert "recomputed in backward" in out and "layers.0-3" in out
+    assert main([*argv, "--micro-batches", "2"]) == 0
+    assert "recomputed in backward" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main([*argv, "--recompute", "sometimes"])
+
+
+def test_a_plan_that_fits_nowhere_names_the_memory_it_needs_recomputing() -> None:
+    with pytest.raises(InfeasibleMemoryError) as recomputed:
+        _mlp_plan(memory=1 << 20)
+    assert recomputed.value.recomputed and "every layer recomputed" in str(recomputed.value)
+    with pytest.raises(InfeasibleMemoryError) as kept:
+        _mlp_plan(memory=1 << 20, recompute="none")
+    assert not kept.value.recomputed
+    assert recomputed.value.minimum_bytes < kept.value.minimum_bytes
+    # the minimum it names is enough: a plan fits there (recomputing)
+    fits = _mlp_plan(memory=recomputed.value.need.fits_bytes)
+    assert fits.recompute
