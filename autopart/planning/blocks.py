@@ -360,7 +360,7 @@ def _merged(bg: BlockGraph, groups: Sequence[Sequence[Block]]) -> BlockGraph:
         blocks.append(
             Block(
                 index=g,
-                name=members[0].layer or members[0].name,
+                name=_unit_name(members),
                 nodes=tuple(n for b in members for n in b.nodes),
                 modules=tuple(dict.fromkeys(m for b in members for m in b.modules)),
                 forward_s=sum(b.forward_s for b in members),
@@ -379,6 +379,18 @@ def _merged(bg: BlockGraph, groups: Sequence[Sequence[Block]]) -> BlockGraph:
             )
         )
     return BlockGraph(tuple(blocks), tuple(tensors), bg.param_bytes_by_name, bg.op_graph)
+
+
+def _unit_name(members: Sequence[Block]) -> str:
+    """The layers a merged block spans, e.g. ``model.layers.3`` or ``model.layers.3-4`` (blocks
+    of a coarse graph may hold the end of one layer and the start of the next)."""
+    first = members[0]
+    if first.layer is None:
+        return first.name
+    prefix = first.layer.rpartition(".")[0] + "."
+    heads = (m.removeprefix(prefix).split(".")[0] for b in members for m in b.modules)
+    indices = [i for i in dict.fromkeys(heads) if i.isdigit()]
+    return first.layer if len(indices) <= 1 else f"{prefix}{indices[0]}-{indices[-1]}"
 
 
 def _scale_block(b: Block, factor: float) -> Block:

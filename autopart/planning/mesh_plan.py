@@ -442,6 +442,16 @@ class _ScheduleSearch:
             settled = key in self.solved and self.solved[key].status != "OPTIMAL"
         # A layout left unsolved competes on its contiguous split: a valid plan too (the stage
         # ILP's hint), simulated as the others are.
+        keeps = [
+            c
+            for c in (*self.candidates, *self.estimated)
+            if not c.bg.recomputed and max(c.timeline.peak_memory_bytes) <= self.limit
+        ]
+        if self.setup.request.recompute == "auto" and not keeps:
+            # Memory binds: every layer recomputed, on the contiguous split, at every count
+            # (the stage ILP chose its layers at the leanest count only)
+            whole = [lay for lay in layouts if lay[0] not in SPLIT_BACKWARD]
+            self.estimated += self.estimate(whole, pipe, recomputed=True)
         for c in self.estimated:
             fits = max(c.timeline.peak_memory_bytes) <= self.limit
             (self.candidates if fits else self.over).append(c)
@@ -451,12 +461,21 @@ class _ScheduleSearch:
         return self.setup.limit
 
     def estimate(
-        self, group: Sequence[tuple[str, int, Sequence[int]]], pipe: _Pipeline
+        self,
+        group: Sequence[tuple[str, int, Sequence[int]]],
+        pipe: _Pipeline,
+        *,
+        recomputed: bool = False,
     ) -> list[_Candidate]:
-        """Each layout of ``group`` simulated at each count on its chain-DP split."""
+        """Each layout of ``group`` simulated at each count on its chain-DP split (of whole
+        layers, each recomputed, with ``recomputed``)."""
         out = []
         for kind, v, counts in group:
             bg, ranks = self.graph(v), stage_ranks(kind, self.p, v)
+            if recomputed:
+                bg = _fully_recomputed(bg)
+                if len(bg.blocks) < self.p * v:
+                    continue
             stage_of = tuple(
                 baselines.chain_dp(per_micro_batch(bg, counts[0]), self.p * v, self.spec)
             )
@@ -511,7 +530,7 @@ class _ScheduleSearch:
             cut = coarsen(self.og.scaled(1 / key[1]), max_blocks=most, num_stages=self.p * key[0])
             bg = group_blocks(self.og, [b.nodes for b in cut.blocks])
             if self.setup.request.recompute == "full":
-                bg = bg.fully_recomputed()
+                bg = _fully_recomputed(bg)
             self.graphs[key] = bg
         return self.graphs[key]
 
@@ -841,7 +860,7 @@ def _recomputed(scaled: BlockGraph, stage_of: Sequence[int]) -> tuple[Recomputed
     """The plan's record of the blocks that recompute (``scaled``: costs of one micro-batch)."""
     return tuple(
         RecomputedBlock(
-            name=b.layer or b.name,
+            name=b.name,
             stage=s,
             nodes=b.nodes,
             recompute_s=b.recompute_s,
@@ -966,6 +985,12 @@ def _held_per_device(
     state = _state_per_device(scaled, stage_of, ranks, state_per_byte)
     rebuilt = scaled.rematerialized_bytes(stage_of, ranks)
     return [held + extra for held, extra in zip(state, rebuilt)]
+
+
+@functools.lru_cache(maxsize=16)
+def _fully_recomputed(bg: BlockGraph) -> BlockGraph:
+    """``bg``'s whole layers, each recomputed (memoized)."""
+    return bg.fully_recomputed()
 
 
 @functools.lru_cache(maxsize=16)
