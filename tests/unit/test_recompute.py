@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,3 +292,10 @@ def test_measured_peak_memory_drops_by_what_the_plan_predicts() -> None:
     )
     drop = measured(plans["none"]) - measured(plans["full"])
     assert predicted > 0 and drop == pytest.approx(predicted, rel=0.10)
+
+
+def test_emit_refuses_a_plan_that_recomputes(tmp_path: Path) -> None:
+    from autopart.codegen.emitter import EmitError, emit
+
+    with pytest.raises(EmitError, match=r"recompute activations yet .*--recompute none"):
+        emit(_mlp_plan(recompute="full"), tmp_path)
