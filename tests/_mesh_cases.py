@@ -304,3 +304,26 @@ def assert_buffers_match(
                 atol=1e-6,
                 msg=lambda m, n=n, r=replica: f"replica {r}, buffer {n}: {m}",
             )
+
+
+RECOMPUTE = "+recompute"
+"""A case whose schedule ends with this plans with ``recompute="full"``: every layer runs under
+``torch.utils.checkpoint``, and must train exactly as the unpartitioned model does."""
+
+
+def recompute_request(schedule: str, device: Any) -> tuple[str, Any]:
+    """(the case's schedule, the request to compile it with: ``None`` unless it recomputes)."""
+    from autopart.planning.request import PlanRequest
+
+    if not schedule.endswith(RECOMPUTE):
+        return schedule, None
+    return schedule.removesuffix(RECOMPUTE), PlanRequest(recompute="full", device=device)
+
+
+def recomputed_blocks(program: Any) -> int:
+    """How many blocks this rank's stages run under checkpointing."""
+    from autopart.passes.recompute import Recomputed
+
+    return sum(
+        isinstance(m, Recomputed) for stage in program.local_stages for m in stage.module.modules()
+    )

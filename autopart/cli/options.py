@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from autopart.passes.routing import DEFAULT_IMBALANCE
-from autopart.planning.request import AUTO, PlanRequest
+from autopart.planning.request import AUTO, RECOMPUTE, PlanRequest
 from autopart.planning.schedule import ScheduleKind
 
 __all__ = [
@@ -32,6 +32,7 @@ _REQUEST_FIELDS = {
     "time_limit": "time_limit_s",
     "profile": "profile",
     "expert_imbalance": "expert_imbalance",
+    "recompute": "recompute",
 }
 
 
@@ -73,8 +74,8 @@ def add_tracing(p: argparse.ArgumentParser) -> None:
 
 
 def add_pipeline(p: argparse.ArgumentParser, *, search: bool = False) -> None:
-    """--mesh (``search``: also ``auto``), --micro-batches, --schedule, --stages-per-rank and
-    --profile."""
+    """--mesh (``search``: also ``auto``), --micro-batches, --schedule, --stages-per-rank,
+    --recompute and --profile."""
     mesh_help = "mesh spec, e.g. pp=4 or dp=2,pp=2,tp=2 (default pp=2)"
     if search:
         mesh_help += (
@@ -100,6 +101,14 @@ def add_pipeline(p: argparse.ArgumentParser, *, search: bool = False) -> None:
         default=None,
         help="pipeline stages on each rank (default: compare 1 to 4 where the schedule allows; "
         "gpipe and 1f1b run 1, zbv and dualpipev 2)",
+    )
+    p.add_argument(
+        "--recompute",
+        choices=RECOMPUTE,
+        default=AUTO,
+        help="activation recomputation (torch.utils.checkpoint per block): auto (default) lets "
+        "the stage solver recompute blocks only where no split fits memory otherwise; none keeps "
+        "every activation; full recomputes every block that keeps less by it",
     )
     p.add_argument(
         "--profile",

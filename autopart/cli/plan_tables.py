@@ -33,6 +33,8 @@ def print_plan(plan: Any, elapsed_s: float) -> None:
         out.print(f"experts: {plan.experts}")
     if plan.tp is not None:
         _print_tp(plan.tp)
+    if plan.recompute:
+        out.print(_recompute_table(plan))
     out.print(_baseline_table(plan))
     if len(plan.schedule_options) > 1:
         out.print(schedule_table(plan))
@@ -137,6 +139,29 @@ def _stage_table(plan: Any) -> Table:
             format_bytes(st.param_bytes),
             format_bytes(st.peak_memory_bytes),
             f"{min(1.0, busy_s / plan.step_time_s):.0%}" if plan.step_time_s else "",
+        )
+    return table
+
+
+def _recompute_table(plan: Any) -> Table:
+    """The layers each stage recomputes and what that costs and saves per micro-batch."""
+    table = Table(
+        title="recomputed in backward (torch.utils.checkpoint; per micro-batch: the forward "
+        "again, the activations not kept)",
+        title_justify="left",
+    )
+    for col in ("stage", "layers", "blocks", "recompute time", "activations saved"):
+        table.add_column(col, justify="left" if col == "layers" else "right")
+    for st in plan.stages:
+        mine = [r for r in plan.recompute if r.stage == st.index]
+        if not mine:
+            continue
+        table.add_row(
+            str(st.index),
+            compress_modules(list(dict.fromkeys(r.name for r in mine))),
+            str(len(mine)),
+            format_seconds(sum(r.recompute_s for r in mine)),
+            format_bytes(sum(r.saved_bytes for r in mine)),
         )
     return table
 

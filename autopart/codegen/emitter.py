@@ -148,7 +148,7 @@ def emit(
         raise EmitError(f"steps must be >= 1 and lr a positive number, got steps={steps}, lr={lr}.")
     out = Path(out_dir)
     if isinstance(plan_or_program, (Plan, ParallelProgram)):
-        _check_no_fsdp(
+        _check_emittable(
             plan_or_program.plan
             if isinstance(plan_or_program, ParallelProgram)
             else plan_or_program
@@ -406,9 +406,19 @@ _NO_FSDP = (
 )
 
 
-def _check_no_fsdp(plan: Plan) -> None:
+_NO_RECOMPUTE = (
+    "emit does not write programs that recompute activations yet (the plan recomputes {blocks}): "
+    "run the plan with autopart.compile / `autopart run`, or plan with --recompute none (and "
+    "more memory or devices)."
+)
+
+
+def _check_emittable(plan: Plan) -> None:
     if plan.mesh.get("fsdp", 1) > 1:
         raise EmitError(_NO_FSDP)
+    if plan.recompute:
+        names = ", ".join(dict.fromkeys(r.name for r in plan.recompute))
+        raise EmitError(_NO_RECOMPUTE.format(blocks=names))
 
 
 def _check_target(target: Any, batch: int, micro_batches: int) -> None:

@@ -82,6 +82,15 @@ class Block:
     parts: launches, weight reads); :meth:`BlockGraph.scaled` keeps it."""
     fixed_backward_s: float = 0.0
     """The same for ``backward_s``."""
+    input_bytes: int = 0
+    """Bytes of the values it reads from outside (other blocks' outputs, model inputs it saves):
+    all it keeps per micro-batch when recomputed."""
+    recomputed: bool = False
+    """Its forward runs again in its backward (``torch.utils.checkpoint``): see
+    :meth:`recompute`."""
+    rematerialized_bytes: int = 0
+    """What a recomputed block rebuilds for the one micro-batch it runs backward on (its
+    activations): held during that backward only, on top of what the device keeps."""
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -94,6 +103,8 @@ class Block:
             "param_bytes",
             "activation_bytes",
             "weight_grad_bytes",
+            "input_bytes",
+            "rematerialized_bytes",
         ):
             if not getattr(self, name) >= 0:
                 raise AutopartError(f"Block {self.index}: {name} must be >= 0")
@@ -108,6 +119,32 @@ class Block:
     @property
     def compute_s(self) -> float:
         return self.forward_s + self.backward_s
+
+    @property
+    def can_recompute(self) -> bool:
+        """Whether recomputing keeps fewer bytes than its activations (else it only costs time)."""
+        return not self.recomputed and self.input_bytes < self.activation_bytes
+
+    @property
+    def recompute_s(self) -> float:
+        """The forward it runs again in its backward (0 unless recomputed)."""
+        return self.forward_s if self.recomputed else 0.0
+
+    def recompute(self) -> Block:
+        """This block under full recomputation, the one rule every memory and time view reads:
+        it keeps only its inputs (``activation_bytes = input_bytes``), its backward (the input
+        gradient part) runs its forward again first, and its activations are rebuilt
+        (``rematerialized_bytes``) for the backward of one micro-batch."""
+        if self.recomputed:
+            return self
+        return dataclasses.replace(
+            self,
+            activation_bytes=self.input_bytes,
+            backward_s=self.backward_s + self.forward_s,
+            fixed_backward_s=self.fixed_backward_s + self.fixed_forward_s,
+            recomputed=True,
+            rematerialized_bytes=self.activation_bytes,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +279,45 @@ class BlockGraph:
     def total_compute_s(self) -> float:
         return sum(b.compute_s for b in self.blocks)
 
+    @property
+    def recomputed(self) -> tuple[int, ...]:
+        """The blocks that recompute their forward in backward."""
+        return tuple(b.index for b in self.blocks if b.recomputed)
+
+    def with_recompute(self, blocks: Sequence[int]) -> BlockGraph:
+        """These blocks, with ``blocks`` recomputed (:meth:`Block.recompute`)."""
+        chosen = set(blocks)
+        out = tuple(b.recompute() if b.index in chosen else b for b in self.blocks)
+        return BlockGraph(out, self.tensors, self.param_bytes_by_name, self.op_graph)
+
+    def by_layers(self) -> BlockGraph:
+        """These blocks merged into recompute units: each repeated layer from its first block up
+        to the next layer's (what follows a layer outside any layer, such as an MLP's
+        activation function or a final norm, goes with it; what precedes the first layer is one
+        unit). Merged, a layer is one block the stage ILP can recompute as a whole, as Megatron's
+        full recompute does, and stages are cut only between layers."""
+        groups: list[list[Block]] = []
+        for b in self.blocks:
+            starts = b.layer is not None and (not groups or groups[-1][-1].layer != b.layer)
+            if starts or not groups:
+                groups.append([b])
+            else:
+                groups[-1].append(b)
+        return _merged(self, groups)
+
+    def fully_recomputed(self) -> BlockGraph:
+        """Whole layers (:meth:`by_layers`), each recomputed where that keeps fewer bytes."""
+        layers = self.by_layers()
+        return layers.with_recompute([b.index for b in layers.blocks if b.can_recompute])
+
+    def rematerialized_bytes(self, stage_of: Sequence[int], ranks: Sequence[int]) -> list[int]:
+        """Per device, the most a recomputed block of its stages rebuilds at once (one block's
+        backward runs at a time)."""
+        most = [0] * (max(ranks) + 1)
+        for b, s in zip(self.blocks, stage_of):
+            most[ranks[s]] = max(most[ranks[s]], b.rematerialized_bytes)
+        return most
+
     def scaled(self, factor: float) -> BlockGraph:
         """Per-sample costs (times, activations, tensor bytes) times ``factor``, e.g. ``1 /
         micro_batches``; parameters and the fixed part of each time unchanged
@@ -252,6 +328,69 @@ class BlockGraph:
         )
         og = self.op_graph.scaled(factor) if self.op_graph is not None else None
         return BlockGraph(blocks, tensors, self.param_bytes_by_name, og)
+
+
+def _merged(bg: BlockGraph, groups: Sequence[Sequence[Block]]) -> BlockGraph:
+    """``bg`` with each of ``groups`` (consecutive blocks covering it) as one block. A value two
+    merged blocks both save is counted twice (an over-estimate, never an under-estimate)."""
+    group_of = {b.index: g for g, blocks in enumerate(groups) for b in blocks}
+    users: dict[str, set[int]] = {}
+    for g, blocks in enumerate(groups):
+        for b in blocks:
+            for q in b.params:
+                users.setdefault(q, set()).add(g)
+    tensors = []
+    into: dict[int, int] = {}  # bytes each group reads from other groups
+    for t in bg.tensors:
+        src, readers = group_of[t.producer], sorted({group_of[c] for c in t.consumers})
+        later = tuple(g for g in readers if g != src)
+        if later:
+            tensors.append(CrossTensor(t.name, src, later, t.nbytes))
+            for g in later:
+                into[g] = into.get(g, 0) + t.nbytes
+    read_from = {b.index: 0 for b in bg.blocks}
+    for t in bg.tensors:
+        for c in t.consumers:
+            read_from[c] += t.nbytes
+    blocks = []
+    for g, members in enumerate(groups):
+        params = tuple(dict.fromkeys(q for b in members for q in b.params))
+        # model inputs a block saves: its input bytes beyond the tensors other blocks send it
+        saved_inputs = sum(max(0, b.input_bytes - read_from[b.index]) for b in members)
+        blocks.append(
+            Block(
+                index=g,
+                name=_unit_name(members),
+                nodes=tuple(n for b in members for n in b.nodes),
+                modules=tuple(dict.fromkeys(m for b in members for m in b.modules)),
+                forward_s=sum(b.forward_s for b in members),
+                backward_s=sum(b.backward_s for b in members),
+                flops=sum(b.flops for b in members),
+                backward_flops=sum(b.backward_flops for b in members),
+                param_bytes=sum(bg.param_bytes_by_name[q] for q in params if len(users[q]) == 1),
+                params=params,
+                activation_bytes=sum(b.activation_bytes for b in members),
+                layer=members[0].layer,
+                backward_weight_s=sum(b.backward_weight_s for b in members),
+                weight_grad_bytes=sum(b.weight_grad_bytes for b in members),
+                fixed_forward_s=sum(b.fixed_forward_s for b in members),
+                fixed_backward_s=sum(b.fixed_backward_s for b in members),
+                input_bytes=into.get(g, 0) + saved_inputs,
+            )
+        )
+    return BlockGraph(tuple(blocks), tuple(tensors), bg.param_bytes_by_name, bg.op_graph)
+
+
+def _unit_name(members: Sequence[Block]) -> str:
+    """The layers a merged block spans, e.g. ``model.layers.3`` or ``model.layers.3-4`` (blocks
+    of a coarse graph may hold the end of one layer and the start of the next)."""
+    first = members[0]
+    if first.layer is None:
+        return first.name
+    prefix = first.layer.rpartition(".")[0] + "."
+    heads = (m.removeprefix(prefix).split(".")[0] for b in members for m in b.modules)
+    indices = [i for i in dict.fromkeys(heads) if i.isdigit()]
+    return first.layer if len(indices) <= 1 else f"{prefix}{indices[0]}-{indices[-1]}"
 
 
 def _scale_block(b: Block, factor: float) -> Block:
@@ -265,4 +404,6 @@ def _scale_block(b: Block, factor: float) -> Block:
         backward_flops=round(b.backward_flops * factor),
         activation_bytes=round(b.activation_bytes * factor),
         weight_grad_bytes=round(b.weight_grad_bytes * factor),
+        input_bytes=round(b.input_bytes * factor),
+        rematerialized_bytes=round(b.rematerialized_bytes * factor),
     )

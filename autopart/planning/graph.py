@@ -427,6 +427,8 @@ def _make_block(
         if n.layer is not None:
             by_layer[n.layer] = by_layer.get(n.layer, 0.0) + n.compute_s
     layer = max(by_layer, key=lambda k: by_layer[k]) if by_layer else None
+    inside = set(names)
+    read = dict.fromkeys(src for n in nodes for src in n.inputs if src not in inside)
     return Block(
         index=index,
         name=_block_name(nodes),
@@ -445,6 +447,8 @@ def _make_block(
         weight_grad_bytes=sum(n.output_bytes for n in nodes if n.backward_weight_s > 0),
         fixed_forward_s=sum(n.fixed_forward_s for n in nodes),
         fixed_backward_s=sum(n.fixed_backward_s for n in nodes),
+        input_bytes=sum(og.nodes[src].output_bytes for src in read)
+        + sum(og.value_bytes[s] for s in saved if s in og.value_bytes),
     )
 
 

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -29,6 +29,7 @@ from autopart.planning.graph import BlockGraph, OpGraph, coarsen, group_blocks
 from autopart.planning.plans import (
     BaselineResult,
     Plan,
+    RecomputedBlock,
     ScheduleOption,
     SolverInfo,
     StagePlan,
@@ -37,6 +38,7 @@ from autopart.planning.plans import (
 )
 from autopart.planning.request import PlanRequest
 from autopart.planning.schedule import (
+    SPLIT_BACKWARD,
     ScheduleError,
     build_schedule,
     in_flight_micro_batches,
@@ -95,6 +97,16 @@ class _Candidate:
     """Simulated on the best contiguous split (the chain DP), not on a stage ILP solution."""
     solved_at: int = 0
     """The micro-batch count the split was solved at (0: this candidate's own)."""
+
+
+class _Solved(NamedTuple):
+    """A solved stage layout: its blocks (those chosen to recompute marked), the stage of each,
+    the solver's status and objective bound."""
+
+    bg: BlockGraph
+    stage_of: tuple[int, ...]
+    status: str
+    bound_s: float
 
 
 class NoScheduleFitsError(AutopartError):
@@ -166,7 +178,14 @@ def planning_setup(
     spec = get_device(request.device)
     limit = parse_bytes(request.memory) if request.memory is not None else spec.memory_bytes
     opt = as_optimizer(request.optimizer)
-    kinds = schedule_kinds(request.schedule, pp, request.stages_per_rank, dp, fsdp=fsdp)
+    kinds = schedule_kinds(
+        request.schedule,
+        pp,
+        request.stages_per_rank,
+        dp,
+        fsdp=fsdp,
+        full_recompute=request.recompute == "full",
+    )
     setup = PlanningSetup(request, spec, limit, opt.state_bytes_per_param_byte, kinds)
     return setup.with_fsdp(fsdp)
 
@@ -361,8 +380,8 @@ class _ScheduleSearch:
         self.og, self.spec, self.setup = og, spec, setup
         self.p, self.per_stage, self.say = p, per_stage, say
         self.graphs: dict[tuple[int, int], BlockGraph] = {}
-        self.solved: dict[tuple[int, ...], tuple[tuple[int, ...], str, float]] = {}
-        """Per stage layout (the rank of each stage): stage of each block, status, bound."""
+        self.solved: dict[tuple[int, ...], _Solved] = {}
+        """Per stage layout (the rank of each stage): the solved split."""
         self.candidates: list[_Candidate] = []
         self.misses: list[tuple[str, int, InfeasibleMemoryError]] = []
         self.missed: list[tuple[str, int, int, int]] = []
@@ -374,8 +393,11 @@ class _ScheduleSearch:
         """The simulations over the limit, for the table of options."""
         self.failed: list[AutopartError] = []
         """Stage solves that found no split within their time limit."""
-        self.infeasible: dict[tuple[int, ...], list[tuple[list[int], InfeasibleMemoryError]]] = {}
-        """Per stage layout, the in-flight counts for which no split fits memory."""
+        self.infeasible: dict[
+            tuple[int, ...], list[tuple[list[int], bool, InfeasibleMemoryError]]
+        ] = {}
+        """Per stage layout, the in-flight counts for which no split fits memory (and whether
+        recomputation was offered)."""
         self.most_micro_batches = 1
         """The most micro-batches compared: the size the layouts are cut and solved at."""
         self.estimated: list[_Candidate] = []
@@ -417,9 +439,19 @@ class _ScheduleSearch:
                 self.add_layout(kind, v, counts)
             if len(self.candidates) == found:  # no solved split fits: the contiguous one may
                 self.estimated += estimates[key]
-            settled = self.solved.get(key, ((), "OPTIMAL", 0.0))[1] != "OPTIMAL"
+            settled = key in self.solved and self.solved[key].status != "OPTIMAL"
         # A layout left unsolved competes on its contiguous split: a valid plan too (the stage
         # ILP's hint), simulated as the others are.
+        keeps = [
+            c
+            for c in (*self.candidates, *self.estimated)
+            if not c.bg.recomputed and max(c.timeline.peak_memory_bytes) <= self.limit
+        ]
+        if self.setup.request.recompute == "auto" and not keeps:
+            # Memory binds: every layer recomputed, on the contiguous split, at every count
+            # (the stage ILP chose its layers at the leanest count only)
+            whole = [lay for lay in layouts if lay[0] not in SPLIT_BACKWARD]
+            self.estimated += self.estimate(whole, pipe, recomputed=True)
         for c in self.estimated:
             fits = max(c.timeline.peak_memory_bytes) <= self.limit
             (self.candidates if fits else self.over).append(c)
@@ -429,12 +461,21 @@ class _ScheduleSearch:
         return self.setup.limit
 
     def estimate(
-        self, group: Sequence[tuple[str, int, Sequence[int]]], pipe: _Pipeline
+        self,
+        group: Sequence[tuple[str, int, Sequence[int]]],
+        pipe: _Pipeline,
+        *,
+        recomputed: bool = False,
     ) -> list[_Candidate]:
-        """Each layout of ``group`` simulated at each count on its chain-DP split."""
+        """Each layout of ``group`` simulated at each count on its chain-DP split (of whole
+        layers, each recomputed, with ``recomputed``)."""
         out = []
         for kind, v, counts in group:
             bg, ranks = self.graph(v), stage_ranks(kind, self.p, v)
+            if recomputed:
+                bg = _fully_recomputed(bg)
+                if len(bg.blocks) < self.p * v:
+                    continue
             stage_of = tuple(
                 baselines.chain_dp(per_micro_batch(bg, counts[0]), self.p * v, self.spec)
             )
@@ -461,7 +502,7 @@ class _ScheduleSearch:
         solved = self.assignment(bg, kind, counts[0], v, ranks)
         if solved is None:
             return
-        stage_of, status, bound_s = solved
+        bg, stage_of, status, bound_s = solved
         limit = self.setup.limit
         for m in counts:
             timeline = simulate_blocks(
@@ -487,7 +528,10 @@ class _ScheduleSearch:
         if key not in self.graphs:
             most = self.setup.request.max_blocks or max(64, self.per_stage * self.p * key[0])
             cut = coarsen(self.og.scaled(1 / key[1]), max_blocks=most, num_stages=self.p * key[0])
-            self.graphs[key] = group_blocks(self.og, [b.nodes for b in cut.blocks])
+            bg = group_blocks(self.og, [b.nodes for b in cut.blocks])
+            if self.setup.request.recompute == "full":
+                bg = _fully_recomputed(bg)
+            self.graphs[key] = bg
         return self.graphs[key]
 
     def refined(self, best: _Candidate) -> _Candidate | None:
@@ -503,7 +547,7 @@ class _ScheduleSearch:
         solved = self.solve(bg, kind, m, v, best.ranks, explain=False)
         if solved is None:
             return None
-        stage_of, status, bound_s = solved
+        bg, stage_of, status, bound_s = solved
         tl = simulate_blocks(bg, stage_of, p, v, self.spec, kind, m, self.setup.state_per_byte)
         if max(tl.peak_memory_bytes) > self.limit:
             return None
@@ -513,22 +557,32 @@ class _ScheduleSearch:
 
     def assignment(
         self, bg: BlockGraph, kind: str, m: int, v: int, ranks: tuple[int, ...]
-    ) -> tuple[tuple[int, ...], str, float] | None:
-        """(stage of each block, solver status, objective bound) for ``kind`` at ``m``
-        micro-batches; ``None`` (recorded as a miss) where no split fits memory."""
+    ) -> _Solved | None:
+        """The split for ``kind`` at ``m`` micro-batches; ``None`` (recorded as a miss) where
+        no split fits memory."""
         p, setup = self.p, self.setup
-        scaled = per_micro_batch(bg, m)
         in_flight = in_flight_per_stage(kind, p, m, v)
         reuse = self.solved.get(ranks)
-        if reuse is not None and _fits(
-            scaled, reuse[0], in_flight, ranks, setup.state_per_byte, setup.limit
+        if (
+            reuse is not None
+            and (kind not in SPLIT_BACKWARD or not reuse.bg.recomputed)
+            and _fits(
+                per_micro_batch(reuse.bg, m),
+                reuse.stage_of,
+                in_flight,
+                ranks,
+                setup.state_per_byte,
+                setup.limit,
+            )
         ):
             # GPipe keeps more micro-batches in flight than 1F1B and nothing else differs, so an
             # optimal 1F1B assignment that also fits GPipe's memory is optimal for GPipe too; the
             # same holds between any two schedules of one stage layout.
             return reuse
-        for failed, exc in self.infeasible.get(ranks, []):
-            if all(a >= b for a, b in zip(in_flight, failed)):
+        for failed, offered, exc in self.infeasible.get(ranks, []):
+            if offered >= self.may_recompute(kind) and all(
+                a >= b for a, b in zip(in_flight, failed)
+            ):
                 # the same model with at least as many activations in flight: no split fits
                 self.missed.append((kind, v, m, exc.minimum_bytes))
                 return None
@@ -544,7 +598,8 @@ class _ScheduleSearch:
             if explain:
                 self.misses.append((kind, m, exc))
             self.missed.append((kind, v, m, exc.minimum_bytes))
-            self.infeasible.setdefault(ranks, []).append((in_flight, exc))
+            offered = self.may_recompute(kind)
+            self.infeasible.setdefault(ranks, []).append((in_flight, offered, exc))
             return None
         except AutopartError as exc:  # no split within the time limit: the other layouts may
             self.failed.append(exc)
@@ -552,11 +607,40 @@ class _ScheduleSearch:
         self.solved[ranks] = sol
         return self.solved[ranks]
 
+    def may_recompute(self, kind: str) -> bool:
+        """Whether the stage ILP may choose to recompute blocks under ``kind`` (``--recompute
+        auto``, and a schedule that runs the whole backward at once: torch's split backward
+        would run a recomputed forward twice)."""
+        return self.setup.request.recompute == "auto" and kind not in SPLIT_BACKWARD
+
     def solve_or_raise(
         self, bg: BlockGraph, kind: str, m: int, v: int, ranks: tuple[int, ...], *, explain: bool
-    ) -> tuple[tuple[int, ...], str, float]:
-        """The stage ILP for ``kind`` at ``m`` micro-batches: (stage of each block, status,
-        objective bound); raises where no split fits or none is found in time."""
+    ) -> _Solved:
+        """The stage ILP for ``kind`` at ``m`` micro-batches; raises where no split fits or none
+        is found in time."""
+        if not self.may_recompute(kind):
+            return self.solve_once(bg, kind, m, v, ranks, explain=explain)
+        layers = _layers(bg)
+        if len(layers.blocks) < self.p * v:  # too few layers to cut: keep every activation
+            return self.solve_once(bg, kind, m, v, ranks, explain=explain)
+        try:
+            return self.solve_once(bg, kind, m, v, ranks, explain=False)
+        except InfeasibleMemoryError:
+            # no split keeps every activation: offer recomputation, on blocks of whole layers
+            return self.solve_once(layers, kind, m, v, ranks, explain=explain, recompute=True)
+
+    def solve_once(
+        self,
+        bg: BlockGraph,
+        kind: str,
+        m: int,
+        v: int,
+        ranks: tuple[int, ...],
+        *,
+        explain: bool,
+        recompute: bool = False,
+    ) -> _Solved:
+        """One stage ILP solve of ``bg``'s blocks (``recompute``: each may recompute)."""
         p, setup, scaled = self.p, self.setup, per_micro_batch(bg, m)
         self.say(f"solving {p * v} stages for {kind}, {m} micro-batches ({len(bg.blocks)} blocks)")
         sol = solve_stages(
@@ -571,12 +655,14 @@ class _ScheduleSearch:
             hint=baselines.chain_dp(scaled, p * v, self.spec),
             time_limit_s=setup.request.time_limit_s,
             explain=explain,
+            recompute=recompute,
         )
-        return sol.stage_of, sol.status, sol.objective_bound_s
+        solved_bg = bg.with_recompute(sol.recompute) if sol.recompute else bg
+        return _Solved(solved_bg, sol.stage_of, sol.status, sol.objective_bound_s)
 
     def solve(
         self, bg: BlockGraph, kind: str, m: int, v: int, ranks: tuple[int, ...], *, explain: bool
-    ) -> tuple[tuple[int, ...], str, float] | None:
+    ) -> _Solved | None:
         """:meth:`solve_or_raise`, ``None`` where it finds no split."""
         try:
             return self.solve_or_raise(bg, kind, m, v, ranks, explain=explain)
@@ -660,15 +746,18 @@ def _no_fit_error(
         kind, m, exc = min(misses, key=lambda miss: miss[2].minimum_bytes)
         need = exc.need
         fewer = "" if any(k == "1f1b" for k, _, _ in misses) else ", or use the 1f1b schedule"
+        kept = "in-flight activations"
+        if exc.recomputed:
+            kept += ", with every layer recomputed where that saves memory"
         return InfeasibleMemoryError(
             f"no schedule fits {format_bytes(limit)} per device on {p} pipeline stages: the "
             f"leanest, {kind} with {m} micro-batches, {need.needs(format_bytes_up)} (parameters, "
-            "gradients, optimizer state, shared parameters on every stage that uses them, and "
-            f"in-flight activations). {need.raise_to(format_bytes_up)}, add devices (more "
-            f"stages){fewer}.",
+            f"gradients, optimizer state, shared parameters on every stage that uses them, and "
+            f"{kept}). {need.raise_to(format_bytes_up)}, add devices (more stages){fewer}.",
             exc.minimum_bytes,
             need=need,
             reason=f"the leanest, {kind} with {m} micro-batches, {need.needs(format_bytes_up)}",
+            recomputed=exc.recomputed,
         )
     peak, kind, m = min(simulated)
     return NoScheduleFitsError(
@@ -735,6 +824,8 @@ def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float)
                 param_bytes=param_bytes[s],
                 peak_memory_bytes=int(best.timeline.peak_memory_bytes[ranks[s]]),
                 activation_bytes=sum(b.activation_bytes for b in blocks),
+                recompute_s=sum(b.recompute_s for b in blocks),
+                rematerialized_bytes=max(b.rematerialized_bytes for b in blocks),
             )
         )
     return Plan(
@@ -761,6 +852,22 @@ def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float)
         baselines=_baselines(scaled, best, pipe),
         optimizer=pipe.setup.optimizer,
         boundary_bytes=tuple(scaled.boundary_bytes(best.stage_of, num_stages)),
+        recompute=_recomputed(scaled, best.stage_of),
+    )
+
+
+def _recomputed(scaled: BlockGraph, stage_of: Sequence[int]) -> tuple[RecomputedBlock, ...]:
+    """The plan's record of the blocks that recompute (``scaled``: costs of one micro-batch)."""
+    return tuple(
+        RecomputedBlock(
+            name=b.name,
+            stage=s,
+            nodes=b.nodes,
+            recompute_s=b.recompute_s,
+            saved_bytes=b.rematerialized_bytes - b.activation_bytes,
+        )
+        for b, s in zip(scaled.blocks, stage_of)
+        if b.recomputed
     )
 
 
@@ -821,6 +928,9 @@ def simulate_plan(plan: Plan, device: DeviceSpec | None = None) -> Any:
     state_per_byte = state_bytes_per_param_byte(plan.optimizer, fsdp=plan.mesh.get("fsdp", 1))
     state = [st.param_bytes * state_per_byte for st in plan.stages]
     ranks = [st.device for st in plan.stages]
+    rebuilt = [0] * p
+    for st in plan.stages:
+        rebuilt[st.device] = max(rebuilt[st.device], st.rematerialized_bytes)
     return simulate(
         build_schedule(plan.schedule, p, plan.micro_batches, plan.stages_per_device),
         [s.forward_s for s in plan.stages],
@@ -828,7 +938,7 @@ def simulate_plan(plan: Plan, device: DeviceSpec | None = None) -> Any:
         backward_weight_s=[s.backward_weight_s for s in plan.stages],
         comm_s=[p2p_time_s(b, spec) for b in plan.boundary_bytes],
         activation_bytes=[s.activation_bytes for s in plan.stages],
-        static_bytes=[int(b) for b in per_device(state, ranks)],
+        static_bytes=[int(b) + r for b, r in zip(per_device(state, ranks), rebuilt)],
         action_overhead_s=spec.pipeline_action_s,
     )
 
@@ -862,9 +972,31 @@ def simulate_blocks(
         comm_s=comm,
         activation_bytes=act,
         weight_grad_bytes=grads,
-        static_bytes=[int(b) for b in _state_per_device(bg, stage_of, ranks, state_per_byte)],
+        static_bytes=[int(b) for b in _held_per_device(scaled, stage_of, ranks, state_per_byte)],
         action_overhead_s=spec.pipeline_action_s,
     )
+
+
+def _held_per_device(
+    scaled: BlockGraph, stage_of: Sequence[int], ranks: Sequence[int], state_per_byte: float
+) -> list[float]:
+    """What each device holds besides in-flight activations: its training state and, where a
+    block recomputes, the most one such block rebuilds during its backward."""
+    state = _state_per_device(scaled, stage_of, ranks, state_per_byte)
+    rebuilt = scaled.rematerialized_bytes(stage_of, ranks)
+    return [held + extra for held, extra in zip(state, rebuilt)]
+
+
+@functools.lru_cache(maxsize=16)
+def _fully_recomputed(bg: BlockGraph) -> BlockGraph:
+    """``bg``'s whole layers, each recomputed (memoized)."""
+    return bg.fully_recomputed()
+
+
+@functools.lru_cache(maxsize=16)
+def _layers(bg: BlockGraph) -> BlockGraph:
+    """``bg``'s blocks merged into whole layers (memoized), the units that recompute."""
+    return bg.by_layers()
 
 
 @functools.lru_cache(maxsize=64)
@@ -885,7 +1017,7 @@ def _fits(
     limit: int,
 ) -> bool:
     """Whether an assignment fits memory under the ILP's own accounting (see stage_ilp)."""
-    held = _state_per_device(bg, stage_of, ranks, state_per_byte)
+    held = _held_per_device(bg, stage_of, ranks, state_per_byte)
     for b, s in zip(bg.blocks, stage_of):
         held[ranks[s]] += in_flight[s] * b.activation_bytes
     return max(held) <= limit

@@ -51,7 +51,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -462,7 +462,7 @@ class _Search:
         if lean is None:
             least = self.tp_minimum[lean_key]
             state = self.plain.state_bytes * _state_ratio(c, self.setup)
-            any_sharding = (state / c.tp + self.plain.sample_bytes) / c.pp
+            any_sharding = (state / c.tp + _sample_bytes(self.plain, self.setup)) / c.pp
             c.memory_bound = int(max(c.memory_bound, any_sharding, least / c.pp))
             c.note = (
                 f"no sharding over {c.tp} ranks fits: the leanest holds {format_bytes(least)} of "
@@ -585,18 +585,25 @@ class _Totals:
         )
 
 
+def _sample_bytes(totals: _Totals, setup: PlanningSetup) -> float:
+    """One sample's activations, as far as a bound can count them: none where blocks may
+    recompute (a recomputed block keeps only its inputs)."""
+    return totals.sample_bytes if setup.request.recompute == "none" else 0.0
+
+
 def _bound(c: _Mesh, totals: _Totals, setup: PlanningSetup, *, shard: int) -> None:
     """Lower bounds on the mesh's memory per device and step time, from ``totals`` divided by
     ``shard`` (the TP degree before the TP solve, when sharding can at best divide them; 1 after,
     from the TP-adjusted graph)."""
     state = totals.state_bytes * _state_ratio(c, setup)
-    memory = (state / shard + totals.sample_bytes) / c.pp
+    memory = (state / shard + _sample_bytes(totals, setup)) / c.pp
     c.memory_bound = int(memory)
     if memory > setup.limit:
         c.status = MeshStatus.OVER_MEMORY
+        kept = " and of one sample's activations" if setup.request.recompute == "none" else ""
         c.note = (
             f"needs at least {format_bytes(int(memory))} per device (1/pp of the parameter, "
-            "gradient and optimizer state and of one sample's activations)"
+            f"gradient and optimizer state{kept})"
         )
         return
     work_s = totals.compute_s / shard / c.replicas
@@ -618,6 +625,8 @@ def _split_bound(
     activations at its schedules' least in-flight counts) exceeds the limit: a valid lower bound
     on every split the stage ILP or the simulation could take (:mod:`~autopart.solver.\
 _pipeline_memory`), so no mesh that could fit is dropped."""
+    if setup.request.recompute != "none":
+        owned = owned.without_activations()  # recomputed blocks may keep next to nothing
     need, kind, m = pipeline_memory_bound(
         owned, batch=batch, dp=c.replicas, pp=c.pp, options=c.options
     )
@@ -625,11 +634,11 @@ _pipeline_memory`), so no mesh that could fit is dropped."""
     if need <= setup.limit:
         return
     how = "" if c.tp == 1 else " under any TP sharding" if before_tp else " under its TP sharding"
+    kept = " and in-flight activations" if setup.request.recompute == "none" else ""
     c.status = MeshStatus.OVER_MEMORY
     c.note = (
         f"needs at least {format_bytes_up(need)} per device (a lower bound on any split of its "
-        f"parameter, gradient and optimizer state and in-flight activations{how}; least with "
-        f"{kind} x {m})"
+        f"parameter, gradient and optimizer state{kept}{how}; least with {kind} x {m})"
     )
 
 
@@ -670,16 +679,45 @@ def _drop_op_graph(bg: BlockGraph) -> BlockGraph:
 
 
 def _estimate(c: _Mesh, coarse: BlockGraph, setup: PlanningSetup, most: int) -> None:
-    spec = pipeline_device(setup.spec, pp=c.pp, tp=c.tp)
+    """The mesh's best simulated step on the chain DP's split of ``coarse``; where nothing fits
+    and recomputation is allowed, with every block recomputed (slower than the stage ILP's
+    choice, so an estimate that fits is one the full plan can meet or beat)."""
     bg = coarse.scaled(1.0 / c.replicas) if c.replicas > 1 else coarse
-    state_per_byte = setup.with_fsdp(c.fsdp).state_per_byte
-    found: list[tuple[bool, float, int, str, int]] = []
-    splits: dict[tuple[int, int], list[int]] = {}  # the chain DP's, per stage count and count
+    if setup.request.recompute == "full":
+        bg = bg.fully_recomputed()
+    layouts = schedule_layouts(c.options, setup, c.pp, most)
     # One stage per rank where the request allows it: the estimate ranks meshes, and the full plan
     # of the best compares every stage count (a chain DP into 2p stages of a 405B model costs
     # seconds per mesh).
-    layouts = schedule_layouts(c.options, setup, c.pp, most)
-    for kind, v, counts in [lay for lay in layouts if lay[1] == 1] or layouts:
+    layouts = [lay for lay in layouts if lay[1] == 1] or layouts
+    found = _estimates(c, bg, setup, layouts)
+    if setup.request.recompute == "auto" and not any(f[0] for f in found):
+        everything = bg.fully_recomputed()
+        if everything.recomputed:
+            whole = [lay for lay in layouts if lay[0] not in SPLIT_BACKWARD]
+            found += _estimates(c, everything, setup, whole)
+    if not found:
+        c.status, c.note = MeshStatus.SKIPPED, f"too few blocks for {c.pp} stages"
+        return
+    fits = [f for f in found if f[0]]
+    ok, step_s, peak, kind, m = (
+        min(fits, key=lambda f: f[1]) if fits else min(found, key=lambda f: f[2])
+    )
+    c.estimate_s, c.estimate_fits, c.estimate_peak, c.estimate_kind = step_s, ok, peak, (kind, m)
+
+
+def _estimates(
+    c: _Mesh,
+    bg: BlockGraph,
+    setup: PlanningSetup,
+    layouts: Sequence[tuple[str, int, Sequence[int]]],
+) -> list[tuple[bool, float, int, str, int]]:
+    """(fits, step, peak, schedule, micro-batches) of each layout and count on ``bg``."""
+    spec = pipeline_device(setup.spec, pp=c.pp, tp=c.tp)
+    state_per_byte = setup.with_fsdp(c.fsdp).state_per_byte
+    found: list[tuple[bool, float, int, str, int]] = []
+    splits: dict[tuple[int, int], list[int]] = {}  # the chain DP's, per stage count and count
+    for kind, v, counts in layouts:
         if len(bg.blocks) < c.pp * v:
             continue
         key = (c.pp * v, counts[0])
@@ -695,14 +733,7 @@ def _estimate(c: _Mesh, coarse: BlockGraph, setup: PlanningSetup, most: int) -> 
             tl = simulate_blocks(bg, stage_of, c.pp, v, spec, kind, m, state_per_byte)
             peak = int(max(tl.peak_memory_bytes))
             found.append((peak <= setup.limit, tl.step_time_s + sync_s, peak, kind, m))
-    if not found:
-        c.status, c.note = MeshStatus.SKIPPED, f"too few blocks for {c.pp} stages"
-        return
-    fits = [f for f in found if f[0]]
-    ok, step_s, peak, kind, m = (
-        min(fits, key=lambda f: f[1]) if fits else min(found, key=lambda f: f[2])
-    )
-    c.estimate_s, c.estimate_fits, c.estimate_peak, c.estimate_kind = step_s, ok, peak, (kind, m)
+    return found
 
 
 def _tp_of(costs: Mapping[tuple[int, int | None], TPCostsOf | None], c: _Mesh) -> TPCostsOf:

@@ -14,7 +14,7 @@ from typing import Any
 
 from autopart._compat import StrEnum
 from autopart.errors import AutopartError
-from autopart.planning.schedule import ScheduleKind
+from autopart.planning.schedule import SPLIT_BACKWARD, ScheduleKind
 
 __all__ = [
     "PLAN_FORMAT_VERSION",
@@ -22,6 +22,7 @@ __all__ = [
     "MeshAxis",
     "Plan",
     "PlanError",
+    "RecomputedBlock",
     "ScheduleOption",
     "SolverInfo",
     "StagePlan",
@@ -110,20 +111,50 @@ class StagePlan:
     backward_weight_s: float = 0.0
     """The part of ``backward_s`` that computes parameter gradients (``W`` of a zero-bubble
     schedule). Written to JSON only when not 0."""
+    recompute_s: float = 0.0
+    """The part of ``backward_s`` that runs recomputed blocks' forwards again. Written to JSON
+    only when not 0."""
+    rematerialized_bytes: int = 0
+    """The most one recomputed block of this stage rebuilds during its backward (held on top of
+    the in-flight activations). Written to JSON only when not 0."""
 
     def __post_init__(self) -> None:
         _check(self.index >= 0 and self.device >= 0, "stage index and device must be >= 0")
         _check(self.node_count >= 0, f"stage {self.index}: node_count must be >= 0")
-        for name in ("forward_s", "backward_s", "predicted_s", "backward_weight_s"):
+        for name in ("forward_s", "backward_s", "predicted_s", "backward_weight_s", "recompute_s"):
             _check_nonneg(getattr(self, name), f"stages[{self.index}].{name}")
         _check(
             self.backward_weight_s <= self.backward_s * (1 + 1e-9),
             f"stages[{self.index}].backward_weight_s exceeds backward_s (it is a part of it)",
         )
         _check(
-            self.param_bytes >= 0 and self.peak_memory_bytes >= 0,
+            self.param_bytes >= 0
+            and self.peak_memory_bytes >= 0
+            and self.rematerialized_bytes >= 0,
             f"stage {self.index}: byte counts must be >= 0",
         )
+
+
+@dataclass(frozen=True, slots=True)
+class RecomputedBlock:
+    """A run of nodes whose forward runs again in the backward (``torch.utils.checkpoint``):
+    the stage keeps only its inputs (``Plan.recompute``)."""
+
+    name: str
+    """Its module path (a layer such as ``model.layers.3``, or ``first..last``)."""
+    stage: int
+    nodes: tuple[str, ...]
+    """Its nodes, in topological order (names of ``Plan.stage_of``)."""
+    recompute_s: float
+    """Seconds its forward takes again, per micro-batch."""
+    saved_bytes: int
+    """Activation bytes per micro-batch it no longer keeps."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nodes", tuple(str(n) for n in self.nodes))
+        _check(bool(self.nodes), f"recompute block {self.name!r} has no nodes")
+        _check_nonneg(self.recompute_s, f"recompute[{self.name!r}].recompute_s")
+        _check(self.saved_bytes >= 0, f"recompute[{self.name!r}].saved_bytes must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +292,9 @@ class Plan:
     """How the mixture-of-experts layers were costed (tokens charged per expert, ``T*k/E``, the
     imbalance factor; :meth:`autopart.passes.routing.ExpertRouting.describe`); empty for a model
     that routes nothing, and then not written to JSON."""
+    recompute: tuple[RecomputedBlock, ...] = ()
+    """The blocks that recompute their forward in backward (in stage order). Written to JSON
+    only when not empty."""
 
     def __post_init__(self) -> None:
         mesh = parse_mesh(dict(self.mesh))
@@ -314,6 +348,23 @@ class Plan:
             )
         object.__setattr__(self, "stage_of", dict(self.stage_of))
         object.__setattr__(self, "baselines", dict(self.baselines))
+        self._check_recompute()
+
+    def _check_recompute(self) -> None:
+        if not self.recompute:
+            return
+        _check(
+            self.schedule not in SPLIT_BACKWARD,
+            f"the {self.schedule} schedule splits the backward, which would run a recomputed "
+            "forward twice; plan it with --recompute none or another schedule",
+        )
+        for block in self.recompute:
+            wrong = [n for n in block.nodes if self.stage_of.get(n) != block.stage]
+            _check(
+                not wrong,
+                f"recompute block {block.name!r} names nodes {wrong[:3]} that are not on its "
+                f"stage {block.stage}",
+            )
 
     @property
     def num_stages(self) -> int:
@@ -324,8 +375,11 @@ class Plan:
         d["format_version"] = PLAN_FORMAT_VERSION
         # Fields added after the format's first release are written only where set, so the file
         # of a plan that does not use them is unchanged.
-        d["stages"] = [_drop_unset(asdict(s), backward_weight_s=0.0) for s in self.stages]
-        return _drop_unset(d, schedule_options=(), profile_s=None, experts="")
+        d["stages"] = [
+            _drop_unset(asdict(s), backward_weight_s=0.0, recompute_s=0.0, rematerialized_bytes=0)
+            for s in self.stages
+        ]
+        return _drop_unset(d, schedule_options=(), profile_s=None, experts="", recompute=())
 
     def to_json(self, *, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
@@ -378,6 +432,10 @@ class Plan:
                 ),
                 profile_s=None if raw.get("profile_s") is None else float(raw["profile_s"]),
                 experts=str(raw.get("experts", "")),
+                recompute=tuple(
+                    RecomputedBlock(**{**r, "nodes": tuple(r["nodes"])})
+                    for r in raw.get("recompute", ())
+                ),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, PlanError):

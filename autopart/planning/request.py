@@ -21,11 +21,14 @@ from autopart.passes.routing import DEFAULT_IMBALANCE, check_imbalance
 from autopart.planning.plans import format_mesh, parse_mesh
 from autopart.planning.schedule import ScheduleKind
 
-__all__ = ["AUTO", "PlanRequest"]
+__all__ = ["AUTO", "RECOMPUTE", "PlanRequest"]
 
 AUTO = "auto"
 """The value of ``mesh`` (search the meshes) and ``schedule`` (compare the schedules) that asks
 the planner to choose."""
+
+RECOMPUTE = (AUTO, "none", "full")
+"""The values of ``PlanRequest.recompute``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,11 @@ class PlanRequest:
     routed tokens (``T * k / E``; at most ``T``), >= 1 (:mod:`autopart.passes.routing`). The graph
     is annotated with it; planning a graph annotated with another factor is an error."""
 
+    recompute: str = AUTO
+    """Activation recomputation: ``"auto"`` (the stage ILP recomputes blocks only where no split
+    fits memory otherwise), ``"none"`` (keep every activation) or ``"full"`` (every block that
+    keeps less by recomputing does)."""
+
     def __post_init__(self) -> None:
         mesh: Any = self.mesh
         if isinstance(mesh, Mapping):
@@ -75,6 +83,10 @@ class PlanRequest:
         schedules = (AUTO, *(k.value for k in ScheduleKind))
         if self.schedule not in schedules:
             raise AutopartError(f"unknown schedule {self.schedule!r}; use {', '.join(schedules)}.")
+        if self.recompute not in RECOMPUTE:
+            raise AutopartError(
+                f"unknown recompute {self.recompute!r}; use {', '.join(RECOMPUTE)}."
+            )
         for field in ("devices", "micro_batches", "max_blocks", "stages_per_rank"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -66,11 +66,13 @@ def schedule_kinds(
     dp: int | None = None,
     *,
     fsdp: int = 1,
+    full_recompute: bool = False,
 ) -> tuple[str, ...]:
     """The kinds ``schedule`` (a kind or ``"auto"``) compares on ``pp`` pipeline ranks and ``dp``
     (DDP) x ``fsdp`` (FSDP) data-parallel replicas (``dp=None``: not known yet), each able to run
     ``stages_per_rank`` stages per rank when that is given; raises :class:`AutopartError` naming
-    what works where a named schedule cannot."""
+    what works where a named schedule cannot. ``full_recompute`` leaves out the kinds that split
+    the backward (torch's split backward would run each recomputed forward twice)."""
     if fsdp > 1:
         dp = (dp or 1) * fsdp
     if stages_per_rank is not None and stages_per_rank < 1:
@@ -79,7 +81,7 @@ def schedule_kinds(
         kinds = [k for k in AUTO_KINDS if stage_counts(k, stages_per_rank)]
         if pp is not None and pp < 2:
             kinds = [k for k in kinds if k in ONE_STAGE_KINDS]
-        if dp is not None and dp > 1:
+        if (dp is not None and dp > 1) or full_recompute:
             kinds = [k for k in kinds if k not in SPLIT_BACKWARD]
         if not kinds:
             raise AutopartError(
@@ -97,6 +99,12 @@ def schedule_kinds(
         raise AutopartError(_count_error(kind, stages_per_rank))
     if kind in SPLIT_BACKWARD and dp is not None and dp > 1:
         raise AutopartError(split_backward_with_dp(kind, dp, sharded=fsdp > 1))
+    if kind in SPLIT_BACKWARD and full_recompute:
+        raise AutopartError(
+            f"the {kind} schedule splits the backward into input and weight gradients, and torch "
+            "runs a recomputed forward again for each; use --recompute auto or none with it, or "
+            "a schedule that runs the whole backward at once (gpipe, 1f1b, interleaved)."
+        )
     return (str(kind),)
 
 

@@ -203,6 +203,7 @@ def compile(
     if verify and plan.tp is not None and plan.tp.degree > 1:
         chunks = replicas * plan.micro_batches
         _verify_tp(run_gm, inputs.micro_batch(batch, chunks), stages, local, dm)
+    local = [_recomputing(s, plan) for s in local]
     for stage in local:
         # Tensors cross ranks through contiguous buffers (gloo and NCCL require it); a stage
         # output that is a strided view (e.g. a permute feeding a skip connection) is copied.
@@ -225,6 +226,15 @@ def compile(
     program._all_stages = stages
     program._all_metas = {i.index: stage_io(metas, plan.tp, i) for i in map(stage_info, stages)}
     return program
+
+
+def _recomputing(stage: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
+    """``stage`` running the blocks the plan recomputes under torch's checkpointing."""
+    from autopart.passes.recompute import checkpoint_blocks
+    from autopart.passes.split_stages import stage_info
+
+    index = stage_info(stage).index
+    return checkpoint_blocks(stage, [r.nodes for r in plan.recompute if r.stage == index])
 
 
 def _plan_on_rank_zero(

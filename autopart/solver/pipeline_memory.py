@@ -82,6 +82,11 @@ class NodeMemory:
         the training state: the state is linear in the bytes per parameter byte)."""
         return NodeMemory(self.state * factor, self.activation, self.count, self.slack_bytes)
 
+    def without_activations(self) -> NodeMemory:
+        """These nodes keeping no activations: a bound valid however many blocks recompute (a
+        recomputed block keeps its inputs only, which may be next to nothing)."""
+        return NodeMemory(self.state, self.activation * 0, self.count, self.slack_bytes)
+
 
 def pipeline_memory_bound(
     nodes: NodeMemory, *, batch: int, dp: int, pp: int, options: Mapping[str, Sequence[int]]

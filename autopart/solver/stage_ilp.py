@@ -8,12 +8,18 @@ Data (per micro-batch, integers after scaling):
   f_s                     micro-batches in flight on stage s under the schedule (1F1B: min(p-s, m))
   d(s)                    the device of stage s: looped (s mod devices) or any map, e.g. V-shaped
   alpha, beta             point-to-point latency and bandwidth (alpha-beta model)
+  R                       blocks that may recompute (``recompute=True`` and inputs < activations);
+                          a recomputed block keeps i_b < a_b, takes w'_b = w_b + its forward, and
+                          rebuilds a_b during the backward of one micro-batch
+                          (:meth:`~autopart.planning.blocks.Block.recompute`)
 
 Variables:
   x[b,s] in {0,1}         block b runs on stage s                           (_add_assignment)
   c[t,k] in {0,1}         tensor t crosses the boundary between k and k+1   (_add_crossing)
   y[q,s] in {0,1}         shared parameter q lives on stage s               (_add_shared_params)
   z >= 0                  the slowest device's time per micro-batch         (_add_bottleneck)
+  r[b,s] in {0,1}         block b in R runs on stage s and recomputes       (_add_recompute)
+  h_d >= 0                the most one recomputed block of device d rebuilds (_add_recompute)
 
 Constraints:
   one stage per block:    sum_s x[b,s] = 1                                  (_add_assignment)
@@ -27,21 +33,28 @@ Constraints:
                           (a skip tensor is forwarded through, and counted at, every boundary it passes)
                                                                             (_add_crossing)
   shared parameters:      y[q,s] >= x[b,s] for every block b that uses q    (_add_shared_params)
-  memory per device d:    sum_{s on d} [ sum_b x[b,s] (m_b + f_s a_b) + sum_q y[q,s] m_q ] <= limit
-                                                                            (_add_memory)
+  recompute:              r[b,s] <= x[b,s]; h_d >= a_b r[b,s] for s on d   (_add_recompute)
+  memory per device d:    sum_{s on d} [ sum_b x[b,s] (m_b + f_s a_b) - sum_{b in R} r[b,s] f_s
+                          (a_b - i_b) + sum_q y[q,s] m_q ] + h_d <= limit   (_add_memory)
   stage time:             T_s = sum_b w_b x[b,s] + [s>0](alpha + B_{s-1}/beta) + [s<p-1](alpha + B_s/beta),
                           B_k = sum_t n_t c[t,k]; a boundary between two stages of one device
-                          (the turn of a V-shaped schedule) is handed over locally and costs 0
+                          (the turn of a V-shaped schedule) is handed over locally and costs 0;
+                          plus sum_{b in R} (w'_b - w_b) r[b,s]
   bottleneck:             z >= sum_{s on d} T_s for every device d          (_add_bottleneck)
 
-Objective: minimize z, then (tie-breaker, weighted so it never trades against z) the bytes sent
-between stages sum_k B_k.                                                   (_add_objective)
+Objective: minimize z, then (tie-breakers, weighted so they never trade against z) the bytes sent
+between stages sum_k B_k plus the recompute time sum r[b,s] (w'_b - w_b).   (_add_objective)
+
+Recomputation is offered with ``recompute=True``; the planner offers it only where no split fits
+without (:mod:`autopart.planning.mesh_plan`, on blocks that are whole layers:
+:meth:`~autopart.planning.blocks.BlockGraph.by_layers`). Recomputing only adds time, so the lower
+bounds (CP-SAT's, and :func:`~autopart.solver.cost.lower_bound_s` on the nodes) stay valid.
 
 The solve is seeded, single-threaded and limited in CP-SAT's deterministic time (so deterministic
 even when it stops at its limit), and starts from a hint
 (the exact chain DP over contiguous splits). Status is checked; an infeasible memory limit is
 answered by a second solve that minimizes the peak memory per device, so the error can say the
-minimum a plan needs.
+minimum a plan needs (recomputing wherever that saves memory, when recomputation is allowed).
 """
 
 from __future__ import annotations
@@ -77,10 +90,13 @@ class InfeasibleMemoryError(AutopartError):
         *,
         need: MemoryNeed | None = None,
         reason: str | None = None,
+        recomputed: bool = False,
     ) -> None:
         super().__init__(message, reason=reason)
         self.minimum_bytes = minimum_bytes
         """Proven: every split needs at least this much per device."""
+        self.recomputed = recomputed
+        """Whether the minimum lets layers recompute (where that saves memory)."""
         self.need = need or MemoryNeed(minimum_bytes, minimum_bytes, 0.0)
         """What the memory search proved and found (see :class:`MemoryNeed`)."""
 
@@ -101,6 +117,9 @@ class StageSolution:
     time_s: float
     objective_bound_s: float
     """CP-SAT's proven lower bound on the bottleneck of the block-level problem."""
+    recompute: tuple[int, ...] = ()
+    """The blocks that recompute their forward in backward
+    (:meth:`~autopart.planning.blocks.BlockGraph.with_recompute`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +135,14 @@ class _Data:
     param_blocks: tuple[int, ...]
     """Blocks that use a parameter, of which every device needs one; empty (no such constraint)
     when there are fewer than stages."""
+    may_recompute: tuple[int, ...]
+    """R: the blocks that may recompute (empty: recomputation is not offered)."""
+    recompute_act_mib: tuple[int, ...]
+    """Activation MiB a block keeps when recomputed (its inputs)."""
+    recompute_work: tuple[int, ...]
+    """Time units a recomputed block adds (its forward again)."""
+    rebuilt_mib: tuple[int, ...]
+    """MiB a recomputed block rebuilds during its backward."""
     alpha: int
     byte_time: float
     """time units per byte on a link"""
@@ -136,6 +163,7 @@ def solve_stages(
     time_limit_s: float = 10.0,
     seed: int = 0,
     explain: bool = True,
+    recompute: bool = False,
 ) -> StageSolution:
     """Solve the stage ILP (see the module docstring). ``in_flight[s]`` is the number of
     micro-batches whose activations stage ``s`` keeps; ``state_bytes_per_param_byte`` scales
@@ -143,7 +171,8 @@ def solve_stages(
     ``device_of_stage`` places the stages on devices (default: looped, stage ``s`` on device
     ``s mod (num_stages / stages_per_device)``). ``explain=False`` skips the second solve that
     finds the least memory a split needs when none fits: the error then only says it is more
-    than the limit."""
+    than the limit. ``recompute=True`` lets blocks recompute (only where that lets a split fit
+    memory or run faster: the tie-breaker charges every recomputation)."""
     data = _build_data(
         bg,
         num_stages,
@@ -152,65 +181,94 @@ def solve_stages(
         state_bytes_per_param_byte,
         stages_per_device,
         device_of_stage,
+        recompute=recompute,
     )
-    model = cp_model.CpModel()
-    x = _add_assignment(model, data)
-    _add_precedence(model, data, x)
-    crossing = _add_crossing(model, data, x)
-    shared = _add_shared_params(model, data, x)
-    if memory_limit_bytes is not None:
-        _add_memory(model, data, x, shared, memory_limit_bytes // _BYTE_UNIT)
-    z = _add_bottleneck(model, data, x, crossing)
-    _add_objective(model, data, z, crossing)
-    if hint is not None:
-        for b, s in enumerate(hint):
-            for k in range(num_stages):
-                model.add_hint(x[b, k], int(k == s))
-    status, solver, elapsed = _solve(model, time_limit_s, seed)
-    if hint is not None and not _holds_parameters(data, hint):
-        hint = None  # a plan of the model without the constraint: no fallback, no memory bound
-    if status == cp_model.INFEASIBLE:
-        assert memory_limit_bytes is not None, "without a memory limit every split is feasible"
-        if not explain:
-            over = (memory_limit_bytes // _BYTE_UNIT + 1) * _BYTE_UNIT
-            need = MemoryNeed(over, None, time_limit_s)
-            raise InfeasibleMemoryError(
-                f"no split into {num_stages} stages fits {_gib(memory_limit_bytes)} per device.",
-                over,
-                need=need,
-                reason=f"a plan {need.needs(_gib_up)}",
+    solve = _Solve(data, device, memory_limit_bytes, hint, time_limit_s, seed)
+    return solve.run(explain=explain)
+
+
+@dataclass(frozen=True, slots=True)
+class _Solve:
+    """One stage ILP: build, solve, read (the module docstring's build order)."""
+
+    data: _Data
+    device: DeviceSpec
+    memory_limit_bytes: int | None
+    hint: Sequence[int] | None
+    time_limit_s: float
+    seed: int
+
+    def run(self, *, explain: bool) -> StageSolution:
+        data, hint, memory_limit_bytes = self.data, self.hint, self.memory_limit_bytes
+        num_stages, time_limit_s = data.num_stages, self.time_limit_s
+        model = cp_model.CpModel()
+        x = _add_assignment(model, data)
+        _add_precedence(model, data, x)
+        crossing = _add_crossing(model, data, x)
+        shared = _add_shared_params(model, data, x)
+        rc = _add_recompute(model, data, x)
+        if memory_limit_bytes is not None:
+            _add_memory(model, data, x, shared, rc, memory_limit_bytes // _BYTE_UNIT)
+        z = _add_bottleneck(model, data, x, crossing, rc)
+        _add_objective(model, data, z, crossing, rc)
+        if hint is not None:
+            for b, s in enumerate(hint):
+                for k in range(num_stages):
+                    model.add_hint(x[b, k], int(k == s))
+        status, solver, elapsed = _solve(model, time_limit_s, self.seed)
+        if hint is not None and not _holds_parameters(data, hint):
+            hint = None  # a plan of the model without the constraint: no fallback, no memory bound
+        if status == cp_model.INFEASIBLE:
+            assert memory_limit_bytes is not None, "without a memory limit every split is feasible"
+            if not explain:
+                over = (memory_limit_bytes // _BYTE_UNIT + 1) * _BYTE_UNIT
+                need = MemoryNeed(over, None, time_limit_s)
+                raise InfeasibleMemoryError(
+                    f"no split into {num_stages} stages fits {_gib(memory_limit_bytes)} per device.",
+                    over,
+                    need=need,
+                    reason=f"a plan {need.needs(_gib_up)}",
+                )
+            raise _infeasible_memory(data, memory_limit_bytes, hint, time_limit_s, self.seed)
+        # the hint keeps every activation: no fallback where blocks had to recompute
+        hint_fits = (
+            hint is not None
+            and not data.may_recompute
+            and (
+                memory_limit_bytes is None
+                or max(_memory_mib(data, hint)) <= memory_limit_bytes // _BYTE_UNIT
             )
-        raise _infeasible_memory(data, memory_limit_bytes, hint, time_limit_s, seed)
-    hint_fits = hint is not None and (
-        memory_limit_bytes is None
-        or max(_memory_mib(data, hint)) <= memory_limit_bytes // _BYTE_UNIT
-    )
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE) and hint_fits:
-        assert hint is not None
-        # No solution within the time limit: the hint (the exact contiguous split) is a valid plan.
-        return StageSolution(tuple(hint), "HINT", elapsed, _bound_s(solver, data))
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        raise AutopartError(
-            f"the stage solver found no plan within {time_limit_s:.0f} s (status "
-            f"{solver.status_name(status)}); raise the time limit or use fewer blocks."
         )
-    stage_of = tuple(
-        next(s for s in range(num_stages) if solver.value(x[b, s])) for b in range(len(bg.blocks))
-    )
-    status_name = solver.status_name(status)
-    if (
-        hint_fits
-        and hint is not None
-        and _device_bottleneck(data, device, hint) < _device_bottleneck(data, device, stage_of)
-    ):
-        # CP-SAT stopped at the time limit on a plan worse than its own starting point.
-        stage_of, status_name = tuple(hint), "HINT"
-    return StageSolution(
-        stage_of=stage_of,
-        status=status_name,
-        time_s=elapsed,
-        objective_bound_s=_bound_s(solver, data),
-    )
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE) and hint_fits:
+            assert hint is not None
+            # No solution within the time limit: the hint (the exact contiguous split) is valid.
+            return StageSolution(tuple(hint), "HINT", elapsed, _bound_s(solver, data))
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            raise AutopartError(
+                f"the stage solver found no plan within {time_limit_s:.0f} s (status "
+                f"{solver.status_name(status)}); raise the time limit or use fewer blocks."
+            )
+        n = len(data.bg.blocks)
+        stage_of = tuple(
+            next(s for s in range(num_stages) if solver.value(x[b, s])) for b in range(n)
+        )
+        recomputed = tuple(b for b in data.may_recompute if solver.value(rc.r[b, stage_of[b]]))
+        status_name = solver.status_name(status)
+        if (
+            hint_fits
+            and hint is not None
+            and _device_bottleneck(data, self.device, hint)
+            < _device_bottleneck(data, self.device, stage_of)
+        ):
+            # CP-SAT stopped at the time limit on a plan worse than its own starting point.
+            stage_of, status_name = tuple(hint), "HINT"
+        return StageSolution(
+            stage_of=stage_of,
+            status=status_name,
+            time_s=elapsed,
+            objective_bound_s=_bound_s(solver, data),
+            recompute=recomputed,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +283,8 @@ def _build_data(
     state_per_byte: float,
     stages_per_device: int,
     device_of_stage: Sequence[int] | None,
+    *,
+    recompute: bool,
 ) -> _Data:
     if num_stages < 1 or stages_per_device < 1 or num_stages % stages_per_device:
         raise AutopartError(
@@ -257,11 +317,13 @@ def _build_data(
     alpha_s = p2p_time_s(1, device)
     per_byte_s = (p2p_time_s(1 << 20, device) - alpha_s) / ((1 << 20) - 1)
     param_blocks = tuple(b.index for b in bg.blocks if b.params)
+    again = [b.recompute() for b in bg.blocks]
+    work = tuple(round((b.forward_s + b.backward_s) / unit_s) for b in bg.blocks)
     return _Data(
         bg=bg,
         num_stages=num_stages,
         device_of_stage=devices,
-        work=tuple(round((b.forward_s + b.backward_s) / unit_s) for b in bg.blocks),
+        work=work,
         act_mib=tuple(math.ceil(b.activation_bytes / _BYTE_UNIT) for b in bg.blocks),
         state_mib=tuple(math.ceil(b.param_bytes * state_per_byte / _BYTE_UNIT) for b in bg.blocks),
         shared_mib={
@@ -270,6 +332,12 @@ def _build_data(
         },
         in_flight=tuple(in_flight),
         param_blocks=param_blocks if len(param_blocks) >= num_stages else (),
+        may_recompute=tuple(b.index for b in bg.blocks if recompute and b.can_recompute),
+        recompute_act_mib=tuple(math.ceil(b.activation_bytes / _BYTE_UNIT) for b in again),
+        recompute_work=tuple(
+            round((b.forward_s + b.backward_s) / unit_s) - w for b, w in zip(again, work)
+        ),
+        rebuilt_mib=tuple(math.ceil(b.rematerialized_bytes / _BYTE_UNIT) for b in again),
         alpha=round(alpha_s / unit_s),
         byte_time=per_byte_s / unit_s,
         unit_s=unit_s,
@@ -344,28 +412,69 @@ def _add_shared_params(
     return y
 
 
+@dataclass(frozen=True, slots=True)
+class _Recompute:
+    """The recompute variables (none when recomputation is not offered)."""
+
+    r: dict[tuple[int, int], cp_model.IntVar]
+    rebuilt: dict[int, cp_model.IntVar]
+    """h_d per device."""
+
+
+def _add_recompute(
+    model: cp_model.CpModel, d: _Data, x: dict[tuple[int, int], cp_model.IntVar]
+) -> _Recompute:
+    r: dict[tuple[int, int], cp_model.IntVar] = {}
+    rebuilt: dict[int, cp_model.IntVar] = {}
+    if not d.may_recompute:
+        return _Recompute(r, rebuilt)
+    for dev in sorted(set(d.device_of_stage)):
+        most = max(d.rebuilt_mib[b] for b in d.may_recompute)
+        h = rebuilt[dev] = model.new_int_var(0, most, f"h[{dev}]")
+        for s in (s for s in range(d.num_stages) if d.device_of_stage[s] == dev):
+            for b in d.may_recompute:
+                r[b, s] = model.new_bool_var(f"r[{b},{s}]")
+                model.add(r[b, s] <= x[b, s]).with_name(f"recompute_here[{b},{s}]")
+                model.add(h >= d.rebuilt_mib[b] * r[b, s]).with_name(f"rebuilt[{b},{s}]")
+    return _Recompute(r, rebuilt)
+
+
 def _add_memory(
     model: cp_model.CpModel,
     d: _Data,
     x: dict[tuple[int, int], cp_model.IntVar],
     y: dict[tuple[str, int], cp_model.IntVar],
+    rc: _Recompute,
     limit_mib: int,
 ) -> None:
     for dev in sorted(set(d.device_of_stage)):
-        model.add(_device_memory(d, x, y, dev) <= limit_mib).with_name(f"memory[{dev}]")
+        model.add(_device_memory(d, x, y, rc, dev) <= limit_mib).with_name(f"memory[{dev}]")
 
 
 def _device_memory(
     d: _Data,
     x: dict[tuple[int, int], cp_model.IntVar],
     y: dict[tuple[str, int], cp_model.IntVar],
+    rc: _Recompute,
     dev: int,
 ) -> Any:
     stages = [s for s in range(d.num_stages) if d.device_of_stage[s] == dev]
     blocks = range(len(d.bg.blocks))
-    return sum(
-        x[b, s] * (d.state_mib[b] + d.in_flight[s] * d.act_mib[b]) for s in stages for b in blocks
-    ) + sum(y[q, s] * d.shared_mib[q] for q in d.bg.shared_params for s in stages)
+    saved = sum(
+        rc.r[b, s] * d.in_flight[s] * (d.act_mib[b] - d.recompute_act_mib[b])
+        for s in stages
+        for b in d.may_recompute
+    )
+    return (
+        sum(
+            x[b, s] * (d.state_mib[b] + d.in_flight[s] * d.act_mib[b])
+            for s in stages
+            for b in blocks
+        )
+        - saved
+        + rc.rebuilt.get(dev, 0)
+        + sum(y[q, s] * d.shared_mib[q] for q in d.bg.shared_params for s in stages)
+    )
 
 
 def _add_bottleneck(
@@ -373,6 +482,7 @@ def _add_bottleneck(
     d: _Data,
     x: dict[tuple[int, int], cp_model.IntVar],
     crossing: dict[tuple[int, int], cp_model.IntVar],
+    rc: _Recompute,
 ) -> cp_model.IntVar:
     p, n = d.num_stages, len(d.bg.blocks)
     boundary = [
@@ -380,7 +490,9 @@ def _add_bottleneck(
         for k in range(p - 1)
     ]
     upper = (
-        sum(d.work) + 2 * (d.alpha + sum(round(t.nbytes * d.byte_time) for t in d.bg.tensors)) * p
+        sum(d.work)
+        + sum(d.recompute_work[b] for b in d.may_recompute)
+        + 2 * (d.alpha + sum(round(t.nbytes * d.byte_time) for t in d.bg.tensors)) * p
     )
     z = model.new_int_var(0, upper, "z")
     for dev in sorted(set(d.device_of_stage)):
@@ -391,7 +503,8 @@ def _add_bottleneck(
                 comm += d.alpha + boundary[s - 1]
             if s < p - 1 and d.device_of_stage[s + 1] != dev:
                 comm += d.alpha + boundary[s]
-            stage_times.append(sum(d.work[b] * x[b, s] for b in range(n)) + comm)
+            again = sum(d.recompute_work[b] * rc.r[b, s] for b in d.may_recompute)
+            stage_times.append(sum(d.work[b] * x[b, s] for b in range(n)) + again + comm)
         model.add(z >= sum(stage_times)).with_name(f"bottleneck[{dev}]")
     return z
 
@@ -401,15 +514,19 @@ def _add_objective(
     d: _Data,
     z: cp_model.IntVar,
     crossing: dict[tuple[int, int], cp_model.IntVar],
+    rc: _Recompute,
 ) -> None:
-    # Traffic in KiB as the tie-breaker; z's weight exceeds the largest possible traffic, so the
-    # solver never accepts a slower plan for fewer bytes.
+    # Traffic in KiB and recompute time as the tie-breakers; z's weight exceeds the largest
+    # possible sum of both, so the solver never accepts a slower plan for fewer bytes or less
+    # recomputation (and recomputes nothing that does not help).
     kib = [math.ceil(t.nbytes / 1024) for t in d.bg.tensors]
-    model.minimize(_z_weight(d) * z + sum(kib[i] * c for (i, _k), c in crossing.items()))
+    again = sum(d.recompute_work[b] * r for (b, _s), r in rc.r.items())
+    model.minimize(_z_weight(d) * z + sum(kib[i] * c for (i, _k), c in crossing.items()) + again)
 
 
 def _z_weight(d: _Data) -> int:
-    return sum(math.ceil(t.nbytes / 1024) for t in d.bg.tensors) * max(0, d.num_stages - 1) + 1
+    traffic = sum(math.ceil(t.nbytes / 1024) for t in d.bg.tensors) * max(0, d.num_stages - 1)
+    return traffic + sum(d.recompute_work[b] for b in d.may_recompute) + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,15 +558,19 @@ def _infeasible_memory(
 ) -> InfeasibleMemoryError:
     """The error for a limit no split meets, with the least memory a split needs."""
     need = _minimum_memory(d, limit_bytes // _BYTE_UNIT, hint, time_limit_s, seed)
+    kept = "in-flight activations"
+    if d.may_recompute:
+        kept = "in-flight activations, with every layer recomputed where that saves memory"
     return InfeasibleMemoryError(
         f"no split into {d.num_stages} stages fits {_gib(limit_bytes)} per device: a plan "
         f"{need.needs(_gib_up)} (parameters, gradients, optimizer state, shared parameters on every "
-        f"stage that uses them, and in-flight activations). {need.raise_to(_gib_up)}, add devices "
+        f"stage that uses them, and {kept}). {need.raise_to(_gib_up)}, add devices "
         "(more stages), or keep fewer activations in flight (more micro-batches, or the 1f1b "
         "schedule).",
         need.least_bytes,
         need=need,
         reason=f"a plan {need.needs(_gib_up)}",
+        recomputed=bool(d.may_recompute),
     )
 
 
@@ -462,9 +583,10 @@ def _minimum_memory(
     x = _add_assignment(model, d)
     _add_precedence(model, d, x)
     y = _add_shared_params(model, d, x)
+    rc = _add_recompute(model, d, x)
     peak = model.new_int_var(0, _memory_ceiling_mib(d), "peak")
     for dev in sorted(set(d.device_of_stage)):
-        model.add(peak >= _device_memory(d, x, y, dev)).with_name(f"peak[{dev}]")
+        model.add(peak >= _device_memory(d, x, y, rc, dev)).with_name(f"peak[{dev}]")
     model.minimize(peak)
     hint_mib = None
     if hint is not None:
@@ -493,6 +615,7 @@ def _memory_ceiling_mib(d: _Data) -> int:
     return (
         sum(d.state_mib)
         + max(d.in_flight) * sum(d.act_mib)
+        + max(d.rebuilt_mib, default=0)
         + stages_per_device * sum(d.shared_mib.values())
     )
 

@@ -20,7 +20,15 @@ from autopart.planning.mesh_search import mesh_candidates
 from autopart.planning.plans import PlanError, parse_mesh, replicas
 from autopart.planning.request import PlanRequest
 from autopart.runtime.checkpoint import CheckpointError
-from tests._mesh_cases import Case, assert_trained_like, reference, results
+from tests._mesh_cases import (
+    RECOMPUTE,
+    Case,
+    assert_trained_like,
+    recompute_request,
+    recomputed_blocks,
+    reference,
+    results,
+)
 from tests.distributed.test_runtime_tp import _setup, optimizer_for
 from tests.models import FAST_LINK
 
@@ -36,7 +44,7 @@ CASES: list[Case] = [
     for mesh in MESHES
     for name, opt in MODELS
     if mesh != "dp=2,fsdp=2" or name == "mlp"  # HSDP: DDP x FSDP on one small model
-]
+] + [("hf:llama", "fsdp=2,pp=2", "1f1b" + RECOMPUTE, "sgd")]  # checkpointing inside FSDP2
 
 
 def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
@@ -45,12 +53,14 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
     import autopart.runtime.program as runtime
 
     model, x, kw, target, loss_fn = _setup(name)
+    schedule, request = recompute_request(schedule, FAST_LINK)
     program = runtime.compile(
         model,
         mesh,
         example_inputs=x,
         example_kwargs=kw,
         loss_fn=loss_fn,
+        request=request,
         schedule=schedule,
         micro_batches=MICRO_BATCHES,
         device=FAST_LINK,
@@ -76,6 +86,7 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
         "local_numel": local_numel,
         "mesh": dict(program.plan.mesh),
         "refused": refused,
+        "recomputed": recomputed_blocks(program),
     }
 
 
@@ -101,6 +112,7 @@ def test_fsdp_program_matches_the_unpartitioned_model(
 ) -> None:
     got = fsdp_results((name, mesh, schedule, opt))
     assert "error" not in got, got.get("error")
+    assert (got["recomputed"] > 0) == schedule.endswith(RECOMPUTE)
     sizes = parse_mesh(mesh)
     assert got["mesh"]["fsdp"] == 2
     # every parameter is an FSDP shard: a rank holds at most half of the model (TP and the

@@ -16,10 +16,13 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from autopart.models.model_spec import load_model, parse_config_overrides
 from autopart.planning.plans import parse_mesh
 from tests._mesh_cases import (
+    RECOMPUTE,
     Case,
     assert_buffers_match,
     chunk,
     read_buffers,
+    recompute_request,
+    recomputed_blocks,
     reference,
     replica_buffers,
     results,
@@ -63,12 +66,14 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
     import autopart.runtime.program as runtime
 
     model, x, kw, target, loss_fn = _setup(name)
+    schedule, request = recompute_request(schedule, "cpu")
     program = runtime.compile(
         model,
         mesh,
         example_inputs=x,
         example_kwargs=kw,
         loss_fn=loss_fn,
+        request=request,
         schedule=schedule,
         stages_per_rank=2 if schedule == "interleaved" else None,
         micro_batches=_micro_batches(mesh, schedule),
@@ -95,6 +100,7 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
         "stages": program.plan.num_stages,
         "inference": inference,
         "every_rank_has_parameters": bool(everywhere),
+        "recomputed": recomputed_blocks(program),
     }
 
 
@@ -168,6 +174,11 @@ CASES = [
     ("hf:gpt2", "dp=2,pp=2", "1f1b", "sgd"),  # tied embeddings: summed per replica
     ("hf:llama", "dp=2,pp=2", "gpipe", "adam"),
     ("tests.models:logits_and_aux", "dp=2,pp=2", "gpipe", "sgd"),  # the aux loss of every replica
+    # Every layer recomputed in backward (torch.utils.checkpoint on the stage graphs): the same
+    # losses and parameters as the unpartitioned model, so as the program without recomputation
+    ("mlp", "pp=2", "1f1b" + RECOMPUTE, "adam"),
+    ("hf:llama", "pp=2", "1f1b" + RECOMPUTE, "sgd"),
+    ("hf:llama", "dp=2,pp=2", "gpipe" + RECOMPUTE, "adam"),
 ]
 
 
@@ -212,7 +223,8 @@ def test_pipeline_matches_the_unpartitioned_model(
     want = reference(
         _setup, _optimizer, name, opt, dp * _micro_batches(mesh, schedule), STEPS, replicas=dp
     )
-    assert got["schedule"] == schedule
+    assert got["schedule"] == schedule.removesuffix(RECOMPUTE)
+    assert (got["recomputed"] > 0) == schedule.endswith(RECOMPUTE)
     assert got["every_rank_has_parameters"] == ((name, mesh) not in WITHOUT_PARAMETERS)
     assert got["stages"] == sizes["pp"] * (2 if schedule == "interleaved" else 1)
     if name not in LOSSES:  # the batch's own loss (those of LOSSES square a batch mean)

@@ -28,7 +28,16 @@ from autopart.planning.planner import plan_graph
 from autopart.planning.plans import TPSection, parse_mesh
 from autopart.runtime.launch import training_batch
 from autopart.solver.tp_ilp import megatron_plan, solve_tp
-from tests._mesh_cases import Case, Setup, assert_trained_like, reference, results
+from tests._mesh_cases import (
+    RECOMPUTE,
+    Case,
+    Setup,
+    assert_trained_like,
+    recompute_request,
+    recomputed_blocks,
+    reference,
+    results,
+)
 from tests.models import FAST_LINK, HF_CONFIGS
 
 STEPS = 2
@@ -259,12 +268,14 @@ def train_tp_case(setup: Setup, name: str, mesh: str, schedule: str, opt: str) -
     import autopart.runtime.program as runtime
 
     model, x, kw, target, loss_fn = setup(name)
+    schedule, request = recompute_request(schedule, FAST_LINK)
     program = runtime.compile(
         model,
         mesh,
         example_inputs=x,
         example_kwargs=kw,
         loss_fn=loss_fn,
+        request=request,
         schedule=schedule,
         micro_batches=micro_batches_for(mesh),
         device=FAST_LINK,
@@ -290,6 +301,7 @@ def train_tp_case(setup: Setup, name: str, mesh: str, schedule: str, opt: str) -
         "sharding": dict(program.plan.tp.sharding),
         "fallbacks": dict(program.plan.tp.fallbacks),
         "local_numel": local_numel,
+        "recomputed": recomputed_blocks(program),
     }
 
 
@@ -304,6 +316,7 @@ CASES = [
     ("mlp", "pp=2,tp=2", "1f1b", "adam"),
     ("hf:gpt2", "pp=2,tp=2", "1f1b", "sgd"),  # tied embeddings on both stages, as shards
     ("hf:llama", "pp=2,tp=2", "gpipe", "sgd"),
+    ("hf:llama", "pp=2,tp=2", "1f1b" + RECOMPUTE, "sgd"),  # TP collectives recomputed too
     # 8 ranks (about 2 min here): two data-parallel replicas (DDP) of a 2-stage pipeline of 2 TP
     # ranks each; the tied embeddings' shards are summed per (dp, tp) coordinate
     ("hf:gpt2", "dp=2,pp=2,tp=2", "1f1b", "sgd"),
@@ -338,6 +351,7 @@ def test_tp_program_matches_the_unpartitioned_model(
 ) -> None:
     got = tp_results((name, mesh, schedule, opt))
     assert "error" not in got, got.get("error")
+    assert (got["recomputed"] > 0) == schedule.endswith(RECOMPUTE)
     # the plan really splits, and each rank holds less than the whole model
     assert {"col", "row"} & set(got["sharding"].values()), got["sharding"]
     model, x, kw, _, _ = _setup(name)

@@ -46,8 +46,9 @@ def _llama() -> torch.fx.GraphModule:
 def test_no_mesh_fits_ends_quickly_naming_each_mesh_bound() -> None:
     gm = _llama()
     start = time.perf_counter()
+    # keeping every activation: recomputing layers, dp=1,pp=2,tp=8 fits 4 MiB on this small model
     with pytest.raises(InfeasibleMeshError) as err:
-        search_mesh(gm, batch=16, devices=16, device="h100", memory="4MiB")
+        search_mesh(gm, batch=16, devices=16, device="h100", memory="4MiB", recompute="none")
     assert time.perf_counter() - start < 15
     text = str(err.value)
     assert "Per mesh (memory per device):" in text

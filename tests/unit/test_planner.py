@@ -275,13 +275,17 @@ def test_llama_70b_plans_into_8_stages_on_meta() -> None:
 def test_auto_schedule_plans_1f1b_where_only_gpipe_misses_memory() -> None:
     # On gpt2, pp=4, the stage ILP finds a 1F1B split within 714 MiB per device but no GPipe split
     # within 740 MiB: auto once gave up there when GPipe's solve failed, though 1F1B fits.
+    # Keeping every activation (--recompute none); recomputing layers, GPipe fits too.
     gm, batch = _graph("gpt2")
     limit = 740 << 20
+    kept = {"mesh": "pp=4", "device": "h100", "memory": limit, "recompute": "none"}
     with pytest.raises(InfeasibleMemoryError):
-        plan_graph(gm, batch=batch, mesh="pp=4", device="h100", memory=limit, schedule="gpipe")
-    plan = plan_graph(gm, batch=batch, mesh="pp=4", device="h100", memory=limit)
-    assert plan.schedule == "1f1b"
+        plan_graph(gm, batch=batch, schedule="gpipe", **kept)
+    plan = plan_graph(gm, batch=batch, **kept)
+    assert plan.schedule == "1f1b" and not plan.recompute
     assert max(s.peak_memory_bytes for s in plan.stages) <= limit
+    gpipe = plan_graph(gm, batch=batch, mesh="pp=4", device="h100", memory=limit, schedule="gpipe")
+    assert gpipe.recompute and max(s.peak_memory_bytes for s in gpipe.stages) <= limit
 
 
 def test_auto_schedule_names_the_smallest_need_over_the_schedules() -> None:

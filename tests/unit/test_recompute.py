@@ -1,0 +1,301 @@
+"""Activation recomputation as a decision of the stage ILP: chosen only where memory binds, costed
+in time, counted alike by the ILP and the simulator, recorded in the plan, applied by the
+checkpointing pass."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from autopart.cost_models import get_device
+from autopart.errors import AutopartError
+from autopart.planning.blocks import Block, BlockGraph, CrossTensor
+from autopart.planning.mesh_plan import per_micro_batch, simulate_blocks, simulate_plan
+from autopart.planning.plans import Plan, PlanError, RecomputedBlock
+from autopart.planning.request import PlanRequest
+from autopart.planning.schedule_choice import schedule_kinds
+from autopart.solver.cost import stage_times_s
+from autopart.solver.stage_ilp import InfeasibleMemoryError, solve_stages
+
+DEVICE = get_device("h100")
+MIB = 1 << 20
+STATE = 4.0
+ACT, INPUT = 100 * MIB, 10 * MIB
+
+
+def _chain(n: int = 6) -> BlockGraph:
+    """``n`` equal blocks in a chain, each saving 100 MiB and reading 10 MiB."""
+    blocks = tuple(
+        Block(
+            index=i,
+            name=f"layers.{i}",
+            nodes=(f"n{i}",),
+            modules=(f"layers.{i}",),
+            forward_s=1e-3,
+            backward_s=2e-3,
+            flops=0,
+            backward_flops=0,
+            param_bytes=MIB,
+            params=(f"p{i}",),
+            activation_bytes=ACT,
+            layer=f"layers.{i}",
+            input_bytes=INPUT,
+        )
+        for i in range(n)
+    )
+    tensors = tuple(CrossTensor(f"t{i}", i, (i + 1,), INPUT) for i in range(n - 1))
+    return BlockGraph(blocks, tensors, {f"p{i}": MIB for i in range(n)})
+
+
+def _solve(bg: BlockGraph, limit: int | None, *, recompute: bool = True) -> object:
+    return solve_stages(
+        bg,
+        2,
+        DEVICE,
+        in_flight=[2, 1],  # 1F1B on two ranks
+        state_bytes_per_param_byte=STATE,
+        memory_limit_bytes=limit,
+        recompute=recompute,
+        time_limit_s=5,
+    )
+
+
+def test_block_recompute_keeps_inputs_and_pays_its_forward_again() -> None:
+    b = _chain().blocks[0]
+    again = b.recompute()
+    assert again.recomputed and not again.can_recompute and b.can_recompute
+    assert again.activation_bytes == INPUT and again.rematerialized_bytes == ACT
+    assert again.backward_s == pytest.approx(b.backward_s + b.forward_s)
+    assert again.recompute_s == b.forward_s and b.recompute_s == 0.0
+    assert again.recompute() is again
+    # scaled to a micro-batch, the rule still holds
+    half = BlockGraph((again,), (), {"p0": MIB}).scaled(0.5).blocks[0]
+    assert half.activation_bytes == INPUT // 2 and half.rematerialized_bytes == ACT // 2
+
+
+def test_nothing_recomputes_when_everything_fits() -> None:
+    sol = _solve(_chain(), 2 << 30)
+    assert sol.recompute == ()  # type: ignore[attr-defined]
+
+
+def test_a_limit_that_only_fits_with_recompute_recomputes_and_pays_for_it() -> None:
+    bg = _chain()
+    # without recomputation the leanest split (2 | 4 blocks) needs 16 MiB state + 400 MiB
+    limit = 400 * MIB
+    with pytest.raises(InfeasibleMemoryError):
+        _solve(bg, limit, recompute=False)
+    sol = _solve(bg, limit)
+    chosen = sol.recompute  # type: ignore[attr-defined]
+    assert chosen, "only recomputation fits this limit"
+    stage_of = sol.stage_of  # type: ignore[attr-defined]
+    again = bg.with_recompute(chosen)
+    assert again.recomputed == chosen
+    # the time includes the recomputed forwards
+    plain_s = stage_times_s(bg, stage_of, 2, DEVICE)
+    with_s = stage_times_s(again, stage_of, 2, DEVICE)
+    for s in range(2):
+        extra = sum(bg.blocks[b].forward_s for b in chosen if stage_of[b] == s)
+        assert with_s[s] == pytest.approx(plain_s[s] + extra)
+    # the simulator counts the same memory as the ILP: state, in-flight activations (inputs only
+    # for recomputed blocks), and one recomputed block's activations rebuilt in its backward
+    # (the ILP was given the costs of one of 2 micro-batches: the simulator takes the step's)
+    tl = simulate_blocks(again.scaled(2.0), stage_of, 2, 1, DEVICE, "1f1b", 2, STATE)
+    scaled = per_micro_batch(again.scaled(2.0), 2)
+    for s, in_flight in enumerate([2, 1]):
+        mine = [b for b, st in zip(scaled.blocks, stage_of) if st == s]
+        want = (
+            sum(b.param_bytes for b in mine) * STATE
+            + in_flight * sum(b.activation_bytes for b in mine)
+            + max(b.rematerialized_bytes for b in mine)
+        )
+        assert tl.peak_memory_bytes[s] == pytest.approx(want, abs=2)
+    assert max(tl.peak_memory_bytes) <= limit
+    # recomputation is chosen no more than memory needs: every block recomputing would also fit
+    assert len(chosen) < len(bg.blocks)
+
+
+def test_the_infeasible_error_names_the_minimum_with_recomputation() -> None:
+    bg = _chain()
+    with pytest.raises(InfeasibleMemoryError) as kept:
+        _solve(bg, 50 * MIB, recompute=False)
+    with pytest.raises(InfeasibleMemoryError) as recomputed:
+        _solve(bg, 50 * MIB)
+    assert "recomputed where that saves memory" in str(recomputed.value)
+    least = recomputed.value.minimum_bytes
+    assert least < kept.value.minimum_bytes
+    # the minimum is the leanest plan: 2 | 4 blocks, every one recomputed; the second stage holds
+    # 4 blocks' state, their inputs for its one micro-batch in flight, and one block rebuilt
+    assert least == 4 * MIB * STATE + 4 * INPUT + ACT
+    sol = _solve(bg, least)  # and a plan meets it
+    assert len(sol.recompute) == len(bg.blocks)  # type: ignore[attr-defined]
+
+
+def test_full_recompute_leaves_out_the_split_backward_schedules() -> None:
+    kinds = schedule_kinds("auto", 4, None, full_recompute=True)
+    assert "zbv" not in kinds and "1f1b" in kinds
+    with pytest.raises(AutopartError, match="recomputed forward again"):
+        schedule_kinds("zbv", 4, None, full_recompute=True)
+    with pytest.raises(AutopartError, match="unknown recompute"):
+        PlanRequest(recompute="some")
+
+
+def _mlp_plan(**options: object) -> Plan:
+    from autopart import annotate, trace
+    from autopart.models.model_spec import load_model
+    from autopart.planning.planner import plan_graph
+
+    # activations of 4 MiB a micro-batch per tensor: the stage ILP counts whole MiB
+    loaded = load_model("mlp", batch=2048, device="cpu", seed=0)
+    gm = annotate(trace(loaded.model, tuple(loaded.example_inputs)))
+    req = PlanRequest(mesh="pp=2", device="h100", schedule="1f1b", micro_batches=2)
+    return plan_graph(gm, req.with_options(**options), batch=2048)
+
+
+def test_a_plan_records_its_recompute_choice_and_reads_it_back() -> None:
+    plain = _mlp_plan()
+    assert plain.recompute == () and "recompute" not in plain.to_dict()
+    assert all("recompute_s" not in s for s in plain.to_dict()["stages"])
+    full = _mlp_plan(recompute="full")
+    assert full.recompute and all(r.saved_bytes > 0 for r in full.recompute)
+    assert Plan.from_json(full.to_json()) == full
+    assert full.step_time_s > plain.step_time_s
+    assert max(s.peak_memory_bytes for s in full.stages) < max(
+        s.peak_memory_bytes for s in plain.stages
+    )
+    # the plan's own simulation counts its recomputation as the planner's did
+    tl = simulate_plan(full)
+    assert tl.peak_memory_bytes == tuple(s.peak_memory_bytes for s in full.stages)
+    # auto recomputes where a limit demands it, and the plan fits that limit
+    limit = (max(s.peak_memory_bytes for s in plain.stages) + full.stages[0].peak_memory_bytes) // 2
+    auto = _mlp_plan(memory=limit)
+    assert auto.recompute and max(s.peak_memory_bytes for s in auto.stages) <= limit
+    assert _mlp_plan(memory=limit * 4).recompute == ()
+
+
+def test_a_plan_that_recomputes_under_a_split_backward_is_refused() -> None:
+    full = _mlp_plan(recompute="full")
+    raw = json.loads(full.to_json())
+    raw["schedule"] = "zbv"
+    raw["stages_per_device"] = 2
+    with pytest.raises(PlanError):
+        Plan.from_dict(raw)
+    block = dataclasses.replace(full.recompute[0], stage=1 - full.recompute[0].stage)
+    with pytest.raises(PlanError, match="not on its stage"):
+        dataclasses.replace(full, recompute=(block,))
+    assert isinstance(block, RecomputedBlock)
+
+
+def test_checkpointed_stages_compute_the_same_and_keep_less() -> None:
+    from autopart import annotate, trace
+    from autopart.models.model_spec import load_model
+    from autopart.passes.recompute import Recomputed, checkpoint_blocks
+    from autopart.passes.split_stages import split_stages
+
+    loaded = load_model("mlp", batch=8, device="cpu", seed=0)
+    x = tuple(loaded.example_inputs)
+    gm = annotate(trace(loaded.model, x))
+    plan = _mlp_plan(recompute="full")
+    stage = split_stages(gm, plan)[0]
+    twin = split_stages(gm, plan)[0]
+    blocks = [r.nodes for r in plan.recompute if r.stage == 0]
+    checkpoint_blocks(twin, blocks)
+    assert any(isinstance(m, Recomputed) for m in twin.modules())
+    assert [n for n, _ in twin.named_parameters()] == [n for n, _ in stage.named_parameters()]
+
+    def run(module: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            # activations only (a checkpoint keeps its inputs, the parameters among them)
+            if t.dim() and t.shape[0] == x[0].shape[0]:
+                saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = module(*x)[0]
+        out.float().pow(2).sum().backward()
+        grads = [p.grad.clone() for p in module.parameters()]  # type: ignore[union-attr]
+        module.zero_grad()
+        return out.detach(), grads, sum(saved)
+
+    out, grads, kept = run(stage)
+    out2, grads2, kept2 = run(twin)
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+    for a, b in zip(grads2, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    # each layer kept its input and its linear's output; recomputed, only its input
+    assert kept2 * 2 == kept
+
+
+def test_the_plan_table_shows_what_recomputes_and_what_it_costs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from autopart.cli.main import main
+
+    argv = ["plan", "mlp", "--batch", "2048", "--mesh", "pp=2", "--schedule", "1f1b"]
+    assert main([*argv, "--micro-batches", "2", "--recompute", "full"]) == 0
+    out = capsys.readouterr().out
+    assert "recomputed in backward" in out and "layers.0-3" in out
+    assert main([*argv, "--micro-batches", "2"]) == 0
+    assert "recomputed in backward" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main([*argv, "--recompute", "sometimes"])
+
+
+def test_a_plan_that_fits_nowhere_names_the_memory_it_needs_recomputing() -> None:
+    with pytest.raises(InfeasibleMemoryError) as recomputed:
+        _mlp_plan(memory=1 << 20)
+    assert recomputed.value.recomputed and "every layer recomputed" in str(recomputed.value)
+    with pytest.raises(InfeasibleMemoryError) as kept:
+        _mlp_plan(memory=1 << 20, recompute="none")
+    assert not kept.value.recomputed
+    assert recomputed.value.minimum_bytes < kept.value.minimum_bytes
+    # the minimum it names is enough: a plan fits there (recomputing)
+    fits = _mlp_plan(memory=recomputed.value.need.fits_bytes)
+    assert fits.recompute
+
+
+@pytest.mark.timeout(300)
+def test_measured_peak_memory_drops_by_what_the_plan_predicts() -> None:
+    """Stage 0 of an MLP (4 layers, micro-batches of 1024 x 1024 floats) run as GPipe runs it, all
+    forwards then all backwards, measured as the run report measures memory on CPU."""
+    from autopart import annotate, trace
+    from autopart.models.model_spec import load_model
+    from autopart.passes.recompute import checkpoint_blocks
+    from autopart.passes.split_stages import split_stages
+    from autopart.planning.planner import plan_graph
+    from autopart.runtime.peak_memory import measure_peak
+
+    loaded = load_model("mlp", batch=4096, device="cpu", seed=0)
+    x = tuple(loaded.example_inputs)
+    gm = annotate(trace(loaded.model, x))
+    base = PlanRequest(mesh="pp=2", device="h100", schedule="gpipe", micro_batches=4)
+    plans = {r: plan_graph(gm, base.with_options(recompute=r, optimizer="sgd"), batch=4096)
+             for r in ("none", "full")}  # fmt: skip
+
+    def measured(plan: Plan) -> int:
+        stage = checkpoint_blocks(
+            split_stages(gm, plan)[0], [r.nodes for r in plan.recompute if r.stage == 0]
+        )
+        with measure_peak(torch.device("cpu"), list(stage.parameters())) as peak:
+            outs = [stage(mb)[0] for mb in x[0].chunk(4)]
+            for out in outs:
+                out.backward(torch.ones_like(out))
+        return peak.peak_bytes
+
+    predicted = (
+        plans["none"].stages[0].peak_memory_bytes - plans["full"].stages[0].peak_memory_bytes
+    )
+    drop = measured(plans["none"]) - measured(plans["full"])
+    assert predicted > 0 and drop == pytest.approx(predicted, rel=0.10)
+
+
+def test_emit_refuses_a_plan_that_recomputes(tmp_path: Path) -> None:
+    from autopart.codegen.emitter import EmitError, emit
+
+    with pytest.raises(EmitError, match=r"recompute activations yet .*--recompute none"):
+        emit(_mlp_plan(recompute="full"), tmp_path)
