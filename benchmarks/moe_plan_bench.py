@@ -119,8 +119,14 @@ def main() -> None:
     if args.from_json:
         rerender(args.out, args.from_json, render)
         return
+    start = time.perf_counter()
     result = plan_deepseek(args.batch, args.seq, args.memory, args.device)
-    record = {**environment(), "command": " ".join(["python", *sys.argv]), "result": result}
+    record = {
+        **environment(),
+        "command": " ".join(["python", *sys.argv]),
+        "wall_s": time.perf_counter() - start,
+        "result": result,
+    }
     write_result(output_path(args, "moe-plan"), record, render)
 
 

@@ -183,10 +183,13 @@ def mutation_groups(gm: GraphModule) -> list[tuple[Node, ...]]:
     for n in nodes:
         for w in written_inputs(n):
             last_write[roots[w]] = order[n]
+    by_root: dict[Node, list[Node]] = {}
+    for n in nodes:
+        by_root.setdefault(roots[n], []).append(n)
     groups = _UnionFind()
     for root, last in last_write.items():
         state = root.op in ("get_attr", "placeholder")
-        members = [n for n in nodes if roots[n] is root]
+        members = by_root[root]
         touching = [*members, *(u for m in members for u in m.users), *_producer(root)]
         tied = [
             n for n in dict.fromkeys(touching) if n.op in _COMPUTING and (state or order[n] <= last)

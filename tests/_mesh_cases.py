@@ -157,6 +157,11 @@ def assert_trained_like(got: dict[str, Any], want: Reference) -> None:
         )
 
 
+def sgd_or_adam(params: Any, kind: str) -> torch.optim.Optimizer:
+    """The optimizer a case names: ``"sgd"`` (lr 0.1) or Adam (lr 1e-3)."""
+    return torch.optim.SGD(params, lr=0.1) if kind == "sgd" else torch.optim.Adam(params, lr=1e-3)
+
+
 def chunk(value: Any, n: int) -> list[Any]:
     if isinstance(value, torch.Tensor) and value.dim() > 0:
         return list(torch.chunk(value, n))

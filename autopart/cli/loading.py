@@ -13,8 +13,8 @@ __all__ = ["load_and_trace"]
 
 def load_and_trace(args: argparse.Namespace, *, device: str = "meta") -> tuple[Any, Any, float]:
     """``(loaded model, annotated GraphModule, seconds taken)`` for the options of
-    :func:`autopart.cli.options.add_model` and :func:`~autopart.cli.options.add_tracing` (which
-    declares ``--expert-imbalance``)."""
+    :func:`autopart.cli.options.add_model` (which declares ``--expert-imbalance``) and
+    :func:`~autopart.cli.options.add_tracing`."""
     import torch
 
     from autopart.capture.tracing import trace

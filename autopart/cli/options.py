@@ -11,7 +11,6 @@ from autopart.planning.schedule import ScheduleKind
 
 __all__ = [
     "add_device",
-    "add_expert_imbalance",
     "add_format",
     "add_model",
     "add_pipeline",
@@ -37,7 +36,8 @@ _REQUEST_FIELDS = {
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
-    """MODEL and the options that build it: --batch, --seq, --config."""
+    """MODEL and the options that build and cost it: --batch, --seq, --config,
+    --expert-imbalance."""
     p.add_argument(
         "model",
         metavar="MODEL",
@@ -49,6 +49,15 @@ def add_model(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--config", default=None, help="config overrides for hf: models, e.g. n_layer=2,n_embd=128"
+    )
+    p.add_argument(
+        "--expert-imbalance",
+        type=float,
+        default=DEFAULT_IMBALANCE,
+        metavar="F",
+        help="mixture-of-experts models: charge each expert F times its mean share T*k/E of the "
+        "routed tokens (at most every token), F >= 1 (default 1: the mean; 1.5 leaves headroom "
+        "for skewed routing)",
     )
 
 
@@ -116,20 +125,6 @@ def add_pipeline(p: argparse.ArgumentParser, *, search: bool = False) -> None:
         help="plan on measured times: run each distinct op forward and backward on this machine "
         "(--device cpu: the CPU, else CUDA), cached by signature, dtype and device under "
         "$AUTOPART_CACHE_DIR (default ~/.cache/autopart)",
-    )
-
-
-def add_expert_imbalance(p: argparse.ArgumentParser) -> None:
-    """--expert-imbalance: how many times its mean share of the routed tokens each expert of a
-    mixture of experts is charged."""
-    p.add_argument(
-        "--expert-imbalance",
-        type=float,
-        default=DEFAULT_IMBALANCE,
-        metavar="F",
-        help="mixture-of-experts models: charge each expert F times its mean share T*k/E of the "
-        "routed tokens (at most every token), F >= 1 (default 1: the mean; 1.5 leaves headroom "
-        "for skewed routing)",
     )
 
 

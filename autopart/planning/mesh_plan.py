@@ -450,7 +450,7 @@ class _ScheduleSearch:
         if self.setup.request.recompute == "auto" and not keeps:
             # Memory binds: every layer recomputed, on the contiguous split, at every count
             # (the stage ILP chose its layers at the leanest count only)
-            whole = [lay for lay in layouts if lay[0] not in SPLIT_BACKWARD]
+            whole = [lay for lay in layouts if self.may_recompute(lay[0])]
             self.estimated += self.estimate(whole, pipe, recomputed=True)
         for c in self.estimated:
             fits = max(c.timeline.peak_memory_bytes) <= self.limit

@@ -79,7 +79,7 @@ from autopart.planning.mesh_plan import (
     simulate_blocks,
     solve_tp_costs,
 )
-from autopart.planning.plans import Plan, format_mesh, replica_label
+from autopart.planning.plans import Plan, format_mesh, replica_label, replicas
 from autopart.planning.request import AUTO, PlanRequest
 from autopart.planning.schedule import SPLIT_BACKWARD, stage_ranks
 from autopart.planning.schedule_choice import ONE_STAGE_KINDS, per_device, split_backward_with_dp
@@ -249,7 +249,7 @@ class _Mesh:
     @property
     def replicas(self) -> int:
         """Data-parallel replicas, each pipelining its share of the batch: ``dp x fsdp``."""
-        return self.dp * self.fsdp
+        return replicas(self.mesh)
 
 
 def search_mesh(

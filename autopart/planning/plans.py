@@ -432,10 +432,7 @@ class Plan:
                 ),
                 profile_s=None if raw.get("profile_s") is None else float(raw["profile_s"]),
                 experts=str(raw.get("experts", "")),
-                recompute=tuple(
-                    RecomputedBlock(**{**r, "nodes": tuple(r["nodes"])})
-                    for r in raw.get("recompute", ())
-                ),
+                recompute=tuple(RecomputedBlock(**r) for r in raw.get("recompute", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, PlanError):

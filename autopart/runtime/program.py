@@ -250,9 +250,6 @@ def _plan_on_rank_zero(
     """The profiled plan, made once: measurements differ from rank to rank (and from run to run),
     so the ranks cannot each plan for themselves as they do on the cost model. Rank 0 measures and
     plans, the plan is broadcast, and every other rank traces the graph that runs at its count."""
-    from autopart.passes.annotate import annotate
-    from autopart.passes.routing import imbalance_of
-
     box: list[Any] = [None]
     if dist.get_rank() == 0:
         plan, run_gm = plan_that_runs(
@@ -262,9 +259,8 @@ def _plan_on_rank_zero(
     dist.broadcast_object_list(box, src=0)
     if dist.get_rank() == 0:
         return plan, run_gm
-    plan = Plan.from_json(box[0])
-    run_gm = micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
-    return plan, (run_gm if run_gm is gm else annotate(run_gm, expert_imbalance=imbalance_of(gm)))
+    plan = Plan.from_json(box[0])  # only rank 0 plans, so the graph that runs needs no costs
+    return plan, micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
 
 
 def _compile_request(

@@ -204,23 +204,19 @@ def plan_that_runs(
     from autopart.passes.annotate import annotate
     from autopart.passes.routing import imbalance_of
 
-    imbalance = imbalance_of(gm)
-
+    plan: Plan | None = None
     if profile and micro_batches is not None:
-        chunks = dp * micro_batches
-        run_gm = micro_batch_graph(model, gm, args, kwargs, batch, chunks)
-        graph = run_gm if run_gm is gm else annotate(run_gm, expert_imbalance=imbalance)
-        plan = make(graph, batch // chunks, micro_batches)
-        _tp_holds(run_gm, plan, strict=True)
-        return plan, run_gm
-    plan = make(gm, batch, micro_batches)
-    chunks = dp * plan.micro_batches
+        m = micro_batches  # measured at once at the shapes they run with
+    else:
+        plan = make(gm, batch, micro_batches)
+        m = plan.micro_batches
+    chunks = dp * m
     run_gm = micro_batch_graph(model, gm, args, kwargs, batch, chunks)
-    remeasure = profile and run_gm is not gm
-    if not remeasure and same_nodes(gm, run_gm) and _tp_holds(run_gm, plan, strict=run_gm is gm):
+    keeps = (not profile or run_gm is gm) and same_nodes(gm, run_gm)
+    if plan is not None and keeps and _tp_holds(run_gm, plan, strict=run_gm is gm):
         return plan, run_gm
-    graph = annotate(run_gm, expert_imbalance=imbalance)
-    plan = make(graph, batch // chunks, plan.micro_batches)
+    graph = run_gm if run_gm is gm else annotate(run_gm, expert_imbalance=imbalance_of(gm))
+    plan = make(graph, batch // chunks, m)
     _tp_holds(run_gm, plan, strict=True)
     return plan, run_gm
 

@@ -171,7 +171,7 @@ def measured_timeline(
             owner.setdefault(stage, rank)
             peaks[device_of[stage]] = max(peaks[device_of[stage]], summary.peak_memory_bytes)
     events = [
-        Event(device_of[stage], _parse(action), start - zero, end - zero)
+        Event(device_of[stage], Action.parse(action), start - zero, end - zero)
         for rank, summary in enumerate(summaries)
         for stage, action, start, end in summary.events
         if owner[stage] == rank
@@ -192,12 +192,6 @@ def measured_timeline(
     )
 
 
-def _parse(text: str) -> Action:
-    from autopart.planning.schedule import parse_schedule
-
-    return parse_schedule([[text]])[0][0]
-
-
 def timeline_to_json(timeline: Timeline) -> dict[str, Any]:
     """A timeline as JSON values: events as ``[device, "1F0", start_s, end_s]``."""
     return {
@@ -215,7 +209,7 @@ def timeline_from_json(raw: dict[str, Any]) -> Timeline:
     """The inverse of :func:`timeline_to_json` (``max_in_flight`` is not kept: zeros)."""
     return Timeline(
         raw["step_time_s"],
-        tuple(Event(d, _parse(a), s, e) for d, a, s, e in raw["events"]),
+        tuple(Event(d, Action.parse(a), s, e) for d, a, s, e in raw["events"]),
         tuple(raw["busy_s"]),
         tuple(raw["idle_s"]),
         raw["bubble_fraction"],

@@ -28,7 +28,9 @@ from tests._mesh_cases import (
     reference,
     replica_buffers,
     results,
+    sgd_or_adam,
 )
+from tests.distributed.test_runtime_tp import micro_batches_for as _micro_batches
 from tests.models import FAST_LINK
 
 STEPS = 2
@@ -58,15 +60,6 @@ def _classification_loss(output: Any, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(output.logits, labels)
 
 
-def _optimizer(params: Any, kind: str) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=0.1) if kind == "sgd" else torch.optim.Adam(params, lr=1e-3)
-
-
-def _micro_batches(mesh: str) -> int:
-    """Micro-batches of 2 samples per replica."""
-    return 2 if parse_mesh(mesh).get("dp", 1) > 1 else 4
-
-
 def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
     import autopart.runtime.program as runtime
 
@@ -83,7 +76,7 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
         device=FAST_LINK if tp else None,  # links nearly free: the TP plan really splits
         verify=tp,
     )
-    optimizer = _optimizer(list(program.parameters()), opt)
+    optimizer = sgd_or_adam(list(program.parameters()), opt)
     losses = []
     for _ in range(STEPS):
         optimizer.zero_grad()
@@ -151,7 +144,7 @@ def test_inplace_program_matches_the_unpartitioned_model(
     model, x, kw, _, _ = _setup(name)
     dp = parse_mesh(mesh).get("dp", 1)
     want = reference(
-        _setup, _optimizer, name, opt, dp * _micro_batches(mesh), STEPS, replicas=dp, infer=True
+        _setup, sgd_or_adam, name, opt, dp * _micro_batches(mesh), STEPS, replicas=dp, infer=True
     )
     assert_trained_like(got, want)
     read = read_buffers(model, x, kw)

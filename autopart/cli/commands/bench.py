@@ -42,9 +42,13 @@ def run(args: argparse.Namespace) -> int:
             rows = [{k: _none_if_nan(v) for k, v in r.items()} for r in rows]
         print_json(rows)
         return 0
-    tables = {"solver": _solver_table, "runtime": _runtime_table, "tp": _tp_table}
-    table = tables.get(args.suite, _fidelity_table)
-    out.print(table(rows))
+    tables = {
+        "solver": _solver_table,
+        "runtime": _runtime_table,
+        "tp": _tp_table,
+        "fidelity": _fidelity_table,
+    }
+    out.print(tables[args.suite](rows))
     return 0
 
 

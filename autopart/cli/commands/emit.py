@@ -11,7 +11,6 @@ from typing import Any
 from autopart.cli.console import is_quiet, out, print_json, spinner
 from autopart.cli.options import (
     add_device,
-    add_expert_imbalance,
     add_format,
     add_model,
     add_pipeline,
@@ -32,7 +31,6 @@ def add_parser(subparsers: Any) -> None:
         "`torchrun --nproc-per-node N run.py` (only torch needed).",
     )
     add_model(p)
-    add_expert_imbalance(p)
     add_pipeline(p)
     add_device(p, default="cpu", why=": the gloo runtime's")
     p.add_argument("--out", required=True, help="folder to write the program into")

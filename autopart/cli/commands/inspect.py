@@ -9,7 +9,7 @@ from rich.table import Table
 
 from autopart.cli.console import bar, err, is_quiet, out, print_json
 from autopart.cli.loading import load_and_trace
-from autopart.cli.options import add_expert_imbalance, add_format, add_model, add_tracing
+from autopart.cli.options import add_format, add_model, add_tracing
 from autopart.units import format_bytes, format_flops, format_seconds
 
 __all__ = ["add_parser", "run"]
@@ -22,7 +22,6 @@ def add_parser(subparsers: Any) -> None:
         description="Trace MODEL and print its graph: op, shape, FLOPs, bytes and parameters per node.",
     )
     add_model(p)
-    add_expert_imbalance(p)
     add_tracing(p)
     p.add_argument(
         "--by",

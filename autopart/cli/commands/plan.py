@@ -14,7 +14,6 @@ from autopart.cli.console import is_quiet, out, print_json, spinner
 from autopart.cli.loading import load_and_trace
 from autopart.cli.options import (
     add_device,
-    add_expert_imbalance,
     add_format,
     add_model,
     add_pipeline,
@@ -37,7 +36,6 @@ def add_parser(subparsers: Any) -> None:
         description="Trace MODEL, solve the stage ILP and print the plan beside the baselines.",
     )
     add_model(p)
-    add_expert_imbalance(p)
     add_tracing(p)
     add_pipeline(p, search=True)
     p.add_argument(

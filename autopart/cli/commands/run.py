@@ -10,7 +10,6 @@ from rich.table import Table
 
 from autopart.cli.console import is_quiet, out, print_json, spinner
 from autopart.cli.options import (
-    add_expert_imbalance,
     add_format,
     add_model,
     add_pipeline,
@@ -32,7 +31,6 @@ def add_parser(subparsers: Any) -> None:
         "and parameters against the unpartitioned model, and print throughput and stage times beside the plan.",
     )
     add_model(p)
-    add_expert_imbalance(p)
     add_pipeline(p)
     p.add_argument("--steps", type=int, default=3, help="training steps (default 3)")
     p.add_argument(
