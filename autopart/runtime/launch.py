@@ -28,6 +28,7 @@ import torch
 from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
 from autopart.passes.routing import DEFAULT_IMBALANCE, check_imbalance
+from autopart.planning.request import PlanRequest
 from autopart.runtime.step_clock import (
     RankSummary,
     StepClock,
@@ -89,6 +90,8 @@ class RunReport:
     """The pipeline runtime's cost per action the plan was simulated with."""
     profile_s: float | None = None
     """With ``profile``: the seconds rank 0 spent measuring op times before planning."""
+    recomputed: tuple[str, ...] = ()
+    """The blocks whose forward the plan runs again in the backward (``Plan.recompute``)."""
     predicted_timeline: dict[str, Any] | None = None
     """The plan's simulated step (:func:`timeline_to_json`)."""
     measured_timeline: dict[str, Any] | None = None
@@ -140,13 +143,14 @@ def run_local(
     comm: str = "measured",
     profile: bool = False,
     expert_imbalance: float = DEFAULT_IMBALANCE,
+    recompute: str = "auto",
 ) -> RunReport:
     """Spawn the ranks ``mesh`` needs, train ``spec`` for ``steps`` steps, check and time it.
     ``verify`` checks tensor-parallel stages against unsharded ones first (:mod:`autopart.runtime.verify`).
     ``comm="measured"`` plans on the link and pipeline costs measured on the ranks' group
     (:func:`autopart.runtime.measure.measured_comm`, cached), ``"table"`` on the device table's.
     ``profile=True`` plans on op times rank 0 measures (:mod:`autopart.cost_models.profiling`).
-    ``expert_imbalance`` is the planning option of that name (mixtures of experts)."""
+    ``expert_imbalance`` and ``recompute`` are the planning options of those names."""
     from autopart.planning.plans import parse_mesh
 
     world = math.prod(parse_mesh(mesh).values())  # dp x pp x tp ranks
@@ -171,6 +175,7 @@ def run_local(
             comm,
             profile,
             check_imbalance(expert_imbalance),  # a bad factor fails before any rank starts
+            PlanRequest(recompute=recompute).recompute,  # so does a bad recompute choice
         )
         args = (world, str(Path(tmp) / "store"), request, str(out), timeout_s)
         spawn_ranks(_rank_main, args, world, timeout_s=timeout_s, what="the run")
@@ -234,6 +239,7 @@ class _RunRequest:
     comm: str = "measured"
     profile: bool = False
     expert_imbalance: float = DEFAULT_IMBALANCE
+    recompute: str = "auto"
 
 
 _COMM_SOURCES = ("measured", "table")
@@ -294,7 +300,6 @@ def _planning_device(request: _RunRequest) -> DeviceSpec:
 
 def _compile(loaded: Any, request: _RunRequest, spec: DeviceSpec) -> Any:
     import autopart
-    from autopart.planning.request import PlanRequest
 
     _, loss_fn = training_batch(loaded)
     # planned for what the run does: SGD without momentum (parameters and gradients, no state)
@@ -303,6 +308,7 @@ def _compile(loaded: Any, request: _RunRequest, spec: DeviceSpec) -> Any:
         device=spec,
         optimizer="sgd",
         expert_imbalance=request.expert_imbalance,
+        recompute=request.recompute,
     )
     return autopart.compile(
         loaded.model,
@@ -421,6 +427,7 @@ def _report(
         comm=request.comm,
         pipeline_action_s=spec.pipeline_action_s,
         profile_s=plan.profile_s,
+        recomputed=tuple(r.name for r in plan.recompute),
         predicted_timeline=timeline_to_json(simulate_plan(plan, spec)),
         measured_timeline=timeline_to_json(measured),
     )

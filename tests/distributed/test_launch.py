@@ -38,12 +38,16 @@ def test_run_local_trains_and_matches_one_process() -> None:
 
 
 @pytest.mark.distributed
-def test_run_local_plans_on_op_times_measured_on_rank_zero(
+def test_run_local_profiles_on_rank_zero_and_recomputes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # rank 0 profiles and plans, the others receive the plan: every rank runs the same stages
+    # rank 0 profiles and plans, the others receive the plan: every rank runs the same stages;
+    # the planning options reach the ranks (every layer recomputed, under torch's checkpoint)
     monkeypatch.setenv("AUTOPART_CACHE_DIR", str(tmp_path))
-    report = run_local("mlp", mesh="pp=2", steps=2, batch=4, comm="table", profile=True)
+    report = run_local(
+        "mlp", mesh="pp=2", steps=2, batch=4, comm="table", profile=True, recompute="full"
+    )
+    assert report.recomputed
     assert report.profile_s is not None and report.profile_s > 0
     assert (tmp_path / "profile.json").exists()
     assert report.losses == pytest.approx(report.reference_losses, rel=1e-5)

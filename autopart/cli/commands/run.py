@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
             comm=args.comm,
             profile=request.profile,
             expert_imbalance=request.expert_imbalance,
+            recompute=request.recompute,
         )
     loss_diff = max(
         abs(a - b) / max(abs(b), 1e-12) for a, b in zip(report.losses, report.reference_losses)
