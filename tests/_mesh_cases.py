@@ -76,6 +76,8 @@ def _worker(
                 continue
             if rank == 0:
                 torch.save(result, Path(out) / f"{i}.pt")
+        else:
+            dist.barrier()  # no rank tears its group down while a peer still talks to it
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -85,7 +85,8 @@ class RunReport:
     """The plan's simulated peak of the device that runs each stage."""
     comm: str = "table"
     """Where the plan's link and per-action costs came from: ``measured`` on this group
-    (:mod:`autopart.runtime.measure`, cached) or the device ``table``."""
+    (:mod:`autopart.runtime.measure`, cached) or the device ``table`` (asked for, or
+    ``table (<why measuring failed>)``)."""
     pipeline_action_s: float = 0.0
     """The pipeline runtime's cost per action the plan was simulated with."""
     profile_s: float | None = None
@@ -270,7 +271,7 @@ def _rank_main(
             seed=0,
         )
         reference = copy.deepcopy(loaded.model)
-        spec = _planning_device(request)
+        spec, comm = _planning_device(request)
         program = _compile(loaded, request, spec)
         clock = StepClock.attach(program)
         losses = _train(clock, program, loaded, request)
@@ -279,23 +280,25 @@ def _rank_main(
         dist.all_gather_object(per_rank, clock.summary())
         if rank == 0:
             check = _Check(reference, state, losses, per_rank)
-            report = _report(loaded, program, request, clock, check, spec)
+            report = _report(loaded, program, request, clock, check, spec, comm)
             Path(out).write_text(json.dumps(asdict(report)))
+        # no rank tears its group down while a peer still talks to it: gloo then aborts the
+        # peer at exit (SIGABRT, "terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def _planning_device(request: _RunRequest) -> DeviceSpec:
+def _planning_device(request: _RunRequest) -> tuple[DeviceSpec, str]:
     """The cpu cost model, with the link and pipeline costs measured on this group where the
-    request asks for them (every rank calls this together)."""
-    from autopart.cost_models.comm_fit import measured_device
+    request asks for them (every rank calls this together), and where they came from."""
     from autopart.cost_models.devices import get_device
-    from autopart.runtime.measure import measured_comm
+    from autopart.runtime.measure import measured_or_table
 
     spec = get_device("cpu")
     if request.comm == "table":
-        return spec
-    return measured_device(spec, measured_comm(torch.device("cpu")))
+        return spec, "table"
+    return measured_or_table(spec, torch.device("cpu"))
 
 
 def _compile(loaded: Any, request: _RunRequest, spec: DeviceSpec) -> Any:
@@ -377,6 +380,7 @@ def _report(
     clock: StepClock,
     check: _Check,
     spec: DeviceSpec,
+    comm: str,
 ) -> RunReport:
     """Rank 0's report: the reference trained on the same micro-batches, compared, and the
     measured times and memory beside the plan's."""
@@ -424,7 +428,7 @@ def _report(
         predicted_samples_per_s=samples / plan.step_time_s if plan.step_time_s > 0 else 0.0,
         stage_peak_memory_bytes=tuple(measured.peak_memory_bytes[d] for d in device_of),
         predicted_stage_peak_memory_bytes=tuple(s.peak_memory_bytes for s in plan.stages),
-        comm=request.comm,
+        comm=comm,
         pipeline_action_s=spec.pipeline_action_s,
         profile_s=plan.profile_s,
         recomputed=tuple(r.name for r in plan.recompute),

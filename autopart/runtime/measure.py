@@ -5,7 +5,9 @@ Every rank of the default group calls :func:`measured_comm` together. Rank 0 loo
 miss all ranks measure:
 
 - **point-to-point**: a ping-pong between ranks 0 and 1 (the others wait) at each size in
-  ``sizes_bytes``; one-way time = round trip / 2, the median of ``repeats`` after a warm-up;
+  ``sizes_bytes``; one-way time = round trip / 2, the fastest of ``repeats`` after a warm-up
+  (noise on a shared host only adds time; a fit that still fails is measured once more with
+  twice the repeats);
 - **collectives**: ``all_reduce``, ``all_gather`` and ``reduce_scatter`` over all ranks at each
   size (the full tensor's bytes, as ``cost_models/comm.py`` counts them), timed on rank 0 between
   barriers; a collective the backend lacks (gloo's ``reduce_scatter``) is left out;
@@ -35,12 +37,20 @@ from autopart.cost_models.comm_fit import (
     CommFits,
     comm_key,
     fit_alpha_beta,
+    measured_device,
 )
+from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
 
-__all__ = ["device_key", "fit_action_overhead_s", "measure_comm", "measured_comm"]
+__all__ = [
+    "device_key",
+    "fit_action_overhead_s",
+    "measure_comm",
+    "measured_comm",
+    "measured_or_table",
+]
 
-_SIZES_BYTES = (1 << 12, 1 << 16, 1 << 20, 1 << 22)
+_SIZES_BYTES = (1 << 12, 1 << 16, 1 << 20, 1 << 22, 1 << 24)
 _TRIVIAL_WIDTH = 8
 
 
@@ -73,6 +83,19 @@ def measured_comm(
     return fits
 
 
+def measured_or_table(
+    spec: DeviceSpec, device: torch.device, *, cache: CommCache | None = None
+) -> tuple[DeviceSpec, str]:
+    """``spec`` with this group's measured link and per-action costs (:func:`measured_comm`,
+    all ranks call it together) and ``"measured"``; where measuring fails (timings that do not
+    grow with size on a busy host, twice), ``spec`` as the table has it and
+    ``"table (<why>)"``: a run plans on the table rather than stopping, and says so."""
+    try:
+        return measured_device(spec, measured_comm(device, cache=cache)), "measured"
+    except AutopartError as exc:  # every rank gets the same error (rank 0's fit, broadcast)
+        return spec, f"table ({exc})"
+
+
 def measure_comm(
     device: torch.device,
     *,
@@ -81,11 +104,32 @@ def measure_comm(
     repeats: int = 11,
     micro_batches: int = 8,
 ) -> CommFits:
-    """Measure and fit on the default group (all ranks call it); rank 0's fits, broadcast."""
+    """Measure and fit on the default group (all ranks call it); rank 0's fits, broadcast. A fit
+    that fails (timings that do not grow with size: a busy host) is measured once more with twice
+    the repeats before the error reaches the caller."""
+    fitted = _measured_fits(device, sizes_bytes, repeats)
+    if isinstance(fitted, str):
+        fitted = _measured_fits(device, sizes_bytes, 2 * repeats)
+    if isinstance(fitted, str):
+        raise AutopartError(
+            f"measuring this group's communication failed: {fitted} (a busy machine); run "
+            "again, or plan on the device table with --comm table"
+        )
+    link, collectives = fitted
+    action_s = _pipeline_action_s(device, link, micro_batches, repeats)
+    return CommFits(key, link, collectives, action_s)
+
+
+def _measured_fits(
+    device: torch.device, sizes_bytes: Sequence[int], repeats: int
+) -> tuple[AlphaBeta, dict[str, AlphaBeta]] | str:
+    """The point-to-point and collective fits of rank 0, broadcast, or (on every rank alike) the
+    reason the fit failed."""
     import torch.distributed as dist
 
-    world = dist.get_world_size()
-    p2p = [_p2p_s(n, device, repeats) for n in sizes_bytes] if world > 1 else []
+    if dist.get_world_size() == 1:
+        return _no_link(), {}  # nothing to send, and a collective of one rank does nothing
+    p2p = [_p2p_s(n, device, repeats) for n in sizes_bytes]
     collectives: dict[str, list[float]] = {}
     for name in COLLECTIVES:
         times = [_collective_s(name, n, device, repeats) for n in sizes_bytes]
@@ -94,19 +138,13 @@ def measure_comm(
     fits: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
-            link = fit_alpha_beta(sizes_bytes, p2p) if p2p else _no_link()
+            link = fit_alpha_beta(sizes_bytes, p2p)
             fits[0] = (link, {k: fit_alpha_beta(sizes_bytes, v) for k, v in collectives.items()})
-        except AutopartError as exc:  # every rank stops with rank 0's reason, none hangs
+        except AutopartError as exc:  # every rank gets rank 0's reason, none hangs
             fits[0] = str(exc)
     dist.broadcast_object_list(fits, src=0)
-    if isinstance(fits[0], str):
-        raise AutopartError(
-            f"measuring this group's communication failed: {fits[0]} (a busy machine); run "
-            "again, or plan on the device table with --comm table"
-        )
-    link, fitted = fits[0]
-    action_s = _pipeline_action_s(device, link, micro_batches, repeats)
-    return CommFits(key, link, fitted, action_s)
+    result: tuple[AlphaBeta, dict[str, AlphaBeta]] | str = fits[0]
+    return result
 
 
 def _no_link() -> AlphaBeta:
@@ -114,8 +152,11 @@ def _no_link() -> AlphaBeta:
     return AlphaBeta(0.0, float("inf"))
 
 
-def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after two warm-up runs."""
+def _timed(
+    fn: Callable[[], Any], device: torch.device, repeats: int, *, least: bool = False
+) -> float:
+    """Wall time of ``fn`` over ``repeats`` runs after two warm-up runs: the median, or with
+    ``least`` the fastest (a message's own time: on a shared host noise only adds to it)."""
     times = []
     for i in range(repeats + 2):
         start = time.perf_counter()
@@ -124,7 +165,7 @@ def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
             torch.cuda.synchronize(device)
         if i >= 2:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times) if least else statistics.median(times)
 
 
 def _p2p_s(nbytes: int, device: torch.device, repeats: int) -> float:
@@ -142,7 +183,7 @@ def _p2p_s(nbytes: int, device: torch.device, repeats: int) -> float:
             dist.recv(buf, 0)
             dist.send(buf, 0)
 
-    took = _timed(ping_pong, device, repeats) / 2
+    took = _timed(ping_pong, device, repeats, least=True) / 2
     dist.barrier()
     return took
 
@@ -171,7 +212,9 @@ def _collective_s(name: str, nbytes: int, device: torch.device, repeats: int) ->
         calls[name]()
 
     # the barrier is timed too: subtract it, measured alone
-    took = _timed(once, device, repeats) - _timed(dist.barrier, device, repeats)
+    took = _timed(once, device, repeats, least=True) - _timed(
+        dist.barrier, device, repeats, least=True
+    )
     return max(took, 0.0)
 
 
@@ -189,14 +232,34 @@ def _pipeline_action_s(
     """The cost per action of ``torch.distributed.pipelining`` (module docstring): a 1F1B step of
     trivial stages, timed, then fitted against the simulator; rank 0's value, broadcast."""
     import torch.distributed as dist
+
+    step_s, forward_s, backward_s = _trivial_pipeline_s(device, micro_batches, repeats)
+    fit = [0.0]
+    if dist.get_rank() == 0:
+        comm_s = link.time_s(_TRIVIAL_WIDTH * 4)  # one float32 row per micro-batch
+        world = dist.get_world_size()
+        fit[0] = fit_action_overhead_s(step_s, world, micro_batches, forward_s, backward_s, comm_s)
+    dist.broadcast_object_list(fit, src=0)
+    return fit[0]
+
+
+def _trivial_pipeline_s(
+    device: torch.device, micro_batches: int, repeats: int
+) -> tuple[float, float, float]:
+    """A 1F1B step of one ``Linear`` per rank (one row per micro-batch), and that stage's own
+    forward and backward seconds per micro-batch."""
+    import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     module = torch.nn.Linear(_TRIVIAL_WIDTH, _TRIVIAL_WIDTH).to(device)
-    stage = PipelineStage(module, rank, world, device)
-    schedule = Schedule1F1B(stage, micro_batches, loss_fn=torch.nn.functional.mse_loss)
     x = torch.randn(micro_batches, _TRIVIAL_WIDTH, device=device)
+    # shapes given, as the runtime gives them: no metadata exchange at the first step
+    inputs = torch.empty_like(x[:1]).requires_grad_(rank > 0)
+    outputs = torch.empty_like(x[:1]).requires_grad_(True)
+    stage = PipelineStage(module, rank, world, device, input_args=inputs, output_args=outputs)
+    schedule = Schedule1F1B(stage, micro_batches, loss_fn=torch.nn.functional.mse_loss)
 
     def step() -> None:
         module.zero_grad()
@@ -207,13 +270,7 @@ def _pipeline_action_s(
         dist.barrier()
 
     step_s = _timed(step, device, repeats) - _timed(lambda: dist.barrier(), device, repeats)
-    forward_s, backward_s = _trivial_compute_s(module, x[:1], device, repeats)
-    fit = [0.0]
-    if rank == 0:
-        comm_s = link.time_s(x[:1].numel() * x.element_size())
-        fit[0] = fit_action_overhead_s(step_s, world, micro_batches, forward_s, backward_s, comm_s)
-    dist.broadcast_object_list(fit, src=0)
-    return fit[0]
+    return (step_s, *_trivial_compute_s(module, x[:1], device, repeats))
 
 
 def _trivial_compute_s(

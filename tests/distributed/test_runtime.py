@@ -266,6 +266,7 @@ def _errors_worker(rank: int, world: int, store: str, out: str) -> None:
                 messages.append(str(err))
         if rank == 0:
             Path(out).write_text("\n---\n".join(messages))
+        dist.barrier()  # no rank tears its group down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 

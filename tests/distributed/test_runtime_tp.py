@@ -215,6 +215,7 @@ def _collectives_worker(rank: int, world: int, store: str, out: str) -> None:
             results.append((y.detach(), local.grad))
         if rank == 0:
             torch.save(results, out)
+        dist.barrier()  # no rank tears its group down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -547,6 +547,7 @@ def _program_worker(rank: int, world: int, store: str, out: str, name: str, mesh
         state = program.full_state_dict()
         if rank == 0:
             torch.save(state, Path(out) / "state.pt")
+        dist.barrier()  # no rank tears its group down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -1,9 +1,11 @@
-"""Measured costs without a process group: the alpha-beta fit on synthetic timings, the cache, the
-simulator's cost per action and its fit, the CPU memory counter, the measured timeline."""
+"""Measured costs: the alpha-beta fit on synthetic timings, the cache, the simulator's cost per
+action and its fit, the CPU memory counter, the measured timeline; and measuring on a one-rank
+group in this process."""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +24,7 @@ from autopart.cost_models.devices import get_device
 from autopart.errors import AutopartError
 from autopart.planning.gantt import render_comparison
 from autopart.planning.schedule import ScheduleError, build_schedule, simulate
-from autopart.runtime.measure import fit_action_overhead_s
+from autopart.runtime.measure import fit_action_overhead_s, measured_or_table
 from autopart.runtime.peak_memory import held_bytes, measure_peak
 from autopart.runtime.step_clock import (
     RankSummary,
@@ -163,3 +165,22 @@ def test_measured_timeline_and_its_json_round_trip() -> None:
     assert timeline_from_json(timeline_to_json(timeline)) == timeline
     svg = render_comparison(timeline, timeline, title="t")
     assert svg.count("<svg ") == 3 and "t predicted" in svg and "t measured" in svg
+
+
+def test_one_rank_measures_the_pipeline_runtime_and_caches_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # one rank in this process: nothing to send and no collective to time, only the runtime's
+    # cost per action (the retry and the fall-back on two ranks: tests/distributed/test_measure.py)
+    import torch.distributed as dist
+
+    monkeypatch.setenv("AUTOPART_CACHE_DIR", str(tmp_path))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 's'}", rank=0, world_size=1)
+    try:
+        spec, source = measured_or_table(get_device("cpu"), torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    assert source == "measured" and spec.sources[-1] == "measured: gloo:world1:cpu"
+    fits = CommCache(tmp_path / "comm.json").get("gloo:world1:cpu")
+    assert fits is not None and fits.collectives == {} and fits.pipeline_action_s >= 0
+    assert spec.pipeline_action_s == max(fits.pipeline_action_s, 1e-9)

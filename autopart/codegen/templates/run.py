@@ -76,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = init_distributed(args.device)
     try:
         train(config, args, device)
+        dist.barrier()  # no rank tears its group down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
