@@ -53,7 +53,7 @@ from autopart.cost_models.comm import (
 from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
 from autopart.passes.mutations import mutation_groups, written_inputs
-from autopart.passes.routing import routed
+from autopart.passes.routing import defines_sizes, routed
 from autopart.passes.tp.placements import (
     NodeStrategies,
     Placement,
@@ -189,23 +189,14 @@ def tp_strategies(gm: GraphModule, degree: int) -> dict[str, NodeStrategies]:
             attrs.append(node)
             cands[node] = [R]
             continue
-        if node in writing or routed(node):
+        if node in writing or defines_sizes(node):
             reason = _WRITES if node in writing else _ROUTED
             result[node.name] = NodeStrategies((replicated(node),), (reason,))
             cands[node] = [R]
             continue
-        try:
-            key = cache_key(node, cands)
-            ns = cache.get(key) if key is not None else None
-            if ns is None:
-                ns = node_strategies(node, degree, cands)
-                if key is not None:
-                    cache[key] = ns
-        except Exception as exc:
-            raise AutopartError(
-                f"could not derive TP strategies of node {node.name!r} ({node.op} {node.target}): "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        ns = _routed_strategies(node, degree, cands) if routed(node) else None
+        if ns is None:
+            ns = _cached_strategies(node, degree, cands, cache)
         result[node.name] = ns
         cands[node] = list(dict.fromkeys(s.output for s in ns.strategies))
     for node in attrs:
@@ -223,6 +214,57 @@ def tp_strategies(gm: GraphModule, degree: int) -> dict[str, NodeStrategies]:
     return {n.name: result[n.name] for n in gm.graph.nodes}
 
 
+def _cached_strategies(
+    node: Node, degree: int, cands: dict[Node, list[Placement]], cache: dict[Any, NodeStrategies]
+) -> NodeStrategies:
+    """:func:`node_strategies`, derived once per distinct op, arguments and shapes."""
+    try:
+        key = cache_key(node, cands)
+        ns = cache.get(key) if key is not None else None
+        if ns is None:
+            ns = node_strategies(node, degree, cands)
+            if key is not None:
+                cache[key] = ns
+    except Exception as exc:
+        raise AutopartError(
+            f"could not derive TP strategies of node {node.name!r} ({node.op} {node.target}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    return ns
+
+
+def _routed_strategies(
+    node: Node, degree: int, cands: dict[Node, list[Placement]]
+) -> NodeStrategies:
+    """The strategies of a node whose values have a size known only at run time (an expert's
+    tokens): the rules' strategies that split only sizes known now (an expert's features, never
+    its tokens), so an expert's matmuls split as a dense MLP's do; replicated where a rule cannot
+    decide on a run-time size. Not cached: run-time sizes do not hash."""
+    try:
+        ns = node_strategies(node, degree, cands)
+    except Exception:  # a rule that must compare a run-time size: replicated is always right
+        return NodeStrategies((replicated(node),), (_ROUTED,))
+    kept = tuple(s for s in ns.strategies if _splits_known_sizes(node, s))
+    if len(kept) == len(ns.strategies):
+        return ns
+    return NodeStrategies(kept, (*ns.reasons, _ROUTED))
+
+
+def _splits_known_sizes(node: Node, strategy: Strategy) -> bool:
+    """Whether every dimension ``strategy`` splits (of its output and inputs) has a size known
+    at trace time."""
+    placed = [(node, strategy.output), *zip(node.all_input_nodes, strategy.inputs)]
+    for value, p in placed:
+        if not p.is_shard:
+            continue
+        vals = value.meta.get("val")
+        for val in vals if isinstance(vals, (list, tuple)) else [vals]:
+            shape = getattr(val, "shape", None)
+            if shape is not None and p.dim < len(shape) and not isinstance(shape[p.dim], int):
+                return False
+    return True
+
+
 _WRITES = (
     "it writes a tensor in place or touches one before the write, so it runs replicated: a "
     "collective would make a copy, and the write would miss the tensor other nodes read"
@@ -230,8 +272,8 @@ _WRITES = (
 
 
 _ROUTED = (
-    "its size is known only at run time (the tokens routed to one expert), so it runs "
-    "replicated: every rank routes all tokens and runs the expert whole"
+    "a size of it is known only at run time (the tokens routed to one expert): that size is "
+    "never split, every rank routes all tokens"
 )
 
 

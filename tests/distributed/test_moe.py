@@ -7,7 +7,11 @@ Three MoE forms: the zoo's ``moe-tiny`` (plain PyTorch, ``torch.topk`` + ``torch
 (top-2 of 4 experts, with ``output_router_logits``: the load-balancing loss of every micro-batch
 is added to the task loss as the model adds it) and DeepSeek-V3 (a dense first layer, then 8
 routed experts in 4 groups with grouped top-k, a shared expert, and the aux-loss-free balancing
-bias as a buffer), both with their grouped expert matmuls. One spawn of 2 ranks runs the six cases
+bias as a buffer), both with their grouped expert matmuls. On tp, moe-tiny's experts split as a
+dense MLP's do (gate and up column-parallel, down row-parallel, the experts' partial outputs added
+up by ``index_add`` before one all-reduce per layer); the grouped experts run replicated (their
+fused gate-up weight is cut in two halves after the matmul, which a column split would mix up).
+One spawn of 2 ranks runs the six cases
 of pp=2 and tp=2, one of 4 ranks the three of pp=2 x tp=2 (see :mod:`tests._mesh_cases`). The
 models are small (2 layers, hidden 32, 8 tokens per sample: what they exercise does not need
 more), so the file runs in about 2 minutes on 2 cores."""
@@ -104,6 +108,7 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
         "losses": losses,
         "state": program.full_state_dict(),
         "sharding": dict(plan.tp.sharding) if plan.tp is not None else {},
+        "placements": dict(plan.tp.placements) if plan.tp is not None else {},
         "stage_modules": [list(s.modules) for s in plan.stages],
         "experts": plan.experts,
     }
@@ -146,6 +151,11 @@ def test_moe_matches_the_unpartitioned_model(
         assert "grouped expert matmuls" in got["experts"]
     if "tp" in mesh:  # attention and dense matmuls really split
         assert "col" in got["sharding"].values() and "row" in got["sharding"].values()
+    if "tp" in mesh and name == "moe-tiny":  # and each expert's matmuls (Megatron's col / row)
+        experts = {k: v for k, v in got["placements"].items() if "_experts_" in k}
+        assert len(experts) == 2 * 4 * 3  # 2 layers of 4 experts of 3 matmuls
+        for weight, placement in experts.items():
+            assert placement == ("S(1)" if "down_proj" in weight else "S(0)"), (weight, placement)
     want = reference(
         moe_setup, lambda p, _: torch.optim.SGD(p, lr=0.1), name, opt, MICRO_BATCHES, STEPS
     )

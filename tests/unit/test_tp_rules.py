@@ -493,6 +493,38 @@ def test_cat(d: int, shape: list[int], data: Any, k: int, seed: int) -> None:
     check(node, d, seed=seed, groups=(1, 3))
 
 
+@covers("index_add")
+@SETTINGS
+@given(
+    d=DEGREES,
+    shape=st.lists(SIZES, min_size=1, max_size=3),
+    data=st.data(),
+    rows=SIZES,
+    seed=SEEDS,
+)
+def test_index_add(d: int, shape: list[int], data: Any, rows: int, seed: int) -> None:
+    # how an MoE layer scatters an expert's rows back to their tokens (repeated indices add up)
+    n = len(shape)
+    dim = data.draw(st.integers(0, n - 1))
+    index = torch.randint(0, shape[dim], (rows,), generator=torch.Generator().manual_seed(seed))
+    source = [*shape[:dim], rows, *shape[dim + 1 :]]
+    ins = [rand(seed, *shape), index, rand(seed + 1, *source)]
+    _, node, _ = build(
+        aten.index_add.default, ins, [In(0), dim - n * data.draw(st.booleans()), In(1), In(2)]
+    )
+    outputs = {s.output for s in check(node, d, seed=seed)}
+    assert P in outputs  # the sum of the ranks' partial destinations and sources
+    assert all(not p.is_shard or p.dim != dim for p in outputs)  # never the indexed dimension
+
+
+def test_an_moe_layer_accumulates_expert_partial_sums_from_zeros() -> None:
+    # zeros_like may start a partial sum (zero is every rank's part of zero), so the experts'
+    # row-parallel outputs are added up (index_add) before one all-reduce of the layer
+    x = rand(0, 6, 4)
+    _, node, _ = build(aten.zeros_like.default, [x], [In(0)])
+    assert P in {s.output for s in check(node, 2)}
+
+
 # ---------------------------------------------------------------------------------------------
 # reductions and norms
 

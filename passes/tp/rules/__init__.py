@@ -23,7 +23,7 @@ which refuses an op registered twice.
   its dimension when sizes divide (hidden -> (heads, head_dim) keeps the split on the heads only if
   the degree divides the heads); transpose / permute / expand / repeat_interleave / roll / slice /
   narrow / select / split / chunk move or keep it; ``P`` passes through all of them.
-- :mod:`._tensor_ops`: getitem of a split / chunk, cat.
+- :mod:`._tensor_ops`: getitem of a split / chunk, cat, index_add (an MoE layer's scatter-back).
 - :mod:`._math_ops`: reductions, softmax, layer_norm, rms_norm: any split outside the reduced /
   normalised dimensions (a norm's weight and bias then get partial gradients); ``sum`` / ``mean``
   keep ``P``.

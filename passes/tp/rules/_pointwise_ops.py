@@ -1,6 +1,8 @@
 """The sharding rule of pointwise ops (as DTensor's ``_pointwise_ops.py``): the output takes a split
 of an input (broadcast inputs stay ``R`` and get partial gradients); ``P`` passes through the ops
-that are linear in it (add/sub of partials, mul/div by a replicated factor, neg, casts, copies)."""
+that are linear in it (add/sub of partials, mul/div by a replicated factor, neg, casts, copies), and
+``zeros_like`` may start one (a sum of zeros: where an MoE layer accumulates its experts' partial
+outputs)."""
 
 from __future__ import annotations
 
@@ -140,6 +142,8 @@ def _pointwise(ctx: RuleContext) -> list[Strategy]:
                 grads[i] = P
         found.append(ctx.strategy("shard", p, req, grads))
     found += _partial_pointwise(ctx, out)
+    if op_name(ctx.node) == "zeros_like" and out.is_floating_point():
+        found.append(ctx.strategy("partial", P, {}, {0: P}))  # zero: every rank's part of zero
     return found
 
 
