@@ -61,8 +61,16 @@ from autopart.passes.tp.placements import (
     Strategy,
     dual,
     replicated,
+    shard,
 )
-from autopart.passes.tp.rules import cache_key, node_args, node_strategies, op_name
+from autopart.passes.tp.rules import (
+    GROUPED_MATMULS,
+    cache_key,
+    fused_groups,
+    node_args,
+    node_strategies,
+    op_name,
+)
 
 __all__ = [
     "Collective",
@@ -184,10 +192,11 @@ def tp_strategies(gm: GraphModule, degree: int) -> dict[str, NodeStrategies]:
     attrs: list[Node] = []
     cache: dict[Any, NodeStrategies] = {}  # the 80 layers of a Llama-70B derive one layer's worth
     writing = _touch_written(gm)
+    stacked = _stacked_expert_weights(gm, degree)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             attrs.append(node)
-            cands[node] = [R]
+            cands[node] = [R, *stacked.get(node, ())]
             continue
         if node in writing or defines_sizes(node):
             reason = _WRITES if node in writing else _ROUTED
@@ -212,6 +221,29 @@ def tp_strategies(gm: GraphModule, degree: int) -> dict[str, NodeStrategies]:
             )
         )
     return {n.name: result[n.name] for n in gm.graph.nodes}
+
+
+def _stacked_expert_weights(gm: GraphModule, degree: int) -> dict[Node, list[Placement]]:
+    """Parameters a grouped expert matmul reads through views (a transpose of ``[E, N, K]``), with
+    the splits they may take: every dimension, whole or in the groups the matmul's output is cut
+    into later (a fused gate / up). Any other parameter is split only as its direct consumer asks
+    (module docstring); these reach their matmul through a view, which needs the split first."""
+    found: dict[Node, list[Placement]] = {}
+    for node in gm.graph.nodes:
+        if op_name(node) not in GROUPED_MATMULS or len(node_args(node)) < 2:
+            continue
+        weight = node_args(node)[1]
+        while isinstance(weight, Node) and op_name(weight) in _WEIGHT_VIEWS:
+            weight = node_args(weight)[0]
+        val = getattr(weight, "meta", {}).get("val")
+        if not isinstance(weight, Node) or weight.op != "get_attr" or val is None:
+            continue
+        out = node.meta.get("val")
+        groups = fused_groups(node, out.shape[-1]) if out is not None and out.ndim else [1]
+        found[weight] = [
+            shard(k, g) for k in range(val.ndim) for g in groups if val.shape[k] % (g * degree) == 0
+        ]
+    return found
 
 
 def _cached_strategies(
@@ -286,9 +318,9 @@ def _touch_written(gm: GraphModule) -> set[Node]:
 
 
 def weight_matmuls(gm: GraphModule) -> dict[str, str]:
-    """The nodes that multiply by a parameter (linear, addmm, mm, matmul) or look one up
-    (embedding), by name in graph order, with their op name: the nodes a plan labels
-    ``replicate`` / ``col`` / ``row``."""
+    """The nodes that multiply by a parameter (linear, addmm, mm, matmul, a grouped expert
+    matmul) or look one up (embedding), by name in graph order, with their op name: the nodes a
+    plan labels ``replicate`` / ``col`` / ``row``."""
     found: dict[str, str] = {}
     for node in gm.graph.nodes:
         op = op_name(node)
@@ -297,7 +329,14 @@ def weight_matmuls(gm: GraphModule) -> dict[str, str]:
     return found
 
 
-_WEIGHT_SLOT = {"linear": 1, "addmm": 2, "mm": 1, "matmul": 1, "embedding": 0}
+_WEIGHT_SLOT = {
+    "linear": 1,
+    "addmm": 2,
+    "mm": 1,
+    "matmul": 1,
+    "embedding": 0,
+    **dict.fromkeys(GROUPED_MATMULS, 1),
+}
 """Argument position of the weight of each weight-matmul op."""
 
 

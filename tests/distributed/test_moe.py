@@ -7,10 +7,10 @@ Three MoE forms: the zoo's ``moe-tiny`` (plain PyTorch, ``torch.topk`` + ``torch
 (top-2 of 4 experts, with ``output_router_logits``: the load-balancing loss of every micro-batch
 is added to the task loss as the model adds it) and DeepSeek-V3 (a dense first layer, then 8
 routed experts in 4 groups with grouped top-k, a shared expert, and the aux-loss-free balancing
-bias as a buffer), both with their grouped expert matmuls. On tp, moe-tiny's experts split as a
-dense MLP's do (gate and up column-parallel, down row-parallel, the experts' partial outputs added
-up by ``index_add`` before one all-reduce per layer); the grouped experts run replicated (their
-fused gate-up weight is cut in two halves after the matmul, which a column split would mix up).
+bias as a buffer), both with their grouped expert matmuls. On tp, every expert splits as a dense
+MLP does (gate and up column-parallel, down row-parallel; HF's fused gate-up in two groups, so its
+later chunk still cuts gate from up), the experts' partial outputs added up before one all-reduce
+per layer; ``verify`` checks the sharded program against one process on the way.
 One spawn of 2 ranks runs the six cases
 of pp=2 and tp=2, one of 4 ranks the three of pp=2 x tp=2 (see :mod:`tests._mesh_cases`). The
 models are small (2 layers, hidden 32, 8 tokens per sample: what they exercise does not need
@@ -151,11 +151,18 @@ def test_moe_matches_the_unpartitioned_model(
         assert "grouped expert matmuls" in got["experts"]
     if "tp" in mesh:  # attention and dense matmuls really split
         assert "col" in got["sharding"].values() and "row" in got["sharding"].values()
-    if "tp" in mesh and name == "moe-tiny":  # and each expert's matmuls (Megatron's col / row)
-        experts = {k: v for k, v in got["placements"].items() if "_experts_" in k}
-        assert len(experts) == 2 * 4 * 3  # 2 layers of 4 experts of 3 matmuls
-        for weight, placement in experts.items():
-            assert placement == ("S(1)" if "down_proj" in weight else "S(0)"), (weight, placement)
+    if "tp" in mesh:  # and each expert's matmuls (Megatron's col / row), in every MoE form
+        experts = {k: v for k, v in got["placements"].items() if "mlp_experts_" in k}
+        if name == "moe-tiny":  # 2 layers of 4 experts of 3 Linear weights [out, in]
+            assert len(experts) == 2 * 4 * 3
+            split = {w: "S(1)" if "down_proj" in w else "S(0)" for w in experts}
+        else:  # stacked weights: gate-up [E, 2F, H] (two groups), down [E, H, F]
+            assert {w.rsplit("mlp_experts_", 1)[1] for w in experts} == {
+                "gate_up_proj",
+                "down_proj",
+            }
+            split = {w: "S(2)" if "down_proj" in w else "S(1,groups=2)" for w in experts}
+        assert experts == split
     want = reference(
         moe_setup, lambda p, _: torch.optim.SGD(p, lr=0.1), name, opt, MICRO_BATCHES, STEPS
     )

@@ -2,7 +2,7 @@
 factor is a planning option (PlanRequest, ``--expert-imbalance``) that reaches the annotation, the
 plan states how it costed the experts (and an older plan file is unchanged), ``autopart inspect``
 shows one row per MoE layer's experts, and ``split_stages`` refuses a plan that cuts an MoE
-layer."""
+layer; and that on TP every expert of the three MoE forms splits its matmuls, never its tokens."""
 
 from __future__ import annotations
 
@@ -137,3 +137,37 @@ def test_split_stages_refuses_a_plan_that_cuts_an_moe_layer() -> None:
     with pytest.raises(SplitError, match=r"cuts the mixture-of-experts layer 'model\.layers\.0"):
         split_stages(gm, bad)
     assert len(split_stages(gm, good)) == 2
+
+
+_HF_MOE = {
+    "hf:mixtral": "num_local_experts=4,num_experts_per_tok=2,intermediate_size=32",
+    "hf:deepseek_v3": "n_routed_experts=8,num_experts_per_tok=2,n_group=4,topk_group=2,"
+    "first_k_dense_replace=1,moe_intermediate_size=16,intermediate_size=64,q_lora_rank=8,"
+    "kv_lora_rank=8,qk_rope_head_dim=4,qk_nope_head_dim=4,v_head_dim=8",
+}
+
+
+@pytest.mark.parametrize("spec", ["moe-tiny", *_HF_MOE])
+def test_tp_splits_each_experts_matmuls_never_its_tokens(spec: str) -> None:
+    # on a nearly free link the TP ILP splits every expert as a dense MLP: gate / up columns
+    # (a fused gate-up in two groups, so the later chunk still gets its halves), down rows
+    from autopart.models.model_spec import parse_config_overrides
+    from tests.models import FAST_LINK
+
+    if spec.startswith("hf:"):
+        pytest.importorskip("transformers")
+    base = "num_hidden_layers=2,hidden_size=32,num_attention_heads=2,num_key_value_heads=2"
+    config = (
+        parse_config_overrides(f"{base},vocab_size=64,{_HF_MOE[spec]}") if spec in _HF_MOE else None
+    )
+    loaded = load_model(spec, device="cpu", batch=BATCH, seq=SEQ, config=config)
+    request = PlanRequest(mesh="tp=2", device=FAST_LINK)
+    made = plan(loaded.model, tuple(loaded.example_inputs), mesh="tp=2", request=request)
+    assert made.tp is not None
+    experts = {k: v for k, v in made.tp.placements.items() if "mlp_experts" in k}
+    assert experts and len(set(experts.values())) == 2
+    for weight, placement in experts.items():
+        if spec == "moe-tiny":  # Linear weights [out, in]
+            assert placement == ("S(1)" if "down_proj" in weight else "S(0)"), weight
+        else:  # stacked [E, 2F, H] gate-up and [E, H, F] down
+            assert placement == ("S(2)" if "down_proj" in weight else "S(1,groups=2)"), weight

@@ -77,6 +77,59 @@ def test_linear(d: int, b: int, s: int, k: int, n: int, bias: bool, fused: bool,
         assert any(s_.output == S(2, 3) for s_ in found)
 
 
+def _grouped_inputs(op: Any, seed: int, counts: list[int], k: int, n: int) -> list[torch.Tensor]:
+    """``x[rows, k]``, stacked weights ``[E, k, n]`` and the offsets (cumulative rows per
+    expert); float32 and int32 for ``aten._grouped_mm``, which runs only those on CPU."""
+    offs = torch.tensor(counts).cumsum(0)
+    x, w = rand(seed, int(offs[-1]), k), rand(seed + 1, len(counts), k, n)
+    if op is aten._grouped_mm.default:
+        return [x.float(), w.float(), offs.int()]
+    return [x, w, offs]
+
+
+def _grouped_ops() -> list[Any]:
+    # importing transformers' MoE integration registers transformers::grouped_mm_fallback
+    pytest.importorskip("transformers.integrations.moe")
+    return [torch.ops.transformers.grouped_mm_fallback.default, aten._grouped_mm.default]
+
+
+@pytest.mark.parametrize(
+    "which",
+    [
+        pytest.param(0, marks=covers("grouped_mm_fallback"), id="grouped_mm_fallback"),
+        pytest.param(1, marks=covers("_grouped_mm"), id="_grouped_mm"),
+    ],
+)
+@FEW
+@given(
+    d=DEGREES,
+    counts=st.lists(st.integers(0, 3), min_size=1, max_size=3),
+    k=st.sampled_from([4, 8, 12]),
+    n=st.sampled_from([4, 8, 16]),
+    fused=st.booleans(),
+    seed=SEEDS,
+)
+def test_grouped_expert_matmul(
+    which: int, d: int, counts: list[int], k: int, n: int, fused: bool, seed: int
+) -> None:
+    # every expert's rows times its own weight; a fused gate / up (cut in halves after the
+    # matmul) splits in two groups, so each half keeps its own part
+    op = _grouped_ops()[which]
+    if op is aten._grouped_mm.default:  # float32 on CPU, strides multiples of 16 bytes
+        k, n = 4 * d * (1 + k // 4 % 2), 4 * d * (1 + n // 4 % 2)  # short sums: float32 rounding
+    n = 2 * n if fused else n
+    ins = _grouped_inputs(op, seed, counts, k, n)
+    then = (lambda g, node: [g.call_function(aten.chunk.default, (node, 2, -1))]) if fused else None
+    _, node, _ = build(op, ins, [In(0), In(1), In(2)], then=then)
+    found = check(node, d, seed=seed, groups=(1, 2))
+    labels = {s_.label for s_ in found}
+    assert ("col" in labels) == (n % d == 0 or (fused and n % (2 * d) == 0))
+    assert ("row" in labels) == (k % d == 0)
+    if fused and n % (2 * d) == 0:
+        assert any(s_.output == S(1, 2) for s_ in found)
+    assert all(not p.is_shard or p.dim != 0 for s_ in found for p in (s_.output, *s_.inputs[:1]))
+
+
 @covers("addmm")
 @SETTINGS
 @given(d=DEGREES, m=SIZES, k=SIZES, n=SIZES, seed=SEEDS)

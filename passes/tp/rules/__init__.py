@@ -14,7 +14,9 @@ which refuses an op registered twice.
   parts later (fused QKV). Embedding: ``row`` (vocabulary-parallel: each rank looks up its
   vocabulary range, output ``P``), ``col`` (the embedding dimension split, output ``S(last)``).
   mm / matmul / bmm of two activations: ``col`` / ``row`` as above, or a batch dimension (the heads
-  of a hand-written attention) split in both operands. scaled_dot_product_attention: split on the
+  of a hand-written attention) split in both operands. Grouped expert matmuls (``x[S, K]`` times
+  stacked ``W[E, K, N]``): ``col`` / ``row`` per expert, never the rows.
+  scaled_dot_product_attention: split on the
   heads (dimension 1), which needs the degree to divide the query and the key/value heads (GQA).
 - :mod:`._pointwise_ops`: the output takes a split of an input (broadcast inputs stay ``R`` and get
   partial gradients); ``P`` passes through the linear ones (add/sub of partials, mul/div by a
@@ -53,15 +55,17 @@ from autopart.passes.tp.rules._common import (
     op_name,
     tensor_val,
 )
-from autopart.passes.tp.rules._matrix_ops import fused_groups
+from autopart.passes.tp.rules._matrix_ops import GROUPED_MATMULS, fused_groups
 from autopart.passes.tp.rules._pointwise_ops import POINTWISE
 
 __all__ = [
+    "GROUPED_MATMULS",
     "POINTWISE",
     "RULES",
     "Rule",
     "RuleContext",
     "cache_key",
+    "fused_groups",
     "node_arg",
     "node_args",
     "node_strategies",

@@ -1,6 +1,7 @@
 """Sharding rules of the ops that multiply or look up a weight, and of attention: ``linear`` /
-``addmm`` (HF ``Conv1D``), ``mm`` / ``matmul`` / ``bmm``, ``embedding``,
-``scaled_dot_product_attention`` (as DTensor's ``_matrix_ops.py`` and ``_embedding_ops.py``)."""
+``addmm`` (HF ``Conv1D``), ``mm`` / ``matmul`` / ``bmm``, ``embedding``, the grouped expert
+matmuls of MoE layers, ``scaled_dot_product_attention`` (as DTensor's ``_matrix_ops.py`` and
+``_embedding_ops.py``)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from autopart.passes.tp.rules._common import (
 )
 from autopart.passes.tp.rules._view_ops import RESHAPES, split_parts
 
-__all__ = ["RULES", "fused_groups"]
+__all__ = ["GROUPED_MATMULS", "RULES", "fused_groups"]
 
 
 # -- weight matmuls ---------------------------------------------------------------------------
@@ -110,6 +111,34 @@ def _embedding(ctx: RuleContext) -> list[Strategy]:
     return found
 
 
+def _grouped_mm(ctx: RuleContext) -> list[Strategy]:
+    """A grouped expert matmul, ``out[S, N] = x[S, K] @ W[e][K, N]`` for the rows ``offs`` gives
+    expert ``e`` (transformers' ``grouped_mm_fallback``, ``aten._grouped_mm``): ``col`` splits
+    every expert's output features (with groups where a fused gate / up is cut in halves later),
+    ``row`` every expert's input features (output ``P``). The rows, and so the routing, are
+    never split."""
+    node = ctx.node
+    x, w = node_args(node)[0], node_args(node)[1]
+    xv, wv, out = tensor_val(x), tensor_val(w), tensor_val(node)
+    if xv is None or wv is None or out is None or xv.ndim != 2 or wv.ndim != 3 or x is w:
+        return []
+    if node_arg(node, 3, "bias") is not None:
+        return []
+    found: list[Strategy] = []
+    n_in, n_out = wv.shape[1], wv.shape[2]
+    for g in fused_groups(node, n_out):
+        if ctx.divides(n_out, g, "expert output features"):
+            req = {ctx.slot(x): R, ctx.slot(w): shard(2, g)}
+            found.append(ctx.strategy("col", shard(1, g), req, {ctx.slot(x): P}))
+    if ctx.divides(n_in, 1, "expert input features"):
+        found.append(ctx.strategy("row", P, {ctx.slot(x): shard(1), ctx.slot(w): shard(1)}))
+    return found
+
+
+GROUPED_MATMULS = frozenset({"grouped_mm_fallback", "_grouped_mm"})
+"""Op names of the grouped expert matmuls (``x[S, K]``, stacked weights ``W[E, K, N]``, offsets)."""
+
+
 def fused_groups(node: Node, features: int) -> list[int]:
     """Column-split group counts worth offering for a matmul with ``features`` outputs: 1, and the
     number of equal parts a later split/chunk cuts the last dimension into (a fused QKV or
@@ -192,4 +221,5 @@ RULES: dict[str, Rule] = {
     "bmm": _matmul,
     "embedding": _embedding,
     "scaled_dot_product_attention": _sdpa,
+    **dict.fromkeys(sorted(GROUPED_MATMULS), _grouped_mm),
 }
