@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from autopart.planning.plans import parse_mesh
-from autopart.runtime.launch import spawn_ranks
+from autopart.runtime.launch import end_rank, spawn_ranks
 
 Case = tuple[str, str, str, str]
 """(model, mesh, schedule, optimizer)"""
@@ -81,6 +81,7 @@ def _worker(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    end_rank()
 
 
 def _spawn(ranks: int, args: tuple, timeout_s: float) -> None:

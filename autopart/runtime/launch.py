@@ -14,7 +14,9 @@ import contextlib
 import copy
 import json
 import math
+import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,6 +42,7 @@ from autopart.runtime.step_clock import (
 
 __all__ = [
     "RunReport",
+    "end_rank",
     "run_local",
     "spawn_ranks",
     "timeline_from_json",
@@ -282,11 +285,21 @@ def _rank_main(
             check = _Check(reference, state, losses, per_rank)
             report = _report(loaded, program, request, clock, check, spec, comm)
             Path(out).write_text(json.dumps(asdict(report)))
-        # no rank tears its group down while a peer still talks to it: gloo then aborts the
-        # peer at exit (SIGABRT, "terminate called without an active exception")
-        dist.barrier()
+        dist.barrier()  # no rank tears its group down while a peer still talks to it
     finally:
         dist.destroy_process_group()
+    end_rank()
+
+
+def end_rank() -> None:
+    """End a spawned rank that finished its work (its group destroyed): flush and leave without
+    the interpreter's finalization. After a ``torch.distributed.pipelining`` run that
+    finalization aborts the process now and then (SIGABRT, "terminate called without an active
+    exception", more often on a loaded host), which would turn a finished run into a failed one.
+    Only for the success path: a rank that raises must leave its traceback to the launcher."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _planning_device(request: _RunRequest) -> tuple[DeviceSpec, str]:

@@ -17,6 +17,7 @@ from autopart.cost_models.comm_fit import AlphaBeta, fit_alpha_beta
 from autopart.cost_models.devices import get_device
 from autopart.errors import AutopartError
 from autopart.runtime import measure
+from autopart.runtime.launch import end_rank
 
 SIZES = (1 << 12, 1 << 16)
 
@@ -57,6 +58,7 @@ def _worker(rank: int, store: str, cache: str, out: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    end_rank()
 
 
 @pytest.mark.distributed

@@ -29,7 +29,7 @@ from autopart.models.model_spec import load_model, parse_config_overrides
 from autopart.passes.split_stages import split_stages, stage_info
 from autopart.planning.planner import plan_graph
 from autopart.planning.plans import Plan
-from autopart.runtime.launch import spawn_ranks
+from autopart.runtime.launch import end_rank, spawn_ranks
 from autopart.runtime.stage_io import StateLayout, stage_io, value_metas
 from tests.models import FAST_LINK, HF_CONFIGS, locked_version, target_and_loss
 
@@ -550,6 +550,7 @@ def _program_worker(rank: int, world: int, store: str, out: str, name: str, mesh
         dist.barrier()  # no rank tears its group down while a peer still talks to it
     finally:
         dist.destroy_process_group()
+    end_rank()
 
 
 @pytest.mark.distributed
