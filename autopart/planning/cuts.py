@@ -20,8 +20,9 @@ __all__ = [
     "min_max_split",
 ]
 
-IntervalCost = Callable[[int, np.ndarray], np.ndarray]
-"""``cost(b, a)``: the cost of a run holding items ``[a, b)``, for an array of starts ``a``."""
+IntervalCost = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""``cost(b, a)``: the cost of a run holding items ``[a, b)``, for arrays of ends ``b`` and starts
+``a`` that broadcast against each other (a column of ends, a row of starts)."""
 
 _MIN_FILL = 0.6
 """A block ends once it holds at least this fraction of the target compute (where the cut is
@@ -170,29 +171,81 @@ def _candidates(prefix: Sequence[float], a: int, target: float) -> range:
     return range(lo, hi + 1)
 
 
-def min_max_split(n: int, num_stages: int, cost: IntervalCost) -> list[int]:
+def min_max_split(n: int, num_stages: int, cost: IntervalCost, prefix: np.ndarray) -> list[int]:
     """Split ``n`` items into ``num_stages`` non-empty contiguous runs minimizing the largest
     ``cost``: ``best[j][b]`` = the best largest cost of ``j + 1`` runs covering items ``[0, b)``.
-    Ties go to the earliest cut (deterministic)."""
+    Ties go to the earliest cut (deterministic).
+
+    ``prefix`` bounds the cost from below: ``cost(b, a) >= prefix[b] - prefix[a]`` (the runs'
+    compute; communication only adds). A feasible split (cuts at equal shares of the total) costs
+    ``bound``; a run whose compute alone exceeds it is in no optimal split, so each end considers
+    only the starts within ``bound`` of it, all at once (``cost`` broadcasts a column of ends
+    against a row of starts). The result is the unpruned recursion's."""
     p = num_stages
+    bound = _feasible_bound(n, p, cost, prefix)
     best = np.full((p, n + 1), np.inf)
     start = np.zeros((p, n + 1), dtype=np.int64)
     ends = np.arange(1, n - p + 2)
-    best[0, ends] = [float(cost(int(e), np.zeros(1, dtype=np.int64))[0]) for e in ends]
+    best[0, ends] = cost(ends[:, None], np.zeros((1, 1), dtype=np.int64))[:, 0]
     for j in range(1, p):
-        for end in range(j + 1, n - (p - j) + 2):
-            starts = np.arange(j, end)
-            values = np.maximum(best[j - 1, j:end], cost(end, starts))
-            i = int(np.argmin(values))
-            best[j, end] = values[i]
-            start[j, end] = j + i
+        ends = np.arange(j + 1, n - (p - j) + 2)
+        reach = prefix[ends] - bound - 1e-9 * abs(bound) - 1e-12  # keep ties with the bound
+        lo = np.maximum(j, np.searchsorted(prefix, reach, side="left"))
+        width = max(1, int((ends - lo).max()))
+        step = _by_rows if width <= _ROW_WIDTH else _by_end
+        best[j, ends], start[j, ends] = step(best[j - 1], ends, lo, width, cost)
     stage_of = [0] * n
     end = n
     for j in range(p - 1, -1, -1):
-        first = int(start[j, end]) if j > 0 else 0
-        stage_of[first:end] = [j] * (end - first)
-        end = first
+        first_item = int(start[j, end]) if j > 0 else 0
+        stage_of[first_item:end] = [j] * (end - first_item)
+        end = first_item
     return stage_of
+
+
+_ROW_WIDTH = 256
+"""Windows up to this many starts are solved as one matrix (many short runs: many stages); wider
+ones end by end on contiguous slices (few long runs), where a gathered matrix costs more."""
+
+
+def _by_rows(
+    prev: np.ndarray, ends: np.ndarray, lo: np.ndarray, width: int, cost: IntervalCost
+) -> tuple[np.ndarray, np.ndarray]:
+    """For every end at once: the best ``max(prev[a], cost(end, a))`` over ``lo <= a < end`` and
+    the earliest ``a`` reaching it."""
+    starts = lo[:, None] + np.arange(width)[None, :]
+    inside = starts < ends[:, None]
+    starts = np.minimum(starts, len(prev) - 1)
+    values = np.maximum(prev[starts], cost(ends[:, None], starts))
+    values[~inside] = np.inf
+    first = np.argmin(values, axis=1)
+    rows = np.arange(len(ends))
+    return values[rows, first], starts[rows, first]
+
+
+def _by_end(
+    prev: np.ndarray, ends: np.ndarray, lo: np.ndarray, width: int, cost: IntervalCost
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_by_rows`, one end at a time."""
+    values, firsts = np.full(len(ends), np.inf), np.zeros(len(ends), dtype=np.int64)
+    for row, (end, a) in enumerate(zip(ends.tolist(), lo.tolist())):
+        if a >= end:
+            continue
+        run = np.maximum(prev[a:end], cost(np.array(end), np.arange(a, end)))
+        i = int(np.argmin(run))
+        values[row], firsts[row] = run[i], a + i
+    return values, firsts
+
+
+def _feasible_bound(n: int, p: int, cost: IntervalCost, prefix: np.ndarray) -> float:
+    """The largest cost of one feasible split: cuts where the compute crosses each equal share
+    (moved so every run keeps at least one item)."""
+    bounds, total = [0], float(prefix[-1])
+    for k in range(1, p):
+        cut = int(np.searchsorted(prefix, total * k / p))
+        bounds.append(min(max(cut, bounds[-1] + 1), n - (p - k)))
+    bounds.append(n)
+    return float(np.max(cost(np.array(bounds[1:]), np.array(bounds[:-1]))))
 
 
 def best_split_cuts(
@@ -206,6 +259,6 @@ def best_split_cuts(
     comm_in, comm_out = np.array(comm_s, dtype=np.float64), np.array(comm_s, dtype=np.float64)
     comm_in[0] = comm_out[n] = 0.0
     stage_of = min_max_split(
-        n, num_stages, lambda b, a: prefix[b] - prefix[a] + comm_in[a] + comm_out[b]
+        n, num_stages, lambda b, a: prefix[b] - prefix[a] + comm_in[a] + comm_out[b], prefix
     )
     return [k for k in range(1, n) if stage_of[k] != stage_of[k - 1]]

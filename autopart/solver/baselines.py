@@ -122,7 +122,7 @@ def equal_params(bg: BlockGraph, num_stages: int) -> list[int]:
     check_num_stages(bg, num_stages)
     weights = [sum(bg.param_bytes_by_name[p] for p in b.params) for b in bg.blocks]
     prefix = np.concatenate(([0.0], np.cumsum(np.asarray(weights, dtype=np.float64))))
-    return min_max_split(len(weights), num_stages, lambda b, a: prefix[b] - prefix[a])
+    return min_max_split(len(weights), num_stages, lambda b, a: prefix[b] - prefix[a], prefix)
 
 
 def chain_dp(bg: BlockGraph, num_stages: int, device: DeviceSpec) -> list[int]:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import autopart
 from autopart.cost_models import DeviceSpec, get_device
+from autopart.planning.cuts import best_split_cuts
 from autopart.planning.graph import (
     BlockGraph,
     OpGraph,
@@ -204,3 +205,31 @@ def test_llama_70b_coarsens_fast_and_near_the_bound() -> None:
         bound = lower_bound_s(bg, p, H100)
         assert bound <= best <= 1.02 * bound
         assert best <= bottleneck_s(bg, baselines.equal_layers(bg, p), p, H100)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.data(),
+    weights=st.lists(st.sampled_from([0.0, 0.0, 1.0, 2.0, 3.0, 0.25, 7.5]), min_size=1, max_size=9),
+)
+def test_best_split_is_the_exhaustive_optimum(data: st.DataObject, weights: list[float]) -> None:
+    # the pruned, vectorised recursion (a run's compute above a feasible split's cost is never
+    # considered) against every placement of the cuts
+    n = len(weights)
+    p = data.draw(st.integers(1, n))
+    comm = data.draw(
+        st.lists(st.sampled_from([0.0, 0.5, 1.0, 4.0]), min_size=n + 1, max_size=n + 1)
+    )
+    prefix = [0.0, *itertools.accumulate(weights)]
+
+    def largest(cuts: Sequence[int]) -> float:
+        bounds = [0, *cuts, n]
+        return max(
+            prefix[b] - prefix[a] + (comm[a] if a else 0.0) + (comm[b] if b < n else 0.0)
+            for a, b in itertools.pairwise(bounds)
+        )
+
+    every = list(itertools.combinations(range(1, n), p - 1))
+    best = min(largest(c) for c in every)
+    got = best_split_cuts(weights, comm, p)
+    assert len(got) == p - 1 and got == sorted(set(got)) and largest(got) == best
