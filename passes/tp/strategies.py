@@ -203,8 +203,9 @@ def tp_strategies(gm: GraphModule, degree: int) -> dict[str, NodeStrategies]:
             result[node.name] = NodeStrategies((replicated(node),), (reason,))
             cands[node] = [R]
             continue
-        ns = _routed_strategies(node, degree, cands) if routed(node) else None
-        if ns is None:
+        if routed(node):
+            ns = _routed_strategies(node, degree, cands)
+        else:
             ns = _cached_strategies(node, degree, cands, cache)
         result[node.name] = ns
         cands[node] = list(dict.fromkeys(s.output for s in ns.strategies))
