@@ -192,8 +192,10 @@ def min_max_split(n: int, num_stages: int, cost: IntervalCost, prefix: np.ndarra
         reach = prefix[ends] - bound - 1e-9 * abs(bound) - 1e-12  # keep ties with the bound
         lo = np.maximum(j, np.searchsorted(prefix, reach, side="left"))
         width = max(1, int((ends - lo).max()))
-        step = _by_rows if width <= _ROW_WIDTH else _by_end
-        best[j, ends], start[j, ends] = step(best[j - 1], ends, lo, width, cost)
+        if width <= _ROW_WIDTH:
+            best[j, ends], start[j, ends] = _by_rows(best[j - 1], ends, lo, width, cost)
+        else:
+            best[j, ends], start[j, ends] = _by_end(best[j - 1], ends, lo, cost)
     stage_of = [0] * n
     end = n
     for j in range(p - 1, -1, -1):
@@ -224,7 +226,7 @@ def _by_rows(
 
 
 def _by_end(
-    prev: np.ndarray, ends: np.ndarray, lo: np.ndarray, width: int, cost: IntervalCost
+    prev: np.ndarray, ends: np.ndarray, lo: np.ndarray, cost: IntervalCost
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_by_rows`, one end at a time."""
     values, firsts = np.full(len(ends), np.inf), np.zeros(len(ends), dtype=np.int64)

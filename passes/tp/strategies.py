@@ -231,13 +231,10 @@ def _stacked_expert_weights(gm: GraphModule, degree: int) -> dict[Node, list[Pla
     (module docstring); these reach their matmul through a view, which needs the split first."""
     found: dict[Node, list[Placement]] = {}
     for node in gm.graph.nodes:
-        if op_name(node) not in GROUPED_MATMULS or len(node_args(node)) < 2:
-            continue
-        weight = node_args(node)[1]
-        while isinstance(weight, Node) and op_name(weight) in _WEIGHT_VIEWS:
-            weight = node_args(weight)[0]
-        val = getattr(weight, "meta", {}).get("val")
-        if not isinstance(weight, Node) or weight.op != "get_attr" or val is None:
+        op = op_name(node)
+        weight = _weight_param(node, _WEIGHT_SLOT[op]) if op in GROUPED_MATMULS else None
+        val = weight.meta.get("val") if weight is not None else None
+        if weight is None or val is None:
             continue
         out = node.meta.get("val")
         groups = fused_groups(node, out.shape[-1]) if out is not None and out.ndim else [1]
