@@ -41,6 +41,7 @@ from autopart.cost_models.node_cost import NodeCost
 from autopart.errors import AutopartError
 
 __all__ = [
+    "MIXED_UNSHARDED_BYTES_PER_PARAM_BYTE",
     "UNSHARDED_BYTES_PER_PARAM_BYTE",
     "MemoryBreakdown",
     "NodeSet",
@@ -90,16 +91,29 @@ UNSHARDED_BYTES_PER_PARAM_BYTE = 2
 """What an FSDP rank holds whole during a step, per parameter byte: the unsharded parameter and
 its unsharded accumulated gradient (module docstring)."""
 
+MIXED_UNSHARDED_BYTES_PER_PARAM_BYTE = 4
+"""The same under bf16 mixed precision, per bfloat16 parameter byte: the bfloat16 parameter and
+gradient, and the float32 gradient the micro-batches accumulate into (2 bytes per byte)."""
 
-def state_bytes_per_param_byte(optimizer: Optimizer | str, *, fsdp: int = 1) -> float:
+
+def state_bytes_per_param_byte(
+    optimizer: Optimizer | str, *, fsdp: int = 1, mixed_precision: bool = False
+) -> float:
     """Training state one device holds per parameter byte of its stages: the optimizer's
     :attr:`~Optimizer.state_bytes_per_param_byte`, divided by ``fsdp`` where FSDP shards it over
     ``fsdp`` ranks, plus the unsharded parameter and gradient a step holds
     (:data:`UNSHARDED_BYTES_PER_PARAM_BYTE`). Sharding saves memory only where the optimizer's
-    state outweighs that: Adam (4 bytes per byte) from ``fsdp=3``, plain SGD never."""
+    state outweighs that: Adam (4 bytes per byte) from ``fsdp=3``, plain SGD never.
+
+    ``mixed_precision`` (:class:`autopart.precision.Precision` ``bf16-mixed``): the parameter bytes
+    are bfloat16 ones and FSDP2 runs on every mesh (``fsdp=1``: nothing sharded), holding the
+    float32 master, gradient and optimizer state (twice the bytes, sharded) and
+    :data:`MIXED_UNSHARDED_BYTES_PER_PARAM_BYTE` whole."""
     if not isinstance(fsdp, int) or fsdp < 1:
         raise AutopartError(f"fsdp must be a whole number >= 1, got {fsdp!r}")
     full = as_optimizer(optimizer).state_bytes_per_param_byte
+    if mixed_precision:
+        return _FP32_BYTES / _HALF_BYTES * full / fsdp + MIXED_UNSHARDED_BYTES_PER_PARAM_BYTE
     return float(full) if fsdp == 1 else full / fsdp + UNSHARDED_BYTES_PER_PARAM_BYTE
 
 

@@ -18,12 +18,15 @@ def load_and_trace(args: argparse.Namespace, *, device: str = "meta") -> tuple[A
     import torch
 
     from autopart.capture.tracing import trace
+    from autopart.cli.options import DTYPES
     from autopart.models.model_spec import load_model, parse_config_overrides
     from autopart.passes.annotate import annotate
     from autopart.passes.routing import check_imbalance
+    from autopart.precision import as_precision, cast_floating, computing_in
 
     check_imbalance(args.expert_imbalance)  # a bad factor fails before building the model
     overrides = parse_config_overrides(args.config) if args.config else None
+    built_in, precision = DTYPES[args.dtype]
     start = time.perf_counter()
     quiet = is_quiet(args)
     with spinner(f"building {args.model}", quiet):
@@ -33,21 +36,24 @@ def load_and_trace(args: argparse.Namespace, *, device: str = "meta") -> tuple[A
             seq=args.seq,
             config=overrides,
             device=device,
-            dtype=getattr(torch, args.dtype),
+            dtype=getattr(torch, built_in),
         )
-    with spinner(f"tracing {loaded.name} ({args.trace_method})", quiet):
-        gm = trace(
-            loaded.model,
-            loaded.example_inputs,
-            loaded.example_kwargs,
-            method=args.trace_method,
-            repeat="off" if args.no_repeat else "auto",
-        )
-    with bar(quiet) as progress:
-        task = progress.add_task("annotating", total=len(gm.graph.nodes))
-        annotate(
-            gm,
-            progress=lambda done, _total: progress.update(task, completed=done),
-            expert_imbalance=args.expert_imbalance,
-        )
+    # traced and costed as it computes: bf16-mixed casts the parameters and inputs to bfloat16
+    dtype = as_precision(precision).compute_dtype
+    with computing_in(dtype, loaded.model):
+        with spinner(f"tracing {loaded.name} ({args.trace_method})", quiet):
+            gm = trace(
+                loaded.model,
+                cast_floating(loaded.example_inputs, dtype),
+                cast_floating(loaded.example_kwargs, dtype),
+                method=args.trace_method,
+                repeat="off" if args.no_repeat else "auto",
+            )
+        with bar(quiet) as progress:
+            task = progress.add_task("annotating", total=len(gm.graph.nodes))
+            annotate(
+                gm,
+                progress=lambda done, _total: progress.update(task, completed=done),
+                expert_imbalance=args.expert_imbalance,
+            )
     return loaded, gm, time.perf_counter() - start

@@ -65,9 +65,12 @@ def add_tracing(p: argparse.ArgumentParser) -> None:
     """How :func:`autopart.cli.loading.load_and_trace` builds and traces MODEL."""
     p.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
+        choices=list(DTYPES),
         default="float32",
-        help="parameter and activation dtype of built-in and hf: models (default float32)",
+        help="training precision of built-in and hf: models: float32 (default), bfloat16 or "
+        "float16 (every parameter, gradient, optimizer state and activation in that dtype), or "
+        "bfloat16-mixed (float32 master parameters, gradients and optimizer state, bfloat16 "
+        "compute and activations: FSDP2's MixedPrecisionPolicy on every mesh)",
     )
     p.add_argument(
         "--no-repeat",
@@ -142,8 +145,19 @@ def add_format(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["table", "json"], default="table")
 
 
+DTYPES = {
+    "float32": ("float32", "model"),
+    "bfloat16": ("bfloat16", "model"),
+    "float16": ("float16", "model"),
+    "bfloat16-mixed": ("float32", "bf16-mixed"),
+}
+"""``--dtype``: the dtype the model is built in, and the request's precision."""
+
+
 def plan_request(args: argparse.Namespace) -> PlanRequest:
     """The planning options a command declares, as a request (checked: a bad one raises before
     anything is traced). Options it does not declare keep the request's defaults."""
     given = {field: getattr(args, dest) for dest, field in _REQUEST_FIELDS.items() if dest in args}
+    if "dtype" in args:
+        given["precision"] = DTYPES[args.dtype][1]
     return PlanRequest(**given)

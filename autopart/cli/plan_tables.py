@@ -118,6 +118,8 @@ def _stage_table(plan: Any) -> Table:
         f"{plan.model}: {plan.num_stages} stages on {plan.device}, mesh {format_mesh(plan.mesh)}, "
         f"{plan.schedule}, {plan.micro_batches} micro-batches"
     )
+    if plan.precision != "model":  # e.g. bf16-mixed: float32 masters, bfloat16 compute
+        title += f", {plan.precision}"
     table = Table(title=title, title_justify="left")
     for col, justify in (
         ("stage", "right"),

@@ -200,6 +200,8 @@ def emit_model(
     dp = parse_mesh(req.mesh).get("dp", 1)  # a bad mesh is an error before any tracing
     if parse_mesh(req.mesh).get("fsdp", 1) > 1:
         raise EmitError(_NO_FSDP)
+    if req.precision != "model":
+        raise EmitError(_NO_MIXED)
     overrides = parse_config_overrides(config) if config else None
     loaded = load_model(spec, batch=batch, seq=seq, config=overrides, device="cpu", seed=0)
     args, kwargs = tuple(loaded.example_inputs), dict(loaded.example_kwargs)
@@ -413,9 +415,18 @@ _NO_RECOMPUTE = (
 )
 
 
+_NO_MIXED = (
+    "emit does not write mixed-precision programs yet (they run FSDP2's MixedPrecisionPolicy; "
+    "the emitted launcher runs DDP): run the plan with autopart.compile, or plan with precision "
+    "'model'."
+)
+
+
 def _check_emittable(plan: Plan) -> None:
     if plan.mesh.get("fsdp", 1) > 1:
         raise EmitError(_NO_FSDP)
+    if plan.precision != "model":
+        raise EmitError(_NO_MIXED)
     if plan.recompute:
         names = ", ".join(dict.fromkeys(r.name for r in plan.recompute))
         raise EmitError(_NO_RECOMPUTE.format(blocks=names))

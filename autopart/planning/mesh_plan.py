@@ -51,6 +51,7 @@ from autopart.planning.schedule_choice import (
     schedule_kinds,
     stage_counts,
 )
+from autopart.precision import as_precision
 from autopart.solver import baselines
 from autopart.solver.cost import lower_bound_s, stage_times_s
 from autopart.solver.stage_ilp import InfeasibleMemoryError, solve_stages
@@ -143,8 +144,15 @@ class PlanningSetup:
         """This setup for a mesh whose ``fsdp`` ranks shard the training state."""
         if fsdp == self.fsdp:
             return self
-        factor = state_bytes_per_param_byte(self.request.optimizer, fsdp=fsdp)
+        factor = state_bytes_per_param_byte(
+            self.request.optimizer, fsdp=fsdp, mixed_precision=self.mixed_precision
+        )
         return dataclasses.replace(self, state_per_byte=factor, fsdp=fsdp)
+
+    @property
+    def mixed_precision(self) -> bool:
+        """Whether the request trains in bf16 mixed precision (:mod:`autopart.precision`)."""
+        return as_precision(self.request.precision).is_mixed
 
     def stage_counts(self, kind: str) -> tuple[int, ...]:
         """The stages per rank ``kind`` is planned at."""
@@ -186,7 +194,10 @@ def planning_setup(
         fsdp=fsdp,
         full_recompute=request.recompute == "full",
     )
-    setup = PlanningSetup(request, spec, limit, opt.state_bytes_per_param_byte, kinds)
+    state = state_bytes_per_param_byte(
+        opt, mixed_precision=as_precision(request.precision).is_mixed
+    )
+    setup = PlanningSetup(request, spec, limit, state, kinds)
     return setup.with_fsdp(fsdp)
 
 
@@ -265,7 +276,14 @@ def pipeline_device(spec: DeviceSpec, *, pp: int, tp: int = 1) -> DeviceSpec:
 
 
 def dp_sync_s(
-    param_bytes_per_device: int, *, dp: int, pp: int, tp: int, spec: DeviceSpec, fsdp: int = 1
+    param_bytes_per_device: int,
+    *,
+    dp: int,
+    pp: int,
+    tp: int,
+    spec: DeviceSpec,
+    fsdp: int = 1,
+    mixed_precision: bool = False,
 ) -> float:
     """Seconds of a step's data-parallel communication of one device's parameters, counted
     without overlap (an upper bound): DDP's gradient all-reduce over ``dp`` after the pipeline
@@ -273,16 +291,17 @@ def dp_sync_s(
     parameters before its first forward (kept whole for the step: ``reshard_after_forward=False``)
     and the reduce-scatter of its gradients after the last backward, then the all-reduce of the
     gradient shard over ``dp`` (HSDP). Ranks are laid out ``(dp, fsdp, pp, tp)``: an fsdp group
-    stays in a node while ``fsdp * pp * tp`` does."""
+    stays in a node while ``fsdp * pp * tp`` does. Under ``mixed_precision`` the parameter bytes
+    are bfloat16 (gathered as they are) and gradients are reduced in float32 (twice the bytes)."""
+    grad_bytes = param_bytes_per_device * (2 if mixed_precision else 1)
     seconds = 0.0
     if fsdp > 1:
         across = fsdp * pp * tp > GPUS_PER_NODE
         seconds += all_gather_time_s(param_bytes_per_device, fsdp, spec, inter_node=across)
-        seconds += reduce_scatter_time_s(param_bytes_per_device, fsdp, spec, inter_node=across)
+        seconds += reduce_scatter_time_s(grad_bytes, fsdp, spec, inter_node=across)
     if dp > 1:
         inter_node = dp * fsdp * pp * tp > GPUS_PER_NODE
-        shard = param_bytes_per_device // fsdp
-        seconds += all_reduce_time_s(shard, dp, spec, inter_node=inter_node)
+        seconds += all_reduce_time_s(grad_bytes // fsdp, dp, spec, inter_node=inter_node)
     return seconds
 
 
@@ -326,7 +345,15 @@ def plan_mesh(
     # with its dp peers; the baselines pay it too.
     def sync_s(param_bytes_per_device: Sequence[float]) -> float:
         return max(
-            dp_sync_s(int(nbytes), dp=dp, pp=p, tp=degree, spec=setup.spec, fsdp=fsdp)
+            dp_sync_s(
+                int(nbytes),
+                dp=dp,
+                pp=p,
+                tp=degree,
+                spec=setup.spec,
+                fsdp=fsdp,
+                mixed_precision=setup.mixed_precision,
+            )
             for nbytes in param_bytes_per_device
         )
 
@@ -851,6 +878,7 @@ def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float)
         ),
         baselines=_baselines(scaled, best, pipe),
         optimizer=pipe.setup.optimizer,
+        precision=pipe.setup.request.precision,
         boundary_bytes=tuple(scaled.boundary_bytes(best.stage_of, num_stages)),
         recompute=_recomputed(scaled, best.stage_of),
     )
@@ -925,7 +953,11 @@ def simulate_plan(plan: Plan, device: DeviceSpec | None = None) -> Any:
     ``device`` is the spec it was planned on where that is not the table's (measured links)."""
     p = plan.mesh["pp"]
     spec = pipeline_device(device or get_device(plan.device), pp=p, tp=plan.mesh.get("tp", 1))
-    state_per_byte = state_bytes_per_param_byte(plan.optimizer, fsdp=plan.mesh.get("fsdp", 1))
+    state_per_byte = state_bytes_per_param_byte(
+        plan.optimizer,
+        fsdp=plan.mesh.get("fsdp", 1),
+        mixed_precision=as_precision(plan.precision).is_mixed,
+    )
     state = [st.param_bytes * state_per_byte for st in plan.stages]
     ranks = [st.device for st in plan.stages]
     rebuilt = [0] * p

@@ -614,6 +614,7 @@ def _bound(c: _Mesh, totals: _Totals, setup: PlanningSetup, *, shard: int) -> No
         tp=c.tp,
         spec=setup.spec,
         fsdp=c.fsdp,
+        mixed_precision=setup.mixed_precision,
     )
     c.step_bound_s = _pipeline_bound_s(work_s, c.pp, c.options) + sync_s
 
@@ -726,7 +727,15 @@ def _estimates(
         stage_of = splits[key]
         params = bg.stage_param_bytes(stage_of, c.pp * v)
         sync_s = max(
-            dp_sync_s(int(nbytes), dp=c.dp, pp=c.pp, tp=c.tp, spec=setup.spec, fsdp=c.fsdp)
+            dp_sync_s(
+                int(nbytes),
+                dp=c.dp,
+                pp=c.pp,
+                tp=c.tp,
+                spec=setup.spec,
+                fsdp=c.fsdp,
+                mixed_precision=setup.mixed_precision,
+            )
             for nbytes in per_device(params, stage_ranks(kind, c.pp, v))
         )
         for m in counts:

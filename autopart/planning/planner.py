@@ -61,14 +61,18 @@ def plan(
     planned without allocating its weights."""
     from autopart.capture.tracing import trace
     from autopart.passes.annotate import annotate
+    from autopart.precision import as_precision, cast_floating, check_master_dtypes, computing_in
 
     req = PlanRequest.of(request, options)  # bad options fail before tracing
     if req.name is None:
         req = req.with_options(name=type(model).__name__)
-    gm = annotate(
-        trace(model, example_inputs, example_kwargs), expert_imbalance=req.expert_imbalance
-    )
-    return plan_graph(gm, req, batch=batch_size(example_inputs))
+    precision = as_precision(req.precision)
+    check_master_dtypes(model, precision)
+    dtype = precision.compute_dtype  # planned as it computes (autopart.precision)
+    with computing_in(dtype, model):
+        args, kwargs = cast_floating(example_inputs, dtype), cast_floating(example_kwargs, dtype)
+        gm = annotate(trace(model, args, kwargs), expert_imbalance=req.expert_imbalance)
+        return plan_graph(gm, req, batch=batch_size(example_inputs))
 
 
 def plan_graph(

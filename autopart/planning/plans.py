@@ -15,6 +15,7 @@ from typing import Any
 from autopart._compat import StrEnum
 from autopart.errors import AutopartError
 from autopart.planning.schedule import SPLIT_BACKWARD, ScheduleKind
+from autopart.precision import Precision
 
 __all__ = [
     "PLAN_FORMAT_VERSION",
@@ -295,8 +296,13 @@ class Plan:
     recompute: tuple[RecomputedBlock, ...] = ()
     """The blocks that recompute their forward in backward (in stage order). Written to JSON
     only when not empty."""
+    precision: str = "model"
+    """``"model"`` or ``"bf16-mixed"`` (:mod:`autopart.precision`). Written to JSON only when
+    mixed."""
 
     def __post_init__(self) -> None:
+        known = [p.value for p in Precision]
+        _check(self.precision in known, f"precision {self.precision!r} is not one of {known}")
         mesh = parse_mesh(dict(self.mesh))
         object.__setattr__(self, "mesh", mesh)
         num_stages = mesh.get("pp", 1) * self.stages_per_device
@@ -379,7 +385,9 @@ class Plan:
             _drop_unset(asdict(s), backward_weight_s=0.0, recompute_s=0.0, rematerialized_bytes=0)
             for s in self.stages
         ]
-        return _drop_unset(d, schedule_options=(), profile_s=None, experts="", recompute=())
+        return _drop_unset(
+            d, schedule_options=(), profile_s=None, experts="", recompute=(), precision="model"
+        )
 
     def to_json(self, *, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
@@ -433,6 +441,7 @@ class Plan:
                 profile_s=None if raw.get("profile_s") is None else float(raw["profile_s"]),
                 experts=str(raw.get("experts", "")),
                 recompute=tuple(RecomputedBlock(**r) for r in raw.get("recompute", ())),
+                precision=str(raw.get("precision", "model")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, PlanError):

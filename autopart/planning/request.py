@@ -20,6 +20,7 @@ from autopart.errors import AutopartError
 from autopart.passes.routing import DEFAULT_IMBALANCE, check_imbalance
 from autopart.planning.plans import format_mesh, parse_mesh
 from autopart.planning.schedule import ScheduleKind
+from autopart.precision import as_precision
 
 __all__ = ["AUTO", "RECOMPUTE", "PlanRequest"]
 
@@ -72,7 +73,12 @@ class PlanRequest:
     fits memory otherwise), ``"none"`` (keep every activation) or ``"full"`` (every block that
     keeps less by recomputing does)."""
 
+    precision: str = "model"
+    """``"model"`` (every tensor in the model's dtype) or ``"bf16-mixed"`` (float32 masters,
+    bfloat16 compute, FSDP2's policy on every mesh; :mod:`autopart.precision`)."""
+
     def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", as_precision(self.precision).value)
         mesh: Any = self.mesh
         if isinstance(mesh, Mapping):
             object.__setattr__(self, "mesh", format_mesh(parse_mesh(mesh)))

@@ -66,6 +66,14 @@ from autopart.planning.request import PlanRequest
 # The emitted launcher's helpers (torch only): the runtime and the programs autopart.emit writes
 # bind non-tensor inputs and make cross-rank tensors contiguous with the same code.
 from autopart.planning.schedule import SPLIT_BACKWARD, ScheduleKind
+from autopart.precision import (
+    Precision,
+    as_precision,
+    cast_floating,
+    check_master_dtypes,
+    check_runs_on,
+    computing_in,
+)
 from autopart.runtime.checkpoint import CheckpointError, ShardedState
 from autopart.runtime.outputs import OutputMerge, OutputMergeError
 from autopart.runtime.stage_io import (
@@ -127,6 +135,7 @@ def compile(
     device: str | DeviceSpec | None = None,
     verify: bool = False,
     profile: bool | None = None,
+    precision: str | None = None,
 ) -> ParallelProgram:
     """Plan ``model`` for ``mesh`` and build this rank's part of the pipeline program.
 
@@ -145,22 +154,76 @@ def compile(
     ``profile=True`` plans on times measured on this machine (the graph that runs, at its
     micro-batch shapes; ``PlanRequest.profile``), and ``program.plan.profile_s`` says how long
     measuring took.
+    ``precision="bf16-mixed"`` trains with float32 masters and bfloat16 compute under FSDP2's
+    ``MixedPrecisionPolicy`` on every mesh (:mod:`autopart.precision`); the model must be float32.
     """
+    from autopart.passes.split_stages import stage_info
+
+    asked = precision or (request.precision if request is not None else Precision.MODEL.value)
+    check_master_dtypes(model, as_precision(asked))
+    dm = _resolve_mesh(mesh, as_precision(asked))
+    options: dict[str, Any] = {"micro_batches": micro_batches, "schedule": schedule}
+    options |= {"stages_per_rank": stages_per_rank, "device": device, "profile": profile}
+    options["precision"] = precision
+    req = _compile_request(request, options, _torch_device(dm))
+    check_runs_on(as_precision(req.precision), _torch_device(dm))
+    dtype = as_precision(req.precision).compute_dtype
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    args, kwargs = cast_floating(args, dtype), cast_floating(dict(example_kwargs or {}), dtype)
+    # planned, split and described as it computes (bf16-mixed: bfloat16 parameters); the stages
+    # then hold the model's own parameters again, the masters FSDP2 casts each step
+    with computing_in(dtype, model):
+        planned = _planned(model, dm, req, args, kwargs)
+    stages, local = _stages(planned, dm, verify=verify)
+    tp = planned.plan.tp
+    metas = {i.index: stage_io(planned.values, tp, i) for i in map(stage_info, stages)}
+    program = ParallelProgram(
+        planned.plan,
+        dm,
+        local,
+        [stage_info(s) for s in stages],
+        loss_fn,
+        _torch_device(dm),
+        planned.inputs,
+        {i: metas[i] for i in (stage_info(s).index for s in local)},
+        planned.merge,
+        layout=StateLayout.of(model, planned.run_gm, stages),
+    )
+    # for autopart.emit, which writes every stage's code and its inputs' and outputs' metadata
+    program._all_stages = stages
+    program._all_metas = metas
+    return program
+
+
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """What :func:`compile` plans before it splits: the plan, the graph that runs and what it
+    takes and gives."""
+
+    plan: Plan
+    run_gm: torch.fx.GraphModule
+    inputs: ProgramInputs
+    batch: int
+    values: Any
+    """The value of every node of ``run_gm`` on a micro-batch, as metadata (``value_metas``)."""
+    merge: OutputMerge
+
+
+def _planned(
+    model: torch.nn.Module,
+    dm: DeviceMesh,
+    req: PlanRequest,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> _Planned:
+    """Trace and plan ``model`` for ``dm``."""
     from autopart.capture.tracing import trace
     from autopart.passes.annotate import annotate
-    from autopart.passes.split_stages import split_stages, stage_info
     from autopart.planning.mesh_plan import batch_size
 
-    dm = _resolve_mesh(mesh)
     dp, fsdp = _axis_size(dm, "dp"), _axis_size(dm, "fsdp")
     pp, tp = _axis_size(dm, "pp"), _axis_size(dm, "tp")
     replicas = dp * fsdp
-    torch_device = _torch_device(dm)
-    req = _compile_request(
-        request, micro_batches, schedule, stages_per_rank, device, torch_device, profile
-    )
-    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    kwargs = dict(example_kwargs or {})
     inputs = ProgramInputs.of(args, kwargs)
     gm = annotate(trace(model, args, kwargs), expert_imbalance=req.expert_imbalance)
     inputs.check_graph(gm)
@@ -193,7 +256,26 @@ def compile(
         plan, run_gm = plan_that_runs(
             make, req.micro_batches, model, gm, args, kwargs, batch, replicas, profile=req.profile
         )
-    stages = split_stages(run_gm, plan)
+    metas = value_metas(run_gm, inputs.micro_batch(batch, replicas * plan.micro_batches))
+    return _Planned(
+        plan,
+        run_gm,
+        inputs,
+        batch,
+        metas,
+        OutputMerge.of(gm, run_gm),
+    )
+
+
+def _stages(
+    planned: _Planned, dm: DeviceMesh, *, verify: bool
+) -> tuple[list[torch.fx.GraphModule], list[torch.fx.GraphModule]]:
+    """Every stage of the plan, and this rank's (TP-sharded, recomputing what the plan
+    recomputes) over the model's own parameters."""
+    from autopart.passes.split_stages import split_stages, stage_info
+
+    plan, torch_device = planned.plan, _torch_device(dm)
+    stages = split_stages(planned.run_gm, plan)
     rank = _pp_mesh(dm).get_local_rank()
     local = [s for s in stages if plan.stages[stage_info(s).index].device == rank]
     _warn_without_parameters(local, rank, plan)
@@ -201,31 +283,19 @@ def compile(
         local = _shard_stages(stages, local, plan.tp, dm)
     local = _share_tied_copies([s.to(torch_device) for s in local])
     if verify and plan.tp is not None and plan.tp.degree > 1:
+        replicas = _axis_size(dm, "dp") * _axis_size(dm, "fsdp")
         chunks = replicas * plan.micro_batches
-        _verify_tp(run_gm, inputs.micro_batch(batch, chunks), stages, local, dm)
+        dtype = as_precision(plan.precision).compute_dtype
+        with computing_in(dtype, planned.run_gm, *stages, *local):
+            micro_batch = planned.inputs.micro_batch(planned.batch, chunks)
+            _verify_tp(planned.run_gm, micro_batch, stages, local, dm)
     local = [_recomputing(s, plan) for s in local]
     for stage in local:
         # Tensors cross ranks through contiguous buffers (gloo and NCCL require it); a stage
         # output that is a strided view (e.g. a permute feeding a skip connection) is copied.
         stage.register_forward_hook(contiguous_outputs)
         stage.register_forward_pre_hook(contiguous_input_grads)  # the same for gradients sent back
-    metas = value_metas(run_gm, inputs.micro_batch(batch, replicas * plan.micro_batches))
-    program = ParallelProgram(
-        plan,
-        dm,
-        local,
-        [stage_info(s) for s in stages],
-        loss_fn,
-        torch_device,
-        inputs,
-        {info.index: stage_io(metas, plan.tp, info) for info in (stage_info(s) for s in local)},
-        OutputMerge.of(gm, run_gm),
-        layout=StateLayout.of(model, run_gm, stages),
-    )
-    # for autopart.emit, which writes every stage's code and its inputs' and outputs' metadata
-    program._all_stages = stages
-    program._all_metas = {i.index: stage_io(metas, plan.tp, i) for i in map(stage_info, stages)}
-    return program
+    return stages, local
 
 
 def _recomputing(stage: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
@@ -264,25 +334,12 @@ def _plan_on_rank_zero(
 
 
 def _compile_request(
-    request: PlanRequest | None,
-    micro_batches: int | None,
-    schedule: str | None,
-    stages_per_rank: int | None,
-    device: str | DeviceSpec | None,
-    torch_device: torch.device,
-    profile: bool | None = None,
+    request: PlanRequest | None, given: Mapping[str, Any], torch_device: torch.device
 ) -> PlanRequest:
-    """``request`` with the keywords given to :func:`compile`; the cost model defaults to the
-    device the program runs on (``cpu`` on a CPU mesh, ``h100`` on CUDA)."""
-    given = {
-        "micro_batches": micro_batches,
-        "schedule": schedule,
-        "stages_per_rank": stages_per_rank,
-        "device": device,
-        "profile": profile,
-    }
+    """``request`` with the keywords given to :func:`compile` (``None``: not given); the cost
+    model defaults to the device the program runs on (``cpu`` on a CPU mesh, ``h100`` on CUDA)."""
     options = {k: v for k, v in given.items() if v is not None}
-    if request is None and device is None:
+    if request is None and given.get("device") is None:
         options["device"] = "h100" if torch_device.type == "cuda" else "cpu"
     return PlanRequest.of(request, options)
 
@@ -426,6 +483,9 @@ class ParallelProgram:
         self._dp_group = replica_mesh.get_group() if replica_mesh is not None else None
         self._dp_rank = replica_mesh.get_local_rank() if replica_mesh is not None else 0
         self._fsdp = _axis_size(mesh, "fsdp")
+        self._precision = as_precision(plan.precision)
+        # FSDP2 holds the parameters: over an fsdp axis, or for mixed precision on any mesh
+        self._sharded = self._fsdp > 1 or self._precision.is_mixed
         self._tp_rank = mesh["tp"].get_local_rank() if _axis_size(mesh, "tp") > 1 else 0
         self._stages = stages
         self._state = ShardedState(
@@ -456,6 +516,8 @@ class ParallelProgram:
                     "program.step needs a loss: pass loss_fn=... to autopart.compile."
                 )
             out = output if isinstance(output, (tuple, list)) else (output,)
+            if self._precision.is_mixed:  # the loss in float32, as the masters
+                out = cast_floating(tuple(out), torch.float32)
             model_output = rebuild_output(last, out)
             if self._without_target:
                 return self._loss_fn(model_output)
@@ -471,8 +533,8 @@ class ParallelProgram:
             BindConstants(s, inputs.constants, _arity(s)) if i.is_first and inputs.constants else s
             for s, i in zip(stages, self._local)
         ]
-        if self._fsdp > 1:
-            submods = [_sharded_data_parallel(s, mesh) for s in submods]
+        if self._sharded:
+            submods = [_sharded_data_parallel(s, mesh, self._precision) for s in submods]
         elif self._dp_group is not None:
             submods = [_data_parallel(s, self._dp_group, device) for s in submods]
         keep = _keeping_weight_grads(plan, stages, self._local, stage_metas)
@@ -577,12 +639,15 @@ class ParallelProgram:
             raise failed[0]
         result = self._merge.merge(shares) if len(shares) > 1 else shares[0]
         flat = result if isinstance(result, (tuple, list)) else (result,)
+        if self._precision.is_mixed:  # outputs in the masters' dtype
+            flat = cast_floating(tuple(flat), torch.float32)
         return rebuild_output(self._infos[self.plan.num_stages - 1], flat)
 
     def _stage_args(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         """The first stage's positional inputs: the model's inputs flattened as at compile time,
         this replica's share of the batch."""
-        flat = self._inputs.flatten(inputs, kwargs)
+        dtype = self._precision.compute_dtype
+        flat = self._inputs.flatten(cast_floating(inputs, dtype), cast_floating(kwargs, dtype))
         if not self._first_local:
             return ()
         return tuple(
@@ -670,12 +735,13 @@ class ParallelProgram:
 
     def _without_fsdp(self, what: str) -> None:
         """Raise :class:`CheckpointError` for a checkpoint method FSDP's shards do not support."""
-        if self._fsdp > 1:
+        if self._sharded:
+            why = "an fsdp mesh axis" if self._fsdp > 1 else "bf16-mixed precision (FSDP2's policy)"
             raise CheckpointError(
-                f"program.{what} is not supported with an fsdp mesh axis yet: its parameters are "
-                "FSDP's DTensor shards, which the checkpoint layout does not map. Save "
+                f"program.{what} is not supported with {why} yet: its parameters are FSDP's "
+                "DTensor shards, which the checkpoint layout does not map. Save "
                 "program.full_state_dict() (whole tensors, on every rank) instead, or plan "
-                "with dp in place of fsdp."
+                "with dp in place of fsdp and precision 'model'."
             )
 
     def _gather_state(self, *, to: int | None = None) -> dict[str, torch.Tensor]:
@@ -687,7 +753,7 @@ class ParallelProgram:
 
         mine: dict[str, tuple[str, int, torch.Tensor]] = {}
         # replicas hold the same values; FSDP's shards are joined by every rank that holds one
-        for stage in self._stages if self._dp_rank == 0 or self._fsdp > 1 else ():
+        for stage in self._stages if self._dp_rank == 0 or self._sharded else ():
             info = stage.meta.get(TP_META_KEY)
             stored = info.param_placements if info is not None else {}
             for name, t in _whole_of_fsdp(stage.state_dict()).items():
@@ -824,18 +890,31 @@ def _whole_of_fsdp(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     }
 
 
-def _sharded_data_parallel(stage: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:
+def _sharded_data_parallel(
+    stage: torch.nn.Module, mesh: DeviceMesh, precision: Precision
+) -> torch.nn.Module:
     """``stage`` under torch's FSDP2 over the mesh's ``fsdp`` dimension (HSDP over ``(dp, fsdp)``
     where there is a ``dp`` one too). The whole stage is one unit, gathered for the step: torch's
     pipelining keeps it unsharded from the first backward to the gradient reduction anyway
     (``set_reshard_after_backward(False)``), so resharding after each forward would only add
-    all-gathers (decisions.md, "Sharded data parallelism")."""
-    from torch.distributed.fsdp import fully_shard
+    all-gathers (decisions.md, "Sharded data parallelism"). Mixed precision is FSDP2's
+    ``MixedPrecisionPolicy``: bfloat16 compute, float32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not any(p.requires_grad for p in stage.parameters()):
         return stage
     shard_mesh = mesh["dp", "fsdp"] if _axis_size(mesh, "dp") > 1 else mesh["fsdp"]
-    fully_shard(stage, mesh=shard_mesh, reshard_after_forward=False)  # in place: an FSDPModule
+    policy = MixedPrecisionPolicy()
+    if precision.is_mixed:
+        # a stage's inputs keep the dtype the model gives them (a float32 rotary table crossing a
+        # stage boundary stays float32); the program casts the model's own inputs
+        policy = MixedPrecisionPolicy(
+            param_dtype=precision.compute_dtype,
+            reduce_dtype=torch.float32,
+            cast_forward_inputs=False,
+        )
+    # in place: an FSDPModule
+    fully_shard(stage, mesh=shard_mesh, reshard_after_forward=False, mp_policy=policy)
     return stage
 
 
@@ -858,9 +937,17 @@ def _on(metas: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Te
     )
 
 
-def _resolve_mesh(mesh: DeviceMesh | str) -> DeviceMesh:
+def _resolve_mesh(mesh: DeviceMesh | str, precision: Precision = Precision.MODEL) -> DeviceMesh:
+    """``mesh``, or the DeviceMesh its spec names on the default group; under mixed precision
+    (FSDP2 on every mesh) with an ``fsdp`` dimension, of size 1 where the spec has none."""
     if isinstance(mesh, DeviceMesh):
         names = mesh.mesh_dim_names or ()
+        if precision.is_mixed and "fsdp" not in names:
+            raise RuntimeSetupError(
+                f"{precision.value} runs torch's FSDP2 on every mesh, over its 'fsdp' dim; the "
+                f"DeviceMesh has dims {names}: add an 'fsdp' dim (of size 1 to shard nothing), "
+                "or pass the mesh as a spec string such as 'pp=2'."
+            )
         if "pp" not in names:
             raise RuntimeSetupError(
                 f"the DeviceMesh has dims {names}; autopart needs one named 'pp' (of size 1 "
@@ -889,7 +976,8 @@ def _resolve_mesh(mesh: DeviceMesh | str) -> DeviceMesh:
         )
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     # (dp, fsdp, pp, tp), tp innermost: a TP group's ranks are neighbours (one node's fast links)
-    names = tuple(n for n in _MESH_DIMS if n == "pp" or sizes.get(n, 1) > 1)
+    kept = ("pp", "fsdp") if precision.is_mixed else ("pp",)
+    names = tuple(n for n in _MESH_DIMS if n in kept or sizes.get(n, 1) > 1)
     return init_device_mesh(
         device_type, tuple(sizes.get(n, 1) for n in names), mesh_dim_names=names
     )

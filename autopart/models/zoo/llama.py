@@ -123,6 +123,8 @@ class _LlamaModel(nn.Module):
         seq = input_ids.shape[1]  # narrow, not [:seq]: a slice of an fx Proxy cannot be traced
         cos, sin = self.rope_cos.narrow(0, 0, seq), self.rope_sin.narrow(0, 0, seq)
         x = self.embed_tokens(input_ids)
+        # float32 tables, bfloat16 activations under mixed precision (a no-op otherwise)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.norm(x)
