@@ -88,6 +88,7 @@ from autopart.codegen.templates import collectives
 from autopart.planning.plans import Plan
 from autopart.planning.request import PlanRequest
 from autopart.planning.schedule import SPLIT_BACKWARD
+from autopart.precision import as_precision, cast_floating, computing_in
 from autopart.runtime.weight_grads import stages_keeping_weight_grads
 
 if TYPE_CHECKING:
@@ -197,16 +198,12 @@ def emit_model(
     from autopart.runtime.stage_io import plan_that_runs
 
     req = (request or PlanRequest(device="cpu")).with_options(**options)
-    dp = parse_mesh(req.mesh).get("dp", 1)  # a bad mesh is an error before any tracing
-    if parse_mesh(req.mesh).get("fsdp", 1) > 1:
-        raise EmitError(_NO_FSDP)
-    if req.precision != "model":
-        raise EmitError(_NO_MIXED)
+    sizes = parse_mesh(req.mesh)  # a bad mesh is an error before any tracing
+    replicas = sizes.get("dp", 1) * sizes.get("fsdp", 1)
     overrides = parse_config_overrides(config) if config else None
     loaded = load_model(spec, batch=batch, seq=seq, config=overrides, device="cpu", seed=0)
     args, kwargs = tuple(loaded.example_inputs), dict(loaded.example_kwargs)
     target, loss_fn = training_batch(loaded)
-    gm = annotate(trace(loaded.model, args, kwargs), expert_imbalance=req.expert_imbalance)
     size = batch_size(tree_flatten((args, kwargs))[0])
 
     def make(graph: GraphModule, graph_batch: int, m: int | None) -> Plan:
@@ -214,9 +211,21 @@ def emit_model(
             graph, req, batch=size, micro_batches=m, name=loaded.name, graph_batch=graph_batch
         )
 
-    plan, _ = plan_that_runs(
-        make, req.micro_batches, loaded.model, gm, args, kwargs, size, dp, profile=req.profile
-    )
+    dtype = as_precision(req.precision).compute_dtype
+    with computing_in(dtype, loaded.model):  # planned as it computes (autopart.precision)
+        cargs, ckwargs = cast_floating(args, dtype), cast_floating(kwargs, dtype)
+        gm = annotate(trace(loaded.model, cargs, ckwargs), expert_imbalance=req.expert_imbalance)
+        plan, _ = plan_that_runs(
+            make,
+            req.micro_batches,
+            loaded.model,
+            gm,
+            cargs,
+            ckwargs,
+            size,
+            replicas,
+            profile=req.profile,
+        )
     out = emit(
         plan,
         out_dir,
@@ -266,18 +275,11 @@ def _from_plan(
     steps: int,
     lr: float,
 ) -> _Program:
-    from autopart.capture.tracing import trace
     from autopart.passes.split_stages import split_stages, stage_info
-    from autopart.passes.tp.check import check_tp_plan
     from autopart.planning.mesh_plan import batch_size
     from autopart.runtime.stage_io import (
-        ProgramInputs,
         StateLayout,
-        micro_batch_graph,
-        plan_made_for,
-        same_nodes,
         stage_io,
-        value_metas,
     )
 
     missing = [
@@ -309,29 +311,20 @@ def _from_plan(
     batch = batch_size(flat)
     _check_target(target, batch, plan.micro_batches)
     assert target is not None
-    dp = plan.mesh.get("dp", 1)
-    chunks = dp * plan.micro_batches  # each replica pipelines its share of the batch
+    replicas = plan.mesh.get("dp", 1) * plan.mesh.get("fsdp", 1)
+    chunks = replicas * plan.micro_batches  # each replica pipelines its share of the batch
     if batch % chunks:
         raise EmitError(
             f"a batch of {batch} does not split into the plan's {plan.micro_batches} micro-batches"
-            + (f" on each of {dp} data-parallel replicas" if dp > 1 else "")
+            + (f" on each of {replicas} data-parallel replicas" if replicas > 1 else "")
             + "; pass the batch the plan was made for."
         )
-    gm = trace(model, args, kwargs)
-    run_gm = micro_batch_graph(model, gm, args, kwargs, batch, chunks)
-    if not same_nodes(gm, run_gm) and not plan_made_for(plan, run_gm):
-        raise EmitError(
-            f"{type(model).__name__} traces to a different graph at micro-batch size "
-            f"{batch // chunks} than at batch size {batch}, and the plan was made for the whole "
-            "batch's graph, so its stages do not apply; plan the graph traced at one micro-batch "
-            "(plan_graph(..., graph_batch=...)), or use autopart.compile or `autopart emit`, which "
-            "do so."
-        )
-    if plan.tp is not None:
-        check_tp_plan(run_gm, plan.tp)  # a plan for another graph is an error, never applied
+    dtype = as_precision(plan.precision).compute_dtype
+    with computing_in(dtype, model):  # traced as it computes; the weights stay the masters
+        cargs, ckwargs = cast_floating(args, dtype), cast_floating(kwargs, dtype)
+        run_gm, metas = _micro_batch_run(plan, model, cargs, ckwargs, batch, chunks)
     stages = split_stages(run_gm, plan)
     infos = tuple(stage_info(s) for s in stages)
-    metas = value_metas(run_gm, ProgramInputs.of(args, kwargs).micro_batch(batch, chunks))
     return _Program(
         plan=plan,
         stages=tuple(stages),
@@ -344,6 +337,41 @@ def _from_plan(
         io={i.index: stage_io(metas, plan.tp, i) for i in infos},
         layout=StateLayout.of(model, run_gm, stages),
     )
+
+
+def _micro_batch_run(
+    plan: Plan,
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    batch: int,
+    chunks: int,
+) -> tuple[GraphModule, Any]:
+    """The graph the plan's stages run (traced at one micro-batch) and its values' metadata;
+    a plan made for another graph is an error."""
+    from autopart.capture.tracing import trace
+    from autopart.passes.tp.check import check_tp_plan
+    from autopart.runtime.stage_io import (
+        ProgramInputs,
+        micro_batch_graph,
+        plan_made_for,
+        same_nodes,
+        value_metas,
+    )
+
+    gm = trace(model, args, kwargs)
+    run_gm = micro_batch_graph(model, gm, args, kwargs, batch, chunks)
+    if not same_nodes(gm, run_gm) and not plan_made_for(plan, run_gm):
+        raise EmitError(
+            f"{type(model).__name__} traces to a different graph at micro-batch size "
+            f"{batch // chunks} than at batch size {batch}, and the plan was made for the whole "
+            "batch's graph, so its stages do not apply; plan the graph traced at one micro-batch "
+            "(plan_graph(..., graph_batch=...)), or use autopart.compile or `autopart emit`, which "
+            "do so."
+        )
+    if plan.tp is not None:
+        check_tp_plan(run_gm, plan.tp)  # a plan for another graph is an error, never applied
+    return run_gm, value_metas(run_gm, ProgramInputs.of(args, kwargs).micro_batch(batch, chunks))
 
 
 def _emit_program(
@@ -402,12 +430,6 @@ def _emit_program(
     return out
 
 
-_NO_FSDP = (
-    "emit does not write programs with an fsdp mesh axis yet (the emitted launcher runs DDP): "
-    "run the plan with autopart.compile / `autopart run`, or plan with dp in place of fsdp."
-)
-
-
 _NO_RECOMPUTE = (
     "emit does not write programs that recompute activations yet (the plan recomputes {blocks}): "
     "run the plan with autopart.compile / `autopart run`, or plan with --recompute none (and "
@@ -415,18 +437,7 @@ _NO_RECOMPUTE = (
 )
 
 
-_NO_MIXED = (
-    "emit does not write mixed-precision programs yet (they run FSDP2's MixedPrecisionPolicy; "
-    "the emitted launcher runs DDP): run the plan with autopart.compile, or plan with precision "
-    "'model'."
-)
-
-
 def _check_emittable(plan: Plan) -> None:
-    if plan.mesh.get("fsdp", 1) > 1:
-        raise EmitError(_NO_FSDP)
-    if plan.precision != "model":
-        raise EmitError(_NO_MIXED)
     if plan.recompute:
         names = ", ".join(dict.fromkeys(r.name for r in plan.recompute))
         raise EmitError(_NO_RECOMPUTE.format(blocks=names))
@@ -501,7 +512,10 @@ def _config(program: _Program) -> str:
     for info in program.infos:
         for name, stages in info.shared_params.items():
             tied.setdefault(name, list(stages))
-    mesh = {axis: plan.mesh.get(axis, 1) for axis in ("dp", "pp", "tp")}
+    # fsdp where FSDP2 holds the stages (an fsdp axis, or mixed precision: FSDP2's policy)
+    sharded = plan.mesh.get("fsdp", 1) > 1 or plan.precision != "model"
+    axes = ("dp", "fsdp", "pp", "tp") if sharded else ("dp", "pp", "tp")
+    mesh = {axis: plan.mesh.get(axis, 1) for axis in axes}
     config = {
         "format_version": CONFIG_FORMAT_VERSION,
         "model": plan.model,
@@ -526,6 +540,8 @@ def _config(program: _Program) -> str:
         # the model's state_dict() keys, in order -> the stage tensor (or weights.pt entry) holding it
         "state_dict": dict(program.layout.sources),
     }
+    if plan.precision != "model":  # only then, so other programs' config is unchanged
+        config["precision"] = plan.precision
     if plan.schedule in SPLIT_BACKWARD:  # only then, so other programs' config is unchanged
         config["weight_grads_with_input_grads"] = stages_keeping_weight_grads(
             {i.index: s for i, s in zip(program.infos, program.stages)},

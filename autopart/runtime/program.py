@@ -54,7 +54,9 @@ from autopart.codegen.templates.run import (
     BindConstants,
     contiguous_input_grads,
     contiguous_outputs,
+    fully_shard_stage,
     no_weight_pass,
+    pipeline_rows,
     sync_tied_grads,
     tied_process_groups,
 )
@@ -534,7 +536,11 @@ class ParallelProgram:
             for s, i in zip(stages, self._local)
         ]
         if self._sharded:
-            submods = [_sharded_data_parallel(s, mesh, self._precision) for s in submods]
+            # FSDP2, one unit per stage gathered for the step (torch's pipelining keeps it whole
+            # from the first backward to the reduction: decisions.md, "Sharded data
+            # parallelism"); mixed precision is its MixedPrecisionPolicy
+            mixed = self._precision.is_mixed
+            submods = [fully_shard_stage(s, mesh, mixed) for s in submods]
         elif self._dp_group is not None:
             submods = [_data_parallel(s, self._dp_group, device) for s in submods]
         keep = _keeping_weight_grads(plan, stages, self._local, stage_metas)
@@ -789,7 +795,7 @@ class ParallelProgram:
         for info in self._infos.values():
             for name, stages in info.shared_params.items():
                 holders.setdefault(name, []).extend(self.plan.stages[s].device for s in stages)
-        return tied_process_groups(holders, _pipeline_rows(self._mesh), dist.get_rank())
+        return tied_process_groups(holders, pipeline_rows(self._mesh), dist.get_rank())
 
 
 def _schedule(
@@ -854,16 +860,6 @@ def _axis_size(mesh: DeviceMesh, name: str) -> int:
     )
 
 
-def _pipeline_rows(mesh: DeviceMesh) -> list[list[int]]:
-    """Global ranks of every pipeline: one row of pp ranks per coordinate of the other dims."""
-    names = list(mesh.mesh_dim_names or ())
-    ranks = mesh.mesh
-    if len(names) > 1:
-        pp = names.index("pp")
-        ranks = ranks.permute([i for i in range(len(names)) if i != pp] + [pp])
-    return ranks.reshape(-1, _axis_size(mesh, "pp")).tolist()
-
-
 def _pp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     return mesh["pp"] if len(mesh.mesh_dim_names or ()) > 1 else mesh
 
@@ -888,34 +884,6 @@ def _whole_of_fsdp(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         name: (t.full_tensor() if isinstance(t, DTensor) else t).detach()
         for name, t in state.items()
     }
-
-
-def _sharded_data_parallel(
-    stage: torch.nn.Module, mesh: DeviceMesh, precision: Precision
-) -> torch.nn.Module:
-    """``stage`` under torch's FSDP2 over the mesh's ``fsdp`` dimension (HSDP over ``(dp, fsdp)``
-    where there is a ``dp`` one too). The whole stage is one unit, gathered for the step: torch's
-    pipelining keeps it unsharded from the first backward to the gradient reduction anyway
-    (``set_reshard_after_backward(False)``), so resharding after each forward would only add
-    all-gathers (decisions.md, "Sharded data parallelism"). Mixed precision is FSDP2's
-    ``MixedPrecisionPolicy``: bfloat16 compute, float32 gradient reduction."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    if not any(p.requires_grad for p in stage.parameters()):
-        return stage
-    shard_mesh = mesh["dp", "fsdp"] if _axis_size(mesh, "dp") > 1 else mesh["fsdp"]
-    policy = MixedPrecisionPolicy()
-    if precision.is_mixed:
-        # a stage's inputs keep the dtype the model gives them (a float32 rotary table crossing a
-        # stage boundary stays float32); the program casts the model's own inputs
-        policy = MixedPrecisionPolicy(
-            param_dtype=precision.compute_dtype,
-            reduce_dtype=torch.float32,
-            cast_forward_inputs=False,
-        )
-    # in place: an FSDPModule
-    fully_shard(stage, mesh=shard_mesh, reshard_after_forward=False, mp_policy=policy)
-    return stage
 
 
 def _replica_mesh(mesh: DeviceMesh) -> DeviceMesh | None:

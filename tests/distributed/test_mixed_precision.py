@@ -84,24 +84,27 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
     }
 
 
-def mixed_reference(name: str, opt: str, micro_batches: int) -> dict[str, Any]:
+def mixed_reference(
+    name: str, opt: str, micro_batches: int, *, setup: Any = _setup
+) -> dict[str, Any]:
     """One process, FSDP2's policy by hand: the traced graph (as the program traces it, its
     parameters in bfloat16) trains float32 masters; each micro-batch runs a bfloat16 copy of
     them on its bfloat16 inputs, the loss sees float32 outputs, and the bfloat16 gradients are
-    summed in float32 (a tied weight's per use: :func:`_untied`)."""
+    summed in float32 (a tied weight's per use: :func:`_untied`). ``setup`` builds the case
+    (``name -> (model, inputs, kwargs, target, loss_fn)``)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank: a kernel's reduction order can follow the threads
     try:
-        return _mixed_reference(name, opt, micro_batches)
+        return _mixed_reference(setup(name), opt, micro_batches)
     finally:
         torch.set_num_threads(threads)
 
 
-def _mixed_reference(name: str, opt: str, micro_batches: int) -> dict[str, Any]:
+def _mixed_reference(case: Any, opt: str, micro_batches: int) -> dict[str, Any]:
     from autopart.capture.tracing import trace
     from autopart.precision import cast_floating, computing_in
 
-    model, x, kw, target, loss_fn = _setup(name)
+    model, x, kw, target, loss_fn = case
     model = copy.deepcopy(model)
     x, kw = cast_floating(x, BF16), cast_floating(kw, BF16)
     chunks = [chunk(t, micro_batches) for t in (*x, target)]

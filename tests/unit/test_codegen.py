@@ -29,6 +29,7 @@ from autopart.models.model_spec import load_model, parse_config_overrides
 from autopart.passes.split_stages import split_stages, stage_info
 from autopart.planning.planner import plan_graph
 from autopart.planning.plans import Plan
+from autopart.precision import as_precision, cast_floating, computing_in
 from autopart.runtime.launch import end_rank, spawn_ranks
 from autopart.runtime.stage_io import StateLayout, stage_io, value_metas
 from tests.models import FAST_LINK, HF_CONFIGS, locked_version, target_and_loss
@@ -70,20 +71,24 @@ def _plan(
     mesh: str | None = None,
     device: Any = "cpu",
     stages_per_rank: int | None = None,
+    precision: str = "model",
 ) -> Plan:
     model, args, kwargs, _, _ = _setup(name)
-    gm = autopart.annotate(autopart.trace(model, args, kwargs))
-    batch = int(tree_flatten((args, kwargs))[0][0].shape[0])
-    return plan_graph(
-        gm,
-        batch=batch,
-        mesh=mesh or f"pp={pp}",
-        device=device,
-        stages_per_rank=stages_per_rank,
-        micro_batches=micro_batches,
-        schedule=schedule,
-        name=name,
-    )
+    dtype = as_precision(precision).compute_dtype
+    with computing_in(dtype, model):  # planned as it computes
+        traced = autopart.trace(model, cast_floating(args, dtype), cast_floating(kwargs, dtype))
+        batch = int(tree_flatten((args, kwargs))[0][0].shape[0])
+        return plan_graph(
+            autopart.annotate(traced),
+            batch=batch,
+            mesh=mesh or f"pp={pp}",
+            device=device,
+            stages_per_rank=stages_per_rank,
+            micro_batches=micro_batches,
+            schedule=schedule,
+            name=name,
+            precision=precision,
+        )
 
 
 def _golden_plan(case: str) -> Plan:
@@ -467,17 +472,20 @@ def test_torchrun_trains_like_the_unpartitioned_model(
         ("gpt2-tiny", "dp=2,pp=2", "gpipe"),
         # GQA attention split by heads on two TP ranks, two replicas, no pipeline
         pytest.param("hf:llama", "dp=2,tp=2", "gpipe", marks=pytest.mark.slow),
+        # FSDP2 replicas of a pipeline, the tied embedding's shards summed across the stages
+        ("gpt2-tiny", "fsdp=2,pp=2", "gpipe"),
     ],
 )
 def test_torchrun_trains_dp_and_tp_meshes_like_the_unpartitioned_model(
     tmp_path: Path, name: str, mesh: str, schedule: str
 ) -> None:
     plan = _plan(name, schedule, micro_batches=2, mesh=mesh, device=FAST_LINK)
-    sizes = {"dp": 1, "tp": 1, **plan.mesh}
+    sizes = {"dp": 1, "fsdp": 1, "tp": 1, **plan.mesh}
     if sizes["tp"] > 1:
         assert plan.tp is not None and {"col", "row"} <= set(plan.tp.sharding.values())
     out = _emit(name, plan, tmp_path / "program", lr=0.1)
-    world = sizes["dp"] * sizes["pp"] * sizes["tp"]
+    replicas = sizes["dp"] * sizes["fsdp"]
+    world = replicas * sizes["pp"] * sizes["tp"]
     if sizes["tp"] > 1:
         assert (out / "collectives.py").exists()
         stage = (out / "stage_0.py").read_text()
@@ -495,7 +503,7 @@ def test_torchrun_trains_dp_and_tp_meshes_like_the_unpartitioned_model(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     losses = json.loads((out / "losses.json").read_text())
-    want_losses, want_state = _reference(name, sizes["dp"] * plan.micro_batches, 2, lr=0.1)
+    want_losses, want_state = _reference(name, replicas * plan.micro_batches, 2, lr=0.1)
     assert losses == pytest.approx(want_losses, rel=1e-5)
     trained = torch.load(out / "trained.pt", weights_only=True)
     # Whole tensors: the model's state dict, its keys in its order (tied aliases included, HF
@@ -504,6 +512,44 @@ def test_torchrun_trains_dp_and_tp_meshes_like_the_unpartitioned_model(
     for n, t in trained.items():
         torch.testing.assert_close(t, want_state[n], rtol=1e-5, atol=1e-6)
     _setup(name)[0].load_state_dict(trained)  # strict
+
+
+@pytest.mark.distributed
+def test_torchrun_trains_bf16_mixed_like_one_process_under_the_policy(tmp_path: Path) -> None:
+    """An emitted bf16-mixed program (FSDP2's MixedPrecisionPolicy, two FSDP replicas) against one
+    process under the same policy (tests/distributed/test_mixed_precision.py), rtol 1e-5: FSDP
+    runs the same bfloat16 operations on the same micro-batches."""
+    from tests.distributed.test_mixed_precision import mixed_reference
+
+    plan = _plan(
+        "hf:llama",
+        "gpipe",
+        micro_batches=2,
+        mesh="fsdp=2",
+        device=FAST_LINK,
+        precision="bf16-mixed",
+    )
+    out = _emit("hf:llama", plan, tmp_path / "program", lr=0.1)
+    config = json.loads((out / "config.json").read_text())
+    assert config["precision"] == "bf16-mixed" and config["mesh"]["fsdp"] == 2
+    done = _torchrun(
+        out,
+        "--steps",
+        "2",
+        "--losses-out",
+        "losses.json",
+        "--save-weights",
+        "trained.pt",
+        shadow=tmp_path / "shadow",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    want = mixed_reference("hf:llama", "sgd", 2 * plan.micro_batches, setup=_setup)
+    losses = json.loads((out / "losses.json").read_text())
+    assert losses == pytest.approx(want["losses"], rel=1e-5)
+    trained = torch.load(out / "trained.pt", weights_only=True)
+    for n, p in want["params"].items():
+        assert trained[n].dtype == torch.float32  # the masters
+        torch.testing.assert_close(trained[n], p, rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_run_py_outside_torchrun_says_how_to_launch(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,13 +135,6 @@ def test_the_traced_graph_computes_as_the_eager_model_under_the_policy() -> None
         torch.testing.assert_close(traced[n], g, rtol=0, atol=2**-6 * scale, msg=n)
 
 
-def test_emit_refuses_mixed_precision(tmp_path: object) -> None:
-    from autopart.codegen.emitter import EmitError, emit_model
-
-    with pytest.raises(EmitError, match="mixed-precision"):
-        emit_model("mlp", tmp_path, PlanRequest(mesh="pp=2", precision="bf16-mixed"))  # type: ignore[arg-type]
-
-
 def test_cli_plans_bfloat16_mixed(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["plan", "mlp", "--mesh", "pp=2", "--dtype", "bfloat16-mixed", "--format", "json"]
     assert main(argv) == 0
@@ -159,3 +153,13 @@ def test_a_precision_the_device_cannot_run_is_a_clear_error(
         check_runs_on(Precision.BF16_MIXED, torch.device("cuda", 0))
     check_runs_on(Precision.MODEL, torch.device("cuda", 0))  # float32 runs anywhere
     check_runs_on(Precision.BF16_MIXED, torch.device("cpu"))
+
+
+def test_cli_emits_bfloat16_mixed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "program"
+    argv = ["emit", "mlp", "--mesh", "fsdp=2", "--dtype", "bfloat16-mixed", "--out", str(out)]
+    assert main([*argv, "--format", "json"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["precision"] == "bf16-mixed"
+    assert config["mesh"] == {"dp": 1, "fsdp": 2, "pp": 1, "tp": 1}
+    assert json.loads((out / "plan.json").read_text())["precision"] == "bf16-mixed"

@@ -25,7 +25,7 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "emit",
         help="write a standalone parallel program runnable with torchrun",
-        description="Plan MODEL for MESH (pp, dp and tp) and write a standalone program to --out: "
+        description="Plan MODEL for MESH (dp, fsdp, pp and tp) and write a standalone program to --out: "
         "one Python file per pipeline stage (each TP rank's shard of it with tp > 1), a launcher "
         "run.py, the weights, a random batch and the plan. Run it with "
         "`torchrun --nproc-per-node N run.py` (only torch needed).",
@@ -33,6 +33,13 @@ def add_parser(subparsers: Any) -> None:
     add_model(p)
     add_pipeline(p)
     add_device(p, default="cpu", why=": the gloo runtime's")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16-mixed"],
+        default="float32",
+        help="training precision: float32 (default) or bfloat16-mixed (float32 masters, bfloat16 "
+        "compute: FSDP2's MixedPrecisionPolicy in run.py)",
+    )
     p.add_argument("--out", required=True, help="folder to write the program into")
     p.add_argument("--steps", type=int, default=10, help="run.py's default steps (default 10)")
     p.add_argument("--lr", type=float, default=0.01, help="run.py's default SGD lr (0.01)")

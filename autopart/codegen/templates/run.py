@@ -2,16 +2,20 @@
 
     torchrun --nproc-per-node N run.py [--steps S] [--lr LR] [--losses-out losses.json]
 
-N is "world_size" in config.json: the product of its "mesh" sizes dp x pp x tp. The ranks form a
-DeviceMesh of dims (dp, pp, tp), tp innermost, the layout autopart's runtime uses. Every rank builds
+N is "world_size" in config.json: the product of its "mesh" sizes dp x fsdp x pp x tp. The ranks
+form a DeviceMesh of dims (dp, fsdp, pp, tp) (fsdp where the config has it), tp innermost, the
+layout autopart's runtime uses. Every rank builds
 the pipeline stages config.json gives its pp coordinate (stage_K.py, class StageK) on its device (a
 GPU per rank with NCCL when CUDA is available, else the CPU with gloo), copies their parameters from
 weights.pt (its own shard of each tensor a stage lists in SHARDED, with tensor parallelism), wraps
 them in torch.distributed.pipelining's PipelineStage over the mesh's pp group and runs the plan's
 schedule (GPipe, 1F1B, interleaved 1F1B, interleaved zero bubble, ZBV or DualPipeV) for S steps
-of SGD. Each data-parallel replica trains on
-its share of the batch in data.pt, split into the plan's micro-batches; with dp > 1 each stage runs
-under torch's DistributedDataParallel over the dp group. Rank 0 prints the mean loss of every step.
+of SGD. Each data-parallel replica (dp x fsdp of them) trains on its share of the batch in data.pt,
+split into the plan's micro-batches; with dp > 1 each stage runs under torch's
+DistributedDataParallel over the dp group, or, where the mesh has an fsdp dim, under torch's FSDP2
+(fully_shard over fsdp, HSDP over (dp, fsdp)). With "precision": "bf16-mixed" FSDP2's
+MixedPrecisionPolicy computes in bfloat16 over float32 master weights (the floating-point inputs
+are cast to bfloat16, the loss sees float32 outputs). Rank 0 prints the mean loss of every step.
 
 A parameter that several stages read (tied input and output embeddings) has a copy on each of them;
 before every optimizer step the copies' gradients are summed (on the rank, then across the ranks of
@@ -37,7 +41,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -109,25 +113,26 @@ def init_distributed(choice: str) -> torch.device:
 
 
 class Place:
-    """This rank's coordinates in the (dp, pp, tp) mesh and the process groups it talks over."""
+    """This rank's coordinates in the (dp, fsdp, pp, tp) mesh and the process groups it talks
+    over. ``sharded``: the config's mesh has an fsdp dim, so FSDP2 holds the stages."""
 
     def __init__(self, config: dict[str, Any], device: torch.device) -> None:
         sizes = config["mesh"]
+        self.sharded = "fsdp" in sizes
+        dims = ("dp", "fsdp", "pp", "tp") if self.sharded else ("dp", "pp", "tp")
         self.mesh = init_device_mesh(
-            device.type,
-            (sizes["dp"], sizes["pp"], sizes["tp"]),
-            mesh_dim_names=("dp", "pp", "tp"),
+            device.type, tuple(sizes[d] for d in dims), mesh_dim_names=dims
         )
-        self.dp, self.tp = sizes["dp"], sizes["tp"]
+        self.dp, self.fsdp, self.tp = sizes["dp"], sizes.get("fsdp", 1), sizes["tp"]
+        self.replicas = self.dp * self.fsdp  # the data-parallel replicas, dp-major
         self.dp_rank = self.mesh["dp"].get_local_rank()
+        fsdp_rank = self.mesh["fsdp"].get_local_rank() if self.sharded else 0
+        self.replica = self.dp_rank * self.fsdp + fsdp_rank
         self.pp_rank = self.mesh["pp"].get_local_rank()
         self.tp_rank = self.mesh["tp"].get_local_rank()
         self.pp_group = self.mesh["pp"].get_group()
         self.dp_group = self.mesh["dp"].get_group() if self.dp > 1 else None
         self.tp_group_name = self.mesh["tp"].get_group().group_name if self.tp > 1 else ""
-
-    def global_rank(self, dp: int, pp: int, tp: int) -> int:
-        return int(self.mesh.mesh[dp, pp, tp])
 
 
 def train(config: dict[str, Any], args: argparse.Namespace, device: torch.device) -> None:
@@ -137,6 +142,9 @@ def train(config: dict[str, Any], args: argparse.Namespace, device: torch.device
     mine = [k for k, r in enumerate(stage_ranks) if r == place.pp_rank]
     stages, sharded = build_stages(mine, device, place)
     inputs, target = load_data(args.data, config, device, place)
+    mixed = config.get("precision") == "bf16-mixed"
+    if mixed:  # the model's floating-point inputs in the compute dtype
+        inputs = tuple(to_dtype(x, torch.bfloat16) for x in inputs)
     constants = {i: x for i, x in enumerate(inputs) if not isinstance(x, torch.Tensor)}
     pipeline = []
     weights_with_inputs = set(config.get("weight_grads_with_input_grads", []))
@@ -144,7 +152,9 @@ def train(config: dict[str, Any], args: argparse.Namespace, device: torch.device
         module: torch.nn.Module = stages[k]
         if k == 0 and constants:  # PipelineStage passes tensors only
             module = BindConstants(module, constants, len(inputs))
-        if place.dp_group is not None and any(p.requires_grad for p in module.parameters()):
+        if place.sharded:
+            module = fully_shard_stage(module, place.mesh, mixed)
+        elif place.dp_group is not None and any(p.requires_grad for p in module.parameters()):
             ids = [device.index] if device.type == "cuda" else None
             module = DistributedDataParallel(module, device_ids=ids, process_group=place.dp_group)
         io = config["stage_io"][k]
@@ -161,6 +171,8 @@ def train(config: dict[str, Any], args: argparse.Namespace, device: torch.device
             )
         )
     loss_fn = load_module("loss").pipeline_loss
+    if mixed:
+        loss_fn = float32_loss(loss_fn)
     kind = SCHEDULES[config["schedule"]]
     many = issubclass(kind, PipelineScheduleMulti)  # takes its stages as a list, even one
     schedule = kind(pipeline if many else pipeline[0], config["micro_batches"], loss_fn=loss_fn)
@@ -191,7 +203,7 @@ def train(config: dict[str, Any], args: argparse.Namespace, device: torch.device
         if last and place.tp_rank == 0:
             mean[0] = torch.stack([loss.detach().double() for loss in losses]).mean()
         dist.all_reduce(mean)
-        history.append(float(mean[0]) / place.dp)
+        history.append(float(mean[0]) / place.replicas)
         if dist.get_rank() == 0:
             print(f"step {step + 1}/{args.steps}  loss {history[-1]:.6f}", flush=True)
     if args.losses_out is not None and dist.get_rank() == 0:
@@ -282,13 +294,13 @@ def load_data(
                 "code, so emit the program again for other shapes."
             )
     batch = target.shape[0]
-    size = batch // place.dp
+    size = batch // place.replicas
 
     def share(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return x
         if x.dim() > 0 and x.shape[0] == batch:
-            x = x[place.dp_rank * size : (place.dp_rank + 1) * size]
+            x = x[place.replica * size : (place.replica + 1) * size]
         return x.to(device)
 
     return tuple(share(x) for x in inputs), share(target)
@@ -296,16 +308,56 @@ def load_data(
 
 def tied_groups(config: dict[str, Any], place: Place) -> list[tuple[str, Any]]:
     """:func:`tied_process_groups` of the tied parameters in ``config``."""
-    sizes, stage_ranks = config["mesh"], config["stage_ranks"]
+    stage_ranks = config["stage_ranks"]
     holders = {
         name: [stage_ranks[s] for s in stages] for name, stages in config["tied_parameters"].items()
     }
-    rows = [
-        [place.global_rank(dp, pp, tp) for pp in range(sizes["pp"])]
-        for dp in range(sizes["dp"])
-        for tp in range(sizes["tp"])
-    ]
-    return tied_process_groups(holders, rows, dist.get_rank())
+    return tied_process_groups(holders, pipeline_rows(place.mesh), dist.get_rank())
+
+
+def pipeline_rows(mesh: DeviceMesh) -> list[list[int]]:
+    """Global ranks of every pipeline: one row of pp ranks per coordinate of the other dims, in
+    the mesh's order (dp-major, tp-minor)."""
+    names = list(mesh.mesh_dim_names or ())
+    pp = names.index("pp")
+    ranks = mesh.mesh.permute([i for i in range(len(names)) if i != pp] + [pp])
+    return ranks.reshape(-1, ranks.shape[-1]).tolist()
+
+
+def fully_shard_stage(stage: torch.nn.Module, mesh: DeviceMesh, mixed: bool) -> torch.nn.Module:
+    """``stage`` under torch's FSDP2 over the mesh's fsdp dim (HSDP over (dp, fsdp) with a dp dim
+    of more than one rank), one unit gathered for the whole step (torch's pipelining keeps it
+    whole from the first backward to the gradient reduction). ``mixed``: FSDP2's
+    MixedPrecisionPolicy, bfloat16 compute and float32 gradient reduction; a stage's inputs keep
+    their dtype (a float32 tensor crossing a stage boundary stays float32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not any(p.requires_grad for p in stage.parameters()):
+        return stage
+    names = mesh.mesh_dim_names or ()
+    shard_mesh = mesh["dp", "fsdp"] if "dp" in names and mesh["dp"].size() > 1 else mesh["fsdp"]
+    policy = MixedPrecisionPolicy()
+    if mixed:
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
+    fully_shard(stage, mesh=shard_mesh, reshard_after_forward=False, mp_policy=policy)
+    return stage
+
+
+def to_dtype(x: Any, dtype: torch.dtype) -> Any:
+    """``x`` in ``dtype`` if it is a floating-point tensor, else itself."""
+    return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def float32_loss(loss_fn: Any) -> Any:
+    """``loss_fn`` on the last stage's outputs in float32 (under mixed precision they are bfloat16)."""
+
+    def loss(output: Any, target: torch.Tensor) -> torch.Tensor:
+        flat = tuple(output) if isinstance(output, (tuple, list)) else (output,)
+        return loss_fn(tuple(to_dtype(x, torch.float32) for x in flat), target)
+
+    return loss
 
 
 def tied_process_groups(
@@ -362,6 +414,8 @@ def save_weights(
     mine: dict[str, tuple[Any, int, torch.Tensor]] = {}
     for stage in stages.values():
         for name, t in stage.state_dict().items():
+            if isinstance(t, DTensor):  # an FSDP shard: joined over the fsdp group, every rank
+                t = t.full_tensor()
             mine.setdefault(name, (sharded.get(name), place.tp_rank, t.detach().cpu()))
     parts: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(mine, parts, dst=0)
