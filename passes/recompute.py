@@ -1,7 +1,8 @@
 """Activation recomputation on a stage graph: each block a plan recomputes (``Plan.recompute``)
-becomes a submodule of its stage that runs under ``torch.utils.checkpoint.checkpoint`` (the
-non-reentrant form), so the stage keeps only the block's inputs and runs its forward again in the
-backward.
+becomes a subgraph of its stage that the stage runs under ``torch.utils.checkpoint.checkpoint``
+(the non-reentrant form): a ``get_attr`` of the subgraph and a ``call_function`` of ``checkpoint``
+on it, as plain graph nodes, so the code autopart.emit writes for the stage does the same. The
+stage keeps only the block's inputs and runs its forward again in the backward.
 
 A block is a contiguous run of the traced graph's topological order; on a stage graph it is the
 span from its first to its last node that the stage still has (a TP rewrite may have put
@@ -14,19 +15,18 @@ The submodules are made by torch's own ``fuse_by_partitions``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
-from torch import nn
+import torch.utils.checkpoint
 from torch.fx import GraphModule, Node
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from autopart.errors import AutopartError
 
-__all__ = ["RECOMPUTE_PREFIX", "RecomputeError", "Recomputed", "checkpoint_blocks"]
+__all__ = ["RECOMPUTE_PREFIX", "RecomputeError", "checkpoint_blocks", "recomputed_blocks"]
 
 RECOMPUTE_PREFIX = "recompute_"
-"""The name of each recomputed block's submodule is this and its number on the stage."""
+"""The name of each recomputed block's subgraph is this and its number on the stage."""
 
 _COMPUTING = ("call_function", "call_method")
 
@@ -35,37 +35,45 @@ class RecomputeError(AutopartError):
     """A block of the plan cannot be recomputed on its stage graph."""
 
 
-class Recomputed(nn.Module):
-    """Runs ``body`` under ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: its
-    activations are dropped after the forward and rebuilt (with the same random numbers) in the
-    backward."""
-
-    def __init__(self, body: GraphModule) -> None:
-        super().__init__()
-        self.body = body
-
-    def forward(self, *args: Any) -> Any:
-        return torch.utils.checkpoint.checkpoint(self.body, *args, use_reentrant=False)
-
-
 def checkpoint_blocks(gm: GraphModule, blocks: Sequence[Sequence[str]]) -> GraphModule:
     """``gm`` (changed in place, and returned) with each of ``blocks`` (node names, a run of the
-    topological order) moved into a :class:`Recomputed` submodule; blocks with no node on ``gm``
-    are skipped."""
+    topological order) moved into a subgraph that runs under
+    ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: its activations are dropped
+    after the forward and rebuilt (with the same random numbers) in the backward. Blocks with no
+    node on ``gm`` are skipped."""
     partitions = [p for p in (_partition(gm, names) for names in blocks) if p]
     if not partitions:
         return gm
     fuse_by_partitions(gm, partitions, prefix=RECOMPUTE_PREFIX)
-    for i in range(len(partitions)):
-        name = f"{RECOMPUTE_PREFIX}{i}"
-        body = gm.get_submodule(name)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not str(node.target).startswith(RECOMPUTE_PREFIX):
+            continue
+        body = gm.get_submodule(str(node.target))
         assert isinstance(body, GraphModule) and not any(True for _ in body.parameters()), (
             "a recomputed block reads its parameters as inputs"
         )
-        setattr(gm, name, Recomputed(body))
+        with gm.graph.inserting_before(node):
+            sub = gm.graph.get_attr(str(node.target))
+            call = gm.graph.call_function(
+                torch.utils.checkpoint.checkpoint, (sub, *node.args), {"use_reentrant": False}
+            )
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def recomputed_blocks(gm: torch.nn.Module) -> int:
+    """How many blocks ``gm`` (a stage, or a module wrapping one) runs under checkpointing."""
+    return sum(
+        1
+        for m in gm.modules()
+        if isinstance(m, GraphModule)
+        for n in m.graph.nodes
+        if n.op == "call_function" and n.target is torch.utils.checkpoint.checkpoint
+    )
 
 
 def _partition(gm: GraphModule, names: Sequence[str]) -> dict[Node, int | None]:

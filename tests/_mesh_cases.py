@@ -330,8 +330,6 @@ def recompute_request(schedule: str, device: Any) -> tuple[str, Any]:
 
 def recomputed_blocks(program: Any) -> int:
     """How many blocks this rank's stages run under checkpointing."""
-    from autopart.passes.recompute import Recomputed
+    from autopart.passes.recompute import recomputed_blocks as count
 
-    return sum(
-        isinstance(m, Recomputed) for stage in program.local_stages for m in stage.module.modules()
-    )
+    return sum(count(stage.module) for stage in program.local_stages)

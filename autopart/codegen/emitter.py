@@ -59,6 +59,7 @@ Imports, torch.nn rebuilds and loss.py are made in :mod:`autopart.codegen._sourc
 from __future__ import annotations
 
 import builtins
+import copy
 import json
 import math
 import re
@@ -85,6 +86,7 @@ from autopart.codegen._source import (
     torch_module_expr,
 )
 from autopart.codegen.templates import collectives
+from autopart.passes.recompute import checkpoint_blocks
 from autopart.planning.plans import Plan
 from autopart.planning.request import PlanRequest
 from autopart.planning.schedule import SPLIT_BACKWARD
@@ -148,12 +150,6 @@ def emit(
     if steps < 1 or not (math.isfinite(lr) and lr > 0):
         raise EmitError(f"steps must be >= 1 and lr a positive number, got steps={steps}, lr={lr}.")
     out = Path(out_dir)
-    if isinstance(plan_or_program, (Plan, ParallelProgram)):
-        _check_emittable(
-            plan_or_program.plan
-            if isinstance(plan_or_program, ParallelProgram)
-            else plan_or_program
-        )
     if isinstance(plan_or_program, ParallelProgram):
         return _emit_program(
             plan_or_program, out, example_inputs, example_kwargs, target, loss_fn, steps, lr
@@ -430,19 +426,6 @@ def _emit_program(
     return out
 
 
-_NO_RECOMPUTE = (
-    "emit does not write programs that recompute activations yet (the plan recomputes {blocks}): "
-    "run the plan with autopart.compile / `autopart run`, or plan with --recompute none (and "
-    "more memory or devices)."
-)
-
-
-def _check_emittable(plan: Plan) -> None:
-    if plan.recompute:
-        names = ", ".join(dict.fromkeys(r.name for r in plan.recompute))
-        raise EmitError(_NO_RECOMPUTE.format(blocks=names))
-
-
 def _check_target(target: Any, batch: int, micro_batches: int) -> None:
     if not isinstance(target, torch.Tensor) or target.dim() == 0 or target.shape[0] != batch:
         got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
@@ -634,6 +617,9 @@ def _stage_file(
     whole = stage
     if storage is not None:
         stage = _tp_template(stage, plan, storage)
+    blocks = [r.nodes for r in plan.recompute if r.stage == k]
+    if blocks:  # the blocks the plan recomputes, under torch's checkpointing as the runtime runs
+        stage = checkpoint_blocks(copy.deepcopy(stage), blocks)
     graph = _portable_graph(stage, where)
     modules = _called_modules(stage, graph, where)
     subgraphs = _subgraphs(stage, graph, where)

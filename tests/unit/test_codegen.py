@@ -72,6 +72,7 @@ def _plan(
     device: Any = "cpu",
     stages_per_rank: int | None = None,
     precision: str = "model",
+    recompute: str = "auto",
 ) -> Plan:
     model, args, kwargs, _, _ = _setup(name)
     dtype = as_precision(precision).compute_dtype
@@ -88,6 +89,7 @@ def _plan(
             schedule=schedule,
             name=name,
             precision=precision,
+            recompute=recompute,
         )
 
 
@@ -512,6 +514,34 @@ def test_torchrun_trains_dp_and_tp_meshes_like_the_unpartitioned_model(
     for n, t in trained.items():
         torch.testing.assert_close(t, want_state[n], rtol=1e-5, atol=1e-6)
     _setup(name)[0].load_state_dict(trained)  # strict
+
+
+@pytest.mark.distributed
+def test_torchrun_recomputes_what_the_plan_recomputes(tmp_path: Path) -> None:
+    """A plan that recomputes every layer: the emitted stages run those blocks under
+    torch.utils.checkpoint (as the runtime does) and train like the unpartitioned model."""
+    plan = _plan("gpt2-tiny", "1f1b", recompute="full")
+    assert plan.recompute and {r.stage for r in plan.recompute} == {0, 1}
+    out = _emit("gpt2-tiny", plan, tmp_path / "program", lr=0.1)
+    for k in (0, 1):
+        code = (out / f"stage_{k}.py").read_text()
+        assert "torch.utils.checkpoint.checkpoint(" in code and "use_reentrant = False" in code
+    done = _torchrun(
+        out,
+        "--steps",
+        "2",
+        "--losses-out",
+        "losses.json",
+        "--save-weights",
+        "trained.pt",
+        shadow=tmp_path / "shadow",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    want_losses, want_state = _reference("gpt2-tiny", plan.micro_batches, 2, lr=0.1)
+    assert json.loads((out / "losses.json").read_text()) == pytest.approx(want_losses, rel=1e-5)
+    trained = torch.load(out / "trained.pt", weights_only=True)
+    for n, t in trained.items():
+        torch.testing.assert_close(t, want_state[n], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.distributed
