@@ -16,6 +16,9 @@ stage tensor holds each key):
   tensor split in groups (a fused QKV weight, ``S(k,groups=g)``): each rank holds g pieces of it,
   which no single ``DTensor`` placement describes, so it is gathered over the tp group and saved
   whole (``program.load_state_dict`` then cuts this rank's pieces).
+- With torch's FSDP2 holding the stages (an ``fsdp`` axis without ``tp``, or bf16-mixed
+  precision), a parameter is FSDP's ``DTensor`` (``Shard(0)`` of the whole tensor over the fsdp
+  mesh): saved as it is, loaded in place, and a whole tensor is cut to this rank's shard.
 - **optimizer** (``program.optimizer_state_dict(opt)``): torch's
   ``get_optimizer_state_dict`` with ``flatten_optimizer_state_dict=True`` (keys
   ``state.<param>.<name>`` and ``param_groups.<param>.<name>``, one set per parameter, so pipeline
@@ -40,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from autopart.errors import AutopartError
 from autopart.passes.split_stages import set_attr_at
@@ -215,6 +218,8 @@ class ShardedState:
     def _local(self, key: str, value: Any, like: torch.Tensor, placement: str) -> torch.Tensor:
         """This rank's piece of ``value`` (a DTensor of :meth:`_global`'s form, or the whole
         tensor), shaped like its copy ``like``."""
+        if isinstance(like, DTensor):  # FSDP2's shard (without tp: its global shape is whole)
+            return _fsdp_local(key, value, like)
         p = Placement.parse(placement)
         whole = _global_shape(like.shape, p, self._degree)
         if isinstance(value, DTensor):
@@ -231,6 +236,22 @@ class ShardedState:
                 f"{tuple(whole)}: the checkpoint is of another model (or another config of it)."
             )
         return local
+
+
+def _fsdp_local(key: str, value: Any, like: DTensor) -> DTensor:
+    """``value`` (FSDP's DTensor as :meth:`ShardedState.state_dict` gives it, or the whole
+    tensor) placed like the FSDP shard ``like``; each rank cuts its own shard of a whole tensor."""
+    if not isinstance(value, torch.Tensor):
+        raise CheckpointError(f"{key!r} is a {type(value).__name__}, not a tensor.")
+    if value.shape != like.shape:
+        raise CheckpointError(
+            f"{key!r} has shape {tuple(value.shape)} but the model's tensor has shape "
+            f"{tuple(like.shape)}: the checkpoint is of another model (or another config of it)."
+        )
+    if isinstance(value, DTensor):
+        return value
+    whole = value.to(device=like.device, dtype=like.dtype)
+    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
 
 
 def _holder(params: Mapping[str, nn.Parameter]) -> nn.Module:

@@ -740,14 +740,15 @@ class ParallelProgram:
         self._state.load_optimizer_state_dict(optimizer, self._named_parameters(), state_dict)
 
     def _without_fsdp(self, what: str) -> None:
-        """Raise :class:`CheckpointError` for a checkpoint method FSDP's shards do not support."""
-        if self._sharded:
-            why = "an fsdp mesh axis" if self._fsdp > 1 else "bf16-mixed precision (FSDP2's policy)"
+        """Raise :class:`CheckpointError` for a checkpoint method FSDP's shards do not support:
+        FSDP2 over tensor-parallel shards (a DTensor whose whole is one TP rank's shard)."""
+        if self._sharded and _axis_size(self._mesh, "tp") > 1:
             raise CheckpointError(
-                f"program.{what} is not supported with {why} yet: its parameters are FSDP's "
-                "DTensor shards, which the checkpoint layout does not map. Save "
+                f"program.{what} is not supported with FSDP2 (an fsdp axis or bf16-mixed "
+                "precision) and tensor parallelism together yet: FSDP's DTensors shard each tp "
+                "rank's shard, which the checkpoint layout does not map. Save "
                 "program.full_state_dict() (whole tensors, on every rank) instead, or plan "
-                "with dp in place of fsdp and precision 'model'."
+                "without tp."
             )
 
     def _gather_state(self, *, to: int | None = None) -> dict[str, torch.Tensor]:

@@ -90,6 +90,7 @@ def _run_case(kind: str, mesh: str, name: str, path: str) -> dict[str, Any]:
         "round-trip": _round_trip,
         "tp-round-trip": _tp_round_trip,
         "no-target": _no_target,
+        "sharded-resume": _sharded_resume,
     }
     return cases[kind](mesh, name, path)
 
@@ -199,6 +200,55 @@ def _tp_round_trip(mesh: str, name: str, path: str) -> dict[str, Any]:
     }
 
 
+def _sharded_resume(mesh: str, name: str, path: str) -> dict[str, Any]:
+    """FSDP2's shards through DCP (an fsdp axis, or bf16-mixed precision on any mesh): train 2
+    steps, save, train 2 more; a fresh program loads the checkpoint and trains the same 2 steps;
+    a whole state dict loads as shards."""
+    import torch.distributed.checkpoint as dcp
+
+    precision = "bf16-mixed" if name.endswith("+bf16-mixed") else None
+
+    def fresh() -> tuple[Any, torch.optim.Optimizer]:
+        schedule = "1f1b" if "pp=" in mesh else "gpipe"
+        program = _compile(
+            _llama,
+            mesh,
+            micro_batches=_micro_batches(mesh),
+            schedule=schedule,
+            device=FAST_LINK,
+            precision=precision,
+        )
+        return program, _sgd(program.parameters())
+
+    program, optimizer = fresh()
+    _train(program, optimizer, _llama)
+    sharded = program.state_dict()
+    dcp.save(
+        {"model": sharded, "optim": program.optimizer_state_dict(optimizer)}, checkpoint_id=path
+    )
+    saved = program.full_state_dict()
+    losses = _train(program, optimizer, _llama)
+    again, again_optimizer = fresh()
+    state = {"model": again.state_dict(), "optim": again.optimizer_state_dict(again_optimizer)}
+    dcp.load(state, checkpoint_id=path)
+    again.load_state_dict(state["model"])
+    again.load_optimizer_state_dict(again_optimizer, state["optim"])
+    loaded = again.full_state_dict()
+    resumed = _train(again, again_optimizer, _llama)
+    resumed_state = again.full_state_dict()
+    again.load_state_dict(saved)  # whole tensors into FSDP's shards
+    return {
+        "saved": saved,
+        "losses": losses,
+        "state": program.full_state_dict(),
+        "loaded": loaded,
+        "resumed": resumed,
+        "resumed_state": resumed_state,
+        "reloaded": again.full_state_dict(),
+        "kinds": sorted({type(v).__name__ for v in sharded.values()}),
+    }
+
+
 def _no_target(mesh: str, _name: str, _path: str) -> dict[str, Any]:
     program = _compile(_denoiser, mesh, micro_batches=4, schedule="gpipe")
     optimizer = _sgd(program.parameters())
@@ -255,6 +305,7 @@ TEST_OF_KIND = {
     "tp-round-trip": "test_tp_shards_round_trip_through_dcp",
     "no-target": "test_step_without_a_target",
     "resume": "test_resume_on_another_mesh_continues_from_the_same_weights",
+    "sharded-resume": "test_fsdp_shards_save_and_resume_through_dcp",
 }
 """The test that reads each kind of 2-rank case (a case runs when its test is selected)."""
 
@@ -263,6 +314,8 @@ TWO_RANKS: list[Case] = [
     ("tp-round-trip", "tp=2", "hf:gpt2", "gpt2-tp"),
     ("no-target", "pp=2", "tests.models:denoiser", ""),
     ("resume", "pp=2", "hf:llama", "llama"),  # needs the 8-rank checkpoint
+    ("sharded-resume", "fsdp=2", "hf:llama", "llama-fsdp"),
+    ("sharded-resume", "pp=2", "hf:llama+bf16-mixed", "llama-mixed"),  # FSDP2 on a 1-rank axis
 ]
 
 
@@ -383,3 +436,19 @@ def test_a_state_dict_of_another_model_is_a_clear_error() -> None:
     state = ShardedState([], layout, None)
     with pytest.raises(CheckpointError, match=r"1 key\(s\) missing \('b'\).*1 unexpected"):
         state.load_state_dict({"c": torch.ones(1)})
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    ("mesh", "name"), [("fsdp=2", "hf:llama"), ("pp=2", "hf:llama+bf16-mixed")]
+)
+def test_fsdp_shards_save_and_resume_through_dcp(
+    two_ranks: Callable[[str, str], dict[str, Any]], mesh: str, name: str
+) -> None:
+    got = two_ranks("sharded-resume", name)
+    assert "DTensor" in got["kinds"]  # FSDP's shards, saved as they are
+    _assert_equal(got["loaded"], got["saved"])
+    assert got["resumed"] == got["losses"]  # bit for bit, momentum included
+    _assert_equal(got["resumed_state"], got["state"])
+    _assert_equal(got["reloaded"], got["saved"])  # a whole state dict, cut into the shards

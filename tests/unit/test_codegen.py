@@ -416,6 +416,27 @@ def _torchrun(
     )
 
 
+def _train_emitted(
+    out: Path, tmp_path: Path, ranks: int = 2
+) -> tuple[list[float], dict[str, torch.Tensor], str]:
+    """Run the emitted program in ``out`` for 2 steps under torchrun: its losses, its
+    ``--save-weights`` state dict and what it printed."""
+    done = _torchrun(
+        out,
+        "--steps",
+        "2",
+        "--losses-out",
+        "losses.json",
+        "--save-weights",
+        "trained.pt",
+        shadow=tmp_path / "shadow",
+        ranks=ranks,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    losses = json.loads((out / "losses.json").read_text())
+    return losses, torch.load(out / "trained.pt", weights_only=True), done.stdout
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     ("name", "schedule"),
@@ -440,23 +461,10 @@ def test_torchrun_trains_like_the_unpartitioned_model(
     )
     assert plan.schedule == schedule and plan.micro_batches == 4
     out = _emit(name, plan, tmp_path / "program", lr=0.1)
-    steps = 2
-    done = _torchrun(
-        out,
-        "--steps",
-        str(steps),
-        "--losses-out",
-        "losses.json",
-        "--save-weights",
-        "trained.pt",
-        shadow=tmp_path / "shadow",
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "step 2/2  loss" in done.stdout
-    losses = json.loads((out / "losses.json").read_text())
-    want_losses, want_state = _reference(name, plan.micro_batches, steps, lr=0.1)
+    losses, trained, printed = _train_emitted(out, tmp_path)
+    assert "step 2/2  loss" in printed
+    want_losses, want_state = _reference(name, plan.micro_batches, 2, lr=0.1)
     assert losses == pytest.approx(want_losses, rel=1e-5)
-    trained = torch.load(out / "trained.pt", weights_only=True)
     assert list(trained) == list(want_state)  # the model's state dict: its keys, in its order
     for n, t in trained.items():
         torch.testing.assert_close(t, want_state[n], rtol=1e-5, atol=1e-6)
@@ -492,22 +500,9 @@ def test_torchrun_trains_dp_and_tp_meshes_like_the_unpartitioned_model(
         assert (out / "collectives.py").exists()
         stage = (out / "stage_0.py").read_text()
         assert "import collectives" in stage and "SHARDED" in stage
-    done = _torchrun(
-        out,
-        "--steps",
-        "2",
-        "--losses-out",
-        "losses.json",
-        "--save-weights",
-        "trained.pt",
-        shadow=tmp_path / "shadow",
-        ranks=world,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    losses = json.loads((out / "losses.json").read_text())
+    losses, trained, _ = _train_emitted(out, tmp_path, ranks=world)
     want_losses, want_state = _reference(name, replicas * plan.micro_batches, 2, lr=0.1)
     assert losses == pytest.approx(want_losses, rel=1e-5)
-    trained = torch.load(out / "trained.pt", weights_only=True)
     # Whole tensors: the model's state dict, its keys in its order (tied aliases included, HF
     # LLaMA's non-persistent rotary buffers not)
     assert list(trained) == list(want_state)
@@ -526,20 +521,9 @@ def test_torchrun_recomputes_what_the_plan_recomputes(tmp_path: Path) -> None:
     for k in (0, 1):
         code = (out / f"stage_{k}.py").read_text()
         assert "torch.utils.checkpoint.checkpoint(" in code and "use_reentrant = False" in code
-    done = _torchrun(
-        out,
-        "--steps",
-        "2",
-        "--losses-out",
-        "losses.json",
-        "--save-weights",
-        "trained.pt",
-        shadow=tmp_path / "shadow",
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    losses, trained, _ = _train_emitted(out, tmp_path)
     want_losses, want_state = _reference("gpt2-tiny", plan.micro_batches, 2, lr=0.1)
-    assert json.loads((out / "losses.json").read_text()) == pytest.approx(want_losses, rel=1e-5)
-    trained = torch.load(out / "trained.pt", weights_only=True)
+    assert losses == pytest.approx(want_losses, rel=1e-5)
     for n, t in trained.items():
         torch.testing.assert_close(t, want_state[n], rtol=1e-5, atol=1e-6)
 
@@ -562,21 +546,9 @@ def test_torchrun_trains_bf16_mixed_like_one_process_under_the_policy(tmp_path: 
     out = _emit("hf:llama", plan, tmp_path / "program", lr=0.1)
     config = json.loads((out / "config.json").read_text())
     assert config["precision"] == "bf16-mixed" and config["mesh"]["fsdp"] == 2
-    done = _torchrun(
-        out,
-        "--steps",
-        "2",
-        "--losses-out",
-        "losses.json",
-        "--save-weights",
-        "trained.pt",
-        shadow=tmp_path / "shadow",
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    losses, trained, _ = _train_emitted(out, tmp_path)
     want = mixed_reference("hf:llama", "sgd", 2 * plan.micro_batches, setup=_setup)
-    losses = json.loads((out / "losses.json").read_text())
     assert losses == pytest.approx(want["losses"], rel=1e-5)
-    trained = torch.load(out / "trained.pt", weights_only=True)
     for n, p in want["params"].items():
         assert trained[n].dtype == torch.float32  # the masters
         torch.testing.assert_close(trained[n], p, rtol=1e-5, atol=1e-6, msg=n)
