@@ -176,7 +176,6 @@ class Reference:
     """What the unpartitioned model gives when trained the way the pipeline trains."""
 
     losses: list[float]
-    params: dict[str, torch.Tensor]
     buffers: list[dict[str, torch.Tensor]]
     """Every buffer (non-persistent ones too) of each data-parallel replica, in replica order."""
     output: Any = None
@@ -238,9 +237,7 @@ def reference(
         output = torch.cat([getattr(o, "logits", o) for o in outs])
     buffers = own.all()
     state = {k: buffers[0].get(k, v) for k, v in model.state_dict().items()}
-    return Reference(
-        losses, {n: p.detach() for n, p in model.named_parameters()}, buffers, output, state
-    )
+    return Reference(losses, buffers, output, state)
 
 
 class _ReplicaBuffers:
