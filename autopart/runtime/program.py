@@ -287,10 +287,10 @@ def _stages(
     if verify and plan.tp is not None and plan.tp.degree > 1:
         replicas = _axis_size(dm, "dp") * _axis_size(dm, "fsdp")
         chunks = replicas * plan.micro_batches
-        dtype = as_precision(plan.precision).compute_dtype
-        with computing_in(dtype, planned.run_gm, *stages, *local):
+        precision = as_precision(plan.precision)
+        with computing_in(precision.compute_dtype, planned.run_gm, *stages, *local):
             micro_batch = planned.inputs.micro_batch(planned.batch, chunks)
-            _verify_tp(planned.run_gm, micro_batch, stages, local, dm)
+            _verify_tp(planned.run_gm, micro_batch, stages, local, dm, precision)
     local = [_recomputing(s, plan) for s in local]
     for stage in local:
         # Tensors cross ranks through contiguous buffers (gloo and NCCL require it); a stage
@@ -437,10 +437,18 @@ def _verify_tp(
     stages: list[torch.fx.GraphModule],
     local: list[torch.fx.GraphModule],
     mesh: DeviceMesh,
+    precision: Precision,
 ) -> None:
-    """Check this rank's TP stages against the unsharded ones (:mod:`autopart.runtime.verify`)."""
+    """Check this rank's TP stages against the unsharded ones (:mod:`autopart.runtime.verify`),
+    at bfloat16's resolution where they compute in it."""
     from autopart.passes.split_stages import stage_info
-    from autopart.runtime.verify import draws_random_numbers, record_values, verify_tp_stage
+    from autopart.runtime.verify import (
+        HALF_RELATIVE_TOLERANCE,
+        RELATIVE_TOLERANCE,
+        draws_random_numbers,
+        record_values,
+        verify_tp_stage,
+    )
 
     values = record_values(run_gm, micro_batch)
     full = {stage_info(s).index: s for s in stages}
@@ -454,7 +462,8 @@ def _verify_tp(
                 stacklevel=3,
             )
             continue
-        verify_tp_stage(whole, sharded, values, group, _torch_device(mesh))
+        tolerance = HALF_RELATIVE_TOLERANCE if precision.is_mixed else RELATIVE_TOLERANCE
+        verify_tp_stage(whole, sharded, values, group, _torch_device(mesh), tolerance=tolerance)
 
 
 class ParallelProgram:
