@@ -482,14 +482,17 @@ def test_torchrun_trains_like_the_unpartitioned_model(
         ("gpt2-tiny", "dp=2,pp=2", "gpipe"),
         # GQA attention split by heads on two TP ranks, two replicas, no pipeline
         pytest.param("hf:llama", "dp=2,tp=2", "gpipe", marks=pytest.mark.slow),
-        # FSDP2 replicas of a pipeline, the tied embedding's shards summed across the stages
+        # FSDP2 replicas of a pipeline, the tied embedding's shards summed across the stages,
+        # every layer recomputed (torch.utils.checkpoint in the emitted stage code)
         ("gpt2-tiny", "fsdp=2,pp=2", "gpipe"),
     ],
 )
 def test_torchrun_trains_dp_and_tp_meshes_like_the_unpartitioned_model(
     tmp_path: Path, name: str, mesh: str, schedule: str
 ) -> None:
-    plan = _plan(name, schedule, micro_batches=2, mesh=mesh, device=FAST_LINK)
+    recompute = "full" if "fsdp" in mesh else "none"
+    plan = _plan(name, schedule, micro_batches=2, mesh=mesh, device=FAST_LINK, recompute=recompute)
+    assert bool(plan.recompute) == (recompute == "full")
     sizes = {"dp": 1, "fsdp": 1, "tp": 1, **plan.mesh}
     if sizes["tp"] > 1:
         assert plan.tp is not None and {"col", "row"} <= set(plan.tp.sharding.values())
@@ -500,6 +503,9 @@ def test_torchrun_trains_dp_and_tp_meshes_like_the_unpartitioned_model(
         assert (out / "collectives.py").exists()
         stage = (out / "stage_0.py").read_text()
         assert "import collectives" in stage and "SHARDED" in stage
+    for r in plan.recompute:  # the blocks the plan recomputes, as the runtime runs them
+        code = (out / f"stage_{r.stage}.py").read_text()
+        assert "torch.utils.checkpoint.checkpoint(" in code and "use_reentrant = False" in code
     losses, trained, _ = _train_emitted(out, tmp_path, ranks=world)
     want_losses, want_state = _reference(name, replicas * plan.micro_batches, 2, lr=0.1)
     assert losses == pytest.approx(want_losses, rel=1e-5)
@@ -509,23 +515,6 @@ def test_torchrun_trains_dp_and_tp_meshes_like_the_unpartitioned_model(
     for n, t in trained.items():
         torch.testing.assert_close(t, want_state[n], rtol=1e-5, atol=1e-6)
     _setup(name)[0].load_state_dict(trained)  # strict
-
-
-@pytest.mark.distributed
-def test_torchrun_recomputes_what_the_plan_recomputes(tmp_path: Path) -> None:
-    """A plan that recomputes every layer: the emitted stages run those blocks under
-    torch.utils.checkpoint (as the runtime does) and train like the unpartitioned model."""
-    plan = _plan("gpt2-tiny", "1f1b", recompute="full")
-    assert plan.recompute and {r.stage for r in plan.recompute} == {0, 1}
-    out = _emit("gpt2-tiny", plan, tmp_path / "program", lr=0.1)
-    for k in (0, 1):
-        code = (out / f"stage_{k}.py").read_text()
-        assert "torch.utils.checkpoint.checkpoint(" in code and "use_reentrant = False" in code
-    losses, trained, _ = _train_emitted(out, tmp_path)
-    want_losses, want_state = _reference("gpt2-tiny", plan.micro_batches, 2, lr=0.1)
-    assert losses == pytest.approx(want_losses, rel=1e-5)
-    for n, t in trained.items():
-        torch.testing.assert_close(t, want_state[n], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.distributed
