@@ -161,15 +161,14 @@ def compile(
     """
     from autopart.passes.split_stages import stage_info
 
-    asked = precision or (request.precision if request is not None else Precision.MODEL.value)
-    check_master_dtypes(model, as_precision(asked))
-    dm = _resolve_mesh(mesh, as_precision(asked))
+    policy = as_precision(precision or (request.precision if request else Precision.MODEL))
+    check_master_dtypes(model, policy)
+    dm = _resolve_mesh(mesh, policy)
+    check_runs_on(policy, _torch_device(dm))
     options: dict[str, Any] = {"micro_batches": micro_batches, "schedule": schedule}
     options |= {"stages_per_rank": stages_per_rank, "device": device, "profile": profile}
-    options["precision"] = precision
-    req = _compile_request(request, options, _torch_device(dm))
-    check_runs_on(as_precision(req.precision), _torch_device(dm))
-    dtype = as_precision(req.precision).compute_dtype
+    req = _compile_request(request, options | {"precision": policy.value}, _torch_device(dm))
+    dtype = policy.compute_dtype
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     args, kwargs = cast_floating(args, dtype), cast_floating(dict(example_kwargs or {}), dtype)
     # planned, split and described as it computes (bf16-mixed: bfloat16 parameters); the stages
