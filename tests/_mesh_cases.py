@@ -315,14 +315,24 @@ RECOMPUTE = "+recompute"
 """A case whose schedule ends with this plans with ``recompute="full"``: every layer runs under
 ``torch.utils.checkpoint``, and must train exactly as the unpartitioned model does."""
 
+SELECTIVE = "+selective"
+"""The same with ``recompute="selective"``: every layer runs under torch's selective activation
+checkpointing (its weight matmuls' outputs kept, its other ops recomputed)."""
+
+
+def recomputes(schedule: str) -> bool:
+    """Whether a case's schedule asks for recomputation."""
+    return schedule.endswith((RECOMPUTE, SELECTIVE))
+
 
 def recompute_request(schedule: str, device: Any) -> tuple[str, Any]:
     """(the case's schedule, the request to compile it with: ``None`` unless it recomputes)."""
     from autopart.planning.request import PlanRequest
 
-    if not schedule.endswith(RECOMPUTE):
-        return schedule, None
-    return schedule.removesuffix(RECOMPUTE), PlanRequest(recompute="full", device=device)
+    for suffix, how in ((RECOMPUTE, "full"), (SELECTIVE, "selective")):
+        if schedule.endswith(suffix):
+            return schedule.removesuffix(suffix), PlanRequest(recompute=how, device=device)
+    return schedule, None
 
 
 def recomputed_blocks(program: Any) -> int:

@@ -118,9 +118,11 @@ def add_pipeline(p: argparse.ArgumentParser, *, search: bool = False) -> None:
         "--recompute",
         choices=RECOMPUTE,
         default=AUTO,
-        help="activation recomputation (torch.utils.checkpoint per block): auto (default) lets "
-        "the stage solver recompute blocks only where no split fits memory otherwise; none keeps "
-        "every activation; full recomputes every block that keeps less by it",
+        help="activation recomputation (torch.utils.checkpoint per layer): auto (default) lets "
+        "the stage solver recompute layers, whole or selectively, only where no split fits "
+        "memory otherwise; none keeps every activation; full recomputes every layer that keeps "
+        "less by it; selective recomputes each layer's ops that read no weight (attention "
+        "scores, softmax, norms, activations) and keeps the matmuls' activations",
     )
     p.add_argument(
         "--profile",

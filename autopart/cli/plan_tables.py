@@ -160,12 +160,20 @@ def _recompute_table(plan: Any) -> Table:
             continue
         table.add_row(
             str(st.index),
-            compress_modules(list(dict.fromkeys(r.name for r in mine))),
+            compress_modules(list(dict.fromkeys(r.name for r in mine if not r.selective)))
+            + _selectively(mine),
             str(len(mine)),
             format_seconds(sum(r.recompute_s for r in mine)),
             format_bytes(sum(r.saved_bytes for r in mine)),
         )
     return table
+
+
+def _selectively(mine: list[Any]) -> str:
+    """The layers that recompute only their ops that read no weight, after those in full."""
+    some = compress_modules(list(dict.fromkeys(r.name for r in mine if r.selective)))
+    whole = any(not r.selective for r in mine)
+    return f"{'; ' if whole else ''}selective: {some}" if some else ""
 
 
 def _baseline_table(plan: Any) -> Table:

@@ -13,6 +13,8 @@ program run with torchrun.
     stage_K.py      one file per pipeline stage: class ``StageK(torch.nn.Module)``; with tp > 1 the
                     code every TP rank of the stage runs (``SHARDED`` names the split tensors)
     collectives.py  (tp > 1) the TP collectives, copied from autopart/codegen/templates/collectives.py
+    checkpointing.py (selective recomputation) the checkpoint policy, copied from
+                    autopart/codegen/templates/checkpointing.py
     loss.py         the loss: the user's loss function as source, wrapped for the last stage
     weights.pt      every parameter and buffer, whole, under the model's own names (torch.save),
                     and the model's state-dict entries that no stage reads
@@ -86,6 +88,7 @@ from autopart.codegen._source import (
     torch_module_expr,
 )
 from autopart.codegen.templates import collectives
+from autopart.codegen.templates.checkpointing import checkpoint_saving_matmuls
 from autopart.passes.recompute import checkpoint_blocks
 from autopart.planning.plans import Plan
 from autopart.planning.request import PlanRequest
@@ -246,7 +249,9 @@ def _sources(program: _Program) -> dict[str, str]:
     files["loss.py"] = loss_file(program.loss_fn, last.output_spec, last.output_constants)
     storage = _tp_storage(program)
     if storage is not None:
-        files["collectives.py"] = _collectives_source()
+        files["collectives.py"] = _template_source("collectives.py")
+    if any(r.selective for r in plan.recompute):
+        files["checkpointing.py"] = _template_source("checkpointing.py")
     for stage, info in zip(program.stages, program.infos):
         files[f"stage_{info.index}.py"] = _stage_file(stage, info, plan, storage)
     for name, text in files.items():
@@ -485,8 +490,8 @@ def _launcher_source() -> str:
     return resources.files("autopart.codegen.templates").joinpath("run.py").read_text()
 
 
-def _collectives_source() -> str:
-    return resources.files("autopart.codegen.templates").joinpath("collectives.py").read_text()
+def _template_source(name: str) -> str:
+    return resources.files("autopart.codegen.templates").joinpath(name).read_text()
 
 
 def _config(program: _Program) -> str:
@@ -617,9 +622,11 @@ def _stage_file(
     whole = stage
     if storage is not None:
         stage = _tp_template(stage, plan, storage)
-    blocks = [r.nodes for r in plan.recompute if r.stage == k]
-    if blocks:  # the blocks the plan recomputes, under torch's checkpointing as the runtime runs
-        stage = checkpoint_blocks(copy.deepcopy(stage), blocks)
+    mine = [r for r in plan.recompute if r.stage == k]
+    if mine:  # the blocks the plan recomputes, under torch's checkpointing as the runtime runs
+        stage = checkpoint_blocks(
+            copy.deepcopy(stage), [r.nodes for r in mine], selective=[r.selective for r in mine]
+        )
     graph = _portable_graph(stage, where)
     modules = _called_modules(stage, graph, where)
     subgraphs = _subgraphs(stage, graph, where)
@@ -917,15 +924,16 @@ def _graph_imports(globals_: Mapping[str, Any], src: str, where: str) -> list[st
 
     used = set(global_names(compile(src, f"<{where}>", "exec")))
     lines = ["import torch"]
-    local = []  # the TP collectives, from collectives.py next to the stage
+    local = []  # the TP collectives and the checkpoint policy, from the files next to the stage
     for name, obj in globals_.items():
         if name == "torch" or name not in used:
             continue
         if obj is collectives:
             local.append("import collectives")
-        elif _is_collective(obj):
+        elif _is_collective(obj) or obj is checkpoint_saving_matmuls:
             alias = "" if name == obj.__name__ else f" as {name}"
-            local.append(f"from collectives import {obj.__name__}{alias}")
+            home = "collectives" if _is_collective(obj) else "checkpointing"
+            local.append(f"from {home} import {obj.__name__}{alias}")
         elif name in _custom_builtins:
             lines.append(_custom_builtins[name].import_str)
         elif getattr(builtins, name, None) is not obj:

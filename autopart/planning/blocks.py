@@ -19,6 +19,7 @@ __all__ = [
     "BlockGraph",
     "CrossTensor",
     "PartitionError",
+    "Selective",
     "check_fixed_s",
     "scaled_time_s",
     "scaled_weight_s",
@@ -47,6 +48,50 @@ def check_fixed_s(owner: str, fixed_s: float, whole_s: float) -> None:
         raise AutopartError(
             f"{owner}: a fixed part ({fixed_s!r} s) must lie in [0, the time it is part of = "
             f"{whole_s!r} s]"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Selective:
+    """A block's selective recomputation: it runs under checkpointing that keeps its weight
+    matmuls' and fused attention's outputs and recomputes its other ops (attention scores,
+    softmax, norms, activation functions) in the backward (:mod:`autopart.planning.selective`)."""
+
+    freed_bytes: int
+    """Activation bytes the block no longer keeps per step."""
+    forward_s: float
+    """The forward of the ops it runs again in the backward."""
+    fixed_forward_s: float
+    """Its fixed part (:attr:`Block.fixed_forward_s`)."""
+    rematerialized_bytes: int
+    """What it rebuilds during its backward."""
+
+    def __post_init__(self) -> None:
+        if min(self.freed_bytes, self.rematerialized_bytes) < 0 or not self.forward_s >= 0:
+            raise AutopartError("a selective recomputation's bytes and time must be >= 0")
+        check_fixed_s("a selective recomputation", self.fixed_forward_s, self.forward_s)
+
+    @staticmethod
+    def merged(parts: Sequence[Selective | None]) -> Selective | None:
+        """The selective recomputation of consecutive blocks merged into one, ``None`` unless
+        every part has one (the merged block runs under one checkpoint)."""
+        if not parts or any(p is None for p in parts):
+            return None
+        some = [p for p in parts if p is not None]
+        return Selective(
+            freed_bytes=sum(p.freed_bytes for p in some),
+            forward_s=sum(p.forward_s for p in some),
+            fixed_forward_s=sum(p.fixed_forward_s for p in some),
+            rematerialized_bytes=sum(p.rematerialized_bytes for p in some),
+        )
+
+    def scaled(self, factor: float) -> Selective:
+        """Per-sample bytes and time times ``factor`` (:func:`scaled_time_s`)."""
+        return dataclasses.replace(
+            self,
+            freed_bytes=round(self.freed_bytes * factor),
+            forward_s=scaled_time_s(self.forward_s, self.fixed_forward_s, factor),
+            rematerialized_bytes=round(self.rematerialized_bytes * factor),
         )
 
 
@@ -91,6 +136,10 @@ class Block:
     rematerialized_bytes: int = 0
     """What a recomputed block rebuilds for the one micro-batch it runs backward on (its
     activations): held during that backward only, on top of what the device keeps."""
+    selective: Selective | None = None
+    """How it recomputes selectively, where that keeps fewer bytes (``None``: not offered)."""
+    selectively: bool = False
+    """It recomputes selectively (:attr:`selective`; ``recomputed`` is then true too)."""
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -126,24 +175,45 @@ class Block:
         return not self.recomputed and self.input_bytes < self.activation_bytes
 
     @property
+    def can_recompute_selectively(self) -> bool:
+        """Whether recomputing selectively (:attr:`selective`) keeps fewer bytes."""
+        return not self.recomputed and self.selective is not None and self.selective.freed_bytes > 0
+
+    @property
     def recompute_s(self) -> float:
         """The forward it runs again in its backward (0 unless recomputed)."""
-        return self.forward_s if self.recomputed else 0.0
+        if not self.recomputed:
+            return 0.0
+        return self.selective.forward_s if self.selectively and self.selective else self.forward_s
 
-    def recompute(self) -> Block:
-        """This block under full recomputation, the one rule every memory and time view reads:
-        it keeps only its inputs (``activation_bytes = input_bytes``), its backward (the input
-        gradient part) runs its forward again first, and its activations are rebuilt
-        (``rematerialized_bytes``) for the backward of one micro-batch."""
+    def recompute(self, *, selectively: bool = False) -> Block:
+        """This block under recomputation, the one rule every memory and time view reads. In
+        full it keeps only its inputs (``activation_bytes = input_bytes``), its backward runs its
+        forward again first, and its activations are rebuilt (``rematerialized_bytes``) for the
+        backward of one micro-batch; ``selectively`` (:attr:`selective`), it also keeps its
+        weight matmuls' outputs and runs only its other ops again."""
         if self.recomputed:
             return self
+        if not selectively:
+            return dataclasses.replace(
+                self,
+                activation_bytes=self.input_bytes,
+                backward_s=self.backward_s + self.forward_s,
+                fixed_backward_s=self.fixed_backward_s + self.fixed_forward_s,
+                recomputed=True,
+                rematerialized_bytes=self.activation_bytes,
+            )
+        sel = self.selective
+        if sel is None:
+            raise AutopartError(f"block {self.name!r} has no selective recomputation to apply")
         return dataclasses.replace(
             self,
-            activation_bytes=self.input_bytes,
-            backward_s=self.backward_s + self.forward_s,
-            fixed_backward_s=self.fixed_backward_s + self.fixed_forward_s,
+            activation_bytes=max(0, self.activation_bytes - sel.freed_bytes),
+            backward_s=self.backward_s + sel.forward_s,
+            fixed_backward_s=self.fixed_backward_s + sel.fixed_forward_s,
             recomputed=True,
-            rematerialized_bytes=self.activation_bytes,
+            selectively=True,
+            rematerialized_bytes=sel.rematerialized_bytes,
         )
 
 
@@ -284,10 +354,16 @@ class BlockGraph:
         """The blocks that recompute their forward in backward."""
         return tuple(b.index for b in self.blocks if b.recomputed)
 
-    def with_recompute(self, blocks: Sequence[int]) -> BlockGraph:
-        """These blocks, with ``blocks`` recomputed (:meth:`Block.recompute`)."""
-        chosen = set(blocks)
-        out = tuple(b.recompute() if b.index in chosen else b for b in self.blocks)
+    def with_recompute(self, blocks: Sequence[int], selectively: Sequence[int] = ()) -> BlockGraph:
+        """These blocks, with ``blocks`` recomputed in full and ``selectively`` their selective
+        recomputation (:meth:`Block.recompute`)."""
+        full, some = set(blocks), set(selectively)
+        if full & some:
+            raise AutopartError(f"blocks {sorted(full & some)} cannot recompute both ways")
+        out = tuple(
+            b.recompute(selectively=b.index in some) if b.index in full | some else b
+            for b in self.blocks
+        )
         return BlockGraph(out, self.tensors, self.param_bytes_by_name, self.op_graph)
 
     def by_layers(self) -> BlockGraph:
@@ -376,6 +452,7 @@ def _merged(bg: BlockGraph, groups: Sequence[Sequence[Block]]) -> BlockGraph:
                 fixed_forward_s=sum(b.fixed_forward_s for b in members),
                 fixed_backward_s=sum(b.fixed_backward_s for b in members),
                 input_bytes=into.get(g, 0) + saved_inputs,
+                selective=Selective.merged([b.selective for b in members]),
             )
         )
     return BlockGraph(tuple(blocks), tuple(tensors), bg.param_bytes_by_name, bg.op_graph)
@@ -406,4 +483,5 @@ def _scale_block(b: Block, factor: float) -> Block:
         weight_grad_bytes=round(b.weight_grad_bytes * factor),
         input_bytes=round(b.input_bytes * factor),
         rematerialized_bytes=round(b.rematerialized_bytes * factor),
+        selective=b.selective.scaled(factor) if b.selective is not None else None,
     )

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import networkx as nx
-from torch.fx import GraphModule
+import torch
+from torch.fx import GraphModule, Node
 
 from autopart.cost_models.comm import p2p_time_s
 from autopart.cost_models.compute import ComputeModel
@@ -101,6 +102,9 @@ class OpNode:
     keeps it and scales the rest."""
     fixed_backward_s: float = 0.0
     """The same for ``backward_s`` (launch, weight gradient and its accumulation)."""
+    kept_selectively: bool = False
+    """Selective recomputation keeps its output (a weight matmul or fused attention, the ops of
+    :data:`~autopart.codegen.templates.checkpointing.SAVED_OPS`): :mod:`autopart.planning.selective`."""
 
     def __post_init__(self) -> None:
         for name in ("forward_s", "backward_s", "flops", "output_bytes", "backward_flops"):
@@ -221,6 +225,7 @@ class OpGraph:
                 keep_with_previous=n.name in kept,
                 fixed_forward_s=compute.fixed_s(n.name, cost),
                 fixed_backward_s=compute.fixed_s(n.name, cost, backward=True),
+                kept_selectively=_kept_selectively(n, cost.params),
             )
         return cls(
             nodes, table, {k: v for k, v in values.items() if k not in table}, compute.device
@@ -249,6 +254,31 @@ class OpGraph:
         nodes = {name: _scale_node(n, factor) for name, n in self.nodes.items()}
         values = {k: round(v * factor) for k, v in self.value_bytes.items()}
         return OpGraph(nodes, self.param_bytes_by_name, values, self.device)
+
+
+_WEIGHT_MATMULS = frozenset(
+    {"linear", "mm", "addmm", "matmul", "conv1d", "conv2d", "conv3d", "convolution", "_convolution"}
+)
+_FUSED_ATTENTION = frozenset(
+    {
+        "scaled_dot_product_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    }
+)
+
+
+def _kept_selectively(node: Node, params: Sequence[str]) -> bool:
+    """Whether the selective checkpointing policy keeps ``node``'s output: a matmul or
+    convolution with a weight (it runs as ``mm``/``addmm``/``convolution``; a matmul of two
+    activations runs as a batched matmul, which is recomputed) or fused attention."""
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    if isinstance(target, torch._ops.OpOverload):
+        name = target._schema.name.split("::", 1)[-1]
+    return name in _FUSED_ATTENTION or (name in _WEIGHT_MATMULS and bool(params))
 
 
 def _kept_with_previous(gm: GraphModule, order: Sequence[str]) -> set[str]:

@@ -36,7 +36,7 @@ from autopart.planning.plans import (
     TPSection,
     replica_label,
 )
-from autopart.planning.request import PlanRequest
+from autopart.planning.request import FORCED_RECOMPUTE, PlanRequest
 from autopart.planning.schedule import (
     SPLIT_BACKWARD,
     ScheduleError,
@@ -51,6 +51,7 @@ from autopart.planning.schedule_choice import (
     schedule_kinds,
     stage_counts,
 )
+from autopart.planning.selective import recompute_layers, with_selective
 from autopart.precision import as_precision
 from autopart.solver import baselines
 from autopart.solver.cost import lower_bound_s, stage_times_s
@@ -192,7 +193,7 @@ def planning_setup(
         request.stages_per_rank,
         dp,
         fsdp=fsdp,
-        full_recompute=request.recompute == "full",
+        full_recompute=request.recompute in FORCED_RECOMPUTE,
     )
     state = state_bytes_per_param_byte(
         opt, mixed_precision=as_precision(request.precision).is_mixed
@@ -500,7 +501,7 @@ class _ScheduleSearch:
         for kind, v, counts in group:
             bg, ranks = self.graph(v), stage_ranks(kind, self.p, v)
             if recomputed:
-                bg = _fully_recomputed(bg)
+                bg = _recomputed_graph(bg, "full")
                 if len(bg.blocks) < self.p * v:
                     continue
             stage_of = tuple(
@@ -556,8 +557,8 @@ class _ScheduleSearch:
             most = self.setup.request.max_blocks or max(64, self.per_stage * self.p * key[0])
             cut = coarsen(self.og.scaled(1 / key[1]), max_blocks=most, num_stages=self.p * key[0])
             bg = group_blocks(self.og, [b.nodes for b in cut.blocks])
-            if self.setup.request.recompute == "full":
-                bg = _fully_recomputed(bg)
+            if self.setup.request.recompute in FORCED_RECOMPUTE:
+                bg = _recomputed_graph(bg, self.setup.request.recompute)
             self.graphs[key] = bg
         return self.graphs[key]
 
@@ -684,7 +685,8 @@ class _ScheduleSearch:
             explain=explain,
             recompute=recompute,
         )
-        solved_bg = bg.with_recompute(sol.recompute) if sol.recompute else bg
+        recomputes = sol.recompute or sol.selective
+        solved_bg = bg.with_recompute(sol.recompute, sol.selective) if recomputes else bg
         return _Solved(solved_bg, sol.stage_of, sol.status, sol.objective_bound_s)
 
     def solve(
@@ -892,7 +894,9 @@ def _recomputed(scaled: BlockGraph, stage_of: Sequence[int]) -> tuple[Recomputed
             stage=s,
             nodes=b.nodes,
             recompute_s=b.recompute_s,
-            saved_bytes=b.rematerialized_bytes - b.activation_bytes,
+            # what it no longer keeps: in full, all but its inputs; selectively, what it rebuilds
+            saved_bytes=b.rematerialized_bytes - (0 if b.selectively else b.activation_bytes),
+            selective=b.selectively,
         )
         for b, s in zip(scaled.blocks, stage_of)
         if b.recomputed
@@ -1020,15 +1024,17 @@ def _held_per_device(
 
 
 @functools.lru_cache(maxsize=16)
-def _fully_recomputed(bg: BlockGraph) -> BlockGraph:
-    """``bg``'s whole layers, each recomputed (memoized)."""
-    return bg.fully_recomputed()
+def _recomputed_graph(bg: BlockGraph, how: str) -> BlockGraph:
+    """``bg``'s whole layers, each recomputed ``how`` (full or selective) where that keeps fewer
+    bytes (memoized)."""
+    return recompute_layers(bg, how)
 
 
 @functools.lru_cache(maxsize=16)
 def _layers(bg: BlockGraph) -> BlockGraph:
-    """``bg``'s blocks merged into whole layers (memoized), the units that recompute."""
-    return bg.by_layers()
+    """``bg``'s blocks merged into whole layers (memoized), the units that recompute, each with
+    its selective recomputation (:mod:`autopart.planning.selective`)."""
+    return with_selective(bg.by_layers())
 
 
 @functools.lru_cache(maxsize=64)

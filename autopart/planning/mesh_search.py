@@ -80,9 +80,10 @@ from autopart.planning.mesh_plan import (
     solve_tp_costs,
 )
 from autopart.planning.plans import Plan, format_mesh, replica_label, replicas
-from autopart.planning.request import AUTO, PlanRequest
+from autopart.planning.request import AUTO, FORCED_RECOMPUTE, PlanRequest
 from autopart.planning.schedule import SPLIT_BACKWARD, stage_ranks
 from autopart.planning.schedule_choice import ONE_STAGE_KINDS, per_device, split_backward_with_dp
+from autopart.planning.selective import recompute_layers, with_selective
 from autopart.solver import baselines
 from autopart.solver.pipeline_memory import NodeMemory, pipeline_memory_bound
 from autopart.solver.stage_ilp import InfeasibleMemoryError
@@ -437,9 +438,10 @@ class _Search:
         if c.tp_key not in self.coarse:
             most = max(m.pp for m in self.meshes if m.tp == c.tp and m.options)
             graph = self.og if c.tp == 1 else _tp_of(self.costs, c).costs.op_graph
-            self.coarse[c.tp_key] = _drop_op_graph(
-                coarsen(graph, max_blocks=max(64, _COARSE_BLOCKS_PER_RANK * most))
-            )
+            coarse = coarsen(graph, max_blocks=max(64, _COARSE_BLOCKS_PER_RANK * most))
+            if self.setup.request.recompute == "selective":  # the units it recomputes
+                coarse = with_selective(coarse.by_layers())
+            self.coarse[c.tp_key] = _drop_op_graph(coarse)
         return self.coarse[c.tp_key]
 
     def bound_tp(self, c: _Mesh, key: _TPKey) -> None:
@@ -684,8 +686,8 @@ def _estimate(c: _Mesh, coarse: BlockGraph, setup: PlanningSetup, most: int) -> 
     and recomputation is allowed, with every block recomputed (slower than the stage ILP's
     choice, so an estimate that fits is one the full plan can meet or beat)."""
     bg = coarse.scaled(1.0 / c.replicas) if c.replicas > 1 else coarse
-    if setup.request.recompute == "full":
-        bg = bg.fully_recomputed()
+    if setup.request.recompute in FORCED_RECOMPUTE:
+        bg = recompute_layers(bg, setup.request.recompute)
     layouts = schedule_layouts(c.options, setup, c.pp, most)
     # One stage per rank where the request allows it: the estimate ranks meshes, and the full plan
     # of the best compares every stage count (a chain DP into 2p stages of a 405B model costs

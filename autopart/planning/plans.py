@@ -139,7 +139,8 @@ class StagePlan:
 @dataclass(frozen=True, slots=True)
 class RecomputedBlock:
     """A run of nodes whose forward runs again in the backward (``torch.utils.checkpoint``):
-    the stage keeps only its inputs (``Plan.recompute``)."""
+    the stage keeps only its inputs (``Plan.recompute``); or, ``selective``, its inputs and its
+    weight matmuls' outputs (:mod:`autopart.planning.selective`)."""
 
     name: str
     """Its module path (a layer such as ``model.layers.3``, or ``first..last``)."""
@@ -150,10 +151,17 @@ class RecomputedBlock:
     """Seconds its forward takes again, per micro-batch."""
     saved_bytes: int
     """Activation bytes per micro-batch it no longer keeps."""
+    selective: bool = False
+    """It recomputes only the ops that are not weight matmuls or fused attention (torch's
+    selective activation checkpointing). Written to JSON only when set."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes", tuple(str(n) for n in self.nodes))
         _check(bool(self.nodes), f"recompute block {self.name!r} has no nodes")
+        _check(
+            isinstance(self.selective, bool),
+            f"recompute[{self.name!r}].selective must be true or false",
+        )
         _check_nonneg(self.recompute_s, f"recompute[{self.name!r}].recompute_s")
         _check(self.saved_bytes >= 0, f"recompute[{self.name!r}].saved_bytes must be >= 0")
 
@@ -385,6 +393,7 @@ class Plan:
             _drop_unset(asdict(s), backward_weight_s=0.0, recompute_s=0.0, rematerialized_bytes=0)
             for s in self.stages
         ]
+        d["recompute"] = tuple(_drop_unset(r, selective=False) for r in d["recompute"])
         return _drop_unset(
             d, schedule_options=(), profile_s=None, experts="", recompute=(), precision="model"
         )

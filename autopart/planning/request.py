@@ -22,14 +22,17 @@ from autopart.planning.plans import format_mesh, parse_mesh
 from autopart.planning.schedule import ScheduleKind
 from autopart.precision import as_precision
 
-__all__ = ["AUTO", "RECOMPUTE", "PlanRequest"]
+__all__ = ["AUTO", "FORCED_RECOMPUTE", "RECOMPUTE", "PlanRequest"]
 
 AUTO = "auto"
 """The value of ``mesh`` (search the meshes) and ``schedule`` (compare the schedules) that asks
 the planner to choose."""
 
-RECOMPUTE = (AUTO, "none", "full")
+RECOMPUTE = (AUTO, "none", "full", "selective")
 """The values of ``PlanRequest.recompute``."""
+
+FORCED_RECOMPUTE = ("full", "selective")
+"""The values that recompute every layer (whole, or its ops that read no weight)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +72,11 @@ class PlanRequest:
     is annotated with it; planning a graph annotated with another factor is an error."""
 
     recompute: str = AUTO
-    """Activation recomputation: ``"auto"`` (the stage ILP recomputes blocks only where no split
-    fits memory otherwise), ``"none"`` (keep every activation) or ``"full"`` (every block that
-    keeps less by recomputing does)."""
+    """Activation recomputation: ``"auto"`` (the stage ILP recomputes layers, in full or only
+    their ops that read no weight, only where no split fits memory otherwise), ``"none"`` (keep
+    every activation), ``"full"`` (every layer that keeps less by recomputing does) or
+    ``"selective"`` (every layer recomputes its ops that read no weight, where that keeps less:
+    :mod:`autopart.planning.selective`)."""
 
     precision: str = "model"
     """``"model"`` (every tensor in the model's dtype) or ``"bf16-mixed"`` (float32 masters,

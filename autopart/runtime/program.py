@@ -305,7 +305,8 @@ def _recomputing(stage: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModul
     from autopart.passes.split_stages import stage_info
 
     index = stage_info(stage).index
-    return checkpoint_blocks(stage, [r.nodes for r in plan.recompute if r.stage == index])
+    mine = [r for r in plan.recompute if r.stage == index]
+    return checkpoint_blocks(stage, [r.nodes for r in mine], selective=[r.selective for r in mine])
 
 
 def _plan_on_rank_zero(

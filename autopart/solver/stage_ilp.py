@@ -8,17 +8,18 @@ Data (per micro-batch, integers after scaling):
   f_s                     micro-batches in flight on stage s under the schedule (1F1B: min(p-s, m))
   d(s)                    the device of stage s: looped (s mod devices) or any map, e.g. V-shaped
   alpha, beta             point-to-point latency and bandwidth (alpha-beta model)
-  R                       blocks that may recompute (``recompute=True`` and inputs < activations);
-                          a recomputed block keeps i_b < a_b, takes w'_b = w_b + its forward, and
-                          rebuilds a_b during the backward of one micro-batch
-                          (:meth:`~autopart.planning.blocks.Block.recompute`)
+  R                       recompute options o = (b, full or selective) where that keeps fewer
+                          bytes (``recompute=True``): block b under o keeps a'_o < a_b, takes
+                          w'_o = w_b + the forward it runs again, and rebuilds h_o during the
+                          backward of one micro-batch (:meth:`~autopart.planning.blocks.Block.recompute`;
+                          selective: only the ops that read no weight, :mod:`autopart.planning.selective`)
 
 Variables:
   x[b,s] in {0,1}         block b runs on stage s                           (_add_assignment)
   c[t,k] in {0,1}         tensor t crosses the boundary between k and k+1   (_add_crossing)
   y[q,s] in {0,1}         shared parameter q lives on stage s               (_add_shared_params)
   z >= 0                  the slowest device's time per micro-batch         (_add_bottleneck)
-  r[b,s] in {0,1}         block b in R runs on stage s and recomputes       (_add_recompute)
+  r[o,s] in {0,1}         option o's block runs on stage s and recomputes as o   (_add_recompute)
   h_d >= 0                the most one recomputed block of device d rebuilds (_add_recompute)
 
 Constraints:
@@ -33,17 +34,18 @@ Constraints:
                           (a skip tensor is forwarded through, and counted at, every boundary it passes)
                                                                             (_add_crossing)
   shared parameters:      y[q,s] >= x[b,s] for every block b that uses q    (_add_shared_params)
-  recompute:              r[b,s] <= x[b,s]; h_d >= a_b r[b,s] for s on d   (_add_recompute)
-  memory per device d:    sum_{s on d} [ sum_b x[b,s] (m_b + f_s a_b) - sum_{b in R} r[b,s] f_s
-                          (a_b - i_b) + sum_q y[q,s] m_q ] + h_d <= limit   (_add_memory)
+  recompute:              sum_{o of b} r[o,s] <= x[b,s]; h_d >= h_o r[o,s] for s on d
+                                                                            (_add_recompute)
+  memory per device d:    sum_{s on d} [ sum_b x[b,s] (m_b + f_s a_b) - sum_{o in R} r[o,s] f_s
+                          (a_b - a'_o) + sum_q y[q,s] m_q ] + h_d <= limit  (_add_memory)
   stage time:             T_s = sum_b w_b x[b,s] + [s>0](alpha + B_{s-1}/beta) + [s<p-1](alpha + B_s/beta),
                           B_k = sum_t n_t c[t,k]; a boundary between two stages of one device
                           (the turn of a V-shaped schedule) is handed over locally and costs 0;
-                          plus sum_{b in R} (w'_b - w_b) r[b,s]
+                          plus sum_{o in R} (w'_o - w_b) r[o,s]
   bottleneck:             z >= sum_{s on d} T_s for every device d          (_add_bottleneck)
 
 Objective: minimize z, then (tie-breakers, weighted so they never trade against z) the bytes sent
-between stages sum_k B_k plus the recompute time sum r[b,s] (w'_b - w_b).   (_add_objective)
+between stages sum_k B_k plus the recompute time sum r[o,s] (w'_o - w_b).   (_add_objective)
 
 Recomputation is offered with ``recompute=True``; the planner offers it only where no split fits
 without (:mod:`autopart.planning.mesh_plan`, on blocks that are whole layers:
@@ -120,6 +122,22 @@ class StageSolution:
     recompute: tuple[int, ...] = ()
     """The blocks that recompute their forward in backward
     (:meth:`~autopart.planning.blocks.BlockGraph.with_recompute`)."""
+    selective: tuple[int, ...] = ()
+    """The blocks that recompute their selective spans only."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Option:
+    """A way block ``block`` may recompute (an element of R)."""
+
+    block: int
+    selective: bool
+    act_mib: int
+    """Activation MiB the block keeps under it."""
+    work: int
+    """Time units it adds (the forward it runs again)."""
+    rebuilt_mib: int
+    """MiB it rebuilds during the block's backward."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,14 +153,8 @@ class _Data:
     param_blocks: tuple[int, ...]
     """Blocks that use a parameter, of which every device needs one; empty (no such constraint)
     when there are fewer than stages."""
-    may_recompute: tuple[int, ...]
-    """R: the blocks that may recompute (empty: recomputation is not offered)."""
-    recompute_act_mib: tuple[int, ...]
-    """Activation MiB a block keeps when recomputed (its inputs)."""
-    recompute_work: tuple[int, ...]
-    """Time units a recomputed block adds (its forward again)."""
-    rebuilt_mib: tuple[int, ...]
-    """MiB a recomputed block rebuilds during its backward."""
+    may_recompute: tuple[_Option, ...]
+    """R: the ways blocks may recompute (empty: recomputation is not offered)."""
     alpha: int
     byte_time: float
     """time units per byte on a link"""
@@ -252,7 +264,9 @@ class _Solve:
         stage_of = tuple(
             next(s for s in range(num_stages) if solver.value(x[b, s])) for b in range(n)
         )
-        recomputed = tuple(b for b in data.may_recompute if solver.value(rc.r[b, stage_of[b]]))
+        chosen = [
+            o for i, o in enumerate(data.may_recompute) if solver.value(rc.r[i, stage_of[o.block]])
+        ]
         status_name = solver.status_name(status)
         if (
             hint_fits
@@ -267,7 +281,8 @@ class _Solve:
             status=status_name,
             time_s=elapsed,
             objective_bound_s=_bound_s(solver, data),
-            recompute=recomputed,
+            recompute=tuple(o.block for o in chosen if not o.selective),
+            selective=tuple(o.block for o in chosen if o.selective),
         )
 
 
@@ -317,7 +332,6 @@ def _build_data(
     alpha_s = p2p_time_s(1, device)
     per_byte_s = (p2p_time_s(1 << 20, device) - alpha_s) / ((1 << 20) - 1)
     param_blocks = tuple(b.index for b in bg.blocks if b.params)
-    again = [b.recompute() for b in bg.blocks]
     work = tuple(round((b.forward_s + b.backward_s) / unit_s) for b in bg.blocks)
     return _Data(
         bg=bg,
@@ -332,16 +346,30 @@ def _build_data(
         },
         in_flight=tuple(in_flight),
         param_blocks=param_blocks if len(param_blocks) >= num_stages else (),
-        may_recompute=tuple(b.index for b in bg.blocks if recompute and b.can_recompute),
-        recompute_act_mib=tuple(math.ceil(b.activation_bytes / _BYTE_UNIT) for b in again),
-        recompute_work=tuple(
-            round((b.forward_s + b.backward_s) / unit_s) - w for b, w in zip(again, work)
-        ),
-        rebuilt_mib=tuple(math.ceil(b.rematerialized_bytes / _BYTE_UNIT) for b in again),
+        may_recompute=_options(bg, work, unit_s) if recompute else (),
         alpha=round(alpha_s / unit_s),
         byte_time=per_byte_s / unit_s,
         unit_s=unit_s,
     )
+
+
+def _options(bg: BlockGraph, work: Sequence[int], unit_s: float) -> tuple[_Option, ...]:
+    """R: each block's full and selective recomputation, where each keeps fewer bytes."""
+    out = []
+    for b in bg.blocks:
+        for selective, offered in ((False, b.can_recompute), (True, b.can_recompute_selectively)):
+            if offered:
+                again = b.recompute(selectively=selective)
+                out.append(
+                    _Option(
+                        block=b.index,
+                        selective=selective,
+                        act_mib=math.ceil(again.activation_bytes / _BYTE_UNIT),
+                        work=round((again.forward_s + again.backward_s) / unit_s) - work[b.index],
+                        rebuilt_mib=math.ceil(again.rematerialized_bytes / _BYTE_UNIT),
+                    )
+                )
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,6 +445,7 @@ class _Recompute:
     """The recompute variables (none when recomputation is not offered)."""
 
     r: dict[tuple[int, int], cp_model.IntVar]
+    """r[o,s], by the option's index in R."""
     rebuilt: dict[int, cp_model.IntVar]
     """h_d per device."""
 
@@ -428,14 +457,17 @@ def _add_recompute(
     rebuilt: dict[int, cp_model.IntVar] = {}
     if not d.may_recompute:
         return _Recompute(r, rebuilt)
+    most = max(o.rebuilt_mib for o in d.may_recompute)
     for dev in sorted(set(d.device_of_stage)):
-        most = max(d.rebuilt_mib[b] for b in d.may_recompute)
         h = rebuilt[dev] = model.new_int_var(0, most, f"h[{dev}]")
         for s in (s for s in range(d.num_stages) if d.device_of_stage[s] == dev):
-            for b in d.may_recompute:
-                r[b, s] = model.new_bool_var(f"r[{b},{s}]")
-                model.add(r[b, s] <= x[b, s]).with_name(f"recompute_here[{b},{s}]")
-                model.add(h >= d.rebuilt_mib[b] * r[b, s]).with_name(f"rebuilt[{b},{s}]")
+            ways: dict[int, list[cp_model.IntVar]] = {}
+            for i, o in enumerate(d.may_recompute):
+                r[i, s] = model.new_bool_var(f"r[{i},{s}]")
+                ways.setdefault(o.block, []).append(r[i, s])
+                model.add(h >= o.rebuilt_mib * r[i, s]).with_name(f"rebuilt[{i},{s}]")
+            for b, rs in ways.items():
+                model.add(sum(rs) <= x[b, s]).with_name(f"recompute_here[{b},{s}]")
     return _Recompute(r, rebuilt)
 
 
@@ -461,9 +493,9 @@ def _device_memory(
     stages = [s for s in range(d.num_stages) if d.device_of_stage[s] == dev]
     blocks = range(len(d.bg.blocks))
     saved = sum(
-        rc.r[b, s] * d.in_flight[s] * (d.act_mib[b] - d.recompute_act_mib[b])
+        rc.r[i, s] * d.in_flight[s] * (d.act_mib[o.block] - o.act_mib)
         for s in stages
-        for b in d.may_recompute
+        for i, o in enumerate(d.may_recompute)
     )
     return (
         sum(
@@ -491,7 +523,7 @@ def _add_bottleneck(
     ]
     upper = (
         sum(d.work)
-        + sum(d.recompute_work[b] for b in d.may_recompute)
+        + sum(o.work for o in d.may_recompute)
         + 2 * (d.alpha + sum(round(t.nbytes * d.byte_time) for t in d.bg.tensors)) * p
     )
     z = model.new_int_var(0, upper, "z")
@@ -503,7 +535,7 @@ def _add_bottleneck(
                 comm += d.alpha + boundary[s - 1]
             if s < p - 1 and d.device_of_stage[s + 1] != dev:
                 comm += d.alpha + boundary[s]
-            again = sum(d.recompute_work[b] * rc.r[b, s] for b in d.may_recompute)
+            again = sum(o.work * rc.r[i, s] for i, o in enumerate(d.may_recompute))
             stage_times.append(sum(d.work[b] * x[b, s] for b in range(n)) + again + comm)
         model.add(z >= sum(stage_times)).with_name(f"bottleneck[{dev}]")
     return z
@@ -520,13 +552,13 @@ def _add_objective(
     # possible sum of both, so the solver never accepts a slower plan for fewer bytes or less
     # recomputation (and recomputes nothing that does not help).
     kib = [math.ceil(t.nbytes / 1024) for t in d.bg.tensors]
-    again = sum(d.recompute_work[b] * r for (b, _s), r in rc.r.items())
+    again = sum(d.may_recompute[i].work * r for (i, _s), r in rc.r.items())
     model.minimize(_z_weight(d) * z + sum(kib[i] * c for (i, _k), c in crossing.items()) + again)
 
 
 def _z_weight(d: _Data) -> int:
     traffic = sum(math.ceil(t.nbytes / 1024) for t in d.bg.tensors) * max(0, d.num_stages - 1)
-    return traffic + sum(d.recompute_work[b] for b in d.may_recompute) + 1
+    return traffic + sum(o.work for o in d.may_recompute) + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,7 +647,7 @@ def _memory_ceiling_mib(d: _Data) -> int:
     return (
         sum(d.state_mib)
         + max(d.in_flight) * sum(d.act_mib)
-        + max(d.rebuilt_mib, default=0)
+        + max((o.rebuilt_mib for o in d.may_recompute), default=0)
         + stages_per_device * sum(d.shared_mib.values())
     )
 

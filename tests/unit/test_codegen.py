@@ -521,7 +521,9 @@ def test_torchrun_trains_dp_and_tp_meshes_like_the_unpartitioned_model(
 def test_torchrun_trains_bf16_mixed_like_one_process_under_the_policy(tmp_path: Path) -> None:
     """An emitted bf16-mixed program (FSDP2's MixedPrecisionPolicy, two FSDP replicas) against one
     process under the same policy (tests/distributed/test_mixed_precision.py), rtol 1e-5: FSDP
-    runs the same bfloat16 operations on the same micro-batches."""
+    runs the same bfloat16 operations on the same micro-batches. Its layers recompute
+    selectively (torch's selective checkpointing, from the checkpointing.py written beside the
+    stages), which rebuilds the same values."""
     from tests.distributed.test_mixed_precision import mixed_reference
 
     plan = _plan(
@@ -531,10 +533,15 @@ def test_torchrun_trains_bf16_mixed_like_one_process_under_the_policy(tmp_path: 
         mesh="fsdp=2",
         device=FAST_LINK,
         precision="bf16-mixed",
+        recompute="selective",
     )
+    assert plan.recompute and all(r.selective for r in plan.recompute)
     out = _emit("hf:llama", plan, tmp_path / "program", lr=0.1)
     config = json.loads((out / "config.json").read_text())
     assert config["precision"] == "bf16-mixed" and config["mesh"]["fsdp"] == 2
+    code = (out / "stage_0.py").read_text()
+    assert "from checkpointing import checkpoint_saving_matmuls" in code
+    assert (out / "checkpointing.py").exists()
     losses, trained, _ = _train_emitted(out, tmp_path)
     want = mixed_reference("hf:llama", "sgd", 2 * plan.micro_batches, setup=_setup)
     assert losses == pytest.approx(want["losses"], rel=1e-5)
