@@ -96,6 +96,9 @@ class RunReport:
     """With ``profile``: the seconds rank 0 spent measuring op times before planning."""
     recomputed: tuple[str, ...] = ()
     """The blocks whose forward the plan runs again in the backward (``Plan.recompute``)."""
+    precision: str = "model"
+    """The training precision (``"model"``: float32; ``"bf16-mixed"``: FSDP2's policy), against a
+    float32 reference either way."""
     predicted_timeline: dict[str, Any] | None = None
     """The plan's simulated step (:func:`timeline_to_json`)."""
     measured_timeline: dict[str, Any] | None = None
@@ -148,13 +151,16 @@ def run_local(
     profile: bool = False,
     expert_imbalance: float = DEFAULT_IMBALANCE,
     recompute: str = "auto",
+    precision: str = "model",
 ) -> RunReport:
     """Spawn the ranks ``mesh`` needs, train ``spec`` for ``steps`` steps, check and time it.
     ``verify`` checks tensor-parallel stages against unsharded ones first (:mod:`autopart.runtime.verify`).
     ``comm="measured"`` plans on the link and pipeline costs measured on the ranks' group
     (:func:`autopart.runtime.measure.measured_comm`, cached), ``"table"`` on the device table's.
     ``profile=True`` plans on op times rank 0 measures (:mod:`autopart.cost_models.profiling`).
-    ``expert_imbalance`` and ``recompute`` are the planning options of those names."""
+    ``expert_imbalance``, ``recompute`` and ``precision`` are the planning options of those
+    names (the model is built in float32 and, under ``"bf16-mixed"``, trained under FSDP2's
+    mixed-precision policy; the reference stays float32)."""
     from autopart.planning.plans import parse_mesh
 
     world = math.prod(parse_mesh(mesh).values())  # dp x pp x tp ranks
@@ -180,6 +186,7 @@ def run_local(
             profile,
             check_imbalance(expert_imbalance),  # a bad factor fails before any rank starts
             PlanRequest(recompute=recompute).recompute,  # so does a bad recompute choice
+            PlanRequest(precision=precision).precision,  # and a bad precision
         )
         args = (world, str(Path(tmp) / "store"), request, str(out), timeout_s)
         spawn_ranks(_rank_main, args, world, timeout_s=timeout_s, what="the run")
@@ -244,6 +251,7 @@ class _RunRequest:
     profile: bool = False
     expert_imbalance: float = DEFAULT_IMBALANCE
     recompute: str = "auto"
+    precision: str = "model"
 
 
 _COMM_SOURCES = ("measured", "table")
@@ -325,6 +333,7 @@ def _compile(loaded: Any, request: _RunRequest, spec: DeviceSpec) -> Any:
         optimizer="sgd",
         expert_imbalance=request.expert_imbalance,
         recompute=request.recompute,
+        precision=request.precision,
     )
     return autopart.compile(
         loaded.model,
@@ -445,6 +454,7 @@ def _report(
         pipeline_action_s=spec.pipeline_action_s,
         profile_s=plan.profile_s,
         recomputed=tuple(r.name for r in plan.recompute),
+        precision=plan.precision,
         predicted_timeline=timeline_to_json(simulate_plan(plan, spec)),
         measured_timeline=timeline_to_json(measured),
     )

@@ -38,10 +38,13 @@ class PeakMemory:
 
 
 def held_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (a tied or viewed tensor counted once)."""
+    """Bytes of the distinct storages behind ``tensors`` (a tied or viewed tensor counted once; a
+    DTensor, such as an FSDP2 parameter, by the shard this rank holds)."""
+    from torch.distributed.tensor import DTensor
+
     seen: dict[int, int] = {}
     for t in tensors:
-        storage = t.untyped_storage()
+        storage = (t.to_local() if isinstance(t, DTensor) else t).untyped_storage()
         seen.setdefault(storage.data_ptr(), storage.nbytes())
     return sum(seen.values())
 

@@ -95,6 +95,20 @@ def test_cli_run_reports_predicted_and_measured(
 
 
 @pytest.mark.distributed
+def test_cli_run_trains_fsdp_under_bf16_mixed(capsys: pytest.CaptureFixture[str]) -> None:
+    # FSDP2 over two ranks and its mixed-precision policy: float32 masters, bfloat16 compute,
+    # checked against float32 at bfloat16's resolution; the rank's memory is counted through the
+    # DTensor shards FSDP2 holds
+    argv = ["run", "gpt2-tiny", "--mesh", "fsdp=2", "--dtype", "bfloat16-mixed", "--steps", "2"]
+    argv += ["--batch", "8", "--seq", "16", "--comm", "table", "--format", "json"]
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["precision"] == "bf16-mixed" and doc["matches"] is True
+    assert 0 < doc["max_loss_rel_diff"] <= 2**-7 and 0 < doc["max_param_rel_diff"] <= 2**-5
+    assert all(b > 0 for b in doc["stage_peak_memory_bytes"])
+
+
+@pytest.mark.distributed
 def test_failing_rank_stops_the_run_with_a_clear_error() -> None:
     # 5 samples do not split into 2 micro-batches: every rank fails while compiling.
     with pytest.raises(AutopartError, match="rank"):

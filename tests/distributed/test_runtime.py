@@ -250,11 +250,14 @@ def _errors_worker(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     messages = []
     try:
+        from torch.distributed.device_mesh import init_device_mesh
+
         import autopart.runtime.program as runtime
         from autopart.errors import AutopartError
         from autopart.planning.request import PlanRequest
 
         model, x, _, _, loss_fn = _setup("mlp")
+        pp_only = init_device_mesh("cpu", (2,), mesh_dim_names=("pp",))
         for kwargs in (
             {"mesh": "pp=4"},  # more stages than ranks
             {"mesh": "pp=2", "micro_batches": 3},  # 8 samples do not split into 3
@@ -262,6 +265,8 @@ def _errors_worker(rank: int, world: int, store: str, out: str) -> None:
             {"mesh": "pp=2", "schedule": "zigzag"},  # checked as a PlanRequest field
             # the request's other options reach the planner: a limit nothing fits
             {"mesh": "pp=2", "request": PlanRequest(memory="1KiB", device="cpu")},
+            # mixed precision runs FSDP2 over an fsdp dim, which this DeviceMesh lacks
+            {"mesh": pp_only, "precision": "bf16-mixed"},
         ):
             try:
                 runtime.compile(model, example_inputs=x, loss_fn=loss_fn, **kwargs)  # type: ignore[arg-type]
@@ -281,9 +286,10 @@ def test_bad_runtime_requests_are_clear_errors(tmp_path: Path) -> None:
     mp.start_processes(
         _errors_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, start_method="spawn"
     )
-    mesh, divisible, one_f_one_b, schedule, memory = out.read_text().split("\n---\n")
+    mesh, divisible, one_f_one_b, schedule, memory, mixed = out.read_text().split("\n---\n")
     assert "needs 4 ranks" in mesh and "has 2" in mesh and "torchrun" in mesh
     assert "does not split into 3" in divisible and "divisor of 8" in divisible
     assert "1f1b" in one_f_one_b and "micro-batch" in one_f_one_b
     assert "unknown schedule 'zigzag'" in schedule
     assert "1.00 KiB per device" in memory and "--memory" in memory, memory
+    assert "FSDP2" in mixed and "add an 'fsdp' dim (of size 1" in mixed, mixed
