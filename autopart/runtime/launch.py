@@ -1,7 +1,11 @@
 """``autopart run``: train a model on local gloo ranks and check it against one process.
 
 Ranks are started with torch's own launcher (``torch.multiprocessing.start_processes``) and meet
-through a file store in a temporary folder. Every rank builds the same seeded model and random
+through a file store in a temporary folder. They are forked from Python's fork server, which
+imports torch (and transformers, where installed) once for every later start: a spawned rank
+spends seconds importing them, a forked one milliseconds. Each rank takes the launcher's
+environment and working folder as they are when it starts (the fork server's are those of its
+own start). Every rank builds the same seeded model and random
 batch, compiles it with :func:`autopart.compile`, and trains ``steps`` SGD steps. Rank 0 then trains
 the unpartitioned model on the same micro-batches and compares the losses and every parameter.
 A rank that fails makes the others stop within ``timeout_s``: the launcher kills them and the
@@ -195,6 +199,24 @@ def run_local(
     return RunReport(**fields)
 
 
+_PRELOADED = ("torch", "torch.distributed", "autopart.runtime.program", "transformers")
+"""What the fork server imports once (a module that is not installed is skipped)."""
+
+
+def _as_launched(
+    rank: int,
+    fn: Callable[..., None],
+    environ: dict[str, str],
+    cwd: str,
+    args: tuple[Any, ...],
+) -> None:
+    """``fn(rank, *args)`` in the launcher's environment and working folder at launch."""
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
+    fn(rank, *args)
+
+
 def spawn_ranks(
     fn: Callable[..., None],
     args: tuple[Any, ...],
@@ -208,9 +230,15 @@ def spawn_ranks(
     them (calling ``on_tick`` about twice a second). A rank that raises or exits, or a run past
     ``timeout_s``, stops every rank and raises :class:`AutopartError` naming ``what``; no rank is
     left running."""
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
+    multiprocessing.set_forkserver_preload(list(_PRELOADED))  # no effect once the server runs
+    here = (fn, dict(os.environ), os.getcwd(), args)
+    ctx = mp.start_processes(
+        _as_launched, args=here, nprocs=world, join=False, start_method="forkserver"
+    )
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=0.5):
