@@ -1,7 +1,8 @@
 """Activation recomputation in the plan (issue 14 item 2): the Llama-70B shape at 16 x 4096
 tokens on 64 H100 80 GB (meshes from pp=8 x tp=8 to dp=8 x tp=8, fewer stages holding more
 layers), with the default (auto) schedule search, planned with ``--recompute none``, ``auto``
-(the default: recompute only where no split fits otherwise) and ``full``, each as the
+(the default: recompute only where no split fits otherwise, in full or selectively), ``full``
+and ``selective`` (torch's selective checkpointing: weight matmuls kept), each as the
 ``autopart plan`` command a user types:
 
     python benchmarks/recompute_plan_bench.py [--out benchmarks/results/DATE-recompute-plans.md]
@@ -27,7 +28,7 @@ from autopart.planning.plans import Plan
 
 SHAPE = CASES["llama-70b shape, seq 4096, pp=8 x tp=8, auto schedule"]
 MESHES = ("pp=8,tp=8", "dp=2,pp=4,tp=8", "dp=4,pp=2,tp=8", "dp=8,tp=8")
-RECOMPUTE = ("none", "auto", "full")
+RECOMPUTE = ("none", "auto", "full", "selective")
 GIB = 1 << 30
 
 
@@ -63,10 +64,15 @@ def _run(mesh: str, recompute: str) -> dict[str, Any]:
         bubble=plan.bubble_fraction,
         peak_gib=max(s.peak_memory_bytes for s in plan.stages) / GIB,
         recomputed_layers=len(plan.recompute),
+        selective_layers=sum(r.selective for r in plan.recompute),
         stages=[
             {
                 "stage": s.index,
-                "layers": [r.name for r in plan.recompute if r.stage == s.index],
+                "layers": [
+                    r.name + (" (selective)" if r.selective else "")
+                    for r in plan.recompute
+                    if r.stage == s.index
+                ],
                 "recompute_ms": 1e3 * s.recompute_s,
                 "saved_gib": sum(r.saved_bytes for r in plan.recompute if r.stage == s.index) / GIB,
                 "peak_gib": s.peak_memory_bytes / GIB,
@@ -87,7 +93,7 @@ def render(record: dict[str, Any]) -> str:
         f"- command: `{record['command']}`",
         "",
         "| mesh | --recompute | schedule | micro-batches | step | bubble | largest peak (GiB) | "
-        "layers recomputed | wall (s) |",
+        "layers recomputed (selectively) | wall (s) |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in record["rows"]:
@@ -100,7 +106,7 @@ def render(record: dict[str, Any]) -> str:
         lines.append(
             f"| {r['mesh']} | {r['recompute']} | {r['schedule']} | {r['micro_batches']} | "
             f"{r['step_s'] * 1e3:.0f} ms | {r['bubble']:.1%} | {r['peak_gib']:.2f} | "
-            f"{r['recomputed_layers']} | {r['wall_s']:.1f} |"
+            f"{r['recomputed_layers']} ({r.get('selective_layers', 0)}) | {r['wall_s']:.1f} |"
         )
     for r in record["rows"]:
         if "error" in r or not r["recomputed_layers"]:
@@ -126,13 +132,16 @@ def render(record: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     add_output_args(parser, "recompute-plans")
-    parser.add_argument("--mesh", action="append", help="meshes to plan (default: both)")
+    parser.add_argument("--mesh", action="append", help="meshes to plan (default: all four)")
+    parser.add_argument(
+        "--recompute", action="append", choices=RECOMPUTE, help="choices to plan (default: all)"
+    )
     args = parser.parse_args()
     if args.from_json:
         rerender(args.out, args.from_json, render)
         return
     start = time.perf_counter()
-    rows = [_run(mesh, r) for mesh in (args.mesh or MESHES) for r in RECOMPUTE]
+    rows = [_run(mesh, r) for mesh in (args.mesh or MESHES) for r in (args.recompute or RECOMPUTE)]
     record = {
         **environment(),
         "command": " ".join(["python", *sys.argv]),
