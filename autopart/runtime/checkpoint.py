@@ -16,9 +16,12 @@ stage tensor holds each key):
   tensor split in groups (a fused QKV weight, ``S(k,groups=g)``): each rank holds g pieces of it,
   which no single ``DTensor`` placement describes, so it is gathered over the tp group and saved
   whole (``program.load_state_dict`` then cuts this rank's pieces).
-- With torch's FSDP2 holding the stages (an ``fsdp`` axis without ``tp``, or bf16-mixed
-  precision), a parameter is FSDP's ``DTensor`` (``Shard(0)`` of the whole tensor over the fsdp
-  mesh): saved as it is, loaded in place, and a whole tensor is cut to this rank's shard.
+- With torch's FSDP2 holding the stages (an ``fsdp`` axis, or bf16-mixed precision), a
+  parameter is FSDP's ``DTensor`` (``Shard(0)`` over the fsdp mesh of what this tp rank holds):
+  one that TP does not split is saved as it is (its whole is the model's tensor), loaded in
+  place, and a whole tensor is cut to this rank's shard. One that TP splits is first gathered
+  over the fsdp mesh (``full_tensor``: this tp rank's shard) and then saved as TP saves it; a
+  loaded one is cut to this rank's TP shard and then to its FSDP piece.
 - **optimizer** (``program.optimizer_state_dict(opt)``): torch's
   ``get_optimizer_state_dict`` with ``flatten_optimizer_state_dict=True`` (keys
   ``state.<param>.<name>`` and ``param_groups.<param>.<name>``, one set per parameter, so pipeline
@@ -200,11 +203,14 @@ class ShardedState:
 
     def _global(self, tensor: torch.Tensor, placement: str) -> Any:
         """``tensor`` (this rank's piece) as DCP saves it: a DTensor over the tp mesh for a
-        ``S(k)`` shard, the whole tensor for a grouped shard, else the tensor itself."""
+        ``S(k)`` shard, the whole tensor for a grouped shard, else the tensor itself (an FSDP
+        shard of a TP shard gathered over the fsdp mesh first)."""
         p = Placement.parse(placement)
         local = tensor.detach()
         if not p.is_shard or self._tp is None:
             return local
+        if isinstance(local, DTensor):  # FSDP2's piece of this tp rank's shard
+            local = local.full_tensor()
         if p.groups == 1:
             shape = _global_shape(local.shape, p, self._degree)
             stride = torch.empty(shape, device="meta").stride()
@@ -218,10 +224,19 @@ class ShardedState:
     def _local(self, key: str, value: Any, like: torch.Tensor, placement: str) -> torch.Tensor:
         """This rank's piece of ``value`` (a DTensor of :meth:`_global`'s form, or the whole
         tensor), shaped like its copy ``like``."""
-        if isinstance(like, DTensor):  # FSDP2's shard (without tp: its global shape is whole)
-            return _fsdp_local(key, value, like)
         p = Placement.parse(placement)
-        whole = _global_shape(like.shape, p, self._degree)
+        if isinstance(like, DTensor) and not (p.is_shard and self._tp is not None):
+            return _fsdp_local(key, value, like)  # FSDP2's shard of a whole tensor
+        piece = self._tp_piece(key, value, like.shape, p)
+        if isinstance(like, DTensor):  # FSDP2's piece of this tp rank's shard
+            piece = piece.to(device=like.device, dtype=like.dtype)
+            return distribute_tensor(piece, like.device_mesh, like.placements, src_data_rank=None)
+        return piece
+
+    def _tp_piece(self, key: str, value: Any, shape: torch.Size, p: Placement) -> torch.Tensor:
+        """This tp rank's piece of ``value`` (a DTensor of :meth:`_global`'s form, or the whole
+        tensor), of the shape ``shape`` this rank holds."""
+        whole = _global_shape(shape, p, self._degree)
         if isinstance(value, DTensor):
             local = value.to_local()
         elif not isinstance(value, torch.Tensor):
@@ -230,7 +245,7 @@ class ShardedState:
             local = shard_tensor(value, p, self._tp_rank, self._degree)
         else:
             local = value
-        if local.shape != like.shape:
+        if local.shape != shape:
             raise CheckpointError(
                 f"{key!r} has shape {tuple(value.shape)} but the model's tensor has shape "
                 f"{tuple(whole)}: the checkpoint is of another model (or another config of it)."

@@ -724,7 +724,6 @@ class ParallelProgram:
         once, a TP shard as a ``DTensor``; the values alias the program's tensors, so
         ``dcp.load(sd := program.state_dict(), ...)`` fills them (then ``load_state_dict(sd)``
         for tensors saved whole, see :mod:`autopart.runtime.checkpoint`). Collective."""
-        self._without_fsdp("state_dict()")
         return self._state.state_dict()
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *, strict: bool = True) -> None:
@@ -732,33 +731,18 @@ class ParallelProgram:
         :meth:`full_state_dict`, or :meth:`state_dict`'s form after ``dcp.load``): every rank
         copies the tensors of its stages, its shard of TP-split ones. ``strict`` as torch's:
         missing or unexpected keys raise :class:`CheckpointError`."""
-        self._without_fsdp("load_state_dict()")
         self._state.load_state_dict(state_dict, strict=strict)
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """``optimizer``'s state (an optimizer over :meth:`parameters`) keyed by parameter names,
         for ``torch.distributed.checkpoint``; loads on another mesh too."""
-        self._without_fsdp("optimizer_state_dict()")
         return self._state.optimizer_state_dict(optimizer, self._named_parameters())
 
     def load_optimizer_state_dict(
         self, optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]
     ) -> None:
         """Load :meth:`optimizer_state_dict`'s form (after ``dcp.load``) into ``optimizer``."""
-        self._without_fsdp("load_optimizer_state_dict()")
         self._state.load_optimizer_state_dict(optimizer, self._named_parameters(), state_dict)
-
-    def _without_fsdp(self, what: str) -> None:
-        """Raise :class:`CheckpointError` for a checkpoint method FSDP's shards do not support:
-        FSDP2 over tensor-parallel shards (a DTensor whose whole is one TP rank's shard)."""
-        if self._sharded and _axis_size(self._mesh, "tp") > 1:
-            raise CheckpointError(
-                f"program.{what} is not supported with FSDP2 (an fsdp axis or bf16-mixed "
-                "precision) and tensor parallelism together yet: FSDP's DTensors shard each tp "
-                "rank's shard, which the checkpoint layout does not map. Save "
-                "program.full_state_dict() (whole tensors, on every rank) instead, or plan "
-                "without tp."
-            )
 
     def _gather_state(self, *, to: int | None = None) -> dict[str, torch.Tensor]:
         """Every stage's parameters and buffers by stage name, whole (collective: every rank

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 
 from autopart.models.model_spec import load_model, parse_config_overrides
 from autopart.runtime.launch import training_batch
@@ -206,7 +207,7 @@ def _sharded_resume(mesh: str, name: str, path: str) -> dict[str, Any]:
     a whole state dict loads as shards."""
     import torch.distributed.checkpoint as dcp
 
-    precision = "bf16-mixed" if name.endswith("+bf16-mixed") else None
+    precision = "bf16-mixed" if "+bf16-mixed" in name else None
 
     def fresh() -> tuple[Any, torch.optim.Optimizer]:
         schedule = "1f1b" if "pp=" in mesh else "gpipe"
@@ -246,6 +247,13 @@ def _sharded_resume(mesh: str, name: str, path: str) -> dict[str, Any]:
         "resumed_state": resumed_state,
         "reloaded": again.full_state_dict(),
         "kinds": sorted({type(v).__name__ for v in sharded.values()}),
+        "meshes": sorted(
+            {
+                "x".join(v.device_mesh.mesh_dim_names or ())
+                for v in sharded.values()
+                if isinstance(v, DTensor)
+            }
+        ),
     }
 
 
@@ -316,6 +324,7 @@ TWO_RANKS: list[Case] = [
     ("resume", "pp=2", "hf:llama", "llama"),  # needs the 8-rank checkpoint
     ("sharded-resume", "fsdp=2", "hf:llama", "llama-fsdp"),
     ("sharded-resume", "pp=2", "hf:llama+bf16-mixed", "llama-mixed"),  # FSDP2 on a 1-rank axis
+    ("sharded-resume", "tp=2", "hf:llama+bf16-mixed+tp", "llama-mixed-tp"),  # FSDP2 over TP shards
 ]
 
 
@@ -441,13 +450,16 @@ def test_a_state_dict_of_another_model_is_a_clear_error() -> None:
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
-    ("mesh", "name"), [("fsdp=2", "hf:llama"), ("pp=2", "hf:llama+bf16-mixed")]
+    ("mesh", "name"),
+    [("fsdp=2", "hf:llama"), ("pp=2", "hf:llama+bf16-mixed"), ("tp=2", "hf:llama+bf16-mixed+tp")],
 )
 def test_fsdp_shards_save_and_resume_through_dcp(
     two_ranks: Callable[[str, str], dict[str, Any]], mesh: str, name: str
 ) -> None:
     got = two_ranks("sharded-resume", name)
     assert "DTensor" in got["kinds"]  # FSDP's shards, saved as they are
+    # under tp, TP's shards are saved over the tp mesh (gathered from FSDP's pieces first)
+    assert ("tp" in got["meshes"]) == mesh.startswith("tp"), got["meshes"]
     _assert_equal(got["loaded"], got["saved"])
     assert got["resumed"] == got["losses"]  # bit for bit, momentum included
     _assert_equal(got["resumed_state"], got["state"])
