@@ -35,6 +35,7 @@ __all__ = [
     "check_master_dtypes",
     "check_runs_on",
     "computing_in",
+    "traced_as_computed",
 ]
 
 
@@ -109,6 +110,17 @@ def cast_floating(value: Any, dtype: torch.dtype | None) -> Any:
             out[k] = cast_floating(v, dtype)
         return out
     return value
+
+
+@contextlib.contextmanager
+def traced_as_computed(
+    dtype: torch.dtype | None, model: torch.nn.Module, args: Any, kwargs: Any
+) -> Iterator[tuple[Any, Any]]:
+    """Within the block, ``model`` computes in ``dtype`` (:func:`computing_in`); yields ``args``
+    and ``kwargs`` cast to it (:func:`cast_floating`): what tracing and planning a model as it
+    computes needs."""
+    with computing_in(dtype, model):
+        yield cast_floating(args, dtype), cast_floating(kwargs, dtype)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ def load_and_trace(args: argparse.Namespace, *, device: str = "meta") -> tuple[A
     from autopart.models.model_spec import load_model, parse_config_overrides
     from autopart.passes.annotate import annotate
     from autopart.passes.routing import check_imbalance
-    from autopart.precision import as_precision, cast_floating, computing_in
+    from autopart.precision import as_precision, traced_as_computed
 
     check_imbalance(args.expert_imbalance)  # a bad factor fails before building the model
     overrides = parse_config_overrides(args.config) if args.config else None
@@ -40,12 +40,13 @@ def load_and_trace(args: argparse.Namespace, *, device: str = "meta") -> tuple[A
         )
     # traced and costed as it computes: bf16-mixed casts the parameters and inputs to bfloat16
     dtype = as_precision(precision).compute_dtype
-    with computing_in(dtype, loaded.model):
+    computed = traced_as_computed(dtype, loaded.model, loaded.example_inputs, loaded.example_kwargs)
+    with computed as (inputs, kwargs):
         with spinner(f"tracing {loaded.name} ({args.trace_method})", quiet):
             gm = trace(
                 loaded.model,
-                cast_floating(loaded.example_inputs, dtype),
-                cast_floating(loaded.example_kwargs, dtype),
+                inputs,
+                kwargs,
                 method=args.trace_method,
                 repeat="off" if args.no_repeat else "auto",
             )

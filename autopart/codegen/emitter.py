@@ -93,7 +93,7 @@ from autopart.passes.recompute import checkpoint_blocks
 from autopart.planning.plans import Plan
 from autopart.planning.request import PlanRequest
 from autopart.planning.schedule import SPLIT_BACKWARD
-from autopart.precision import as_precision, cast_floating, computing_in
+from autopart.precision import as_precision, traced_as_computed
 from autopart.runtime.weight_grads import stages_keeping_weight_grads
 
 if TYPE_CHECKING:
@@ -211,8 +211,8 @@ def emit_model(
         )
 
     dtype = as_precision(req.precision).compute_dtype
-    with computing_in(dtype, loaded.model):  # planned as it computes (autopart.precision)
-        cargs, ckwargs = cast_floating(args, dtype), cast_floating(kwargs, dtype)
+    # planned as it computes (autopart.precision)
+    with traced_as_computed(dtype, loaded.model, args, kwargs) as (cargs, ckwargs):
         gm = annotate(trace(loaded.model, cargs, ckwargs), expert_imbalance=req.expert_imbalance)
         plan, _ = plan_that_runs(
             make,
@@ -321,8 +321,8 @@ def _from_plan(
             + "; pass the batch the plan was made for."
         )
     dtype = as_precision(plan.precision).compute_dtype
-    with computing_in(dtype, model):  # traced as it computes; the weights stay the masters
-        cargs, ckwargs = cast_floating(args, dtype), cast_floating(kwargs, dtype)
+    # traced as it computes; the weights stay the masters
+    with traced_as_computed(dtype, model, args, kwargs) as (cargs, ckwargs):
         run_gm, metas = _micro_batch_run(plan, model, cargs, ckwargs, batch, chunks)
     stages = split_stages(run_gm, plan)
     infos = tuple(stage_info(s) for s in stages)

@@ -61,7 +61,7 @@ def plan(
     planned without allocating its weights."""
     from autopart.capture.tracing import trace
     from autopart.passes.annotate import annotate
-    from autopart.precision import as_precision, cast_floating, check_master_dtypes, computing_in
+    from autopart.precision import as_precision, check_master_dtypes, traced_as_computed
 
     req = PlanRequest.of(request, options)  # bad options fail before tracing
     if req.name is None:
@@ -69,8 +69,7 @@ def plan(
     precision = as_precision(req.precision)
     check_master_dtypes(model, precision)
     dtype = precision.compute_dtype  # planned as it computes (autopart.precision)
-    with computing_in(dtype, model):
-        args, kwargs = cast_floating(example_inputs, dtype), cast_floating(example_kwargs, dtype)
+    with traced_as_computed(dtype, model, example_inputs, example_kwargs) as (args, kwargs):
         gm = annotate(trace(model, args, kwargs), expert_imbalance=req.expert_imbalance)
         return plan_graph(gm, req, batch=batch_size(example_inputs))
 

@@ -75,6 +75,7 @@ from autopart.precision import (
     check_master_dtypes,
     check_runs_on,
     computing_in,
+    traced_as_computed,
 )
 from autopart.runtime.checkpoint import CheckpointError, ShardedState
 from autopart.runtime.outputs import OutputMerge, OutputMergeError
@@ -170,11 +171,10 @@ def compile(
     req = _compile_request(request, options | {"precision": policy.value}, _torch_device(dm))
     dtype = policy.compute_dtype
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    args, kwargs = cast_floating(args, dtype), cast_floating(dict(example_kwargs or {}), dtype)
     # planned, split and described as it computes (bf16-mixed: bfloat16 parameters); the stages
     # then hold the model's own parameters again, the masters FSDP2 casts each step
-    with computing_in(dtype, model):
-        planned = _planned(model, dm, req, args, kwargs)
+    with traced_as_computed(dtype, model, args, dict(example_kwargs or {})) as (cargs, ckwargs):
+        planned = _planned(model, dm, req, cargs, ckwargs)
     stages, local = _stages(planned, dm, verify=verify)
     tp = planned.plan.tp
     metas = {i.index: stage_io(planned.values, tp, i) for i in map(stage_info, stages)}

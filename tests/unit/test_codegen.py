@@ -29,7 +29,7 @@ from autopart.models.model_spec import load_model, parse_config_overrides
 from autopart.passes.split_stages import split_stages, stage_info
 from autopart.planning.planner import plan_graph
 from autopart.planning.plans import Plan
-from autopart.precision import as_precision, cast_floating, computing_in
+from autopart.precision import as_precision, traced_as_computed
 from autopart.runtime.launch import end_rank, spawn_ranks
 from autopart.runtime.stage_io import StateLayout, stage_io, value_metas
 from tests.models import FAST_LINK, HF_CONFIGS, locked_version, target_and_loss
@@ -76,8 +76,8 @@ def _plan(
 ) -> Plan:
     model, args, kwargs, _, _ = _setup(name)
     dtype = as_precision(precision).compute_dtype
-    with computing_in(dtype, model):  # planned as it computes
-        traced = autopart.trace(model, cast_floating(args, dtype), cast_floating(kwargs, dtype))
+    with traced_as_computed(dtype, model, args, kwargs) as (cargs, ckwargs):  # as it computes
+        traced = autopart.trace(model, cargs, ckwargs)
         batch = int(tree_flatten((args, kwargs))[0][0].shape[0])
         return plan_graph(
             autopart.annotate(traced),
