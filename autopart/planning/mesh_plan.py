@@ -192,7 +192,6 @@ def planning_setup(
         pp,
         request.stages_per_rank,
         dp,
-        fsdp=fsdp,
         full_recompute=request.recompute in FORCED_RECOMPUTE,
     )
     state = state_bytes_per_param_byte(

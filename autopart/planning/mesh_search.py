@@ -547,9 +547,9 @@ def _check_mesh(c: _Mesh, batch: int, setup: PlanningSetup, max_pp: int, layers:
     if not kinds:
         c.status, c.note = MeshStatus.SKIPPED, f"the {setup.kinds[0]} schedule needs pp >= 2"
         return
-    kinds = [k for k in kinds if c.replicas == 1 or k not in SPLIT_BACKWARD]
+    kinds = [k for k in kinds if c.dp == 1 or k not in SPLIT_BACKWARD]
     if not kinds:
-        why = split_backward_with_dp(setup.kinds[0], c.replicas, sharded=c.fsdp > 1)
+        why = split_backward_with_dp(setup.kinds[0], c.dp)
         c.status, c.note = MeshStatus.SKIPPED, why
         return
     try:

@@ -65,16 +65,15 @@ def schedule_kinds(
     stages_per_rank: int | None,
     dp: int | None = None,
     *,
-    fsdp: int = 1,
     full_recompute: bool = False,
 ) -> tuple[str, ...]:
     """The kinds ``schedule`` (a kind or ``"auto"``) compares on ``pp`` pipeline ranks and ``dp``
-    (DDP) x ``fsdp`` (FSDP) data-parallel replicas (``dp=None``: not known yet), each able to run
+    DDP replicas (``dp=None``: not known yet; an fsdp axis changes nothing), each able to run
     ``stages_per_rank`` stages per rank when that is given; raises :class:`AutopartError` naming
-    what works where a named schedule cannot. ``full_recompute`` leaves out the kinds that split
-    the backward (torch's split backward would run each recomputed forward twice)."""
-    if fsdp > 1:
-        dp = (dp or 1) * fsdp
+    what works where a named schedule cannot. The kinds that split the backward are left out
+    under DDP (it reduces wrong gradients) and with ``full_recompute`` (torch's split backward
+    would run each recomputed forward twice); FSDP2 takes them (its reduction waits for the
+    step's end, after the last weight gradient)."""
     if stages_per_rank is not None and stages_per_rank < 1:
         raise AutopartError(f"stages_per_rank must be >= 1, got {stages_per_rank}.")
     if schedule == "auto":
@@ -98,7 +97,7 @@ def schedule_kinds(
     if not stage_counts(kind, stages_per_rank):
         raise AutopartError(_count_error(kind, stages_per_rank))
     if kind in SPLIT_BACKWARD and dp is not None and dp > 1:
-        raise AutopartError(split_backward_with_dp(kind, dp, sharded=fsdp > 1))
+        raise AutopartError(split_backward_with_dp(kind, dp))
     if kind in SPLIT_BACKWARD and full_recompute:
         raise AutopartError(
             f"the {kind} schedule splits the backward into input and weight gradients, and torch "
@@ -108,19 +107,13 @@ def schedule_kinds(
     return (str(kind),)
 
 
-def split_backward_with_dp(kind: str, dp: int, *, sharded: bool = False) -> str:
-    """Why a zero-bubble schedule does not run with data parallelism (DDP, or FSDP where
-    ``sharded``), and what does."""
-    if sharded:
-        return (
-            f"the {kind} schedule computes each weight gradient apart from its backward, which "
-            f"autopart has not proven against FSDP's gradient reduction over {dp} replicas; with "
-            "an fsdp axis use 1f1b, gpipe or interleaved, or drop the fsdp axis."
-        )
+def split_backward_with_dp(kind: str, dp: int) -> str:
+    """Why a zero-bubble schedule does not run with DDP, and what does."""
     return (
         f"the {kind} schedule computes each weight gradient apart from its backward, and torch's "
         f"DistributedDataParallel over dp={dp} replicas then reduces wrong gradients (checked on "
-        "gloo); with dp > 1 use 1f1b, gpipe or interleaved, or drop the dp axis."
+        "gloo); with dp > 1 use 1f1b, gpipe or interleaved, or shard the data over fsdp "
+        "instead (FSDP2 takes the split backward)."
     )
 
 
