@@ -381,11 +381,6 @@ class BlockGraph:
                 groups[-1].append(b)
         return _merged(self, groups)
 
-    def fully_recomputed(self) -> BlockGraph:
-        """Whole layers (:meth:`by_layers`), each recomputed where that keeps fewer bytes."""
-        layers = self.by_layers()
-        return layers.with_recompute([b.index for b in layers.blocks if b.can_recompute])
-
     def rematerialized_bytes(self, stage_of: Sequence[int], ranks: Sequence[int]) -> list[int]:
         """Per device, the most a recomputed block of its stages rebuilds at once (one block's
         backward runs at a time)."""

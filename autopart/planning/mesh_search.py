@@ -695,7 +695,7 @@ def _estimate(c: _Mesh, coarse: BlockGraph, setup: PlanningSetup, most: int) -> 
     layouts = [lay for lay in layouts if lay[1] == 1] or layouts
     found = _estimates(c, bg, setup, layouts)
     if setup.request.recompute == "auto" and not any(f[0] for f in found):
-        everything = bg.fully_recomputed()
+        everything = recompute_layers(bg, "full")
         if everything.recomputed:
             whole = [lay for lay in layouts if lay[0] not in SPLIT_BACKWARD]
             found += _estimates(c, everything, setup, whole)
