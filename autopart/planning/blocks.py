@@ -58,16 +58,14 @@ class Selective:
     softmax, norms, activation functions) in the backward (:mod:`autopart.planning.selective`)."""
 
     freed_bytes: int
-    """Activation bytes the block no longer keeps per step."""
+    """Activation bytes the block no longer keeps per step: what it rebuilds in its backward."""
     forward_s: float
     """The forward of the ops it runs again in the backward."""
     fixed_forward_s: float
     """Its fixed part (:attr:`Block.fixed_forward_s`)."""
-    rematerialized_bytes: int
-    """What it rebuilds during its backward."""
 
     def __post_init__(self) -> None:
-        if min(self.freed_bytes, self.rematerialized_bytes) < 0 or not self.forward_s >= 0:
+        if self.freed_bytes < 0 or not self.forward_s >= 0:
             raise AutopartError("a selective recomputation's bytes and time must be >= 0")
         check_fixed_s("a selective recomputation", self.fixed_forward_s, self.forward_s)
 
@@ -82,7 +80,6 @@ class Selective:
             freed_bytes=sum(p.freed_bytes for p in some),
             forward_s=sum(p.forward_s for p in some),
             fixed_forward_s=sum(p.fixed_forward_s for p in some),
-            rematerialized_bytes=sum(p.rematerialized_bytes for p in some),
         )
 
     def scaled(self, factor: float) -> Selective:
@@ -91,7 +88,6 @@ class Selective:
             self,
             freed_bytes=round(self.freed_bytes * factor),
             forward_s=scaled_time_s(self.forward_s, self.fixed_forward_s, factor),
-            rematerialized_bytes=round(self.rematerialized_bytes * factor),
         )
 
 
@@ -213,7 +209,7 @@ class Block:
             fixed_backward_s=self.fixed_backward_s + sel.fixed_forward_s,
             recomputed=True,
             selectively=True,
-            rematerialized_bytes=sel.rematerialized_bytes,
+            rematerialized_bytes=sel.freed_bytes,
         )
 
 

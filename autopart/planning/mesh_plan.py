@@ -51,7 +51,7 @@ from autopart.planning.schedule_choice import (
     schedule_kinds,
     stage_counts,
 )
-from autopart.planning.selective import recompute_layers, with_selective
+from autopart.planning.selective import layer_units, recompute_layers
 from autopart.precision import as_precision
 from autopart.solver import baselines
 from autopart.solver.cost import lower_bound_s, stage_times_s
@@ -1033,7 +1033,7 @@ def _recomputed_graph(bg: BlockGraph, how: str) -> BlockGraph:
 def _layers(bg: BlockGraph) -> BlockGraph:
     """``bg``'s blocks merged into whole layers (memoized), the units that recompute, each with
     its selective recomputation (:mod:`autopart.planning.selective`)."""
-    return with_selective(bg.by_layers())
+    return layer_units(bg)
 
 
 @functools.lru_cache(maxsize=64)

@@ -83,7 +83,7 @@ from autopart.planning.plans import Plan, format_mesh, replica_label, replicas
 from autopart.planning.request import AUTO, FORCED_RECOMPUTE, PlanRequest
 from autopart.planning.schedule import SPLIT_BACKWARD, stage_ranks
 from autopart.planning.schedule_choice import ONE_STAGE_KINDS, per_device, split_backward_with_dp
-from autopart.planning.selective import recompute_layers, with_selective
+from autopart.planning.selective import layer_units, recompute_layers
 from autopart.solver import baselines
 from autopart.solver.pipeline_memory import NodeMemory, pipeline_memory_bound
 from autopart.solver.stage_ilp import InfeasibleMemoryError
@@ -440,7 +440,7 @@ class _Search:
             graph = self.og if c.tp == 1 else _tp_of(self.costs, c).costs.op_graph
             coarse = coarsen(graph, max_blocks=max(64, _COARSE_BLOCKS_PER_RANK * most))
             if self.setup.request.recompute == "selective":  # the units it recomputes
-                coarse = with_selective(coarse.by_layers())
+                coarse = layer_units(coarse)
             self.coarse[c.tp_key] = _drop_op_graph(coarse)
         return self.coarse[c.tp_key]
 

@@ -24,13 +24,19 @@ from dataclasses import replace
 from autopart.planning.blocks import Block, BlockGraph, Selective
 from autopart.planning.graph import OpGraph
 
-__all__ = ["recompute_layers", "with_selective"]
+__all__ = ["layer_units", "recompute_layers", "with_selective"]
+
+
+def layer_units(bg: BlockGraph) -> BlockGraph:
+    """``bg``'s blocks merged into whole layers (:meth:`BlockGraph.by_layers`), the units that
+    recompute, each with its selective recomputation."""
+    return with_selective(bg.by_layers())
 
 
 def recompute_layers(bg: BlockGraph, how: str) -> BlockGraph:
-    """``bg``'s whole layers (:meth:`BlockGraph.by_layers`), each recomputed ``how`` (``"full"``
-    or ``"selective"``) where that keeps fewer bytes."""
-    layers = with_selective(bg.by_layers())
+    """``bg``'s whole layers (:func:`layer_units`), each recomputed ``how`` (``"full"`` or
+    ``"selective"``) where that keeps fewer bytes."""
+    layers = layer_units(bg)
     if how == "full":
         return layers.with_recompute([b.index for b in layers.blocks if b.can_recompute])
     return layers.with_recompute(
@@ -66,6 +72,5 @@ def _offer(og: OpGraph, block: Block) -> Block:
         freed_bytes=freed,
         forward_s=sum(n.forward_s for n in again),
         fixed_forward_s=sum(n.fixed_forward_s for n in again),
-        rematerialized_bytes=freed,
     )
     return replace(block, selective=sel)

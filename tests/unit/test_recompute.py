@@ -29,9 +29,7 @@ ACT, INPUT = 100 * MIB, 10 * MIB
 
 
 FREED = 70 * MIB
-SELECTIVE = Selective(
-    freed_bytes=FREED, forward_s=2e-4, fixed_forward_s=0.0, rematerialized_bytes=FREED
-)
+SELECTIVE = Selective(freed_bytes=FREED, forward_s=2e-4, fixed_forward_s=0.0)
 """Selectively, a block of :func:`_chain` frees 70 MiB for a fifth of its forward."""
 
 
