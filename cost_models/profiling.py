@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_flatten
 
 from autopart.cost_models.compute import ComputeModel, forward_bytes
 from autopart.cost_models.devices import DeviceSpec
+from autopart.cost_models.in_situ import GraphRun, graph_run_s
 from autopart.cost_models.node_cost import NodeCost
 from autopart.errors import AutopartError
 
@@ -42,6 +43,7 @@ __all__ = [
     "Measurement",
     "ProfileCache",
     "calibrate",
+    "in_situ",
     "local_device_key",
     "profile_graph",
     "profile_key",
@@ -179,12 +181,36 @@ def profiled_compute(
     dev = profiling_device(spec)
     measured = profile_graph(gm, device=dev, cache=cache, max_bytes=max_bytes, progress=progress)
     costs = {n.name: node_cost(n) for n in gm.graph.nodes if n.op in _COMPUTE_OPS}
-    model = ComputeModel(
+    whole = graph_run_s(gm, dev, max_bytes=max_bytes)
+    if whole is not None:
+        measured = in_situ(measured, whole, _compute_model(spec, costs, measured), costs)
+    return _compute_model(spec, costs, measured), time.perf_counter() - start
+
+
+def in_situ(
+    measured: Mapping[str, Measurement],
+    whole: GraphRun,
+    model: ComputeModel,
+    costs: Mapping[str, NodeCost],
+) -> dict[str, Measurement]:
+    """``measured`` scaled so that the graph's ops add up to the whole graph's measured run
+    (:mod:`autopart.cost_models.in_situ`): forward by the run's forward over the sum of every op's
+    forward (``model``'s, measured or calibrated), backward likewise."""
+    forward = sum(model.forward_s(n, c) for n, c in costs.items())
+    backward = sum(model.backward_s(n, c) for n, c in costs.items())
+    f = whole.forward_s / forward if forward > 0 else 1.0
+    b = whole.backward_s / backward if backward > 0 else 1.0
+    return {n: Measurement(m.forward_s * f, m.backward_s * b) for n, m in measured.items()}
+
+
+def _compute_model(
+    spec: DeviceSpec, costs: Mapping[str, NodeCost], measured: Mapping[str, Measurement]
+) -> ComputeModel:
+    return ComputeModel(
         calibrate(spec, costs, measured),
         measured_forward_s={n: m.forward_s for n, m in measured.items()},
         measured_backward_s={n: m.backward_s for n, m in measured.items()},
     )
-    return model, time.perf_counter() - start
 
 
 def calibrate(

@@ -22,6 +22,7 @@ from autopart.cost_models.comm import (
     p2p_time_s,
     reduce_scatter_time_s,
 )
+from autopart.cost_models.compute import update_time_s
 from autopart.cost_models.devices import DeviceSpec, get_device
 from autopart.cost_models.memory import as_optimizer, state_bytes_per_param_byte
 from autopart.errors import AutopartError
@@ -80,6 +81,7 @@ __all__ = [
     "simulate_blocks",
     "simulate_plan",
     "solve_tp_costs",
+    "step_tail_s",
 ]
 
 
@@ -154,6 +156,28 @@ class PlanningSetup:
     def mixed_precision(self) -> bool:
         """Whether the request trains in bf16 mixed precision (:mod:`autopart.precision`)."""
         return as_precision(self.request.precision).is_mixed
+
+    def tail_s(
+        self,
+        param_bytes_per_device: Sequence[float],
+        micro_batches: int,
+        *,
+        dp: int,
+        pp: int,
+        tp: int,
+    ) -> float:
+        """:func:`step_tail_s` of a mesh with this setup's fsdp ranks."""
+        return step_tail_s(
+            param_bytes_per_device,
+            micro_batches,
+            optimizer=self.optimizer,
+            mixed_precision=self.mixed_precision,
+            spec=self.spec,
+            dp=dp,
+            pp=pp,
+            tp=tp,
+            fsdp=self.fsdp,
+        )
 
     def stage_counts(self, kind: str) -> tuple[int, ...]:
         """The stages per rank ``kind`` is planned at."""
@@ -305,6 +329,41 @@ def dp_sync_s(
     return seconds
 
 
+def step_tail_s(
+    param_bytes_per_device: Sequence[float],
+    micro_batches: int,
+    *,
+    optimizer: str,
+    mixed_precision: bool,
+    spec: DeviceSpec,
+    dp: int,
+    pp: int,
+    tp: int,
+    fsdp: int = 1,
+) -> float:
+    """What a step adds after its pipeline drains, on its slowest device: the data-parallel
+    gradient sync (:func:`dp_sync_s`) and the ``optimizer``'s update of the parameters the device
+    updates (:func:`~autopart.cost_models.compute.update_time_s`: its ``1 / fsdp`` shard, float32
+    masters under ``mixed_precision``) after the gradients of ``micro_batches`` are scaled."""
+    states = as_optimizer(optimizer).states_per_param
+    master = 2 if mixed_precision else 1
+    return max(
+        dp_sync_s(
+            int(nbytes),
+            dp=dp,
+            pp=pp,
+            tp=tp,
+            spec=spec,
+            fsdp=fsdp,
+            mixed_precision=mixed_precision,
+        )
+        + update_time_s(
+            nbytes * master / fsdp, spec, states_per_param=states, micro_batches=micro_batches
+        )
+        for nbytes in param_bytes_per_device
+    )
+
+
 def plan_mesh(
     og_full: OpGraph,
     tp: TPCostsOf | None,
@@ -341,23 +400,12 @@ def plan_mesh(
     # forced chain-DP cuts keep the best contiguous split at any block count.
     per_stage = 24 if tp is None else 12
 
-    # Data parallelism: after the pipeline drains, each rank all-reduces its stages' gradients
-    # with its dp peers; the baselines pay it too.
-    def sync_s(param_bytes_per_device: Sequence[float]) -> float:
-        return max(
-            dp_sync_s(
-                int(nbytes),
-                dp=dp,
-                pp=p,
-                tp=degree,
-                spec=setup.spec,
-                fsdp=fsdp,
-                mixed_precision=setup.mixed_precision,
-            )
-            for nbytes in param_bytes_per_device
-        )
+    # After the pipeline drains each rank syncs its stages' gradients with its dp peers and steps
+    # its optimizer; the baselines pay it too.
+    def tail_s(param_bytes_per_device: Sequence[float], micro_batches: int) -> float:
+        return setup.tail_s(param_bytes_per_device, micro_batches, dp=dp, pp=p, tp=degree)
 
-    pipe = _Pipeline(setup, spec, p, sync_s)
+    pipe = _Pipeline(setup, spec, p, tail_s)
     search = _ScheduleSearch(og, spec, setup, p, per_stage, say)
     search.run(options, pipe)
     candidates = search.candidates
@@ -368,7 +416,7 @@ def plan_mesh(
     order = list(options)
 
     def rank(c: _Candidate) -> tuple[float, int, int, int]:
-        step_s = c.timeline.step_time_s + _sync_of(c, pipe)
+        step_s = c.timeline.step_time_s + _tail_of(c, pipe)
         return (step_s, c.micro_batches, order.index(c.schedule), c.stages_per_device)
 
     best = min(candidates, key=rank)
@@ -455,7 +503,7 @@ class _ScheduleSearch:
             best = self.fastest(pipe)
             fits = [c for c in estimates[key] if max(c.timeline.peak_memory_bytes) <= self.limit]
             close = best is not None and any(
-                c.timeline.step_time_s + _sync_of(c, pipe) <= best * (1 + _LAYOUT_SLACK)
+                c.timeline.step_time_s + _tail_of(c, pipe) <= best * (1 + _LAYOUT_SLACK)
                 for c in fits
             )
             if best is not None and (settled or solves >= _MOST_LAYOUT_SOLVES or not close):
@@ -517,7 +565,7 @@ class _ScheduleSearch:
 
     def fastest(self, pipe: _Pipeline) -> float | None:
         """The fastest step among the candidates that fit (``None`` while none does)."""
-        steps = [c.timeline.step_time_s + _sync_of(c, pipe) for c in self.candidates]
+        steps = [c.timeline.step_time_s + _tail_of(c, pipe) for c in self.candidates]
         return min(steps, default=None)
 
     def add_layout(self, kind: str, v: int, counts: Sequence[int]) -> None:
@@ -704,7 +752,7 @@ class _ScheduleSearch:
                 c.schedule,
                 c.stages_per_device,
                 c.micro_batches,
-                c.timeline.step_time_s + _sync_of(c, pipe),
+                c.timeline.step_time_s + _tail_of(c, pipe),
                 int(max(c.timeline.peak_memory_bytes)),
                 int(max(c.timeline.peak_memory_bytes)) <= self.limit,
                 estimate=c.estimate,
@@ -732,14 +780,14 @@ def _best_first(estimates: Sequence[_Candidate], pipe: _Pipeline) -> tuple[bool,
     limit = pipe.setup.limit
     fits = [c for c in estimates if max(c.timeline.peak_memory_bytes) <= limit]
     if fits:
-        return (False, min(c.timeline.step_time_s + _sync_of(c, pipe) for c in fits))
+        return (False, min(c.timeline.step_time_s + _tail_of(c, pipe) for c in fits))
     return (True, min((max(c.timeline.peak_memory_bytes) for c in estimates), default=0))
 
 
-def _sync_of(c: _Candidate, pipe: _Pipeline) -> float:
-    """The dp gradient all-reduce after ``c``'s pipeline drains."""
+def _tail_of(c: _Candidate, pipe: _Pipeline) -> float:
+    """The dp gradient sync and the optimizer step after ``c``'s pipeline drains."""
     params = c.bg.stage_param_bytes(c.stage_of, len(c.ranks))
-    return pipe.sync_s(per_device(params, c.ranks))
+    return pipe.tail_s(per_device(params, c.ranks), c.micro_batches)
 
 
 def most_stages(og: OpGraph) -> int:
@@ -820,9 +868,10 @@ class _Pipeline:
     spec: DeviceSpec
     """The setup's device with the link that pipeline sends take (:func:`pipeline_device`)."""
     p: int
-    sync_s: Callable[[Sequence[float]], float]
-    """Time added to a step after the pipeline drains (the dp gradient all-reduce), from the
-    parameter bytes of each device."""
+    tail_s: Callable[[Sequence[float], int], float]
+    """Time added to a step after the pipeline drains (the dp gradient sync and the optimizer
+    step, :func:`step_tail_s`), from the parameter bytes of each device and the micro-batch
+    count."""
 
 
 def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float) -> Plan:
@@ -869,7 +918,7 @@ def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float)
         bottleneck_s=bottleneck,
         lower_bound_s=bound,
         gap=bottleneck / bound - 1 if bound > 0 else 0.0,
-        step_time_s=best.timeline.step_time_s + _sync_of(best, pipe),
+        step_time_s=best.timeline.step_time_s + _tail_of(best, pipe),
         bubble_fraction=best.timeline.bubble_fraction,
         solver=SolverInfo(
             status=best.status,
@@ -916,8 +965,8 @@ def _baselines(scaled: BlockGraph, best: _Candidate, pipe: _Pipeline) -> dict[st
         tl = simulate_blocks(bg, stage_of, p, v, spec, best.schedule, m, pipe.setup.state_per_byte)
         t = stage_times_s(scaled, stage_of, num_stages, spec, ranks=ranks)
         params = bg.stage_param_bytes(stage_of, num_stages)
-        sync = pipe.sync_s(per_device(params, ranks))
-        base[label] = BaselineResult(max(per_device(t, ranks)), tl.step_time_s + sync)
+        tail = pipe.tail_s(per_device(params, ranks), m)
+        base[label] = BaselineResult(max(per_device(t, ranks)), tl.step_time_s + tail)
     return base
 
 
@@ -952,7 +1001,8 @@ def _device_lower_bound_s(
 
 def simulate_plan(plan: Plan, device: DeviceSpec | None = None) -> Any:
     """The schedule timeline of a plan (for Gantt charts), from the costs it records (without
-    the output gradients a deferred weight gradient keeps, which a plan does not record).
+    the output gradients a deferred weight gradient keeps, which a plan does not record), the
+    step ending after the gradient sync and the optimizer step (:func:`step_tail_s`).
     ``device`` is the spec it was planned on where that is not the table's (measured links)."""
     p = plan.mesh["pp"]
     spec = pipeline_device(device or get_device(plan.device), pp=p, tp=plan.mesh.get("tp", 1))
@@ -963,6 +1013,17 @@ def simulate_plan(plan: Plan, device: DeviceSpec | None = None) -> Any:
     )
     state = [st.param_bytes * state_per_byte for st in plan.stages]
     ranks = [st.device for st in plan.stages]
+    tail_s = step_tail_s(
+        per_device([st.param_bytes for st in plan.stages], ranks),
+        plan.micro_batches,
+        optimizer=plan.optimizer,
+        mixed_precision=as_precision(plan.precision).is_mixed,
+        spec=device or get_device(plan.device),
+        dp=plan.mesh.get("dp", 1),
+        pp=p,
+        tp=plan.mesh.get("tp", 1),
+        fsdp=plan.mesh.get("fsdp", 1),
+    )
     rebuilt = [0] * p
     for st in plan.stages:
         rebuilt[st.device] = max(rebuilt[st.device], st.rematerialized_bytes)
@@ -975,6 +1036,7 @@ def simulate_plan(plan: Plan, device: DeviceSpec | None = None) -> Any:
         activation_bytes=[s.activation_bytes for s in plan.stages],
         static_bytes=[int(b) + r for b, r in zip(per_device(state, ranks), rebuilt)],
         action_overhead_s=spec.pipeline_action_s,
+        tail_s=tail_s,
     )
 
 

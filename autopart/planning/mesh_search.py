@@ -67,7 +67,6 @@ from autopart.planning.mesh_plan import (
     MEMORY_ERRORS,
     PlanningSetup,
     TPCostsOf,
-    dp_sync_s,
     micro_batch_options,
     most_stages,
     op_graph_of,
@@ -609,16 +608,10 @@ def _bound(c: _Mesh, totals: _Totals, setup: PlanningSetup, *, shard: int) -> No
         )
         return
     work_s = totals.compute_s / shard / c.replicas
-    sync_s = dp_sync_s(
-        totals.param_bytes // (shard * c.pp),
-        dp=c.dp,
-        pp=c.pp,
-        tp=c.tp,
-        spec=setup.spec,
-        fsdp=c.fsdp,
-        mixed_precision=setup.mixed_precision,
+    tail_s = setup.with_fsdp(c.fsdp).tail_s(
+        [totals.param_bytes // (shard * c.pp)], 1, dp=c.dp, pp=c.pp, tp=c.tp
     )
-    c.step_bound_s = _pipeline_bound_s(work_s, c.pp, c.options) + sync_s
+    c.step_bound_s = _pipeline_bound_s(work_s, c.pp, c.options) + tail_s
 
 
 def _split_bound(
@@ -727,23 +720,12 @@ def _estimates(
         if key not in splits:
             splits[key] = baselines.chain_dp(per_micro_batch(bg, counts[0]), c.pp * v, spec)
         stage_of = splits[key]
-        params = bg.stage_param_bytes(stage_of, c.pp * v)
-        sync_s = max(
-            dp_sync_s(
-                int(nbytes),
-                dp=c.dp,
-                pp=c.pp,
-                tp=c.tp,
-                spec=setup.spec,
-                fsdp=c.fsdp,
-                mixed_precision=setup.mixed_precision,
-            )
-            for nbytes in per_device(params, stage_ranks(kind, c.pp, v))
-        )
+        params = per_device(bg.stage_param_bytes(stage_of, c.pp * v), stage_ranks(kind, c.pp, v))
         for m in counts:
+            tail_s = setup.with_fsdp(c.fsdp).tail_s(params, m, dp=c.dp, pp=c.pp, tp=c.tp)
             tl = simulate_blocks(bg, stage_of, c.pp, v, spec, kind, m, state_per_byte)
             peak = int(max(tl.peak_memory_bytes))
-            found.append((peak <= setup.limit, tl.step_time_s + sync_s, peak, kind, m))
+            found.append((peak <= setup.limit, tl.step_time_s + tail_s, peak, kind, m))
     return found
 
 

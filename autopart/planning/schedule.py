@@ -196,14 +196,18 @@ def simulate(
     weight_grad_bytes: Sequence[int] | None = None,
     static_bytes: Sequence[int] | None = None,
     action_overhead_s: float = 0.0,
+    tail_s: float = 0.0,
 ) -> Timeline:
     """Run ``schedule`` on ideal devices; per-stage costs are for one micro-batch (module docstring).
     ``backward_weight_s`` (default 0) is the part of ``backward_s`` that ``W`` runs.
     ``action_overhead_s`` is the pipeline runtime's own cost per action (``DeviceSpec.
     pipeline_action_s``): it occupies the device before each action's work, is not work (it
-    counts in the bubble), and delays what waits on the action."""
-    if not action_overhead_s >= 0:
-        raise ScheduleError(f"action_overhead_s must be >= 0 seconds, got {action_overhead_s!r}")
+    counts in the bubble), and delays what waits on the action. ``tail_s`` is what the step does
+    after the pipeline drains (the gradient sync and the optimizer step): the step ends that much
+    after its last action, and like the per-action cost it is not pipeline work."""
+    for name, value in (("action_overhead_s", action_overhead_s), ("tail_s", tail_s)):
+        if not value >= 0:
+            raise ScheduleError(f"{name} must be >= 0 seconds, got {value!r}")
     (n, device_of), p = _check_schedule(schedule), len(schedule)
     costs = _costs(n, device_of, forward_s, backward_s, backward_weight_s, comm_s)
     act = _per("activation_bytes", activation_bytes, n, "stage")
@@ -244,7 +248,7 @@ def simulate(
             "next, I before its W), e.g. start from build_schedule()"
         )
 
-    step_s = max((e.end_s for e in events), default=0.0)
+    step_s = max((e.end_s for e in events), default=0.0) + tail_s
     idle = tuple(max(0.0, step_s - b) for b in busy)
     bubble = math.fsum(i / step_s for i in idle) / p if step_s > 0 else 0.0
     peak, in_flight = _memory(schedule, act, grads, static, n)

@@ -455,6 +455,7 @@ def _report(
     p, m = plan.num_stages // plan.stages_per_device, plan.micro_batches
     device_of = [st.device for st in plan.stages]
     measured = measured_timeline(check.per_rank, device_of, clock.step_s[-1])
+    predicted = simulate_plan(plan, spec)  # its bubble, like the measured one, counts the tail
     samples = int(x[0].shape[0])
     return RunReport(
         model=loaded.name,
@@ -473,7 +474,7 @@ def _report(
         stage_backward_s=tuple(backward[i] for i in range(plan.num_stages)),
         predicted_stage_backward_s=tuple(s.backward_s for s in plan.stages),
         bubble_fraction=statistics.fmean(part.idle_fraction for part in check.per_rank),
-        predicted_bubble_fraction=plan.bubble_fraction,
+        predicted_bubble_fraction=predicted.bubble_fraction,
         closed_form_bubble_fraction=bubble_closed_form(p, m, plan.stages_per_device, plan.schedule),
         predicted_samples_per_s=samples / plan.step_time_s if plan.step_time_s > 0 else 0.0,
         stage_peak_memory_bytes=tuple(measured.peak_memory_bytes[d] for d in device_of),
@@ -483,7 +484,7 @@ def _report(
         profile_s=plan.profile_s,
         recomputed=tuple(r.name for r in plan.recompute),
         precision=plan.precision,
-        predicted_timeline=timeline_to_json(simulate_plan(plan, spec)),
+        predicted_timeline=timeline_to_json(predicted),
         measured_timeline=timeline_to_json(measured),
     )
 

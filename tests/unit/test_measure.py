@@ -106,6 +106,16 @@ def test_action_overhead_occupies_the_device_and_counts_as_idle() -> None:
         simulate(build_schedule("gpipe", 1, 1), [f], [b], action_overhead_s=-1.0)
 
 
+def test_the_tail_ends_the_step_after_the_last_action_and_counts_as_idle() -> None:
+    m, f, b, tail = 4, 1.0, 2.0, 0.5
+    timeline = simulate(build_schedule("gpipe", 1, m), [f], [b], tail_s=tail)
+    assert max(e.end_s for e in timeline.events) == pytest.approx(m * (f + b))
+    assert timeline.step_time_s == pytest.approx(m * (f + b) + tail)
+    assert timeline.bubble_fraction == pytest.approx(tail / timeline.step_time_s)
+    with pytest.raises(ScheduleError, match="tail_s"):
+        simulate(build_schedule("gpipe", 1, 1), [f], [b], tail_s=-1.0)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_action_overhead_fit_recovers_the_simulated_overhead(world: int) -> None:
     m, f, b, comm, o = 8, 30e-6, 60e-6, 1e-3, 1.5e-3

@@ -12,10 +12,11 @@ from autopart.cli.main import main
 from autopart.cost_models import Optimizer, get_device, p2p_time_s
 from autopart.errors import AutopartError
 from autopart.models.model_spec import load_model
-from autopart.planning.mesh_plan import simulate_plan
+from autopart.planning.mesh_plan import simulate_plan, step_tail_s
 from autopart.planning.planner import plan_graph
 from autopart.planning.plans import Plan
 from autopart.planning.schedule import SPLIT_BACKWARD, ScheduleKind, bubble_closed_form
+from autopart.planning.schedule_choice import per_device
 from autopart.solver.stage_ilp import InfeasibleMemoryError
 
 _GRAPHS: dict[tuple[str, int], tuple[object, int]] = {}
@@ -298,3 +299,21 @@ def test_auto_schedule_names_the_smallest_need_over_the_schedules() -> None:
     assert needs["auto"] == min(needs["1f1b"], needs["gpipe"]) < needs["gpipe"]
     with pytest.raises(InfeasibleMemoryError, match=r"the leanest, 1f1b .* needs at least"):
         plan_graph(gm, batch=batch, mesh="pp=4", device="h100", memory="100MiB")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_step_ends_after_every_device_steps_its_optimizer(optimizer: str) -> None:
+    plan = _plan("mlp", 2, schedule="1f1b", micro_batches=4, optimizer=optimizer)
+    ranks = [st.device for st in plan.stages]
+    params = per_device([st.param_bytes for st in plan.stages], ranks)
+    spec = get_device("h100")
+    tail = step_tail_s(
+        params, 4, optimizer=optimizer, mixed_precision=False, spec=spec, dp=1, pp=2, tp=1
+    )
+    # the slowest device's update: parameters, gradients and state streamed, gradients scaled
+    states = Optimizer(optimizer).states_per_param
+    rate = spec.memory_bandwidth_bytes_per_s * spec.memory_efficiency
+    assert tail == pytest.approx(max(params) * (3 + 2 * states + 2) / rate)
+    timeline = simulate_plan(plan)
+    assert plan.step_time_s == pytest.approx(timeline.step_time_s, rel=1e-9)
+    assert plan.step_time_s == pytest.approx(max(e.end_s for e in timeline.events) + tail)

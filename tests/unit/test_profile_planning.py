@@ -1,6 +1,7 @@
 """Planning on measured times (``profile=``, ``--profile``): measurements reach the planner, are
-cached by signature, dtype and device, and the plan says it was profiled. No timing assertions:
-the measurements the planner sees are written into the cache by the tests."""
+cached by signature, dtype and device, scaled to the whole graph's run, and the plan says it was
+profiled. No timing assertions: the measurements the planner sees are written into the cache by the
+tests, and the whole graph's run is the tests' too (:func:`_graph_run`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from torch import nn
 
 from autopart.capture.tracing import trace
 from autopart.cli.main import main
-from autopart.cost_models import get_device
+from autopart.cost_models import get_device, profiling
+from autopart.cost_models.in_situ import GraphRun
 from autopart.cost_models.profiling import (
     Measurement,
     ProfileCache,
@@ -46,6 +48,15 @@ def _measured(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 def _head(gm: torch.fx.GraphModule) -> torch.fx.Node:
     return _measured(gm)[-1]  # the last linear
+
+
+@pytest.fixture(autouse=True)
+def _graph_run(monkeypatch: pytest.MonkeyPatch) -> list[GraphRun | None]:
+    """The whole graph's run that profiling scales the op times to: none (the cached times stand)
+    unless a test puts one in the list."""
+    runs: list[GraphRun | None] = [None]
+    monkeypatch.setattr(profiling, "graph_run_s", lambda *_a, **_k: runs[0])
+    return runs
 
 
 def _fill_cache(path: Path, gm: torch.fx.GraphModule, head_s: float) -> dict[str, Measurement]:
@@ -82,6 +93,21 @@ def test_profile_reaches_the_planner(tmp_path: Path, monkeypatch: pytest.MonkeyP
     again = Plan.from_json(profiled.to_json())
     assert again.profile_s == profiled.profile_s
     assert "profile_s" not in json.loads(modelled.to_json())
+
+
+def test_op_times_are_scaled_to_the_whole_graph_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _graph_run: list[GraphRun | None]
+) -> None:
+    monkeypatch.setenv("AUTOPART_CACHE_DIR", str(tmp_path))
+    gm = _gm()
+    times = _fill_cache(tmp_path / "profile.json", gm, head_s=0.05)
+    forward = sum(m.forward_s for m in times.values())
+    backward = sum(m.backward_s for m in times.values())
+    _graph_run[0] = GraphRun(2 * forward, backward / 2)  # what op-by-op timing missed, or added
+    options = {"mesh": "pp=2", "device": "cpu", "micro_batches": 1, "schedule": "gpipe"}
+    plan = plan_graph(gm, batch=8, profile=True, **options)
+    assert sum(st.forward_s for st in plan.stages) == pytest.approx(2 * forward)
+    assert sum(st.backward_s for st in plan.stages) == pytest.approx(backward / 2)
 
 
 def test_fixed_part_of_a_measured_node_is_paid_per_micro_batch(

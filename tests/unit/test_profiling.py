@@ -8,8 +8,15 @@ import torch
 
 from autopart.capture.tracing import trace
 from autopart.cost_models import get_device
-from autopart.cost_models.compute import ComputeModel, forward_bytes, is_lookup
-from autopart.cost_models.profiling import Measurement, ProfileCache, calibrate, profile_graph
+from autopart.cost_models.compute import ComputeModel, forward_bytes, is_lookup, update_time_s
+from autopart.cost_models.in_situ import GraphRun, graph_run_s
+from autopart.cost_models.profiling import (
+    Measurement,
+    ProfileCache,
+    calibrate,
+    in_situ,
+    profile_graph,
+)
 from autopart.passes.annotate import annotate, node_cost
 from tests.models import TwoLayer
 
@@ -94,3 +101,46 @@ def test_calibration_fits_memory_efficiency_to_the_rows_an_embedding_moves() -> 
     assert len(measured) >= 4  # both lookups, the add, the norm
     fitted = calibrate(cpu, costs, measured)
     assert fitted.memory_efficiency == pytest.approx(0.3, rel=0.05)
+
+
+def test_the_whole_graph_runs_on_a_copy_forward_and_backward() -> None:
+    model = TwoLayer(64, 256, 8)
+    gm = annotate(trace(model, (torch.randn(32, 64),)))
+    run = graph_run_s(gm, torch.device("cpu"), max_bytes=1 << 30, repeats=3, warmup=1)
+    assert run is not None and run.forward_s > 0 and run.backward_s > 0
+    # the user's module keeps its values and gets no gradient
+    assert all(p.grad is None for p in gm.parameters())
+    assert torch.equal(gm.fc1.weight, model.fc1.weight)
+    # a graph of meta tensors runs on random values
+    with torch.device("meta"):
+        meta = TwoLayer(64, 256, 8)
+    meta_gm = annotate(trace(meta, (torch.randn(32, 64, device="meta"),)))
+    assert graph_run_s(meta_gm, torch.device("cpu"), max_bytes=1 << 30, repeats=1, warmup=0)
+    # a graph over the byte budget is not run
+    assert graph_run_s(gm, torch.device("cpu"), max_bytes=1024) is None
+
+
+def test_in_situ_scales_op_times_to_the_whole_graph_run() -> None:
+    gm = _gm()
+    costs = {n.name: node_cost(n) for n in gm.graph.nodes if n.op == "call_function"}
+    measured = {n: Measurement(1e-5, 2e-5) for n, c in costs.items() if not c.is_view}
+    model = ComputeModel(
+        get_device("cpu"),
+        measured_forward_s={n: m.forward_s for n, m in measured.items()},
+        measured_backward_s={n: m.backward_s for n, m in measured.items()},
+    )
+    forward = sum(model.forward_s(n, c) for n, c in costs.items())
+    backward = sum(model.backward_s(n, c) for n, c in costs.items())
+    scaled = in_situ(measured, GraphRun(1.5 * forward, 0.5 * backward), model, costs)
+    assert scaled.keys() == measured.keys()
+    assert sum(m.forward_s for m in scaled.values()) == pytest.approx(1.5 * forward)
+    assert sum(m.backward_s for m in scaled.values()) == pytest.approx(0.5 * backward)
+
+
+def test_the_update_streams_parameters_gradients_and_state() -> None:
+    cpu = get_device("cpu")
+    rate = cpu.memory_bandwidth_bytes_per_s * cpu.memory_efficiency
+    # SGD at one micro-batch: read the parameter and its gradient, write the parameter
+    assert update_time_s(1e6, cpu, states_per_param=0, micro_batches=1) == pytest.approx(3e6 / rate)
+    # Adam's two states, read and written, and the gradients divided by the micro-batch count
+    assert update_time_s(1e6, cpu, states_per_param=2, micro_batches=4) == pytest.approx(9e6 / rate)
