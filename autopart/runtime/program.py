@@ -54,6 +54,7 @@ from autopart.codegen.templates.run import (
     BindConstants,
     contiguous_input_grads,
     contiguous_outputs,
+    copied_outputs,
     fully_shard_stage,
     no_weight_pass,
     pipeline_rows,
@@ -291,10 +292,12 @@ def _stages(
             micro_batch = planned.inputs.micro_batch(planned.batch, chunks)
             _verify_tp(planned.run_gm, micro_batch, stages, local, dm, precision)
     local = [_recomputing(s, plan) for s in local]
+    split = plan.schedule in SPLIT_BACKWARD
     for stage in local:
         # Tensors cross ranks through contiguous buffers (gloo and NCCL require it); a stage
-        # output that is a strided view (e.g. a permute feeding a skip connection) is copied.
-        stage.register_forward_hook(contiguous_outputs)
+        # output that is a strided view (e.g. a permute feeding a skip connection) is copied, and
+        # every output where the schedule splits the backward (copied_outputs says why).
+        stage.register_forward_hook(copied_outputs if split else contiguous_outputs)
         stage.register_forward_pre_hook(contiguous_input_grads)  # the same for gradients sent back
     return stages, local
 

@@ -90,6 +90,8 @@ CASES = [
 ] + [
     ("mlp", "pp=2", "interleaved-zb/1", "sgd"),  # zero bubble at one stage per rank
     ("mlp", "pp=2", "interleaved/3", "sgd"),  # interleaved 1F1B at three stages per rank
+    # stages whose outputs autograd also saves (a ReLU's result), which torch detaches in place
+    ("cnn", "pp=2", "interleaved-zb/4", "sgd"),
     # tensor parallelism inside the stages: the split backward runs the TP collectives' autograd
     ("hf:llama", "pp=2,tp=2", "interleaved-zb", "sgd"),
 ]

@@ -167,6 +167,50 @@ def test_the_emitted_program_never_imports_autopart() -> None:
         assert not re.search(r"^\s*(import|from)\s+autopart\b", file.read_text(), re.M), file
 
 
+def test_the_templates_schedule_tables_are_the_planners() -> None:
+    from autopart.codegen.templates import run
+    from autopart.planning.schedule import SPLIT_BACKWARD, ScheduleKind
+
+    assert set(run.SCHEDULES) == {k.value for k in ScheduleKind}
+    assert set(run.SPLIT_BACKWARD) == {k.value for k in SPLIT_BACKWARD}
+
+
+class _SendsWhatItScales(nn.Module):
+    """A stage that sends a value on and also scales it by a weight (a U-Net's skip beside its
+    next layer): the scaling saves the value for the weight's gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.linear(x))
+        return h, h * self.scale
+
+
+def test_split_backward_stages_send_copies_of_outputs_autograd_saved() -> None:
+    """torch's split backward detaches a stage's outputs in place after the input gradients; an
+    output that autograd saved for a weight gradient must be a copy of what is sent."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    from autopart.codegen.templates.run import contiguous_outputs, copied_outputs
+
+    def split_backward(hook: Any) -> None:
+        stage = _SendsWhatItScales()
+        stage.register_forward_hook(hook)
+        x = torch.randn(2, 4, requires_grad=True)
+        outs = list(stage(x))
+        grads = [torch.ones_like(t) for t in outs]
+        _, groups = stage_backward_input(outs, grads, [x], stage.parameters())
+        stage_backward_weight(stage.parameters(), groups)
+        assert stage.scale.grad is not None and stage.linear.weight.grad is not None
+
+    with pytest.raises(RuntimeError, match="detached in-place"):
+        split_backward(contiguous_outputs)
+    split_backward(copied_outputs)
+
+
 # -- the emitted stages against the model, in one process ----------------------------------------
 
 

@@ -64,6 +64,8 @@ SCHEDULES = {
     "zbv": ScheduleZBVZeroBubble,
     "dualpipev": ScheduleDualPipeV,
 }
+SPLIT_BACKWARD = ("interleaved-zb", "zbv", "dualpipev")
+"""The schedules that run a backward as input gradients, then weight gradients."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -140,7 +142,7 @@ def train(config: dict[str, Any], args: argparse.Namespace, device: torch.device
     stage_ranks: list[int] = config["stage_ranks"]
     num_stages = len(stage_ranks)
     mine = [k for k, r in enumerate(stage_ranks) if r == place.pp_rank]
-    stages, sharded = build_stages(mine, device, place)
+    stages, sharded = build_stages(mine, device, place, config["schedule"])
     inputs, target = load_data(args.data, config, device, place)
     mixed = config.get("precision") == "bf16-mixed"
     if mixed:  # the model's floating-point inputs in the compute dtype
@@ -213,11 +215,12 @@ def train(config: dict[str, Any], args: argparse.Namespace, device: torch.device
 
 
 def build_stages(
-    mine: list[int], device: torch.device, place: Place
+    mine: list[int], device: torch.device, place: Place, schedule: str
 ) -> tuple[dict[int, torch.nn.Module], dict[str, tuple[int, int]]]:
     """This rank's stages on ``device``, with the weights the model had when it was emitted (this
     rank's shard of the tensors a stage lists in SHARDED), and those SHARDED entries (a tensor
-    several stages hold is split the same way on each)."""
+    several stages hold is split the same way on each); their outputs sent as ``schedule``
+    needs them."""
     # mmap: only the tensors these stages need are read from disk.
     weights = torch.load(HERE / "weights.pt", map_location="cpu", weights_only=True, mmap=True)
     stages = {}
@@ -240,8 +243,10 @@ def build_stages(
                 state[name] = weights[name]
         stage.load_state_dict(state)
         # Tensors cross ranks through contiguous buffers (gloo and NCCL require it): outputs that
-        # are strided views are copied, and so are the gradients sent back to the previous stage.
-        stage.register_forward_hook(contiguous_outputs)
+        # are strided views are copied (every output, where the schedule splits the backward), and
+        # so are the gradients sent back to the previous stage.
+        copy_all = schedule in SPLIT_BACKWARD
+        stage.register_forward_hook(copied_outputs if copy_all else contiguous_outputs)
         stage.register_forward_pre_hook(contiguous_input_grads)
         stages[k] = stage
     return stages, split
@@ -499,6 +504,20 @@ def _own(t: Any) -> Any:
     if not isinstance(t, torch.Tensor):
         return t
     return t.clone(memory_format=torch.contiguous_format) if t._base is not None else t.contiguous()
+
+
+def copied_outputs(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
+    """Stage outputs always copied, for the schedules that split the backward (interleaved zero
+    bubble, ZBV, DualPipeV): once a stage's input gradients are computed, torch detaches its
+    outputs in place, and an output autograd also saved for the weight gradients (a ReLU's result,
+    an input passed on unchanged) could then not be used by them. The copy is what is sent."""
+    if isinstance(output, tuple):
+        return tuple(_copy(t) for t in output)
+    return _copy(output)
+
+
+def _copy(t: Any) -> Any:
+    return t.clone(memory_format=torch.contiguous_format) if isinstance(t, torch.Tensor) else t
 
 
 if __name__ == "__main__":
