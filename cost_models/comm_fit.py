@@ -150,9 +150,12 @@ class CommCache:
 
 def measured_device(spec: DeviceSpec, fits: CommFits) -> DeviceSpec:
     """``spec`` with the measured link (the point-to-point fit, taken as achieved: efficiency 1)
-    and the measured cost per pipeline action. Its name stays ``spec``'s (the same hardware)."""
+    and the measured cost per pipeline action; a CPU host's cores are the ones this process may
+    run on. Its name stays ``spec``'s (the same hardware)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return dataclasses.replace(
         spec,
+        shared_cores=float(cores or 1) if spec.shared_cores is not None else None,
         link_latency_s=max(fits.p2p.alpha_s, 1e-9),  # DeviceSpec wants every figure positive
         link_bandwidth_bytes_per_s=fits.p2p.beta_bytes_per_s,
         link_efficiency=1.0,

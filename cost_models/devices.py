@@ -91,6 +91,12 @@ class DeviceSpec:
     """Fraction of network bandwidth that collectives reach (0, 1]."""
     sources: tuple[str, ...] = ()
     """Datasheets and measurements the numbers come from."""
+    shared_cores: float | None = None
+    """CPU hosts: the cores the simulated devices share, one rank (one thread) per core at full
+    speed; more busy ranks than cores run at a share (:func:`autopart.planning.schedule.simulate`).
+    ``None``: each device is its own (GPUs). The table gives the host's cores; a pipeline's spec
+    (:func:`autopart.planning.mesh_plan.pipeline_device`) its share, in devices of ``tp`` ranks
+    beside the other replicas."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -237,6 +243,7 @@ _CPU = DeviceSpec(
     network_latency_s=50e-6,
     kernel_launch_s=4e-6,  # PyTorch eager dispatch of a tiny op measured 3.9 us
     pipeline_action_s=CPU_PIPELINE_ACTION_S,
+    shared_cores=_CPU_CORES,
     compute_efficiency=0.45,  # fp32 2048^3 matmul measured 52-73 GFLOP/s of 156.8
     memory_efficiency=0.9,
     link_efficiency=1.0,  # the link numbers above are already measured, not line rates

@@ -285,10 +285,13 @@ def solve_tp_costs(
     return TPCostsOf(tp_plan, tp_costs(og, gm, tp_plan, micro_batches=micro_batches))
 
 
-def pipeline_device(spec: DeviceSpec, *, pp: int, tp: int = 1) -> DeviceSpec:
+def pipeline_device(spec: DeviceSpec, *, pp: int, tp: int = 1, replicas: int = 1) -> DeviceSpec:
     """``spec`` with the link that pipeline sends take: the network's where one replica's ``tp *
     pp`` ranks span more than a node (every boundary priced at it: conservative for the boundaries
-    inside a node)."""
+    inside a node). On a CPU host (``shared_cores``) the pipeline's share of the cores, counted in
+    its devices of ``tp`` ranks beside the ``replicas`` pipelines that run at the same time."""
+    if spec.shared_cores is not None:
+        spec = dataclasses.replace(spec, shared_cores=spec.shared_cores / (tp * replicas))
     if pp == 1 or tp * pp <= GPUS_PER_NODE:
         return spec
     return dataclasses.replace(
@@ -387,7 +390,7 @@ def plan_mesh(
     start = time.perf_counter() if start_s is None else start_s
     setup = setup.with_fsdp(fsdp)
     p, degree = pp, (tp.plan.degree if tp is not None else 1)
-    spec = pipeline_device(setup.spec, pp=p, tp=degree)
+    spec = pipeline_device(setup.spec, pp=p, tp=degree, replicas=dp * fsdp)
     og = tp.costs.op_graph if tp is not None else og_full
     traced = graph_batch or batch
     replicas = dp * fsdp
@@ -1005,7 +1008,12 @@ def simulate_plan(plan: Plan, device: DeviceSpec | None = None) -> Any:
     step ending after the gradient sync and the optimizer step (:func:`step_tail_s`).
     ``device`` is the spec it was planned on where that is not the table's (measured links)."""
     p = plan.mesh["pp"]
-    spec = pipeline_device(device or get_device(plan.device), pp=p, tp=plan.mesh.get("tp", 1))
+    spec = pipeline_device(
+        device or get_device(plan.device),
+        pp=p,
+        tp=plan.mesh.get("tp", 1),
+        replicas=plan.mesh.get("dp", 1) * plan.mesh.get("fsdp", 1),
+    )
     state_per_byte = state_bytes_per_param_byte(
         plan.optimizer,
         fsdp=plan.mesh.get("fsdp", 1),
@@ -1037,6 +1045,7 @@ def simulate_plan(plan: Plan, device: DeviceSpec | None = None) -> Any:
         static_bytes=[int(b) + r for b, r in zip(per_device(state, ranks), rebuilt)],
         action_overhead_s=spec.pipeline_action_s,
         tail_s=tail_s,
+        cores=spec.shared_cores,
     )
 
 
@@ -1071,6 +1080,7 @@ def simulate_blocks(
         weight_grad_bytes=grads,
         static_bytes=[int(b) for b in _held_per_device(scaled, stage_of, ranks, state_per_byte)],
         action_overhead_s=spec.pipeline_action_s,
+        cores=spec.shared_cores,
     )
 
 

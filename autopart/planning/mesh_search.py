@@ -709,7 +709,7 @@ def _estimates(
     layouts: Sequence[tuple[str, int, Sequence[int]]],
 ) -> list[tuple[bool, float, int, str, int]]:
     """(fits, step, peak, schedule, micro-batches) of each layout and count on ``bg``."""
-    spec = pipeline_device(setup.spec, pp=c.pp, tp=c.tp)
+    spec = pipeline_device(setup.spec, pp=c.pp, tp=c.tp, replicas=c.replicas)
     state_per_byte = setup.with_fsdp(c.fsdp).state_per_byte
     found: list[tuple[bool, float, int, str, int]] = []
     splits: dict[tuple[int, int], list[int]] = {}  # the chain DP's, per stage count and count

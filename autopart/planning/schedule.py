@@ -197,6 +197,7 @@ def simulate(
     static_bytes: Sequence[int] | None = None,
     action_overhead_s: float = 0.0,
     tail_s: float = 0.0,
+    cores: float | None = None,
 ) -> Timeline:
     """Run ``schedule`` on ideal devices; per-stage costs are for one micro-batch (module docstring).
     ``backward_weight_s`` (default 0) is the part of ``backward_s`` that ``W`` runs.
@@ -204,7 +205,10 @@ def simulate(
     pipeline_action_s``): it occupies the device before each action's work, is not work (it
     counts in the bubble), and delays what waits on the action. ``tail_s`` is what the step does
     after the pipeline drains (the gradient sync and the optimizer step): the step ends that much
-    after its last action, and like the per-action cost it is not pipeline work."""
+    after its last action, and like the per-action cost it is not pipeline work. ``cores``: the
+    cores the devices share (CPU ranks on one host; ``None``: one per device): while more devices
+    are busy than there are cores, each runs at ``cores / busy`` of its speed (the operating
+    system's time sharing, as a fluid), its actions and their runtime cost alike."""
     for name, value in (("action_overhead_s", action_overhead_s), ("tail_s", tail_s)):
         if not value >= 0:
             raise ScheduleError(f"{name} must be >= 0 seconds, got {value!r}")
@@ -213,33 +217,14 @@ def simulate(
     act = _per("activation_bytes", activation_bytes, n, "stage")
     grads = _per("weight_grad_bytes", weight_grad_bytes, n, "stage")
     static = _per("static_bytes", static_bytes, p, "device")
-    gradient_of = {(a.stage, a.micro_batch): a for row in schedule for a in row if a.kind in (B, I)}
-
-    end: dict[Action, float] = {}
-    events: list[Event] = []
-    position, free_s, busy = [0] * p, [0.0] * p, [0.0] * p
-    # A device runs until its next action lacks an input, then sleeps until that input is done.
-    # Start times are fixed by the inputs and the device order, so the visiting order is irrelevant.
-    awake, asleep = list(range(p)), defaultdict[Action, list[int]](list)
-    while awake:
-        device = awake.pop()
-        actions = schedule[device]
-        while position[device] < len(actions):
-            action = actions[position[device]]
-            deps = _deps(action, costs, gradient_of, n)
-            missing = next((dep for dep, _ in deps if dep not in end), None)
-            if missing is not None:
-                asleep[missing].append(device)
-                break
-            ready_s = max([free_s[device], *(end[dep] + lag_s for dep, lag_s in deps)])
-            start_s = ready_s + action_overhead_s
-            cost_s = costs.of(action)
-            end[action] = free_s[device] = start_s + cost_s
-            busy[device] += cost_s
-            events.append(Event(device, action, start_s, start_s + cost_s))
-            position[device] += 1
-            awake += asleep.pop(action, [])
-    stuck = [(d, a[position[d]]) for d, a in enumerate(schedule) if position[d] < len(a)]
+    run = _Run(schedule, costs, n, action_overhead_s)
+    if cores is not None and not cores > 0:
+        raise ScheduleError(f"cores must be > 0 (or None: a core per device), got {cores!r}")
+    if cores is None:
+        run.in_order()
+    else:
+        run.sharing(cores)
+    stuck = [(d, a[run.position[d]]) for d, a in enumerate(schedule) if run.position[d] < len(a)]
     if stuck:
         waits = "; ".join(f"device {d} waits at {a}" for d, a in stuck)
         raise ScheduleError(
@@ -247,6 +232,7 @@ def simulate(
             "action after the actions it depends on (F of the previous stage, B or I of the "
             "next, I before its W), e.g. start from build_schedule()"
         )
+    events, busy = run.events, run.busy
 
     step_s = max((e.end_s for e in events), default=0.0) + tail_s
     idle = tuple(max(0.0, step_s - b) for b in busy)
@@ -254,6 +240,104 @@ def simulate(
     peak, in_flight = _memory(schedule, act, grads, static, n)
     events.sort(key=lambda e: (e.device, e.start_s))
     return Timeline(step_s, tuple(events), tuple(busy), idle, min(bubble, 1.0), peak, in_flight)
+
+
+class _Run:
+    """One simulated step: every device's events and busy seconds, and how far each got."""
+
+    def __init__(self, schedule: Schedule, costs: _Costs, n: int, overhead_s: float) -> None:
+        self.schedule, self.costs, self.n, self.overhead_s = schedule, costs, n, overhead_s
+        self.gradient_of = {
+            (a.stage, a.micro_batch): a for row in schedule for a in row if a.kind in (B, I)
+        }
+        p = len(schedule)
+        self.end: dict[Action, float] = {}
+        self.events: list[Event] = []
+        self.position, self.busy = [0] * p, [0.0] * p
+
+    def _ready_s(self, action: Action, free_s: float) -> float | None:
+        """When ``action`` may start on a device free at ``free_s`` (``None``: an input is not
+        done yet)."""
+        deps = _deps(action, self.costs, self.gradient_of, self.n)
+        if any(dep not in self.end for dep, _ in deps):
+            return None
+        return max([free_s, *(self.end[dep] + lag_s for dep, lag_s in deps)])
+
+    def _done(self, device: int, action: Action, start_s: float, end_s: float) -> None:
+        self.end[action] = end_s
+        self.busy[device] += end_s - start_s
+        self.events.append(Event(device, action, start_s, end_s))
+        self.position[device] += 1
+
+    def in_order(self) -> None:
+        """A core per device: a device runs until its next action lacks an input, then sleeps
+        until that input is done. Start times are fixed by the inputs and the device order, so
+        the visiting order is irrelevant."""
+        free_s = [0.0] * len(self.schedule)
+        awake, asleep = list(range(len(self.schedule))), defaultdict[Action, list[int]](list)
+        while awake:
+            device = awake.pop()
+            actions = self.schedule[device]
+            while self.position[device] < len(actions):
+                action = actions[self.position[device]]
+                ready_s = self._ready_s(action, free_s[device])
+                if ready_s is None:
+                    missing = next(
+                        d
+                        for d, _ in _deps(action, self.costs, self.gradient_of, self.n)
+                        if d not in self.end
+                    )
+                    asleep[missing].append(device)
+                    break
+                start_s = ready_s + self.overhead_s
+                free_s[device] = start_s + self.costs.of(action)
+                self._done(device, action, start_s, free_s[device])
+                awake += asleep.pop(action, [])
+
+    def sharing(self, cores: float) -> None:
+        """``cores`` shared by the devices: time advances from one change to the next (an action
+        or its runtime cost ends, a waiting action's input arrives); in between, each of the
+        ``k`` busy devices progresses at ``min(1, cores / k)``."""
+        p, now = len(self.schedule), 0.0
+        ready: list[float | None] = [None] * p  # when the device's next action may start
+        left = [[0.0, 0.0] for _ in range(p)]  # its runtime cost and its work still to run
+        start = [0.0] * p
+
+        def arm(device: int) -> None:
+            actions = self.schedule[device]
+            if self.position[device] >= len(actions):
+                ready[device] = None
+                return
+            action = actions[self.position[device]]
+            ready[device] = at = self._ready_s(action, now)
+            left[device] = [self.overhead_s, self.costs.of(action)]
+            if at is not None and self.overhead_s == 0:
+                start[device] = at  # no runtime cost to run first: the work starts when ready
+
+        for device in range(p):
+            arm(device)
+        while True:
+            armed = [(d, r) for d, r in enumerate(ready) if r is not None]
+            busy = [d for d, r in armed if r <= now]
+            waiting = [r for _, r in armed if r > now]
+            if not busy and not waiting:
+                return
+            rate = min(1.0, cores / len(busy)) if busy else 1.0
+            step = min(
+                [w - now for w in waiting] + [(left[d][0] or left[d][1]) / rate for d in busy]
+            )
+            now += step
+            for d in busy:
+                phase = 0 if left[d][0] > 0 else 1
+                left[d][phase] = max(0.0, left[d][phase] - step * rate)
+                if phase == 0 and left[d][0] <= 1e-15 * max(1.0, now):
+                    left[d][0], start[d] = 0.0, now
+                if phase == 1 and left[d][1] <= 1e-15 * max(1.0, now):
+                    self._done(d, self.schedule[d][self.position[d]], start[d], now)
+                    arm(d)
+            for d in range(p):
+                if ready[d] is None:
+                    arm(d)
 
 
 def _deps(

@@ -40,6 +40,7 @@ from autopart.runtime.step_clock import (
     StepClock,
     after_first,
     measured_timeline,
+    stage_chunk_s,
     timeline_from_json,
     timeline_to_json,
 )
@@ -73,6 +74,8 @@ class RunReport:
     stage_forward_s: tuple[float, ...]
     """Measured forward time per micro-batch of each stage (median over steps)."""
     predicted_stage_forward_s: tuple[float, ...]
+    """The plan's, as the simulated chunks take it (:func:`~autopart.runtime.step_clock.\
+stage_chunk_s`: the stage's work, stretched where ranks share cores)."""
     stage_backward_s: tuple[float, ...] = ()
     """Measured backward time per micro-batch of each stage (median)."""
     predicted_stage_backward_s: tuple[float, ...] = ()
@@ -456,6 +459,8 @@ def _report(
     device_of = [st.device for st in plan.stages]
     measured = measured_timeline(check.per_rank, device_of, clock.step_s[-1])
     predicted = simulate_plan(plan, spec)  # its bubble, like the measured one, counts the tail
+    # the chunks' durations, like the measured ones: longer than the work where ranks share cores
+    chunk_forward, chunk_backward = stage_chunk_s(predicted, plan.num_stages)
     samples = int(x[0].shape[0])
     return RunReport(
         model=loaded.name,
@@ -470,9 +475,9 @@ def _report(
         predicted_step_time_s=plan.step_time_s,
         samples_per_s=samples / step_s,
         stage_forward_s=tuple(forward[i] for i in range(plan.num_stages)),
-        predicted_stage_forward_s=tuple(s.forward_s for s in plan.stages),
+        predicted_stage_forward_s=tuple(chunk_forward),
         stage_backward_s=tuple(backward[i] for i in range(plan.num_stages)),
-        predicted_stage_backward_s=tuple(s.backward_s for s in plan.stages),
+        predicted_stage_backward_s=tuple(chunk_backward),
         bubble_fraction=statistics.fmean(part.idle_fraction for part in check.per_rank),
         predicted_bubble_fraction=predicted.bubble_fraction,
         closed_form_bubble_fraction=bubble_closed_form(p, m, plan.stages_per_device, plan.schedule),

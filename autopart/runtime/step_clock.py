@@ -25,6 +25,7 @@ __all__ = [
     "StepClock",
     "after_first",
     "measured_timeline",
+    "stage_chunk_s",
     "timeline_from_json",
     "timeline_to_json",
 ]
@@ -189,6 +190,28 @@ def measured_timeline(
         min(bubble, 1.0),
         tuple(peaks),
         (0,) * len(device_of),
+    )
+
+
+def stage_chunk_s(timeline: Timeline, num_stages: int) -> tuple[list[float], list[float]]:
+    """Per stage, the forward and the backward seconds per micro-batch of ``timeline``'s chunks, as
+    :class:`StepClock` measures them (a backward split into ``I`` and ``W``: both, per ``I``). On
+    ranks that share cores (:func:`autopart.planning.schedule.simulate`'s ``cores``) a chunk
+    takes longer than its stage's work."""
+    forward: list[list[float]] = [[] for _ in range(num_stages)]
+    backward: list[list[float]] = [[] for _ in range(num_stages)]
+    weight: list[list[float]] = [[] for _ in range(num_stages)]
+    for e in timeline.events:
+        kind, seconds = e.action.kind, e.end_s - e.start_s
+        if kind is ActionKind.FORWARD:
+            forward[e.action.stage].append(seconds)
+        elif kind is ActionKind.BACKWARD_WEIGHT:
+            weight[e.action.stage].append(seconds)
+        else:
+            backward[e.action.stage].append(seconds)
+    return (
+        [statistics.median(f) if f else 0.0 for f in forward],
+        [_backward_s(b, w) for b, w in zip(backward, weight)],
     )
 
 

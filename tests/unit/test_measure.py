@@ -29,6 +29,7 @@ from autopart.runtime.peak_memory import held_bytes, measure_peak
 from autopart.runtime.step_clock import (
     RankSummary,
     measured_timeline,
+    stage_chunk_s,
     timeline_from_json,
     timeline_to_json,
 )
@@ -194,3 +195,29 @@ def test_one_rank_measures_the_pipeline_runtime_and_caches_it(
     fits = CommCache(tmp_path / "comm.json").get("gloo:world1:cpu")
     assert fits is not None and fits.collectives == {} and fits.pipeline_action_s >= 0
     assert spec.pipeline_action_s == max(fits.pipeline_action_s, 1e-9)
+
+
+@pytest.mark.parametrize("kind", ["1f1b", "zbv"])
+def test_simulated_chunks_are_the_stage_costs_unless_ranks_share_cores(kind: str) -> None:
+    f, b, w = [1.0, 2.0, 1.5, 0.5], [2.0, 4.0, 3.0, 1.0], [1.0, 2.0, 1.0, 0.5]
+    v = 2 if kind == "zbv" else 1
+    n, p = 2 * v, 2
+    schedule = build_schedule(kind, p, 4, v)
+    plain = simulate(schedule, f[:n], b[:n], backward_weight_s=w[:n])
+    forward, backward = stage_chunk_s(plain, n)
+    assert forward == pytest.approx(f[:n])
+    assert backward == pytest.approx(b[:n])  # I and W together, per micro-batch
+    shared = simulate(schedule, f[:n], b[:n], backward_weight_s=w[:n], cores=1)
+    forward, backward = stage_chunk_s(shared, n)
+    assert all(s >= c - 1e-9 for s, c in zip(forward + backward, f[:n] + b[:n]))
+    assert sum(forward + backward) > sum(f[:n] + b[:n])
+
+
+def test_cpu_ranks_share_the_hosts_cores() -> None:
+    from autopart.planning.mesh_plan import pipeline_device
+
+    cpu, h100 = get_device("cpu"), get_device("h100")
+    assert cpu.shared_cores == 2
+    # one pipeline of dp=2 x pp x tp=2 ranks: its devices (2 ranks each) beside another replica
+    assert pipeline_device(cpu, pp=2, tp=2, replicas=2).shared_cores == pytest.approx(0.5)
+    assert pipeline_device(h100, pp=2, tp=2, replicas=2).shared_cores is None

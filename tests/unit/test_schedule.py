@@ -487,3 +487,60 @@ def test_stages_whose_weights_miss_torchs_split_keep_them_with_the_input_gradien
         {0: stage, 1: stage, 2: stage}, {0: [False] * 3, 1: [False, False, True], 2: [False] * 3}
     )
     assert keep == [2]  # the first stage runs its whole backward in W anyway
+
+
+_SHARED_KINDS = [
+    (ScheduleKind.GPIPE, 1),
+    (ScheduleKind.ONE_F_ONE_B, 1),
+    (ScheduleKind.INTERLEAVED, 2),
+    (ScheduleKind.INTERLEAVED_ZB, 1),
+    (ScheduleKind.ZBV, 2),
+    (ScheduleKind.DUALPIPEV, 2),
+]
+
+
+@given(
+    st.sampled_from(_SHARED_KINDS),
+    st.integers(2, 4),
+    st.integers(1, 3),
+    st.lists(st.floats(0.0, 5.0), min_size=24, max_size=24),
+    st.floats(0.0, 0.5),
+)
+def test_time_sharing_with_a_core_per_device_is_the_plain_simulation(
+    kind_v: tuple[ScheduleKind, int], p: int, rounds: int, costs: list[float], overhead: float
+) -> None:
+    kind, v = kind_v
+    m = 2 * p * rounds  # a count every kind runs
+    n = p * v
+    fwd, bwd = costs[:n], [b + w for b, w in zip(costs[8 : 8 + n], costs[16 : 16 + n])]
+    weight = costs[16 : 16 + n]
+    comm = costs[1:n]
+    schedule = build_schedule(kind, p, m, v)
+    common = {"backward_weight_s": weight, "comm_s": comm, "action_overhead_s": overhead}
+    plain = simulate(schedule, fwd, bwd, **common)
+    for cores in (p, p + 0.5):
+        shared = simulate(schedule, fwd, bwd, cores=cores, **common)
+        assert shared.step_time_s == pytest.approx(plain.step_time_s, rel=1e-9, abs=1e-12)
+        for a, b in zip(shared.events, plain.events):
+            assert a.action == b.action and a.device == b.device
+            assert a.start_s == pytest.approx(b.start_s, rel=1e-9, abs=1e-12)
+            assert a.end_s == pytest.approx(b.end_s, rel=1e-9, abs=1e-12)
+
+
+def test_devices_sharing_cores_run_at_their_share() -> None:
+    # two devices, one core: while both are busy each runs at half speed
+    schedule = build_schedule("gpipe", 2, 4)
+    f, b = [1.0, 1.0], [2.0, 2.0]
+    plain = simulate(schedule, f, b)
+    shared = simulate(schedule, f, b, cores=1)
+    work = 4 * (sum(f) + sum(b))
+    assert shared.step_time_s >= work - 1e-9  # one core does all of the work, one piece at a time
+    assert shared.step_time_s > plain.step_time_s
+    # 0F0 runs alone at full speed; 0F1 then shares the core with 1F0
+    first = {str(e.action): e for e in shared.events}
+    assert first["0F0"].end_s == pytest.approx(1.0)
+    assert first["1F0"].end_s - first["1F0"].start_s == pytest.approx(2.0)
+    assert first["0F1"].end_s - first["0F1"].start_s == pytest.approx(2.0)
+    assert sum(shared.busy_s) > sum(plain.busy_s)  # a chunk's wall time is stretched
+    with pytest.raises(ScheduleError, match="cores"):
+        simulate(schedule, f, b, cores=0)
