@@ -317,3 +317,21 @@ def test_the_step_ends_after_every_device_steps_its_optimizer(optimizer: str) ->
     timeline = simulate_plan(plan)
     assert plan.step_time_s == pytest.approx(timeline.step_time_s, rel=1e-9)
     assert plan.step_time_s == pytest.approx(max(e.end_s for e in timeline.events) + tail)
+
+
+@pytest.mark.parametrize(("name", "pp", "m"), [("mlp", 2, 4), ("gpt2-tiny", 4, 8)])
+def test_steps_within_a_percent_are_a_tie_won_by_the_least_memory(
+    name: str, pp: int, m: int
+) -> None:
+    plan = _plan(name, pp, micro_batches=m)
+    fits = [o for o in plan.schedule_options if o.fits]
+    fastest = min(o.step_time_s for o in fits)
+    near = [o for o in fits if o.step_time_s <= fastest * 1.01]
+    assert len(near) >= 2  # a tie to break: GPipe and 1F1B at least
+    chosen = next(
+        o
+        for o in plan.schedule_options
+        if (o.schedule, o.stages_per_device) == (plan.schedule, plan.stages_per_device)
+    )
+    assert chosen.peak_memory_bytes == min(o.peak_memory_bytes for o in near)
+    assert plan.step_time_s <= fastest * 1.01
