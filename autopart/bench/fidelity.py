@@ -9,9 +9,8 @@ stage's rank; per step the step time, the bubble and the throughput. :func:`summ
 median and the worst ``|error|`` of each figure over the rows.
 
 Variants are data, so a planning option is one more entry: ``analytic`` plans on the cost model
-with the link and per-action costs measured on the group; ``table`` on the device table alone.
-A ``--profile`` variant (profile-guided planning, issue 13 item 2) is one entry
-``{"profile": True}`` once ``run_local`` takes that option.
+with the link and per-action costs measured on the group; ``table`` on the device table alone;
+``profile`` on op times measured by rank 0 (``--profile``), with the measured link.
 """
 
 from __future__ import annotations
