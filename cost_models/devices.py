@@ -91,6 +91,11 @@ class DeviceSpec:
     """Fraction of network bandwidth that collectives reach (0, 1]."""
     sources: tuple[str, ...] = ()
     """Datasheets and measurements the numbers come from."""
+    split_backward_factor: float | None = None
+    """How much longer a backward takes run as torch's zero-bubble schedules run it, input
+    gradients (``I``) then weight gradients (``W``) in two autograd passes after a Python walk of
+    the autograd graph, than in one pass (:func:`autopart.planning.mesh_plan.split_backward_factor`).
+    ``None``: the same (not measured on GPUs)."""
     shared_cores: float | None = None
     """CPU hosts: the cores the simulated devices share, one rank (one thread) per core at full
     speed; more busy ranks than cores run at a share (:func:`autopart.planning.schedule.simulate`).
@@ -243,6 +248,10 @@ _CPU = DeviceSpec(
     network_latency_s=50e-6,
     kernel_launch_s=4e-6,  # PyTorch eager dispatch of a tiny op measured 3.9 us
     pipeline_action_s=CPU_PIPELINE_ACTION_S,
+    # torch's stage_backward_input + stage_backward_weight against one backward, the fx stages of
+    # pp=2 plans (one thread, 4 samples): llama-tiny 1.21x, gpt2-tiny 1.22x, mlp 1.26x, cnn
+    # 1.26x and 1.35x; the median
+    split_backward_factor=1.26,
     shared_cores=_CPU_CORES,
     compute_efficiency=0.45,  # fp32 2048^3 matmul measured 52-73 GFLOP/s of 156.8
     memory_efficiency=0.9,

@@ -81,6 +81,7 @@ __all__ = [
     "simulate_blocks",
     "simulate_plan",
     "solve_tp_costs",
+    "split_backward_factor",
     "step_tail_s",
 ]
 
@@ -896,6 +897,7 @@ def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float)
     bound = _device_lower_bound_s(scaled, og.scaled(1.0 / m), ranks, spec)
     stage_of_node = {n: s for blk, s in zip(bg.blocks, best.stage_of) for n in blk.nodes}
     param_bytes = bg.stage_param_bytes(best.stage_of, num_stages)
+    split = split_backward_factor(best.schedule, spec)
     stages = []
     for s in range(num_stages):
         blocks = [b for b, st in zip(scaled.blocks, best.stage_of) if st == s]
@@ -906,8 +908,8 @@ def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float)
                 modules=_summarize_modules([mod for b in blocks for mod in b.modules]),
                 node_count=sum(len(b.nodes) for b in blocks),
                 forward_s=sum(b.forward_s for b in blocks),
-                backward_s=sum(b.backward_s for b in blocks),
-                backward_weight_s=sum(b.backward_weight_s for b in blocks),
+                backward_s=sum(b.backward_s for b in blocks) * split,
+                backward_weight_s=sum(b.backward_weight_s for b in blocks) * split,
                 predicted_s=times[s],
                 param_bytes=param_bytes[s],
                 peak_memory_bytes=int(best.timeline.peak_memory_bytes[ranks[s]]),
@@ -1057,6 +1059,15 @@ def simulate_plan(plan: Plan, device: DeviceSpec | None = None) -> Any:
     )
 
 
+def split_backward_factor(kind: str, spec: DeviceSpec) -> float:
+    """What a stage's backward time is multiplied by under ``kind`` on ``spec``: the device's
+    :attr:`~autopart.cost_models.devices.DeviceSpec.split_backward_factor` for the schedules
+    that split it (:data:`SPLIT_BACKWARD`), else 1."""
+    if kind in SPLIT_BACKWARD and spec.split_backward_factor is not None:
+        return spec.split_backward_factor
+    return 1.0
+
+
 def simulate_blocks(
     bg: BlockGraph,
     stage_of: Sequence[int],
@@ -1078,6 +1089,8 @@ def simulate_blocks(
         act[s] += b.activation_bytes
         grads[s] += b.weight_grad_bytes
     comm = [p2p_time_s(nb, spec) for nb in scaled.boundary_bytes(stage_of, num_stages)]
+    split = split_backward_factor(kind, spec)
+    bwd, weight = [b * split for b in bwd], [w * split for w in weight]
     return simulate(
         build_schedule(kind, p, m, v),
         fwd,

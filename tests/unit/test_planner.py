@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import xml.etree.ElementTree as ET
@@ -335,3 +336,32 @@ def test_steps_within_a_percent_are_a_tie_won_by_the_least_memory(
     )
     assert chosen.peak_memory_bytes == min(o.peak_memory_bytes for o in near)
     assert plan.step_time_s <= fastest * 1.01
+
+
+def test_a_split_backward_costs_what_the_device_measured_it_to() -> None:
+    gm, batch = _graph("llama-tiny")
+    cpu = get_device("cpu")
+    assert cpu.split_backward_factor is not None and cpu.split_backward_factor > 1
+    plans = {
+        factor: plan_graph(
+            gm,
+            batch=batch,
+            mesh="pp=2",
+            device=dataclasses.replace(cpu, split_backward_factor=factor),
+            schedule="zbv",
+            micro_batches=4,
+        )
+        for factor in (None, cpu.split_backward_factor)
+    }
+    plain, split = plans[None], plans[cpu.split_backward_factor]
+    assert plain.stage_of == split.stage_of
+    for a, b in zip(plain.stages, split.stages, strict=True):
+        assert b.backward_s == pytest.approx(a.backward_s * cpu.split_backward_factor)
+        assert b.forward_s == pytest.approx(a.forward_s)
+    assert split.step_time_s > plain.step_time_s
+    assert simulate_plan(split, cpu).step_time_s == pytest.approx(split.step_time_s, rel=1e-9)
+    # schedules that run the backward in one pass are not charged
+    one_pass = plan_graph(
+        gm, batch=batch, mesh="pp=2", device=cpu, schedule="1f1b", micro_batches=4
+    )
+    assert simulate_plan(one_pass, cpu).step_time_s == pytest.approx(one_pass.step_time_s)
