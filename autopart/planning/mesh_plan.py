@@ -424,10 +424,16 @@ def plan_mesh(
         return (step_s, c.micro_batches, order.index(c.schedule), c.stages_per_device)
 
     # Steps predicted within _EQUAL_STEP of the fastest are a tie the model cannot break: the
-    # leanest of them runs (GPipe and 1F1B at one step, 1F1B holding fewer micro-batches).
+    # leanest of them runs, by its fullest device, then by all of them (GPipe and 1F1B at one
+    # step: rank 0 holds as many micro-batches in both, the later ranks fewer under 1F1B).
     fastest = min(rank(c)[0] for c in candidates)
     near = [c for c in candidates if rank(c)[0] <= fastest * (1 + _EQUAL_STEP)]
-    best = min(near, key=lambda c: (max(c.timeline.peak_memory_bytes), rank(c)))
+
+    def leanest(c: _Candidate) -> tuple[int, int, tuple[float, int, int, int]]:
+        peaks = c.timeline.peak_memory_bytes
+        return (max(peaks), sum(peaks), rank(c))
+
+    best = min(near, key=leanest)
     redone = search.refined(best)
     if redone is not None and rank(redone) < rank(best):
         best = redone
@@ -778,7 +784,7 @@ class _ScheduleSearch:
 _LAYOUT_SLACK = 0.10
 _EQUAL_STEP = 0.01
 """Predicted steps this close to the fastest are taken as equal, and the least peak memory among
-them chosen: the simulation is not that exact (measured on CPU, GPipe ran 10% slower than 1F1B
+them chosen (the fullest device's, then the sum over devices): the simulation is not that exact (measured on CPU, GPipe ran 10% slower than 1F1B
 predicted 0.2% apart: benchmarks/results/2026-12-04-schedule-oracle.md)."""
 """A stage layout is solved when its estimate is within this of the fastest plan found (the ILP
 rarely beats the chain DP's split by more where memory does not bind)."""
