@@ -272,6 +272,8 @@ class ComputeModel:
     device: DeviceSpec
     measured_forward_s: Mapping[str, float] = field(default_factory=dict)
     measured_backward_s: Mapping[str, float] = field(default_factory=dict)
+    measured_backward_weight_s: Mapping[str, float] = field(default_factory=dict)
+    """The weight-gradient part of ``measured_backward_s``, where profiling timed it alone."""
     compute_efficiency: float | None = None
     """Overrides ``device.compute_efficiency`` when set."""
     memory_efficiency: float | None = None
@@ -287,7 +289,7 @@ class ComputeModel:
                     f"ComputeModel.{name} must be a fraction in (0, 1], got {value!r}; "
                     "leave it None to use the device's own factor"
                 )
-        for name in ("measured_forward_s", "measured_backward_s"):
+        for name in ("measured_forward_s", "measured_backward_s", "measured_backward_weight_s"):
             times = dict(getattr(self, name))
             bad = {n: t for n, t in times.items() if not t >= 0}
             if bad:
@@ -323,8 +325,11 @@ class ComputeModel:
 
     def backward_weight_s(self, node_name: str, cost: NodeCost) -> float:
         """The part of :meth:`backward_s` that computes parameter gradients (zero-bubble schedules
-        run it apart, as ``W``): the backward time in the roofline's weight-gradient ratio
-        (:func:`backward_weight_fraction`), measured or predicted alike."""
+        run it apart, as ``W``): as profiling timed it alone (never more than the backward), else
+        the backward time in the roofline's weight-gradient ratio
+        (:func:`backward_weight_fraction`)."""
+        if node_name in self.measured_backward_weight_s:
+            return min(self.measured_backward_weight_s[node_name], self.backward_s(node_name, cost))
         fraction = backward_weight_fraction(
             cost,
             self.device,

@@ -59,6 +59,10 @@ class Measurement:
     forward_s: float
     backward_s: float
     """0.0 when the node does not take part in autograd."""
+    backward_weight_s: float | None = None
+    """The part of ``backward_s`` that computes the node's weight gradients, timed alone (what
+    ``W`` of a zero-bubble schedule runs); ``None`` where it was not measured (a node without
+    weights, a cache entry from before)."""
 
 
 class ProfileCache:
@@ -76,10 +80,13 @@ class ProfileCache:
 
     def get(self, device_key: str, signature: str) -> Measurement | None:
         hit = self._data.get(device_key, {}).get(_hash(signature))
-        return Measurement(hit[0], hit[1]) if hit else None
+        return Measurement(*hit[:3]) if hit else None
 
     def put(self, device_key: str, signature: str, m: Measurement) -> None:
-        self._data.setdefault(device_key, {})[_hash(signature)] = [m.forward_s, m.backward_s]
+        times = [m.forward_s, m.backward_s]
+        if m.backward_weight_s is not None:
+            times.append(m.backward_weight_s)
+        self._data.setdefault(device_key, {})[_hash(signature)] = times
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +207,14 @@ def in_situ(
     backward = sum(model.backward_s(n, c) for n, c in costs.items())
     f = whole.forward_s / forward if forward > 0 else 1.0
     b = whole.backward_s / backward if backward > 0 else 1.0
-    return {n: Measurement(m.forward_s * f, m.backward_s * b) for n, m in measured.items()}
+    return {
+        n: Measurement(
+            m.forward_s * f,
+            m.backward_s * b,
+            None if m.backward_weight_s is None else m.backward_weight_s * b,
+        )
+        for n, m in measured.items()
+    }
 
 
 def _compute_model(
@@ -210,6 +224,9 @@ def _compute_model(
         calibrate(spec, costs, measured),
         measured_forward_s={n: m.forward_s for n, m in measured.items()},
         measured_backward_s={n: m.backward_s for n, m in measured.items()},
+        measured_backward_weight_s={
+            n: m.backward_weight_s for n, m in measured.items() if m.backward_weight_s is not None
+        },
     )
 
 
@@ -314,6 +331,11 @@ def _measure(
         on_dev = all(p.device == dev for p in module.parameters())
         fn = module if on_dev else copy.deepcopy(module).to(dev)  # never move the user's module
     grad_inputs = [v for v in values.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    weights = [  # the parameters it reads (a call_module's own are not timed apart)
+        v
+        for n, v in values.items()
+        if n.op == "get_attr" and isinstance(v, torch.Tensor) and v.requires_grad
+    ]
 
     def forward() -> Any:
         return fn(*args, **kwargs)
@@ -322,7 +344,7 @@ def _measure(
         fwd = _time(forward, dev, repeats, warmup)
         out = forward()
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
-        bwd = 0.0
+        bwd, weight = 0.0, None
         if outs and grad_inputs:
             grads = [torch.ones_like(t) for t in outs]
 
@@ -336,9 +358,15 @@ def _measure(
             # The backward alone, each run on a fresh forward made outside the timed region (the
             # difference of two noisy medians, forward+backward minus forward, can come out <= 0).
             bwd = _time(backward, dev, repeats, warmup, setup=graph)
+            if weights:  # the weight gradients alone: what W runs
+
+                def weight_backward(o: list[torch.Tensor]) -> None:
+                    torch.autograd.grad(o, weights, grads, allow_unused=True)
+
+                weight = min(bwd, _time(weight_backward, dev, repeats, warmup, setup=graph))
     except (RuntimeError, TypeError, NotImplementedError):
         return None  # ops that need real data (e.g. data-dependent shapes) keep their prediction
-    return Measurement(fwd, bwd)
+    return Measurement(fwd, bwd, weight)
 
 
 def _is_materialized(module: torch.nn.Module) -> bool:

@@ -18,6 +18,7 @@ which its timings leave out.
 
 from __future__ import annotations
 
+import gc
 import itertools
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -65,6 +66,9 @@ def measure_peak(device: torch.device, held: Iterable[torch.Tensor] = ()) -> Ite
     from torch.profiler import ProfilerActivity, profile
 
     result.start_bytes = held_bytes(held)
+    # garbage from before the block, collected inside it, would count as the block's frees and
+    # lower its running total (seen once in the unit tier under xdist)
+    gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         yield result
     result.peak_bytes = result.start_bytes + _highest_running_total(prof)

@@ -36,6 +36,9 @@ def test_profile_measures_every_computing_node_and_caches(tmp_path: Path) -> Non
     assert all(m.forward_s > 0 for m in measured.values())
     linear = next(n for n in gm.graph.nodes if node_cost(n).params == ("fc1.weight", "fc1.bias"))
     assert measured[linear.name].backward_s > 0  # the weight needs a gradient
+    # its weight gradients timed alone too (W of a zero-bubble schedule), within the backward
+    weight = measured[linear.name].backward_weight_s
+    assert weight is not None and 0 < weight <= measured[linear.name].backward_s
     assert (tmp_path / "profile.json").exists()
 
     # A second run reads the cache: the same numbers, nothing re-measured.
@@ -144,3 +147,23 @@ def test_the_update_streams_parameters_gradients_and_state() -> None:
     assert update_time_s(1e6, cpu, states_per_param=0, micro_batches=1) == pytest.approx(3e6 / rate)
     # Adam's two states, read and written, and the gradients divided by the micro-batch count
     assert update_time_s(1e6, cpu, states_per_param=2, micro_batches=4) == pytest.approx(9e6 / rate)
+
+
+def test_a_measured_weight_gradient_time_wins_over_the_roofline_ratio() -> None:
+    gm = _gm()
+    linear = next(n for n in gm.graph.nodes if node_cost(n).params == ("fc1.weight", "fc1.bias"))
+    cost, cpu = node_cost(linear), get_device("cpu")
+    ratio = ComputeModel(cpu, measured_backward_s={linear.name: 1e-3})
+    timed = ComputeModel(
+        cpu,
+        measured_backward_s={linear.name: 1e-3},
+        measured_backward_weight_s={linear.name: 0.7e-3},
+    )
+    assert timed.backward_weight_s(linear.name, cost) == pytest.approx(0.7e-3)
+    assert ratio.backward_weight_s(linear.name, cost) != pytest.approx(0.7e-3)
+    capped = ComputeModel(
+        cpu,
+        measured_backward_s={linear.name: 1e-3},
+        measured_backward_weight_s={linear.name: 2e-3},
+    )
+    assert capped.backward_weight_s(linear.name, cost) == pytest.approx(1e-3)
