@@ -26,7 +26,7 @@ import torch
 from torch.fx import GraphModule
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["GraphRun", "graph_run_s"]
+__all__ = ["GraphRun", "graph_run_s", "random_value"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,7 @@ def graph_run_s(
         return None
     try:
         runnable = _runnable_copy(gm, device)
-        args = [_random(n.meta.get("val"), device) for n in nodes if n.op == "placeholder"]
+        args = [random_value(n.meta.get("val"), device) for n in nodes if n.op == "placeholder"]
         return _timed(lambda: runnable(*args), runnable, device, repeats, warmup)
     except (RuntimeError, TypeError, NotImplementedError, ValueError):
         return None
@@ -72,7 +72,7 @@ def _runnable_copy(gm: GraphModule, device: torch.device) -> GraphModule:
                 *module.named_parameters(recurse=False),
                 *module.named_buffers(recurse=False),
             ]:
-                real = _random(t, device) if t.is_meta else t.detach().to(device)
+                real = random_value(t, device) if t.is_meta else t.detach().to(device)
                 setattr(module, name, _like(t, real))
         for node in run.graph.nodes:
             if node.op != "get_attr":
@@ -84,7 +84,9 @@ def _runnable_copy(gm: GraphModule, device: torch.device) -> GraphModule:
                 owner.named_buffers(recurse=False)
             )
             if isinstance(value, torch.Tensor) and leaf not in registered:  # a constant
-                setattr(owner, leaf, _random(value, device) if value.is_meta else value.to(device))
+                setattr(
+                    owner, leaf, random_value(value, device) if value.is_meta else value.to(device)
+                )
     return run
 
 
@@ -94,14 +96,26 @@ def _like(original: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return real
 
 
-def _random(val: Any, device: torch.device) -> Any:
-    """A real tensor of ``val``'s shape and dtype: small normal floats, zero integers (indices
-    stay in range); other values as they are."""
-    if not isinstance(val, torch.Tensor):
-        return val
-    if val.is_floating_point():
-        return (torch.randn(tuple(val.shape), dtype=val.dtype) * 0.02).to(device)
-    return torch.zeros(tuple(val.shape), dtype=val.dtype, device=device)
+def random_value(
+    val: Any,
+    device: torch.device,
+    *,
+    requires_grad: bool = False,
+    generator: torch.Generator | None = None,
+) -> Any:
+    """A real value of ``val``'s shapes and dtypes on ``device`` (also inside lists and tuples):
+    normal floats (needing gradients with ``requires_grad``), zero integers (indices stay in
+    range); other values as they are. Profiling runs each op, and the whole graph, on these."""
+    if isinstance(val, torch.Tensor):
+        if val.is_floating_point():
+            t = torch.randn(tuple(val.shape), dtype=val.dtype, generator=generator).to(device)
+            return t.requires_grad_(requires_grad)
+        return torch.zeros(tuple(val.shape), dtype=val.dtype, device=device)
+    if isinstance(val, (list, tuple)):
+        return type(val)(
+            random_value(v, device, requires_grad=requires_grad, generator=generator) for v in val
+        )
+    return val
 
 
 def _timed(

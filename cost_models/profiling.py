@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_flatten
 
 from autopart.cost_models.compute import ComputeModel, forward_bytes
 from autopart.cost_models.devices import DeviceSpec
-from autopart.cost_models.in_situ import GraphRun, graph_run_s
+from autopart.cost_models.in_situ import GraphRun, graph_run_s, random_value
 from autopart.cost_models.node_cost import NodeCost
 from autopart.errors import AutopartError
 
@@ -274,17 +274,6 @@ def _footprint(node: Node, cost: NodeCost) -> int:
     return cost.bytes_read + cost.bytes_written + cost.param_bytes
 
 
-def _real(val: Any, dev: torch.device, requires_grad: bool, gen: torch.Generator) -> Any:
-    if isinstance(val, torch.Tensor):
-        if val.is_floating_point():
-            t = torch.randn(tuple(val.shape), dtype=val.dtype, generator=gen).to(dev)
-            return t.requires_grad_(requires_grad)
-        return torch.zeros(tuple(val.shape), dtype=val.dtype, device=dev)
-    if isinstance(val, (list, tuple)):
-        return type(val)(_real(v, dev, requires_grad, gen) for v in val)
-    return val
-
-
 def _to_device(value: Any, dev: torch.device) -> Any:
     """Device arguments (``.to("cuda")``, ``arange(device=...)``) point at the profiled device."""
     if isinstance(value, torch.device):
@@ -317,7 +306,8 @@ def _measure(
                 obj = getattr(obj, part)
             values[n] = obj
         else:
-            values[n] = _real(val, dev, node_cost(n).requires_grad or n.op == "get_attr", gen)
+            grad = node_cost(n).requires_grad or n.op == "get_attr"
+            values[n] = random_value(val, dev, requires_grad=grad, generator=gen)
     args = _to_device(torch.fx.node.map_arg(node.args, lambda n: values[n]), dev)
     kwargs = _to_device(torch.fx.node.map_arg(node.kwargs, lambda n: values[n]), dev)
     if node.op == "call_function":
