@@ -24,8 +24,8 @@ on values computed from parameters; the backward is measured with respect to the
 
 Replays are cached by op and argument signature, so the 80 identical layers of a Llama-70B cost one
 layer's worth of replays. Fused attention (``scaled_dot_product_attention``) replays on meta through
-the math path, which would save the full attention matrix; fused kernels keep only the log-sum-exp
-statistics, and that is what is recorded.
+the math path, which would save the full attention matrix; fused kernels keep the query, key,
+value and output and only the log-sum-exp statistics, and that is what is recorded.
 """
 
 from __future__ import annotations
@@ -378,7 +378,10 @@ def _replay(
             private[key] = t.untyped_storage().nbytes()
     private_bytes = sum(private.values())
     if node.op == "call_function" and node.target in _SDPA and outs:
-        private_bytes = _lse_bytes(outs[0])  # fused kernels keep only log-sum-exp per row
+        # fused kernels (flash, memory-efficient; CPU and CUDA) keep the query, key, value and
+        # output, and log-sum-exp statistics per row, where the math path keeps its matrices
+        saved_inputs = [i for i, v in enumerate(flat_inputs) if _storage_key(v) is not None]
+        saves_output, private_bytes = True, _lse_bytes(outs[0])
 
     is_view = view_of is not None and not written_inputs(node)
     read = (

@@ -110,7 +110,8 @@ class Block:
     params: tuple[str, ...]
     """Every parameter this block uses (shared ones included)."""
     activation_bytes: int
-    """Bytes saved for backward per step by this block's nodes (each saved value once)."""
+    """Bytes saved for backward per step by this block's nodes: each saved value once, by the
+    first block that saves it (:attr:`BlockGraph.saved_across` lists values several blocks save)."""
     layer: str | None
     """The repeated layer holding most of this block's compute; ``None`` outside layers."""
     backward_weight_s: float = 0.0
@@ -136,6 +137,13 @@ class Block:
     """How it recomputes selectively, where that keeps fewer bytes (``None``: not offered)."""
     selectively: bool = False
     """It recomputes selectively (:attr:`selective`; ``recomputed`` is then true too)."""
+    graph_output_bytes: int = 0
+    """Bytes of the model's outputs its nodes compute (the loss reads them)."""
+    saved_values: tuple[str, ...] = ()
+    """The values its nodes save for backward, by name (each once)."""
+    backward_working_bytes: int = 0
+    """The most gradient bytes one of its nodes' backward holds at once: the gradient of its
+    output and those of its inputs (on top of what the stage keeps while its backward runs)."""
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -150,6 +158,8 @@ class Block:
             "weight_grad_bytes",
             "input_bytes",
             "rematerialized_bytes",
+            "graph_output_bytes",
+            "backward_working_bytes",
         ):
             if not getattr(self, name) >= 0:
                 raise AutopartError(f"Block {self.index}: {name} must be >= 0")
@@ -245,6 +255,11 @@ class BlockGraph:
     """The :class:`~autopart.planning.graph.OpGraph` these blocks coarsen (for the lower bound);
     ``None`` if built by hand. Typed ``Any``: graph.py builds blocks, so this module cannot import
     it back without a cycle."""
+    saved_across: tuple[CrossTensor, ...] = ()
+    """Values saved for backward by more than one block: ``producer`` is the first block saving
+    it (whose :attr:`Block.activation_bytes` counts it), ``consumers`` the others. A stage keeps
+    each once, so a value counts again only on another stage (the normalised input that a
+    layer's query, key and value projections all save, split over blocks, is one tensor)."""
     shared_params: Mapping[str, tuple[int, ...]] = field(init=False)
     """Parameters used by more than one block -> those blocks (e.g. tied embeddings)."""
     nx: nx.DiGraph = field(init=False, repr=False)
@@ -315,6 +330,20 @@ class BlockGraph:
                 out[k] += t.nbytes
         return out
 
+    def stage_activation_bytes(self, stage_of: Sequence[int], num_stages: int) -> list[int]:
+        """Bytes each stage saves for backward per step (each value once per stage that saves
+        it, :attr:`saved_across`; a recomputed block keeps what :meth:`Block.recompute` says)."""
+        act = [0] * num_stages
+        for b, s in zip(self.blocks, stage_of):
+            act[s] += b.activation_bytes
+        for t in self.saved_across:
+            counted = set() if self.blocks[t.producer].recomputed else {stage_of[t.producer]}
+            for c in t.consumers:
+                if not self.blocks[c].recomputed and stage_of[c] not in counted:
+                    counted.add(stage_of[c])
+                    act[stage_of[c]] += t.nbytes
+        return act
+
     def stage_params(self, stage_of: Sequence[int], num_stages: int) -> list[tuple[str, ...]]:
         """Distinct parameters each stage uses (a shared parameter appears on every stage using it)."""
         self.validate(stage_of, num_stages)
@@ -360,7 +389,7 @@ class BlockGraph:
             b.recompute(selectively=b.index in some) if b.index in full | some else b
             for b in self.blocks
         )
-        return BlockGraph(out, self.tensors, self.param_bytes_by_name, self.op_graph)
+        return dataclasses.replace(self, blocks=out)
 
     def by_layers(self) -> BlockGraph:
         """These blocks merged into recompute units: each repeated layer from its first block up
@@ -394,12 +423,16 @@ class BlockGraph:
             dataclasses.replace(t, nbytes=round(t.nbytes * factor)) for t in self.tensors
         )
         og = self.op_graph.scaled(factor) if self.op_graph is not None else None
-        return BlockGraph(blocks, tensors, self.param_bytes_by_name, og)
+        saved = tuple(
+            dataclasses.replace(t, nbytes=round(t.nbytes * factor)) for t in self.saved_across
+        )
+        return BlockGraph(blocks, tensors, self.param_bytes_by_name, og, saved)
 
 
 def _merged(bg: BlockGraph, groups: Sequence[Sequence[Block]]) -> BlockGraph:
-    """``bg`` with each of ``groups`` (consecutive blocks covering it) as one block. A value two
-    merged blocks both save is counted twice (an over-estimate, never an under-estimate)."""
+    """``bg`` with each of ``groups`` (consecutive blocks covering it) as one block; a value
+    saved by several blocks stays counted by its first saver, and across groups where the savers
+    fall in several."""
     group_of = {b.index: g for g, blocks in enumerate(groups) for b in blocks}
     users: dict[str, set[int]] = {}
     for g, blocks in enumerate(groups):
@@ -444,9 +477,20 @@ def _merged(bg: BlockGraph, groups: Sequence[Sequence[Block]]) -> BlockGraph:
                 fixed_backward_s=sum(b.fixed_backward_s for b in members),
                 input_bytes=into.get(g, 0) + saved_inputs,
                 selective=Selective.merged([b.selective for b in members]),
+                graph_output_bytes=sum(b.graph_output_bytes for b in members),
+                saved_values=tuple(dict.fromkeys(v for b in members for v in b.saved_values)),
+                backward_working_bytes=max(b.backward_working_bytes for b in members),
             )
         )
-    return BlockGraph(tuple(blocks), tuple(tensors), bg.param_bytes_by_name, bg.op_graph)
+    saved = []
+    for t in bg.saved_across:
+        first, others = group_of[t.producer], sorted({group_of[c] for c in t.consumers})
+        later = tuple(g for g in others if g != first)
+        if later:
+            saved.append(CrossTensor(t.name, first, later, t.nbytes))
+    return BlockGraph(
+        tuple(blocks), tuple(tensors), bg.param_bytes_by_name, bg.op_graph, tuple(saved)
+    )
 
 
 def _unit_name(members: Sequence[Block]) -> str:
@@ -474,5 +518,7 @@ def _scale_block(b: Block, factor: float) -> Block:
         weight_grad_bytes=round(b.weight_grad_bytes * factor),
         input_bytes=round(b.input_bytes * factor),
         rematerialized_bytes=round(b.rematerialized_bytes * factor),
+        graph_output_bytes=round(b.graph_output_bytes * factor),
+        backward_working_bytes=round(b.backward_working_bytes * factor),
         selective=b.selective.scaled(factor) if b.selective is not None else None,
     )

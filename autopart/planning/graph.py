@@ -436,19 +436,38 @@ def group_blocks(og: OpGraph, groups: Sequence[Sequence[str]]) -> BlockGraph:
         for name in g:
             for p in og.nodes[name].params:
                 users.setdefault(p, set()).add(i)
-    blocks = tuple(_make_block(og, i, g, users) for i, g in enumerate(groups))
+    savers: dict[str, list[int]] = {}  # blocks saving each value, ascending
+    for i, g in enumerate(groups):
+        for name in g:
+            for value in og.nodes[name].saved_from:
+                found = savers.setdefault(value, [])
+                if not found or found[-1] != i:
+                    found.append(i)
+    owner = {value: found[0] for value, found in savers.items()}
+    blocks = tuple(_make_block(og, i, g, users, owner) for i, g in enumerate(groups))
     tensors = []
     for name in og.order:
         b = block_of[name]
         later = sorted({block_of[c] for c in readers[name]} - {b})
         if later:
             tensors.append(CrossTensor(name, b, tuple(later), og.nodes[name].output_bytes))
-    return BlockGraph(blocks, tuple(tensors), og.param_bytes_by_name, og)
+    saved_across = tuple(
+        CrossTensor(value, found[0], tuple(found[1:]), og.value_bytes_of(value))
+        for value, found in savers.items()
+        if len(found) > 1
+    )
+    return BlockGraph(blocks, tuple(tensors), og.param_bytes_by_name, og, saved_across)
 
 
 def _make_block(
-    og: OpGraph, index: int, names: Sequence[str], users: Mapping[str, set[int]]
+    og: OpGraph,
+    index: int,
+    names: Sequence[str],
+    users: Mapping[str, set[int]],
+    owner: Mapping[str, int],
 ) -> Block:
+    """The block of ``names``; it counts the saved values it is the first block to save
+    (``owner``), the others once per further stage (:meth:`BlockGraph.stage_activation_bytes`)."""
     nodes = [og.nodes[n] for n in names]
     params = tuple(dict.fromkeys(p for n in nodes for p in n.params))
     saved = dict.fromkeys(s for n in nodes for s in n.saved_from)
@@ -470,7 +489,7 @@ def _make_block(
         backward_flops=sum(n.backward_flops for n in nodes),
         param_bytes=sum(og.param_bytes_by_name[p] for p in params if len(users[p]) == 1),
         params=params,
-        activation_bytes=sum(og.value_bytes_of(s) for s in saved)
+        activation_bytes=sum(og.value_bytes_of(s) for s in saved if owner[s] == index)
         + sum(n.private_saved_bytes for n in nodes),
         layer=layer,
         backward_weight_s=sum(n.backward_weight_s for n in nodes),
@@ -479,6 +498,16 @@ def _make_block(
         fixed_backward_s=sum(n.fixed_backward_s for n in nodes),
         input_bytes=sum(og.nodes[src].output_bytes for src in read)
         + sum(og.value_bytes[s] for s in saved if s in og.value_bytes),
+        graph_output_bytes=sum(n.output_bytes for n in nodes if n.is_output),
+        saved_values=tuple(saved),
+        backward_working_bytes=max(
+            (
+                n.output_bytes + sum(og.nodes[src].output_bytes for src in n.inputs)
+                for n in nodes
+                if n.backward_s > 0
+            ),
+            default=0,
+        ),
     )
 
 

@@ -732,11 +732,13 @@ class _ScheduleSearch:
         """One stage ILP solve of ``bg``'s blocks (``recompute``: each may recompute)."""
         p, setup, scaled = self.p, self.setup, per_micro_batch(bg, m)
         self.say(f"solving {p * v} stages for {kind}, {m} micro-batches ({len(bg.blocks)} blocks)")
+        in_flight = in_flight_per_stage(kind, p, m, v)
         sol = solve_stages(
             scaled,
             p * v,
             self.spec,
-            in_flight=in_flight_per_stage(kind, p, m, v),
+            in_flight=in_flight,
+            reserved_bytes=reserved_bytes(scaled, ranks, m, in_flight),
             state_bytes_per_param_byte=setup.state_per_byte,
             memory_limit_bytes=setup.limit,
             stages_per_device=v,
@@ -904,6 +906,7 @@ def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float)
     stage_of_node = {n: s for blk, s in zip(bg.blocks, best.stage_of) for n in blk.nodes}
     param_bytes = bg.stage_param_bytes(best.stage_of, num_stages)
     split = split_backward_factor(best.schedule, spec)
+    memory = stage_memory(scaled, best.stage_of, num_stages, m)
     stages = []
     for s in range(num_stages):
         blocks = [b for b, st in zip(scaled.blocks, best.stage_of) if st == s]
@@ -919,9 +922,11 @@ def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float)
                 predicted_s=times[s],
                 param_bytes=param_bytes[s],
                 peak_memory_bytes=int(best.timeline.peak_memory_bytes[ranks[s]]),
-                activation_bytes=sum(b.activation_bytes for b in blocks),
+                activation_bytes=memory.kept[s],
                 recompute_s=sum(b.recompute_s for b in blocks),
                 rematerialized_bytes=max(b.rematerialized_bytes for b in blocks),
+                working_bytes=memory.working[s],
+                buffer_bytes=memory.buffers[s],
             )
         )
     return Plan(
@@ -1051,6 +1056,7 @@ def simulate_plan(plan: Plan, device: DeviceSpec | None = None) -> Any:
     rebuilt = [0] * p
     for st in plan.stages:
         rebuilt[st.device] = max(rebuilt[st.device], st.rematerialized_bytes)
+    buffers = per_device([st.buffer_bytes for st in plan.stages], ranks)
     return simulate(
         build_schedule(plan.schedule, p, plan.micro_batches, plan.stages_per_device),
         [s.forward_s for s in plan.stages],
@@ -1058,7 +1064,11 @@ def simulate_plan(plan: Plan, device: DeviceSpec | None = None) -> Any:
         backward_weight_s=[s.backward_weight_s for s in plan.stages],
         comm_s=[p2p_time_s(b, spec) for b in plan.boundary_bytes],
         activation_bytes=[s.activation_bytes for s in plan.stages],
-        static_bytes=[int(b) + r for b, r in zip(per_device(state, ranks), rebuilt)],
+        static_bytes=[
+            int(b) + r + int(extra)
+            for b, r, extra in zip(per_device(state, ranks), rebuilt, buffers)
+        ],
+        working_bytes=[s.working_bytes for s in plan.stages],
         action_overhead_s=spec.pipeline_action_s,
         tail_s=tail_s,
         cores=spec.shared_cores,
@@ -1087,13 +1097,13 @@ def simulate_blocks(
     scaled = per_micro_batch(bg, m)
     num_stages, ranks = p * v, stage_ranks(kind, p, v)
     fwd, bwd, weight = [0.0] * num_stages, [0.0] * num_stages, [0.0] * num_stages
-    act, grads = [0] * num_stages, [0] * num_stages
+    grads = [0] * num_stages
     for b, s in zip(scaled.blocks, stage_of):
         fwd[s] += b.forward_s
         bwd[s] += b.backward_s
         weight[s] += b.backward_weight_s
-        act[s] += b.activation_bytes
         grads[s] += b.weight_grad_bytes
+    memory = stage_memory(scaled, stage_of, num_stages, m)
     comm = [p2p_time_s(nb, spec) for nb in scaled.boundary_bytes(stage_of, num_stages)]
     split = split_backward_factor(kind, spec)
     bwd, weight = [b * split for b in bwd], [w * split for w in weight]
@@ -1103,12 +1113,87 @@ def simulate_blocks(
         bwd,
         backward_weight_s=[min(w, b) for w, b in zip(weight, bwd)],
         comm_s=comm,
-        activation_bytes=act,
+        activation_bytes=memory.kept,
         weight_grad_bytes=grads,
-        static_bytes=[int(b) for b in _held_per_device(scaled, stage_of, ranks, state_per_byte)],
+        static_bytes=[
+            int(b + extra)
+            for b, extra in zip(
+                _held_per_device(scaled, stage_of, ranks, state_per_byte),
+                per_device(memory.buffers, ranks),
+            )
+        ],
+        working_bytes=memory.working,
         action_overhead_s=spec.pipeline_action_s,
         cores=spec.shared_cores,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class StageMemory:
+    """Per stage, the bytes :func:`~autopart.planning.schedule.simulate` counts besides the
+    training state (:func:`stage_memory`)."""
+
+    kept: list[int]
+    """Per micro-batch in flight, from its forward to the end of its backward."""
+    working: list[int]
+    """Held while a backward runs, on top of what is kept."""
+    buffers: list[int]
+    """Held all step."""
+
+
+def reserved_bytes(
+    scaled: BlockGraph, ranks: Sequence[int], micro_batches: int, in_flight: Sequence[int]
+) -> list[int]:
+    """Per device, at least what :func:`stage_memory` adds there under any split of ``scaled``
+    (costs of one micro-batch) into the stages of ``ranks`` (``ranks[s]``: the device of stage
+    ``s``) with ``in_flight[s]`` micro-batches in flight: the stage ILP holds it back, so each
+    split it finds fits the simulation's accounting too. A stage sends and receives at most the
+    most bytes any cut carries; the loss is the last stage's, a device's working set its
+    largest."""
+    cut = max(scaled.cut_bytes(), default=0)
+    outputs = sum(b.graph_output_bytes for b in scaled.blocks)
+    working = max((b.backward_working_bytes for b in scaled.blocks), default=0)
+    out = [0] * (max(ranks) + 1)
+    for s, d in enumerate(ranks):
+        out[d] += (in_flight[s] + 2 * micro_batches) * cut
+    out = [held + working for held in out]
+    last = ranks[-1]
+    out[last] += in_flight[-1] * 2 * outputs + max(0, 2 * outputs - working)
+    return out
+
+
+def stage_memory(
+    scaled: BlockGraph, stage_of: Sequence[int], num_stages: int, micro_batches: int
+) -> StageMemory:
+    """What each stage of ``scaled`` (costs of one micro-batch) holds as torch's pipelining runs
+    it, besides parameters, gradients and optimizer state:
+
+    - kept per micro-batch in flight: the values its nodes save for backward (each once per
+      stage, :meth:`BlockGraph.stage_activation_bytes`), the outputs it sends on, which the
+      pipeline keeps until the backward, and on the last stage the model's outputs and what the
+      loss saves from them, charged as cross-entropy does (its log-probabilities, one
+      output-sized tensor);
+    - working: the most gradient bytes one node's backward holds (:attr:`Block.
+      backward_working_bytes`), on the last stage at least the loss's backward (the gradients of
+      its log-probabilities and of the outputs);
+    - buffers: the receive buffers the pipeline allocates per micro-batch, for the activations
+      coming in and the gradients coming back, kept from step to step."""
+    kept = scaled.stage_activation_bytes(stage_of, num_stages)
+    boundary = [0, *scaled.boundary_bytes(stage_of, num_stages), 0]  # into stage s: boundary[s]
+    working = [0] * num_stages
+    saves: list[set[str]] = [set() for _ in range(num_stages)]
+    for b, s in zip(scaled.blocks, stage_of):
+        working[s] = max(working[s], b.backward_working_bytes)
+        saves[s].update(b.saved_values)
+    for t in scaled.tensors:  # sent on (a skip tensor by every stage it passes), unless saved
+        for s in range(stage_of[t.producer], max(stage_of[c] for c in t.consumers)):
+            kept[s] += 0 if t.name in saves[s] else t.nbytes
+    outputs = sum(b.graph_output_bytes for b in scaled.blocks)
+    last = num_stages - 1
+    kept[last] += 2 * outputs
+    working[last] = max(working[last], 2 * outputs)
+    buffers = [micro_batches * (boundary[s] + boundary[s + 1]) for s in range(num_stages)]
+    return StageMemory(kept, working, buffers)
 
 
 def _held_per_device(
@@ -1140,8 +1225,7 @@ def per_micro_batch(bg: BlockGraph, micro_batches: int) -> BlockGraph:
     """``bg``'s block costs for one of ``micro_batches`` micro-batches (memoized). Its node graph
     is left out: scaling it re-derives every node of a 70B graph, and the lower bound is given
     the node graph explicitly."""
-    blocks = BlockGraph(bg.blocks, bg.tensors, bg.param_bytes_by_name)
-    return blocks.scaled(1.0 / micro_batches)
+    return dataclasses.replace(bg, op_graph=None).scaled(1.0 / micro_batches)
 
 
 def _fits(
@@ -1154,8 +1238,8 @@ def _fits(
 ) -> bool:
     """Whether an assignment fits memory under the ILP's own accounting (see stage_ilp)."""
     held = _held_per_device(bg, stage_of, ranks, state_per_byte)
-    for b, s in zip(bg.blocks, stage_of):
-        held[ranks[s]] += in_flight[s] * b.activation_bytes
+    for s, saved in enumerate(bg.stage_activation_bytes(stage_of, len(ranks))):
+        held[ranks[s]] += in_flight[s] * saved
     return max(held) <= limit
 
 

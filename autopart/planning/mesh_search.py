@@ -671,7 +671,7 @@ def _beaten(c: _Mesh, best_estimate: float | None) -> bool:
 
 def _drop_op_graph(bg: BlockGraph) -> BlockGraph:
     """``bg`` without its node graph: scaling it then costs blocks, not nodes."""
-    return BlockGraph(bg.blocks, bg.tensors, bg.param_bytes_by_name)
+    return dataclasses.replace(bg, op_graph=None)
 
 
 def _estimate(c: _Mesh, coarse: BlockGraph, setup: PlanningSetup, most: int) -> None:

@@ -108,7 +108,9 @@ class StagePlan:
     peak_memory_bytes: int
     """Peak memory of the device that runs this stage under the plan's schedule."""
     activation_bytes: int = 0
-    """Bytes saved for backward per micro-batch."""
+    """Bytes kept per micro-batch in flight: what its nodes save for backward, the outputs the
+    pipeline keeps until the backward and, on the last stage, what the loss saves
+    (:func:`autopart.planning.mesh_plan.stage_memory`)."""
     backward_weight_s: float = 0.0
     """The part of ``backward_s`` that computes parameter gradients (``W`` of a zero-bubble
     schedule). Written to JSON only when not 0."""
@@ -118,6 +120,12 @@ class StagePlan:
     rematerialized_bytes: int = 0
     """The most one recomputed block of this stage rebuilds during its backward (held on top of
     the in-flight activations). Written to JSON only when not 0."""
+    working_bytes: int = 0
+    """Gradients its backward holds at once on top of what is kept (the loss's on the last
+    stage). Written to JSON only when not 0."""
+    buffer_bytes: int = 0
+    """The pipeline's receive buffers for its activations and gradients, one per micro-batch,
+    held all step. Written to JSON only when not 0."""
 
     def __post_init__(self) -> None:
         _check(self.index >= 0 and self.device >= 0, "stage index and device must be >= 0")
@@ -131,7 +139,9 @@ class StagePlan:
         _check(
             self.param_bytes >= 0
             and self.peak_memory_bytes >= 0
-            and self.rematerialized_bytes >= 0,
+            and self.rematerialized_bytes >= 0
+            and self.working_bytes >= 0
+            and self.buffer_bytes >= 0,
             f"stage {self.index}: byte counts must be >= 0",
         )
 
@@ -390,7 +400,14 @@ class Plan:
         # Fields added after the format's first release are written only where set, so the file
         # of a plan that does not use them is unchanged.
         d["stages"] = [
-            _drop_unset(asdict(s), backward_weight_s=0.0, recompute_s=0.0, rematerialized_bytes=0)
+            _drop_unset(
+                asdict(s),
+                backward_weight_s=0.0,
+                recompute_s=0.0,
+                rematerialized_bytes=0,
+                working_bytes=0,
+                buffer_bytes=0,
+            )
             for s in self.stages
         ]
         d["recompute"] = tuple(_drop_unset(r, selective=False) for r in d["recompute"])

@@ -21,7 +21,8 @@ is no input gradient to send) and its ``W`` runs the whole backward.
 Memory: a stage keeps ``activation_bytes[s]`` per micro-batch from the start of its ``F`` to the
 end of its ``B``, or of its ``W``: torch's split backward keeps the autograd graph, and with it the
 saved activations, until the weight gradients are computed; between ``I`` and ``W`` it also keeps
-the output gradients of the nodes with weights (``weight_grad_bytes[s]``).
+the output gradients of the nodes with weights (``weight_grad_bytes[s]``). While a ``B`` or ``I``
+runs it also holds ``working_bytes[s]`` (the gradients in flight), on top of what it keeps.
 """
 
 from __future__ import annotations
@@ -195,6 +196,7 @@ def simulate(
     activation_bytes: Sequence[int] | None = None,
     weight_grad_bytes: Sequence[int] | None = None,
     static_bytes: Sequence[int] | None = None,
+    working_bytes: Sequence[int] | None = None,
     action_overhead_s: float = 0.0,
     tail_s: float = 0.0,
     cores: float | None = None,
@@ -208,7 +210,9 @@ def simulate(
     after its last action, and like the per-action cost it is not pipeline work. ``cores``: the
     cores the devices share (CPU ranks on one host; ``None``: one per device): while more devices
     are busy than there are cores, each runs at ``cores / busy`` of its speed (the operating
-    system's time sharing, as a fluid), its actions and their runtime cost alike."""
+    system's time sharing, as a fluid), its actions and their runtime cost alike.
+    ``working_bytes[s]``: what a ``B`` or ``I`` of stage ``s`` holds while it runs, on top of
+    what is kept (the gradients in flight; module docstring)."""
     for name, value in (("action_overhead_s", action_overhead_s), ("tail_s", tail_s)):
         if not value >= 0:
             raise ScheduleError(f"{name} must be >= 0 seconds, got {value!r}")
@@ -217,6 +221,7 @@ def simulate(
     act = _per("activation_bytes", activation_bytes, n, "stage")
     grads = _per("weight_grad_bytes", weight_grad_bytes, n, "stage")
     static = _per("static_bytes", static_bytes, p, "device")
+    working = _per("working_bytes", working_bytes, n, "stage")
     run = _Run(schedule, costs, n, action_overhead_s)
     if cores is not None and not cores > 0:
         raise ScheduleError(f"cores must be > 0 (or None: a core per device), got {cores!r}")
@@ -237,7 +242,7 @@ def simulate(
     step_s = max((e.end_s for e in events), default=0.0) + tail_s
     idle = tuple(max(0.0, step_s - b) for b in busy)
     bubble = math.fsum(i / step_s for i in idle) / p if step_s > 0 else 0.0
-    peak, in_flight = _memory(schedule, act, grads, static, n)
+    peak, in_flight = _memory(schedule, _Held(act, grads, static, working), n)
     events.sort(key=lambda e: (e.device, e.start_s))
     return Timeline(step_s, tuple(events), tuple(busy), idle, min(bubble, 1.0), peak, in_flight)
 
@@ -355,22 +360,32 @@ def _deps(
     return deps
 
 
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """The byte counts :func:`simulate` was given, per stage (``static``: per device)."""
+
+    act: Sequence[float]
+    grads: Sequence[float]
+    static: Sequence[float]
+    working: Sequence[float]
+
+
 def _memory(
-    schedule: Schedule,
-    act: Sequence[float],
-    grads: Sequence[float],
-    static: Sequence[float],
-    n: int,
+    schedule: Schedule, held_bytes: _Held, n: int
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     # Each device runs one action at a time, so memory depends only on the order: an F allocates
-    # its stage's activation when it starts, the matching B (or W) frees it when it ends; an I
-    # (on a stage that computes one) holds the output gradients its W needs.
+    # its stage's activation when it starts, the matching B (or W) frees it when it ends, and a B
+    # or I holds its working gradients while it runs; an I (on a stage that computes one) holds
+    # the output gradients its W needs.
+    act, grads, working = held_bytes.act, held_bytes.grads, held_bytes.working
     peak: list[int] = []
     live, most = [0] * n, [0] * n
     for device, actions in enumerate(schedule):
         held = highest = 0.0
         for a in actions:
             kept = grads[a.stage] if a.stage > 0 else 0.0
+            if a.kind is not F and a.kind is not W:
+                highest = max(highest, held + working[a.stage])
             if a.kind is F:
                 held += act[a.stage]
                 live[a.stage] += 1
@@ -381,7 +396,7 @@ def _memory(
                 held -= act[a.stage] + (kept if a.kind is W else 0.0)
                 live[a.stage] -= 1
             highest = max(highest, held)
-        peak.append(round(static[device] + highest))
+        peak.append(round(held_bytes.static[device] + highest))
     return tuple(peak), tuple(most)
 
 
@@ -442,4 +457,5 @@ def in_flight_micro_batches(
         return min(warmup_forwards(stage_rank, p, m, v) + 1, v * m)
     schedule = rank_orders(kind, p, m, v)
     ones = [1.0] * (p * v)
-    return _memory(schedule, ones, [0.0] * (p * v), [0.0] * p, p * v)[0][stage_rank]
+    nothing = [0.0] * (p * v)
+    return _memory(schedule, _Held(ones, nothing, [0.0] * p, nothing), p * v)[0][stage_rank]

@@ -52,7 +52,7 @@ def with_selective(bg: BlockGraph) -> BlockGraph:
     if og is None:
         return bg
     blocks = tuple(_offer(og, b) for b in bg.blocks)
-    return BlockGraph(blocks, bg.tensors, bg.param_bytes_by_name, og)
+    return replace(bg, blocks=blocks)
 
 
 def _offer(og: OpGraph, block: Block) -> Block:

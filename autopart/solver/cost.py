@@ -166,9 +166,7 @@ def stage_memory(
             "pass the micro-batches each stage's schedule keeps in flight (1F1B: min(p - s, m))"
         )
     param_bytes = bg.stage_param_bytes(stage_of, num_stages)
-    activations = [0] * num_stages
-    for b, s in zip(bg.blocks, stage_of):
-        activations[s] += b.activation_bytes
+    activations = bg.stage_activation_bytes(stage_of, num_stages)
     return [
         MemoryBreakdown(
             param_bytes=param_bytes[s],

@@ -149,6 +149,8 @@ class _Data:
     act_mib: tuple[int, ...]
     state_mib: tuple[int, ...]
     shared_mib: dict[str, int]
+    reserved_mib: tuple[int, ...]
+    """Held on each device whatever the split (:func:`solve_stages`' ``reserved_bytes``)."""
     in_flight: tuple[int, ...]
     param_blocks: tuple[int, ...]
     """Blocks that use a parameter, of which every device needs one; empty (no such constraint)
@@ -176,6 +178,7 @@ def solve_stages(
     seed: int = 0,
     explain: bool = True,
     recompute: bool = False,
+    reserved_bytes: Sequence[int] | None = None,
 ) -> StageSolution:
     """Solve the stage ILP (see the module docstring). ``in_flight[s]`` is the number of
     micro-batches whose activations stage ``s`` keeps; ``state_bytes_per_param_byte`` scales
@@ -184,7 +187,9 @@ def solve_stages(
     ``s mod (num_stages / stages_per_device)``). ``explain=False`` skips the second solve that
     finds the least memory a split needs when none fits: the error then only says it is more
     than the limit. ``recompute=True`` lets blocks recompute (only where that lets a split fit
-    memory or run faster: the tie-breaker charges every recomputation)."""
+    memory or run faster: the tie-breaker charges every recomputation). ``reserved_bytes[d]`` is
+    held on device ``d`` besides what the blocks pin (the pipeline's buffers and a backward's
+    working gradients, bounded over every split by the caller; default none)."""
     data = _build_data(
         bg,
         num_stages,
@@ -194,6 +199,7 @@ def solve_stages(
         stages_per_device,
         device_of_stage,
         recompute=recompute,
+        reserved_bytes=reserved_bytes,
     )
     solve = _Solve(data, device, memory_limit_bytes, hint, time_limit_s, seed)
     return solve.run(explain=explain)
@@ -300,6 +306,7 @@ def _build_data(
     device_of_stage: Sequence[int] | None,
     *,
     recompute: bool,
+    reserved_bytes: Sequence[int] | None = None,
 ) -> _Data:
     if num_stages < 1 or stages_per_device < 1 or num_stages % stages_per_device:
         raise AutopartError(
@@ -344,6 +351,9 @@ def _build_data(
             q: math.ceil(bg.param_bytes_by_name[q] * state_per_byte / _BYTE_UNIT)
             for q in bg.shared_params
         },
+        reserved_mib=tuple(
+            math.ceil(r / _BYTE_UNIT) for r in (reserved_bytes or [0] * num_devices)
+        ),
         in_flight=tuple(in_flight),
         param_blocks=param_blocks if len(param_blocks) >= num_stages else (),
         may_recompute=_options(bg, work, unit_s) if recompute else (),
@@ -504,6 +514,7 @@ def _device_memory(
             for b in blocks
         )
         - saved
+        + d.reserved_mib[dev]
         + rc.rebuilt.get(dev, 0)
         + sum(y[q, s] * d.shared_mib[q] for q in d.bg.shared_params for s in stages)
     )
@@ -592,11 +603,12 @@ def _infeasible_memory(
     need = _minimum_memory(d, limit_bytes // _BYTE_UNIT, hint, time_limit_s, seed)
     kept = "in-flight activations"
     if d.may_recompute:
-        kept = "in-flight activations, with every layer recomputed where that saves memory"
+        kept = "in-flight activations (every layer recomputed where that saves memory)"
     return InfeasibleMemoryError(
         f"no split into {d.num_stages} stages fits {_gib(limit_bytes)} per device: a plan "
         f"{need.needs(_gib_up)} (parameters, gradients, optimizer state, shared parameters on every "
-        f"stage that uses them, and {kept}). {need.raise_to(_gib_up)}, add devices "
+        f"stage that uses them, {kept}, the pipeline's buffers and a backward's gradients). "
+        f"{need.raise_to(_gib_up)}, add devices "
         "(more stages), or keep fewer activations in flight (more micro-batches, or the 1f1b "
         "schedule).",
         need.least_bytes,
@@ -646,6 +658,7 @@ def _memory_ceiling_mib(d: _Data) -> int:
     stages_per_device = max(d.device_of_stage.count(dev) for dev in set(d.device_of_stage))
     return (
         sum(d.state_mib)
+        + max(d.reserved_mib)
         + max(d.in_flight) * sum(d.act_mib)
         + max((o.rebuilt_mib for o in d.may_recompute), default=0)
         + stages_per_device * sum(d.shared_mib.values())
@@ -654,7 +667,7 @@ def _memory_ceiling_mib(d: _Data) -> int:
 
 def _memory_mib(d: _Data, stage_of: Sequence[int]) -> list[int]:
     """Each device's memory under an assignment, in the ILP's own (rounded-up) accounting."""
-    per_device = [0] * (max(d.device_of_stage) + 1)
+    per_device = list(d.reserved_mib)
     for b, s in enumerate(stage_of):
         per_device[d.device_of_stage[s]] += d.state_mib[b] + d.in_flight[s] * d.act_mib[b]
     for q, users in d.bg.shared_params.items():

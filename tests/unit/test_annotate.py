@@ -285,3 +285,40 @@ def test_mixture_of_experts_with_in_place_routing_annotates() -> None:
     for node in gm.graph.nodes:
         if str(node.target) == "aten.div_.Tensor":  # weights that carry gradients, written
             assert node_cost(node).requires_grad and not node_cost(node).is_view
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.unflatten(-1, (4, 8)).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_fused_attention_saves_what_torchs_kernel_saves() -> None:
+    """What the annotation records for scaled_dot_product_attention is what torch's fused CPU
+    kernel keeps for backward: query, key, value, output and log-sum-exp (by storage bytes)."""
+    x = torch.randn(2, 16, 32)
+    gm = annotate(trace(_Attention(), (x,)))
+    [sdpa] = [n for n in gm.graph.nodes if "scaled_dot_product" in str(n.target)]
+    cost = node_cost(sdpa)
+    values = {n.name: node_cost(n).output_bytes for n in gm.graph.nodes}
+    recorded = sum(values[v] for v in cost.saved_from) + cost.private_saved_bytes
+
+    model = _Attention()
+    qkv = model.qkv(x)
+    q, k, v = (t.unflatten(-1, (4, 8)).transpose(1, 2) for t in qkv.chunk(3, -1))
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.grad_fn is not None and "Flash" in type(out.grad_fn).__name__
+    # q, k and v are views of the projection's output: saved by storage, that output once
+    assert cost.saved_from == ("linear", sdpa.name)
+    assert recorded == sum(saved.values())
