@@ -66,6 +66,13 @@ def _fmt_load(load: Sequence[float]) -> str:
     return " / ".join(f"{v:.2f}" for v in load)
 
 
+def _gain_share(row: dict[str, Any]) -> str:
+    """The measured gain over equal layers as a share of the predicted one (``ratio - 1`` over
+    ``predicted_ratio - 1``), or ``n/a`` where nothing was predicted to gain."""
+    gain = row["predicted_ratio"] - 1
+    return f"{(row['ratio'] - 1) / gain:.0%}" if gain > 1e-9 else "n/a"
+
+
 def _summary(rows: Sequence[dict[str, Any]]) -> str:
     lines = []
     for kind, goal in (("heavy head", "goal >= 1.2x on 2 ranks"), ("uniform", "goal: within 3%")):
@@ -74,8 +81,10 @@ def _summary(rows: Sequence[dict[str, Any]]) -> str:
             continue
         cells = ", ".join(
             f"{r['case']} on {r['ranks']} ranks {r['ratio']:.3f}x "
-            f"(predicted {r['predicted_ratio']:.2f}x"
-            + (f", CPU-time {r['cpu_ratio']:.3f}x)" if "cpu_ratio" in r else ")")
+            f"(predicted {r['predicted_ratio']:.2f}x, measured / predicted "
+            f"{r['ratio'] / r['predicted_ratio']:.0%} of the ratio and "
+            f"{_gain_share(r)} of the gain"
+            + (f"; CPU-time {r['cpu_ratio']:.3f}x)" if "cpu_ratio" in r else ")")
             for r in picked
         )
         lines.append(f"- {kind.capitalize()} models, hand / autopart step time ({goal}): {cells}.")
@@ -124,7 +133,13 @@ def render(record: dict[str, Any]) -> str:
         "no optimizer), between two barriers; its time is the slowest rank's; the tables give "
         "medians.",
         "- autopart: `autopart.compile(model, 'pp=N', example_inputs=..., loss_fn=..., "
-        "micro_batches=m, schedule=...)` with its default cost model (`cpu`).",
+        "micro_batches=m, schedule=...)` "
+        + (
+            "with `profile=True`: planned on op times measured here, so *predicted* is the "
+            "speed-up over equal layers that the measured costs allow (the best split's)."
+            if rows[0].get("profile")
+            else "with its default cost model (`cpu`)."
+        ),
         "- hand: torchtitan / Megatron-LM's default split, equal numbers of layers per stage "
         "(embedding on the first stage, norm and head on the last), each stage an eager module "
         "holding the model's own layers, in `torch.distributed.pipelining.PipelineStage` and "
@@ -168,6 +183,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="measured steps per program")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per program")
     parser.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="autopart plans on op times measured here (its predicted ratio is then the best "
+        "split's over equal layers by the measured costs)",
+    )
     parser.add_argument("--max-load", type=float, default=1.5, help="wait for this 1-min load")
     parser.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait at most")
     add_output_args(parser, "runtime")
@@ -194,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         steps=args.steps,
         warmup=args.warmup,
         schedule=args.schedule,
+        profile=args.profile,
         progress=progress,
     )
     record = {

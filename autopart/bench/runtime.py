@@ -93,6 +93,7 @@ ROW_KEYS: tuple[str, ...] = (
     "kind",
     "ranks",
     "schedule",
+    "profile",
     "micro_batches",
     "batch",
     "steps",
@@ -389,12 +390,15 @@ def runtime_suite(
     steps: int | None = None,
     warmup: int | None = None,
     schedule: str = "1f1b",
+    profile: bool = False,
     progress: Progress | None = None,
     timeout_s: float = 1800.0,
 ) -> list[dict[str, Any]]:
     """Rows (see :data:`ROW_KEYS`) for every case at every rank count: the full suite is the five
     :data:`FULL_CASES` on 2 and 4 ranks with 2 warm-up and 16 measured steps per program;
-    ``quick`` is two small models on 2 ranks with 1 and 3."""
+    ``quick`` is two small models on 2 ranks with 1 and 3. ``profile``: autopart plans on op
+    times measured on this machine (``autopart.compile(profile=True)``), so its predicted ratio
+    is the best split's over equal layers by the measured costs."""
     from autopart.runtime.launch import spawn_ranks
 
     names = list(cases if cases is not None else (QUICK_CASES if quick else FULL_CASES))
@@ -414,7 +418,8 @@ def runtime_suite(
     for world in rank_counts:
         with tempfile.TemporaryDirectory(prefix="autopart-bench-") as tmp:
             out = Path(tmp) / "rows.jsonl"
-            args = (world, str(Path(tmp) / "store"), names, steps, warmup, schedule, str(out))
+            store = str(Path(tmp) / "store")
+            args = (world, store, names, steps, warmup, (schedule, profile), str(out))
             shown = [-1]
 
             def show_progress(
@@ -446,7 +451,7 @@ def _rank_main(
     names: list[str],
     steps: int,
     warmup: int,
-    schedule: str,
+    how: tuple[str, bool],
     out: str,
 ) -> None:
     import torch.distributed as dist
@@ -463,7 +468,7 @@ def _rank_main(
     )
     try:
         for name in names:
-            row = _run_case(CASES[name], rank, world, steps, warmup, schedule)
+            row = _run_case(CASES[name], rank, world, steps, warmup, how)
             if rank == 0:
                 with open(out, "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -509,8 +514,10 @@ class _Program:
 
 
 def _run_case(
-    case: RuntimeCase, rank: int, world: int, steps: int, warmup: int, schedule: str
+    case: RuntimeCase, rank: int, world: int, steps: int, warmup: int, how: tuple[str, bool]
 ) -> dict[str, Any]:
+    """One case on this rank; ``how``: the schedule, and whether autopart plans on measured
+    op times."""
     import torch.distributed as dist
 
     from autopart.runtime.launch import training_batch
@@ -519,7 +526,8 @@ def _run_case(
     hand_model = copy.deepcopy(model)  # same initial weights; compile aliases the model's storage
     target, loss_fn = training_batch(_Loaded(model, inputs))
     m = case.micro_batches
-    auto, plan = _autopart_program(model, inputs, target, loss_fn, world, m, schedule)
+    schedule = how[0]
+    auto, plan = _autopart_program(model, inputs, target, loss_fn, world, m, how)
     hand, num_layers = _hand_program(
         hand_model, inputs, target, loss_fn, case, rank, world, m, schedule
     )
@@ -553,7 +561,7 @@ def _run_case(
         "losses": (auto.losses[warmup : warmup + 1], hand.losses[warmup : warmup + 1]),
     }
     dist.all_gather_object(gathered, mine)
-    return _row(case, world, schedule, (steps, warmup), plan, gathered, num_layers)
+    return _row(case, world, how, (steps, warmup), plan, gathered, num_layers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -585,10 +593,11 @@ def _autopart_program(
     loss_fn: Callable[[Any, Any], torch.Tensor],
     world: int,
     micro_batches: int,
-    schedule: str,
+    how: tuple[str, bool],
 ) -> tuple[_Program, Any]:
     import autopart
 
+    schedule, profile = how
     clock, mb_losses = _BusyClock(), list[float]()
     program = autopart.compile(
         model,
@@ -597,6 +606,7 @@ def _autopart_program(
         loss_fn=_timed_loss(loss_fn, clock, mb_losses),
         micro_batches=micro_batches,
         schedule=schedule,
+        profile=profile,
     )
     for stage in program.local_stages:
         clock.instrument(stage.pipeline_stage)
@@ -661,7 +671,7 @@ def _hand_program(
 def _row(
     case: RuntimeCase,
     world: int,
-    schedule: str,
+    how: tuple[str, bool],
     counts: tuple[int, int],
     plan: Any,
     gathered: Sequence[dict[str, Any]],
@@ -673,7 +683,8 @@ def _row(
         "case": case.name,
         "kind": case.kind,
         "ranks": world,
-        "schedule": schedule,
+        "schedule": how[0],
+        "profile": how[1],
         "micro_batches": m,
         "batch": case.batch,
         "steps": steps,

@@ -9,7 +9,7 @@ again and hold a large share of a transformer layer's saved bytes; no weight mat
 What a unit keeps is counted on the node graph (``OpNode.kept_selectively`` marks the nodes whose
 outputs the policy saves):
 
-  kept   = |inputs(unit) + outputs(kept nodes)| + private(kept nodes)
+  kept   = |inputs(unit) + outputs(kept nodes, but the model's outputs)| + private(kept nodes)
   freed  = activation_bytes(unit) - kept        (offered where > 0)
 
 (``inputs``: the values the checkpoint keeps, those it reads from outside and the model inputs
@@ -61,8 +61,9 @@ def _offer(og: OpGraph, block: Block) -> Block:
     kept_nodes = [n for n in nodes if n.kept_selectively]
     read = {s for n in nodes for s in n.inputs if s not in names}
     model_inputs = {s for n in nodes for s in n.saved_from if s in og.value_bytes}
+    # a model output is held anyway (the pipeline keeps it for the loss: mesh_plan.stage_memory)
     kept = sum(og.value_bytes_of(v) for v in read | model_inputs) + sum(
-        n.output_bytes + n.private_saved_bytes for n in kept_nodes
+        (0 if n.is_output else n.output_bytes) + n.private_saved_bytes for n in kept_nodes
     )
     freed = block.activation_bytes - kept
     if freed <= 0 or block.recomputed:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,9 +71,30 @@ def measure_peak(device: torch.device, held: Iterable[torch.Tensor] = ()) -> Ite
     # garbage from before the block, collected inside it, would count as the block's frees and
     # lower its running total (seen once in the unit tier under xdist)
     gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # kineto prints "USDT: ... profiler_start" / "_stop" lines there
+        prof.start()
+    try:
         yield result
+    finally:
+        with _quiet_stderr():
+            prof.stop()
     result.peak_bytes = result.start_bytes + _highest_running_total(prof)
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 sent to the null device while the block runs (what C++ code writes
+    there, which Python's own redirection does not catch)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _highest_running_total(prof: torch.profiler.profile) -> int:
