@@ -738,7 +738,8 @@ class _ScheduleSearch:
             p * v,
             self.spec,
             in_flight=in_flight,
-            reserved_bytes=reserved_bytes(scaled, ranks, m, in_flight),
+            reserved_bytes=reserved_bytes(scaled, ranks, in_flight),
+            micro_batches=m,
             state_bytes_per_param_byte=setup.state_per_byte,
             memory_limit_bytes=setup.limit,
             stages_per_device=v,
@@ -1141,24 +1142,17 @@ class StageMemory:
     """Held all step."""
 
 
-def reserved_bytes(
-    scaled: BlockGraph, ranks: Sequence[int], micro_batches: int, in_flight: Sequence[int]
-) -> list[int]:
+def reserved_bytes(scaled: BlockGraph, ranks: Sequence[int], in_flight: Sequence[int]) -> list[int]:
     """Per device, at least what :func:`stage_memory` adds there under any split of ``scaled``
     (costs of one micro-batch) into the stages of ``ranks`` (``ranks[s]``: the device of stage
-    ``s``) with ``in_flight[s]`` micro-batches in flight: the stage ILP holds it back, so each
-    split it finds fits the simulation's accounting too. A stage sends and receives at most the
-    most bytes any cut carries; the loss is the last stage's, a device's working set its
-    largest."""
-    cut = max(scaled.cut_bytes(), default=0)
+    ``s``) with ``in_flight[s]`` micro-batches in flight, besides what depends on the bytes the
+    split sends (the stage ILP counts those itself: ``solve_stages(micro_batches=)``): a
+    device's largest working set, and the loss on the last stage's. The stage ILP holds it back,
+    so each split it finds fits the simulation's accounting too."""
     outputs = sum(b.graph_output_bytes for b in scaled.blocks)
     working = max((b.backward_working_bytes for b in scaled.blocks), default=0)
-    out = [0] * (max(ranks) + 1)
-    for s, d in enumerate(ranks):
-        out[d] += (in_flight[s] + 2 * micro_batches) * cut
-    out = [held + working for held in out]
-    last = ranks[-1]
-    out[last] += in_flight[-1] * 2 * outputs + max(0, 2 * outputs - working)
+    out = [working] * (max(ranks) + 1)
+    out[ranks[-1]] += in_flight[-1] * 2 * outputs + max(0, 2 * outputs - working)
     return out
 
 

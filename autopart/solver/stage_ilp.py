@@ -37,7 +37,13 @@ Constraints:
   recompute:              sum_{o of b} r[o,s] <= x[b,s]; h_d >= h_o r[o,s] for s on d
                                                                             (_add_recompute)
   memory per device d:    sum_{s on d} [ sum_b x[b,s] (m_b + f_s a_b) - sum_{o in R} r[o,s] f_s
-                          (a_b - a'_o) + sum_q y[q,s] m_q ] + h_d <= limit  (_add_memory)
+                          (a_b - a'_o) + sum_q y[q,s] m_q + (M + f_s) B_s + M B_{s-1} ]
+                          + h_d + e_d <= limit                              (_add_memory)
+                          with M micro-batches (``micro_batches``; 0: not counted), the
+                          pipeline's receive buffers (one per micro-batch for the activations
+                          in, M B_{s-1}, and the gradients back, M B_s), the outputs kept until
+                          their backward (f_s B_s), and e_d held whatever the split
+                          (``reserved_bytes``: the loss, a backward's working gradients)
   stage time:             T_s = sum_b w_b x[b,s] + [s>0](alpha + B_{s-1}/beta) + [s<p-1](alpha + B_s/beta),
                           B_k = sum_t n_t c[t,k]; a boundary between two stages of one device
                           (the turn of a V-shaped schedule) is handed over locally and costs 0;
@@ -151,6 +157,8 @@ class _Data:
     shared_mib: dict[str, int]
     reserved_mib: tuple[int, ...]
     """Held on each device whatever the split (:func:`solve_stages`' ``reserved_bytes``)."""
+    micro_batches: int
+    """M: the pipeline holds M receive buffers per boundary each way (0: not counted)."""
     in_flight: tuple[int, ...]
     param_blocks: tuple[int, ...]
     """Blocks that use a parameter, of which every device needs one; empty (no such constraint)
@@ -179,6 +187,7 @@ def solve_stages(
     explain: bool = True,
     recompute: bool = False,
     reserved_bytes: Sequence[int] | None = None,
+    micro_batches: int = 0,
 ) -> StageSolution:
     """Solve the stage ILP (see the module docstring). ``in_flight[s]`` is the number of
     micro-batches whose activations stage ``s`` keeps; ``state_bytes_per_param_byte`` scales
@@ -188,8 +197,9 @@ def solve_stages(
     finds the least memory a split needs when none fits: the error then only says it is more
     than the limit. ``recompute=True`` lets blocks recompute (only where that lets a split fit
     memory or run faster: the tie-breaker charges every recomputation). ``reserved_bytes[d]`` is
-    held on device ``d`` besides what the blocks pin (the pipeline's buffers and a backward's
-    working gradients, bounded over every split by the caller; default none)."""
+    held on device ``d`` whatever the split (the loss, a backward's working gradients; default
+    none); ``micro_batches`` (M > 0) counts the pipeline's receive buffers and kept outputs on
+    the bytes each split sends (module docstring)."""
     data = _build_data(
         bg,
         num_stages,
@@ -200,6 +210,7 @@ def solve_stages(
         device_of_stage,
         recompute=recompute,
         reserved_bytes=reserved_bytes,
+        micro_batches=micro_batches,
     )
     solve = _Solve(data, device, memory_limit_bytes, hint, time_limit_s, seed)
     return solve.run(explain=explain)
@@ -226,7 +237,7 @@ class _Solve:
         shared = _add_shared_params(model, data, x)
         rc = _add_recompute(model, data, x)
         if memory_limit_bytes is not None:
-            _add_memory(model, data, x, shared, rc, memory_limit_bytes // _BYTE_UNIT)
+            _add_memory(model, data, x, shared, rc, crossing, memory_limit_bytes // _BYTE_UNIT)
         z = _add_bottleneck(model, data, x, crossing, rc)
         _add_objective(model, data, z, crossing, rc)
         if hint is not None:
@@ -307,6 +318,7 @@ def _build_data(
     *,
     recompute: bool,
     reserved_bytes: Sequence[int] | None = None,
+    micro_batches: int = 0,
 ) -> _Data:
     if num_stages < 1 or stages_per_device < 1 or num_stages % stages_per_device:
         raise AutopartError(
@@ -354,6 +366,7 @@ def _build_data(
         reserved_mib=tuple(
             math.ceil(r / _BYTE_UNIT) for r in (reserved_bytes or [0] * num_devices)
         ),
+        micro_batches=micro_batches,
         in_flight=tuple(in_flight),
         param_blocks=param_blocks if len(param_blocks) >= num_stages else (),
         may_recompute=_options(bg, work, unit_s) if recompute else (),
@@ -487,10 +500,12 @@ def _add_memory(
     x: dict[tuple[int, int], cp_model.IntVar],
     y: dict[tuple[str, int], cp_model.IntVar],
     rc: _Recompute,
+    crossing: dict[tuple[int, int], cp_model.IntVar],
     limit_mib: int,
 ) -> None:
     for dev in sorted(set(d.device_of_stage)):
-        model.add(_device_memory(d, x, y, rc, dev) <= limit_mib).with_name(f"memory[{dev}]")
+        memory = _device_memory(d, x, y, rc, crossing, dev)
+        model.add(memory <= limit_mib).with_name(f"memory[{dev}]")
 
 
 def _device_memory(
@@ -498,6 +513,7 @@ def _device_memory(
     x: dict[tuple[int, int], cp_model.IntVar],
     y: dict[tuple[str, int], cp_model.IntVar],
     rc: _Recompute,
+    crossing: dict[tuple[int, int], cp_model.IntVar],
     dev: int,
 ) -> Any:
     stages = [s for s in range(d.num_stages) if d.device_of_stage[s] == dev]
@@ -507,6 +523,11 @@ def _device_memory(
         for s in stages
         for i, o in enumerate(d.may_recompute)
     )
+    sent = sum(
+        _sent_mib(d, t.nbytes, k, dev) * crossing[i, k]
+        for i, t in enumerate(d.bg.tensors)
+        for k in range(d.num_stages - 1)
+    )
     return (
         sum(
             x[b, s] * (d.state_mib[b] + d.in_flight[s] * d.act_mib[b])
@@ -514,10 +535,25 @@ def _device_memory(
             for b in blocks
         )
         - saved
+        + sent
         + d.reserved_mib[dev]
         + rc.rebuilt.get(dev, 0)
         + sum(y[q, s] * d.shared_mib[q] for q in d.bg.shared_params for s in stages)
     )
+
+
+def _sent_mib(d: _Data, nbytes: int, k: int, dev: int) -> int:
+    """MiB that a tensor of ``nbytes`` crossing boundary ``k`` holds on device ``dev``: on the
+    sending stage ``k`` its kept outputs and gradient buffers, ``(M + f_k) n``; on the receiving
+    stage ``k + 1`` its activation buffers, ``M n`` (0 where ``micro_batches`` is 0)."""
+    if not d.micro_batches:
+        return 0
+    held = 0
+    if d.device_of_stage[k] == dev:
+        held += (d.micro_batches + d.in_flight[k]) * nbytes
+    if d.device_of_stage[k + 1] == dev:
+        held += d.micro_batches * nbytes
+    return math.ceil(held / _BYTE_UNIT)
 
 
 def _add_bottleneck(
@@ -628,9 +664,10 @@ def _minimum_memory(
     _add_precedence(model, d, x)
     y = _add_shared_params(model, d, x)
     rc = _add_recompute(model, d, x)
+    crossing = _add_crossing(model, d, x)
     peak = model.new_int_var(0, _memory_ceiling_mib(d), "peak")
     for dev in sorted(set(d.device_of_stage)):
-        model.add(peak >= _device_memory(d, x, y, rc, dev)).with_name(f"peak[{dev}]")
+        model.add(peak >= _device_memory(d, x, y, rc, crossing, dev)).with_name(f"peak[{dev}]")
     model.minimize(peak)
     hint_mib = None
     if hint is not None:
@@ -660,6 +697,12 @@ def _memory_ceiling_mib(d: _Data) -> int:
         sum(d.state_mib)
         + max(d.reserved_mib)
         + max(d.in_flight) * sum(d.act_mib)
+        + sum(
+            _sent_mib(d, t.nbytes, k, dev)
+            for t in d.bg.tensors
+            for k in range(d.num_stages - 1)
+            for dev in set(d.device_of_stage)
+        )
         + max((o.rebuilt_mib for o in d.may_recompute), default=0)
         + stages_per_device * sum(d.shared_mib.values())
     )
@@ -668,6 +711,11 @@ def _memory_ceiling_mib(d: _Data) -> int:
 def _memory_mib(d: _Data, stage_of: Sequence[int]) -> list[int]:
     """Each device's memory under an assignment, in the ILP's own (rounded-up) accounting."""
     per_device = list(d.reserved_mib)
+    for t in d.bg.tensors:
+        last = max(stage_of[c] for c in t.consumers)
+        for k in range(stage_of[t.producer], last):  # crossing, as _add_crossing has it
+            for dev in {d.device_of_stage[k], d.device_of_stage[k + 1]}:
+                per_device[dev] += _sent_mib(d, t.nbytes, k, dev)
     for b, s in enumerate(stage_of):
         per_device[d.device_of_stage[s]] += d.state_mib[b] + d.in_flight[s] * d.act_mib[b]
     for q, users in d.bg.shared_params.items():

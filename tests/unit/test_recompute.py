@@ -75,7 +75,8 @@ def _solve(bg: BlockGraph, limit: int | None, *, recompute: bool = True) -> obje
         memory_limit_bytes=limit,
         recompute=recompute,
         time_limit_s=5,
-        reserved_bytes=reserved_bytes(bg, [0, 1], 2, [2, 1]),  # the pipeline's buffers
+        reserved_bytes=reserved_bytes(bg, [0, 1], [2, 1]),
+        micro_batches=2,  # the pipeline's buffers and kept outputs
     )
 
 
@@ -150,12 +151,12 @@ def test_the_infeasible_error_names_the_minimum_with_recomputation() -> None:
     assert least < kept.value.minimum_bytes
     # the minimum is the leanest plan: 2 | 4 blocks, every one recomputed; the first stage holds
     # 2 blocks' state, their inputs for its two micro-batches in flight and one block rebuilt,
-    # the second 4 blocks' state, their inputs for one, and one rebuilt; each besides what the
-    # ILP holds back for the pipeline's buffers and sends
-    reserved = reserved_bytes(bg, [0, 1], 2, [2, 1])
-    assert reserved == [(2 + 2 * 2) * INPUT, (1 + 2 * 2) * INPUT]
-    first = 2 * MIB * STATE + 2 * 2 * INPUT + ACT + reserved[0]
-    assert least == max(first, 4 * MIB * STATE + 4 * INPUT + ACT + reserved[1])
+    # the second 4 blocks' state, their inputs for one, and one rebuilt; and the pipeline's
+    # tensors: on the first stage 2 micro-batches' gradient buffers and 2 kept outputs, on the
+    # second 2 activation buffers
+    assert reserved_bytes(bg, [0, 1], [2, 1]) == [0, 0]  # no loss, no working set given
+    first = 2 * MIB * STATE + 2 * 2 * INPUT + ACT + (2 + 2) * INPUT
+    assert least == max(first, 4 * MIB * STATE + 4 * INPUT + ACT + 2 * INPUT)
     sol = _solve(bg, least)  # and a plan meets it
     assert len(sol.recompute) == len(bg.blocks)  # type: ignore[attr-defined]
 
