@@ -658,7 +658,7 @@ class _ScheduleSearch:
             and _fits(
                 per_micro_batch(reuse.bg, m),
                 reuse.stage_of,
-                in_flight,
+                (in_flight, m),
                 ranks,
                 setup.state_per_byte,
                 setup.limit,
@@ -1225,16 +1225,22 @@ def per_micro_batch(bg: BlockGraph, micro_batches: int) -> BlockGraph:
 def _fits(
     bg: BlockGraph,
     stage_of: Sequence[int],
-    in_flight: Sequence[int],
+    flight: tuple[Sequence[int], int],
     ranks: Sequence[int],
     state_per_byte: float,
     limit: int,
 ) -> bool:
-    """Whether an assignment fits memory under the ILP's own accounting (see stage_ilp)."""
+    """Whether an assignment fits memory, counted as the stage ILP counts it: ``flight =
+    (in_flight, m)``, each stage's in-flight micro-batches kept at once (:func:`stage_memory`),
+    its pipeline buffers for ``m``, and each device's largest working set on top."""
+    in_flight, m = flight
     held = _held_per_device(bg, stage_of, ranks, state_per_byte)
-    for s, saved in enumerate(bg.stage_activation_bytes(stage_of, len(ranks))):
-        held[ranks[s]] += in_flight[s] * saved
-    return max(held) <= limit
+    memory = stage_memory(bg, stage_of, len(ranks), m)
+    working = [0] * len(held)
+    for s, device in enumerate(ranks):
+        held[device] += in_flight[s] * memory.kept[s] + memory.buffers[s]
+        working[device] = max(working[device], memory.working[s])
+    return max(h + w for h, w in zip(held, working)) <= limit
 
 
 def in_flight_per_stage(kind: str, p: int, m: int, v: int) -> list[int]:
