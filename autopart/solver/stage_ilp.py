@@ -523,10 +523,12 @@ def _device_memory(
         for s in stages
         for i, o in enumerate(d.may_recompute)
     )
+    # only the boundaries next to this device's stages hold anything here
+    sides = sorted({k for s in stages for k in (s - 1, s) if 0 <= k < d.num_stages - 1})
     sent = sum(
         _sent_mib(d, t.nbytes, k, dev) * crossing[i, k]
         for i, t in enumerate(d.bg.tensors)
-        for k in range(d.num_stages - 1)
+        for k in sides
     )
     return (
         sum(
