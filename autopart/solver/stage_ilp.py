@@ -21,6 +21,9 @@ Variables:
   z >= 0                  the slowest device's time per micro-batch         (_add_bottleneck)
   r[o,s] in {0,1}         option o's block runs on stage s and recomputes as o   (_add_recompute)
   h_d >= 0                the most one recomputed block of device d rebuilds (_add_recompute)
+  e[t,s] in {0,1}         stage s keeps value t again: t is saved by several blocks
+                          (``BlockGraph.saved_across``), its first saver's a_b counts it, and a
+                          later saver keeps it on s where the first does not    (_add_saved_again)
 
 Constraints:
   one stage per block:    sum_s x[b,s] = 1                                  (_add_assignment)
@@ -36,8 +39,12 @@ Constraints:
   shared parameters:      y[q,s] >= x[b,s] for every block b that uses q    (_add_shared_params)
   recompute:              sum_{o of b} r[o,s] <= x[b,s]; h_d >= h_o r[o,s] for s on d
                                                                             (_add_recompute)
+  kept again:             e[t,s] >= K[c,s] - K[u_t,s] for every later saver c of t, where
+                          K[b,s] = x[b,s] - sum_{o of b} r[o,s] (b runs on s and keeps what it
+                          saves)                                            (_add_saved_again)
   memory per device d:    sum_{s on d} [ sum_b x[b,s] (m_b + f_s a_b) - sum_{o in R} r[o,s] f_s
-                          (a_b - a'_o) + sum_q y[q,s] m_q + (M + f_s) B_s + M B_{s-1} ]
+                          (a_b - a'_o) + sum_t e[t,s] f_s n_t + sum_q y[q,s] m_q
+                          + (M + f_s) B_s + M B_{s-1} ]
                           + h_d + e_d <= limit                              (_add_memory)
                           with M micro-batches (``micro_batches``; 0: not counted), the
                           pipeline's receive buffers (one per micro-batch for the activations
@@ -231,13 +238,10 @@ class _Solve:
         data, hint, memory_limit_bytes = self.data, self.hint, self.memory_limit_bytes
         num_stages, time_limit_s = data.num_stages, self.time_limit_s
         model = cp_model.CpModel()
-        x = _add_assignment(model, data)
-        _add_precedence(model, data, x)
-        crossing = _add_crossing(model, data, x)
-        shared = _add_shared_params(model, data, x)
-        rc = _add_recompute(model, data, x)
+        v = _add_variables(model, data)
+        x, crossing, rc = v.x, v.crossing, v.rc
         if memory_limit_bytes is not None:
-            _add_memory(model, data, x, shared, rc, crossing, memory_limit_bytes // _BYTE_UNIT)
+            _add_memory(model, data, v, memory_limit_bytes // _BYTE_UNIT)
         z = _add_bottleneck(model, data, x, crossing, rc)
         _add_objective(model, data, z, crossing, rc)
         if hint is not None:
@@ -494,53 +498,89 @@ def _add_recompute(
     return _Recompute(r, rebuilt)
 
 
-def _add_memory(
-    model: cp_model.CpModel,
-    d: _Data,
-    x: dict[tuple[int, int], cp_model.IntVar],
-    y: dict[tuple[str, int], cp_model.IntVar],
-    rc: _Recompute,
-    crossing: dict[tuple[int, int], cp_model.IntVar],
-    limit_mib: int,
-) -> None:
+def _add_saved_again(
+    model: cp_model.CpModel, d: _Data, x: dict[tuple[int, int], cp_model.IntVar], rc: _Recompute
+) -> dict[tuple[int, int], cp_model.IntVar]:
+    """e[t,s]: stage s keeps value t of :attr:`BlockGraph.saved_across` once more, besides its
+    first saver's count: a later saver on s keeps it (runs there, not recomputed) and the first
+    saver does not (runs elsewhere, or recomputes), as ``stage_activation_bytes`` counts it."""
+    recomputes: dict[tuple[int, int], list[cp_model.IntVar]] = {}
+    for (i, s), r in rc.r.items():
+        recomputes.setdefault((d.may_recompute[i].block, s), []).append(r)
+    e: dict[tuple[int, int], cp_model.IntVar] = {}
+    for i, t in enumerate(d.bg.saved_across):
+        for s in range(d.num_stages):
+            e[i, s] = model.new_bool_var(f"e[{i},{s}]")
+            first_keeps = x[t.producer, s] - sum(recomputes.get((t.producer, s), []))
+            for c in t.consumers:
+                keeps = x[c, s] - sum(recomputes.get((c, s), []))
+                model.add(e[i, s] >= keeps - first_keeps).with_name(f"saved_again[{i},{s},{c}]")
+    return e
+
+
+@dataclass(frozen=True, slots=True)
+class _Vars:
+    """The variables of one stage model (the module docstring's families)."""
+
+    x: dict[tuple[int, int], cp_model.IntVar]
+    crossing: dict[tuple[int, int], cp_model.IntVar]
+    shared: dict[tuple[str, int], cp_model.IntVar]
+    rc: _Recompute
+    saved_again: dict[tuple[int, int], cp_model.IntVar]
+
+
+def _add_variables(model: cp_model.CpModel, d: _Data) -> _Vars:
+    """Assignment, precedence, crossing, shared parameters, recomputation and the values kept
+    again on a later stage: everything but memory, bottleneck and objective."""
+    x = _add_assignment(model, d)
+    _add_precedence(model, d, x)
+    rc = _add_recompute(model, d, x)
+    return _Vars(
+        x,
+        _add_crossing(model, d, x),
+        _add_shared_params(model, d, x),
+        rc,
+        _add_saved_again(model, d, x, rc),
+    )
+
+
+def _add_memory(model: cp_model.CpModel, d: _Data, v: _Vars, limit_mib: int) -> None:
     for dev in sorted(set(d.device_of_stage)):
-        memory = _device_memory(d, x, y, rc, crossing, dev)
-        model.add(memory <= limit_mib).with_name(f"memory[{dev}]")
+        model.add(_device_memory(d, v, dev) <= limit_mib).with_name(f"memory[{dev}]")
 
 
-def _device_memory(
-    d: _Data,
-    x: dict[tuple[int, int], cp_model.IntVar],
-    y: dict[tuple[str, int], cp_model.IntVar],
-    rc: _Recompute,
-    crossing: dict[tuple[int, int], cp_model.IntVar],
-    dev: int,
-) -> Any:
+def _device_memory(d: _Data, v: _Vars, dev: int) -> Any:
     stages = [s for s in range(d.num_stages) if d.device_of_stage[s] == dev]
     blocks = range(len(d.bg.blocks))
     saved = sum(
-        rc.r[i, s] * d.in_flight[s] * (d.act_mib[o.block] - o.act_mib)
+        v.rc.r[i, s] * d.in_flight[s] * (d.act_mib[o.block] - o.act_mib)
         for s in stages
         for i, o in enumerate(d.may_recompute)
     )
     # only the boundaries next to this device's stages hold anything here
     sides = sorted({k for s in stages for k in (s - 1, s) if 0 <= k < d.num_stages - 1})
     sent = sum(
-        _sent_mib(d, t.nbytes, k, dev) * crossing[i, k]
+        _sent_mib(d, t.nbytes, k, dev) * v.crossing[i, k]
         for i, t in enumerate(d.bg.tensors)
         for k in sides
     )
+    again = sum(
+        v.saved_again[i, s] * d.in_flight[s] * math.ceil(t.nbytes / _BYTE_UNIT)
+        for i, t in enumerate(d.bg.saved_across)
+        for s in stages
+    )
     return (
         sum(
-            x[b, s] * (d.state_mib[b] + d.in_flight[s] * d.act_mib[b])
+            v.x[b, s] * (d.state_mib[b] + d.in_flight[s] * d.act_mib[b])
             for s in stages
             for b in blocks
         )
         - saved
+        + again
         + sent
         + d.reserved_mib[dev]
-        + rc.rebuilt.get(dev, 0)
-        + sum(y[q, s] * d.shared_mib[q] for q in d.bg.shared_params for s in stages)
+        + v.rc.rebuilt.get(dev, 0)
+        + sum(v.shared[q, s] * d.shared_mib[q] for q in d.bg.shared_params for s in stages)
     )
 
 
@@ -662,20 +702,16 @@ def _minimum_memory(
     """The smallest peak memory per device any valid assignment needs, given that none fits
     ``limit_mib`` (so at least one MiB more); as proven within the time limit."""
     model = cp_model.CpModel()
-    x = _add_assignment(model, d)
-    _add_precedence(model, d, x)
-    y = _add_shared_params(model, d, x)
-    rc = _add_recompute(model, d, x)
-    crossing = _add_crossing(model, d, x)
+    v = _add_variables(model, d)
     peak = model.new_int_var(0, _memory_ceiling_mib(d), "peak")
     for dev in sorted(set(d.device_of_stage)):
-        model.add(peak >= _device_memory(d, x, y, rc, crossing, dev)).with_name(f"peak[{dev}]")
+        model.add(peak >= _device_memory(d, v, dev)).with_name(f"peak[{dev}]")
     model.minimize(peak)
     hint_mib = None
     if hint is not None:
         for b, s in enumerate(hint):
             for k in range(d.num_stages):
-                model.add_hint(x[b, k], int(k == s))
+                model.add_hint(v.x[b, k], int(k == s))
         hint_mib = max(_memory_mib(d, hint))
     status, solver, _ = _solve(model, time_limit_s, seed)
     # Every topological split into non-empty stages is a solution (num_stages <= blocks is
@@ -699,6 +735,9 @@ def _memory_ceiling_mib(d: _Data) -> int:
         sum(d.state_mib)
         + max(d.reserved_mib)
         + max(d.in_flight) * sum(d.act_mib)
+        + max(d.in_flight)
+        * d.num_stages
+        * sum(math.ceil(t.nbytes / _BYTE_UNIT) for t in d.bg.saved_across)
         + sum(
             _sent_mib(d, t.nbytes, k, dev)
             for t in d.bg.tensors
@@ -720,6 +759,9 @@ def _memory_mib(d: _Data, stage_of: Sequence[int]) -> list[int]:
                 per_device[dev] += _sent_mib(d, t.nbytes, k, dev)
     for b, s in enumerate(stage_of):
         per_device[d.device_of_stage[s]] += d.state_mib[b] + d.in_flight[s] * d.act_mib[b]
+    for t in d.bg.saved_across:  # no block recomputes here (hints keep every activation)
+        for s in {stage_of[c] for c in t.consumers} - {stage_of[t.producer]}:
+            per_device[d.device_of_stage[s]] += d.in_flight[s] * math.ceil(t.nbytes / _BYTE_UNIT)
     for q, users in d.bg.shared_params.items():
         for s in sorted({stage_of[b] for b in users}):
             per_device[d.device_of_stage[s]] += d.shared_mib[q]

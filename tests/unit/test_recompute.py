@@ -11,11 +11,15 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from autopart.cost_models import get_device
 from autopart.errors import AutopartError
 from autopart.planning.blocks import Block, BlockGraph, CrossTensor, Selective
+from autopart.planning.graph import OpGraph, OpNode, group_blocks
 from autopart.planning.mesh_plan import (
+    in_flight_per_stage,
     per_micro_batch,
     reserved_bytes,
     simulate_blocks,
@@ -25,6 +29,7 @@ from autopart.planning.mesh_plan import (
 from autopart.planning.plans import Plan, PlanError, RecomputedBlock
 from autopart.planning.request import PlanRequest
 from autopart.planning.schedule_choice import schedule_kinds
+from autopart.solver import baselines
 from autopart.solver.cost import stage_times_s
 from autopart.solver.stage_ilp import InfeasibleMemoryError, solve_stages
 
@@ -430,3 +435,78 @@ def test_selective_stages_compute_the_same_and_keep_what_the_plan_predicts() -> 
     predicted = peaks["none"] - peaks["selective"]
     drop = plain - selective
     assert predicted > 0 and drop >= predicted and abs(predicted / drop - 1) <= 0.10
+
+
+@st.composite
+def _saving_graphs(draw: st.DrawFn) -> tuple[BlockGraph, int, int, str, bool]:
+    """A chain of nodes, each reading its predecessor and maybe an earlier node (a skip
+    connection) and saving some of what it reads, so that a value several blocks save is common;
+    cut into random consecutive blocks; with a pipeline of p ranks, m micro-batches, a schedule
+    and whether blocks may recompute."""
+    n = draw(st.integers(4, 9))
+    nodes = {}
+    for i in range(n):
+        reads = [f"n{i - 1}"] if i else []
+        if i >= 2 and draw(st.booleans()):  # a skip connection, often from the first node
+            reads.append(f"n{draw(st.sampled_from([0, draw(st.integers(0, i - 2))]))}")
+        saved = tuple(reads) if draw(st.integers(0, 3)) else ()
+        nodes[f"n{i}"] = OpNode(
+            f"n{i}",
+            draw(st.floats(1e-4, 1e-2)),
+            draw(st.floats(1e-4, 2e-2)),
+            0,
+            draw(st.integers(1, 40)) * MIB,
+            tuple(reads),
+            params=(f"p{i}",) if draw(st.booleans()) else (),
+            saved_from=saved,
+            private_saved_bytes=draw(st.integers(0, 8)) * MIB,
+            is_output=i == n - 1,
+        )
+    params = {q: draw(st.integers(1, 80)) * MIB for node in nodes.values() for q in node.params}
+    og = OpGraph(nodes, params)
+    p = draw(st.integers(1, 4))
+    # as many blocks as stages (the split is forced: the limit decides alone) or more
+    most = draw(st.sampled_from([p - 1, n - 1]))
+    cuts = sorted(draw(st.sets(st.integers(1, n - 1), min_size=p - 1, max_size=most)))
+    order = list(og.order)
+    groups = [order[a:b] for a, b in zip([0, *cuts], [*cuts, n])]
+    m = draw(st.integers(p, 2 * p))
+    kind = draw(st.sampled_from(["1f1b", "gpipe"]))
+    return group_blocks(og, groups), p, m, kind, draw(st.booleans())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_saving_graphs(), st.one_of(st.just(1.0), st.floats(0.8, 1.05)))
+def test_every_split_the_stage_ilp_finds_fits_the_simulations_memory(
+    case: tuple[BlockGraph, int, int, str, bool], frac: float
+) -> None:
+    # The stage ILP and the simulation (which decides whether a plan fits) count memory alike:
+    # whatever split the ILP returns under a limit, recomputing or not, the simulated peak of
+    # every device is within it (values saved on both sides of a cut, the pipeline's buffers,
+    # the loss and the working set included).
+    bg, p, m, kind, recompute = case
+    scaled, ranks = per_micro_batch(bg, m), list(range(p))
+    in_flight = in_flight_per_stage(kind, p, m, 1)
+    contiguous = baselines.chain_dp(scaled, p, DEVICE)  # near the limits that bind
+    near = simulate_blocks(bg, contiguous, p, 1, DEVICE, kind, m, STATE)
+    # just under the contiguous split's own peak: a limit any under-count lets through
+    limit = int(max(near.peak_memory_bytes) * frac) - (MIB if frac == 1.0 else 0)
+    try:
+        sol = solve_stages(
+            scaled,
+            p,
+            DEVICE,
+            in_flight=in_flight,
+            state_bytes_per_param_byte=STATE,
+            memory_limit_bytes=limit,
+            recompute=recompute,
+            reserved_bytes=reserved_bytes(scaled, ranks, in_flight),
+            micro_batches=m,
+            time_limit_s=5,
+            explain=False,
+        )
+    except InfeasibleMemoryError:
+        return
+    solved = bg.with_recompute(sol.recompute, sol.selective)
+    tl = simulate_blocks(solved, sol.stage_of, p, 1, DEVICE, kind, m, STATE)
+    assert max(tl.peak_memory_bytes) <= limit
