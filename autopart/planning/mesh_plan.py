@@ -471,6 +471,8 @@ class _ScheduleSearch:
         self.graphs: dict[tuple[int, int], BlockGraph] = {}
         self.solved: dict[tuple[int, ...], _Solved] = {}
         """Per stage layout (the rank of each stage): the solved split."""
+        self.solved_for: dict[tuple[int, ...], tuple[str, int]] = {}
+        """Per stage layout: the schedule and micro-batch count its split was solved for."""
         self.candidates: list[_Candidate] = []
         self.misses: list[tuple[str, int, InfeasibleMemoryError]] = []
         self.missed: list[tuple[str, int, int, int]] = []
@@ -647,8 +649,9 @@ class _ScheduleSearch:
     def assignment(
         self, bg: BlockGraph, kind: str, m: int, v: int, ranks: tuple[int, ...]
     ) -> _Solved | None:
-        """The split for ``kind`` at ``m`` micro-batches; ``None`` (recorded as a miss) where
-        no split fits memory."""
+        """The split for ``kind`` at ``m`` micro-batches; ``None`` where no split fits memory
+        (recorded as a miss), and where the split solved for its faster twin does not fit it
+        (:data:`_FASTER_TWIN`: a split of its own would be no faster than the twin's)."""
         p, setup = self.p, self.setup
         in_flight = in_flight_per_stage(kind, p, m, v)
         reuse = self.solved.get(ranks)
@@ -668,6 +671,8 @@ class _ScheduleSearch:
             # optimal 1F1B assignment that also fits GPipe's memory is optimal for GPipe too; the
             # same holds between any two schedules of one stage layout.
             return reuse
+        if reuse is not None and self.solved_for[ranks] == (_FASTER_TWIN.get(kind), m):
+            return None  # its own split could not run faster than the twin's (_FASTER_TWIN)
         for failed, offered, exc in self.infeasible.get(ranks, []):
             if offered >= self.may_recompute(kind) and all(
                 a >= b for a, b in zip(in_flight, failed)
@@ -693,7 +698,7 @@ class _ScheduleSearch:
         except AutopartError as exc:  # no split within the time limit: the other layouts may
             self.failed.append(exc)
             return None
-        self.solved[ranks] = sol
+        self.solved[ranks], self.solved_for[ranks] = sol, (kind, m)
         return self.solved[ranks]
 
     def may_recompute(self, kind: str) -> bool:
@@ -791,6 +796,13 @@ them chosen (the fullest device's, then the sum over devices): the simulation is
 predicted 0.2% apart: benchmarks/results/2026-12-04-schedule-oracle.md)."""
 """A stage layout is solved when its estimate is within this of the fastest plan found (the ILP
 rarely beats the chain DP's split by more where memory does not bind)."""
+
+_FASTER_TWIN = {"gpipe": "1f1b"}
+"""A schedule -> one that runs any split at least as fast at the same micro-batch count while
+keeping no more micro-batches in flight on any stage (GPipe keeps all ``m``, 1F1B at most
+``p - s``): every split that fits the first fits the second, and the stage ILP's objective (the
+slowest device's time) does not depend on the schedule, so the second's optimum is no slower. Its
+stage solve is skipped once the twin's split is solved for the same layout and count."""
 
 _MOST_LAYOUT_SOLVES = 3
 """Stage layouts solved at most once one fits (each solve may take the time limit)."""
