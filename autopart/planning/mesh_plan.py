@@ -738,6 +738,11 @@ class _ScheduleSearch:
         p, setup, scaled = self.p, self.setup, per_micro_batch(bg, m)
         self.say(f"solving {p * v} stages for {kind}, {m} micro-batches ({len(bg.blocks)} blocks)")
         in_flight = in_flight_per_stage(kind, p, m, v)
+        hint, hint_recompute = baselines.chain_dp(scaled, p * v, self.spec), tuple[int, ...]()
+        if recompute:  # from every layer recomputed, a plan wherever that fits
+            full = [b.index for b in scaled.blocks if b.can_recompute]
+            hint = baselines.chain_dp(scaled.with_recompute(full), p * v, self.spec)
+            hint_recompute = tuple(full)
         sol = solve_stages(
             scaled,
             p * v,
@@ -749,7 +754,8 @@ class _ScheduleSearch:
             memory_limit_bytes=setup.limit,
             stages_per_device=v,
             device_of_stage=ranks,
-            hint=baselines.chain_dp(scaled, p * v, self.spec),
+            hint=hint,
+            hint_recompute=hint_recompute,
             time_limit_s=setup.request.time_limit_s,
             explain=explain,
             recompute=recompute,

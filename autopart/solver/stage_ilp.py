@@ -74,6 +74,7 @@ minimum a plan needs (recomputing wherever that saves memory, when recomputation
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -195,6 +196,7 @@ def solve_stages(
     recompute: bool = False,
     reserved_bytes: Sequence[int] | None = None,
     micro_batches: int = 0,
+    hint_recompute: Sequence[int] = (),
 ) -> StageSolution:
     """Solve the stage ILP (see the module docstring). ``in_flight[s]`` is the number of
     micro-batches whose activations stage ``s`` keeps; ``state_bytes_per_param_byte`` scales
@@ -206,7 +208,8 @@ def solve_stages(
     memory or run faster: the tie-breaker charges every recomputation). ``reserved_bytes[d]`` is
     held on device ``d`` whatever the split (the loss, a backward's working gradients; default
     none); ``micro_batches`` (M > 0) counts the pipeline's receive buffers and kept outputs on
-    the bytes each split sends (module docstring)."""
+    the bytes each split sends (module docstring). ``hint_recompute``: the blocks the hint
+    recomputes in full (with ``recompute=True``; a hint that fits only so is still a plan)."""
     data = _build_data(
         bg,
         num_stages,
@@ -219,7 +222,8 @@ def solve_stages(
         reserved_bytes=reserved_bytes,
         micro_batches=micro_batches,
     )
-    solve = _Solve(data, device, memory_limit_bytes, hint, time_limit_s, seed)
+    rebuilt = frozenset(hint_recompute) & {o.block for o in data.may_recompute if not o.selective}
+    solve = _Solve(data, device, memory_limit_bytes, hint, rebuilt, time_limit_s, seed)
     return solve.run(explain=explain)
 
 
@@ -231,6 +235,8 @@ class _Solve:
     device: DeviceSpec
     memory_limit_bytes: int | None
     hint: Sequence[int] | None
+    hint_recompute: frozenset[int]
+    """The blocks the hint recomputes in full."""
     time_limit_s: float
     seed: int
 
@@ -245,9 +251,7 @@ class _Solve:
         z = _add_bottleneck(model, data, x, crossing, rc)
         _add_objective(model, data, z, crossing, rc)
         if hint is not None:
-            for b, s in enumerate(hint):
-                for k in range(num_stages):
-                    model.add_hint(x[b, k], int(k == s))
+            _add_hint(model, data, v, hint, self.hint_recompute)
         status, solver, elapsed = _solve(model, time_limit_s, self.seed)
         if hint is not None and not _holds_parameters(data, hint):
             hint = None  # a plan of the model without the constraint: no fallback, no memory bound
@@ -263,19 +267,16 @@ class _Solve:
                     reason=f"a plan {need.needs(_gib_up)}",
                 )
             raise _infeasible_memory(data, memory_limit_bytes, hint, time_limit_s, self.seed)
-        # the hint keeps every activation: no fallback where blocks had to recompute
-        hint_fits = (
-            hint is not None
-            and not data.may_recompute
-            and (
-                memory_limit_bytes is None
-                or max(_memory_mib(data, hint)) <= memory_limit_bytes // _BYTE_UNIT
-            )
+        rebuilt = tuple(sorted(self.hint_recompute))
+        hint_fits = hint is not None and (
+            memory_limit_bytes is None
+            or max(_memory_mib(data, hint, self.hint_recompute)) <= memory_limit_bytes // _BYTE_UNIT
         )
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE) and hint_fits:
             assert hint is not None
             # No solution within the time limit: the hint (the exact contiguous split) is valid.
-            return StageSolution(tuple(hint), "HINT", elapsed, _bound_s(solver, data))
+            bound = _bound_s(solver, data)
+            return StageSolution(tuple(hint), "HINT", elapsed, bound, recompute=rebuilt)
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             raise AutopartError(
                 f"the stage solver found no plan within {time_limit_s:.0f} s (status "
@@ -288,22 +289,24 @@ class _Solve:
         chosen = [
             o for i, o in enumerate(data.may_recompute) if solver.value(rc.r[i, stage_of[o.block]])
         ]
-        status_name = solver.status_name(status)
+        full = tuple(o.block for o in chosen if not o.selective)
+        some = tuple(o.block for o in chosen if o.selective)
         if (
             hint_fits
             and hint is not None
-            and _device_bottleneck(data, self.device, hint)
-            < _device_bottleneck(data, self.device, stage_of)
+            and _device_bottleneck(data.bg.with_recompute(rebuilt), self.device, hint, data)
+            < _device_bottleneck(data.bg.with_recompute(full, some), self.device, stage_of, data)
         ):
             # CP-SAT stopped at the time limit on a plan worse than its own starting point.
-            stage_of, status_name = tuple(hint), "HINT"
+            hinted = StageSolution(tuple(hint), "HINT", elapsed, _bound_s(solver, data))
+            return dataclasses.replace(hinted, recompute=rebuilt)
         return StageSolution(
             stage_of=stage_of,
-            status=status_name,
+            status=solver.status_name(status),
             time_s=elapsed,
             objective_bound_s=_bound_s(solver, data),
-            recompute=tuple(o.block for o in chosen if not o.selective),
-            selective=tuple(o.block for o in chosen if o.selective),
+            recompute=full,
+            selective=some,
         )
 
 
@@ -544,6 +547,22 @@ def _add_variables(model: cp_model.CpModel, d: _Data) -> _Vars:
     )
 
 
+def _add_hint(
+    model: cp_model.CpModel,
+    d: _Data,
+    v: _Vars,
+    hint: Sequence[int],
+    recomputed: frozenset[int],
+) -> None:
+    """Start CP-SAT from ``hint``, the ``recomputed`` blocks recomputing in full."""
+    for b, s in enumerate(hint):
+        for k in range(d.num_stages):
+            model.add_hint(v.x[b, k], int(k == s))
+    for (i, s), r in v.rc.r.items():
+        o = d.may_recompute[i]
+        model.add_hint(r, int(not o.selective and o.block in recomputed and hint[o.block] == s))
+
+
 def _add_memory(model: cp_model.CpModel, d: _Data, v: _Vars, limit_mib: int) -> None:
     for dev in sorted(set(d.device_of_stage)):
         model.add(_device_memory(d, v, dev) <= limit_mib).with_name(f"memory[{dev}]")
@@ -749,30 +768,42 @@ def _memory_ceiling_mib(d: _Data) -> int:
     )
 
 
-def _memory_mib(d: _Data, stage_of: Sequence[int]) -> list[int]:
-    """Each device's memory under an assignment, in the ILP's own (rounded-up) accounting."""
+def _memory_mib(
+    d: _Data, stage_of: Sequence[int], recomputed: frozenset[int] = frozenset()
+) -> list[int]:
+    """Each device's memory under an assignment, ``recomputed`` blocks recomputing in full (those
+    that may), in the ILP's own (rounded-up) accounting."""
+    full = {o.block: o for o in d.may_recompute if not o.selective and o.block in recomputed}
     per_device = list(d.reserved_mib)
     for t in d.bg.tensors:
         last = max(stage_of[c] for c in t.consumers)
         for k in range(stage_of[t.producer], last):  # crossing, as _add_crossing has it
             for dev in {d.device_of_stage[k], d.device_of_stage[k + 1]}:
                 per_device[dev] += _sent_mib(d, t.nbytes, k, dev)
+    rebuilt = [0] * len(per_device)
     for b, s in enumerate(stage_of):
-        per_device[d.device_of_stage[s]] += d.state_mib[b] + d.in_flight[s] * d.act_mib[b]
-    for t in d.bg.saved_across:  # no block recomputes here (hints keep every activation)
-        for s in {stage_of[c] for c in t.consumers} - {stage_of[t.producer]}:
+        dev = d.device_of_stage[s]
+        kept = full[b].act_mib if b in full else d.act_mib[b]
+        per_device[dev] += d.state_mib[b] + d.in_flight[s] * kept
+        rebuilt[dev] = max(rebuilt[dev], full[b].rebuilt_mib if b in full else 0)
+    for t in d.bg.saved_across:  # kept again where a later saver keeps it and the first does not
+        first = set() if t.producer in full else {stage_of[t.producer]}
+        for s in {stage_of[c] for c in t.consumers if c not in full} - first:
             per_device[d.device_of_stage[s]] += d.in_flight[s] * math.ceil(t.nbytes / _BYTE_UNIT)
     for q, users in d.bg.shared_params.items():
         for s in sorted({stage_of[b] for b in users}):
             per_device[d.device_of_stage[s]] += d.shared_mib[q]
-    return per_device
+    return [held + extra for held, extra in zip(per_device, rebuilt)]
 
 
-def _device_bottleneck(d: _Data, device: DeviceSpec, stage_of: Sequence[int]) -> float:
-    """The slowest device's time per micro-batch, by the reporting cost model."""
+def _device_bottleneck(
+    bg: BlockGraph, device: DeviceSpec, stage_of: Sequence[int], d: _Data
+) -> float:
+    """The slowest device's time per micro-batch of ``bg`` (``d``'s blocks, some recomputed), by
+    the reporting cost model."""
     from autopart.solver.cost import stage_times_s
 
-    times = stage_times_s(d.bg, stage_of, d.num_stages, device, ranks=d.device_of_stage)
+    times = stage_times_s(bg, stage_of, d.num_stages, device, ranks=d.device_of_stage)
     per_device = [0.0] * (max(d.device_of_stage) + 1)
     for s, t in enumerate(times):
         per_device[d.device_of_stage[s]] += t

@@ -145,6 +145,33 @@ def test_a_limit_that_only_fits_with_recompute_recomputes_and_pays_for_it() -> N
     assert len(chosen) < len(bg.blocks)
 
 
+def test_a_hint_that_recomputes_every_layer_is_a_plan_when_the_solver_finds_none() -> None:
+    # 24 layers on 4 stages under 500 MiB fit only recomputing; given no time to search, the
+    # solver falls back on its hint, which is a plan only where the hint recomputes as well
+    bg, p, m = _chain(24), 4, 4
+    every = [b.index for b in bg.blocks]
+    ranks, in_flight = list(range(p)), in_flight_per_stage("1f1b", p, m, 1)
+    limit = 500 * MIB
+    kw: dict[str, Any] = {
+        "in_flight": in_flight,
+        "state_bytes_per_param_byte": STATE,
+        "memory_limit_bytes": limit,
+        "recompute": True,
+        "reserved_bytes": reserved_bytes(bg, ranks, in_flight),
+        "micro_batches": m,
+        "hint": baselines.chain_dp(bg.with_recompute(every), p, DEVICE),
+        "time_limit_s": 0.01,
+        "explain": False,
+    }
+    with pytest.raises(AutopartError, match="found no plan"):
+        solve_stages(bg, p, DEVICE, **kw)  # the hint keeps every activation: no plan
+    sol = solve_stages(bg, p, DEVICE, hint_recompute=every, **kw)
+    assert sol.status == "HINT" and sol.recompute == tuple(every)
+    solved = bg.scaled(m).with_recompute(sol.recompute)  # the step's costs, as the planner's
+    tl = simulate_blocks(solved, sol.stage_of, p, 1, DEVICE, "1f1b", m, STATE)
+    assert max(tl.peak_memory_bytes) <= limit
+
+
 def test_the_infeasible_error_names_the_minimum_with_recomputation() -> None:
     bg = _chain()
     with pytest.raises(InfeasibleMemoryError) as kept:
