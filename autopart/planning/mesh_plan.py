@@ -26,6 +26,7 @@ from autopart.cost_models.compute import update_time_s
 from autopart.cost_models.devices import DeviceSpec, get_device
 from autopart.cost_models.memory import as_optimizer, state_bytes_per_param_byte
 from autopart.errors import AutopartError
+from autopart.planning.blocks import CrossTensor
 from autopart.planning.graph import BlockGraph, OpGraph, coarsen, group_blocks
 from autopart.planning.plans import (
     BaselineResult,
@@ -1197,15 +1198,29 @@ def stage_memory(
     for b, s in zip(scaled.blocks, stage_of):
         working[s] = max(working[s], b.backward_working_bytes)
         saves[s].update(b.saved_values)
-    for t in scaled.tensors:  # sent on (a skip tensor by every stage it passes), unless saved
-        for s in range(stage_of[t.producer], max(stage_of[c] for c in t.consumers)):
-            kept[s] += 0 if t.name in saves[s] else t.nbytes
+    for t in scaled.tensors:
+        first, last = stage_of[t.producer], max(stage_of[c] for c in t.consumers)
+        for s in range(first, last):  # sent on (a skip tensor by every stage it passes)
+            kept[s] += 0 if t.name in saves[s] else t.nbytes  # unless saved
+        for s in range(first + 1, last + 1):  # received: saved, it is the receive buffer itself
+            kept[s] -= t.nbytes if _keeps_received(scaled, stage_of, t, s) else 0
     outputs = sum(b.graph_output_bytes for b in scaled.blocks)
     last = num_stages - 1
     kept[last] += 2 * outputs
     working[last] = max(working[last], 2 * outputs)
     buffers = [micro_batches * (boundary[s] + boundary[s + 1]) for s in range(num_stages)]
     return StageMemory(kept, working, buffers)
+
+
+def _keeps_received(scaled: BlockGraph, stage_of: Sequence[int], t: CrossTensor, s: int) -> bool:
+    """Whether stage ``s``, receiving ``t``, counts it among the values it keeps for backward: a
+    block of ``s`` saves it, or reads it and recomputes (keeping its inputs). torch's pipelining
+    hands the stage its receive buffer as the input, so autograd keeps that buffer, which
+    :func:`stage_memory` counts with the buffers."""
+    mine = [b for b, st in zip(scaled.blocks, stage_of) if st == s]
+    if any(not b.recomputed and t.name in b.saved_values for b in mine):
+        return True
+    return any(b.recomputed and b.index in t.consumers for b in mine)
 
 
 def _held_per_device(

@@ -85,6 +85,27 @@ def _solve(bg: BlockGraph, limit: int | None, *, recompute: bool = True) -> obje
     )
 
 
+def test_a_received_value_a_stage_saves_is_its_receive_buffer() -> None:
+    # torch's pipelining hands a stage its receive buffer as the input, so a node saving that
+    # input (a norm, a matmul reading it) keeps the buffer itself: counted with the buffers, not
+    # again among the kept values. n1's output crosses to stage 1, where n2 saves it (and n3 its
+    # own input); stage 0 sends it on, unsaved there, and keeps it until its backward.
+    nodes = {
+        "n0": OpNode("n0", 1e-3, 2e-3, 0, 10 * MIB),
+        "n1": OpNode("n1", 1e-3, 2e-3, 0, 40 * MIB, ("n0",), saved_from=("n0",)),
+        "n2": OpNode("n2", 1e-3, 2e-3, 0, 7 * MIB, ("n1",), saved_from=("n1",)),
+        "n3": OpNode("n3", 1e-3, 2e-3, 0, 5 * MIB, ("n2",), saved_from=("n2",)),
+    }
+    bg = group_blocks(OpGraph(nodes, {}), [["n0", "n1"], ["n2"], ["n3"]])
+    memory = stage_memory(bg, [0, 1, 1], 2, 2)
+    assert memory.buffers == [2 * 40 * MIB, 2 * 40 * MIB]  # gradients back; activations in
+    assert memory.kept == [10 * MIB + 40 * MIB, 7 * MIB]  # n1 not counted again on stage 1
+    # a block reading it and recomputing keeps its inputs: the same buffer
+    assert stage_memory(bg.with_recompute([1]), [0, 1, 1], 2, 2).kept[1] == 7 * MIB
+    # a stage that does not save what it receives keeps only what it saves itself
+    assert stage_memory(bg, [0, 0, 1], 2, 2).kept[1] == 0  # n3 saves n2, its receive buffer
+
+
 def test_block_recompute_keeps_inputs_and_pays_its_forward_again() -> None:
     b = _chain().blocks[0]
     again = b.recompute()
