@@ -144,6 +144,10 @@ class Block:
     backward_working_bytes: int = 0
     """The most gradient bytes one of its nodes' backward holds at once: the gradient of its
     output and those of its inputs (on top of what the stage keeps while its backward runs)."""
+    param_grad_bytes: int = 0
+    """The most parameter-gradient bytes one of its nodes' backward creates: a new tensor the size
+    of its weights, held until autograd adds it into ``.grad`` (from a step's second micro-batch
+    on, when ``.grad`` exists); the embedding's is table-sized. Not scaled by the batch."""
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -160,6 +164,7 @@ class Block:
             "rematerialized_bytes",
             "graph_output_bytes",
             "backward_working_bytes",
+            "param_grad_bytes",
         ):
             if not getattr(self, name) >= 0:
                 raise AutopartError(f"Block {self.index}: {name} must be >= 0")
@@ -480,6 +485,7 @@ def _merged(bg: BlockGraph, groups: Sequence[Sequence[Block]]) -> BlockGraph:
                 graph_output_bytes=sum(b.graph_output_bytes for b in members),
                 saved_values=tuple(dict.fromkeys(v for b in members for v in b.saved_values)),
                 backward_working_bytes=max(b.backward_working_bytes for b in members),
+                param_grad_bytes=max(b.param_grad_bytes for b in members),
             )
         )
     saved = []

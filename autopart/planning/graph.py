@@ -508,6 +508,10 @@ def _make_block(
             ),
             default=0,
         ),
+        param_grad_bytes=max(
+            (sum(og.param_bytes_by_name[q] for q in n.params) for n in nodes if n.backward_s > 0),
+            default=0,
+        ),
     )
 
 

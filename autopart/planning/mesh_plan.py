@@ -26,7 +26,7 @@ from autopart.cost_models.compute import update_time_s
 from autopart.cost_models.devices import DeviceSpec, get_device
 from autopart.cost_models.memory import as_optimizer, state_bytes_per_param_byte
 from autopart.errors import AutopartError
-from autopart.planning.blocks import CrossTensor
+from autopart.planning.blocks import Block, CrossTensor
 from autopart.planning.graph import BlockGraph, OpGraph, coarsen, group_blocks
 from autopart.planning.plans import (
     BaselineResult,
@@ -78,12 +78,15 @@ __all__ = [
     "pipeline_device",
     "plan_mesh",
     "planning_setup",
+    "reserved_bytes",
     "schedule_layouts",
     "simulate_blocks",
     "simulate_plan",
     "solve_tp_costs",
     "split_backward_factor",
+    "stage_memory",
     "step_tail_s",
+    "working_floor_bytes",
 ]
 
 
@@ -750,6 +753,7 @@ class _ScheduleSearch:
             self.spec,
             in_flight=in_flight,
             reserved_bytes=reserved_bytes(scaled, ranks, in_flight),
+            working_floor_bytes=working_floor_bytes(scaled, ranks),
             micro_batches=m,
             state_bytes_per_param_byte=setup.state_per_byte,
             memory_limit_bytes=setup.limit,
@@ -1162,17 +1166,29 @@ class StageMemory:
 
 
 def reserved_bytes(scaled: BlockGraph, ranks: Sequence[int], in_flight: Sequence[int]) -> list[int]:
-    """Per device, at least what :func:`stage_memory` adds there under any split of ``scaled``
-    (costs of one micro-batch) into the stages of ``ranks`` (``ranks[s]``: the device of stage
-    ``s``) with ``in_flight[s]`` micro-batches in flight, besides what depends on the bytes the
-    split sends (the stage ILP counts those itself: ``solve_stages(micro_batches=)``): a
-    device's largest working set, and the loss on the last stage's. The stage ILP holds it back,
-    so each split it finds fits the simulation's accounting too."""
-    outputs = sum(b.graph_output_bytes for b in scaled.blocks)
-    working = max((b.backward_working_bytes for b in scaled.blocks), default=0)
-    out = [working] * (max(ranks) + 1)
-    out[ranks[-1]] += in_flight[-1] * 2 * outputs + max(0, 2 * outputs - working)
+    """Per device, what :func:`stage_memory` adds there under any split of ``scaled`` (costs of
+    one micro-batch) into the stages of ``ranks`` (``ranks[s]``: the device of stage ``s``) with
+    ``in_flight[s]`` micro-batches in flight, besides what the stage ILP counts itself (the bytes
+    each split sends, ``solve_stages(micro_batches=)``, and each block's working set): the loss
+    the last stage keeps. The stage ILP holds it back, so each split it finds fits the
+    simulation's accounting too."""
+    out = [0] * (max(ranks) + 1)
+    out[ranks[-1]] += in_flight[-1] * _loss_bytes(scaled)
     return out
+
+
+def working_floor_bytes(scaled: BlockGraph, ranks: Sequence[int]) -> list[int]:
+    """Per device, the least working set any split gives it (:func:`stage_memory`): the loss's
+    backward on the last stage's device, for ``solve_stages(working_floor_bytes=)``."""
+    out = [0] * (max(ranks) + 1)
+    out[ranks[-1]] = _loss_bytes(scaled)
+    return out
+
+
+def _loss_bytes(scaled: BlockGraph) -> int:
+    """Two output-sized tensors, charged as cross-entropy holds them: the model's outputs and
+    their log-probabilities kept per micro-batch, and the two gradients of its backward."""
+    return 2 * sum(b.graph_output_bytes for b in scaled.blocks)
 
 
 def stage_memory(
@@ -1186,8 +1202,9 @@ def stage_memory(
       pipeline keeps until the backward, and on the last stage the model's outputs and what the
       loss saves from them, charged as cross-entropy does (its log-probabilities, one
       output-sized tensor);
-    - working: the most gradient bytes one node's backward holds (:attr:`Block.
-      backward_working_bytes`), on the last stage at least the loss's backward (the gradients of
+    - working: the most gradient bytes one node's backward holds (:func:`_working_bytes`: its
+      output's and inputs' gradients, and its weights' new gradient), on the last stage at least
+      the loss's backward (the gradients of
       its log-probabilities and of the outputs);
     - buffers: the receive buffers the pipeline allocates per micro-batch, for the activations
       coming in and the gradients coming back, kept from step to step."""
@@ -1196,7 +1213,7 @@ def stage_memory(
     working = [0] * num_stages
     saves: list[set[str]] = [set() for _ in range(num_stages)]
     for b, s in zip(scaled.blocks, stage_of):
-        working[s] = max(working[s], b.backward_working_bytes)
+        working[s] = max(working[s], _working_bytes(b, micro_batches))
         saves[s].update(b.saved_values)
     for t in scaled.tensors:
         first, last = stage_of[t.producer], max(stage_of[c] for c in t.consumers)
@@ -1204,12 +1221,19 @@ def stage_memory(
             kept[s] += 0 if t.name in saves[s] else t.nbytes  # unless saved
         for s in range(first + 1, last + 1):  # received: saved, it is the receive buffer itself
             kept[s] -= t.nbytes if _keeps_received(scaled, stage_of, t, s) else 0
-    outputs = sum(b.graph_output_bytes for b in scaled.blocks)
     last = num_stages - 1
-    kept[last] += 2 * outputs
-    working[last] = max(working[last], 2 * outputs)
+    kept[last] += _loss_bytes(scaled)
+    working[last] = max(working[last], _loss_bytes(scaled))
     buffers = [micro_batches * (boundary[s] + boundary[s + 1]) for s in range(num_stages)]
     return StageMemory(kept, working, buffers)
+
+
+def _working_bytes(b: Block, micro_batches: int) -> int:
+    """What one backward of ``b``'s nodes holds at once: the gradients of a node's output and
+    inputs, and, where ``.grad`` already holds the step's earlier micro-batches (from the second
+    on), the new gradient of its weights until autograd adds it in (``Block.param_grad_bytes``,
+    counted with the largest activation gradients: an upper bound where they are two nodes')."""
+    return b.backward_working_bytes + (b.param_grad_bytes if micro_batches > 1 else 0)
 
 
 def _keeps_received(scaled: BlockGraph, stage_of: Sequence[int], t: CrossTensor, s: int) -> bool:

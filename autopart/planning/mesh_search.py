@@ -780,13 +780,16 @@ def _infeasible(meshes: list[_Mesh], devices: int, setup: PlanningSetup) -> Infe
         )
     least, c = min(need, key=lambda x: (x[0], x[1].pp, x[1].tp))
     least = max(least, setup.limit + 1)  # nothing fits the limit
+    recomputes = setup.request.recompute != "none"
+    kept = ", with layers recomputed where that saves memory" if recomputes else ""
+    fix = "" if recomputes else ", or let layers recompute (--recompute auto)"
     return InfeasibleMeshError(
         f"no mesh of {devices} devices fits {format_bytes(setup.limit)} per device: the least "
         f"demanding, {format_mesh(c.mesh)}, needs at least {format_bytes_up(least)} per device "
-        "(parameters, gradients, optimizer state and in-flight activations). Raise --memory to "
-        f"{format_bytes_up(least)} or more, or use more --devices"
+        f"(parameters, gradients, optimizer state and in-flight activations{kept}). Raise "
+        f"--memory to {format_bytes_up(least)} or more, or use more --devices"
         + (f"; {open_text}" if open_text else "")
-        + f" (autopart does not yet recompute activations, which would need less). {listing}",
+        + f"{fix}. {listing}",
         least,
     )
 

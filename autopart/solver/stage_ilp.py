@@ -21,6 +21,7 @@ Variables:
   z >= 0                  the slowest device's time per micro-batch         (_add_bottleneck)
   r[o,s] in {0,1}         option o's block runs on stage s and recomputes as o   (_add_recompute)
   h_d >= 0                the most one recomputed block of device d rebuilds (_add_recompute)
+  k_d >= 0                the largest working set of a backward on device d  (_add_working)
   e[t,s] in {0,1}         stage s keeps value t again: t is saved by several blocks
                           (``BlockGraph.saved_across``), its first saver's a_b counts it, and a
                           later saver keeps it on s where the first does not    (_add_saved_again)
@@ -39,18 +40,22 @@ Constraints:
   shared parameters:      y[q,s] >= x[b,s] for every block b that uses q    (_add_shared_params)
   recompute:              sum_{o of b} r[o,s] <= x[b,s]; h_d >= h_o r[o,s] for s on d
                                                                             (_add_recompute)
+  working set:            k_d >= k_b x[b,s] for s on d, k_d >= g_d, where k_b is the gradients
+                          one of b's nodes holds in its backward (its output's, its inputs', its
+                          weights' new one where M != 1) and g_d a floor (``working_floor_bytes``:
+                          the loss's backward on the last stage's device)    (_add_working)
   kept again:             e[t,s] >= K[c,s] - K[u_t,s] for every later saver c of t, where
                           K[b,s] = x[b,s] - sum_{o of b} r[o,s] (b runs on s and keeps what it
                           saves)                                            (_add_saved_again)
   memory per device d:    sum_{s on d} [ sum_b x[b,s] (m_b + f_s a_b) - sum_{o in R} r[o,s] f_s
                           (a_b - a'_o) + sum_t e[t,s] f_s n_t + sum_q y[q,s] m_q
                           + (M + f_s) B_s + M B_{s-1} ]
-                          + h_d + e_d <= limit                              (_add_memory)
+                          + h_d + k_d + l_d <= limit                        (_add_memory)
                           with M micro-batches (``micro_batches``; 0: not counted), the
                           pipeline's receive buffers (one per micro-batch for the activations
                           in, M B_{s-1}, and the gradients back, M B_s), the outputs kept until
-                          their backward (f_s B_s), and e_d held whatever the split
-                          (``reserved_bytes``: the loss, a backward's working gradients)
+                          their backward (f_s B_s), and l_d held whatever the split
+                          (``reserved_bytes``: the loss kept)
   stage time:             T_s = sum_b w_b x[b,s] + [s>0](alpha + B_{s-1}/beta) + [s<p-1](alpha + B_s/beta),
                           B_k = sum_t n_t c[t,k]; a boundary between two stages of one device
                           (the turn of a V-shaped schedule) is handed over locally and costs 0;
@@ -167,6 +172,10 @@ class _Data:
     """Held on each device whatever the split (:func:`solve_stages`' ``reserved_bytes``)."""
     micro_batches: int
     """M: the pipeline holds M receive buffers per boundary each way (0: not counted)."""
+    working_mib: tuple[int, ...]
+    """k_b: the most gradients one of block b's nodes holds in its backward."""
+    working_floor_mib: tuple[int, ...]
+    """g_d: the least working set of device d (the loss's backward)."""
     in_flight: tuple[int, ...]
     param_blocks: tuple[int, ...]
     """Blocks that use a parameter, of which every device needs one; empty (no such constraint)
@@ -197,6 +206,7 @@ def solve_stages(
     reserved_bytes: Sequence[int] | None = None,
     micro_batches: int = 0,
     hint_recompute: Sequence[int] = (),
+    working_floor_bytes: Sequence[int] | None = None,
 ) -> StageSolution:
     """Solve the stage ILP (see the module docstring). ``in_flight[s]`` is the number of
     micro-batches whose activations stage ``s`` keeps; ``state_bytes_per_param_byte`` scales
@@ -209,7 +219,10 @@ def solve_stages(
     held on device ``d`` whatever the split (the loss, a backward's working gradients; default
     none); ``micro_batches`` (M > 0) counts the pipeline's receive buffers and kept outputs on
     the bytes each split sends (module docstring). ``hint_recompute``: the blocks the hint
-    recomputes in full (with ``recompute=True``; a hint that fits only so is still a plan)."""
+    recomputes in full (with ``recompute=True``; a hint that fits only so is still a plan).
+    ``working_floor_bytes[d]``: the least working set device ``d`` holds whatever the split
+    (each block's own, ``Block.backward_working_bytes`` and ``param_grad_bytes``, is counted
+    on the device it runs on)."""
     data = _build_data(
         bg,
         num_stages,
@@ -221,6 +234,7 @@ def solve_stages(
         recompute=recompute,
         reserved_bytes=reserved_bytes,
         micro_batches=micro_batches,
+        working_floor_bytes=working_floor_bytes,
     )
     rebuilt = frozenset(hint_recompute) & {o.block for o in data.may_recompute if not o.selective}
     solve = _Solve(data, device, memory_limit_bytes, hint, rebuilt, time_limit_s, seed)
@@ -326,6 +340,7 @@ def _build_data(
     recompute: bool,
     reserved_bytes: Sequence[int] | None = None,
     micro_batches: int = 0,
+    working_floor_bytes: Sequence[int] | None = None,
 ) -> _Data:
     if num_stages < 1 or stages_per_device < 1 or num_stages % stages_per_device:
         raise AutopartError(
@@ -374,6 +389,16 @@ def _build_data(
             math.ceil(r / _BYTE_UNIT) for r in (reserved_bytes or [0] * num_devices)
         ),
         micro_batches=micro_batches,
+        working_mib=tuple(
+            math.ceil(
+                (b.backward_working_bytes + (b.param_grad_bytes if micro_batches != 1 else 0))
+                / _BYTE_UNIT
+            )
+            for b in bg.blocks
+        ),
+        working_floor_mib=tuple(
+            math.ceil(f / _BYTE_UNIT) for f in (working_floor_bytes or [0] * num_devices)
+        ),
         in_flight=tuple(in_flight),
         param_blocks=param_blocks if len(param_blocks) >= num_stages else (),
         may_recompute=_options(bg, work, unit_s) if recompute else (),
@@ -530,6 +555,8 @@ class _Vars:
     shared: dict[tuple[str, int], cp_model.IntVar]
     rc: _Recompute
     saved_again: dict[tuple[int, int], cp_model.IntVar]
+    working: dict[int, cp_model.IntVar]
+    """k_d per device."""
 
 
 def _add_variables(model: cp_model.CpModel, d: _Data) -> _Vars:
@@ -544,7 +571,23 @@ def _add_variables(model: cp_model.CpModel, d: _Data) -> _Vars:
         _add_shared_params(model, d, x),
         rc,
         _add_saved_again(model, d, x, rc),
+        _add_working(model, d, x),
     )
+
+
+def _add_working(
+    model: cp_model.CpModel, d: _Data, x: dict[tuple[int, int], cp_model.IntVar]
+) -> dict[int, cp_model.IntVar]:
+    k: dict[int, cp_model.IntVar] = {}
+    most = max(d.working_mib, default=0)
+    for dev in sorted(set(d.device_of_stage)):
+        floor = d.working_floor_mib[dev]
+        k[dev] = model.new_int_var(floor, max(floor, most), f"k[{dev}]")
+        for s in (s for s in range(d.num_stages) if d.device_of_stage[s] == dev):
+            for b, need in enumerate(d.working_mib):
+                if need > floor:
+                    model.add(k[dev] >= need * x[b, s]).with_name(f"working[{b},{s}]")
+    return k
 
 
 def _add_hint(
@@ -599,6 +642,7 @@ def _device_memory(d: _Data, v: _Vars, dev: int) -> Any:
         + sent
         + d.reserved_mib[dev]
         + v.rc.rebuilt.get(dev, 0)
+        + v.working[dev]
         + sum(v.shared[q, s] * d.shared_mib[q] for q in d.bg.shared_params for s in stages)
     )
 
@@ -753,6 +797,8 @@ def _memory_ceiling_mib(d: _Data) -> int:
     return (
         sum(d.state_mib)
         + max(d.reserved_mib)
+        + max(d.working_floor_mib)
+        + max(d.working_mib, default=0)
         + max(d.in_flight) * sum(d.act_mib)
         + max(d.in_flight)
         * d.num_stages
@@ -781,11 +827,13 @@ def _memory_mib(
             for dev in {d.device_of_stage[k], d.device_of_stage[k + 1]}:
                 per_device[dev] += _sent_mib(d, t.nbytes, k, dev)
     rebuilt = [0] * len(per_device)
+    working = list(d.working_floor_mib)
     for b, s in enumerate(stage_of):
         dev = d.device_of_stage[s]
         kept = full[b].act_mib if b in full else d.act_mib[b]
         per_device[dev] += d.state_mib[b] + d.in_flight[s] * kept
         rebuilt[dev] = max(rebuilt[dev], full[b].rebuilt_mib if b in full else 0)
+        working[dev] = max(working[dev], d.working_mib[b])
     for t in d.bg.saved_across:  # kept again where a later saver keeps it and the first does not
         first = set() if t.producer in full else {stage_of[t.producer]}
         for s in {stage_of[c] for c in t.consumers if c not in full} - first:
@@ -793,7 +841,7 @@ def _memory_mib(
     for q, users in d.bg.shared_params.items():
         for s in sorted({stage_of[b] for b in users}):
             per_device[d.device_of_stage[s]] += d.shared_mib[q]
-    return [held + extra for held, extra in zip(per_device, rebuilt)]
+    return [held + extra + k for held, extra, k in zip(per_device, rebuilt, working)]
 
 
 def _device_bottleneck(

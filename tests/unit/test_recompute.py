@@ -25,6 +25,7 @@ from autopart.planning.mesh_plan import (
     simulate_blocks,
     simulate_plan,
     stage_memory,
+    working_floor_bytes,
 )
 from autopart.planning.plans import Plan, PlanError, RecomputedBlock
 from autopart.planning.request import PlanRequest
@@ -374,6 +375,29 @@ def test_measured_peak_memory_drops_by_what_the_plan_predicts() -> None:
     assert predicted > 0 and drop == pytest.approx(predicted, rel=0.10)
 
 
+def test_a_weights_new_gradient_is_held_until_autograd_adds_it_into_grad() -> None:
+    # An embedding's backward makes a table-sized gradient; from a step's second micro-batch on,
+    # .grad holds the earlier ones, so both live until autograd adds the new one in. torch does
+    # so (measured on the second micro-batch), and a stage's working set counts it then.
+    from autopart import annotate, trace
+    from autopart.runtime.peak_memory import measure_peak
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(8192, 64), torch.nn.Linear(64, 64))
+    ids = torch.randint(0, 8192, (4, 16))
+    table = 8192 * 64 * 4
+    og = OpGraph.from_graph_module(annotate(trace(model, (ids,))), DEVICE)
+    bg = group_blocks(og, [list(og.order)])
+    assert bg.blocks[0].param_grad_bytes == table  # the largest one node's weights make
+    one, two = (stage_memory(bg, [0], 1, m).working[0] for m in (1, 2))
+    assert two - one == table  # .grad exists from the second micro-batch on
+    model(ids).sum().backward()  # the first micro-batch: its gradients become .grad
+    held = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None)]
+    with measure_peak(torch.device("cpu"), held) as peak:
+        model(ids).sum().backward()
+    assert peak.peak_bytes - peak.start_bytes >= table
+
+
 def test_a_selective_block_keeps_its_matmul_outputs_and_runs_the_rest_again() -> None:
     b = _chain(selective=SELECTIVE).blocks[0]
     again = b.recompute(selectively=True)
@@ -549,6 +573,7 @@ def test_every_split_the_stage_ilp_finds_fits_the_simulations_memory(
             memory_limit_bytes=limit,
             recompute=recompute,
             reserved_bytes=reserved_bytes(scaled, ranks, in_flight),
+            working_floor_bytes=working_floor_bytes(scaled, ranks),
             micro_batches=m,
             time_limit_s=5,
             explain=False,

@@ -151,6 +151,28 @@ def test_ilp_matches_the_exact_chain_dp_on_chains(weights: list[float], p: int, 
     assert got == pytest.approx(max(stage_times_s(bg, dp, p, DEVICE)), rel=1e-4)
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dags(), st.integers(0, 4), st.floats(0.2, 1.0))
+def test_a_split_that_fits_gpipe_is_never_faster_than_1f1bs(
+    case: tuple[BlockGraph, int], extra: int, frac: float
+) -> None:
+    # What lets the schedule search skip GPipe's solve where 1F1B's was made: at one micro-batch
+    # count GPipe keeps every micro-batch in flight, 1F1B at most p - s, so every split fitting
+    # GPipe fits 1F1B, and the objective does not depend on the schedule.
+    bg, p = case
+    m = p + extra
+    limit = int(sum(_memory(bg, tuple(0 for _ in bg.blocks), 1)) * frac)
+    kw = {"state_bytes_per_param_byte": STATE, "memory_limit_bytes": limit, "micro_batches": m}
+    try:
+        gpipe = solve_stages(bg, p, DEVICE, in_flight=[m] * p, **kw)  # type: ignore[arg-type]
+    except InfeasibleMemoryError:
+        return
+    one_f_one_b = [min(p - s, m) for s in range(p)]
+    fast = solve_stages(bg, p, DEVICE, in_flight=one_f_one_b, **kw)  # type: ignore[arg-type]
+    slowest = max(stage_times_s(bg, fast.stage_of, p, DEVICE))
+    assert slowest <= max(stage_times_s(bg, gpipe.stage_of, p, DEVICE)) * (1 + 1e-4)
+
+
 def test_shared_parameters_live_on_every_stage_that_uses_them() -> None:
     bg = _graph([1e-3] * 4, [(i, (i + 1,), MIB) for i in range(3)], [MIB] * 4)
     blocks = list(bg.blocks)
