@@ -68,10 +68,10 @@ def test_cli_run_reports_predicted_and_measured(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     svg = tmp_path / "step.svg"
-    # one micro-batch: from the second on, torch adds each weight gradient to .grad through a
-    # temporary the size of the weight, which the plan's memory model does not count
+    # two micro-batches: from the second on, torch adds each weight gradient to .grad through a
+    # temporary the size of the weight, which the plan's memory model counts
     # (docs/decisions.md, "Measured memory")
-    argv = ["run", "mlp", "--mesh", "pp=2", "--steps", "2", "--batch", "8", "--micro-batches", "1"]
+    argv = ["run", "mlp", "--mesh", "pp=2", "--steps", "2", "--batch", "8", "--micro-batches", "2"]
     argv += ["--schedule", "gpipe", "--svg", str(svg), "--format", "json"]
     assert main(argv) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -88,10 +88,13 @@ def test_cli_run_reports_predicted_and_measured(
     # the measured timeline has each stage's forward and backward, in the planned order
     for timeline in (doc["measured_timeline"], doc["predicted_timeline"]):
         actions = [(d, a) for d, a, _, _ in timeline["events"]]
-        assert actions == [(0, "0F0"), (0, "0B0"), (1, "1F0"), (1, "1B0")]
+        assert actions == [
+            (0, "0F0"), (0, "0F1"), (0, "0B0"), (0, "0B1"),
+            (1, "1F0"), (1, "1F1"), (1, "1B0"), (1, "1B1"),
+        ]  # fmt: skip
         assert timeline["step_time_s"] > 0 and 0 <= timeline["bubble_fraction"] < 1
     text = svg.read_text()
-    assert "mlp on pp=2: gpipe, m=1 predicted" in text and "m=1 measured" in text
+    assert "mlp on pp=2: gpipe, m=2 predicted" in text and "m=2 measured" in text
 
 
 @pytest.mark.distributed
