@@ -26,7 +26,7 @@ from autopart.cost_models.compute import update_time_s
 from autopart.cost_models.devices import DeviceSpec, get_device
 from autopart.cost_models.memory import as_optimizer, state_bytes_per_param_byte
 from autopart.errors import AutopartError
-from autopart.planning.blocks import Block, CrossTensor
+from autopart.planning.blocks import Block
 from autopart.planning.graph import BlockGraph, OpGraph, coarsen, group_blocks
 from autopart.planning.plans import (
     BaselineResult,
@@ -1204,23 +1204,29 @@ def stage_memory(
       output-sized tensor);
     - working: the most gradient bytes one node's backward holds (:func:`_working_bytes`: its
       output's and inputs' gradients, and its weights' new gradient), on the last stage at least
-      the loss's backward (the gradients of
-      its log-probabilities and of the outputs);
+      the loss's backward (the gradients of its log-probabilities and of the outputs);
     - buffers: the receive buffers the pipeline allocates per micro-batch, for the activations
       coming in and the gradients coming back, kept from step to step."""
     kept = scaled.stage_activation_bytes(stage_of, num_stages)
     boundary = [0, *scaled.boundary_bytes(stage_of, num_stages), 0]  # into stage s: boundary[s]
     working = [0] * num_stages
     saves: list[set[str]] = [set() for _ in range(num_stages)]
+    kept_values: list[set[str]] = [set() for _ in range(num_stages)]  # saved, not recomputed
     for b, s in zip(scaled.blocks, stage_of):
         working[s] = max(working[s], _working_bytes(b, micro_batches))
         saves[s].update(b.saved_values)
+        if not b.recomputed:
+            kept_values[s].update(b.saved_values)
     for t in scaled.tensors:
         first, last = stage_of[t.producer], max(stage_of[c] for c in t.consumers)
         for s in range(first, last):  # sent on (a skip tensor by every stage it passes)
             kept[s] += 0 if t.name in saves[s] else t.nbytes  # unless saved
-        for s in range(first + 1, last + 1):  # received: saved, it is the receive buffer itself
-            kept[s] -= t.nbytes if _keeps_received(scaled, stage_of, t, s) else 0
+        # Received: torch hands the stage its receive buffer as the input, so a received value
+        # the stage keeps (saved, or read by a block that recomputes and keeps its inputs) is
+        # that buffer, counted with the buffers.
+        for s in range(first + 1, last + 1):
+            rerun = any(scaled.blocks[c].recomputed and stage_of[c] == s for c in t.consumers)
+            kept[s] -= t.nbytes if t.name in kept_values[s] or rerun else 0
     last = num_stages - 1
     kept[last] += _loss_bytes(scaled)
     working[last] = max(working[last], _loss_bytes(scaled))
@@ -1234,17 +1240,6 @@ def _working_bytes(b: Block, micro_batches: int) -> int:
     on), the new gradient of its weights until autograd adds it in (``Block.param_grad_bytes``,
     counted with the largest activation gradients: an upper bound where they are two nodes')."""
     return b.backward_working_bytes + (b.param_grad_bytes if micro_batches > 1 else 0)
-
-
-def _keeps_received(scaled: BlockGraph, stage_of: Sequence[int], t: CrossTensor, s: int) -> bool:
-    """Whether stage ``s``, receiving ``t``, counts it among the values it keeps for backward: a
-    block of ``s`` saves it, or reads it and recomputes (keeping its inputs). torch's pipelining
-    hands the stage its receive buffer as the input, so autograd keeps that buffer, which
-    :func:`stage_memory` counts with the buffers."""
-    mine = [b for b, st in zip(scaled.blocks, stage_of) if st == s]
-    if any(not b.recomputed and t.name in b.saved_values for b in mine):
-        return True
-    return any(b.recomputed and b.index in t.consumers for b in mine)
 
 
 def _held_per_device(

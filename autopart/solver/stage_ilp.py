@@ -216,8 +216,7 @@ def solve_stages(
     finds the least memory a split needs when none fits: the error then only says it is more
     than the limit. ``recompute=True`` lets blocks recompute (only where that lets a split fit
     memory or run faster: the tie-breaker charges every recomputation). ``reserved_bytes[d]`` is
-    held on device ``d`` whatever the split (the loss, a backward's working gradients; default
-    none); ``micro_batches`` (M > 0) counts the pipeline's receive buffers and kept outputs on
+    held on device ``d`` whatever the split (the loss kept; default none); ``micro_batches`` (M > 0) counts the pipeline's receive buffers and kept outputs on
     the bytes each split sends (module docstring). ``hint_recompute``: the blocks the hint
     recomputes in full (with ``recompute=True``; a hint that fits only so is still a plan).
     ``working_floor_bytes[d]``: the least working set device ``d`` holds whatever the split
