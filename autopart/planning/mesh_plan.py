@@ -754,11 +754,10 @@ class _ScheduleSearch:
         p, setup, scaled = self.p, self.setup, per_micro_batch(bg, m)
         self.say(f"solving {p * v} stages for {kind}, {m} micro-batches ({len(bg.blocks)} blocks)")
         in_flight = in_flight_per_stage(kind, p, m, v)
-        hint, hint_recompute = baselines.chain_dp(scaled, p * v, self.spec), tuple[int, ...]()
-        if recompute:  # from every layer recomputed, a plan wherever that fits
-            full = [b.index for b in scaled.blocks if b.can_recompute]
-            hint = baselines.chain_dp(scaled.with_recompute(full), p * v, self.spec)
-            hint_recompute = tuple(full)
+        # with recomputation, from every layer recomputed: a plan wherever that fits
+        hint_recompute = tuple(b.index for b in scaled.blocks if recompute and b.can_recompute)
+        hinted = scaled.with_recompute(hint_recompute) if hint_recompute else scaled
+        hint = baselines.chain_dp(hinted, p * v, self.spec)
         sol = solve_stages(
             scaled,
             p * v,
@@ -1192,9 +1191,7 @@ def reserved_bytes(scaled: BlockGraph, ranks: Sequence[int], in_flight: Sequence
     each split sends, ``solve_stages(micro_batches=)``, and each block's working set): the loss
     the last stage keeps. The stage ILP holds it back, so each split it finds fits the
     simulation's accounting too."""
-    out = [0] * (max(ranks) + 1)
-    out[ranks[-1]] += in_flight[-1] * _loss_bytes(scaled)
-    return out
+    return [in_flight[-1] * b for b in working_floor_bytes(scaled, ranks)]
 
 
 def working_floor_bytes(scaled: BlockGraph, ranks: Sequence[int]) -> list[int]:

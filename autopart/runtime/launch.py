@@ -20,7 +20,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from autopart.codegen.templates.run import end_rank
 from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
 from autopart.passes.routing import DEFAULT_IMBALANCE, check_imbalance
@@ -328,17 +328,6 @@ def _rank_main(
     finally:
         dist.destroy_process_group()
     end_rank()
-
-
-def end_rank() -> None:
-    """End a spawned rank that finished its work (its group destroyed): flush and leave without
-    the interpreter's finalization. After a ``torch.distributed.pipelining`` run that
-    finalization aborts the process now and then (SIGABRT, "terminate called without an active
-    exception", more often on a loaded host), which would turn a finished run into a failed one.
-    Only for the success path: a rank that raises must leave its traceback to the launcher."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def _planning_device(request: _RunRequest) -> tuple[DeviceSpec, str]:

@@ -520,11 +520,17 @@ def _copy(t: Any) -> Any:
     return t.clone(memory_format=torch.contiguous_format) if isinstance(t, torch.Tensor) else t
 
 
-if __name__ == "__main__":
-    main()
-    # A rank that finished leaves without the interpreter's finalization: after a pipelining run
-    # it aborts a rank now and then (SIGABRT, "terminate called without an active exception"),
-    # which torchrun reports as a failed rank. A rank that raised left above, with its traceback.
+def end_rank() -> None:
+    """End a rank that finished its work (its group destroyed): flush and leave without the
+    interpreter's finalization. After a ``torch.distributed.pipelining`` run that finalization
+    aborts the process now and then (SIGABRT, "terminate called without an active exception",
+    more often on a loaded host), which would turn a finished run into a failed one. Only for the
+    success path: a rank that raises must leave its traceback to the launcher."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
+    end_rank()
