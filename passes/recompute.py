@@ -21,7 +21,7 @@ outputs and recomputes the rest.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -30,6 +30,7 @@ from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from autopart.codegen.templates.checkpointing import checkpoint_saving_matmuls
 from autopart.errors import AutopartError
+from autopart.passes.subgraphs import convex_span
 
 __all__ = ["RECOMPUTE_PREFIX", "RecomputeError", "checkpoint_blocks", "recomputed_blocks"]
 
@@ -100,17 +101,7 @@ def _partition(gm: GraphModule, names: Sequence[str]) -> dict[Node, int | None]:
     """The computing nodes of ``gm`` among ``names``, and every node on a path between two of
     them (so the partition is convex: fusing it makes no cycle)."""
     wanted = set(names)
-    order = list(gm.graph.nodes)
-    here = [i for i, n in enumerate(order) if n.name in wanted]
-    if not here:
-        return {}
-    # a path between two named nodes stays between the first and the last of them
-    between = set(order[here[0] : here[-1] + 1])
-    named = [order[i] for i in here]
-    after = _reached(named, lambda n: n.users, between)
-    before = _reached(named, lambda n: n.all_input_nodes, between)
-    span = [order[i] for i in range(here[0], here[-1] + 1)]
-    span = [n for n in span if n.name in wanted or (n in after and n in before)]
+    span = convex_span(gm, [n for n in gm.graph.nodes if n.name in wanted])
     modules = [n.name for n in span if n.op == "call_module"]
     if modules:
         raise RecomputeError(
@@ -119,18 +110,3 @@ def _partition(gm: GraphModule, names: Sequence[str]) -> dict[Node, int | None]:
             "export) or plan with --recompute none."
         )
     return dict.fromkeys((n for n in span if n.op in _COMPUTING), None)
-
-
-def _reached(
-    start: Sequence[Node], step: Callable[[Node], Iterable[Node]], within: set[Node]
-) -> set[Node]:
-    """The nodes of ``within`` reached from ``start`` by ``step`` (users: descendants; inputs:
-    ancestors) without leaving it."""
-    seen: set[Node] = set()
-    todo = list(start)
-    while todo:
-        for nxt in step(todo.pop()):
-            if nxt in within and nxt not in seen:
-                seen.add(nxt)
-                todo.append(nxt)
-    return seen

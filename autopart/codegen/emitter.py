@@ -66,7 +66,7 @@ import json
 import math
 import re
 import textwrap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from os import PathLike
@@ -89,6 +89,7 @@ from autopart.codegen._source import (
 )
 from autopart.codegen.templates import collectives
 from autopart.codegen.templates.checkpointing import checkpoint_saving_matmuls
+from autopart.passes.fsdp_units import layer_units, model_layers, split_layer_units
 from autopart.passes.recompute import checkpoint_blocks
 from autopart.planning.plans import Plan
 from autopart.planning.request import PlanRequest
@@ -252,8 +253,9 @@ def _sources(program: _Program) -> dict[str, str]:
         files["collectives.py"] = _template_source("collectives.py")
     if any(r.selective for r in plan.recompute):
         files["checkpointing.py"] = _template_source("checkpointing.py")
+    layers = model_layers(*program.stages) if plan.under_fsdp else frozenset()
     for stage, info in zip(program.stages, program.infos):
-        files[f"stage_{info.index}.py"] = _stage_file(stage, info, plan, storage)
+        files[f"stage_{info.index}.py"] = _stage_file(stage, info, plan, storage, layers)
     for name, text in files.items():
         if re.search(r"\bat 0x[0-9a-fA-F]+", text):
             raise EmitError(
@@ -501,8 +503,7 @@ def _config(program: _Program) -> str:
         for name, stages in info.shared_params.items():
             tied.setdefault(name, list(stages))
     # fsdp where FSDP2 holds the stages (an fsdp axis, or mixed precision: FSDP2's policy)
-    sharded = plan.mesh.get("fsdp", 1) > 1 or plan.precision != "model"
-    axes = ("dp", "fsdp", "pp", "tp") if sharded else ("dp", "pp", "tp")
+    axes = ("dp", "fsdp", "pp", "tp") if plan.under_fsdp else ("dp", "pp", "tp")
     mesh = {axis: plan.mesh.get(axis, 1) for axis in axes}
     config = {
         "format_version": CONFIG_FORMAT_VERSION,
@@ -615,8 +616,14 @@ def _tp_template(stage: GraphModule, plan: Plan, storage: Mapping[str, Placement
 
 
 def _stage_file(
-    stage: GraphModule, info: StageInfo, plan: Plan, storage: Mapping[str, Placement] | None
+    stage: GraphModule,
+    info: StageInfo,
+    plan: Plan,
+    storage: Mapping[str, Placement] | None,
+    layers: Collection[str],
 ) -> str:
+    """The source of stage ``info.index``; ``layers``: the model's repeated layers, each made its
+    own module (an FSDP unit) where FSDP2 holds the parameters, or none."""
     k = info.index
     where = f"stage {k}"
     whole = stage
@@ -627,17 +634,27 @@ def _stage_file(
         stage = checkpoint_blocks(
             copy.deepcopy(stage), [r.nodes for r in mine], selective=[r.selective for r in mine]
         )
+    if layers:  # one FSDP unit per layer, as the runtime shards them
+        stage = copy.deepcopy(stage) if not mine else stage
+        split_layer_units(stage, layers)
+    units = layer_units(stage)
     graph = _portable_graph(stage, where)
-    modules = _called_modules(stage, graph, where)
+    modules = _called_modules(stage, graph, where, skip=units)
     subgraphs = _subgraphs(stage, graph, where)
     body, imports = _forward_source(graph, where)
-    classes: list[str] = []
-    for target, sub in subgraphs.items():
-        sub_where = f"{where}, subgraph {target!r}"
-        sub_body, sub_imports = _forward_source(_portable_graph(sub, sub_where), sub_where)
-        imports = [*imports, *sub_imports]
-        classes += _subgraph_class(_subgraph_class_name(target), target, sub_body)
-    imports = list(dict.fromkeys(imports))
+    classes, more = _subgraph_classes(stage, subgraphs, where)
+    unit_classes: dict[str, str] = {}
+    for target, unit in units.items():
+        unit_where = f"{where}, layer {target!r}"
+        unit_graph = _portable_graph(unit, unit_where)
+        inner = _subgraphs(unit, unit_graph, unit_where)
+        unit_body, unit_imports = _forward_source(unit_graph, unit_where)
+        inner_classes, inner_imports = _subgraph_classes(unit, inner, unit_where)
+        classes += inner_classes
+        more += [*unit_imports, *inner_imports]
+        unit_classes[target] = _unit_class_name(target)
+        classes += _unit_class(unit_classes[target], target, inner, unit_body)
+    imports = list(dict.fromkeys([*imports, *more]))
     under = tuple(f"{m}." for m in (*modules, *subgraphs))
     params = [(n, p) for n, p in stage.named_parameters() if not n.startswith(under)]
     buffers = [(n, b) for n, b in stage.named_buffers() if not n.startswith(under)]
@@ -693,6 +710,12 @@ def _stage_file(
     if storage is not None:
         lines.append("        self.tp_rank = tp_rank  # this rank's place in its TP group")
         lines.append("        self.tp_group = tp_group  # the group's name, for the collectives")
+    if unit_classes:
+        lines.append(
+            "        # each layer its own module (an FSDP unit), its tensors registered into it below"
+        )
+        for target, cls in unit_classes.items():
+            lines.append(f"        _register(self, {json.dumps(target)}, {cls}(self.device))")
     lines.append("        for name, (shape, dtype) in PARAMETERS.items():")
     lines.append("            param = torch.empty(shape, dtype=dtype, device=self.device)")
     lines.append("            _register(self, name, torch.nn.Parameter(param))")
@@ -753,6 +776,46 @@ def _subgraphs(stage: GraphModule, graph: Graph, where: str) -> dict[str, GraphM
             )
         found.setdefault(str(node.target), attr)
     return found
+
+
+def _subgraph_classes(
+    owner: GraphModule, subgraphs: Mapping[str, GraphModule], where: str
+) -> tuple[list[str], list[str]]:
+    """The source lines of a class per subgraph of ``owner`` (a stage or a layer unit), and the
+    imports their code needs."""
+    classes: list[str] = []
+    imports: list[str] = []
+    for target, sub in subgraphs.items():
+        sub_where = f"{where}, subgraph {target!r}"
+        sub_body, sub_imports = _forward_source(_portable_graph(sub, sub_where), sub_where)
+        imports += sub_imports
+        classes += _subgraph_class(_subgraph_class_name(target), target, sub_body)
+    return classes, imports
+
+
+def _unit_class(
+    cls: str, target: str, subgraphs: Mapping[str, GraphModule], body: str
+) -> list[str]:
+    """A layer of the stage as its own module (an FSDP unit, ``fsdp_unit = True``): the stage
+    registers the layer's tensors into it under their names and calls it."""
+    lines = [
+        f"class {cls}(torch.nn.Module):",
+        f'    """Layer {target!r}: its own module, so that FSDP2 shards it as one unit."""',
+        "",
+        "    fsdp_unit = True",
+        "",
+        '    def __init__(self, device: torch.device | str = "cpu") -> None:',
+        "        super().__init__()",
+        "        self.device = torch.device(device)",
+    ]
+    for name in subgraphs:
+        sub = _subgraph_class_name(name)
+        lines.append(f"        _register(self, {json.dumps(name)}, {sub}(self.device))")
+    return [*lines, "", body, "", ""]
+
+
+def _unit_class_name(target: str) -> str:
+    return "Layer_" + re.sub(r"\W", "_", target)
 
 
 def _subgraph_class_name(target: str) -> str:
@@ -891,11 +954,14 @@ def _portable_graph(stage: GraphModule, where: str) -> Graph:
     return graph
 
 
-def _called_modules(stage: GraphModule, graph: Graph, where: str) -> dict[str, str]:
-    """``call_module`` target -> the torch.nn constructor expression that rebuilds it."""
+def _called_modules(
+    stage: GraphModule, graph: Graph, where: str, *, skip: Collection[str] = ()
+) -> dict[str, str]:
+    """``call_module`` target -> the torch.nn constructor expression that rebuilds it (but the
+    targets in ``skip``)."""
     exprs: dict[str, str] = {}
     for node in graph.nodes:
-        if node.op == "call_module" and node.target not in exprs:
+        if node.op == "call_module" and node.target not in exprs and node.target not in skip:
             module = stage.get_submodule(str(node.target))
             exprs[str(node.target)] = torch_module_expr(module, f"{where}: module {node.target!r}")
     return exprs

@@ -23,7 +23,7 @@ import dataclasses
 import itertools
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -60,6 +60,7 @@ __all__ = [
     "coarsen",
     "detect_layers",
     "group_blocks",
+    "node_layers",
 ]
 
 _NON_SOLVER_OPS = ("placeholder", "get_attr", "output")
@@ -318,9 +319,21 @@ def _layer_of_module(path: str, layers: set[str] | frozenset[str]) -> str | None
     return None
 
 
-def _node_layers(gm: GraphModule) -> dict[str, str]:
+def node_layers(nodes: Iterable[Node], layers: Collection[str] | None = None) -> dict[Node, str]:
+    """The repeated layer (``model.layers.3``) that created each of ``nodes`` inside it (by its
+    ``autopart_module``), among ``layers``: by default the modules that repeat among ``nodes``
+    (a stage with one layer of a list shows none repeating: pass the whole graph's)."""
+    nodes = list(nodes)
+    if layers is not None:
+        found = frozenset(layers)
+        return {
+            n: layer
+            for n in nodes
+            if (ref := n.meta.get("autopart_module")) is not None
+            and (layer := _layer_of_module(ref.path, found)) is not None
+        }
     module_types: dict[str, str] = {}
-    for n in gm.graph.nodes:
+    for n in nodes:
         for path, type_name in (n.meta.get("nn_module_stack") or {}).values():
             name = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "")
             module_types.setdefault(str(path), name.rsplit(".", 1)[-1])
@@ -332,13 +345,17 @@ def _node_layers(gm: GraphModule) -> dict[str, str]:
         for i in range(1, len(parts)):
             module_types.setdefault(".".join(parts[:i]), "")
     layers = detect_layers(module_types)
-    out: dict[str, str] = {}
-    for n in gm.graph.nodes:
+    out: dict[Node, str] = {}
+    for n in nodes:
         ref = n.meta.get("autopart_module")
         layer = _layer_of_module(ref.path, layers) if ref is not None else None
         if layer is not None:
-            out[n.name] = layer
+            out[n] = layer
     return out
+
+
+def _node_layers(gm: GraphModule) -> dict[str, str]:
+    return {n.name: layer for n, layer in node_layers(gm.graph.nodes).items()}
 
 
 def _scale_node(n: OpNode, factor: float) -> OpNode:

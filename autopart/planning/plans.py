@@ -394,6 +394,12 @@ class Plan:
     def num_stages(self) -> int:
         return len(self.stages)
 
+    @property
+    def under_fsdp(self) -> bool:
+        """Whether torch's FSDP2 holds the parameters: over an fsdp axis, or for mixed precision
+        (its ``MixedPrecisionPolicy``) on any mesh."""
+        return self.mesh.get("fsdp", 1) > 1 or self.precision != "model"
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["format_version"] = PLAN_FORMAT_VERSION

@@ -292,6 +292,12 @@ def _stages(
             micro_batch = planned.inputs.micro_batch(planned.batch, chunks)
             _verify_tp(planned.run_gm, micro_batch, stages, local, dm, precision)
     local = [_recomputing(s, plan) for s in local]
+    if plan.under_fsdp:  # one FSDP unit per layer, as torchtitan shards each block
+        from autopart.passes.fsdp_units import model_layers, split_layer_units
+
+        layers = model_layers(planned.run_gm)
+        for stage in local:
+            split_layer_units(stage, layers)
     split = plan.schedule in SPLIT_BACKWARD
     for stage in local:
         # Tensors cross ranks through contiguous buffers (gloo and NCCL require it); a stage
@@ -498,8 +504,7 @@ class ParallelProgram:
         self._dp_rank = replica_mesh.get_local_rank() if replica_mesh is not None else 0
         self._fsdp = _axis_size(mesh, "fsdp")
         self._precision = as_precision(plan.precision)
-        # FSDP2 holds the parameters: over an fsdp axis, or for mixed precision on any mesh
-        self._sharded = self._fsdp > 1 or self._precision.is_mixed
+        self._sharded = plan.under_fsdp
         self._tp_rank = mesh["tp"].get_local_rank() if _axis_size(mesh, "tp") > 1 else 0
         self._stages = stages
         self._state = ShardedState(

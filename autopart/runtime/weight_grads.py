@@ -34,7 +34,22 @@ def weight_grads_split_off(stage: torch.fx.GraphModule, inputs_need_grad: Sequen
         if n in tainted or any(u in reach for u in n.users):
             reach.add(n)
     trainable = {name for name, p in stage.named_parameters() if p.requires_grad}
-    return all(n in reach for n in nodes if _uses(n, trainable))
+    return all(
+        n in reach and _inside_split_off(stage, n, tainted) for n in nodes if _uses(n, trainable)
+    )
+
+
+def _inside_split_off(
+    stage: torch.fx.GraphModule, node: torch.fx.Node, tainted: set[torch.fx.Node]
+) -> bool:
+    """For a call of a submodule that is a graph itself (a layer's FSDP unit), whether its own
+    parameters are split off given which of its inputs are computed from a stage input."""
+    if node.op != "call_module":
+        return True
+    sub = stage.get_submodule(str(node.target))
+    if not isinstance(sub, torch.fx.GraphModule):
+        return True
+    return weight_grads_split_off(sub, [a in tainted for a in node.args])
 
 
 def _uses(node: torch.fx.Node, trainable: set[str]) -> bool:

@@ -5,6 +5,7 @@ process, the memory and communication model, the mesh parsing and the errors."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -87,7 +88,27 @@ def _run_case(name: str, mesh: str, schedule: str, opt: str) -> dict[str, Any]:
         "dcp": sorted({type(v).__name__ for v in program.state_dict().values()}),
         "schedule": program.plan.schedule,
         "recomputed": recomputed_blocks(program),
+        "outside_units": [name for stage in program.local_stages for name in _outside_units(stage)],
     }
+
+
+def _outside_units(stage: Any) -> list[str]:
+    """The parameters of a layer (a path with a number: ``model.layers.3.``) that no FSDP unit
+    of the stage holds."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from autopart.codegen.templates.run import fsdp_units
+
+    units = [
+        f"{name}."
+        for name, m in stage.module.named_modules()
+        if m in fsdp_units(stage.module) and isinstance(m, FSDPModule)
+    ]
+    return [
+        name
+        for name, _ in stage.module.named_parameters()
+        if re.match(r".+?\.\d+\.", name) and not name.startswith(tuple(units))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +144,7 @@ def test_fsdp_program_matches_the_unpartitioned_model(
     assert got["local_numel"] <= whole // 2 + 64 * len(list(model.parameters()))
     assert got["schedule"] == recompute_request(schedule, FAST_LINK)[0]
     assert "DTensor" in got["dcp"]  # DCP takes FSDP's shards, over TP's too
+    assert not got["outside_units"]  # every layer its own FSDP unit
     want = reference(_setup, optimizer_for, name, opt, replicas(sizes) * MICRO_BATCHES, STEPS)
     assert_trained_like(got, want)
 

@@ -553,6 +553,8 @@ def test_torchrun_trains_dp_and_tp_meshes_like_the_unpartitioned_model(
     for r in plan.recompute:  # the blocks the plan recomputes, as the runtime runs them
         code = (out / f"stage_{r.stage}.py").read_text()
         assert "torch.utils.checkpoint.checkpoint(" in code and "use_reentrant = False" in code
+    if sizes["fsdp"] > 1:  # each layer its own module, an FSDP unit, as the runtime shards them
+        assert any("fsdp_unit = True" in p.read_text() for p in out.glob("stage_*.py"))
     losses, trained, _ = _train_emitted(out, tmp_path, ranks=world)
     want_losses, want_state = _reference(name, replicas * plan.micro_batches, 2, lr=0.1)
     assert losses == pytest.approx(want_losses, rel=1e-5)
@@ -588,6 +590,7 @@ def test_torchrun_trains_bf16_mixed_like_one_process_under_the_policy(tmp_path: 
     assert config["precision"] == "bf16-mixed" and config["mesh"]["fsdp"] == 2
     code = (out / "stage_0.py").read_text()
     assert "from checkpointing import checkpoint_saving_matmuls" in code
+    assert "fsdp_unit = True" in code  # the layers FSDP units
     assert (out / "checkpointing.py").exists()
     losses, trained, _ = _train_emitted(out, tmp_path)
     want = mixed_reference("hf:llama", "sgd", 2 * plan.micro_batches, setup=_setup)

@@ -329,12 +329,18 @@ def pipeline_rows(mesh: DeviceMesh) -> list[list[int]]:
     return ranks.reshape(-1, ranks.shape[-1]).tolist()
 
 
+FSDP_UNIT = "fsdp_unit"
+"""The attribute (True) marking a module inside a stage as one of its FSDP units (a layer)."""
+
+
 def fully_shard_stage(stage: torch.nn.Module, mesh: DeviceMesh, mixed: bool) -> torch.nn.Module:
     """``stage`` under torch's FSDP2 over the mesh's fsdp dim (HSDP over (dp, fsdp) with a dp dim
-    of more than one rank), one unit gathered for the whole step (torch's pipelining keeps it
-    whole from the first backward to the gradient reduction). ``mixed``: FSDP2's
-    MixedPrecisionPolicy, bfloat16 compute and float32 gradient reduction; a stage's inputs keep
-    their dtype (a float32 tensor crossing a stage boundary stays float32)."""
+    of more than one rank): each of its layers marked :data:`FSDP_UNIT` one unit, as torchtitan
+    shards each transformer block, then the stage (what no layer holds). Each unit is gathered by
+    its own forward and kept for the step (torch's pipelining keeps it whole from the first
+    backward to the gradient reduction). ``mixed``: FSDP2's MixedPrecisionPolicy, bfloat16
+    compute and float32 gradient reduction; a stage's inputs keep their dtype (a float32 tensor
+    crossing a stage boundary stays float32)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not any(p.requires_grad for p in stage.parameters()):
@@ -346,8 +352,16 @@ def fully_shard_stage(stage: torch.nn.Module, mesh: DeviceMesh, mixed: bool) -> 
         policy = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
         )
+    for unit in fsdp_units(stage):
+        if any(p.requires_grad for p in unit.parameters()):
+            fully_shard(unit, mesh=shard_mesh, reshard_after_forward=False, mp_policy=policy)
     fully_shard(stage, mesh=shard_mesh, reshard_after_forward=False, mp_policy=policy)
     return stage
+
+
+def fsdp_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules inside ``module`` marked :data:`FSDP_UNIT`, outermost first."""
+    return [m for m in module.modules() if m is not module and getattr(m, FSDP_UNIT, False)]
 
 
 def to_dtype(x: Any, dtype: torch.dtype) -> Any:
