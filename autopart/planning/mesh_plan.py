@@ -70,6 +70,7 @@ __all__ = [
     "TPCostsOf",
     "batch_size",
     "dp_sync_s",
+    "hidden_gathers_s",
     "in_flight_per_stage",
     "micro_batch_options",
     "most_stages",
@@ -170,6 +171,7 @@ class PlanningSetup:
         dp: int,
         pp: int,
         tp: int,
+        hidden_s: Sequence[float] = (),
     ) -> float:
         """:func:`step_tail_s` of a mesh with this setup's fsdp ranks."""
         return step_tail_s(
@@ -182,6 +184,7 @@ class PlanningSetup:
             pp=pp,
             tp=tp,
             fsdp=self.fsdp,
+            hidden_s=hidden_s,
         )
 
     def stage_counts(self, kind: str) -> tuple[int, ...]:
@@ -348,13 +351,17 @@ def step_tail_s(
     pp: int,
     tp: int,
     fsdp: int = 1,
+    hidden_s: Sequence[float] = (),
 ) -> float:
     """What a step adds after its pipeline drains, on its slowest device: the data-parallel
-    gradient sync (:func:`dp_sync_s`) and the ``optimizer``'s update of the parameters the device
-    updates (:func:`~autopart.cost_models.compute.update_time_s`: its ``1 / fsdp`` shard, float32
-    masters under ``mixed_precision``) after the gradients of ``micro_batches`` are scaled."""
+    gradient sync (:func:`dp_sync_s`, less the device's ``hidden_s``: the all-gathers that run
+    behind its layers' computation, :func:`hidden_gathers_s`) and the ``optimizer``'s update of
+    the parameters the device updates (:func:`~autopart.cost_models.compute.update_time_s`: its
+    ``1 / fsdp`` shard, float32 masters under ``mixed_precision``) after the gradients of
+    ``micro_batches`` are scaled."""
     states = as_optimizer(optimizer).states_per_param
     master = 2 if mixed_precision else 1
+    hidden = list(hidden_s) or [0.0] * len(param_bytes_per_device)
     return max(
         dp_sync_s(
             int(nbytes),
@@ -365,11 +372,54 @@ def step_tail_s(
             fsdp=fsdp,
             mixed_precision=mixed_precision,
         )
+        - hidden_d
         + update_time_s(
             nbytes * master / fsdp, spec, states_per_param=states, micro_batches=micro_batches
         )
-        for nbytes in param_bytes_per_device
+        for nbytes, hidden_d in zip(param_bytes_per_device, hidden, strict=True)
     )
+
+
+def hidden_gathers_s(
+    scaled: BlockGraph,
+    stage_of: Sequence[int],
+    num_stages: int,
+    spec: DeviceSpec,
+    *,
+    fsdp: int,
+    pp: int,
+    tp: int,
+) -> list[float]:
+    """Per stage, the seconds of its first forward's all-gathers that run behind computation.
+    Each layer is its own FSDP2 unit (``passes/fsdp_units.py``), gathered when the stage reaches
+    it, on FSDP2's own stream: on a GPU the gather of a layer runs while the computation queued
+    before it (the previous layer's forward, of one micro-batch: ``scaled``) still runs, one
+    gather at a time. What the stage holds outside its layers is gathered first, with nothing to
+    hide behind; so is its first layer, unless blocks outside layers compute before it. The
+    reduce-scatters run after the step's last backward (torch's pipelining reduces there), with
+    nothing to hide behind either. A CPU host (gloo, no streams) hides nothing."""
+    hidden = [0.0] * num_stages
+    if fsdp <= 1 or spec.shared_cores is not None:
+        return hidden
+    across = fsdp * pp * tp > GPUS_PER_NODE
+    for s in range(num_stages):
+        units: list[tuple[str | None, int, float]] = []  # (layer, param bytes, forward seconds)
+        for b, st in zip(scaled.blocks, stage_of):
+            if st != s:
+                continue
+            if units and b.layer == units[-1][0]:
+                layer, nbytes, fwd = units[-1]
+                units[-1] = (layer, nbytes + b.param_bytes, fwd + b.forward_s)
+            else:
+                units.append((b.layer, b.param_bytes, b.forward_s))
+        queued = 0.0  # forward computation queued since the last gather
+        for layer, nbytes, fwd in units:
+            if layer is not None:
+                gather = all_gather_time_s(nbytes, fsdp, spec, inter_node=across)
+                hidden[s] += min(gather, queued)
+                queued = 0.0
+            queued += fwd
+    return hidden
 
 
 def plan_mesh(
@@ -410,10 +460,19 @@ def plan_mesh(
 
     # After the pipeline drains each rank syncs its stages' gradients with its dp peers and steps
     # its optimizer; the baselines pay it too.
-    def tail_s(param_bytes_per_device: Sequence[float], micro_batches: int) -> float:
-        return setup.tail_s(param_bytes_per_device, micro_batches, dp=dp, pp=p, tp=degree)
+    def tail_s(
+        param_bytes_per_device: Sequence[float], micro_batches: int, hidden_s: Sequence[float]
+    ) -> float:
+        return setup.tail_s(
+            param_bytes_per_device, micro_batches, dp=dp, pp=p, tp=degree, hidden_s=hidden_s
+        )
 
-    pipe = _Pipeline(setup, spec, p, tail_s)
+    def hidden_s(scaled: BlockGraph, stage_of: Sequence[int], num_stages: int) -> list[float]:
+        return hidden_gathers_s(
+            scaled, stage_of, num_stages, spec, fsdp=setup.fsdp, pp=p, tp=degree
+        )
+
+    pipe = _Pipeline(setup, spec, p, tail_s, hidden_s)
     search = _ScheduleSearch(og, spec, setup, p, per_stage, say)
     search.run(options, pipe)
     candidates = search.candidates
@@ -849,8 +908,27 @@ def _best_first(estimates: Sequence[_Candidate], pipe: _Pipeline) -> tuple[bool,
 
 def _tail_of(c: _Candidate, pipe: _Pipeline) -> float:
     """The dp gradient sync and the optimizer step after ``c``'s pipeline drains."""
-    params = c.bg.stage_param_bytes(c.stage_of, len(c.ranks))
-    return pipe.tail_s(per_device(params, c.ranks), c.micro_batches)
+    return _tail(c.bg, c.stage_of, c.ranks, c.micro_batches, pipe)
+
+
+def _tail(
+    bg: BlockGraph, stage_of: Sequence[int], ranks: Sequence[int], m: int, pipe: _Pipeline
+) -> float:
+    """The dp gradient sync and the optimizer step after the pipeline of ``bg`` split as
+    ``stage_of`` over ``ranks`` at ``m`` micro-batches drains."""
+    params = bg.stage_param_bytes(stage_of, len(ranks))
+    hidden = _hidden(bg, stage_of, len(ranks), m, pipe)
+    return pipe.tail_s(per_device(params, ranks), m, per_device(hidden, ranks))
+
+
+def _hidden(
+    bg: BlockGraph, stage_of: Sequence[int], num_stages: int, m: int, pipe: _Pipeline
+) -> list[float]:
+    """Per stage, the all-gathers its layers hide (:func:`hidden_gathers_s`; none without fsdp,
+    where the block graph need not be scaled)."""
+    if pipe.setup.fsdp <= 1:
+        return [0.0] * num_stages
+    return pipe.hidden_s(per_micro_batch(bg, m), stage_of, num_stages)
 
 
 def most_stages(og: OpGraph) -> int:
@@ -931,10 +1009,13 @@ class _Pipeline:
     spec: DeviceSpec
     """The setup's device with the link that pipeline sends take (:func:`pipeline_device`)."""
     p: int
-    tail_s: Callable[[Sequence[float], int], float]
+    tail_s: Callable[[Sequence[float], int, Sequence[float]], float]
     """Time added to a step after the pipeline drains (the dp gradient sync and the optimizer
-    step, :func:`step_tail_s`), from the parameter bytes of each device and the micro-batch
-    count."""
+    step, :func:`step_tail_s`), from the parameter bytes of each device, the micro-batch count
+    and the gathers each device hides."""
+    hidden_s: Callable[[BlockGraph, Sequence[int], int], list[float]]
+    """:func:`hidden_gathers_s` on this pipeline: per stage, from a block graph at one
+    micro-batch, a split and its stage count."""
 
 
 def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float) -> Plan:
@@ -950,6 +1031,7 @@ def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float)
     param_bytes = bg.stage_param_bytes(best.stage_of, num_stages)
     split = split_backward_factor(best.schedule, spec)
     memory = stage_memory(scaled, best.stage_of, num_stages, m)
+    hidden = _hidden(bg, best.stage_of, num_stages, m, pipe)
     stages = []
     for s in range(num_stages):
         blocks = [b for b, st in zip(scaled.blocks, best.stage_of) if st == s]
@@ -970,6 +1052,7 @@ def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float)
                 rematerialized_bytes=max(b.rematerialized_bytes for b in blocks),
                 working_bytes=memory.working[s],
                 buffer_bytes=memory.buffers[s],
+                hidden_gather_s=hidden[s],
             )
         )
     return Plan(
@@ -1031,8 +1114,7 @@ def _baselines(scaled: BlockGraph, best: _Candidate, pipe: _Pipeline) -> dict[st
         stage_of = fn(scaled, num_stages)
         tl = simulate_blocks(bg, stage_of, p, v, spec, best.schedule, m, pipe.setup.state_per_byte)
         t = stage_times_s(scaled, stage_of, num_stages, spec, ranks=ranks)
-        params = bg.stage_param_bytes(stage_of, num_stages)
-        tail = pipe.tail_s(per_device(params, ranks), m)
+        tail = _tail(bg, stage_of, ranks, m, pipe)
         base[label] = BaselineResult(max(per_device(t, ranks)), tl.step_time_s + tail)
     return base
 
@@ -1095,6 +1177,7 @@ def simulate_plan(plan: Plan, device: DeviceSpec | None = None) -> Any:
         pp=p,
         tp=plan.mesh.get("tp", 1),
         fsdp=plan.mesh.get("fsdp", 1),
+        hidden_s=per_device([st.hidden_gather_s for st in plan.stages], ranks),
     )
     rebuilt = [0] * p
     for st in plan.stages:

@@ -126,6 +126,10 @@ class StagePlan:
     buffer_bytes: int = 0
     """The pipeline's receive buffers for its activations and gradients, one per micro-batch,
     held all step. Written to JSON only when not 0."""
+    hidden_gather_s: float = 0.0
+    """Seconds of the stage's first-forward FSDP all-gathers that run behind its layers'
+    computation (``mesh_plan.hidden_gathers_s``), taken off the step's gradient sync. Written
+    to JSON only when not 0."""
 
     def __post_init__(self) -> None:
         _check(self.index >= 0 and self.device >= 0, "stage index and device must be >= 0")
@@ -413,6 +417,7 @@ class Plan:
                 rematerialized_bytes=0,
                 working_bytes=0,
                 buffer_bytes=0,
+                hidden_gather_s=0.0,
             )
             for s in self.stages
         ]

@@ -224,3 +224,85 @@ def test_a_plan_with_fsdp_shards_the_state() -> None:
     held = [max(s.peak_memory_bytes for s in p.stages) for p in (ddp, fsdp)]
     # state: 4 bytes per parameter byte under DDP, 4/4 + 2 under FSDP; activations alike
     assert held[0] - held[1] == pytest.approx(params * (4 - 3), abs=1024)
+
+
+def _layered_blocks(layers: int, forward_s: float, layer_bytes: int, root_bytes: int) -> Any:
+    """A chain: an embedding outside any layer, ``layers`` layers of two blocks each, a head."""
+    from autopart.planning.blocks import Block, BlockGraph
+
+    def block(i: int, layer: str | None, nbytes: int, fwd: float) -> Block:
+        return Block(
+            index=i,
+            name=f"b{i}",
+            nodes=(f"n{i}",),
+            modules=(layer or "",),
+            forward_s=fwd,
+            backward_s=2 * fwd,
+            flops=0,
+            backward_flops=0,
+            param_bytes=nbytes,
+            params=(f"p{i}",),
+            activation_bytes=0,
+            layer=layer,
+        )
+
+    blocks = [block(0, None, root_bytes // 2, 1e-6)]
+    for k in range(layers):
+        for _ in range(2):
+            blocks.append(block(len(blocks), f"layers.{k}", layer_bytes // 2, forward_s / 2))
+    blocks.append(block(len(blocks), None, root_bytes // 2, 1e-6))
+    return BlockGraph(tuple(blocks), (), {f"p{b.index}": b.param_bytes for b in blocks})
+
+
+def test_fsdp_gathers_each_layer_behind_the_one_before_on_a_gpu() -> None:
+    """Per-layer FSDP units: on a GPU a layer's all-gather runs while the layer before computes
+    (one gather at a time); what it cannot hide, and the gather of the first layer (nothing but
+    the embedding before it) stay in the step. The reduce-scatters hide nothing (torch's
+    pipelining reduces after the last backward), nor does a CPU host (gloo has no streams)."""
+    from autopart.planning.mesh_plan import hidden_gathers_s
+
+    spec, layer_bytes = get_device("h100"), 64 << 20
+    gather = all_gather_time_s(layer_bytes, 8, spec)
+    slow = _layered_blocks(4, 10 * gather, layer_bytes, 1 << 20)
+    (hidden,) = hidden_gathers_s(slow, [0] * len(slow.blocks), 1, spec, fsdp=8, pp=1, tp=1)
+    # the first layer hides behind the embedding only (1 us), the others wholly
+    assert hidden == pytest.approx(3 * gather + 1e-6)
+    fast = _layered_blocks(4, gather / 4, layer_bytes, 1 << 20)
+    (hidden,) = hidden_gathers_s(fast, [0] * len(fast.blocks), 1, spec, fsdp=8, pp=1, tp=1)
+    assert hidden == pytest.approx(3 * gather / 4 + 1e-6)  # behind each layer's whole forward
+    # two stages, 16 GPUs (the gathers cross nodes): each stage gathers its first layer before
+    # anything computes but the embedding, on the first
+    split = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+    across = all_gather_time_s(layer_bytes, 8, spec, inter_node=True)
+    assert hidden_gathers_s(slow, split, 2, spec, fsdp=8, pp=2, tp=1) == pytest.approx(
+        [across + 1e-6, across]
+    )
+    assert hidden_gathers_s(slow, split, 2, spec, fsdp=1, pp=2, tp=1) == [0.0, 0.0]
+    assert hidden_gathers_s(slow, split, 2, get_device("cpu"), fsdp=8, pp=2, tp=1) == [0.0, 0.0]
+
+
+def test_a_gpu_plan_with_fsdp_takes_the_hidden_gathers_off_its_step() -> None:
+    from autopart.planning.mesh_plan import simulate_plan
+    from autopart.planning.planner import plan
+
+    class Layers(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(2048, 2048) for _ in range(8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = torch.relu(layer(x))
+            return x
+
+    model, x = Layers(), (torch.randn(64, 2048),)
+    sharded = plan(model, x, mesh="fsdp=8", device="h100", micro_batches=1)
+    hidden = sum(s.hidden_gather_s for s in sharded.stages)
+    nbytes = sum(p.numel() * 4 for p in model.parameters())
+    spec = get_device("h100")
+    assert 0 < hidden < all_gather_time_s(nbytes, 8, spec)
+    assert simulate_plan(sharded).step_time_s == pytest.approx(sharded.step_time_s)
+    back = type(sharded).from_json(sharded.to_json())
+    assert back.stages[0].hidden_gather_s == pytest.approx(hidden)
+    on_cpu = plan(model, x, mesh="fsdp=8", device="cpu", micro_batches=1)
+    assert all(s.hidden_gather_s == 0 for s in on_cpu.stages)
