@@ -10,7 +10,7 @@ runs the same code here, briefly):
    the ``h100`` and ``h200`` cost models predict (``cpu`` in the dry mode).
 2. **One stage**: the model compiled for ``pp=1`` on a one-rank group (NCCL on CUDA, gloo on CPU),
    trained ``--steps`` SGD steps; measured step time (median after the first) and peak memory
-   (:func:`autopart.runtime.peak_memory.measure_peak`: ``torch.cuda.max_memory_allocated`` on
+   (:func:`autopart.cost_models.peak_memory.measure_peak`: ``torch.cuda.max_memory_allocated`` on
    CUDA) beside the plan's, planned on the ``h100`` model (``cpu`` in the dry mode).
 
 Two stages on one GPU are not run: the planner gives a one-rank pipeline one stage (gpipe, 1f1b)
@@ -65,9 +65,9 @@ def one_stage(model: str, device: torch.device, spec: str, steps: int) -> dict[s
     import torch.distributed as dist
 
     import autopart
+    from autopart.cost_models.peak_memory import measure_peak
     from autopart.models.model_spec import load_model
     from autopart.runtime.launch import training_batch
-    from autopart.runtime.peak_memory import measure_peak
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     with tempfile.TemporaryDirectory() as tmp:

@@ -274,6 +274,9 @@ class ComputeModel:
     measured_backward_s: Mapping[str, float] = field(default_factory=dict)
     measured_backward_weight_s: Mapping[str, float] = field(default_factory=dict)
     """The weight-gradient part of ``measured_backward_s``, where profiling timed it alone."""
+    measured_backward_working_bytes: Mapping[str, int] = field(default_factory=dict)
+    """The bytes a node's backward holds at once, where profiling measured them
+    (``Measurement.backward_working_bytes``)."""
     compute_efficiency: float | None = None
     """Overrides ``device.compute_efficiency`` when set."""
     memory_efficiency: float | None = None
@@ -299,6 +302,12 @@ class ComputeModel:
                 )
             # a private read-only copy: the caller's dict may change, this model must not
             object.__setattr__(self, name, MappingProxyType(times))
+        working = dict(self.measured_backward_working_bytes)
+        if any(not b >= 0 for b in working.values()):
+            raise AutopartError(
+                "ComputeModel.measured_backward_working_bytes has negative sizes; measure again"
+            )
+        object.__setattr__(self, "measured_backward_working_bytes", MappingProxyType(working))
 
     def forward_s(self, node_name: str, cost: NodeCost) -> float:
         """Seconds of ``node_name``'s forward: the measurement if any, else the roofline."""
@@ -322,6 +331,11 @@ class ComputeModel:
             cost, self.device, backward=backward, memory_efficiency=self.memory_efficiency
         )
         return min(fixed, whole)
+
+    def backward_working_bytes(self, node_name: str) -> int | None:
+        """The bytes ``node_name``'s backward holds at once, where profiling measured them; None
+        where the memory model counts them (its output's and inputs' gradients)."""
+        return self.measured_backward_working_bytes.get(node_name)
 
     def backward_weight_s(self, node_name: str, cost: NodeCost) -> float:
         """The part of :meth:`backward_s` that computes parameter gradients (zero-bubble schedules

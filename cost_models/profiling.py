@@ -24,7 +24,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,15 +63,23 @@ class Measurement:
     """The part of ``backward_s`` that computes the node's weight gradients, timed alone (what
     ``W`` of a zero-bubble schedule runs); ``None`` where it was not measured (a node without
     weights, a cache entry from before)."""
+    backward_working_bytes: int | None = None
+    """The most bytes the node's backward holds at once, measured
+    (:func:`~autopart.cost_models.peak_memory.measure_peak`): its output's gradient and what the
+    backward allocates at its peak (its inputs' gradients and its kernels' temporaries, e.g.
+    oneDNN's reordered copies of a convolution's tensors on a CPU), less its new weight
+    gradients (counted apart); ``None`` where it has no backward."""
 
 
 class ProfileCache:
-    """Measured times on disk: ``{device_key: {signature_hash: [forward_s, backward_s]}}``."""
+    """Measurements on disk: ``{device_key: {signature_hash: [forward_s, backward_s,
+    backward_weight_s or null, backward_working_bytes or null]}}``; an entry from before the
+    memory was measured (fewer fields) is measured again."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         default = Path(os.environ.get("AUTOPART_CACHE_DIR", Path.home() / ".cache" / "autopart"))
         self.path = Path(path) if path is not None else default / "profile.json"
-        self._data: dict[str, dict[str, list[float]]] = {}
+        self._data: dict[str, dict[str, list[float | None]]] = {}
         if self.path.exists():
             try:
                 self._data = json.loads(self.path.read_text())
@@ -80,13 +88,16 @@ class ProfileCache:
 
     def get(self, device_key: str, signature: str) -> Measurement | None:
         hit = self._data.get(device_key, {}).get(_hash(signature))
-        return Measurement(*hit[:3]) if hit else None
+        if not hit or len(hit) < 4:
+            return None
+        forward, backward, weight, working = hit[:4]
+        if forward is None or backward is None:
+            return None  # not a measurement: measured again
+        return Measurement(forward, backward, weight, None if working is None else int(working))
 
     def put(self, device_key: str, signature: str, m: Measurement) -> None:
-        times = [m.forward_s, m.backward_s]
-        if m.backward_weight_s is not None:
-            times.append(m.backward_weight_s)
-        self._data.setdefault(device_key, {})[_hash(signature)] = times
+        entry = [m.forward_s, m.backward_s, m.backward_weight_s, m.backward_working_bytes]
+        self._data.setdefault(device_key, {})[_hash(signature)] = entry
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -208,10 +219,11 @@ def in_situ(
     f = whole.forward_s / forward if forward > 0 else 1.0
     b = whole.backward_s / backward if backward > 0 else 1.0
     return {
-        n: Measurement(
-            m.forward_s * f,
-            m.backward_s * b,
-            None if m.backward_weight_s is None else m.backward_weight_s * b,
+        n: dataclasses.replace(
+            m,
+            forward_s=m.forward_s * f,
+            backward_s=m.backward_s * b,
+            backward_weight_s=None if m.backward_weight_s is None else m.backward_weight_s * b,
         )
         for n, m in measured.items()
     }
@@ -226,6 +238,11 @@ def _compute_model(
         measured_backward_s={n: m.backward_s for n, m in measured.items()},
         measured_backward_weight_s={
             n: m.backward_weight_s for n, m in measured.items() if m.backward_weight_s is not None
+        },
+        measured_backward_working_bytes={
+            n: m.backward_working_bytes
+            for n, m in measured.items()
+            if m.backward_working_bytes is not None
         },
     )
 
@@ -334,7 +351,7 @@ def _measure(
         fwd = _time(forward, dev, repeats, warmup)
         out = forward()
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
-        bwd, weight = 0.0, None
+        bwd, weight, working = 0.0, None, None
         if outs and grad_inputs:
             grads = [torch.ones_like(t) for t in outs]
 
@@ -354,9 +371,29 @@ def _measure(
                     torch.autograd.grad(o, weights, grads, allow_unused=True)
 
                 weight = min(bwd, _time(weight_backward, dev, repeats, warmup, setup=graph))
+            working = _backward_working_bytes(graph, backward, grads, weights, dev)
     except (RuntimeError, TypeError, NotImplementedError):
         return None  # ops that need real data (e.g. data-dependent shapes) keep their prediction
-    return Measurement(fwd, bwd, weight)
+    return Measurement(fwd, bwd, weight, working)
+
+
+def _backward_working_bytes(
+    graph: Callable[[], list[torch.Tensor]],
+    backward: Callable[[list[torch.Tensor]], None],
+    grads: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    dev: torch.device,
+) -> int:
+    """:attr:`Measurement.backward_working_bytes` of one ``backward`` on a fresh ``graph()``."""
+    from autopart.cost_models.peak_memory import measure_peak
+
+    outs = graph()
+    with measure_peak(dev) as peak:
+        backward(outs)
+    allocated = peak.peak_bytes - peak.start_bytes
+    new_weight_grads = sum(w.numel() * w.element_size() for w in weights)
+    given = sum(g.numel() * g.element_size() for g in grads)
+    return given + max(0, allocated - new_weight_grads)
 
 
 def _is_materialized(module: torch.nn.Module) -> bool:

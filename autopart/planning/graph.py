@@ -106,6 +106,9 @@ class OpNode:
     kept_selectively: bool = False
     """Selective recomputation keeps its output (a weight matmul or fused attention, the ops of
     :data:`~autopart.codegen.templates.checkpointing.SAVED_OPS`): :mod:`autopart.planning.selective`."""
+    measured_working_bytes: int | None = None
+    """What its backward holds at once, as profiling measured it (``None``: modelled,
+    :meth:`OpGraph.backward_working_bytes`)."""
 
     def __post_init__(self) -> None:
         for name in ("forward_s", "backward_s", "flops", "output_bytes", "backward_flops"):
@@ -227,10 +230,18 @@ class OpGraph:
                 fixed_forward_s=compute.fixed_s(n.name, cost),
                 fixed_backward_s=compute.fixed_s(n.name, cost, backward=True),
                 kept_selectively=_kept_selectively(n, cost.params),
+                measured_working_bytes=compute.backward_working_bytes(n.name),
             )
         return cls(
             nodes, table, {k: v for k, v in values.items() if k not in table}, compute.device
         )
+
+    def backward_working_bytes(self, n: OpNode) -> int:
+        """What node ``n``'s backward holds at once: as profiling measured it, else its output's
+        gradient and its inputs' (a kernel's own temporaries are not modelled)."""
+        if n.measured_working_bytes is not None:
+            return n.measured_working_bytes
+        return n.output_bytes + sum(self.nodes[src].output_bytes for src in n.inputs)
 
     def value_bytes_of(self, name: str) -> int:
         """Output bytes of any value a node may save: a computing node or a model input."""
@@ -369,6 +380,9 @@ def _scale_node(n: OpNode, factor: float) -> OpNode:
         backward_flops=round(n.backward_flops * factor),
         output_bytes=round(n.output_bytes * factor),
         private_saved_bytes=round(n.private_saved_bytes * factor),
+        measured_working_bytes=None
+        if n.measured_working_bytes is None
+        else round(n.measured_working_bytes * factor),
     )
 
 
@@ -518,12 +532,7 @@ def _make_block(
         graph_output_bytes=sum(n.output_bytes for n in nodes if n.is_output),
         saved_values=tuple(saved),
         backward_working_bytes=max(
-            (
-                n.output_bytes + sum(og.nodes[src].output_bytes for src in n.inputs)
-                for n in nodes
-                if n.backward_s > 0
-            ),
-            default=0,
+            (og.backward_working_bytes(n) for n in nodes if n.backward_s > 0), default=0
         ),
         param_grad_bytes=max(
             (sum(og.param_bytes_by_name[q] for q in n.params) for n in nodes if n.backward_s > 0),

@@ -1303,8 +1303,13 @@ def stage_memory(
       loss saves from them, charged as cross-entropy does (its log-probabilities, one
       output-sized tensor);
     - working: the most gradient bytes one node's backward holds (:func:`_working_bytes`: its
-      output's and inputs' gradients, and its weights' new gradient), on the last stage at least
-      the loss's backward (the gradients of its log-probabilities and of the outputs);
+      output's and inputs' gradients, and its weights' new gradient) beyond what the backward
+      has already freed of the micro-batch's kept values: by the time a block's backward runs,
+      the blocks after it on the stage have run theirs and freed what they alone save (a value
+      several blocks save is charged to its first saver, so never counted as freed early, nor
+      is a received value, which is the stage's receive buffer); on
+      the last stage at least the loss's backward (the gradients of its log-probabilities and
+      of the outputs), which runs before any;
     - buffers: the receive buffers the pipeline allocates per micro-batch, for the activations
       coming in and the gradients coming back, kept from step to step."""
     kept = scaled.stage_activation_bytes(stage_of, num_stages)
@@ -1312,8 +1317,16 @@ def stage_memory(
     working = [0] * num_stages
     saves: list[set[str]] = [set() for _ in range(num_stages)]
     kept_values: list[set[str]] = [set() for _ in range(num_stages)]  # saved, not recomputed
+    received = [dict[str, int]() for _ in range(num_stages)]  # the stage's receive buffers
+    for t in scaled.tensors:
+        for s in range(stage_of[t.producer] + 1, max(stage_of[c] for c in t.consumers) + 1):
+            received[s][t.name] = t.nbytes
+    freed = [0] * num_stages  # kept bytes the blocks after this one free in their backward
+    for b, s in reversed(list(zip(scaled.blocks, stage_of))):
+        working[s] = max(working[s], _working_bytes(b, micro_batches) - freed[s])
+        buffer = sum(received[s].get(v, 0) for v in b.saved_values)  # stays: a receive buffer
+        freed[s] += max(0, b.activation_bytes - buffer)
     for b, s in zip(scaled.blocks, stage_of):
-        working[s] = max(working[s], _working_bytes(b, micro_batches))
         saves[s].update(b.saved_values)
         if not b.recomputed:
             kept_values[s].update(b.saved_values)

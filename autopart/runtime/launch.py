@@ -89,7 +89,7 @@ stage_chunk_s`: the stage's work, stretched where ranks share cores)."""
     predicted_samples_per_s: float = 0.0
     stage_peak_memory_bytes: tuple[int, ...] = ()
     """Measured peak memory of the rank that runs each stage (the highest over its replicas), on
-    the first step (:mod:`autopart.runtime.peak_memory`: ``max_memory_allocated`` on CUDA, the
+    the first step (:mod:`autopart.cost_models.peak_memory`: ``max_memory_allocated`` on CUDA, the
     rank's parameters, buffers and state plus the profiler's allocation events on CPU)."""
     predicted_stage_peak_memory_bytes: tuple[int, ...] = ()
     """The plan's simulated peak of the device that runs each stage."""
@@ -372,10 +372,10 @@ def _compile(loaded: Any, request: _RunRequest, spec: DeviceSpec) -> Any:
 
 def _train(clock: StepClock, program: Any, loaded: Any, request: _RunRequest) -> list[float]:
     """``request.steps`` SGD steps on the loaded model's batch, timed, the first also measured
-    for peak memory (:func:`autopart.runtime.peak_memory.measure_peak`); the step losses."""
+    for peak memory (:func:`autopart.cost_models.peak_memory.measure_peak`); the step losses."""
     import torch.distributed as dist
 
-    from autopart.runtime.peak_memory import measure_peak
+    from autopart.cost_models.peak_memory import measure_peak
 
     x, kw = loaded.example_inputs, dict(loaded.example_kwargs)
     target, _ = training_batch(loaded)

@@ -21,11 +21,11 @@ from autopart.cost_models.comm_fit import (
     measured_device,
 )
 from autopart.cost_models.devices import get_device
+from autopart.cost_models.peak_memory import held_bytes, measure_peak
 from autopart.errors import AutopartError
 from autopart.planning.gantt import render_comparison
 from autopart.planning.schedule import ScheduleError, build_schedule, simulate
 from autopart.runtime.measure import fit_action_overhead_s, measured_or_table
-from autopart.runtime.peak_memory import held_bytes, measure_peak
 from autopart.runtime.step_clock import (
     RankSummary,
     measured_timeline,

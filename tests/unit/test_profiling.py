@@ -167,3 +167,50 @@ def test_a_measured_weight_gradient_time_wins_over_the_roofline_ratio() -> None:
         measured_backward_weight_s={linear.name: 2e-3},
     )
     assert capped.backward_weight_s(linear.name, cost) == pytest.approx(1e-3)
+
+
+def test_profiling_measures_what_a_backward_holds_and_the_plan_counts_it(tmp_path: Path) -> None:
+    """A 3x3 convolution's backward on this CPU holds its output's gradient and about two more
+    output-sized tensors at once (its input's gradient and oneDNN's reordered copies), where the
+    model counts the two gradients only; the profile measures it (kept in the cache) and the
+    block graph's working set reads the measurement. A ReLU's backward holds what the model
+    counts (its output's gradient and its input's)."""
+    from autopart.planning.graph import OpGraph, coarsen
+
+    class ConvReLU(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(32, 32, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.conv(x))
+
+    x = torch.randn(8, 32, 64, 64, requires_grad=True)
+    gm = annotate(trace(ConvReLU(), (x,)))
+    measured = profile_graph(gm, cache=ProfileCache(tmp_path / "p.json"), repeats=2, warmup=1)
+    out = 8 * 32 * 64 * 64 * 4
+    conv = next(n.name for n in gm.graph.nodes if node_cost(n).params)
+    relu = next(n.name for n in gm.graph.nodes if "relu" in n.name)
+    working = {n: measured[n].backward_working_bytes for n in (conv, relu)}
+    assert working[relu] == pytest.approx(2 * out, rel=0.05)
+    assert working[conv] is not None and working[conv] >= 2.5 * out
+    cached = ProfileCache(tmp_path / "p.json")
+    assert profile_graph(gm, cache=cached, repeats=2, warmup=1) == measured
+
+    compute = ComputeModel(
+        get_device("cpu"),
+        measured_backward_working_bytes={
+            n: m.backward_working_bytes
+            for n, m in measured.items()
+            if m.backward_working_bytes is not None
+        },
+    )
+    og = OpGraph.from_graph_module(gm, get_device("cpu"), compute=compute)
+    modelled = OpGraph.from_graph_module(gm, get_device("cpu"))
+    assert og.backward_working_bytes(og.nodes[conv]) == working[conv]
+    # modelled: its output's gradient (its input is the model's, whose gradient is not kept)
+    assert modelled.backward_working_bytes(modelled.nodes[conv]) == out
+    block = coarsen(og, max_blocks=1).blocks[0]
+    assert block.backward_working_bytes == max(working.values())
+    # per sample: scaled with the micro-batch like every activation
+    assert og.scaled(0.5).nodes[conv].measured_working_bytes == working[conv] // 2

@@ -107,6 +107,31 @@ def test_a_received_value_a_stage_saves_is_its_receive_buffer() -> None:
     assert stage_memory(bg, [0, 0, 1], 2, 2).kept[1] == 0  # n3 saves n2, its receive buffer
 
 
+def test_a_backward_holds_its_working_set_beside_what_the_later_blocks_have_not_freed() -> None:
+    # Backward runs a stage's blocks last to first, each freeing what it alone saves; a block's
+    # working set (its output's and inputs' gradients) is held beside what is still kept. n3
+    # saves n2's output and, over a skip connection, n0's, which on a second stage is the
+    # receive buffer and stays.
+    nodes = {
+        "n0": OpNode("n0", 1e-3, 2e-3, 0, 10 * MIB),
+        "n1": OpNode("n1", 1e-3, 2e-3, 0, 40 * MIB, ("n0",)),
+        "n2": OpNode("n2", 1e-3, 2e-3, 0, 7 * MIB, ("n1",), saved_from=("n1",)),
+        "n3": OpNode("n3", 1e-3, 2e-3, 0, 5 * MIB, ("n2", "n0"), saved_from=("n2", "n0")),
+    }
+    bg = group_blocks(OpGraph(nodes, {}), [["n0"], ["n1"], ["n2"], ["n3"]])
+    assert [_working_of(b) for b in bg.blocks] == [10 * MIB, 50 * MIB, 47 * MIB, 22 * MIB]
+    # one stage: n2 holds 47 MiB after n3 freed 17 (n2's and n0's outputs); n1 50 after 57
+    assert stage_memory(bg, [0, 0, 0, 0], 1, 1).working == [30 * MIB]
+    # n0 received by a second stage: n3 frees only n2's output, so n2 holds 47 - 7
+    assert stage_memory(bg, [0, 1, 1, 1], 2, 1).working[1] == 40 * MIB
+    # the last block's whole working set, nothing freed before it
+    assert stage_memory(bg, [0, 0, 0, 1], 2, 1).working[1] == 22 * MIB
+
+
+def _working_of(b: Block) -> int:
+    return b.backward_working_bytes
+
+
 def test_block_recompute_keeps_inputs_and_pays_its_forward_again() -> None:
     b = _chain().blocks[0]
     again = b.recompute()
@@ -345,11 +370,11 @@ def test_measured_peak_memory_drops_by_what_the_plan_predicts() -> None:
     """Stage 0 of an MLP (4 layers, micro-batches of 1024 x 1024 floats) run as GPipe runs it, all
     forwards then all backwards, measured as the run report measures memory on CPU."""
     from autopart import annotate, trace
+    from autopart.cost_models.peak_memory import measure_peak
     from autopart.models.model_spec import load_model
     from autopart.passes.recompute import checkpoint_blocks
     from autopart.passes.split_stages import split_stages
     from autopart.planning.planner import plan_graph
-    from autopart.runtime.peak_memory import measure_peak
 
     loaded = load_model("mlp", batch=4096, device="cpu", seed=0)
     x = tuple(loaded.example_inputs)
@@ -380,7 +405,7 @@ def test_a_weights_new_gradient_is_held_until_autograd_adds_it_into_grad() -> No
     # .grad holds the earlier ones, so both live until autograd adds the new one in. torch does
     # so (measured on the second micro-batch), and a stage's working set counts it then.
     from autopart import annotate, trace
-    from autopart.runtime.peak_memory import measure_peak
+    from autopart.cost_models.peak_memory import measure_peak
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(8192, 64), torch.nn.Linear(64, 64))
@@ -477,9 +502,9 @@ def test_selective_stages_compute_the_same_and_keep_what_the_plan_predicts() -> 
     selective: 33.76 against 31.65); the drop within 10% of what the plan predicts (17.97 MiB
     against 16.29, 9.3%) and never less than it (an over-promise is the direction that ends in an
     out-of-memory error)."""
+    from autopart.cost_models.peak_memory import measure_peak
     from autopart.passes.recompute import checkpoint_blocks, recomputed_blocks
     from autopart.passes.split_stages import split_stages
-    from autopart.runtime.peak_memory import measure_peak
 
     plans = {r: _llama_plan(r) for r in ("none", "selective")}
     target = torch.randint(0, 256, (32, 128), generator=torch.Generator().manual_seed(1))
