@@ -11,7 +11,8 @@ parameter and buffer keeps its name and its object (the optimizer, checkpoints, 
 tied-weight sync see the same module), and the stage computes what it computed. A layer stays in
 the stage (its parameters in the stage's own unit) where its nodes are not a subgraph of their own:
 a node of another layer on a path between two of its nodes, a parameter of it that a node outside
-it reads, a submodule call (an fx trace's leaf module), or a name the GraphModule uses itself.
+it reads, a submodule call (an fx trace's leaf module) inside it or one of its modules called
+outside it, or a name the unit uses itself.
 
 Recomputed blocks (:mod:`autopart.passes.recompute`) are taken into the unit of their layer whole:
 the ``checkpoint`` call, its subgraph and the parameters it is passed.
@@ -108,19 +109,24 @@ def _layer_partitions(gm: GraphModule, layers: Collection[str]) -> list[tuple[st
 
 def _can_own(gm: GraphModule, path: str, part: Sequence[Node]) -> bool:
     """Whether the nodes ``part`` of layer ``path`` can become a module at ``path`` owning the
-    layer's parameters and buffers: it calls no submodule, nothing outside it reads them, and
-    no attribute of the layer has a name the GraphModule uses itself."""
+    layer's parameters and buffers: it calls no submodule, nothing outside it reads them or
+    calls a module of the layer, and no attribute of the layer has a name the unit uses
+    itself."""
     if any(n.op == "call_module" for n in part):
         return False
     inside = set(part)
     for n in gm.graph.nodes:
-        if n.op == "get_attr" and str(n.target).startswith(f"{path}.") and set(n.users) - inside:
+        target = str(n.target)
+        mine = target == path or target.startswith(f"{path}.")
+        if n.op == "call_module" and mine:  # its own module, called outside its nodes
+            return False
+        if n.op == "get_attr" and mine and set(n.users) - inside:
             return False
     try:
         layer = gm.get_submodule(path)
     except AttributeError:
         return False
-    reserved = set(dir(GraphModule))
+    reserved = {*dir(GraphModule), "device", FSDP_UNIT}  # the unit's own (emit's: ``device``)
     names = (*layer._modules, *layer._parameters, *layer._buffers)
     return not any(name in reserved or name.startswith(RECOMPUTE_PREFIX) for name in names)
 

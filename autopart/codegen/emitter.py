@@ -644,7 +644,7 @@ def _stage_file(
     body, imports = _forward_source(graph, where)
     classes, more = _subgraph_classes(stage, subgraphs, where)
     unit_classes: dict[str, str] = {}
-    for target, unit in units.items():
+    for i, (target, unit) in enumerate(units.items()):
         unit_where = f"{where}, layer {target!r}"
         unit_graph = _portable_graph(unit, unit_where)
         inner = _subgraphs(unit, unit_graph, unit_where)
@@ -652,7 +652,7 @@ def _stage_file(
         inner_classes, inner_imports = _subgraph_classes(unit, inner, unit_where)
         classes += inner_classes
         more += [*unit_imports, *inner_imports]
-        unit_classes[target] = _unit_class_name(target)
+        unit_classes[target] = _unit_class_name(i, target)
         classes += _unit_class(unit_classes[target], target, inner, unit_body)
     imports = list(dict.fromkeys([*imports, *more]))
     under = tuple(f"{m}." for m in (*modules, *subgraphs))
@@ -814,8 +814,8 @@ def _unit_class(
     return [*lines, "", body, "", ""]
 
 
-def _unit_class_name(target: str) -> str:
-    return "Layer_" + re.sub(r"\W", "_", target)
+def _unit_class_name(index: int, target: str) -> str:
+    return f"Layer{index}_" + re.sub(r"\W", "_", target)
 
 
 def _subgraph_class_name(target: str) -> str:

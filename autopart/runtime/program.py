@@ -553,9 +553,10 @@ class ParallelProgram:
             for s, i in zip(stages, self._local)
         ]
         if self._sharded:
-            # FSDP2, one unit per stage gathered for the step (torch's pipelining keeps it whole
-            # from the first backward to the reduction: decisions.md, "Sharded data
-            # parallelism"); mixed precision is its MixedPrecisionPolicy
+            # FSDP2, a unit per layer (split_layer_units in _stages) and the stage, gathered for
+            # the step (torch's pipelining keeps them whole from the first backward to the
+            # reduction: decisions.md, "Sharded data parallelism"); mixed precision is its
+            # MixedPrecisionPolicy
             mixed = self._precision.is_mixed
             submods = [fully_shard_stage(s, mesh, mixed) for s in submods]
         elif self._dp_group is not None:

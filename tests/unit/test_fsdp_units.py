@@ -158,3 +158,48 @@ def test_layer_units_of_the_zoo_compute_what_the_stage_computed(name: str, recom
     loaded = load_model(name, batch=4, device="cpu", seed=0)
     gm, stages = _stages(loaded.model, tuple(loaded.example_inputs), 2, recompute)
     assert _check_units(gm, stages, 0) >= 2
+
+
+class _PreNorm(nn.Module):
+    """An fx trace keeps ``norm`` a leaf module call at the layer's edge."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.w = nn.Parameter(torch.randn(width, width) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.nn.functional.linear(self.norm(x), self.w)
+
+
+def test_a_layer_whose_module_the_stage_calls_stays_in_the_stage() -> None:
+    """A layer's module called as a leaf (an fx trace's ``call_module``) outside the layer's
+    nodes would read parameters its unit holds sharded: the layer is left out, and nothing the
+    stage calls lies inside a unit."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(_PreNorm(8) for _ in range(4))
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return self.head(x)
+
+    torch.manual_seed(0)
+    x = (torch.randn(4, 8),)
+    gm = annotate(trace(Model(), x, method="fx"))
+    assert any(n.op == "call_module" and ".norm" in str(n.target) for n in gm.graph.nodes)
+    request = PlanRequest(
+        mesh="pp=2", device="h100", schedule="gpipe", micro_batches=2, optimizer="sgd"
+    )
+    stages = split_stages(gm, plan_graph(gm, request, batch=4))
+    for stage in stages:
+        twin = copy.deepcopy(stage)
+        paths = split_layer_units(twin, model_layers(gm))
+        called = [str(n.target) for n in twin.graph.nodes if n.op == "call_module"]
+        assert not [c for c in called for p in paths if c.startswith(f"{p}.")]
+        for a, b in zip(_run(stage, 0), _run(twin, 0), strict=True):
+            assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
