@@ -30,6 +30,7 @@ __all__ = [
     "all_to_all_time_s",
     "p2p_time_s",
     "reduce_scatter_time_s",
+    "ring_latency_s",
 ]
 
 
@@ -69,6 +70,15 @@ def all_to_all_time_s(
     """Seconds of a pairwise all-to-all where every rank holds ``nbytes`` before and after
     (resharding a tensor from one dimension to another)."""
     return _ring_s(nbytes, world, device, inter_node)
+
+
+def ring_latency_s(world: int, device: DeviceSpec, *, inter_node: bool = False) -> float:
+    """The start-up part of a ring collective's seconds (its ``p - 1`` steps' latency), which
+    :func:`all_gather_time_s` and :func:`reduce_scatter_time_s` include whatever the size."""
+    _check(0, world)
+    if world == 1:
+        return 0.0
+    return (world - 1) * _alpha_beta(device, inter_node)[0]
 
 
 def _ring_s(nbytes: int, world: int, device: DeviceSpec, inter_node: bool) -> float:

@@ -21,6 +21,7 @@ from autopart.cost_models.comm import (
     all_reduce_time_s,
     p2p_time_s,
     reduce_scatter_time_s,
+    ring_latency_s,
 )
 from autopart.cost_models.compute import update_time_s
 from autopart.cost_models.devices import DeviceSpec, get_device
@@ -53,6 +54,7 @@ from autopart.planning.schedule_choice import (
     schedule_kinds,
     stage_counts,
 )
+from autopart.planning.schedule_types import ScheduleKind
 from autopart.planning.selective import layer_units, recompute_layers
 from autopart.precision import as_precision
 from autopart.solver import baselines
@@ -63,6 +65,7 @@ from autopart.solver.tp_ilp import TPPlan, solve_tp
 from autopart.units import format_bytes, format_bytes_up
 
 __all__ = [
+    "FSDP_MOST_STAGES_PER_RANK",
     "GPUS_PER_NODE",
     "MEMORY_ERRORS",
     "NoScheduleFitsError",
@@ -188,8 +191,12 @@ class PlanningSetup:
         )
 
     def stage_counts(self, kind: str) -> tuple[int, ...]:
-        """The stages per rank ``kind`` is planned at."""
-        return stage_counts(kind, self.request.stages_per_rank)
+        """The stages per rank ``kind`` is planned at: on an fsdp mesh at most
+        :data:`FSDP_MOST_STAGES_PER_RANK`."""
+        counts = stage_counts(kind, self.request.stages_per_rank)
+        if self.fsdp > 1:
+            counts = tuple(v for v in counts if v <= FSDP_MOST_STAGES_PER_RANK)
+        return counts
 
     @property
     def optimizer(self) -> str:
@@ -206,6 +213,13 @@ class TPCostsOf:
 
     plan: TPPlan
     costs: TPCosts
+
+
+FSDP_MOST_STAGES_PER_RANK = 3
+"""The most stages per rank planned on an fsdp mesh. torch's multi-stage schedules keep at most
+three stages of a rank gathered (``_add_unshard_reshard``'s ``max_active_stages``) and gather
+the others again whenever the order comes back to them (interleaved 1F1B with four stages per
+rank: nine all-gathers a step instead of four), which the model does not count."""
 
 
 def planning_setup(
@@ -229,6 +243,14 @@ def planning_setup(
     state = state_bytes_per_param_byte(
         opt, mixed_precision=as_precision(request.precision).is_mixed
     )
+    if fsdp > 1 and (request.stages_per_rank or 0) > FSDP_MOST_STAGES_PER_RANK:
+        raise AutopartError(
+            f"stages_per_rank={request.stages_per_rank} on a mesh with fsdp={fsdp}: torch's "
+            f"pipeline schedules keep at most {FSDP_MOST_STAGES_PER_RANK} stages of a rank "
+            "gathered under FSDP and gather the others again at every switch; ask for at most "
+            f"{FSDP_MOST_STAGES_PER_RANK} stages per rank (--stages-per-rank), or replicate over "
+            "dp instead of sharding over fsdp."
+        )
     setup = PlanningSetup(request, spec, limit, state, kinds)
     return setup.with_fsdp(fsdp)
 
@@ -389,19 +411,26 @@ def hidden_gathers_s(
     fsdp: int,
     pp: int,
     tp: int,
+    kind: str,
 ) -> list[float]:
     """Per stage, the seconds of its first forward's all-gathers that run behind computation.
-    Each layer is its own FSDP2 unit (``passes/fsdp_units.py``), gathered when the stage reaches
-    it, on FSDP2's own stream: on a GPU the gather of a layer runs while the computation queued
-    before it (the previous layer's forward, of one micro-batch: ``scaled``) still runs, one
-    gather at a time. What the stage holds outside its layers is gathered first, with nothing to
-    hide behind; so is its first layer, unless blocks outside layers compute before it. The
-    reduce-scatters run after the step's last backward (torch's pipelining reduces there), with
-    nothing to hide behind either. A CPU host (gloo, no streams) hides nothing."""
+    Each layer is its own FSDP2 unit (``passes/fsdp_units.py``). Under GPipe and 1F1B (torch's
+    single-stage schedules) a unit is gathered when the stage reaches it, on FSDP2's own stream:
+    on a GPU the gather of a layer runs while the computation queued before it (the previous
+    layer's forward, of one micro-batch: ``scaled``) still runs, one gather at a time, and at
+    most its transfer hides (each gather still pays its start-up latency). What the stage holds
+    outside its layers is gathered first, with nothing to hide behind; so is its first layer,
+    unless blocks outside layers compute before it. The multi-stage schedules (torch's
+    ``_PipelineScheduleRuntime``) gather every unit of a stage at once before its first action
+    (``UNSHARD``), counted here as hiding nothing. The reduce-scatters run after the step's last
+    backward (torch's pipelining reduces there), with nothing to hide behind either. A CPU host
+    (gloo, no streams) hides nothing."""
     hidden = [0.0] * num_stages
-    if fsdp <= 1 or spec.shared_cores is not None:
+    single = ScheduleKind(kind) in ONE_STAGE_KINDS
+    if fsdp <= 1 or spec.shared_cores is not None or not single:
         return hidden
     across = fsdp * pp * tp > GPUS_PER_NODE
+    latency = ring_latency_s(fsdp, spec, inter_node=across)
     for s in range(num_stages):
         units: list[tuple[str | None, int, float]] = []  # (layer, param bytes, forward seconds)
         for b, st in zip(scaled.blocks, stage_of):
@@ -415,8 +444,8 @@ def hidden_gathers_s(
         queued = 0.0  # forward computation queued since the last gather
         for layer, nbytes, fwd in units:
             if layer is not None:
-                gather = all_gather_time_s(nbytes, fsdp, spec, inter_node=across)
-                hidden[s] += min(gather, queued)
+                transfer = all_gather_time_s(nbytes, fsdp, spec, inter_node=across) - latency
+                hidden[s] += min(transfer, queued)
                 queued = 0.0
             queued += fwd
     return hidden
@@ -467,9 +496,11 @@ def plan_mesh(
             param_bytes_per_device, micro_batches, dp=dp, pp=p, tp=degree, hidden_s=hidden_s
         )
 
-    def hidden_s(scaled: BlockGraph, stage_of: Sequence[int], num_stages: int) -> list[float]:
+    def hidden_s(
+        scaled: BlockGraph, stage_of: Sequence[int], num_stages: int, kind: str
+    ) -> list[float]:
         return hidden_gathers_s(
-            scaled, stage_of, num_stages, spec, fsdp=setup.fsdp, pp=p, tp=degree
+            scaled, stage_of, num_stages, spec, fsdp=setup.fsdp, pp=p, tp=degree, kind=kind
         )
 
     pipe = _Pipeline(setup, spec, p, tail_s, hidden_s)
@@ -908,27 +939,32 @@ def _best_first(estimates: Sequence[_Candidate], pipe: _Pipeline) -> tuple[bool,
 
 def _tail_of(c: _Candidate, pipe: _Pipeline) -> float:
     """The dp gradient sync and the optimizer step after ``c``'s pipeline drains."""
-    return _tail(c.bg, c.stage_of, c.ranks, c.micro_batches, pipe)
+    return _tail(c.bg, c.stage_of, c.ranks, c.micro_batches, c.schedule, pipe)
 
 
 def _tail(
-    bg: BlockGraph, stage_of: Sequence[int], ranks: Sequence[int], m: int, pipe: _Pipeline
+    bg: BlockGraph,
+    stage_of: Sequence[int],
+    ranks: Sequence[int],
+    m: int,
+    kind: str,
+    pipe: _Pipeline,
 ) -> float:
     """The dp gradient sync and the optimizer step after the pipeline of ``bg`` split as
-    ``stage_of`` over ``ranks`` at ``m`` micro-batches drains."""
+    ``stage_of`` over ``ranks`` at ``m`` micro-batches of schedule ``kind`` drains."""
     params = bg.stage_param_bytes(stage_of, len(ranks))
-    hidden = _hidden(bg, stage_of, len(ranks), m, pipe)
+    hidden = _hidden(bg, stage_of, len(ranks), m, kind, pipe)
     return pipe.tail_s(per_device(params, ranks), m, per_device(hidden, ranks))
 
 
 def _hidden(
-    bg: BlockGraph, stage_of: Sequence[int], num_stages: int, m: int, pipe: _Pipeline
+    bg: BlockGraph, stage_of: Sequence[int], num_stages: int, m: int, kind: str, pipe: _Pipeline
 ) -> list[float]:
     """Per stage, the all-gathers its layers hide (:func:`hidden_gathers_s`; none without fsdp,
     where the block graph need not be scaled)."""
     if pipe.setup.fsdp <= 1:
         return [0.0] * num_stages
-    return pipe.hidden_s(per_micro_batch(bg, m), stage_of, num_stages)
+    return pipe.hidden_s(per_micro_batch(bg, m), stage_of, num_stages, kind)
 
 
 def most_stages(og: OpGraph) -> int:
@@ -1013,7 +1049,7 @@ class _Pipeline:
     """Time added to a step after the pipeline drains (the dp gradient sync and the optimizer
     step, :func:`step_tail_s`), from the parameter bytes of each device, the micro-batch count
     and the gathers each device hides."""
-    hidden_s: Callable[[BlockGraph, Sequence[int], int], list[float]]
+    hidden_s: Callable[[BlockGraph, Sequence[int], int, str], list[float]]
     """:func:`hidden_gathers_s` on this pipeline: per stage, from a block graph at one
     micro-batch, a split and its stage count."""
 
@@ -1031,7 +1067,7 @@ def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float)
     param_bytes = bg.stage_param_bytes(best.stage_of, num_stages)
     split = split_backward_factor(best.schedule, spec)
     memory = stage_memory(scaled, best.stage_of, num_stages, m)
-    hidden = _hidden(bg, best.stage_of, num_stages, m, pipe)
+    hidden = _hidden(bg, best.stage_of, num_stages, m, best.schedule, pipe)
     stages = []
     for s in range(num_stages):
         blocks = [b for b, st in zip(scaled.blocks, best.stage_of) if st == s]
@@ -1114,7 +1150,7 @@ def _baselines(scaled: BlockGraph, best: _Candidate, pipe: _Pipeline) -> dict[st
         stage_of = fn(scaled, num_stages)
         tl = simulate_blocks(bg, stage_of, p, v, spec, best.schedule, m, pipe.setup.state_per_byte)
         t = stage_times_s(scaled, stage_of, num_stages, spec, ranks=ranks)
-        tail = _tail(bg, stage_of, ranks, m, pipe)
+        tail = _tail(bg, stage_of, ranks, m, best.schedule, pipe)
         base[label] = BaselineResult(max(per_device(t, ranks)), tl.step_time_s + tail)
     return base
 

@@ -681,7 +681,7 @@ def _estimate(c: _Mesh, coarse: BlockGraph, setup: PlanningSetup, most: int) -> 
     bg = coarse.scaled(1.0 / c.replicas) if c.replicas > 1 else coarse
     if setup.request.recompute in FORCED_RECOMPUTE:
         bg = recompute_layers(bg, setup.request.recompute)
-    layouts = schedule_layouts(c.options, setup, c.pp, most)
+    layouts = schedule_layouts(c.options, setup.with_fsdp(c.fsdp), c.pp, most)
     # One stage per rank where the request allows it: the estimate ranks meshes, and the full plan
     # of the best compares every stage count (a chain DP into 2p stages of a 405B model costs
     # seconds per mesh).

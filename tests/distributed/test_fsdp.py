@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from autopart.cost_models.comm import all_gather_time_s, all_reduce_time_s
+from autopart.cost_models.comm import all_gather_time_s, all_reduce_time_s, ring_latency_s
 from autopart.cost_models.devices import get_device
 from autopart.cost_models.memory import Optimizer, state_bytes_per_param_byte
 from autopart.errors import AutopartError
@@ -255,30 +255,64 @@ def _layered_blocks(layers: int, forward_s: float, layer_bytes: int, root_bytes:
 
 
 def test_fsdp_gathers_each_layer_behind_the_one_before_on_a_gpu() -> None:
-    """Per-layer FSDP units: on a GPU a layer's all-gather runs while the layer before computes
-    (one gather at a time); what it cannot hide, and the gather of the first layer (nothing but
-    the embedding before it) stay in the step. The reduce-scatters hide nothing (torch's
-    pipelining reduces after the last backward), nor does a CPU host (gloo has no streams)."""
+    """Per-layer FSDP units under GPipe and 1F1B: on a GPU a layer's all-gather runs while the
+    layer before computes (one gather at a time), at most its transfer (each gather still pays
+    its start-up latency); what it cannot hide, and the gather of the first layer (nothing but
+    the embedding before it) stay in the step. The multi-stage schedules gather a stage's units
+    at once before its first action (torch's UNSHARD), the reduce-scatters come after the last
+    backward, and a CPU host (gloo) has no streams: none of these hides anything."""
     from autopart.planning.mesh_plan import hidden_gathers_s
 
     spec, layer_bytes = get_device("h100"), 64 << 20
-    gather = all_gather_time_s(layer_bytes, 8, spec)
-    slow = _layered_blocks(4, 10 * gather, layer_bytes, 1 << 20)
-    (hidden,) = hidden_gathers_s(slow, [0] * len(slow.blocks), 1, spec, fsdp=8, pp=1, tp=1)
+    transfer = all_gather_time_s(layer_bytes, 8, spec) - ring_latency_s(8, spec)
+    slow = _layered_blocks(4, 10 * transfer, layer_bytes, 1 << 20)
+    one = [0] * len(slow.blocks)
+    (hidden,) = hidden_gathers_s(slow, one, 1, spec, fsdp=8, pp=1, tp=1, kind="1f1b")
     # the first layer hides behind the embedding only (1 us), the others wholly
-    assert hidden == pytest.approx(3 * gather + 1e-6)
-    fast = _layered_blocks(4, gather / 4, layer_bytes, 1 << 20)
-    (hidden,) = hidden_gathers_s(fast, [0] * len(fast.blocks), 1, spec, fsdp=8, pp=1, tp=1)
-    assert hidden == pytest.approx(3 * gather / 4 + 1e-6)  # behind each layer's whole forward
+    assert hidden == pytest.approx(3 * transfer + 1e-6)
+    fast = _layered_blocks(4, transfer / 4, layer_bytes, 1 << 20)
+    (hidden,) = hidden_gathers_s(fast, one, 1, spec, fsdp=8, pp=1, tp=1, kind="gpipe")
+    assert hidden == pytest.approx(3 * transfer / 4 + 1e-6)  # behind each layer's whole forward
     # two stages, 16 GPUs (the gathers cross nodes): each stage gathers its first layer before
     # anything computes but the embedding, on the first
     split = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
-    across = all_gather_time_s(layer_bytes, 8, spec, inter_node=True)
-    assert hidden_gathers_s(slow, split, 2, spec, fsdp=8, pp=2, tp=1) == pytest.approx(
-        [across + 1e-6, across]
+    across = all_gather_time_s(layer_bytes, 8, spec, inter_node=True) - ring_latency_s(
+        8, spec, inter_node=True
     )
-    assert hidden_gathers_s(slow, split, 2, spec, fsdp=1, pp=2, tp=1) == [0.0, 0.0]
-    assert hidden_gathers_s(slow, split, 2, get_device("cpu"), fsdp=8, pp=2, tp=1) == [0.0, 0.0]
+    got = hidden_gathers_s(slow, split, 2, spec, fsdp=8, pp=2, tp=1, kind="1f1b")
+    assert got == pytest.approx([across + 1e-6, across])
+    for kind in ("interleaved", "zbv", "dualpipev", "interleaved-zb"):
+        assert hidden_gathers_s(slow, split, 2, spec, fsdp=8, pp=2, tp=1, kind=kind) == [0.0, 0.0]
+    assert hidden_gathers_s(slow, split, 2, spec, fsdp=1, pp=2, tp=1, kind="1f1b") == [0.0, 0.0]
+    cpu = get_device("cpu")
+    assert hidden_gathers_s(slow, split, 2, cpu, fsdp=8, pp=2, tp=1, kind="1f1b") == [0.0, 0.0]
+
+
+def test_many_small_layers_never_hide_more_than_the_step_gathers() -> None:
+    """24 small layers: each gather's start-up latency is paid, so what hides stays below the
+    stage's gather that the step charges, and the plan's own timeline simulates."""
+    from autopart.planning.mesh_plan import simulate_plan
+    from autopart.planning.planner import plan
+
+    class Small(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList(
+                torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.LayerNorm(256))
+                for _ in range(24)
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    model = Small()
+    sharded = plan(model, (torch.randn(32768, 256),), mesh="fsdp=8", device="h100")
+    nbytes = sum(p.numel() * 4 for p in model.parameters())
+    hidden = sum(s.hidden_gather_s for s in sharded.stages)
+    assert 0 < hidden < all_gather_time_s(nbytes, 8, get_device("h100"))
+    assert simulate_plan(sharded).step_time_s == pytest.approx(sharded.step_time_s)
 
 
 def test_a_gpu_plan_with_fsdp_takes_the_hidden_gathers_off_its_step() -> None:
@@ -306,3 +340,35 @@ def test_a_gpu_plan_with_fsdp_takes_the_hidden_gathers_off_its_step() -> None:
     assert back.stages[0].hidden_gather_s == pytest.approx(hidden)
     on_cpu = plan(model, x, mesh="fsdp=8", device="cpu", micro_batches=1)
     assert all(s.hidden_gather_s == 0 for s in on_cpu.stages)
+
+
+def test_fsdp_plans_at_most_three_stages_per_rank() -> None:
+    """torch's multi-stage schedules keep three stages of a rank gathered under FSDP and gather
+    the others again at every switch (``_add_unshard_reshard``): nine all-gathers a step for
+    four stages per rank, in the order below; so fsdp meshes are planned at three at most, and
+    asking for more is a clear error."""
+    from collections import Counter
+
+    from torch.distributed.pipelining.schedules import (
+        _Action,
+        _add_unshard_reshard,
+        _ComputationType,
+    )
+
+    from autopart.planning.mesh_plan import FSDP_MOST_STAGES_PER_RANK
+    from autopart.planning.schedule import build_schedule
+
+    def gathers(v: int) -> Counter[int]:
+        order = build_schedule("interleaved", 4, 8, v)[0]  # rank 0's actions
+        kinds = {"F": _ComputationType.FORWARD, "B": _ComputationType.FULL_BACKWARD}
+        actions = [_Action(a.stage, kinds[a.kind.value], a.micro_batch) for a in order]
+        fsdp_aware = _add_unshard_reshard(actions, FSDP_MOST_STAGES_PER_RANK)
+        return Counter(a.stage_index for a in fsdp_aware if a.computation_type.name == "UNSHARD")
+
+    assert sum(gathers(3).values()) == 3  # each stage gathered once a step
+    assert sum(gathers(4).values()) > 4  # gathered again
+    setup = planning_setup(PlanRequest(mesh="fsdp=8,pp=2"), pp=2, dp=1, fsdp=8)
+    assert setup.stage_counts("interleaved") == (2, 3)
+    assert setup.with_fsdp(1).stage_counts("interleaved")[-1] > 3
+    with pytest.raises(AutopartError, match="at most 3 stages per rank"):
+        planning_setup(PlanRequest(mesh="fsdp=2,pp=2", stages_per_rank=4), pp=2, dp=1, fsdp=2)
