@@ -1343,7 +1343,8 @@ def stage_memory(
       has already freed of the micro-batch's kept values: by the time a block's backward runs,
       the blocks after it on the stage have run theirs and freed what they alone save (a value
       several blocks save is charged to its first saver, so never counted as freed early, nor
-      is a received value, which is the stage's receive buffer); on
+      is a received value, which is the stage's receive buffer, nor what a recomputed block
+      keeps, its inputs, which other blocks may keep too); on
       the last stage at least the loss's backward (the gradients of its log-probabilities and
       of the outputs), which runs before any;
     - buffers: the receive buffers the pipeline allocates per micro-batch, for the activations
@@ -1360,6 +1361,8 @@ def stage_memory(
     freed = [0] * num_stages  # kept bytes the blocks after this one free in their backward
     for b, s in reversed(list(zip(scaled.blocks, stage_of))):
         working[s] = max(working[s], _working_bytes(b, micro_batches) - freed[s])
+        if b.recomputed:  # keeps its inputs, which other blocks may read and keep too
+            continue
         buffer = sum(received[s].get(v, 0) for v in b.saved_values)  # stays: a receive buffer
         freed[s] += max(0, b.activation_bytes - buffer)
     for b, s in zip(scaled.blocks, stage_of):

@@ -126,6 +126,8 @@ def test_a_backward_holds_its_working_set_beside_what_the_later_blocks_have_not_
     assert stage_memory(bg, [0, 1, 1, 1], 2, 1).working[1] == 40 * MIB
     # the last block's whole working set, nothing freed before it
     assert stage_memory(bg, [0, 0, 0, 1], 2, 1).working[1] == 22 * MIB
+    # n3 recomputed keeps its inputs, which other blocks may keep too: not counted as freed
+    assert stage_memory(bg.with_recompute([3]), [0, 0, 0, 0], 1, 1).working == [47 * MIB]
 
 
 def _working_of(b: Block) -> int:
