@@ -260,6 +260,18 @@ class OpGraph:
                 readers[node.name].append(last)
         return readers
 
+    def with_added_time(self, extra: Mapping[str, tuple[float, float]]) -> OpGraph:
+        """This graph with ``extra[name]`` (forward, backward seconds) added to those nodes' times,
+        per sample (the loss the runtime runs on the graph's outputs:
+        :mod:`autopart.planning.loss`)."""
+        nodes = dict(self.nodes)
+        for name, (forward_s, backward_s) in extra.items():
+            n = nodes[name]
+            nodes[name] = dataclasses.replace(
+                n, forward_s=n.forward_s + forward_s, backward_s=n.backward_s + backward_s
+            )
+        return OpGraph(nodes, self.param_bytes_by_name, self.value_bytes, self.device)
+
     def scaled(self, factor: float) -> OpGraph:
         """Per-sample costs times ``factor`` (e.g. ``1 / micro_batches``); parameters and the
         fixed part of each time unchanged (:func:`scaled_time_s`)."""

@@ -258,15 +258,21 @@ def planning_setup(
 def op_graph_of(
     gm: torch.fx.GraphModule, setup: PlanningSetup, say: Callable[[str], None]
 ) -> tuple[OpGraph, float | None]:
-    """The solver's graph of ``gm`` on the request's device: on the cost model, or with
-    ``profile`` on times measured on this machine (with the seconds that took, else ``None``)."""
+    """The solver's graph of ``gm`` on the request's device, the loss's time on its outputs
+    included (:mod:`autopart.planning.loss`): on the cost model, or with ``profile`` on times
+    measured on this machine (with the seconds that took, else ``None``)."""
+    from autopart.planning.loss import loss_times_s
+
     if not setup.request.profile:
-        return OpGraph.from_graph_module(gm, setup.spec), None
+        loss, _ = loss_times_s(gm, setup.spec)
+        return OpGraph.from_graph_module(gm, setup.spec).with_added_time(loss), None
     from autopart.cost_models.profiling import profiled_compute
 
     say(f"profiling the graph's ops for {setup.spec.name}")
     compute, profile_s = profiled_compute(gm, setup.spec)
-    return OpGraph.from_graph_module(gm, setup.spec, compute=compute), profile_s
+    loss, loss_s = loss_times_s(gm, setup.spec, profile=True)
+    og = OpGraph.from_graph_module(gm, setup.spec, compute=compute).with_added_time(loss)
+    return og, profile_s + loss_s
 
 
 def micro_batch_options(

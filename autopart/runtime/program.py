@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -528,19 +529,25 @@ class ParallelProgram:
         self._last_local = any(i.is_last for i in self._local)
         last = self._infos[plan.num_stages - 1]
         self._without_target = False  # this step's loss is loss_fn(output), without a target
+        self._loss_sink: list[float] | None = None  # time_loss's
 
         def wrapped_loss(output: Any, target: Any) -> torch.Tensor:
             if self._loss_fn is None:
                 raise RuntimeSetupError(
                     "program.step needs a loss: pass loss_fn=... to autopart.compile."
                 )
+            start = time.perf_counter()
             out = output if isinstance(output, (tuple, list)) else (output,)
             if self._precision.is_mixed:  # the loss in float32, as the masters
                 out = cast_floating(tuple(out), torch.float32)
             model_output = rebuild_output(last, out)
             if self._without_target:
-                return self._loss_fn(model_output)
-            return self._loss_fn(model_output, target)
+                loss = self._loss_fn(model_output)
+            else:
+                loss = self._loss_fn(model_output, target)
+            if self._loss_sink is not None:
+                self._loss_sink.append(time.perf_counter() - start)
+            return loss
 
         # Static metadata: each stage's micro-batch inputs and outputs (shapes, dtypes, which
         # need gradients) from the traced graph. Without it torch infers them by running each
@@ -694,6 +701,12 @@ class ParallelProgram:
             LocalStage(info.index, module, stage)
             for info, module, stage in zip(self._local, self._stages, self._pipeline_stages)
         )
+
+    def time_loss(self, sink: list[float]) -> None:
+        """Append the seconds of every loss this rank computes (one per micro-batch, on the last
+        stage's rank; its backward runs within the stage's backward) to ``sink``, for timing as
+        :attr:`local_stages` allows."""
+        self._loss_sink = sink
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """This rank's parameters, one per name (a parameter several of its stages read is one

@@ -55,6 +55,10 @@ class StepClock:
     backward_s: dict[int, list[float]] = field(default_factory=dict)
     weight_s: dict[int, list[float]] = field(default_factory=dict)
     """Weight-gradient chunks (zero-bubble schedules run them apart from the backward)."""
+    loss_s: list[float] = field(default_factory=list)
+    """The loss's forward per micro-batch, on the last stage's rank: counted in that stage's
+    forward, as the plan counts it (:mod:`autopart.planning.loss`)."""
+    last_stage: int = -1
     busy: list[float] = field(default_factory=list)
     """This rank's forward + backward time in the current step."""
     events: list[tuple[int, str, float, float]] = field(default_factory=list)
@@ -73,6 +77,9 @@ class StepClock:
             clock.backward_s.setdefault(stage.index, [])
             clock.weight_s.setdefault(stage.index, [])
             _time_chunks(stage.pipeline_stage, stage.index, clock)
+        clock.last_stage = program.plan.num_stages - 1
+        if any(stage.index == clock.last_stage for stage in program.local_stages):
+            program.time_loss(clock.loss_s)
         return clock
 
     def start_step(self) -> None:
@@ -86,8 +93,12 @@ class StepClock:
 
     def summary(self) -> RankSummary:
         """Medians over the steps after the first where there are several (module docstring)."""
+        loss = statistics.median(self.loss_s) if self.loss_s else 0.0
         return RankSummary(
-            {i: statistics.median(v) if v else 0.0 for i, v in self.forward_s.items()},
+            {
+                i: (statistics.median(v) if v else 0.0) + (loss if i == self.last_stage else 0.0)
+                for i, v in self.forward_s.items()
+            },
             {i: _backward_s(v, self.weight_s[i]) for i, v in self.backward_s.items()},
             statistics.median(after_first(self.idle)),
             self.peak_memory_bytes,
