@@ -188,18 +188,20 @@ def profiled_compute(
     cache: ProfileCache | None = None,
     max_bytes: int = 1 << 30,
     progress: Callable[[int, int], None] | None = None,
+    whole_run: bool = True,
 ) -> tuple[ComputeModel, float]:
     """The compute model of an annotated ``gm`` on measured times: every computing node measured
-    on :func:`profiling_device` (each op signature once, cached), ``spec`` calibrated to the
-    measurements for the nodes that are not (too large, or not runnable alone) and for each node's
-    fixed part; with the seconds profiling took."""
+    on :func:`profiling_device` (each op signature once, cached), scaled to the whole graph's
+    measured run (:func:`in_situ`; not without ``whole_run``, for a graph of one op), ``spec``
+    calibrated to the measurements for the nodes that are not (too large, or not runnable alone)
+    and for each node's fixed part; with the seconds profiling took."""
     from autopart.passes.annotate import node_cost
 
     start = time.perf_counter()
     dev = profiling_device(spec)
     measured = profile_graph(gm, device=dev, cache=cache, max_bytes=max_bytes, progress=progress)
     costs = {n.name: node_cost(n) for n in gm.graph.nodes if n.op in _COMPUTE_OPS}
-    whole = graph_run_s(gm, dev, max_bytes=max_bytes)
+    whole = graph_run_s(gm, dev, max_bytes=max_bytes) if whole_run else None
     if whole is not None:
         measured = in_situ(measured, whole, _compute_model(spec, costs, measured), costs)
     return _compute_model(spec, costs, measured), time.perf_counter() - start

@@ -25,6 +25,7 @@ from autopart.cost_models.profiling import (
 )
 from autopart.errors import AutopartError
 from autopart.passes.annotate import annotate, node_cost
+from autopart.planning.loss import loss_times_s
 from autopart.planning.planner import plan_graph
 from autopart.planning.plans import Plan
 
@@ -81,11 +82,14 @@ def test_profile_reaches_the_planner(tmp_path: Path, monkeypatch: pytest.MonkeyP
     modelled = plan_graph(gm, batch=8, **options)
     profiled = plan_graph(gm, batch=8, profile=True, **options)
     assert modelled.profile_s is None and profiled.profile_s is not None
-    # One micro-batch of the traced batch: the stages' times are the cached ones, summed.
+    # One micro-batch of the traced batch: the stages' times are the cached ones, summed, and the
+    # loss's on the outputs (measured and cached too: planning/loss.py)
+    ((loss_forward, loss_backward),) = loss_times_s(gm, get_device("cpu"), profile=True)[0].values()
     forward = sum(st.forward_s for st in profiled.stages)
-    assert forward == pytest.approx(sum(m.forward_s for m in times.values()))
+    assert forward == pytest.approx(sum(m.forward_s for m in times.values()) + loss_forward)
     backward = sum(st.backward_s for st in profiled.stages)
-    assert backward == pytest.approx(sum(m.backward_s for m in times.values() if m.backward_s))
+    cached = sum(m.backward_s for m in times.values() if m.backward_s)
+    assert backward == pytest.approx(cached + loss_backward)
     # The slow head gets a stage to itself; on the cost model it is a layer like the others.
     assert profiled.stage_of != modelled.stage_of
     head = _head(gm).name
@@ -106,8 +110,10 @@ def test_op_times_are_scaled_to_the_whole_graph_run(
     _graph_run[0] = GraphRun(2 * forward, backward / 2)  # what op-by-op timing missed, or added
     options = {"mesh": "pp=2", "device": "cpu", "micro_batches": 1, "schedule": "gpipe"}
     plan = plan_graph(gm, batch=8, profile=True, **options)
-    assert sum(st.forward_s for st in plan.stages) == pytest.approx(2 * forward)
-    assert sum(st.backward_s for st in plan.stages) == pytest.approx(backward / 2)
+    # the loss, one op, is measured on its own (planning/loss.py), not scaled to a whole run
+    ((loss_forward, loss_backward),) = loss_times_s(gm, get_device("cpu"), profile=True)[0].values()
+    assert sum(st.forward_s for st in plan.stages) == pytest.approx(2 * forward + loss_forward)
+    assert sum(st.backward_s for st in plan.stages) == pytest.approx(backward / 2 + loss_backward)
 
 
 def test_fixed_part_of_a_measured_node_is_paid_per_micro_batch(
