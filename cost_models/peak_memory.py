@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PeakMemory", "held_bytes", "measure_peak"]
+__all__ = ["PeakMemory", "held_bytes", "measure_peak", "quiet_stderr"]
 
 
 @dataclass(slots=True)
@@ -72,18 +72,18 @@ def measure_peak(device: torch.device, held: Iterable[torch.Tensor] = ()) -> Ite
     # lower its running total (seen once in the unit tier under xdist)
     gc.collect()
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _quiet_stderr():  # kineto prints "USDT: ... profiler_start" / "_stop" lines there
+    with quiet_stderr():  # kineto prints "USDT: ... profiler_start" / "_stop" lines there
         prof.start()
     try:
         yield result
     finally:
-        with _quiet_stderr():
+        with quiet_stderr():
             prof.stop()
     result.peak_bytes = result.start_bytes + _highest_running_total(prof)
 
 
 @contextmanager
-def _quiet_stderr() -> Iterator[None]:
+def quiet_stderr() -> Iterator[None]:
     """File descriptor 2 sent to the null device while the block runs (what C++ code writes
     there, which Python's own redirection does not catch)."""
     sys.stderr.flush()

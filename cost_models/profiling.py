@@ -387,10 +387,12 @@ def _backward_working_bytes(
     dev: torch.device,
 ) -> int:
     """:attr:`Measurement.backward_working_bytes` of one ``backward`` on a fresh ``graph()``."""
-    from autopart.cost_models.peak_memory import measure_peak
+    from autopart.cost_models.peak_memory import measure_peak, quiet_stderr
 
     outs = graph()
-    with measure_peak(dev) as peak:
+    # torch's CPU allocator warns when the backward frees what it allocated before the profiler
+    # started (the saved tensors): expected here, and not the user's to read
+    with quiet_stderr(), measure_peak(dev) as peak:
         backward(outs)
     allocated = peak.peak_bytes - peak.start_bytes
     new_weight_grads = sum(w.numel() * w.element_size() for w in weights)
