@@ -109,6 +109,11 @@ class OpNode:
     measured_working_bytes: int | None = None
     """What its backward holds at once, as profiling measured it (``None``: modelled,
     :meth:`OpGraph.backward_working_bytes`)."""
+    loss_forward_s: float = 0.0
+    """The part of ``forward_s`` that is the loss on its output (:mod:`autopart.planning.loss`),
+    which a tensor-parallel share of the node keeps whole (the loss runs on whole outputs)."""
+    loss_backward_s: float = 0.0
+    """The same for ``backward_s``."""
 
     def __post_init__(self) -> None:
         for name in ("forward_s", "backward_s", "flops", "output_bytes", "backward_flops"):
@@ -268,7 +273,11 @@ class OpGraph:
         for name, (forward_s, backward_s) in extra.items():
             n = nodes[name]
             nodes[name] = dataclasses.replace(
-                n, forward_s=n.forward_s + forward_s, backward_s=n.backward_s + backward_s
+                n,
+                forward_s=n.forward_s + forward_s,
+                backward_s=n.backward_s + backward_s,
+                loss_forward_s=n.loss_forward_s + forward_s,
+                loss_backward_s=n.loss_backward_s + backward_s,
             )
         return OpGraph(nodes, self.param_bytes_by_name, self.value_bytes, self.device)
 
@@ -395,6 +404,8 @@ def _scale_node(n: OpNode, factor: float) -> OpNode:
         measured_working_bytes=None
         if n.measured_working_bytes is None
         else round(n.measured_working_bytes * factor),
+        loss_forward_s=n.loss_forward_s * factor,
+        loss_backward_s=n.loss_backward_s * factor,
     )
 
 

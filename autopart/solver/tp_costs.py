@@ -116,10 +116,15 @@ def tp_costs(
             cost = nodes[name].meta.get("autopart")
             if isinstance(cost, NodeCost):
                 part = _share(cost, d)
-                forward_s = _time(compute, name, part, n.forward_s, d, backward=False)
-                backward_s = _time(compute, name, part, n.backward_s, d, backward=True)
+                own_forward_s = n.forward_s - n.loss_forward_s
+                own_backward_s = n.backward_s - n.loss_backward_s
+                forward_s = _time(compute, name, part, own_forward_s, d, backward=False)
+                backward_s = _time(compute, name, part, own_backward_s, d, backward=True)
             else:
-                forward_s, backward_s = forward_s / d, backward_s / d
+                forward_s = (forward_s - n.loss_forward_s) / d
+                backward_s = (backward_s - n.loss_backward_s) / d
+            # the loss runs on the whole outputs on every TP rank
+            forward_s, backward_s = forward_s + n.loss_forward_s, backward_s + n.loss_backward_s
             flops, backward_flops, private = flops // d, backward_flops // d, private // d
         # The weight gradient keeps its share of the compute; backward collectives (Megatron's f)
         # carry input gradients.

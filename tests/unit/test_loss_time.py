@@ -20,11 +20,11 @@ from autopart.planning.request import PlanRequest
 class _Head(torch.nn.Module):
     """A small trunk and a wide head: the logits are (4, 32, 4096)."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 64, vocab: int = 4096) -> None:
         super().__init__()
-        self.embed = torch.nn.Embedding(4096, 64)
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(2))
-        self.head = torch.nn.Linear(64, 4096)
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(2))
+        self.head = torch.nn.Linear(width, vocab)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.embed(ids)
@@ -111,3 +111,27 @@ def test_the_run_report_counts_the_loss_in_the_last_stages_forward() -> None:
     summary = clock.summary()
     assert summary.forward_s[1] == pytest.approx(clock.forward_s[1][0] + 0.5)
     assert summary.forward_s[0] == pytest.approx(clock.forward_s[0][0])
+
+
+def test_a_tensor_parallel_share_keeps_the_loss_whole() -> None:
+    """TP shares a node's own time over the ranks; the loss on its output runs on the whole
+    outputs on every rank, so it stays whole, on the cost model as when measured."""
+    from autopart.solver.tp_costs import tp_costs
+    from autopart.solver.tp_ilp import solve_tp
+
+    with torch.device("meta"):  # planned on meta tensors: a head the TP ILP splits
+        model = _Head(width=2048, vocab=32768)
+    gm = annotate(trace(model, (torch.zeros(8, 1024, dtype=torch.long, device="meta"),)))
+    spec = get_device("h100")
+    times, _ = loss_times_s(gm, spec)
+    ((name, (loss_forward, loss_backward)),) = times.items()
+    plain = OpGraph.from_graph_module(gm, spec)
+    tp = solve_tp(gm, 2)
+    assert name in tp_costs(plain, gm, tp).sharded  # the head splits by its vocabulary
+    without = tp_costs(plain, gm, tp).op_graph.nodes[name]
+    with_loss = tp_costs(plain.with_added_time(times), gm, tp).op_graph.nodes[name]
+    assert with_loss.forward_s == pytest.approx(without.forward_s + loss_forward)
+    assert with_loss.backward_s == pytest.approx(without.backward_s + loss_backward)
+    # per sample: scaled with the micro-batch like the rest
+    half = plain.with_added_time(times).scaled(0.5).nodes[name]
+    assert half.loss_forward_s == pytest.approx(loss_forward / 2)
