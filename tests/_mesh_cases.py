@@ -4,10 +4,11 @@ cases), and a reference trains the unpartitioned model on the same micro-batches
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -184,6 +185,19 @@ class Reference:
     """The model's state dict after the steps (replica 0's buffers)."""
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Compute on one thread, as each rank does (``run_cases``): a kernel's reduction order can
+    follow the thread count, and Adam's normalisation magnifies a last-bit difference on a
+    near-zero gradient (an MLP bias under Adam moved 8e-5 relative on a 2-core AVX-512 host)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def reference(
     setup: Setup,
     optimizer: Callable[[Any, str], torch.optim.Optimizer],
@@ -207,6 +221,20 @@ def reference(
     buffers. With ``infer`` every replica then runs its micro-batches once more without gradients,
     as ``program(x)`` does (in train mode, that too updates running statistics). ``state`` is the
     model's state dict with replica 0's buffers, as ``full_state_dict()`` takes dp rank 0's."""
+    with one_thread():
+        return _reference(setup, optimizer, name, opt, micro_batches, steps, replicas, infer)
+
+
+def _reference(
+    setup: Setup,
+    optimizer: Callable[[Any, str], torch.optim.Optimizer],
+    name: str,
+    opt: str,
+    micro_batches: int,
+    steps: int,
+    replicas: int,
+    infer: bool,
+) -> Reference:
     model, x, kw, target, loss_fn = setup(name)
     model = copy.deepcopy(model)
     optim = optimizer(model.parameters(), opt)

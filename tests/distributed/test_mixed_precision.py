@@ -26,7 +26,7 @@ import torch
 from autopart.models.model_spec import load_model, parse_config_overrides
 from autopart.planning.plans import parse_mesh, replicas
 from autopart.runtime.launch import training_batch
-from tests._mesh_cases import Case, chunk, results
+from tests._mesh_cases import Case, chunk, one_thread, results
 from tests.distributed.test_runtime_tp import _setup as _tp_setup
 from tests.distributed.test_runtime_tp import optimizer_for
 from tests.models import FAST_LINK, HF_CONFIGS
@@ -107,12 +107,8 @@ def mixed_reference(
     them on its bfloat16 inputs, the loss sees float32 outputs, and the bfloat16 gradients are
     summed in float32 (a tied weight's per use: :func:`_untied`). ``setup`` builds the case
     (``name -> (model, inputs, kwargs, target, loss_fn)``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank: a kernel's reduction order can follow the threads
-    try:
+    with one_thread():  # as each rank
         return _mixed_reference(setup(name), opt, micro_batches)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _mixed_reference(case: Any, opt: str, micro_batches: int) -> dict[str, Any]:
