@@ -53,6 +53,7 @@ __all__ = [
     "node_costs",
     "param_table",
     "state_bytes_per_param_byte",
+    "unsharded_bytes_per_param_byte",
 ]
 
 ParamSize: TypeAlias = int | tuple[int, int, str]
@@ -96,6 +97,14 @@ MIXED_UNSHARDED_BYTES_PER_PARAM_BYTE = 4
 gradient, and the float32 gradient the micro-batches accumulate into (2 bytes per byte)."""
 
 
+def unsharded_bytes_per_param_byte(*, mixed_precision: bool = False) -> int:
+    """What an FSDP rank holds whole during a step per parameter byte (:data:`UNSHARDED_BYTES_
+    PER_PARAM_BYTE`, :data:`MIXED_UNSHARDED_BYTES_PER_PARAM_BYTE` under mixed precision)."""
+    if mixed_precision:
+        return MIXED_UNSHARDED_BYTES_PER_PARAM_BYTE
+    return UNSHARDED_BYTES_PER_PARAM_BYTE
+
+
 def state_bytes_per_param_byte(
     optimizer: Optimizer | str, *, fsdp: int = 1, mixed_precision: bool = False
 ) -> float:
@@ -113,8 +122,9 @@ def state_bytes_per_param_byte(
         raise AutopartError(f"fsdp must be a whole number >= 1, got {fsdp!r}")
     full = as_optimizer(optimizer).state_bytes_per_param_byte
     if mixed_precision:
-        return _FP32_BYTES / _HALF_BYTES * full / fsdp + MIXED_UNSHARDED_BYTES_PER_PARAM_BYTE
-    return float(full) if fsdp == 1 else full / fsdp + UNSHARDED_BYTES_PER_PARAM_BYTE
+        whole = unsharded_bytes_per_param_byte(mixed_precision=True)
+        return _FP32_BYTES / _HALF_BYTES * full / fsdp + whole
+    return float(full) if fsdp == 1 else full / fsdp + unsharded_bytes_per_param_byte()
 
 
 _STATES_PER_PARAM = {

@@ -32,6 +32,7 @@ _REQUEST_FIELDS = {
     "profile": "profile",
     "expert_imbalance": "expert_imbalance",
     "recompute": "recompute",
+    "reshard_after_forward": "reshard_after_forward",
 }
 
 
@@ -123,6 +124,13 @@ def add_pipeline(p: argparse.ArgumentParser, *, search: bool = False) -> None:
         "memory otherwise; none keeps every activation; full recomputes every layer that keeps "
         "less by it; selective recomputes each layer's ops that read no weight (attention "
         "scores, softmax, norms, activations) and keeps the matmuls' activations",
+    )
+    p.add_argument(
+        "--reshard-after-forward",
+        action="store_true",
+        help="with an fsdp axis and --schedule gpipe: each layer's FSDP2 unit reshards after its "
+        "forward and is gathered again by the next, so the forwards hold one layer whole instead "
+        "of the stage (a gather per micro-batch more)",
     )
     p.add_argument(
         "--profile",

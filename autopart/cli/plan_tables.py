@@ -120,6 +120,8 @@ def _stage_table(plan: Any) -> Table:
     )
     if plan.precision != "model":  # e.g. bf16-mixed: float32 masters, bfloat16 compute
         title += f", {plan.precision}"
+    if plan.reshard_after_forward:
+        title += ", layers resharded after forward"
     table = Table(title=title, title_justify="left")
     for col, justify in (
         ("stage", "right"),

@@ -531,6 +531,8 @@ def _config(program: _Program) -> str:
     }
     if plan.precision != "model":  # only then, so other programs' config is unchanged
         config["precision"] = plan.precision
+    if plan.reshard_after_forward:  # the same
+        config["reshard_after_forward"] = True
     if plan.schedule in SPLIT_BACKWARD:  # only then, so other programs' config is unchanged
         config["weight_grads_with_input_grads"] = stages_keeping_weight_grads(
             {i.index: s for i, s in zip(program.infos, program.stages)},

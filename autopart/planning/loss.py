@@ -3,7 +3,7 @@ stage's outputs, on the last stage's device, once per micro-batch, forward and b
 charged as torch's cross-entropy over the last dimension of each floating graph output of two
 dimensions or more (the language models' case, where it is large: on a 65,536-word head its
 backward costs about what the head's matmul does; a mean-squared error costs less, an
-over-estimate then), as the memory model charges it (``mesh_plan.stage_memory``).
+over-estimate then), as the memory model charges it (``stage_memory.stage_memory``).
 
 The cross-entropy is traced and annotated like any graph (one ``aten.cross_entropy_loss`` node
 reading the logits as a parameter, so that its backward is costed) and timed by the same models:

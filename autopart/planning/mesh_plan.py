@@ -25,9 +25,12 @@ from autopart.cost_models.comm import (
 )
 from autopart.cost_models.compute import update_time_s
 from autopart.cost_models.devices import DeviceSpec, get_device
-from autopart.cost_models.memory import as_optimizer, state_bytes_per_param_byte
+from autopart.cost_models.memory import (
+    as_optimizer,
+    state_bytes_per_param_byte,
+    unsharded_bytes_per_param_byte,
+)
 from autopart.errors import AutopartError
-from autopart.planning.blocks import Block
 from autopart.planning.graph import BlockGraph, OpGraph, coarsen, group_blocks
 from autopart.planning.plans import (
     BaselineResult,
@@ -42,6 +45,7 @@ from autopart.planning.plans import (
 from autopart.planning.request import FORCED_RECOMPUTE, PlanRequest
 from autopart.planning.schedule import (
     SPLIT_BACKWARD,
+    Deferred,
     ScheduleError,
     build_schedule,
     in_flight_micro_batches,
@@ -56,6 +60,13 @@ from autopart.planning.schedule_choice import (
 )
 from autopart.planning.schedule_types import ScheduleKind
 from autopart.planning.selective import layer_units, recompute_layers
+from autopart.planning.stage_memory import (
+    deferred_state,
+    reserved_bytes,
+    stage_memory,
+    unit_param_bytes,
+    working_floor_bytes,
+)
 from autopart.precision import as_precision
 from autopart.solver import baselines
 from autopart.solver.cost import lower_bound_s, stage_times_s
@@ -82,15 +93,13 @@ __all__ = [
     "pipeline_device",
     "plan_mesh",
     "planning_setup",
-    "reserved_bytes",
+    "regathers_s",
     "schedule_layouts",
     "simulate_blocks",
     "simulate_plan",
     "solve_tp_costs",
     "split_backward_factor",
-    "stage_memory",
     "step_tail_s",
-    "working_floor_bytes",
 ]
 
 
@@ -161,6 +170,44 @@ class PlanningSetup:
         )
         return dataclasses.replace(self, state_per_byte=factor, fsdp=fsdp)
 
+    def reshards(self, kind: str) -> bool:
+        """Whether each layer's FSDP2 unit reshards after its forward under ``kind``: where the
+        request asks, the mesh shards (``fsdp > 1``) and ``kind`` is GPipe."""
+        return self.request.reshard_after_forward and self.fsdp > 1 and kind == ScheduleKind.GPIPE
+
+    @property
+    def deferred_grad_per_byte(self) -> float:
+        """Bytes per parameter byte of the unsharded gradients FSDP2 holds only from a stage's
+        first backward on (its whole state less the gathered parameter: 1, or 3 under mixed
+        precision), where FSDP2 holds the parameters (an fsdp axis, or mixed precision); else 0."""
+        if self.fsdp <= 1 and not self.mixed_precision:
+            return 0.0
+        return unsharded_bytes_per_param_byte(mixed_precision=self.mixed_precision) - 1.0
+
+    def simulate(
+        self,
+        bg: BlockGraph,
+        stage_of: Sequence[int],
+        p: int,
+        v: int,
+        spec: DeviceSpec,
+        kind: str,
+        m: int,
+    ) -> Any:
+        """:func:`simulate_blocks` with this setup's training state."""
+        return simulate_blocks(
+            bg,
+            stage_of,
+            p,
+            v,
+            spec,
+            kind,
+            m,
+            self.state_per_byte,
+            grad_per_byte=self.deferred_grad_per_byte,
+            reshard=self.reshards(kind),
+        )
+
     @property
     def mixed_precision(self) -> bool:
         """Whether the request trains in bf16 mixed precision (:mod:`autopart.precision`)."""
@@ -175,6 +222,7 @@ class PlanningSetup:
         pp: int,
         tp: int,
         hidden_s: Sequence[float] = (),
+        regather_bytes: Sequence[float] = (),
     ) -> float:
         """:func:`step_tail_s` of a mesh with this setup's fsdp ranks."""
         return step_tail_s(
@@ -188,6 +236,7 @@ class PlanningSetup:
             tp=tp,
             fsdp=self.fsdp,
             hidden_s=hidden_s,
+            regather_bytes=regather_bytes,
         )
 
     def stage_counts(self, kind: str) -> tuple[int, ...]:
@@ -380,16 +429,22 @@ def step_tail_s(
     tp: int,
     fsdp: int = 1,
     hidden_s: Sequence[float] = (),
+    regather_bytes: Sequence[float] = (),
 ) -> float:
     """What a step adds after its pipeline drains, on its slowest device: the data-parallel
     gradient sync (:func:`dp_sync_s`, less the device's ``hidden_s``: the all-gathers that run
     behind its layers' computation, :func:`hidden_gathers_s`) and the ``optimizer``'s update of
     the parameters the device updates (:func:`~autopart.cost_models.compute.update_time_s`: its
     ``1 / fsdp`` shard, float32 masters under ``mixed_precision``) after the gradients of
-    ``micro_batches`` are scaled."""
+    ``micro_batches`` are scaled. ``regather_bytes``: per device, the parameter bytes of layers
+    that reshard after their forward (:func:`regathers_s`)."""
     states = as_optimizer(optimizer).states_per_param
     master = 2 if mixed_precision else 1
     hidden = list(hidden_s) or [0.0] * len(param_bytes_per_device)
+    if regather_bytes:
+        across = fsdp * pp * tp > GPUS_PER_NODE
+        again = regathers_s(regather_bytes, hidden, micro_batches, spec, fsdp, across)
+        hidden = [h - a for h, a in zip(hidden, again)]
     return max(
         dp_sync_s(
             int(nbytes),
@@ -406,6 +461,25 @@ def step_tail_s(
         )
         for nbytes, hidden_d in zip(param_bytes_per_device, hidden, strict=True)
     )
+
+
+def regathers_s(
+    unit_bytes: Sequence[float],
+    hidden_s: Sequence[float],
+    micro_batches: int,
+    spec: DeviceSpec,
+    fsdp: int,
+    inter_node: bool,
+) -> list[float]:
+    """Per device, what resharding each layer after its forward adds to a step: the device's
+    layers (``unit_bytes`` of parameters) gathered again by every micro-batch's forward after the
+    first and by the first backward (``m`` more ring all-gathers over ``fsdp``), less what the
+    later forwards hide as the first one does (``hidden_s``, :func:`hidden_gathers_s`)."""
+    m = micro_batches
+    return [
+        max(0.0, m * all_gather_time_s(int(b), fsdp, spec, inter_node=inter_node) - (m - 1) * h)
+        for b, h in zip(unit_bytes, hidden_s)
+    ]
 
 
 def hidden_gathers_s(
@@ -496,10 +570,19 @@ def plan_mesh(
     # After the pipeline drains each rank syncs its stages' gradients with its dp peers and steps
     # its optimizer; the baselines pay it too.
     def tail_s(
-        param_bytes_per_device: Sequence[float], micro_batches: int, hidden_s: Sequence[float]
+        param_bytes_per_device: Sequence[float],
+        micro_batches: int,
+        hidden_s: Sequence[float],
+        regather_bytes: Sequence[float],
     ) -> float:
         return setup.tail_s(
-            param_bytes_per_device, micro_batches, dp=dp, pp=p, tp=degree, hidden_s=hidden_s
+            param_bytes_per_device,
+            micro_batches,
+            dp=dp,
+            pp=p,
+            tp=degree,
+            hidden_s=hidden_s,
+            regather_bytes=regather_bytes,
         )
 
     def hidden_s(
@@ -548,6 +631,7 @@ def plan_mesh(
         result,
         mesh=mesh,
         tp=_tp_section(tp, result, batch, replicas * traced) if tp is not None else None,
+        reshard_after_forward=setup.reshards(result.schedule),
     )
 
 
@@ -683,9 +767,7 @@ class _ScheduleSearch:
                 baselines.chain_dp(per_micro_batch(bg, counts[0]), self.p * v, self.spec)
             )
             for m in counts:
-                tl = simulate_blocks(
-                    bg, stage_of, self.p, v, self.spec, kind, m, self.setup.state_per_byte
-                )
+                tl = self.setup.simulate(bg, stage_of, self.p, v, self.spec, kind, m)
                 out.append(
                     _Candidate(kind, m, v, bg, stage_of, tl, "HINT", 0.0, ranks, True, counts[0])
                 )
@@ -708,9 +790,7 @@ class _ScheduleSearch:
         bg, stage_of, status, bound_s = solved
         limit = self.setup.limit
         for m in counts:
-            timeline = simulate_blocks(
-                bg, stage_of, p, v, self.spec, kind, m, self.setup.state_per_byte
-            )
+            timeline = self.setup.simulate(bg, stage_of, p, v, self.spec, kind, m)
             candidate = _Candidate(
                 kind, m, v, bg, stage_of, timeline, status, bound_s, ranks, solved_at=counts[0]
             )
@@ -751,7 +831,7 @@ class _ScheduleSearch:
         if solved is None:
             return None
         bg, stage_of, status, bound_s = solved
-        tl = simulate_blocks(bg, stage_of, p, v, self.spec, kind, m, self.setup.state_per_byte)
+        tl = self.setup.simulate(bg, stage_of, p, v, self.spec, kind, m)
         if max(tl.peak_memory_bytes) > self.limit:
             return None
         candidate = _Candidate(kind, m, v, bg, stage_of, tl, status, bound_s, best.ranks)
@@ -960,7 +1040,11 @@ def _tail(
     ``stage_of`` over ``ranks`` at ``m`` micro-batches of schedule ``kind`` drains."""
     params = bg.stage_param_bytes(stage_of, len(ranks))
     hidden = _hidden(bg, stage_of, len(ranks), m, kind, pipe)
-    return pipe.tail_s(per_device(params, ranks), m, per_device(hidden, ranks))
+    again: list[float] = []
+    if pipe.setup.reshards(kind):
+        units = unit_param_bytes(per_micro_batch(bg, m), stage_of, len(ranks))
+        again = per_device([sum(u.values()) for u in units], ranks)
+    return pipe.tail_s(per_device(params, ranks), m, per_device(hidden, ranks), again)
 
 
 def _hidden(
@@ -1051,10 +1135,10 @@ class _Pipeline:
     spec: DeviceSpec
     """The setup's device with the link that pipeline sends take (:func:`pipeline_device`)."""
     p: int
-    tail_s: Callable[[Sequence[float], int, Sequence[float]], float]
+    tail_s: Callable[[Sequence[float], int, Sequence[float], Sequence[float]], float]
     """Time added to a step after the pipeline drains (the dp gradient sync and the optimizer
-    step, :func:`step_tail_s`), from the parameter bytes of each device, the micro-batch count
-    and the gathers each device hides."""
+    step, :func:`step_tail_s`), from the parameter bytes of each device, the micro-batch count,
+    the gathers each device hides and the bytes of its layers that reshard after forward."""
     hidden_s: Callable[[BlockGraph, Sequence[int], int, str], list[float]]
     """:func:`hidden_gathers_s` on this pipeline: per stage, from a block graph at one
     micro-batch, a split and its stage count."""
@@ -1074,6 +1158,17 @@ def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float)
     split = split_backward_factor(best.schedule, spec)
     memory = stage_memory(scaled, best.stage_of, num_stages, m)
     hidden = _hidden(bg, best.stage_of, num_stages, m, best.schedule, pipe)
+    setup = pipe.setup
+    later = deferred_state(
+        scaled,
+        best.stage_of,
+        num_stages,
+        m,
+        grad_per_byte=setup.deferred_grad_per_byte,
+        reshard=setup.reshards(best.schedule),
+    )
+    units = unit_param_bytes(scaled, best.stage_of, num_stages)
+    resharded = [sum(u.values()) if setup.reshards(best.schedule) else 0 for u in units]
     stages = []
     for s in range(num_stages):
         blocks = [b for b, st in zip(scaled.blocks, best.stage_of) if st == s]
@@ -1095,6 +1190,10 @@ def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float)
                 working_bytes=memory.working[s],
                 buffer_bytes=memory.buffers[s],
                 hidden_gather_s=hidden[s],
+                deferred_bytes=int(later.deferred[s]),
+                forward_gathered_bytes=int(later.forward[s]),
+                first_backward_bytes=int(later.first_backward[s]) if later.deferred[s] else 0,
+                resharded_param_bytes=resharded[s],
             )
         )
     return Plan(
@@ -1154,7 +1253,7 @@ def _baselines(scaled: BlockGraph, best: _Candidate, pipe: _Pipeline) -> dict[st
         ("equal_params", baselines.equal_params),
     ):
         stage_of = fn(scaled, num_stages)
-        tl = simulate_blocks(bg, stage_of, p, v, spec, best.schedule, m, pipe.setup.state_per_byte)
+        tl = pipe.setup.simulate(bg, stage_of, p, v, spec, best.schedule, m)
         t = stage_times_s(scaled, stage_of, num_stages, spec, ranks=ranks)
         tail = _tail(bg, stage_of, ranks, m, best.schedule, pipe)
         base[label] = BaselineResult(max(per_device(t, ranks)), tl.step_time_s + tail)
@@ -1207,7 +1306,7 @@ def simulate_plan(plan: Plan, device: DeviceSpec | None = None) -> Any:
         fsdp=plan.mesh.get("fsdp", 1),
         mixed_precision=as_precision(plan.precision).is_mixed,
     )
-    state = [st.param_bytes * state_per_byte for st in plan.stages]
+    state = [st.param_bytes * state_per_byte - st.deferred_bytes for st in plan.stages]
     ranks = [st.device for st in plan.stages]
     tail_s = step_tail_s(
         per_device([st.param_bytes for st in plan.stages], ranks),
@@ -1220,6 +1319,9 @@ def simulate_plan(plan: Plan, device: DeviceSpec | None = None) -> Any:
         tp=plan.mesh.get("tp", 1),
         fsdp=plan.mesh.get("fsdp", 1),
         hidden_s=per_device([st.hidden_gather_s for st in plan.stages], ranks),
+        regather_bytes=per_device([st.resharded_param_bytes for st in plan.stages], ranks)
+        if plan.reshard_after_forward
+        else (),
     )
     rebuilt = [0] * p
     for st in plan.stages:
@@ -1240,6 +1342,19 @@ def simulate_plan(plan: Plan, device: DeviceSpec | None = None) -> Any:
         action_overhead_s=spec.pipeline_action_s,
         tail_s=tail_s,
         cores=spec.shared_cores,
+        deferred=_deferred(plan),
+    )
+
+
+def _deferred(plan: Plan) -> Deferred | None:
+    """The state a plan records as held from each stage's first backward on (``None``: none,
+    as in a plan without FSDP)."""
+    if not any(st.deferred_bytes for st in plan.stages):
+        return None
+    return Deferred(
+        [st.deferred_bytes for st in plan.stages],
+        [st.forward_gathered_bytes for st in plan.stages],
+        [st.first_backward_bytes for st in plan.stages],
     )
 
 
@@ -1261,7 +1376,15 @@ def simulate_blocks(
     kind: str,
     m: int,
     state_per_byte: float,
+    *,
+    grad_per_byte: float = 0.0,
+    reshard: bool = False,
 ) -> Any:
+    """The simulated step of ``bg`` split as ``stage_of`` over ``p`` ranks, ``v`` stages each,
+    under schedule ``kind`` at ``m`` micro-batches, each device holding ``state_per_byte`` bytes
+    per parameter byte of its stages; of those, ``grad_per_byte`` (FSDP2's unsharded gradients)
+    and, with ``reshard``, its layers' parameters are held only from each stage's first backward
+    on (:func:`~autopart.planning.stage_memory.deferred_state`)."""
     scaled = per_micro_batch(bg, m)
     num_stages, ranks = p * v, stage_ranks(kind, p, v)
     fwd, bwd, weight = [0.0] * num_stages, [0.0] * num_stages, [0.0] * num_stages
@@ -1275,6 +1398,13 @@ def simulate_blocks(
     comm = [p2p_time_s(nb, spec) for nb in scaled.boundary_bytes(stage_of, num_stages)]
     split = split_backward_factor(kind, spec)
     bwd, weight = [b * split for b in bwd], [w * split for w in weight]
+    static = _held_per_device(scaled, stage_of, ranks, state_per_byte)
+    later = None
+    if grad_per_byte > 0 or reshard:
+        later = deferred_state(
+            scaled, stage_of, num_stages, m, grad_per_byte=grad_per_byte, reshard=reshard
+        )
+        static = [b - d for b, d in zip(static, per_device(later.deferred, ranks))]
     return simulate(
         build_schedule(kind, p, m, v),
         fwd,
@@ -1284,120 +1414,13 @@ def simulate_blocks(
         activation_bytes=memory.kept,
         weight_grad_bytes=grads,
         static_bytes=[
-            int(b + extra)
-            for b, extra in zip(
-                _held_per_device(scaled, stage_of, ranks, state_per_byte),
-                per_device(memory.buffers, ranks),
-            )
+            int(b + extra) for b, extra in zip(static, per_device(memory.buffers, ranks))
         ],
         working_bytes=memory.working,
         action_overhead_s=spec.pipeline_action_s,
         cores=spec.shared_cores,
+        deferred=later,
     )
-
-
-@dataclass(frozen=True, slots=True)
-class StageMemory:
-    """Per stage, the bytes :func:`~autopart.planning.schedule.simulate` counts besides the
-    training state (:func:`stage_memory`)."""
-
-    kept: list[int]
-    """Per micro-batch in flight, from its forward to the end of its backward."""
-    working: list[int]
-    """Held while a backward runs, on top of what is kept."""
-    buffers: list[int]
-    """Held all step."""
-
-
-def reserved_bytes(scaled: BlockGraph, ranks: Sequence[int], in_flight: Sequence[int]) -> list[int]:
-    """Per device, what :func:`stage_memory` adds there under any split of ``scaled`` (costs of
-    one micro-batch) into the stages of ``ranks`` (``ranks[s]``: the device of stage ``s``) with
-    ``in_flight[s]`` micro-batches in flight, besides what the stage ILP counts itself (the bytes
-    each split sends, ``solve_stages(micro_batches=)``, and each block's working set): the loss
-    the last stage keeps. The stage ILP holds it back, so each split it finds fits the
-    simulation's accounting too."""
-    return [in_flight[-1] * b for b in working_floor_bytes(scaled, ranks)]
-
-
-def working_floor_bytes(scaled: BlockGraph, ranks: Sequence[int]) -> list[int]:
-    """Per device, the least working set any split gives it (:func:`stage_memory`): the loss's
-    backward on the last stage's device, for ``solve_stages(working_floor_bytes=)``."""
-    out = [0] * (max(ranks) + 1)
-    out[ranks[-1]] = _loss_bytes(scaled)
-    return out
-
-
-def _loss_bytes(scaled: BlockGraph) -> int:
-    """Two output-sized tensors, charged as cross-entropy holds them: the model's outputs and
-    their log-probabilities kept per micro-batch, and the two gradients of its backward."""
-    return 2 * sum(b.graph_output_bytes for b in scaled.blocks)
-
-
-def stage_memory(
-    scaled: BlockGraph, stage_of: Sequence[int], num_stages: int, micro_batches: int
-) -> StageMemory:
-    """What each stage of ``scaled`` (costs of one micro-batch) holds as torch's pipelining runs
-    it, besides parameters, gradients and optimizer state:
-
-    - kept per micro-batch in flight: the values its nodes save for backward (each once per
-      stage, :meth:`BlockGraph.stage_activation_bytes`), the outputs it sends on, which the
-      pipeline keeps until the backward, and on the last stage the model's outputs and what the
-      loss saves from them, charged as cross-entropy does (its log-probabilities, one
-      output-sized tensor);
-    - working: the most gradient bytes one node's backward holds (:func:`_working_bytes`: its
-      output's and inputs' gradients, and its weights' new gradient) beyond what the backward
-      has already freed of the micro-batch's kept values: by the time a block's backward runs,
-      the blocks after it on the stage have run theirs and freed what they alone save (a value
-      several blocks save is charged to its first saver, so never counted as freed early, nor
-      is a received value, which is the stage's receive buffer, nor what a recomputed block
-      keeps, its inputs, which other blocks may keep too); on
-      the last stage at least the loss's backward (the gradients of its log-probabilities and
-      of the outputs), which runs before any;
-    - buffers: the receive buffers the pipeline allocates per micro-batch, for the activations
-      coming in and the gradients coming back, kept from step to step."""
-    kept = scaled.stage_activation_bytes(stage_of, num_stages)
-    boundary = [0, *scaled.boundary_bytes(stage_of, num_stages), 0]  # into stage s: boundary[s]
-    working = [0] * num_stages
-    saves: list[set[str]] = [set() for _ in range(num_stages)]
-    kept_values: list[set[str]] = [set() for _ in range(num_stages)]  # saved, not recomputed
-    received = [dict[str, int]() for _ in range(num_stages)]  # the stage's receive buffers
-    for t in scaled.tensors:
-        for s in range(stage_of[t.producer] + 1, max(stage_of[c] for c in t.consumers) + 1):
-            received[s][t.name] = t.nbytes
-    freed = [0] * num_stages  # kept bytes the blocks after this one free in their backward
-    for b, s in reversed(list(zip(scaled.blocks, stage_of))):
-        working[s] = max(working[s], _working_bytes(b, micro_batches) - freed[s])
-        if b.recomputed:  # keeps its inputs, which other blocks may read and keep too
-            continue
-        buffer = sum(received[s].get(v, 0) for v in b.saved_values)  # stays: a receive buffer
-        freed[s] += max(0, b.activation_bytes - buffer)
-    for b, s in zip(scaled.blocks, stage_of):
-        saves[s].update(b.saved_values)
-        if not b.recomputed:
-            kept_values[s].update(b.saved_values)
-    for t in scaled.tensors:
-        first, last = stage_of[t.producer], max(stage_of[c] for c in t.consumers)
-        for s in range(first, last):  # sent on (a skip tensor by every stage it passes)
-            kept[s] += 0 if t.name in saves[s] else t.nbytes  # unless saved
-        # Received: torch hands the stage its receive buffer as the input, so a received value
-        # the stage keeps (saved, or read by a block that recomputes and keeps its inputs) is
-        # that buffer, counted with the buffers.
-        for s in range(first + 1, last + 1):
-            rerun = any(scaled.blocks[c].recomputed and stage_of[c] == s for c in t.consumers)
-            kept[s] -= t.nbytes if t.name in kept_values[s] or rerun else 0
-    last = num_stages - 1
-    kept[last] += _loss_bytes(scaled)
-    working[last] = max(working[last], _loss_bytes(scaled))
-    buffers = [micro_batches * (boundary[s] + boundary[s + 1]) for s in range(num_stages)]
-    return StageMemory(kept, working, buffers)
-
-
-def _working_bytes(b: Block, micro_batches: int) -> int:
-    """What one backward of ``b``'s nodes holds at once: the gradients of a node's output and
-    inputs, and, where ``.grad`` already holds the step's earlier micro-batches (from the second
-    on), the new gradient of its weights until autograd adds it in (``Block.param_grad_bytes``,
-    counted with the largest activation gradients: an upper bound where they are two nodes')."""
-    return b.backward_working_bytes + (b.param_grad_bytes if micro_batches > 1 else 0)
 
 
 def _held_per_device(

@@ -75,7 +75,6 @@ from autopart.planning.mesh_plan import (
     plan_mesh,
     planning_setup,
     schedule_layouts,
-    simulate_blocks,
     solve_tp_costs,
 )
 from autopart.planning.plans import Plan, format_mesh, replica_label, replicas
@@ -710,7 +709,7 @@ def _estimates(
 ) -> list[tuple[bool, float, int, str, int]]:
     """(fits, step, peak, schedule, micro-batches) of each layout and count on ``bg``."""
     spec = pipeline_device(setup.spec, pp=c.pp, tp=c.tp, replicas=c.replicas)
-    state_per_byte = setup.with_fsdp(c.fsdp).state_per_byte
+    fsdp_setup = setup.with_fsdp(c.fsdp)
     found: list[tuple[bool, float, int, str, int]] = []
     splits: dict[tuple[int, int], list[int]] = {}  # the chain DP's, per stage count and count
     for kind, v, counts in layouts:
@@ -722,8 +721,8 @@ def _estimates(
         stage_of = splits[key]
         params = per_device(bg.stage_param_bytes(stage_of, c.pp * v), stage_ranks(kind, c.pp, v))
         for m in counts:
-            tail_s = setup.with_fsdp(c.fsdp).tail_s(params, m, dp=c.dp, pp=c.pp, tp=c.tp)
-            tl = simulate_blocks(bg, stage_of, c.pp, v, spec, kind, m, state_per_byte)
+            tail_s = fsdp_setup.tail_s(params, m, dp=c.dp, pp=c.pp, tp=c.tp)
+            tl = fsdp_setup.simulate(bg, stage_of, c.pp, v, spec, kind, m)
             peak = int(max(tl.peak_memory_bytes))
             found.append((peak <= setup.limit, tl.step_time_s + tail_s, peak, kind, m))
     return found

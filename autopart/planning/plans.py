@@ -110,7 +110,7 @@ class StagePlan:
     activation_bytes: int = 0
     """Bytes kept per micro-batch in flight: what its nodes save for backward, the outputs the
     pipeline keeps until the backward and, on the last stage, what the loss saves
-    (:func:`autopart.planning.mesh_plan.stage_memory`)."""
+    (:func:`autopart.planning.stage_memory.stage_memory`)."""
     backward_weight_s: float = 0.0
     """The part of ``backward_s`` that computes parameter gradients (``W`` of a zero-bubble
     schedule). Written to JSON only when not 0."""
@@ -130,6 +130,18 @@ class StagePlan:
     """Seconds of the stage's first-forward FSDP all-gathers that run behind its layers'
     computation (``mesh_plan.hidden_gathers_s``), taken off the step's gradient sync. Written
     to JSON only when not 0."""
+    deferred_bytes: int = 0
+    """Under FSDP2: the training state it holds only from the end of its first backward on (the
+    unsharded gradients, and its layers' parameters where they reshard after forward;
+    ``stage_memory.deferred_state``). Written to JSON only when not 0, as are the three below."""
+    forward_gathered_bytes: int = 0
+    """With ``Plan.reshard_after_forward``: the most a forward holds gathered (two layers)."""
+    first_backward_bytes: int = 0
+    """Under FSDP2: what its first backward holds at most on top of what is kept (the gradients
+    and layers it has reached, the working set)."""
+    resharded_param_bytes: int = 0
+    """With ``Plan.reshard_after_forward``: its layers' parameter bytes, gathered again by each
+    micro-batch."""
 
     def __post_init__(self) -> None:
         _check(self.index >= 0 and self.device >= 0, "stage index and device must be >= 0")
@@ -145,7 +157,9 @@ class StagePlan:
             and self.peak_memory_bytes >= 0
             and self.rematerialized_bytes >= 0
             and self.working_bytes >= 0
-            and self.buffer_bytes >= 0,
+            and self.buffer_bytes >= 0
+            and min(self.deferred_bytes, self.forward_gathered_bytes) >= 0
+            and min(self.first_backward_bytes, self.resharded_param_bytes) >= 0,
             f"stage {self.index}: byte counts must be >= 0",
         )
 
@@ -321,6 +335,10 @@ class Plan:
     precision: str = "model"
     """``"model"`` or ``"bf16-mixed"`` (:mod:`autopart.precision`). Written to JSON only when
     mixed."""
+    reshard_after_forward: bool = False
+    """Each layer's FSDP2 unit reshards after its forward and is gathered again by the next
+    (``fully_shard(reshard_after_forward=True)``): less memory under GPipe, a gather per
+    micro-batch more. Only with an fsdp axis and GPipe. Written to JSON only when true."""
 
     def __post_init__(self) -> None:
         known = [p.value for p in Precision]
@@ -377,6 +395,21 @@ class Plan:
         object.__setattr__(self, "stage_of", dict(self.stage_of))
         object.__setattr__(self, "baselines", dict(self.baselines))
         self._check_recompute()
+        self._check_reshard()
+
+    def _check_reshard(self) -> None:
+        if not self.reshard_after_forward:
+            return
+        _check(
+            self.mesh.get("fsdp", 1) > 1,
+            "reshard_after_forward needs an fsdp axis of more than one rank (nothing is sharded "
+            "without one); drop it or add fsdp=N to the mesh",
+        )
+        _check(
+            self.schedule == ScheduleKind.GPIPE,
+            f"reshard_after_forward lowers memory under GPipe only (under {self.schedule} a "
+            "backward runs between forwards and leaves its layers whole); drop it or use gpipe",
+        )
 
     def _check_recompute(self) -> None:
         if not self.recompute:
@@ -418,12 +451,22 @@ class Plan:
                 working_bytes=0,
                 buffer_bytes=0,
                 hidden_gather_s=0.0,
+                deferred_bytes=0,
+                forward_gathered_bytes=0,
+                first_backward_bytes=0,
+                resharded_param_bytes=0,
             )
             for s in self.stages
         ]
         d["recompute"] = tuple(_drop_unset(r, selective=False) for r in d["recompute"])
         return _drop_unset(
-            d, schedule_options=(), profile_s=None, experts="", recompute=(), precision="model"
+            d,
+            schedule_options=(),
+            profile_s=None,
+            experts="",
+            recompute=(),
+            precision="model",
+            reshard_after_forward=False,
         )
 
     def to_json(self, *, indent: int | None = 1) -> str:
@@ -479,6 +522,7 @@ class Plan:
                 experts=str(raw.get("experts", "")),
                 recompute=tuple(RecomputedBlock(**r) for r in raw.get("recompute", ())),
                 precision=str(raw.get("precision", "model")),
+                reshard_after_forward=_as_bool(raw.get("reshard_after_forward", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, PlanError):
@@ -491,6 +535,12 @@ class Plan:
 def _drop_unset(d: dict[str, Any], **defaults: Any) -> dict[str, Any]:
     """``d`` without the keys of ``defaults`` whose value is the default."""
     return {k: v for k, v in d.items() if k not in defaults or v != defaults[k]}
+
+
+def _as_bool(value: Any) -> bool:
+    """A JSON true or false."""
+    _check(isinstance(value, bool), f"reshard_after_forward must be true or false, got {value!r}")
+    return bool(value)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -82,6 +82,12 @@ class PlanRequest:
     """``"model"`` (every tensor in the model's dtype) or ``"bf16-mixed"`` (float32 masters,
     bfloat16 compute, FSDP2's policy on every mesh; :mod:`autopart.precision`)."""
 
+    reshard_after_forward: bool = False
+    """Each layer's FSDP2 unit reshards after its forward (``fully_shard(reshard_after_forward=
+    True)``) on meshes with an fsdp axis: under GPipe (the only schedule where that lowers the
+    peak, so it must be the one asked for) the forwards hold one layer gathered, not the stage,
+    and each micro-batch's forward gathers again (:mod:`autopart.planning.stage_memory`)."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", as_precision(self.precision).value)
         mesh: Any = self.mesh
@@ -98,6 +104,7 @@ class PlanRequest:
             raise AutopartError(
                 f"unknown recompute {self.recompute!r}; use {', '.join(RECOMPUTE)}."
             )
+        self._check_reshard()
         for field in ("devices", "micro_batches", "max_blocks", "stages_per_rank"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -109,6 +116,22 @@ class PlanRequest:
             raise AutopartError(
                 f"mesh {self.mesh} uses {self.size} devices, not the {self.devices} given; drop "
                 "--devices, or use --mesh auto to search the meshes of that many devices."
+            )
+
+    def _check_reshard(self) -> None:
+        if not self.reshard_after_forward:
+            return
+        if self.schedule != ScheduleKind.GPIPE:
+            raise AutopartError(
+                "resharding after forward lowers memory under GPipe only (under the other "
+                "schedules a backward runs between forwards and leaves its layers whole, so the "
+                "peak stays and each forward gathers again); add --schedule gpipe or drop "
+                "--reshard-after-forward."
+            )
+        if not self.is_auto and parse_mesh(self.mesh).get("fsdp", 1) <= 1:
+            raise AutopartError(
+                f"resharding after forward needs an fsdp axis (mesh {self.mesh} shards nothing); "
+                "add fsdp=N to the mesh or drop --reshard-after-forward."
             )
 
     @property

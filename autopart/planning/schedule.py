@@ -51,6 +51,7 @@ __all__ = [
     "V_SHAPED",
     "Action",
     "ActionKind",
+    "Deferred",
     "Event",
     "Schedule",
     "ScheduleError",
@@ -200,6 +201,7 @@ def simulate(
     action_overhead_s: float = 0.0,
     tail_s: float = 0.0,
     cores: float | None = None,
+    deferred: Deferred | None = None,
 ) -> Timeline:
     """Run ``schedule`` on ideal devices; per-stage costs are for one micro-batch (module docstring).
     ``backward_weight_s`` (default 0) is the part of ``backward_s`` that ``W`` runs.
@@ -212,7 +214,8 @@ def simulate(
     are busy than there are cores, each runs at ``cores / busy`` of its speed (the operating
     system's time sharing, as a fluid), its actions and their runtime cost alike.
     ``working_bytes[s]``: what a ``B`` or ``I`` of stage ``s`` holds while it runs, on top of
-    what is kept (the gradients in flight; module docstring)."""
+    what is kept (the gradients in flight; module docstring). ``deferred``: the training state
+    held only from a stage's first backward on (:class:`Deferred`)."""
     for name, value in (("action_overhead_s", action_overhead_s), ("tail_s", tail_s)):
         if not value >= 0:
             raise ScheduleError(f"{name} must be >= 0 seconds, got {value!r}")
@@ -222,6 +225,9 @@ def simulate(
     grads = _per("weight_grad_bytes", weight_grad_bytes, n, "stage")
     static = _per("static_bytes", static_bytes, p, "device")
     working = _per("working_bytes", working_bytes, n, "stage")
+    if deferred is not None:
+        for name in ("deferred", "forward", "first_backward"):
+            _per(f"deferred.{name}", getattr(deferred, name), n, "stage")
     run = _Run(schedule, costs, n, action_overhead_s)
     if cores is not None and not cores > 0:
         raise ScheduleError(f"cores must be > 0 (or None: a core per device), got {cores!r}")
@@ -242,7 +248,8 @@ def simulate(
     step_s = max((e.end_s for e in events), default=0.0) + tail_s
     idle = tuple(max(0.0, step_s - b) for b in busy)
     bubble = math.fsum(i / step_s for i in idle) / p if step_s > 0 else 0.0
-    peak, in_flight = _memory(schedule, _Held(act, grads, static, working), n)
+    held_bytes = _Held(act, grads, static, working, deferred or Deferred.none(n, working))
+    peak, in_flight = _memory(schedule, held_bytes, n)
     events.sort(key=lambda e: (e.device, e.start_s))
     return Timeline(step_s, tuple(events), tuple(busy), idle, min(bubble, 1.0), peak, in_flight)
 
@@ -361,6 +368,25 @@ def _deps(
 
 
 @dataclass(frozen=True, slots=True)
+class Deferred:
+    """Per stage, training state a device holds only from the stage's first backward on
+    (:func:`autopart.planning.stage_memory.deferred_state`: FSDP2's unsharded gradients, and
+    layers resharded after forward): ``deferred`` is held from the end of the stage's first
+    backward (``B`` or ``I``) on, and is left out of the device's static bytes; a forward holds
+    ``forward`` more while it runs; the stage's first backward holds ``first_backward`` on top
+    of what is kept, in place of its working set."""
+
+    deferred: Sequence[float]
+    forward: Sequence[float]
+    first_backward: Sequence[float]
+
+    @classmethod
+    def none(cls, n: int, working: Sequence[float]) -> Deferred:
+        """Nothing deferred: the first backward like the others."""
+        return cls([0.0] * n, [0.0] * n, working)
+
+
+@dataclass(frozen=True, slots=True)
 class _Held:
     """The byte counts :func:`simulate` was given, per stage (``static``: per device)."""
 
@@ -368,6 +394,7 @@ class _Held:
     grads: Sequence[float]
     static: Sequence[float]
     working: Sequence[float]
+    deferred: Deferred
 
 
 def _memory(
@@ -376,18 +403,25 @@ def _memory(
     # Each device runs one action at a time, so memory depends only on the order: an F allocates
     # its stage's activation when it starts, the matching B (or W) frees it when it ends, and a B
     # or I holds its working gradients while it runs; an I (on a stage that computes one) holds
-    # the output gradients its W needs.
+    # the output gradients its W needs. State held from a stage's first backward on: Deferred.
     act, grads, working = held_bytes.act, held_bytes.grads, held_bytes.working
+    later = held_bytes.deferred
     peak: list[int] = []
     live, most = [0] * n, [0] * n
+    backed: set[int] = set()  # stages whose first backward has run
     for device, actions in enumerate(schedule):
         held = highest = 0.0
         for a in actions:
             kept = grads[a.stage] if a.stage > 0 else 0.0
             if a.kind is not F and a.kind is not W:
-                highest = max(highest, held + working[a.stage])
+                first = a.stage not in backed
+                extra = later.first_backward[a.stage] if first else working[a.stage]
+                highest = max(highest, held + extra)
+                held += later.deferred[a.stage] if first else 0.0
+                backed.add(a.stage)
             if a.kind is F:
                 held += act[a.stage]
+                highest = max(highest, held + later.forward[a.stage])
                 live[a.stage] += 1
                 most[a.stage] = max(most[a.stage], live[a.stage])
             elif a.kind is I:
@@ -458,4 +492,5 @@ def in_flight_micro_batches(
     schedule = rank_orders(kind, p, m, v)
     ones = [1.0] * (p * v)
     nothing = [0.0] * (p * v)
-    return _memory(schedule, _Held(ones, nothing, [0.0] * p, nothing), p * v)[0][stage_rank]
+    held = _Held(ones, nothing, [0.0] * p, nothing, Deferred.none(p * v, nothing))
+    return _memory(schedule, held, p * v)[0][stage_rank]

@@ -61,7 +61,7 @@ def _offer(og: OpGraph, block: Block) -> Block:
     kept_nodes = [n for n in nodes if n.kept_selectively]
     read = {s for n in nodes for s in n.inputs if s not in names}
     model_inputs = {s for n in nodes for s in n.saved_from if s in og.value_bytes}
-    # a model output is held anyway (the pipeline keeps it for the loss: mesh_plan.stage_memory)
+    # a model output is held anyway (the pipeline keeps it for the loss: stage_memory.stage_memory)
     kept = sum(og.value_bytes_of(v) for v in read | model_inputs) + sum(
         (0 if n.is_output else n.output_bytes) + n.private_saved_bytes for n in kept_nodes
     )

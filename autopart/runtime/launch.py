@@ -159,14 +159,15 @@ def run_local(
     expert_imbalance: float = DEFAULT_IMBALANCE,
     recompute: str = "auto",
     precision: str = "model",
+    reshard_after_forward: bool = False,
 ) -> RunReport:
     """Spawn the ranks ``mesh`` needs, train ``spec`` for ``steps`` steps, check and time it.
     ``verify`` checks tensor-parallel stages against unsharded ones first (:mod:`autopart.runtime.verify`).
     ``comm="measured"`` plans on the link and pipeline costs measured on the ranks' group
     (:func:`autopart.runtime.measure.measured_comm`, cached), ``"table"`` on the device table's.
     ``profile=True`` plans on op times rank 0 measures (:mod:`autopart.cost_models.profiling`).
-    ``expert_imbalance``, ``recompute`` and ``precision`` are the planning options of those
-    names (the model is built in float32 and, under ``"bf16-mixed"``, trained under FSDP2's
+    ``expert_imbalance``, ``recompute``, ``precision`` and ``reshard_after_forward`` are the
+    planning options of those names (the model is built in float32 and, under ``"bf16-mixed"``, trained under FSDP2's
     mixed-precision policy; the reference stays float32)."""
     from autopart.planning.plans import parse_mesh
 
@@ -194,6 +195,9 @@ def run_local(
             check_imbalance(expert_imbalance),  # a bad factor fails before any rank starts
             PlanRequest(recompute=recompute).recompute,  # so does a bad recompute choice
             PlanRequest(precision=precision).precision,  # and a bad precision
+            PlanRequest(  # and resharding where it cannot
+                mesh=mesh, schedule=schedule, reshard_after_forward=reshard_after_forward
+            ).reshard_after_forward,
         )
         args = (world, str(Path(tmp) / "store"), request, str(out), timeout_s)
         spawn_ranks(_rank_main, args, world, timeout_s=timeout_s, what="the run")
@@ -283,6 +287,7 @@ class _RunRequest:
     expert_imbalance: float = DEFAULT_IMBALANCE
     recompute: str = "auto"
     precision: str = "model"
+    reshard_after_forward: bool = False
 
 
 _COMM_SOURCES = ("measured", "table")
@@ -354,6 +359,8 @@ def _compile(loaded: Any, request: _RunRequest, spec: DeviceSpec) -> Any:
         expert_imbalance=request.expert_imbalance,
         recompute=request.recompute,
         precision=request.precision,
+        schedule=request.schedule,
+        reshard_after_forward=request.reshard_after_forward,
     )
     return autopart.compile(
         loaded.model,

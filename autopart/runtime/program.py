@@ -33,7 +33,7 @@ import inspect
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +141,7 @@ def compile(
     verify: bool = False,
     profile: bool | None = None,
     precision: str | None = None,
+    reshard_after_forward: bool | None = None,
 ) -> ParallelProgram:
     """Plan ``model`` for ``mesh`` and build this rank's part of the pipeline program.
 
@@ -161,6 +162,9 @@ def compile(
     measuring took.
     ``precision="bf16-mixed"`` trains with float32 masters and bfloat16 compute under FSDP2's
     ``MixedPrecisionPolicy`` on every mesh (:mod:`autopart.precision`); the model must be float32.
+    ``reshard_after_forward=True`` (an fsdp axis and ``schedule="gpipe"``): each layer's FSDP2
+    unit is freed after each forward and gathered again by the next
+    (``PlanRequest.reshard_after_forward``).
     """
     from autopart.passes.split_stages import stage_info
 
@@ -170,6 +174,7 @@ def compile(
     check_runs_on(policy, _torch_device(dm))
     options: dict[str, Any] = {"micro_batches": micro_batches, "schedule": schedule}
     options |= {"stages_per_rank": stages_per_rank, "device": device, "profile": profile}
+    options |= {"reshard_after_forward": reshard_after_forward, "mesh": _spec(_sizes(dm))}
     req = _compile_request(request, options | {"precision": policy.value}, _torch_device(dm))
     dtype = policy.compute_dtype
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -224,8 +229,8 @@ def _planned(
     from autopart.passes.annotate import annotate
     from autopart.planning.mesh_plan import batch_size
 
-    dp, fsdp = _axis_size(dm, "dp"), _axis_size(dm, "fsdp")
-    pp, tp = _axis_size(dm, "pp"), _axis_size(dm, "tp")
+    sizes = _sizes(dm)
+    dp, fsdp = sizes["dp"], sizes["fsdp"]
     replicas = dp * fsdp
     inputs = ProgramInputs.of(args, kwargs)
     gm = annotate(trace(model, args, kwargs), expert_imbalance=req.expert_imbalance)
@@ -245,7 +250,6 @@ def _planned(
         )
 
     def make(graph: torch.fx.GraphModule, graph_batch: int, m: int | None) -> Plan:
-        sizes = {"dp": dp, "fsdp": fsdp, "pp": pp, "tp": tp}
         name = req.name or type(model).__name__
         return _plan(
             graph, req, batch=batch, mesh=sizes, micro_batches=m, name=name, graph_batch=graph_batch
@@ -298,7 +302,7 @@ def _stages(
 
         layers = model_layers(planned.run_gm)
         for stage in local:
-            split_layer_units(stage, layers)
+            _check_resharded(stage, split_layer_units(stage, layers), layers, plan)
     split = plan.schedule in SPLIT_BACKWARD
     for stage in local:
         # Tensors cross ranks through contiguous buffers (gloo and NCCL require it); a stage
@@ -307,6 +311,28 @@ def _stages(
         stage.register_forward_hook(copied_outputs if split else contiguous_outputs)
         stage.register_forward_pre_hook(contiguous_input_grads)  # the same for gradients sent back
     return stages, local
+
+
+def _check_resharded(
+    stage: torch.fx.GraphModule, units: Sequence[str], layers: Collection[str], plan: Plan
+) -> None:
+    """Raise where the plan reshards layers after forward and one of ``layers`` whose parameters
+    ``stage`` holds could not be its own FSDP2 unit (``units``): the plan counted every layer
+    as resharded (``stage_memory.resharding``), so its memory would be under-predicted."""
+    from autopart.passes.split_stages import stage_info
+
+    if not plan.reshard_after_forward:
+        return
+    names = [name for name, _ in stage.named_parameters()]
+    held = {path for path in layers if any(n.startswith(f"{path}.") for n in names)}
+    whole = sorted(held - set(units))
+    if whole:
+        raise AutopartError(
+            f"stage {stage_info(stage).index}: layer(s) {', '.join(whole[:3])} cannot be FSDP2 "
+            "units of their own (their parameters are read outside the layer, or the layer calls "
+            "a module), so they cannot reshard after forward as the plan counts; plan without "
+            "--reshard-after-forward."
+        )
 
 
 def _recomputing(stage: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
@@ -345,6 +371,17 @@ def _plan_on_rank_zero(
     return plan, micro_batch_graph(model, gm, args, kwargs, batch, dp * plan.micro_batches)
 
 
+def _sizes(dm: DeviceMesh) -> dict[str, int]:
+    """The size of each axis of ``dm`` (1 where it has none)."""
+    return {axis: _axis_size(dm, axis) for axis in ("dp", "fsdp", "pp", "tp")}
+
+
+def _spec(sizes: Mapping[str, int]) -> str:
+    """The mesh spec a plan of these axis sizes is requested with (``tp`` and ``fsdp`` only
+    where more than one rank)."""
+    return format_mesh({k: v for k, v in sizes.items() if k not in ("tp", "fsdp") or v > 1})
+
+
 def _compile_request(
     request: PlanRequest | None, given: Mapping[str, Any], torch_device: torch.device
 ) -> PlanRequest:
@@ -370,12 +407,11 @@ def _plan(
     ``graph_batch`` samples; with ``tp > 1`` its ``tp`` section places every node of ``gm``."""
     from autopart.planning.planner import plan_graph
 
-    sizes = {k: v for k, v in mesh.items() if k not in ("tp", "fsdp") or v > 1}
-    fixed = request.with_options(mesh=format_mesh(sizes), devices=None)
+    fixed = request.with_options(mesh=_spec(mesh), devices=None)
     plan = plan_graph(
         gm, fixed, batch=batch, micro_batches=micro_batches, name=name, graph_batch=graph_batch
     )
-    assert (plan.tp is not None) == (sizes.get("tp", 1) > 1), "the planner ignored the tp axis"
+    assert (plan.tp is not None) == (mesh.get("tp", 1) > 1), "the planner ignored the tp axis"
     return plan
 
 
@@ -564,8 +600,8 @@ class ParallelProgram:
             # the step (torch's pipelining keeps them whole from the first backward to the
             # reduction: decisions.md, "Sharded data parallelism"); mixed precision is its
             # MixedPrecisionPolicy
-            mixed = self._precision.is_mixed
-            submods = [fully_shard_stage(s, mesh, mixed) for s in submods]
+            mixed, reshard = self._precision.is_mixed, plan.reshard_after_forward
+            submods = [fully_shard_stage(s, mesh, mixed, reshard) for s in submods]
         elif self._dp_group is not None:
             submods = [_data_parallel(s, self._dp_group, device) for s in submods]
         keep = _keeping_weight_grads(plan, stages, self._local, stage_metas)

@@ -112,6 +112,51 @@ def test_cli_run_trains_fsdp_under_bf16_mixed(capsys: pytest.CaptureFixture[str]
 
 
 @pytest.mark.distributed
+def test_resharding_after_forward_lowers_the_measured_peak_as_the_plan_predicts() -> None:
+    # one FSDP2 stage on two ranks, one micro-batch: resharding each layer after its forward
+    # leaves the backward's start holding one layer whole instead of all four; the measured
+    # peak (CPU count of the first step) drops by the predicted bytes, within 10%
+    config = {
+        "hidden_size": "256",
+        "intermediate_size": "1024",
+        "num_hidden_layers": "4",
+        "num_attention_heads": "4",
+        "num_key_value_heads": "4",
+        "vocab_size": "512",
+    }
+    runs = [
+        run_local(
+            "hf:llama",
+            mesh="fsdp=2",
+            schedule="gpipe",
+            micro_batches=1,
+            steps=1,
+            batch=8,
+            seq=256,
+            config=config,
+            comm="table",
+            reshard_after_forward=reshard,
+        )
+        for reshard in (False, True)
+    ]
+    for report in runs:
+        assert report.losses == pytest.approx(report.reference_losses, rel=1e-5)
+        assert report.max_param_rel_diff <= 1e-5
+        measured = report.stage_peak_memory_bytes[0]
+        predicted = report.predicted_stage_peak_memory_bytes[0]
+        assert abs(measured - predicted) <= 0.1 * predicted
+    kept, resharded = runs
+    drop = kept.stage_peak_memory_bytes[0] - resharded.stage_peak_memory_bytes[0]
+    want = (
+        kept.predicted_stage_peak_memory_bytes[0] - resharded.predicted_stage_peak_memory_bytes[0]
+    )
+    layer = (4 * 256 * 256 + 3 * 256 * 1024) * 4  # one layer's float32 parameters, whole
+    # the backward's start holds the last layer and the one gathered ahead, not all four
+    assert want >= 2 * layer
+    assert abs(drop - want) <= 0.1 * want
+
+
+@pytest.mark.distributed
 def test_failing_rank_stops_the_run_with_a_clear_error() -> None:
     # 5 samples do not split into 2 micro-batches: every rank fails while compiling.
     with pytest.raises(AutopartError, match="rank"):

@@ -73,6 +73,7 @@ def _plan(
     stages_per_rank: int | None = None,
     precision: str = "model",
     recompute: str = "auto",
+    reshard_after_forward: bool = False,
 ) -> Plan:
     model, args, kwargs, _, _ = _setup(name)
     dtype = as_precision(precision).compute_dtype
@@ -90,6 +91,7 @@ def _plan(
             name=name,
             precision=precision,
             recompute=recompute,
+            reshard_after_forward=reshard_after_forward,
         )
 
 
@@ -527,7 +529,8 @@ def test_torchrun_trains_like_the_unpartitioned_model(
         # GQA attention split by heads on two TP ranks, two replicas, no pipeline
         pytest.param("hf:llama", "dp=2,tp=2", "gpipe", marks=pytest.mark.slow),
         # FSDP2 replicas of a pipeline, the tied embedding's shards summed across the stages,
-        # every layer recomputed (torch.utils.checkpoint in the emitted stage code)
+        # every layer recomputed (torch.utils.checkpoint in the emitted stage code) and
+        # resharded after its forward
         ("gpt2-tiny", "fsdp=2,pp=2", "gpipe"),
         # the same under a zero-bubble schedule (weight gradients apart, FSDP2 reducing them at
         # the step's end; the first and last stage, tied embedding and head, on one rank)
@@ -537,9 +540,19 @@ def test_torchrun_trains_like_the_unpartitioned_model(
 def test_torchrun_trains_dp_and_tp_meshes_like_the_unpartitioned_model(
     tmp_path: Path, name: str, mesh: str, schedule: str
 ) -> None:
-    recompute = "full" if "fsdp" in mesh and schedule == "gpipe" else "none"
-    plan = _plan(name, schedule, micro_batches=2, mesh=mesh, device=FAST_LINK, recompute=recompute)
+    fsdp_gpipe = "fsdp" in mesh and schedule == "gpipe"
+    recompute = "full" if fsdp_gpipe else "none"
+    plan = _plan(
+        name,
+        schedule,
+        micro_batches=2,
+        mesh=mesh,
+        device=FAST_LINK,
+        recompute=recompute,
+        reshard_after_forward=fsdp_gpipe,
+    )
     assert bool(plan.recompute) == (recompute == "full")
+    assert plan.reshard_after_forward == fsdp_gpipe
     sizes = {"dp": 1, "fsdp": 1, "tp": 1, **plan.mesh}
     if sizes["tp"] > 1:
         assert plan.tp is not None and {"col", "row"} <= set(plan.tp.sharding.values())
@@ -555,6 +568,8 @@ def test_torchrun_trains_dp_and_tp_meshes_like_the_unpartitioned_model(
         assert "torch.utils.checkpoint.checkpoint(" in code and "use_reentrant = False" in code
     if sizes["fsdp"] > 1:  # each layer its own module, an FSDP unit, as the runtime shards them
         assert any("fsdp_unit = True" in p.read_text() for p in out.glob("stage_*.py"))
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("reshard_after_forward", False) == fsdp_gpipe
     losses, trained, _ = _train_emitted(out, tmp_path, ranks=world)
     want_losses, want_state = _reference(name, replicas * plan.micro_batches, 2, lr=0.1)
     assert losses == pytest.approx(want_losses, rel=1e-5)

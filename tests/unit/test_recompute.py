@@ -21,15 +21,13 @@ from autopart.planning.graph import OpGraph, OpNode, group_blocks
 from autopart.planning.mesh_plan import (
     in_flight_per_stage,
     per_micro_batch,
-    reserved_bytes,
     simulate_blocks,
     simulate_plan,
-    stage_memory,
-    working_floor_bytes,
 )
 from autopart.planning.plans import Plan, PlanError, RecomputedBlock
 from autopart.planning.request import PlanRequest
 from autopart.planning.schedule_choice import schedule_kinds
+from autopart.planning.stage_memory import reserved_bytes, stage_memory, working_floor_bytes
 from autopart.solver import baselines
 from autopart.solver.cost import stage_times_s
 from autopart.solver.stage_ilp import InfeasibleMemoryError, solve_stages

@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
             expert_imbalance=request.expert_imbalance,
             recompute=request.recompute,
             precision=request.precision,
+            reshard_after_forward=request.reshard_after_forward,
         )
     loss_diff = max(
         abs(a - b) / max(abs(b), 1e-12) for a, b in zip(report.losses, report.reference_losses)

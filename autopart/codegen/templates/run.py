@@ -15,7 +15,9 @@ split into the plan's micro-batches; with dp > 1 each stage runs under torch's
 DistributedDataParallel over the dp group, or, where the mesh has an fsdp dim, under torch's FSDP2
 (fully_shard over fsdp, HSDP over (dp, fsdp)). With "precision": "bf16-mixed" FSDP2's
 MixedPrecisionPolicy computes in bfloat16 over float32 master weights (the floating-point inputs
-are cast to bfloat16, the loss sees float32 outputs). Rank 0 prints the mean loss of every step.
+are cast to bfloat16, the loss sees float32 outputs). With "reshard_after_forward": true each
+layer's FSDP2 unit is freed after each forward and gathered again by the next. Rank 0 prints the
+mean loss of every step.
 
 A parameter that several stages read (tied input and output embeddings) has a copy on each of them;
 before every optimizer step the copies' gradients are summed (on the rank, then across the ranks of
@@ -155,7 +157,8 @@ def train(config: dict[str, Any], args: argparse.Namespace, device: torch.device
         if k == 0 and constants:  # PipelineStage passes tensors only
             module = BindConstants(module, constants, len(inputs))
         if place.sharded:
-            module = fully_shard_stage(module, place.mesh, mixed)
+            reshard = bool(config.get("reshard_after_forward", False))
+            module = fully_shard_stage(module, place.mesh, mixed, reshard)
         elif place.dp_group is not None and any(p.requires_grad for p in module.parameters()):
             ids = [device.index] if device.type == "cuda" else None
             module = DistributedDataParallel(module, device_ids=ids, process_group=place.dp_group)
@@ -333,12 +336,16 @@ FSDP_UNIT = "fsdp_unit"
 """The attribute (True) marking a module inside a stage as one of its FSDP units (a layer)."""
 
 
-def fully_shard_stage(stage: torch.nn.Module, mesh: DeviceMesh, mixed: bool) -> torch.nn.Module:
+def fully_shard_stage(
+    stage: torch.nn.Module, mesh: DeviceMesh, mixed: bool, reshard: bool = False
+) -> torch.nn.Module:
     """``stage`` under torch's FSDP2 over the mesh's fsdp dim (HSDP over (dp, fsdp) with a dp dim
     of more than one rank): each of its layers marked :data:`FSDP_UNIT` one unit, as torchtitan
     shards each transformer block, then the stage (what no layer holds). Each unit is gathered by
     its own forward and kept for the step (torch's pipelining keeps it whole from the first
-    backward to the gradient reduction). ``mixed``: FSDP2's MixedPrecisionPolicy, bfloat16
+    backward to the gradient reduction); ``reshard``: each layer's unit is freed after each
+    forward and gathered again by the next (the stage's own parameters stay, as FSDP2 keeps a
+    root's). ``mixed``: FSDP2's MixedPrecisionPolicy, bfloat16
     compute and float32 gradient reduction; a stage's inputs keep their dtype (a float32 tensor
     crossing a stage boundary stays float32)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -354,7 +361,7 @@ def fully_shard_stage(stage: torch.nn.Module, mesh: DeviceMesh, mixed: bool) -> 
         )
     for unit in fsdp_units(stage):
         if any(p.requires_grad for p in unit.parameters()):
-            fully_shard(unit, mesh=shard_mesh, reshard_after_forward=False, mp_policy=policy)
+            fully_shard(unit, mesh=shard_mesh, reshard_after_forward=reshard, mp_policy=policy)
     fully_shard(stage, mesh=shard_mesh, reshard_after_forward=False, mp_policy=policy)
     return stage
 
