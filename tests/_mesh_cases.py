@@ -198,6 +198,7 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@one_thread()  # as each rank
 def reference(
     setup: Setup,
     optimizer: Callable[[Any, str], torch.optim.Optimizer],
@@ -221,20 +222,6 @@ def reference(
     buffers. With ``infer`` every replica then runs its micro-batches once more without gradients,
     as ``program(x)`` does (in train mode, that too updates running statistics). ``state`` is the
     model's state dict with replica 0's buffers, as ``full_state_dict()`` takes dp rank 0's."""
-    with one_thread():
-        return _reference(setup, optimizer, name, opt, micro_batches, steps, replicas, infer)
-
-
-def _reference(
-    setup: Setup,
-    optimizer: Callable[[Any, str], torch.optim.Optimizer],
-    name: str,
-    opt: str,
-    micro_batches: int,
-    steps: int,
-    replicas: int,
-    infer: bool,
-) -> Reference:
     model, x, kw, target, loss_fn = setup(name)
     model = copy.deepcopy(model)
     optim = optimizer(model.parameters(), opt)
