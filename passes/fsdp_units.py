@@ -12,7 +12,9 @@ tied-weight sync see the same module), and the stage computes what it computed. 
 the stage (its parameters in the stage's own unit) where its nodes are not a subgraph of their own:
 a node of another layer on a path between two of its nodes, a parameter of it that a node outside
 it reads, a submodule call (an fx trace's leaf module) inside it or one of its modules called
-outside it, or a name the unit uses itself.
+outside it, an in-place write that ties a node of it to one outside it (FSDP2 hooks a unit's
+backward on its outputs' autograd nodes, which a write in place replaces), or a name the unit
+uses itself.
 
 Recomputed blocks (:mod:`autopart.passes.recompute`) are taken into the unit of their layer whole:
 the ``checkpoint`` call, its subgraph and the parameters it is passed.
@@ -29,6 +31,7 @@ from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from autopart.codegen.templates.checkpointing import checkpoint_saving_matmuls
 from autopart.codegen.templates.run import FSDP_UNIT
+from autopart.passes.mutations import mutation_groups
 from autopart.passes.recompute import RECOMPUTE_PREFIX
 from autopart.passes.subgraphs import convex_span
 from autopart.planning.graph import node_layers
@@ -44,8 +47,11 @@ def split_layer_units(gm: GraphModule, layers: Collection[str]) -> tuple[str, ..
     """``gm`` (changed in place) with each of its ``layers`` (the model's repeated layers, e.g.
     ``model_layers(whole_graph)``) that can be one moved into a GraphModule installed at the
     layer's path and marked :data:`FSDP_UNIT`; returns those paths, in graph order."""
+    writes = mutation_groups(gm)
     found = [
-        (path, part) for path, part in _layer_partitions(gm, layers) if _can_own(gm, path, part)
+        (path, part)
+        for path, part in _layer_partitions(gm, layers)
+        if _can_own(gm, path, part) and not _written_across(part, writes)
     ]
     if not found:
         return ()
@@ -105,6 +111,17 @@ def _layer_partitions(gm: GraphModule, layers: Collection[str]) -> list[tuple[st
             continue  # another layer's node on a path between two of its nodes
         out.append((path, [n for n in span if n.op in (*_COMPUTING, "call_module")]))
     return out
+
+
+def _written_across(part: Sequence[Node], writes: Sequence[Sequence[Node]]) -> bool:
+    """Whether an in-place write ties nodes of ``part`` to nodes outside it (a
+    :func:`~autopart.passes.mutations.mutation_groups` group on both sides): FSDP2 hooks a unit's
+    backward through the autograd node of each output, and a write in place on an output (or on
+    what it views) outside the unit replaces that node, so the layer would run its backward
+    ungathered (torch warns of it: "returned a view tensor"); nor may the unit write a tensor
+    from outside in place."""
+    inside = set(part)
+    return any(inside.intersection(g) and not inside.issuperset(g) for g in writes)
 
 
 def _can_own(gm: GraphModule, path: str, part: Sequence[Node]) -> bool:

@@ -318,7 +318,7 @@ def _check_resharded(
 ) -> None:
     """Raise where the plan reshards layers after forward and one of ``layers`` whose parameters
     ``stage`` holds could not be its own FSDP2 unit (``units``): the plan counted every layer
-    as resharded (``stage_memory.resharding``), so its memory would be under-predicted."""
+    as resharded (``stage_memory.deferred_state``), so its memory would be under-predicted."""
     from autopart.passes.split_stages import stage_info
 
     if not plan.reshard_after_forward:

@@ -203,3 +203,33 @@ def test_a_layer_whose_module_the_stage_calls_stays_in_the_stage() -> None:
         assert not [c for c in called for p in paths if c.startswith(f"{p}.")]
         for a, b in zip(_run(stage, 0), _run(twin, 0), strict=True):
             assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+def test_a_layer_whose_output_is_written_in_place_outside_it_stays_in_the_stage() -> None:
+    """``h = layer(h); h += bias`` outside the layer: the write in place would replace the
+    autograd node FSDP2 hooks the unit's backward on (the layer would run its backward
+    ungathered), so the layer is not made a unit; the other layers are, and the stage computes
+    what it computed."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(_Block(8, residual=True, norm=False) for _ in range(3))
+            self.bias = nn.Parameter(torch.zeros(8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for k, layer in enumerate(self.layers):
+                x = layer(x)
+                if k == 1:
+                    x += self.bias
+            return x
+
+    torch.manual_seed(0)
+    x = (torch.randn(4, 8),)
+    gm = annotate(trace(Model(), x))
+    assert any(str(n.target).startswith("aten.add_") for n in gm.graph.nodes)
+    twin = copy.deepcopy(gm)
+    paths = split_layer_units(twin, model_layers(gm))
+    assert paths == ("layers.0", "layers.2")
+    for a, b in zip(_run(gm, 0), _run(twin, 0), strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))

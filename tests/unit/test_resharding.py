@@ -1,5 +1,5 @@
 """Resharding each layer's FSDP2 unit after its forward (``reshard_after_forward``): what the
-memory model counts (:func:`autopart.planning.stage_memory.resharding` in the schedule
+memory model counts (:func:`autopart.planning.stage_memory.deferred_state` in the schedule
 simulation), checked against a hand count and, on random layered graphs, against the model
 without it; the plan that records it and the errors where it cannot help."""
 
