@@ -1042,7 +1042,7 @@ def _tail(
     hidden = _hidden(bg, stage_of, len(ranks), m, kind, pipe)
     again: list[float] = []
     if pipe.setup.reshards(kind):
-        units = unit_param_bytes(per_micro_batch(bg, m), stage_of, len(ranks))
+        units = unit_param_bytes(bg, stage_of, len(ranks))  # parameters: not scaled
         again = per_device([sum(u.values()) for u in units], ranks)
     return pipe.tail_s(per_device(params, ranks), m, per_device(hidden, ranks), again)
 
@@ -1167,8 +1167,9 @@ def _make_plan(best: _Candidate, og: OpGraph, pipe: _Pipeline, elapsed_s: float)
         grad_per_byte=setup.deferred_grad_per_byte,
         reshard=setup.reshards(best.schedule),
     )
-    units = unit_param_bytes(scaled, best.stage_of, num_stages)
-    resharded = [sum(u.values()) if setup.reshards(best.schedule) else 0 for u in units]
+    resharded = [0] * num_stages
+    if setup.reshards(best.schedule):
+        resharded = [sum(u.values()) for u in unit_param_bytes(scaled, best.stage_of, num_stages)]
     stages = []
     for s in range(num_stages):
         blocks = [b for b, st in zip(scaled.blocks, best.stage_of) if st == s]
