@@ -267,8 +267,7 @@ class BlockGraph:
     layer's query, key and value projections all save, split over blocks, is one tensor)."""
     shared_params: Mapping[str, tuple[int, ...]] = field(init=False)
     """Parameters used by more than one block -> those blocks (e.g. tied embeddings)."""
-    nx: nx.DiGraph = field(init=False, repr=False)
-    """Block indices; edge attribute ``nbytes`` sums the tensors from one block to the other."""
+    _graph: nx.DiGraph | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         n = len(self.blocks)
@@ -280,22 +279,33 @@ class BlockGraph:
                 if p not in self.param_bytes_by_name:
                     raise AutopartError(f"block {b.index} uses parameter {p!r}, which has no size")
                 users.setdefault(p, []).append(b.index)
-        graph = nx.DiGraph()
-        graph.add_nodes_from(range(n))
         for t in self.tensors:
             if t.consumers[-1] >= n:
                 raise AutopartError(
                     f"tensor {t.name!r} is read by block {t.consumers[-1]}; there are {n}"
                 )
-            for c in t.consumers:
-                old = graph.edges[t.producer, c]["nbytes"] if graph.has_edge(t.producer, c) else 0
-                graph.add_edge(t.producer, c, nbytes=old + t.nbytes)
         object.__setattr__(
             self, "param_bytes_by_name", MappingProxyType(dict(self.param_bytes_by_name))
         )
         shared = {p: tuple(u) for p, u in users.items() if len(u) > 1}
         object.__setattr__(self, "shared_params", MappingProxyType(shared))
-        object.__setattr__(self, "nx", graph)
+
+    @property
+    def nx(self) -> nx.DiGraph:
+        """Block indices; edge attribute ``nbytes`` sums the tensors from one block to the other.
+        Built on first use (the planner scales and regroups block graphs hundreds of times and
+        reads this from none of them)."""
+        if self._graph is None:
+            graph = nx.DiGraph()
+            graph.add_nodes_from(range(len(self.blocks)))
+            for t in self.tensors:
+                for c in t.consumers:
+                    had = (
+                        graph.edges[t.producer, c]["nbytes"] if graph.has_edge(t.producer, c) else 0
+                    )
+                    graph.add_edge(t.producer, c, nbytes=had + t.nbytes)
+            object.__setattr__(self, "_graph", graph)
+        return self._graph
 
     def validate(self, stage_of: Sequence[int], num_stages: int) -> None:
         """Raise :class:`PartitionError` unless ``stage_of`` (one stage per block) is a pipeline:

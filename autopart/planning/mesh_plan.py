@@ -760,7 +760,7 @@ class _ScheduleSearch:
         for kind, v, counts in group:
             bg, ranks = self.graph(v), stage_ranks(kind, self.p, v)
             if recomputed:
-                bg = _recomputed_graph(bg, "full")
+                bg = recompute_layers(bg, "full")
                 if len(bg.blocks) < self.p * v:
                     continue
             stage_of = tuple(
@@ -813,7 +813,7 @@ class _ScheduleSearch:
             cut = coarsen(self.og.scaled(1 / key[1]), max_blocks=most, num_stages=self.p * key[0])
             bg = group_blocks(self.og, [b.nodes for b in cut.blocks])
             if self.setup.request.recompute in FORCED_RECOMPUTE:
-                bg = _recomputed_graph(bg, self.setup.request.recompute)
+                bg = recompute_layers(bg, self.setup.request.recompute)
             self.graphs[key] = bg
         return self.graphs[key]
 
@@ -906,7 +906,7 @@ class _ScheduleSearch:
         is found in time."""
         if not self.may_recompute(kind):
             return self.solve_once(bg, kind, m, v, ranks, explain=explain)
-        layers = _layers(bg)
+        layers = layer_units(bg)
         if len(layers.blocks) < self.p * v:  # too few layers to cut: keep every activation
             return self.solve_once(bg, kind, m, v, ranks, explain=explain)
         try:
@@ -1432,20 +1432,6 @@ def _held_per_device(
     state = _state_per_device(scaled, stage_of, ranks, state_per_byte)
     rebuilt = scaled.rematerialized_bytes(stage_of, ranks)
     return [held + extra for held, extra in zip(state, rebuilt)]
-
-
-@functools.lru_cache(maxsize=16)
-def _recomputed_graph(bg: BlockGraph, how: str) -> BlockGraph:
-    """``bg``'s whole layers, each recomputed ``how`` (full or selective) where that keeps fewer
-    bytes (memoized)."""
-    return recompute_layers(bg, how)
-
-
-@functools.lru_cache(maxsize=16)
-def _layers(bg: BlockGraph) -> BlockGraph:
-    """``bg``'s blocks merged into whole layers (memoized), the units that recompute, each with
-    its selective recomputation (:mod:`autopart.planning.selective`)."""
-    return layer_units(bg)
 
 
 @functools.lru_cache(maxsize=64)

@@ -7,6 +7,7 @@ checks every kind against torch's own classes."""
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -64,8 +65,10 @@ def check_counts(kind: ScheduleKind, p: int, m: int, v: int) -> None:
         )
 
 
+@functools.lru_cache(maxsize=256)
 def rank_orders(kind: ScheduleKind, p: int, m: int, v: int) -> Schedule:
-    """Every rank's actions under ``kind`` (counts already checked)."""
+    """Every rank's actions under ``kind`` (counts already checked); memoized (a schedule is
+    tuples of frozen actions, and the mesh search simulates the same few a thousand times)."""
     if kind is ScheduleKind.GPIPE:
         return tuple(
             tuple(Action(r, F, i) for i in range(m)) + tuple(Action(r, B, i) for i in range(m))

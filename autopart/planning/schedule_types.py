@@ -73,7 +73,8 @@ class Action:
     def __post_init__(self) -> None:
         if self.stage < 0 or self.micro_batch < 0:
             raise ScheduleError(f"{self!r}: stage and micro_batch must be >= 0 (they are indices)")
-        object.__setattr__(self, "kind", ActionKind(self.kind))
+        if type(self.kind) is not ActionKind:  # a letter or string: the enum member
+            object.__setattr__(self, "kind", ActionKind(self.kind))
 
     def __str__(self) -> str:
         return f"{self.stage}{self.kind}{self.micro_batch}"

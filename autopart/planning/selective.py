@@ -19,6 +19,7 @@ saved (``freed``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 from autopart.planning.blocks import Block, BlockGraph, Selective
@@ -27,12 +28,15 @@ from autopart.planning.graph import OpGraph
 __all__ = ["layer_units", "recompute_layers", "with_selective"]
 
 
+@functools.lru_cache(maxsize=32)
 def layer_units(bg: BlockGraph) -> BlockGraph:
     """``bg``'s blocks merged into whole layers (:meth:`BlockGraph.by_layers`), the units that
-    recompute, each with its selective recomputation."""
+    recompute, each with its selective recomputation. Memoized by the graph's identity (block
+    graphs are immutable), as :func:`recompute_layers` is: the planner asks again per layout."""
     return with_selective(bg.by_layers())
 
 
+@functools.lru_cache(maxsize=32)
 def recompute_layers(bg: BlockGraph, how: str) -> BlockGraph:
     """``bg``'s whole layers (:func:`layer_units`), each recomputed ``how`` (``"full"`` or
     ``"selective"``) where that keeps fewer bytes."""
