@@ -236,6 +236,8 @@ def solve_stages(
         working_floor_bytes=working_floor_bytes,
     )
     rebuilt = frozenset(hint_recompute) & {o.block for o in data.may_recompute if not o.selective}
+    if hint is not None and rebuilt and memory_limit_bytes is not None:
+        rebuilt = _leaner_hint(data, hint, rebuilt, memory_limit_bytes // _BYTE_UNIT)
     solve = _Solve(data, device, memory_limit_bytes, hint, rebuilt, time_limit_s, seed)
     return solve.run(explain=explain)
 
@@ -841,6 +843,25 @@ def _memory_mib(
         for s in sorted({stage_of[b] for b in users}):
             per_device[d.device_of_stage[s]] += d.shared_mib[q]
     return [held + extra + k for held, extra, k in zip(per_device, rebuilt, working)]
+
+
+def _leaner_hint(
+    d: _Data, stage_of: Sequence[int], recomputed: frozenset[int], limit_mib: int
+) -> frozenset[int]:
+    """Of the blocks ``recomputed`` under the hint's split, those left once each device keeps
+    what its memory allows: a block keeps its activations where the device still fits, cheapest
+    first (the stages with fewest micro-batches in flight, the last block of a stage first, so a
+    stage recomputes its first blocks). Unchanged where the split does not fit with them all.
+    Recomputing only adds time, so the hint is no slower; CP-SAT starts from it."""
+    if max(_memory_mib(d, stage_of, recomputed)) > limit_mib:
+        return recomputed
+    order = sorted(recomputed, key=lambda b: (d.in_flight[stage_of[b]], -b))
+    kept = set(recomputed)
+    for b in order:
+        dev = d.device_of_stage[stage_of[b]]
+        if _memory_mib(d, stage_of, frozenset(kept - {b}))[dev] <= limit_mib:
+            kept.discard(b)
+    return frozenset(kept)
 
 
 def _device_bottleneck(
