@@ -50,8 +50,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -322,6 +324,7 @@ class _Search:
         self.totals: dict[_TPKey, _Totals] = {(1, None): self.plain}
         self.tp_solve_s: dict[str, float] = {}
         self.coarse: dict[_TPKey, BlockGraph] = {}
+        self.per_replica: dict[tuple[_TPKey, int], BlockGraph] = {}
         self.tp_minimum: dict[_TPKey, int] = {}
         self.owned_tp: dict[_TPKey, NodeMemory] = {}
 
@@ -348,26 +351,37 @@ class _Search:
                 if c.status or _beaten(c, best):
                     continue
             self.say(f"estimating {format_mesh(c.mesh)}")
-            _estimate(c, self.coarse_of(c), self.setup, self.max_pp)
+            _estimate(c, self.replica_coarse(c), self.setup, self.max_pp)
             if c.estimate_fits and c.estimate_s is not None:
                 best = min(best or c.estimate_s, c.estimate_s)
         return best
 
     def plan_ranked(self, best_estimate: float | None, full_plans: int, slack: float) -> None:
         """Step 4: plan in full the best estimates (a split that misses memory may still fit once
-        the stage ILP minds memory), up to ``full_plans`` within ``slack`` of the best that fits;
-        then, while nothing fits, the rest in order, within the fallback budget."""
+        the stage ILP minds memory): the best and those within ``slack`` of the best that fits,
+        ``full_plans`` at most, side by side (:meth:`plan_together`); then, while nothing fits,
+        the rest in order, within the fallback budget."""
         ranked = sorted(
             (c for c in self.meshes if c.estimate_s is not None and not c.status),
             key=lambda c: (c.estimate_s, c.pp, c.tp),
         )
-        planned = 0
+        first = [
+            c
+            for i, c in enumerate(ranked)
+            if i == 0 or _close(c, best_estimate, slack)  # the first is planned whatever it is
+        ][:full_plans]
+        for c in first:
+            self.say(f"planning {format_mesh(c.mesh)} in full")
+        self.plan_together(first)
+        planned, done = len(first), {id(c) for c in first}
         # A safety net: while nothing fits, planning the rest in full stops after this long (the
         # memory bound above rejects what cannot fit; this bounds what it cannot settle).
         budget_s = _FALLBACK_BUDGET * self.setup.request.time_limit_s
         loop_start = time.perf_counter()
         for c in ranked:
             assert c.estimate_s is not None
+            if id(c) in done:
+                continue
             found = any(m.plan is not None for m in self.meshes)
             if not found and planned and time.perf_counter() - loop_start > budget_s:
                 c.status, c.unsettled = MeshStatus.NO_FIT, True
@@ -376,13 +390,27 @@ class _Search:
                     f"({_FALLBACK_BUDGET} x --time-limit) ran out"
                 )
                 continue
-            close = best_estimate is not None and c.estimate_s <= best_estimate * (1 + slack)
-            if found and not (close and planned < full_plans):
+            if found and not (_close(c, best_estimate, slack) and planned < full_plans):
                 c.status, c.note = MeshStatus.ESTIMATED, _not_planned(c, best_estimate)
                 continue
             self.say(f"planning {format_mesh(c.mesh)} in full")
             planned += 1
             self.plan_full(c)
+
+    def plan_together(self, meshes: Sequence[_Mesh]) -> None:
+        """:meth:`plan_full` for each of ``meshes`` at once, on up to one thread per core: a
+        mesh's plan depends on no other's (the caches they share hold values, computed alike by
+        whichever thread comes first), and CP-SAT releases the GIL while it solves, so the stage
+        ILPs run side by side. Each solve stays single-threaded and limited in deterministic
+        time, so the plans are those of planning one mesh after the other."""
+        workers = min(len(meshes), _cores())
+        if workers <= 1:
+            for c in meshes:
+                self.plan_full(c)
+            return
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="autopart-plan") as pool:
+            for _ in pool.map(self.plan_full, meshes):  # re-raises a thread's unexpected error
+                pass
 
     def plan_bounded(self) -> None:
         """A mesh was dropped when its bound passed the best *estimate*; should the best full plan
@@ -441,6 +469,16 @@ class _Search:
                 coarse = layer_units(coarse)
             self.coarse[c.tp_key] = _drop_op_graph(coarse)
         return self.coarse[c.tp_key]
+
+    def replica_coarse(self, c: _Mesh) -> BlockGraph:
+        """:meth:`coarse_of` at one replica's share of the batch: one graph for the meshes of a TP
+        plan and replica count (``dp=256`` and ``fsdp=256`` estimate on the same), so what is
+        derived from it per micro-batch count is derived once."""
+        key = (c.tp_key, c.replicas)
+        if key not in self.per_replica:
+            coarse = self.coarse_of(c)
+            self.per_replica[key] = coarse.scaled(1.0 / c.replicas) if c.replicas > 1 else coarse
+        return self.per_replica[key]
 
     def bound_tp(self, c: _Mesh, key: _TPKey) -> None:
         """Step 1 on the mesh's TP-adjusted graph under the TP plan ``key``."""
@@ -514,6 +552,19 @@ def _state_ratio(c: _Mesh, setup: PlanningSetup) -> float:
 def _sharded(owned: NodeMemory, c: _Mesh, setup: PlanningSetup) -> NodeMemory:
     """What each node owns on one of the mesh's fsdp ranks."""
     return owned if c.fsdp == 1 else owned.with_state_scaled(_state_ratio(c, setup))
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _close(c: _Mesh, best_estimate: float | None, slack: float) -> bool:
+    """Whether ``c``'s estimate is within ``slack`` of the best estimate that fits."""
+    assert c.estimate_s is not None
+    return best_estimate is not None and c.estimate_s <= best_estimate * (1 + slack)
 
 
 def _not_planned(c: _Mesh, best_estimate: float | None) -> str:
@@ -673,11 +724,11 @@ def _drop_op_graph(bg: BlockGraph) -> BlockGraph:
     return dataclasses.replace(bg, op_graph=None)
 
 
-def _estimate(c: _Mesh, coarse: BlockGraph, setup: PlanningSetup, most: int) -> None:
-    """The mesh's best simulated step on the chain DP's split of ``coarse``; where nothing fits
-    and recomputation is allowed, with every block recomputed (slower than the stage ILP's
-    choice, so an estimate that fits is one the full plan can meet or beat)."""
-    bg = coarse.scaled(1.0 / c.replicas) if c.replicas > 1 else coarse
+def _estimate(c: _Mesh, bg: BlockGraph, setup: PlanningSetup, most: int) -> None:
+    """The mesh's best simulated step on the chain DP's split of ``bg`` (the coarse graph at one
+    replica's share of the batch); where nothing fits and recomputation is allowed, with every
+    block recomputed (slower than the stage ILP's choice, so an estimate that fits is one the
+    full plan can meet or beat)."""
     if setup.request.recompute in FORCED_RECOMPUTE:
         bg = recompute_layers(bg, setup.request.recompute)
     layouts = schedule_layouts(c.options, setup.with_fsdp(c.fsdp), c.pp, most)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 
 import pytest
@@ -19,6 +20,7 @@ from autopart.cli.main import main
 from autopart.cost_models import get_device
 from autopart.errors import AutopartError
 from autopart.models.model_spec import load_model
+from autopart.planning import mesh_search
 from autopart.planning.graph import OpGraph
 from autopart.planning.mesh_plan import simulate_plan
 from autopart.planning.mesh_search import InfeasibleMeshError, mesh_candidates, search_mesh
@@ -281,3 +283,31 @@ def test_no_mesh_fits_never_names_a_need_below_the_limit() -> None:
     assert "--time-limit" in str(err) and "--devices" in str(err)
     only = _infeasible([timed_out], 16384, setup)
     assert only.minimum_bytes > 80 << 30 and "--time-limit" in str(only)
+
+
+def test_meshes_planned_side_by_side_plan_as_they_do_one_after_the_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the best estimates are planned in full on a thread each (CP-SAT releases the GIL while it
+    # solves); every solve is single-threaded and limited in deterministic time, so the search
+    # ends where it ends planning one mesh after the other
+    gm = _graph("gpt2")
+    threads: dict[str, set[str]] = {}
+    plan_full = mesh_search._Search.plan_full
+
+    def spy(self: object, c: object) -> None:
+        threads.setdefault(threading.current_thread().name, set()).add(str(c.mesh))  # type: ignore[attr-defined]
+        plan_full(self, c)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mesh_search._Search, "plan_full", spy)
+    found = {}
+    for cores in (1, 3):
+        monkeypatch.setattr(mesh_search, "_cores", lambda cores=cores: cores)
+        threads.clear()
+        found[cores] = search_mesh(gm, batch=8, devices=8, device="h100", memory="1GiB")
+        planned = sum(len(meshes) for meshes in threads.values())
+        assert planned >= 2  # several meshes planned in full
+        assert len(threads) == (1 if cores == 1 else planned)
+    one, side = found[1], found[3]
+    assert [c.to_dict() for c in one.candidates] == [c.to_dict() for c in side.candidates]
+    assert _without_times(one.plan) == _without_times(side.plan) and one.reason == side.reason
