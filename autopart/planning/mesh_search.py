@@ -38,9 +38,12 @@ Meshes are taken in order of a lower bound on their step time, and, cheapest fir
    meshes as the full plans do.
 4. full plan: :func:`autopart.planning.planner.plan_mesh` (stage ILP, baselines, lower bound, simulation)
    for the best estimates, up to ``full_plans`` within ``slack`` of the best that fits (a split
-   that misses memory may fit once the stage ILP minds memory), and for further ones in order
-   while none fits, for at most ``6 x time_limit_s`` (the meshes left are reported as unsettled,
-   with ``--time-limit`` as the fix).
+   that misses memory may fit once the stage ILP minds memory), side by side on a thread each up
+   to the process's cores (CP-SAT releases the GIL while it solves; each solve stays
+   single-threaded and limited in deterministic time, so the plans are those of planning one
+   after the other), and for further ones in order while none fits, for at most
+   ``6 x time_limit_s`` (the meshes left are reported as unsettled, with ``--time-limit`` as the
+   fix).
 
 The fastest full plan wins; ties go to fewer pipeline stages, then the smaller TP degree. Every
 candidate is recorded (:class:`MeshCandidate`) with its predicted step time or why it was dropped.
