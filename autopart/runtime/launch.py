@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import faulthandler
 import json
 import math
 import os
@@ -216,12 +217,30 @@ def _as_launched(
     environ: dict[str, str],
     cwd: str,
     args: tuple[Any, ...],
+    faults: str,
 ) -> None:
-    """``fn(rank, *args)`` in the launcher's environment and working folder at launch."""
+    """``fn(rank, *args)`` in the launcher's environment and working folder at launch; should the
+    rank die of a signal (an abort in a C++ library, a segfault), Python's fault handler writes
+    every thread's stack to ``faults/rank<N>.txt`` for the launcher to report."""
     os.environ.clear()
     os.environ.update(environ)
     os.chdir(cwd)
-    fn(rank, *args)
+    with open(Path(faults) / f"rank{rank}.txt", "w") as fault:
+        faulthandler.enable(file=fault, all_threads=True)
+        try:
+            fn(rank, *args)
+        finally:
+            faulthandler.disable()
+
+
+def _last_words(faults: str, rank: int, lines: int = 40) -> str:
+    """What the fault handler wrote when ``rank`` died (its last ``lines``), or nothing."""
+    path = Path(faults) / f"rank{rank}.txt"
+    text = path.read_text(errors="replace").strip() if path.exists() else ""
+    if not text:
+        return ""
+    tail = "\n".join(text.splitlines()[-lines:])
+    return f"\nrank {rank}'s Python stacks when it died (faulthandler):\n{tail}"
 
 
 def spawn_ranks(
@@ -242,29 +261,31 @@ def spawn_ranks(
     import torch.multiprocessing as mp
 
     multiprocessing.set_forkserver_preload(list(_PRELOADED))  # no effect once the server runs
-    here = (fn, dict(os.environ), os.getcwd(), args)
-    ctx = mp.start_processes(
-        _as_launched, args=here, nprocs=world, join=False, start_method="forkserver"
-    )
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=0.5):
-            if on_tick is not None:
-                on_tick()
-            if time.monotonic() > deadline:
-                raise AutopartError(
-                    f"{what} did not finish within {timeout_s:.0f} s; its ranks were stopped."
-                )
-    except mp.ProcessRaisedException as exc:
-        raise AutopartError(f"a rank failed, so {what} was stopped:\n{exc}") from exc
-    except mp.ProcessExitedException as exc:
-        raise AutopartError(
-            f"rank {exc.error_index} exited ({exc}); the other ranks were stopped."
-        ) from exc
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    with tempfile.TemporaryDirectory(prefix="autopart-ranks-") as faults:
+        here = (fn, dict(os.environ), os.getcwd(), args, faults)
+        ctx = mp.start_processes(
+            _as_launched, args=here, nprocs=world, join=False, start_method="forkserver"
+        )
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not ctx.join(timeout=0.5):
+                if on_tick is not None:
+                    on_tick()
+                if time.monotonic() > deadline:
+                    raise AutopartError(
+                        f"{what} did not finish within {timeout_s:.0f} s; its ranks were stopped."
+                    )
+        except mp.ProcessRaisedException as exc:
+            raise AutopartError(f"a rank failed, so {what} was stopped:\n{exc}") from exc
+        except mp.ProcessExitedException as exc:
+            raise AutopartError(
+                f"rank {exc.error_index} exited ({exc}); the other ranks were stopped."
+                + _last_words(faults, exc.error_index)
+            ) from exc
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,3 +89,23 @@ def test_a_dead_rank_makes_the_others_fail_in_bounded_time(tmp_path: Path, how: 
         "rank 0: step() failed because another rank died or stopped answering"
     )
     del rank1
+
+
+def _abort_in_a_library(rank: int) -> None:
+    if rank == 1:
+        os.abort()  # as a C++ library's failed check does (SIGABRT)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_a_rank_killed_by_a_signal_reports_where_it_was() -> None:
+    # the rank's own stderr may be lost (captured elsewhere, or by a finished test's capture):
+    # the launcher reports the Python stack that faulthandler wrote when the signal came
+    from autopart.errors import AutopartError
+    from autopart.runtime.launch import spawn_ranks
+
+    with pytest.raises(AutopartError, match="rank 1 exited") as err:
+        spawn_ranks(_abort_in_a_library, (), 2, timeout_s=100, what="two ranks")
+    text = str(err.value)
+    assert "SIGABRT" in text and "faulthandler" in text
+    assert "_abort_in_a_library" in text  # the function it died in, from its stack
