@@ -57,7 +57,7 @@ class PlanRequest:
     (:func:`~autopart.planning.schedule_choice.stage_counts`)."""
     optimizer: str = "adamw"
     time_limit_s: float = 10.0
-    """Time limit of each ILP solve."""
+    """Time limit of each ILP solve, in CP-SAT's deterministic seconds (:mod:`autopart.solver.cpsat`)."""
     name: str | None = None
     """The model's name in the plan (the model's class name when ``None``)."""
     max_blocks: int | None = None

@@ -93,12 +93,12 @@ from autopart.cost_models.devices import DeviceSpec
 from autopart.errors import AutopartError
 from autopart.planning.blocks import BlockGraph
 from autopart.solver._memory_need import MemoryNeed, memory_need
+from autopart.solver.cpsat import limited_solver
 
 __all__ = ["InfeasibleMemoryError", "StageSolution", "solve_stages"]
 
 _TIME_UNITS = 200_000  # the largest stage time maps to this many integer units
 _BYTE_UNIT = 1 << 20  # memory in MiB (rounded up, so feasibility is never overstated)
-_WALL_BACKSTOP = 4  # wall-clock seconds per second of deterministic time allowed at most
 
 
 class InfeasibleMemoryError(AutopartError):
@@ -294,7 +294,7 @@ class _Solve:
             return StageSolution(tuple(hint), "HINT", elapsed, bound, recompute=rebuilt)
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             raise AutopartError(
-                f"the stage solver found no plan within {time_limit_s:.0f} s (status "
+                f"the stage solver found no plan within {time_limit_s:g} deterministic s (status "
                 f"{solver.status_name(status)}); raise the time limit or use fewer blocks."
             )
         n = len(data.bg.blocks)
@@ -721,14 +721,7 @@ def _z_weight(d: _Data) -> int:
 def _solve(
     model: cp_model.CpModel, time_limit_s: float, seed: int
 ) -> tuple[Any, cp_model.CpSolver, float]:
-    solver = cp_model.CpSolver()
-    # The limit is on CP-SAT's deterministic time (its unit close to a second), so a solve that
-    # reaches it stops at the same point however loaded the machine is: same inputs, same plan.
-    # The wall-clock limit is only a backstop for a very slow machine.
-    solver.parameters.max_deterministic_time = time_limit_s
-    solver.parameters.max_time_in_seconds = _WALL_BACKSTOP * time_limit_s
-    solver.parameters.random_seed = seed
-    solver.parameters.num_workers = 1  # deterministic: the same inputs give the same plan
+    solver = limited_solver(time_limit_s, seed)
     start = time.perf_counter()
     status = solver.solve(model)
     return status, solver, time.perf_counter() - start

@@ -47,7 +47,9 @@ the explanations of forced replication (``TPPlan.fallbacks``) come from
 :mod:`autopart.solver._tp_graph`; the strategies and resharding rules from
 :mod:`autopart.passes.tp.strategies`.
 
-The solve is seeded and single-threaded (deterministic) and has a time limit; its status is checked.
+The solve is seeded, single-threaded and limited in CP-SAT's deterministic time
+(:mod:`autopart.solver.cpsat`: the same plan on any machine, even where it stops at its limit);
+its status is checked.
 An infeasible memory limit is answered by a second solve that minimizes memory, so the error can
 say the minimum a plan needs.
 """
@@ -83,6 +85,7 @@ from autopart.passes.tp.strategies import (
 )
 from autopart.solver._memory_need import MemoryNeed, memory_need
 from autopart.solver._tp_graph import Layers, fallbacks, megatron_sharding
+from autopart.solver.cpsat import limited_solver
 from autopart.units import format_bytes, format_bytes_up, parse_bytes
 
 __all__ = [
@@ -744,7 +747,7 @@ def _solve_data(
         )
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         raise AutopartError(
-            f"the TP solver found no plan within {time_limit_s:g} s (status "
+            f"the TP solver found no plan within {time_limit_s:g} deterministic s (status "
             f"{solver.status_name(status)}); raise time_limit_s."
         )
     choice = [
@@ -755,10 +758,7 @@ def _solve_data(
 
 
 def _solver(time_limit_s: float, seed: int) -> cp_model.CpSolver:
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = time_limit_s
-    solver.parameters.random_seed = seed
-    solver.parameters.num_workers = 1  # deterministic: the same inputs give the same plan
+    solver = limited_solver(time_limit_s, seed)
     # Full LP relaxation of the edge-consistency constraints: it proves optimality in a fraction of
     # a second where the default level searches for many seconds.
     solver.parameters.linearization_level = 2

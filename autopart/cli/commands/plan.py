@@ -56,7 +56,11 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--optimizer", choices=["sgd", "sgd_momentum", "adam", "adamw"], default="adamw")
     p.add_argument(
-        "--time-limit", type=float, default=10.0, help="solver time limit in seconds (default 10)"
+        "--time-limit",
+        type=float,
+        default=10.0,
+        help="limit of each stage solve, in CP-SAT's deterministic seconds (about a second of a "
+        "fast core; the same plan on any machine; default 10)",
     )
     p.add_argument("--out", default=None, help="write the plan as JSON to this file")
     p.add_argument(
