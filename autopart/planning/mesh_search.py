@@ -373,8 +373,6 @@ class _Search:
             for i, c in enumerate(ranked)
             if i == 0 or _close(c, best_estimate, slack)  # the first is planned whatever it is
         ][:full_plans]
-        for c in first:
-            self.say(f"planning {format_mesh(c.mesh)} in full")
         self.plan_together(first)
         planned, done = len(first), {id(c) for c in first}
         # A safety net: while nothing fits, planning the rest in full stops after this long (the
@@ -396,7 +394,6 @@ class _Search:
             if found and not (_close(c, best_estimate, slack) and planned < full_plans):
                 c.status, c.note = MeshStatus.ESTIMATED, _not_planned(c, best_estimate)
                 continue
-            self.say(f"planning {format_mesh(c.mesh)} in full")
             planned += 1
             self.plan_full(c)
 
@@ -427,7 +424,6 @@ class _Search:
             if c.tp > 1:
                 self.shard(c)
             if not c.status:
-                self.say(f"planning {format_mesh(c.mesh)} in full")
                 self.plan_full(c)
 
     def tp_costs_of(self, key: _TPKey) -> TPCostsOf | None:
@@ -515,6 +511,7 @@ class _Search:
     def plan_full(self, c: _Mesh) -> None:
         """Plan ``c`` in full (its TP plan, or the memory-lean one where that does not fit, as
         ``plan_graph`` does); record the plan or why none fits."""
+        self.say(f"planning {format_mesh(c.mesh)} in full")
         tp = _tp_of(self.costs, c) if c.tp > 1 else None
         try:
             try:

@@ -59,8 +59,8 @@ def add_parser(subparsers: Any) -> None:
         "--time-limit",
         type=float,
         default=10.0,
-        help="limit of each stage solve, in CP-SAT's deterministic seconds (about a second of a "
-        "fast core; the same plan on any machine; default 10)",
+        help="limit of each solver run (stage and TP ILPs), in CP-SAT's deterministic seconds "
+        "(about a second of a fast core; the same plan on any machine; default 10)",
     )
     p.add_argument("--out", default=None, help="write the plan as JSON to this file")
     p.add_argument(
