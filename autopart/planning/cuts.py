@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
 from collections.abc import Callable, Sequence
 from itertools import accumulate, pairwise
 
@@ -178,19 +179,22 @@ def min_max_split(n: int, num_stages: int, cost: IntervalCost, prefix: np.ndarra
 
     ``prefix`` bounds the cost from below: ``cost(b, a) >= prefix[b] - prefix[a]`` (the runs'
     compute; communication only adds). A feasible split (cuts at equal shares of the total) costs
-    ``bound``; a run whose compute alone exceeds it is in no optimal split, so each end considers
-    only the starts within ``bound`` of it, all at once (``cost`` broadcasts a column of ends
-    against a row of starts). The result is the unpruned recursion's."""
+    ``bound``, so no run of an optimal split computes more than ``bound``: ``j + 1`` runs end
+    within ``(j + 1) bound`` of compute from the start, and leave at most ``(p - 1 - j) bound``
+    after them (:func:`_band`). Only the ends in that band are solved, each against the starts
+    within ``bound`` of it, all at once (``cost`` broadcasts a column of ends against a row of
+    starts). The result is the unpruned recursion's: an end or start outside the band takes part
+    only in splits costing more than ``bound``."""
     p = num_stages
     bound = _feasible_bound(n, p, cost, prefix)
     best = np.full((p, n + 1), np.inf)
     start = np.zeros((p, n + 1), dtype=np.int64)
-    ends = np.arange(1, n - p + 2)
+    ends = _band(prefix, bound, 0, p)
     best[0, ends] = cost(ends[:, None], np.zeros((1, 1), dtype=np.int64))[:, 0]
     for j in range(1, p):
-        ends = np.arange(j + 1, n - (p - j) + 2)
+        first_start, ends = int(ends[0]), _band(prefix, bound, j, p)
         reach = prefix[ends] - bound - 1e-9 * abs(bound) - 1e-12  # keep ties with the bound
-        lo = np.maximum(j, np.searchsorted(prefix, reach, side="left"))
+        lo = np.maximum(first_start, np.searchsorted(prefix, reach, side="left"))
         width = max(1, int((ends - lo).max()))
         if width <= _ROW_WIDTH:
             best[j, ends], start[j, ends] = _by_rows(best[j - 1], ends, lo, width, cost)
@@ -203,6 +207,21 @@ def min_max_split(n: int, num_stages: int, cost: IntervalCost, prefix: np.ndarra
         stage_of[first_item:end] = [j] * (end - first_item)
         end = first_item
     return stage_of
+
+
+def _band(prefix: np.ndarray, bound: float, j: int, p: int) -> np.ndarray:
+    """The ends ``b`` that ``j + 1`` runs of a split into ``p`` may cover ``[0, b)`` with, each
+    run computing at most ``bound``: at least ``j + 1`` items, room for the other runs' items,
+    at most ``(j + 1) bound`` of compute before ``b`` and ``(p - 1 - j) bound`` after it (a
+    hair more: ties with the bound are kept, whatever the rounding of the prefix sums)."""
+    n = len(prefix) - 1
+    first, last = j + 1, n - (p - 1 - j)
+    if math.isfinite(bound):
+        slack = 1e-9 * (p * abs(bound) + abs(float(prefix[-1]))) + 1e-12
+        after = prefix[-1] - (p - 1 - j) * bound - slack
+        first = max(first, int(np.searchsorted(prefix, after, side="left")))
+        last = min(last, int(np.searchsorted(prefix, (j + 1) * bound + slack, side="right")) - 1)
+    return np.arange(first, last + 1)
 
 
 _ROW_WIDTH = 256

@@ -233,3 +233,50 @@ def test_best_split_is_the_exhaustive_optimum(data: st.DataObject, weights: list
     best = min(largest(c) for c in every)
     got = best_split_cuts(weights, comm, p)
     assert len(got) == p - 1 and got == sorted(set(got)) and largest(got) == best
+
+
+def _unpruned_split(weights: Sequence[float], comm: Sequence[float], p: int) -> list[int]:
+    """The recursion of ``min_max_split`` over every end and start (no bound, no band), ties to
+    the earliest cut, with the same float arithmetic: the reference for the pruned one."""
+    n = len(weights)
+    prefix = [0.0, *itertools.accumulate(weights)]
+
+    def cost(b: int, a: int) -> float:
+        return prefix[b] - prefix[a] + (comm[a] if a else 0.0) + (comm[b] if b < n else 0.0)
+
+    best = [[cost(b, 0) if b else float("inf") for b in range(n + 1)]]
+    start = [[0] * (n + 1)]
+    for j in range(1, p):
+        row, first = [float("inf")] * (n + 1), [0] * (n + 1)
+        for b in range(j + 1, n + 1):
+            for a in range(j, b):
+                value = max(best[j - 1][a], cost(b, a))
+                if value < row[b]:
+                    row[b], first[b] = value, a
+        best.append(row)
+        start.append(first)
+    cuts, end = [], n
+    for j in range(p - 1, 0, -1):
+        end = start[j][end]
+        cuts.append(end)
+    return sorted(cuts)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    data=st.data(),
+    layer=st.lists(st.sampled_from([0.0, 1.0, 2.0, 0.25, 0.1, 3.3]), min_size=1, max_size=6),
+    repeats=st.integers(1, 12),
+)
+def test_best_split_prunes_nothing_the_full_recursion_would_choose(
+    data: st.DataObject, layer: list[float], repeats: int
+) -> None:
+    # equal layers tie often: the band and the window must keep the very cut the recursion over
+    # every start and end picks (the earliest of equal ones), not only one as good
+    weights = [w * (1 + data.draw(st.sampled_from([0.0, 0.0, 1e-3]))) for w in layer * repeats]
+    n = len(weights)
+    p = data.draw(st.integers(1, min(n, 12)))
+    comm = data.draw(
+        st.lists(st.sampled_from([0.0, 0.0, 0.05, 0.5, 2.0]), min_size=n + 1, max_size=n + 1)
+    )
+    assert best_split_cuts(weights, comm, p) == _unpruned_split(weights, comm, p)
