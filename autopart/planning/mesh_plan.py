@@ -669,10 +669,10 @@ class _ScheduleSearch:
         self.failed: list[AutopartError] = []
         """Stage solves that found no split within their time limit."""
         self.infeasible: dict[
-            tuple[int, ...], list[tuple[list[int], bool, InfeasibleMemoryError]]
+            tuple[int, ...], list[tuple[list[int], int, bool, InfeasibleMemoryError]]
         ] = {}
-        """Per stage layout, the in-flight counts for which no split fits memory (and whether
-        recomputation was offered)."""
+        """Per stage layout, the in-flight counts and micro-batch count for which no split fits
+        memory (and whether recomputation was offered)."""
         self.most_micro_batches = 1
         """The most micro-batches compared: the size the layouts are cut and solved at."""
         self.estimated: list[_Candidate] = []
@@ -701,14 +701,15 @@ class _ScheduleSearch:
         for kind, v, counts in layouts:
             groups.setdefault(stage_ranks(kind, self.p, v), []).append((kind, v, counts))
         estimates = {key: self.estimate(group, pipe) for key, group in groups.items()}
+        binds = not any(self.fits(c) for cs in estimates.values() for c in cs)
+        whole = self.recomputed_estimates(layouts, pipe) if binds else []
+        judged = {key: [*estimates[key], *(c for c in whole if c.ranks == key)] for key in groups}
+        fitting = [c for c in whole if self.fits(c)]
         solves, settled = 0, math.inf  # the fewest stages a solve stopped at its time limit on
-        for key in sorted(groups, key=lambda k: _best_first(estimates[k], pipe)):
-            best = self.fastest(pipe)
-            near = [  # the stage ILP may move a few per cent of memory off the fullest device
-                c
-                for c in estimates[key]
-                if max(c.timeline.peak_memory_bytes) <= self.limit * (1 + _NEAR_LIMIT)
-            ]
+        for key in sorted(groups, key=lambda k: _best_first(judged[k], pipe)):
+            best = self.fastest(pipe, fitting)
+            # the stage ILP may move a few per cent of memory off the fullest device
+            near = [c for c in judged[key] if _near(c, self.limit)]
             close = best is not None and any(
                 c.timeline.step_time_s + _tail_of(c, pipe) <= best * (1 + _LAYOUT_SLACK)
                 for c in near
@@ -720,12 +721,14 @@ class _ScheduleSearch:
             if best is not None and (stopped or solves >= _MOST_LAYOUT_SOLVES or not close):
                 self.estimated += estimates[key]
                 continue
-            solves, found = solves + 1, len(self.candidates)
+            solves, found, failed = solves + 1, len(self.candidates), len(self.failed)
             for kind, v, counts in groups[key]:
                 self.add_layout(kind, v, counts)
             if len(self.candidates) == found:  # no solved split fits: the contiguous one may
                 self.estimated += estimates[key]
-            if key in self.solved and self.solved[key].status != "OPTIMAL":
+            if len(self.failed) > failed or (
+                key in self.solved and self.solved[key].status != "OPTIMAL"
+            ):  # a solve stopped at its time limit (with a split, or none)
                 settled = min(settled, len(key))
         # A layout left unsolved competes on its contiguous split: a valid plan too (the stage
         # ILP's hint), simulated as the others are.
@@ -737,11 +740,25 @@ class _ScheduleSearch:
         if self.setup.request.recompute == "auto" and not keeps:
             # Memory binds: every layer recomputed, on the contiguous split, at every count
             # (the stage ILP chose its layers at the leanest count only)
-            whole = [lay for lay in layouts if self.may_recompute(lay[0])]
-            self.estimated += self.estimate(whole, pipe, recomputed=True)
+            self.estimated += whole or self.recomputed_estimates(layouts, pipe)
         for c in self.estimated:
-            fits = max(c.timeline.peak_memory_bytes) <= self.limit
-            (self.candidates if fits else self.over).append(c)
+            (self.candidates if self.fits(c) else self.over).append(c)
+
+    def recomputed_estimates(
+        self, layouts: Sequence[tuple[str, int, Sequence[int]]], pipe: _Pipeline
+    ) -> list[_Candidate]:
+        """The ``layouts`` that may recompute, every layer recomputed, on their contiguous split (a
+        plan wherever it fits: the recompute solve's hint); none without ``--recompute auto``.
+        Where memory binds on every split keeping each activation, a layout is judged by these:
+        how lean its split keeping every activation is says nothing of its speed."""
+        if self.setup.request.recompute != "auto":
+            return []
+        whole = [lay for lay in layouts if self.may_recompute(lay[0])]
+        return self.estimate(whole, pipe, recomputed=True)
+
+    def fits(self, c: _Candidate) -> bool:
+        """Whether ``c``'s fullest device fits the memory limit."""
+        return max(c.timeline.peak_memory_bytes) <= self.limit
 
     @property
     def limit(self) -> int:
@@ -773,9 +790,9 @@ class _ScheduleSearch:
                 )
         return out
 
-    def fastest(self, pipe: _Pipeline) -> float | None:
-        """The fastest step among the candidates that fit (``None`` while none does)."""
-        steps = [c.timeline.step_time_s + _tail_of(c, pipe) for c in self.candidates]
+    def fastest(self, pipe: _Pipeline, also: Sequence[_Candidate] = ()) -> float | None:
+        """The fastest step among the candidates that fit and ``also`` (``None`` while none)."""
+        steps = [c.timeline.step_time_s + _tail_of(c, pipe) for c in (*self.candidates, *also)]
         return min(steps, default=None)
 
     def add_layout(self, kind: str, v: int, counts: Sequence[int]) -> None:
@@ -865,9 +882,11 @@ class _ScheduleSearch:
             return reuse
         if reuse is not None and self.solved_for[ranks] == (_FASTER_TWIN.get(kind), m):
             return None  # its own split could not run faster than the twin's (_FASTER_TWIN)
-        for failed, offered, exc in self.infeasible.get(ranks, []):
-            if offered >= self.may_recompute(kind) and all(
-                a >= b for a, b in zip(in_flight, failed)
+        for failed, failed_m, offered, exc in self.infeasible.get(ranks, []):
+            if (
+                failed_m == m
+                and offered >= self.may_recompute(kind)
+                and all(a >= b for a, b in zip(in_flight, failed))
             ):
                 # the same model with at least as many activations in flight: no split fits
                 self.missed.append((kind, v, m, exc.minimum_bytes))
@@ -885,7 +904,7 @@ class _ScheduleSearch:
                 self.misses.append((kind, m, exc))
             self.missed.append((kind, v, m, exc.minimum_bytes))
             offered = self.may_recompute(kind)
-            self.infeasible.setdefault(ranks, []).append((in_flight, offered, exc))
+            self.infeasible.setdefault(ranks, []).append((in_flight, m, offered, exc))
             return None
         except AutopartError as exc:  # no split within the time limit: the other layouts may
             self.failed.append(exc)
@@ -911,7 +930,10 @@ class _ScheduleSearch:
             return self.solve_once(bg, kind, m, v, ranks, explain=explain)
         try:
             return self.solve_once(bg, kind, m, v, ranks, explain=False)
-        except InfeasibleMemoryError:
+        except InfeasibleMemoryError as exc:
+            if not explain:  # a schedule that cannot recompute, as many in flight: none fits
+                in_flight = in_flight_per_stage(kind, self.p, m, v)
+                self.infeasible.setdefault(ranks, []).append((in_flight, m, False, exc))
             # no split keeps every activation: offer recomputation, on blocks of whole layers
             return self.solve_once(layers, kind, m, v, ranks, explain=explain, recompute=True)
 
@@ -1012,6 +1034,11 @@ stage solve is skipped once the twin's split is solved for the same layout and c
 
 _MOST_LAYOUT_SOLVES = 3
 """Stage layouts solved at most once one fits (each solve may take the time limit)."""
+
+
+def _near(c: _Candidate, limit: int) -> bool:
+    """Whether ``c``'s fullest device is within :data:`_NEAR_LIMIT` of ``limit``."""
+    return max(c.timeline.peak_memory_bytes) <= limit * (1 + _NEAR_LIMIT)
 
 
 def _best_first(estimates: Sequence[_Candidate], pipe: _Pipeline) -> tuple[bool, float]:

@@ -731,16 +731,17 @@ def _estimate(c: _Mesh, bg: BlockGraph, setup: PlanningSetup, most: int) -> None
     full plan can meet or beat)."""
     if setup.request.recompute in FORCED_RECOMPUTE:
         bg = recompute_layers(bg, setup.request.recompute)
-    layouts = schedule_layouts(c.options, setup.with_fsdp(c.fsdp), c.pp, most)
+    every = schedule_layouts(c.options, setup.with_fsdp(c.fsdp), c.pp, most)
     # One stage per rank where the request allows it: the estimate ranks meshes, and the full plan
-    # of the best compares every stage count (a chain DP into 2p stages of a 405B model costs
-    # seconds per mesh).
-    layouts = [lay for lay in layouts if lay[1] == 1] or layouts
+    # of the best compares every stage count.
+    layouts = [lay for lay in every if lay[1] == 1] or every
     found = _estimates(c, bg, setup, layouts)
     if setup.request.recompute == "auto" and not any(f[0] for f in found):
+        # Memory binds: every layer recomputed, at every stage count (recomputing makes the
+        # room that more stages per rank, and their smaller bubble, need)
         everything = recompute_layers(bg, "full")
         if everything.recomputed:
-            whole = [lay for lay in layouts if lay[0] not in SPLIT_BACKWARD]
+            whole = [lay for lay in every if lay[0] not in SPLIT_BACKWARD]
             found += _estimates(c, everything, setup, whole)
     if not found:
         c.status, c.note = MeshStatus.SKIPPED, f"too few blocks for {c.pp} stages"
