@@ -25,6 +25,8 @@ Variables:
   e[t,s] in {0,1}         stage s keeps value t again: t is saved by several blocks
                           (``BlockGraph.saved_across``), its first saver's a_b counts it, and a
                           later saver keeps it on s where the first does not    (_add_saved_again)
+  g[t,s] in {0,1}         stage s keeps value t, made on an earlier stage: the stage's receive
+                          buffer of t, which the buffers count (M > 0)        (_add_received_kept)
 
 Constraints:
   one stage per block:    sum_s x[b,s] = 1                                  (_add_assignment)
@@ -47,15 +49,23 @@ Constraints:
   kept again:             e[t,s] >= K[c,s] - K[u_t,s] for every later saver c of t, where
                           K[b,s] = x[b,s] - sum_{o of b} r[o,s] (b runs on s and keeps what it
                           saves)                                            (_add_saved_again)
+  received and kept:      g[t,s] <= 1 - x[u_t,s] and g[t,s] <= sum_{c in C_t} k[c,s], where
+                          k[c,s] = x[c,s] if c saves t, else sum_{o of c} r[o,s] (recomputing, c
+                          keeps its inputs); s > 0, M > 0, in the solves that offer
+                          recomputation only: in those keeping every activation the variables
+                          slowed CP-SAT's proofs that no split fits past their time limit
+                          (counted twice there, an upper bound)             (_add_received_kept)
   memory per device d:    sum_{s on d} [ sum_b x[b,s] (m_b + f_s a_b) - sum_{o in R} r[o,s] f_s
-                          (a_b - a'_o) + sum_t e[t,s] f_s n_t + sum_q y[q,s] m_q
-                          + (M + f_s) B_s + M B_{s-1} ]
+                          (a_b - a'_o) + sum_t e[t,s] f_s n_t - sum_t g[t,s] f_s n_t
+                          + sum_q y[q,s] m_q + (M + f_s) B_s + M B_{s-1} ]
                           + h_d + k_d + l_d <= limit                        (_add_memory)
                           with M micro-batches (``micro_batches``; 0: not counted), the
                           pipeline's receive buffers (one per micro-batch for the activations
                           in, M B_{s-1}, and the gradients back, M B_s), the outputs kept until
                           their backward (f_s B_s), and l_d held whatever the split
-                          (``reserved_bytes``: the loss kept)
+                          (``reserved_bytes``: the loss kept); a received value the stage keeps
+                          is its receive buffer (torch hands the buffer over as the input), so
+                          it is taken off the kept values (g), as ``stage_memory`` counts it
   stage time:             T_s = sum_b w_b x[b,s] + [s>0](alpha + B_{s-1}/beta) + [s<p-1](alpha + B_s/beta),
                           B_k = sum_t n_t c[t,k]; a boundary between two stages of one device
                           (the turn of a V-shaped schedule) is handed over locally and costs 0;
@@ -182,6 +192,8 @@ class _Data:
     when there are fewer than stages."""
     may_recompute: tuple[_Option, ...]
     """R: the ways blocks may recompute (empty: recomputation is not offered)."""
+    recompute: bool
+    """Recomputation was offered (``solve_stages(recompute=True)``)."""
     alpha: int
     byte_time: float
     """time units per byte on a link"""
@@ -403,6 +415,7 @@ def _build_data(
         in_flight=tuple(in_flight),
         param_blocks=param_blocks if len(param_blocks) >= num_stages else (),
         may_recompute=_options(bg, work, unit_s) if recompute else (),
+        recompute=recompute,
         alpha=round(alpha_s / unit_s),
         byte_time=per_byte_s / unit_s,
         unit_s=unit_s,
@@ -547,6 +560,39 @@ def _add_saved_again(
     return e
 
 
+def _add_received_kept(
+    model: cp_model.CpModel, d: _Data, x: dict[tuple[int, int], cp_model.IntVar], rc: _Recompute
+) -> dict[tuple[int, int], cp_model.IntVar]:
+    """g[t,s]: value t, made on an earlier stage, is kept on s by a block reading it (one that
+    saves it, or recomputes and so keeps its inputs). torch hands the stage its receive buffer
+    as that input, so the kept value is the buffer, which the memory counts with the buffers
+    (M > 0); it is taken off the kept values once, as ``stage_memory`` counts it."""
+    g: dict[tuple[int, int], cp_model.IntVar] = {}
+    if not d.micro_batches or not d.recompute:
+        return g  # buffers not counted, or a solve keeping every activation (module docstring)
+    recomputes: dict[tuple[int, int], list[cp_model.IntVar]] = {}
+    for (i, s), r in rc.r.items():
+        recomputes.setdefault((d.may_recompute[i].block, s), []).append(r)
+    for i, t in enumerate(d.bg.tensors):
+        if t.nbytes < _BYTE_UNIT:
+            continue  # nothing to take off in whole MiB
+        for s in range(1, d.num_stages):
+            keepers = [
+                keeper
+                for c in t.consumers
+                for keeper in (
+                    [x[c, s]]
+                    if t.name in d.bg.blocks[c].saved_values
+                    else recomputes.get((c, s), [])
+                )
+            ]
+            if keepers:
+                g[i, s] = model.new_bool_var(f"g[{i},{s}]")
+                model.add(g[i, s] <= sum(keepers)).with_name(f"received_kept[{i},{s}]")
+                model.add(g[i, s] <= 1 - x[t.producer, s]).with_name(f"received[{i},{s}]")
+    return g
+
+
 @dataclass(frozen=True, slots=True)
 class _Vars:
     """The variables of one stage model (the module docstring's families)."""
@@ -558,6 +604,8 @@ class _Vars:
     saved_again: dict[tuple[int, int], cp_model.IntVar]
     working: dict[int, cp_model.IntVar]
     """k_d per device."""
+    received: dict[tuple[int, int], cp_model.IntVar]
+    """g[t,s]: the receive buffer of stage s holds value t, which a block of s keeps."""
 
 
 def _add_variables(model: cp_model.CpModel, d: _Data) -> _Vars:
@@ -573,6 +621,7 @@ def _add_variables(model: cp_model.CpModel, d: _Data) -> _Vars:
         rc,
         _add_saved_again(model, d, x, rc),
         _add_working(model, d, x),
+        _add_received_kept(model, d, x, rc),
     )
 
 
@@ -632,6 +681,11 @@ def _device_memory(d: _Data, v: _Vars, dev: int) -> Any:
         for i, t in enumerate(d.bg.saved_across)
         for s in stages
     )
+    buffered = sum(
+        g * d.in_flight[s] * (d.bg.tensors[i].nbytes // _BYTE_UNIT)
+        for (i, s), g in v.received.items()
+        if d.device_of_stage[s] == dev
+    )
     return (
         sum(
             v.x[b, s] * (d.state_mib[b] + d.in_flight[s] * d.act_mib[b])
@@ -639,6 +693,7 @@ def _device_memory(d: _Data, v: _Vars, dev: int) -> Any:
             for b in blocks
         )
         - saved
+        - buffered
         + again
         + sent
         + d.reserved_mib[dev]
@@ -835,6 +890,12 @@ def _memory_mib(
     for q, users in d.bg.shared_params.items():
         for s in sorted({stage_of[b] for b in users}):
             per_device[d.device_of_stage[s]] += d.shared_mib[q]
+    for t in d.bg.tensors if d.micro_batches and d.recompute else ():  # its receive buffer
+        kept_on = {
+            stage_of[c] for c in t.consumers if t.name in d.bg.blocks[c].saved_values or c in full
+        } - {stage_of[t.producer]}
+        for s in kept_on:
+            per_device[d.device_of_stage[s]] -= d.in_flight[s] * (t.nbytes // _BYTE_UNIT)
     return [held + extra + k for held, extra, k in zip(per_device, rebuilt, working)]
 
 

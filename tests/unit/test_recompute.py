@@ -105,6 +105,44 @@ def test_a_received_value_a_stage_saves_is_its_receive_buffer() -> None:
     assert stage_memory(bg, [0, 0, 1], 2, 2).kept[1] == 0  # n3 saves n2, its receive buffer
 
 
+def test_the_stage_ilp_takes_off_a_kept_value_only_where_it_is_received() -> None:
+    # The ILP counts a value a stage receives and keeps once, as its receive buffer (as
+    # stage_memory does); made and kept on one stage it is no buffer and stays counted. The
+    # leanest split is [0, 1, 1, 1]: the second stage receives n0 (n1 saves it: its buffer) and
+    # makes and keeps n1 and n2 itself (taking those off too would put the ILP's minimum 17 MiB
+    # under the simulation's). The ILP's minimum is never below the simulated one.
+    nodes = {
+        "n0": OpNode("n0", 1e-3, 2e-3, 0, 10 * MIB, params=("w",)),
+        "n1": OpNode("n1", 1e-3, 2e-3, 0, 40 * MIB, ("n0",), saved_from=("n0",)),
+        "n2": OpNode("n2", 1e-3, 2e-3, 0, 7 * MIB, ("n1",), saved_from=("n1",)),
+        "n3": OpNode("n3", 1e-3, 2e-3, 0, 5 * MIB, ("n2",), saved_from=("n2",)),
+    }
+    bg = group_blocks(OpGraph(nodes, {"w": MIB}), [["n0"], ["n1"], ["n2"], ["n3"]])
+    p, m = 2, 2
+    scaled, ranks, in_flight = per_micro_batch(bg, m), [0, 1], in_flight_per_stage("1f1b", 2, m, 1)
+    peaks = {
+        tuple(split): max(
+            simulate_blocks(bg, split, p, 1, DEVICE, "1f1b", m, STATE).peak_memory_bytes
+        )
+        for split in ([0, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1])
+    }
+    assert min(peaks, key=peaks.__getitem__) == (0, 1, 1, 1)
+    with pytest.raises(InfeasibleMemoryError) as err:
+        solve_stages(
+            scaled,
+            p,
+            DEVICE,
+            in_flight=in_flight,
+            state_bytes_per_param_byte=STATE,
+            memory_limit_bytes=MIB,
+            reserved_bytes=reserved_bytes(scaled, ranks, in_flight),
+            working_floor_bytes=working_floor_bytes(scaled, ranks),
+            micro_batches=m,
+            recompute=True,  # where the ILP takes it off; no block here keeps less recomputing
+        )
+    assert min(peaks.values()) <= err.value.minimum_bytes
+
+
 def test_a_backward_holds_its_working_set_beside_what_the_later_blocks_have_not_freed() -> None:
     # Backward runs a stage's blocks last to first, each freeing what it alone saves; a block's
     # working set (its output's and inputs' gradients) is held beside what is still kept. n3
@@ -236,14 +274,19 @@ def test_the_infeasible_error_names_the_minimum_with_recomputation() -> None:
     assert "recomputed where that saves memory" in str(recomputed.value)
     least = recomputed.value.minimum_bytes
     assert least < kept.value.minimum_bytes
-    # the minimum is the leanest plan: 2 | 4 blocks, every one recomputed; the first stage holds
-    # 2 blocks' state, their inputs for its two micro-batches in flight and one block rebuilt,
-    # the second 4 blocks' state, their inputs for one, and one rebuilt; and the pipeline's
+    # the minimum is the leanest plan: 1 | 5 blocks, every one recomputed; the first stage holds
+    # 1 block's state, its input for its two micro-batches in flight and one block rebuilt,
+    # the second 5 blocks' state, their inputs for one but the first's, which is the stage's
+    # receive buffer (torch hands it over as the input), and one rebuilt; and the pipeline's
     # tensors: on the first stage 2 micro-batches' gradient buffers and 2 kept outputs, on the
     # second 2 activation buffers
     assert reserved_bytes(bg, [0, 1], [2, 1]) == [0, 0]  # no loss, no working set given
-    first = 2 * MIB * STATE + 2 * 2 * INPUT + ACT + (2 + 2) * INPUT
-    assert least == max(first, 4 * MIB * STATE + 4 * INPUT + ACT + 2 * INPUT)
+    first = 1 * MIB * STATE + 2 * 1 * INPUT + ACT + (2 + 2) * INPUT
+    assert least == max(first, 5 * MIB * STATE + (5 - 1) * INPUT + ACT + 2 * INPUT)
+    # as the simulation counts it
+    leanest = bg.scaled(2.0).with_recompute(range(6))
+    tl = simulate_blocks(leanest, [0, 1, 1, 1, 1, 1], 2, 1, DEVICE, "1f1b", 2, STATE)
+    assert max(tl.peak_memory_bytes) == pytest.approx(least, abs=2)
     sol = _solve(bg, least)  # and a plan meets it
     assert len(sol.recompute) == len(bg.blocks)  # type: ignore[attr-defined]
 
