@@ -119,7 +119,6 @@ def test_the_stage_ilp_takes_off_a_kept_value_only_where_it_is_received() -> Non
     }
     bg = group_blocks(OpGraph(nodes, {"w": MIB}), [["n0"], ["n1"], ["n2"], ["n3"]])
     p, m = 2, 2
-    scaled, ranks, in_flight = per_micro_batch(bg, m), [0, 1], in_flight_per_stage("1f1b", 2, m, 1)
     peaks = {
         tuple(split): max(
             simulate_blocks(bg, split, p, 1, DEVICE, "1f1b", m, STATE).peak_memory_bytes
@@ -128,18 +127,8 @@ def test_the_stage_ilp_takes_off_a_kept_value_only_where_it_is_received() -> Non
     }
     assert min(peaks, key=peaks.__getitem__) == (0, 1, 1, 1)
     with pytest.raises(InfeasibleMemoryError) as err:
-        solve_stages(
-            scaled,
-            p,
-            DEVICE,
-            in_flight=in_flight,
-            state_bytes_per_param_byte=STATE,
-            memory_limit_bytes=MIB,
-            reserved_bytes=reserved_bytes(scaled, ranks, in_flight),
-            working_floor_bytes=working_floor_bytes(scaled, ranks),
-            micro_batches=m,
-            recompute=True,  # where the ILP takes it off; no block here keeps less recomputing
-        )
+        # recompute: where the ILP takes it off; no block here keeps less recomputing
+        _solve_as_planned(per_micro_batch(bg, m), p, m, "1f1b", MIB, recompute=True)
     assert min(peaks.values()) <= err.value.minimum_bytes
 
 
@@ -181,6 +170,24 @@ def test_block_recompute_keeps_inputs_and_pays_its_forward_again() -> None:
     # scaled to a micro-batch, the rule still holds
     half = BlockGraph((again,), (), {"p0": MIB}).scaled(0.5).blocks[0]
     assert half.activation_bytes == INPUT // 2 and half.rematerialized_bytes == ACT // 2
+
+
+def _solve_as_planned(scaled: BlockGraph, p: int, m: int, kind: str, limit: int, **kw: Any) -> Any:
+    """The stage ILP as the planner poses it for ``kind`` on ``p`` ranks at ``m`` micro-batches
+    (``scaled``: one micro-batch's costs): its buffers, reserved bytes and working floor."""
+    ranks, in_flight = list(range(p)), in_flight_per_stage(kind, p, m, 1)
+    return solve_stages(
+        scaled,
+        p,
+        DEVICE,
+        in_flight=in_flight,
+        state_bytes_per_param_byte=STATE,
+        memory_limit_bytes=limit,
+        reserved_bytes=reserved_bytes(scaled, ranks, in_flight),
+        working_floor_bytes=working_floor_bytes(scaled, ranks),
+        micro_batches=m,
+        **kw,
+    )
 
 
 def test_nothing_recomputes_when_everything_fits() -> None:
@@ -633,26 +640,14 @@ def test_every_split_the_stage_ilp_finds_fits_the_simulations_memory(
     # every device is within it (values saved on both sides of a cut, the pipeline's buffers,
     # the loss and the working set included).
     bg, p, m, kind, recompute = case
-    scaled, ranks = per_micro_batch(bg, m), list(range(p))
-    in_flight = in_flight_per_stage(kind, p, m, 1)
+    scaled = per_micro_batch(bg, m)
     contiguous = baselines.chain_dp(scaled, p, DEVICE)  # near the limits that bind
     near = simulate_blocks(bg, contiguous, p, 1, DEVICE, kind, m, STATE)
     # just under the contiguous split's own peak: a limit any under-count lets through
     limit = int(max(near.peak_memory_bytes) * frac) - (MIB if frac == 1.0 else 0)
     try:
-        sol = solve_stages(
-            scaled,
-            p,
-            DEVICE,
-            in_flight=in_flight,
-            state_bytes_per_param_byte=STATE,
-            memory_limit_bytes=limit,
-            recompute=recompute,
-            reserved_bytes=reserved_bytes(scaled, ranks, in_flight),
-            working_floor_bytes=working_floor_bytes(scaled, ranks),
-            micro_batches=m,
-            time_limit_s=5,
-            explain=False,
+        sol = _solve_as_planned(
+            scaled, p, m, kind, limit, recompute=recompute, time_limit_s=5, explain=False
         )
     except InfeasibleMemoryError:
         return
